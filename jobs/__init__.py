@@ -1,0 +1,1 @@
+"""The cluster jobs and the CLI: ingest, refresh, train, inspect, bench, demo."""

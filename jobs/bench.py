@@ -1,0 +1,58 @@
+"""``salient bench WHAT``: throughput benchmarks that print one JSON object.
+
+Each benchmark lives in ``jobs/bench_<what>.py`` as ``bench_<what>(quick, device) -> dict``;
+this module only dispatches and stamps the result with the device, versions and date, so a
+figure in BENCHMARKS.md always says where and when it was measured.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import importlib
+import inspect
+import platform
+
+__all__ = ["BENCHES", "run_bench", "device_info"]
+
+# name -> module under salient.jobs holding `bench_<name>`
+BENCHES = {
+    "store": "bench_store",
+    "masking": "bench_masking",
+    "loader": "bench_loader",
+    "refresh": "bench_refresh",
+    "train": "bench_train",
+}
+
+
+def device_info(device: str = "auto") -> dict:
+    """The resolved device and a description of the machine it is on."""
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    info = {"device": device, "host_cpus": _cpu_count(), "platform": platform.platform(),
+            "torch": torch.__version__}
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(0)
+    else:
+        info["cpu"] = platform.processor() or platform.machine()
+    return info
+
+
+def _cpu_count() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def run_bench(what: str, quick: bool = False, device: str = "auto") -> dict:
+    """Run benchmark ``what`` and return its figures plus the device, versions and date."""
+    module = importlib.import_module(f"salient.jobs.{BENCHES[what]}")
+    fn = getattr(module, f"bench_{what}")
+    info = device_info(device)
+    kwargs = {"quick": quick}
+    if "device" in inspect.signature(fn).parameters:
+        kwargs["device"] = info["device"]
+    result = fn(**kwargs)
+    stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return {"bench": what, "quick": quick, **info, "date": stamp, **result}

@@ -1,0 +1,156 @@
+"""The ``salient`` command line: one entry point, one sub-command per job.
+
+argparse lives here only: ``main(argv) -> int`` turns flags into the job's config and calls
+the job; nothing below ``jobs/`` sees parsed arguments. Job modules are imported lazily so
+``salient --help`` stays fast. A :class:`~salient.errors.SalientError` is printed as one line
+(what is wrong, what to do) with exit code 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+
+from salient.errors import SalientError
+
+__all__ = ["main", "entry", "build_parser"]
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line, like every other salient error."""
+
+    def error(self, message: str):  # noqa: D401 - argparse's hook
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _print_json(result: dict) -> None:
+    print(json.dumps(result, indent=None, sort_keys=True, default=str))
+
+
+# ---------------------------------------------------------------- ingest
+
+
+def _add_ingest(sub) -> None:
+    p = sub.add_parser("ingest", help="image folder or --demo → webdataset shards + manifest",
+                       description="Turn an ImageFolder tree (class sub-folders) or a flat "
+                       "folder of images into webdataset tar shards with dense sample ids "
+                       "and a manifest.json; or write the bundled demo dataset with --demo.")
+    p.add_argument("src", nargs="?", help="source folder (omit with --demo)")
+    p.add_argument("out", help="output dataset directory (must be empty unless --overwrite)")
+    p.add_argument("--demo", action="store_true", help="write the bundled demo dataset")
+    p.add_argument("--n", type=int, default=2000, help="demo: number of scenes (2000)")
+    p.add_argument("--seed", type=int, default=0, help="demo: seed (0)")
+    p.add_argument("--image-size", type=int, default=192, help="demo: scene side in px (192)")
+    p.add_argument("--shard-size", type=int, default=None,
+                   help="samples per shard (1000; 500 for --demo)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a dataset salient wrote before in OUT")
+    p.set_defaults(run=_run_ingest)
+
+
+def _run_ingest(args) -> int:
+    from salient.jobs.progress import progress_bar
+    from salient.pipeline.ingest import ingest_demo, ingest_folder
+
+    if args.demo:
+        if args.src is not None:
+            raise SalientError("give either SRC or --demo, not both")
+        with progress_bar(args.n, "demo scenes") as bar:
+            manifest = ingest_demo(args.out, n=args.n, seed=args.seed, overwrite=args.overwrite,
+                                   shard_size=500 if args.shard_size is None else args.shard_size,
+                                   image_size=args.image_size, progress=bar)
+    else:
+        if args.src is None:
+            raise SalientError("ingest needs SRC and OUT (or --demo OUT)")
+        with progress_bar(None, "images") as bar:
+            manifest = ingest_folder(args.src, args.out, shard_size=1000 if args.shard_size is None else args.shard_size,
+                                     overwrite=args.overwrite, progress=bar)
+    _print_json({"out": args.out, "images": manifest.num_samples, "shards": len(manifest.shards),
+                 "skipped": len(manifest.skipped), "classes": len(manifest.classes or []),
+                 "fingerprint": manifest.fingerprint})
+    return 0
+
+
+# ---------------------------------------------------------------- demo
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="the whole flow on the bundled demo data, local Ray",
+                       description="Run the end-to-end loop on the bundled demo dataset on an "
+                       "embedded local Ray: ingest the demo set, then each stage that exists.")
+    p.add_argument("--out", default="demo_run", help="working directory (demo_run)")
+    p.add_argument("--n", type=int, default=2000, help="demo scenes (2000)")
+    p.add_argument("--fresh", action="store_true", help="start over: remove OUT's demo files")
+    p.set_defaults(run=_run_demo)
+
+
+def _run_demo(args) -> int:
+    from salient.jobs.demo import DemoConfig, run_demo
+
+    _print_json(run_demo(DemoConfig(out=args.out, n=args.n, fresh=args.fresh)))
+    return 0
+
+
+# ---------------------------------------------------------------- bench
+
+
+def _add_bench(sub) -> None:
+    from salient.jobs.bench import BENCHES
+
+    p = sub.add_parser("bench", help="throughput benchmarks, as JSON",
+                       description="Measure throughput and print one JSON object. Targets "
+                       "and recorded figures are in BENCHMARKS.md.")
+    p.add_argument("what", choices=sorted(BENCHES), help="what to measure")
+    p.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--out", default=None, help="also append the JSON line to this file")
+    p.set_defaults(run=_run_bench)
+
+
+def _run_bench(args) -> int:
+    from salient.jobs.bench import run_bench
+
+    result = run_bench(args.what, quick=args.quick, device=args.device)
+    _print_json(result)
+    if args.out:
+        with open(args.out, "a") as stream:
+            stream.write(json.dumps(result, sort_keys=True, default=str) + "\n")
+    return 0
+
+
+# ---------------------------------------------------------------- entry
+
+_COMMANDS: list[Callable] = [_add_ingest, _add_demo, _add_bench]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="salient", description="Attention-guided masked image modeling: "
+                     "ingest images, refresh teacher saliency into a Zarr store, train MAE / "
+                     "SimMIM on attention-driven masks, inspect the maps.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser,
+                                metavar="{ingest,refresh,train,inspect,bench,demo}")
+    for add in _COMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except SalientError as exc:
+        print(f"salient {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"salient {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

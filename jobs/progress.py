@@ -1,0 +1,20 @@
+"""Progress bars for long jobs (tqdm), quiet when stderr is not a terminal and CI is set."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Callable, Iterator
+
+__all__ = ["progress_bar"]
+
+
+@contextlib.contextmanager
+def progress_bar(total: int | None, unit: str) -> Iterator[Callable[[int], None]]:
+    """Yield ``advance(n)``; shows a tqdm bar on a terminal (or with SALIENT_PROGRESS=1)."""
+    from tqdm import tqdm
+
+    show = sys.stderr.isatty() or os.environ.get("SALIENT_PROGRESS") == "1"
+    with tqdm(total=total, unit=" " + unit, disable=not show, dynamic_ncols=True) as bar:
+        yield bar.update

@@ -1,0 +1,1 @@
+"""Data side of salient: ingest, manifest, demo set, crops, mask strategies, the loader."""

@@ -1,0 +1,260 @@
+"""Ingest: an image folder, or the bundled demo set, into webdataset tar shards + manifest.
+
+Layout written (see ``manifest.py``): ``OUT/shard-000000.tar`` … and ``OUT/manifest.json``.
+Image bytes are stored as they were read (no re-encode) under the extension of their real
+format (PIL's detection, not the file name). Every sample gets a dense id; the webdataset
+key is the zero-padded id.
+
+Safety: a non-empty OUT is refused unless ``overwrite``; even then only files salient wrote
+(shards, manifest) are removed, and a directory holding anything else is refused. Each shard
+is written under a temporary name and renamed; the manifest is written last, so a reader
+never sees a dataset whose manifest promises files that are not there yet.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from salient.errors import SalientError
+from salient.pipeline.manifest import (
+    MANIFEST_NAME,
+    Manifest,
+    ShardInfo,
+    fingerprint,
+    sample_key,
+    shard_name,
+)
+
+__all__ = ["IngestError", "Sample", "ingest_folder", "ingest_demo", "IMAGE_SUFFIXES"]
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm"}
+_FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "GIF": "gif",
+               "TIFF": "tiff", "PPM": "ppm", "MPO": "jpg"}
+_OWN_FILE = ("shard-", MANIFEST_NAME, ".shard-")
+
+
+class IngestError(SalientError):
+    """Bad ingest input: missing source, unusable output directory, bad shard size."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image ready to be written: bytes as read, their extension, optional extras."""
+
+    data: bytes
+    ext: str
+    label: int | None = None
+    extra: dict[str, bytes] | None = None
+
+
+# ---------------------------------------------------------------- output directory
+
+
+def _prepare_out(out: Path, overwrite: bool, src: Path | None = None) -> None:
+    if src is not None and (out == src or src in out.parents):
+        raise IngestError(f"OUT {out} lies inside SRC {src}; choose an output outside the source")
+    if out.exists() and not out.is_dir():
+        raise IngestError(f"OUT {out} exists and is not a directory; choose another path")
+    entries = sorted(out.iterdir()) if out.exists() else []
+    if not entries:
+        out.mkdir(parents=True, exist_ok=True)
+        return
+    foreign = [e.name for e in entries if not e.name.startswith(_OWN_FILE)]
+    if not overwrite:
+        raise IngestError(f"OUT {out} is not empty; pass --overwrite to replace a dataset "
+                          "written by salient, or choose an empty directory")
+    if foreign:
+        raise IngestError(f"OUT {out} holds files salient did not write ({foreign[0]} …); "
+                          "refusing to overwrite them — choose an empty directory")
+    (out / MANIFEST_NAME).unlink(missing_ok=True)  # first: the old dataset stops being valid
+    for entry in entries:
+        entry.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------- shard writing
+
+
+def _write_shard(out: Path, index: int, first_id: int, samples: list[Sample]) -> ShardInfo:
+    import webdataset as wds
+
+    name = shard_name(index)
+    tmp = out / f".{name}.partial"
+    with open(tmp, "wb") as stream:
+        # mtime=0: the same input gives byte-identical shards.
+        with wds.TarWriter(stream, encoder=False, mtime=0) as writer:
+            for offset, sample in enumerate(samples):
+                record = {"__key__": sample_key(first_id + offset), sample.ext: sample.data}
+                if sample.label is not None:
+                    record["cls"] = str(sample.label).encode()
+                record.update(sample.extra or {})
+                writer.write(record)
+    os.replace(tmp, out / name)
+    return ShardInfo(index, name, first_id, len(samples), (out / name).stat().st_size)
+
+
+def _write_shards(out: Path, samples: Iterable[Sample], shard_size: int) -> list[ShardInfo]:
+    shards: list[ShardInfo] = []
+    pending: list[Sample] = []
+    next_id = 0
+    for sample in samples:
+        pending.append(sample)
+        if len(pending) == shard_size:
+            shards.append(_write_shard(out, len(shards), next_id, pending))
+            next_id += len(pending)
+            pending = []
+    if pending:
+        shards.append(_write_shard(out, len(shards), next_id, pending))
+    return shards
+
+
+def _finish(out: Path, shards: list[ShardInfo], shard_size: int, **fields) -> Manifest:
+    num_samples = sum(s.count for s in shards)
+    manifest = Manifest(num_samples=num_samples, shard_size=shard_size, shards=shards,
+                        fingerprint=fingerprint(shards, num_samples), **fields)
+    tmp = out / f".{MANIFEST_NAME}.partial"
+    tmp.write_text(manifest.to_json())
+    os.replace(tmp, out / MANIFEST_NAME)
+    return manifest
+
+
+def _check_shard_size(shard_size: int) -> None:
+    if not isinstance(shard_size, int) or shard_size < 1:
+        raise IngestError(f"--shard-size must be a positive integer (got {shard_size}); "
+                          "1000 is a good default")
+
+
+# ---------------------------------------------------------------- folder ingest
+
+
+def _scan(src: Path) -> tuple[list[tuple[Path, int | None]], list[str] | None, list[dict]]:
+    """Files to ingest with labels, class names (ImageFolder) or None (flat), skipped files."""
+    skipped: list[dict] = []
+    subdirs = sorted(p for p in src.iterdir() if p.is_dir() and not p.name.startswith("."))
+    top_files = sorted(p for p in src.iterdir() if p.is_file() and not p.name.startswith("."))
+    if not subdirs:
+        return [(p, None) for p in top_files], None, skipped
+    classes = [d.name for d in subdirs]
+    files = []
+    for label, folder in enumerate(subdirs):
+        for path in sorted(folder.rglob("*")):
+            if path.is_file() and not any(part.startswith(".") for part in
+                                          path.relative_to(src).parts):
+                files.append((path, label))
+    for path in top_files:
+        skipped.append({"path": path.name, "reason": "outside any class folder"})
+    return files, classes, skipped
+
+
+def _load(path: Path) -> tuple[bytes | None, str]:
+    """Read and fully decode one file: (bytes, ext) or (None, reason). Runs in a pool."""
+    try:
+        data = path.read_bytes()
+        with Image.open(io.BytesIO(data)) as image:
+            fmt = image.format
+            image.load()  # a full decode: catches truncated and corrupt files, not just headers
+            if min(image.size) < 1:
+                return None, "empty image"
+    except OSError as exc:
+        return None, f"unreadable image: {exc}"
+    except Exception as exc:  # PIL raises many types on hostile files; none may stop ingest
+        return None, f"unreadable image: {type(exc).__name__}: {exc}"
+    ext = _FORMAT_EXT.get(fmt or "")
+    if ext is None:
+        return None, f"unsupported image format {fmt}"
+    return data, ext
+
+
+def _decoded(files: list[tuple[Path, int | None]], src: Path, skipped: list[dict],
+             progress: Callable[[int], None]) -> Iterator[Sample]:
+    workers = max(1, min(8, os.cpu_count() or 1))
+    with ProcessPoolExecutor(workers) as pool:
+        loaded = pool.map(_load, [p for p, _ in files], chunksize=16)
+        for (path, label), (data, ext_or_reason) in zip(files, loaded):
+            progress(1)
+            rel = str(path.relative_to(src))
+            if data is None:
+                warnings.warn(f"skipping {rel}: {ext_or_reason}", stacklevel=2)
+                skipped.append({"path": rel, "reason": ext_or_reason})
+                continue
+            yield Sample(data, ext_or_reason, label, {"path.txt": rel.encode()})
+
+
+def ingest_folder(src: str | os.PathLike, out: str | os.PathLike, shard_size: int = 1000,
+                  overwrite: bool = False, progress: Callable[[int], None] | None = None
+                  ) -> Manifest:
+    """Ingest an ImageFolder tree (class sub-folders) or a flat folder of images.
+
+    Files whose suffix is not an image suffix, and images that do not decode, are skipped,
+    warned about and listed in the manifest with a reason. ``progress(n)`` is called as
+    files are processed.
+
+    Raises:
+        IngestError: SRC missing or holding no images, OUT unusable, bad shard size.
+    """
+    _check_shard_size(shard_size)
+    src, out = Path(src).expanduser().resolve(), Path(out).expanduser().resolve()
+    if not src.is_dir():
+        raise IngestError(f"SRC {src} is not a directory; give the folder holding your images")
+    files, classes, skipped = _scan(src)
+    images = [(p, lab) for p, lab in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    for path, _ in files:
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            skipped.append({"path": str(path.relative_to(src)), "reason": "not an image suffix"})
+    if not images:
+        raise IngestError(f"SRC {src} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    _prepare_out(out, overwrite, src)
+    samples = _decoded(images, src, skipped, progress or (lambda n: None))
+    shards = _write_shards(out, samples, shard_size)
+    if not shards:
+        raise IngestError(f"none of the {len(images)} images in {src} could be decoded; "
+                          f"see the warnings above")
+    return _finish(out, shards, shard_size, classes=classes, skipped=skipped, source=str(src))
+
+
+# ---------------------------------------------------------------- demo ingest
+
+
+def _demo_samples(n: int, seed: int, image_size: int, quality: int,
+                  progress: Callable[[int], None]) -> Iterator[Sample]:
+    from salient.pipeline.demo import make_scene
+
+    for index in range(n):
+        scene = make_scene(seed, index, image_size)
+        buffer = io.BytesIO()
+        scene.image.save(buffer, format="JPEG", quality=quality)
+        box = dict(zip(("x0", "y0", "x1", "y1"), scene.box))
+        progress(1)
+        yield Sample(buffer.getvalue(), "jpg", scene.label, {"box.json": json.dumps(box).encode()})
+
+
+def ingest_demo(out: str | os.PathLike, n: int = 2000, seed: int = 0, shard_size: int = 500,
+                image_size: int = 192, overwrite: bool = False, quality: int = 90,
+                progress: Callable[[int], None] | None = None) -> Manifest:
+    """Write the bundled demo dataset (no network): ``n`` scenes, deterministic for ``seed``.
+
+    Raises:
+        IngestError: OUT unusable, n < 1, image_size < 32, bad shard size.
+    """
+    from salient.pipeline.demo import DEMO_OBJECTS
+
+    _check_shard_size(shard_size)
+    if n < 1:
+        raise IngestError(f"--n must be at least 1 (got {n})")
+    if image_size < 32:
+        raise IngestError(f"demo image size must be at least 32 px (got {image_size})")
+    out = Path(out).expanduser().resolve()
+    _prepare_out(out, overwrite)
+    samples = _demo_samples(n, seed, image_size, quality, progress or (lambda k: None))
+    shards = _write_shards(out, samples, shard_size)
+    demo = {"seed": seed, "image_size": image_size, "quality": quality}
+    return _finish(out, shards, shard_size, classes=list(DEMO_OBJECTS), skipped=[],
+                   source="demo", demo=demo)

@@ -1,0 +1,172 @@
+"""Ingest, manifest validation, the demo set and the CLI's error lines (issue 2)."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from salient.jobs.cli import main
+from salient.pipeline.demo import make_scene
+from salient.pipeline.ingest import IngestError, ingest_demo, ingest_folder
+from salient.pipeline.manifest import DatasetError, open_dataset, sample_key
+
+
+def _image_bytes(seed: int, fmt: str = "JPEG", size=(40, 30)) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def tree(tmp_path):
+    """cat/ (3 jpg + 1 truncated jpg), dog/ (2 png, one misnamed .jpg), a notes.txt."""
+    src = tmp_path / "src"
+    (src / "cat").mkdir(parents=True)
+    (src / "dog").mkdir()
+    files = {}
+    for i in range(3):
+        files[f"cat/{i}.jpg"] = _image_bytes(i)
+    files["dog/a.png"] = _image_bytes(10, "PNG")
+    files["dog/b.jpg"] = _image_bytes(11, "PNG")  # a PNG named .jpg: stored as png
+    for rel, data in files.items():
+        (src / rel).write_bytes(data)
+    (src / "cat" / "broken.jpg").write_bytes(_image_bytes(5)[:200])
+    (src / "dog" / "notes.txt").write_text("not an image")
+    return src, files
+
+
+def test_ingest_tree_round_trips_through_webdataset(tree, tmp_path):
+    src, files = tree
+    out = tmp_path / "out"
+    with pytest.warns(UserWarning, match="broken.jpg"):
+        manifest = ingest_folder(src, out, shard_size=2)
+    assert manifest.classes == ["cat", "dog"]
+    assert manifest.num_samples == 5 and [s.count for s in manifest.shards] == [2, 2, 1]
+    reasons = {s["path"]: s["reason"] for s in manifest.skipped}
+    assert "unreadable image" in reasons["cat/broken.jpg"]
+    assert reasons["dog/notes.txt"] == "not an image suffix"
+
+    dataset = open_dataset(out)
+    rows = list(wds.WebDataset(dataset.shard_urls(), shardshuffle=False))
+    expected = sorted(files)  # class order, then path order
+    assert [r["__key__"] for r in rows] == [sample_key(i) for i in range(5)]
+    for sample_id, (row, rel) in enumerate(zip(rows, expected)):
+        ext = "png" if rel.startswith("dog") else "jpg"
+        assert row[ext] == files[rel], rel  # bytes as they were, no re-encode
+        assert int(row["cls"]) == (0 if rel.startswith("cat") else 1)
+        assert row["path.txt"].decode() == rel
+    for shard in dataset.shards:  # ids contiguous per shard
+        keys = [r["__key__"] for r in wds.WebDataset(dataset.shard_url(shard), shardshuffle=False)]
+        assert keys == [sample_key(i) for i in range(shard.first_id, shard.stop_id)]
+
+
+def test_flat_folder_has_no_labels(tmp_path):
+    src = tmp_path / "flat"
+    src.mkdir()
+    for i in range(3):
+        (src / f"{i}.jpg").write_bytes(_image_bytes(i))
+    manifest = ingest_folder(src, tmp_path / "out")
+    rows = list(wds.WebDataset(open_dataset(tmp_path / "out").shard_urls(), shardshuffle=False))
+    assert manifest.classes is None and len(rows) == 3 and all("cls" not in r for r in rows)
+
+
+def test_fingerprint_depends_on_layout(tree, tmp_path):
+    src, _ = tree
+    with pytest.warns(UserWarning):
+        a = ingest_folder(src, tmp_path / "a", shard_size=2)
+    with pytest.warns(UserWarning):
+        b = ingest_folder(src, tmp_path / "b", shard_size=3)
+    with pytest.warns(UserWarning):
+        c = ingest_folder(src, tmp_path / "c", shard_size=2)
+    assert a.fingerprint == c.fingerprint != b.fingerprint
+
+
+def test_missing_and_truncated_shards_are_named(tmp_path):
+    out = tmp_path / "d"
+    ingest_demo(out, n=12, shard_size=4, image_size=48)
+    open_dataset(out)
+    shard = out / "shard-000001.tar"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DatasetError, match="shard-000001.tar is truncated"):
+        open_dataset(out)
+    shard.unlink()
+    with pytest.raises(DatasetError, match="shard shard-000001.tar .* is missing"):
+        open_dataset(out)
+    with pytest.raises(DatasetError, match="does not exist"):
+        open_dataset(tmp_path / "nowhere")
+    with pytest.raises(DatasetError, match="holds no manifest.json"):
+        open_dataset(tmp_path)
+
+
+def test_demo_is_deterministic_and_boxes_hold_objects(tmp_path):
+    a = ingest_demo(tmp_path / "a", n=24, seed=3, shard_size=10, image_size=64)
+    b = ingest_demo(tmp_path / "b", n=24, seed=3, shard_size=10, image_size=64)
+    c = ingest_demo(tmp_path / "c", n=24, seed=4, shard_size=10, image_size=64)
+    for shard in a.shards:
+        assert (tmp_path / "a" / shard.name).read_bytes() == (tmp_path / "b" / shard.name).read_bytes()
+    assert (tmp_path / "a" / "shard-000000.tar").read_bytes() != (tmp_path / "c" / "shard-000000.tar").read_bytes()
+
+    rows = list(wds.WebDataset(open_dataset(tmp_path / "a").shard_urls(), shardshuffle=False))
+    assert len(rows) == 24 and len({int(r["cls"]) for r in rows}) > 1
+    for row in rows:
+        box = json.loads(row["box.json"])
+        image = np.asarray(Image.open(io.BytesIO(row["jpg"])).convert("RGB"), dtype=np.float32)
+        assert image.shape == (64, 64, 3)
+        assert 0 <= box["x0"] < box["x1"] <= 64 and 0 <= box["y0"] < box["y1"] <= 64
+
+
+def test_demo_object_differs_from_background():
+    """Inside the box the pixels are the object photo, not the background texture."""
+    for index in range(12):
+        scene = make_scene(seed=0, index=index, image_size=96)
+        x0, y0, x1, y1 = scene.box
+        pixels = np.asarray(scene.image, dtype=np.float32)
+        inside = pixels[y0:y1, x0:x1].reshape(-1, 3)
+        mask = np.ones(pixels.shape[:2], bool)
+        mask[y0:y1, x0:x1] = False
+        outside = pixels[mask]
+        # the background is a tinted grey texture: channels scale together; objects are not
+        hist_in = np.histogramdd(inside // 32, bins=8, range=[(0, 8)] * 3)[0].ravel()
+        hist_out = np.histogramdd(outside // 32, bins=8, range=[(0, 8)] * 3)[0].ravel()
+        overlap = np.minimum(hist_in / hist_in.sum(), hist_out / hist_out.sum()).sum()
+        assert overlap < 0.6, (index, scene.name, overlap)
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "keep.txt").write_text("user data")
+    cases = [
+        (["ingest", str(tmp_path / "missing"), str(tmp_path / "o1")], "is not a directory"),
+        (["ingest", "--demo", str(taken)], "is not empty"),
+        (["ingest", "--demo", str(taken), "--overwrite"], "did not write"),
+        (["ingest", "--demo", str(tmp_path / "o2"), "--shard-size", "0"], "--shard-size"),
+    ]
+    for argv, needle in cases:
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert needle in err and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert (taken / "keep.txt").read_text() == "user data"
+    assert not (tmp_path / "o2").exists()
+    with pytest.raises(SystemExit) as exc:
+        main(["ingest", "--demo", str(tmp_path / "o3"), "--n", "many"])
+    assert exc.value.code == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_overwrite_replaces_own_dataset(tmp_path):
+    out = tmp_path / "d"
+    ingest_demo(out, n=10, shard_size=4, image_size=48)
+    with pytest.raises(IngestError, match="not empty"):
+        ingest_demo(out, n=6, shard_size=4, image_size=48)
+    manifest = ingest_demo(out, n=6, shard_size=4, image_size=48, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "shard-000000.tar",
+                                                     "shard-000001.tar"]
+    assert open_dataset(out).num_samples == manifest.num_samples == 6
