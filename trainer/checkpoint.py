@@ -1,0 +1,226 @@
+"""Trainer checkpoints: atomic, self-describing, and loadable as a teacher.
+
+A checkpoint is one ``torch.save``d dict of plain values (tensors, dicts, lists, str, int,
+float, bool, None), so ``torch.load(path, weights_only=True)`` reads it (docs/INTERFACES.md,
+"Trainer checkpoint")::
+
+    {"format": "salient-checkpoint/1", "config": {..., "model": "mae-tiny"},
+     "encoder_kwargs": {...}, "encoder": encoder state_dict, "decoder_kwargs": {...},
+     "model": full state_dict, "optimizer", "scheduler", "epoch", "step", "generation"}
+
+``encoder_kwargs`` + ``encoder`` rebuild the timm ``VisionTransformer`` without importing the
+trainer, so every checkpoint is a teacher for the next refresh. Writes go to
+``path + ".partial"`` and are renamed into place (``os.replace``), so a killed writer never
+leaves a torn checkpoint under the real name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from salient.errors import SalientError
+from torch import nn
+
+__all__ = [
+    "ARCH_CONFIG_FIELDS",
+    "FORMAT",
+    "CheckpointError",
+    "checkpoint_path",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "save_checkpoint",
+    "unwrap_model",
+]
+
+FORMAT = "salient-checkpoint/1"
+ARCH_CONFIG_FIELDS = ("model", "image_size", "patch_size")  # train-config keys fixing the shape
+_NAME = re.compile(r"^checkpoint-(\d+)\.pt$")
+_KEYS = (
+    "format",
+    "config",
+    "encoder_kwargs",
+    "encoder",
+    "decoder_kwargs",
+    "model",
+    "epoch",
+    "step",
+)
+
+
+class CheckpointError(SalientError):
+    """A checkpoint that is missing, unreadable, or of another architecture than asked."""
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The bare model under ``DistributedDataParallel`` and ``torch.compile`` wrappers, any order."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        else:
+            return model
+
+
+def checkpoint_path(run_dir: str | os.PathLike, epoch: int) -> Path:
+    """Where the checkpoint written after ``epoch`` lives: ``run_dir/checkpoint-00012.pt``."""
+    return Path(run_dir) / f"checkpoint-{epoch:05d}.pt"
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint of the highest epoch in ``run_dir`` (``.partial`` files ignored), or None."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return None
+    found = [(int(m[1]), p) for p in run_dir.iterdir() if (m := _NAME.match(p.name))]
+    return max(found)[1] if found else None
+
+
+def _plain_config(config: dict[str, Any], model_name: str) -> dict[str, Any]:
+    """The train config as plain JSON values, with ``model`` set to the model's name."""
+    if config.get("model", model_name) != model_name:
+        raise CheckpointError(
+            f"config says model {config['model']!r} but the model is {model_name!r}; "
+            "pass the config the model was built from"
+        )
+    try:
+        plain = json.loads(json.dumps(config))
+    except TypeError as exc:
+        raise CheckpointError(
+            f"checkpoint config must hold plain JSON values ({exc}); convert paths to str"
+        ) from exc
+    return {**plain, "model": model_name}
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    scheduler: Any | None,
+    epoch: int,
+    step: int,
+    generation: str | None,
+    config: dict[str, Any],
+) -> Path:
+    """Write a checkpoint atomically (``.partial`` then ``os.replace``); returns ``path``.
+
+    ``model`` may be wrapped in DDP or ``torch.compile``; it must carry ``name``,
+    ``encoder_kwargs``, ``decoder_kwargs`` and ``encoder`` (``salient.trainer.models``).
+    Call it on one rank only. Raises :class:`CheckpointError` for a config that is not plain
+    JSON or names another model.
+    """
+    base = unwrap_model(model)
+    payload = {
+        "format": FORMAT,
+        "config": _plain_config(config, base.name),
+        "encoder_kwargs": dict(base.encoder_kwargs),
+        "encoder": base.encoder.state_dict(),  # shares storage with "model": saved once
+        "decoder_kwargs": dict(base.decoder_kwargs),
+        "model": base.state_dict(),
+        "optimizer": None if optimizer is None else optimizer.state_dict(),
+        "scheduler": None if scheduler is None else scheduler.state_dict(),
+        "epoch": int(epoch),
+        "step": int(step),
+        "generation": generation,
+    }
+    path = Path(path)
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, "wb") as f:
+        torch.save(payload, f)
+        f.flush()
+        os.fsync(f.fileno())  # the rename below must not publish bytes still in the page cache
+    os.replace(partial, path)
+    return path
+
+
+def _read(path: Path) -> dict[str, Any]:
+    """``torch.load(weights_only=True)`` with clear errors for missing / corrupt / foreign files."""
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} not found; check the path or the run directory")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises RuntimeError, EOFError, UnpicklingError, … here
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or truncated ({type(exc).__name__}: {exc}); "
+            "delete it and resume from an earlier one"
+        ) from exc
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise CheckpointError(
+            f"{path} is not a salient checkpoint (format {found!r}, expected {FORMAT!r})"
+        )
+    missing = [k for k in _KEYS if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}; it is incomplete")
+    return ckpt
+
+
+def _differences(prefix: str, saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``field: checkpoint X, now Y`` for every key whose value differs."""
+    return [
+        f"{prefix}{key}: checkpoint {saved.get(key)!r}, now {current.get(key)!r}"
+        for key in sorted(saved.keys() | current.keys())
+        if saved.get(key) != current.get(key)
+    ]
+
+
+def _check_architecture(path: Path, ckpt: dict[str, Any], model: nn.Module) -> None:
+    """Refuse a model whose name, encoder or decoder differs from the checkpoint's."""
+    differ = _differences("", {"model": ckpt["config"].get("model")}, {"model": model.name})
+    differ += _differences("encoder_kwargs.", ckpt["encoder_kwargs"], model.encoder_kwargs)
+    differ += _differences("decoder_kwargs.", ckpt["decoder_kwargs"], model.decoder_kwargs)
+    if differ:
+        raise CheckpointError(
+            f"checkpoint {path} is another architecture ({'; '.join(differ)}); "
+            "resume with the checkpoint's model settings or start a new run directory"
+        )
+
+
+def _check_config(path: Path, ckpt: dict[str, Any], config: dict[str, Any]) -> None:
+    """Refuse a train config whose architecture fields (``ARCH_CONFIG_FIELDS``) differ."""
+    saved = ckpt["config"]
+    shared = [k for k in ARCH_CONFIG_FIELDS if k in saved and k in config]
+    differ = _differences("config.", {k: saved[k] for k in shared}, {k: config[k] for k in shared})
+    if differ:
+        raise CheckpointError(
+            f"cannot resume from {path}: {'; '.join(differ)}; "
+            "use the checkpoint's settings or start a new run directory"
+        )
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    model: nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any | None = None,
+    config: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Read a checkpoint and restore what is given; returns the checkpoint dict (on CPU).
+
+    Raises :class:`CheckpointError` when the file is missing, corrupt or not a salient
+    checkpoint, when ``config``'s ``model`` / ``image_size`` / ``patch_size`` differ from the
+    saved config, or when ``model`` (DDP-wrapped or not) is another architecture; the
+    message names every field that differs. Checks run before anything is restored.
+    """
+    path = Path(path)
+    ckpt = _read(path)
+    if config is not None:
+        _check_config(path, ckpt, config)
+    if model is not None:
+        base = unwrap_model(model)
+        _check_architecture(path, ckpt, base)
+        base.load_state_dict(ckpt["model"])
+    if optimizer is not None:
+        if ckpt.get("optimizer") is None:
+            raise CheckpointError(f"checkpoint {path} holds no optimizer state to resume from")
+        optimizer.load_state_dict(ckpt["optimizer"])
+    if scheduler is not None:
+        if ckpt.get("scheduler") is None:
+            raise CheckpointError(f"checkpoint {path} holds no scheduler state to resume from")
+        scheduler.load_state_dict(ckpt["scheduler"])
+    return ckpt
