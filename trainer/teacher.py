@@ -1,0 +1,490 @@
+"""Teacher saliency: per-image maps from one attention block of a timm ViT.
+
+The teacher sees the whole image resized to S×S (:func:`preprocess`), so map cell (u, v)
+covers image region (u·W/G, v·H/G) and crops of image and map stay aligned (DESIGN.md,
+"Saliency maps"). Kinds, all computed in one block ``b`` (default: the last):
+
+- ``cls_attn`` — AMT eq. 3–4: the softmax row of the CLS query over all keys, prefix (CLS and
+  register) columns dropped, heads reduced by ``mean`` (eq. 4), ``minmax_mean`` (each head
+  min-max normalised, then averaged: AMT's official code) or one chosen head.
+- ``gpa`` — GPA eq. 4–5: pre-softmax scaled logits ``q_i·k_m/√d`` summed over the query
+  patches ``i ≠ m``; by default the last head (GPA Table 5), ``mean`` over heads available.
+- ``heads`` — the per-head ``cls_attn`` maps ``[B, H, G, G]`` (AutoMAE's mask-generator input).
+
+Fast path: timm's own blocks (fused SDPA) run up to ``b``; in ``b`` only ``norm1`` and the q / k
+slices of ``attn.qkv`` run, for the rows needed; nothing after ``b`` runs. GPA needs no N×N
+matrix: ``Σ_{i≠m} q_i·k_m = (Σ_i q_i − q_m)·k_m``.
+
+:func:`load_teacher` rebuilds a salient training checkpoint's encoder or a timm ViT from a
+local weights file; nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import Attention
+from timm.models import load_state_dict
+from timm.models.vision_transformer import (
+    Block,
+    ResPostBlock,
+    VisionTransformer,
+    checkpoint_filter_fn,
+)
+from torch import Tensor, nn
+
+from salient.errors import SalientError
+
+__all__ = [
+    "KINDS",
+    "REDUCES",
+    "SaliencySpec",
+    "Teacher",
+    "TeacherError",
+    "bench_saliency",
+    "load_teacher",
+    "preprocess",
+    "saliency",
+]
+
+KINDS = ("cls_attn", "gpa", "heads")
+REDUCES = ("mean", "minmax_mean")
+RANDOM_SEED = 0  # random teachers (allow_random) are initialised from this seed
+
+# The input of `blk.attn` for each supported timm block: pre-norm Block vs post-norm ResPostBlock.
+_ATTN_INPUT: dict[type, Callable[[nn.Module, Tensor], Tensor]] = {
+    Block: lambda blk, x: blk.norm1(x),
+    ResPostBlock: lambda blk, x: x,
+}
+
+
+class TeacherError(SalientError):
+    """A teacher that cannot be loaded or asked for a map: bad file, spec, size or option."""
+
+
+# --------------------------------------------------------------------------- what to compute
+
+
+@dataclass(frozen=True)
+class SaliencySpec:
+    """Which map to compute: one ``head``, or all heads combined by ``reduce``.
+
+    A ``head`` wins over ``reduce`` (so a CLI's default ``--reduce mean`` does not clash with
+    ``--head 3``). Both ``None``: the kind's default, ``cls_attn`` → ``mean`` (AMT eq. 4),
+    ``gpa`` → the last head (GPA Table 5). ``heads`` returns every head and ignores ``reduce``.
+    Negative ``block`` / ``head`` count from the end.
+    """
+
+    kind: str = "cls_attn"
+    block: int = -1
+    head: int | None = None
+    reduce: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise TeacherError(f"unknown saliency kind {self.kind!r}; use one of {KINDS}")
+        if self.reduce is not None and self.reduce not in REDUCES:
+            raise TeacherError(f"unknown reduce {self.reduce!r}; use one of {REDUCES} or a head")
+        if self.kind == "heads" and self.head is not None:
+            raise TeacherError(f"kind 'heads' returns every head; drop head={self.head}")
+
+    def resolve(self, model: VisionTransformer) -> SaliencySpec:
+        """The map actually computed: absolute block / head indices, the kind's default filled in."""
+        depth, num_heads = len(model.blocks), model.blocks[0].attn.num_heads
+        block = _index(self.block, depth, "block")
+        if self.kind == "heads":
+            return SaliencySpec(self.kind, block)
+        if self.head is not None:
+            return SaliencySpec(self.kind, block, _index(self.head, num_heads, "head"))
+        if self.reduce is not None:
+            return SaliencySpec(self.kind, block, reduce=self.reduce)
+        if self.kind == "gpa":
+            return SaliencySpec(self.kind, block, num_heads - 1)  # GPA Table 5: the last head
+        return SaliencySpec(self.kind, block, reduce="mean")  # AMT eq. 4
+
+    def as_meta(self) -> dict:
+        """The ``kind`` / ``block`` / ``head`` / ``reduce`` entries of the teacher metadata."""
+        return {"kind": self.kind, "block": self.block, "head": self.head, "reduce": self.reduce}
+
+
+def _index(i: int, n: int, what: str) -> int:
+    if not -n <= i < n:
+        raise TeacherError(
+            f"{what} {i} out of range for a model with {n} {what}s; use -{n}..{n - 1}"
+        )
+    return i % n
+
+
+# --------------------------------------------------------------------------- saliency maps
+
+
+def saliency(
+    model: VisionTransformer,
+    images: Tensor,
+    kind: str = "cls_attn",
+    block: int = -1,
+    head: int | None = None,
+    reduce: str | None = None,
+) -> Tensor:
+    """Maps of normalised ``images [B,3,H,W]`` → ``[B,Gh,Gw]`` float32 (``heads``: ``[B,H,Gh,Gw]``).
+
+    ``model`` is a timm ``VisionTransformer`` in eval mode; ``kind``, ``block``, ``head``,
+    ``reduce`` as in :class:`SaliencySpec`. Raises :class:`TeacherError` for a bad option,
+    a model it cannot read (training mode, no CLS token for ``cls_attn``, unknown block type)
+    or images of the wrong shape.
+    """
+    _check_model(model)
+    spec = SaliencySpec(kind, block, head, reduce).resolve(model)
+    if spec.kind in ("cls_attn", "heads") and not model.has_class_token:
+        raise TeacherError("this ViT has no CLS token, so no cls_attn map; use kind='gpa'")
+    _check_images(model, images)
+    with torch.inference_mode():
+        x, grid = _embed(model, images)  # [B, T, C], T = prefix + N
+        x = model.blocks[: spec.block](x)  # timm's blocks, fused SDPA
+        blk = model.blocks[spec.block]
+        x = _ATTN_INPUT[type(blk)](blk, x)
+        with torch.autocast(x.device.type, enabled=False):  # the read block in fp32
+            per_head = _READERS[spec.kind](blk.attn, x.float(), model.num_prefix_tokens)  # [B,H,N]
+            maps = _reduce(per_head, spec)  # [B, N] or [B, H, N]
+    return maps.unflatten(-1, grid).contiguous()
+
+
+def _check_model(model: nn.Module) -> None:
+    if not isinstance(model, VisionTransformer):
+        raise TeacherError(f"saliency needs a timm VisionTransformer, got {type(model).__name__}")
+    if model.training:
+        raise TeacherError("the teacher is in training mode (dropout on); call model.eval() first")
+    for i, blk in enumerate(model.blocks):
+        if type(blk) not in _ATTN_INPUT or not isinstance(blk.attn, Attention):
+            raise TeacherError(
+                f"block {i} is a {type(blk).__name__} with {type(blk.attn).__name__}; "
+                "saliency reads timm Block / ResPostBlock with the standard Attention only"
+            )
+
+
+def _check_images(model: VisionTransformer, images: Tensor) -> None:
+    if not (isinstance(images, Tensor) and images.ndim == 4 and images.is_floating_point()):
+        raise TeacherError("images must be a float tensor [B,3,H,W]; run preprocess() first")
+    h, w = images.shape[-2:]
+    ph, pw = model.patch_embed.patch_size
+    if images.shape[1] != 3 or h % ph or w % pw:
+        raise TeacherError(
+            f"images of shape {tuple(images.shape)}: need 3 channels and H, W divisible by the "
+            f"patch size {ph}"
+        )
+    if not model.dynamic_img_size and (h, w) != tuple(model.patch_embed.img_size):
+        raise TeacherError(
+            f"images are {h}×{w} but the teacher was built for {model.patch_embed.img_size}; "
+            "preprocess to the teacher's image_size"
+        )
+
+
+def _embed(model: VisionTransformer, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
+    """timm's own stem, as in ``forward_features``: tokens ``[B, T, C]`` and the patch grid."""
+    x = model.patch_embed(images)  # [B, N, C], or [B, Gh, Gw, C] with dynamic_img_size
+    grid = tuple(x.shape[1:3]) if x.ndim == 4 else tuple(model.patch_embed.grid_size)
+    x = model.norm_pre(model.patch_drop(model._pos_embed(x)))
+    return x, grid
+
+
+def _project(attn: Attention, x: Tensor, part: int) -> Tensor:
+    """Only the q (part 0) or k (part 1) slice of ``attn.qkv``, normed as timm does → ``[B,H,T,d]``.
+
+    Slicing the fused weight skips v (and, for ``cls_attn``, every query row but CLS).
+    """
+    d = attn.num_heads * attn.head_dim
+    bias = attn.qkv.bias
+    y = F.linear(
+        x,
+        attn.qkv.weight[part * d : (part + 1) * d].float(),
+        None if bias is None else bias[part * d : (part + 1) * d].float(),
+    )
+    y = y.unflatten(-1, (attn.num_heads, attn.head_dim)).transpose(1, 2)
+    return attn.q_norm(y) if part == 0 else attn.k_norm(y)
+
+
+def _cls_attn_heads(attn: Attention, x: Tensor, num_prefix: int) -> Tensor:
+    """AMT eq. 3: softmax(q_cls·kᵀ/√d) over all keys, prefix columns dropped → ``[B, H, N]``."""
+    q = _project(attn, x[:, :1], 0) * attn.scale  # [B, H, 1, d]: the CLS query only
+    k = _project(attn, x, 1)  # [B, H, T, d]
+    return (q @ k.transpose(-2, -1)).softmax(-1)[:, :, 0, num_prefix:]
+
+
+def _gpa_heads(attn: Attention, x: Tensor, num_prefix: int) -> Tensor:
+    """GPA eq. 4–5: Σ_{i≠m} q_i·k_m/√d over patch queries i → ``[B, H, N]``.
+
+    Computed as (Σ_i q_i − q_m)·k_m, so no N×N matrix is formed.
+    """
+    patches = x[:, num_prefix:]  # [B, N, C]
+    q, k = _project(attn, patches, 0), _project(attn, patches, 1)  # [B, H, N, d]
+    return ((q.sum(2, keepdim=True) - q) * k).sum(-1) * attn.scale
+
+
+_READERS = {"cls_attn": _cls_attn_heads, "heads": _cls_attn_heads, "gpa": _gpa_heads}
+
+
+def _reduce(per_head: Tensor, spec: SaliencySpec) -> Tensor:
+    """``[B, H, N]`` → one head, the head mean, or the mean of min-max normalised heads."""
+    if spec.kind == "heads":
+        return per_head
+    if spec.head is not None:
+        return per_head[:, spec.head]
+    if spec.reduce == "minmax_mean":  # AMT's official code: normalise each head, then average
+        low = per_head.amin(-1, keepdim=True)
+        span = (per_head.amax(-1, keepdim=True) - low).clamp_min(torch.finfo(per_head.dtype).tiny)
+        per_head = (per_head - low) / span
+    return per_head.mean(1)
+
+
+# --------------------------------------------------------------------------- input
+
+
+def preprocess(
+    images: Tensor | Sequence[Tensor],
+    image_size: int,
+    mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+    std: Sequence[float] = IMAGENET_DEFAULT_STD,
+) -> Tensor:
+    """Whole images → ``[B, 3, S, S]`` float32, normalised, on the images' device.
+
+    ``images``: uint8 (0–255) or float (0–1), ``[B,3,H,W]``, ``[3,H,W]`` or a list of ``[3,H,W]``
+    of any sizes. Each image is resized whole to S×S (aspect squashed, antialiased bilinear),
+    so the teacher's G×G map covers the image linearly (DESIGN.md). Works on CPU and CUDA.
+    """
+    if isinstance(images, (list, tuple)):
+        if not images:
+            raise TeacherError("preprocess got an empty list of images")
+        return torch.cat([preprocess(im, image_size, mean, std) for im in images])
+    x = images[None] if isinstance(images, Tensor) and images.ndim == 3 else images
+    if not isinstance(x, Tensor) or x.ndim != 4 or x.shape[1] != 3:
+        raise TeacherError(f"images must be RGB tensors [B,3,H,W] or [3,H,W], got {_shape(images)}")
+    x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
+    if tuple(x.shape[-2:]) != (image_size, image_size):
+        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True)
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return (x - m) / s
+
+
+def _shape(obj: object) -> str:
+    return str(tuple(obj.shape)) if isinstance(obj, Tensor) else type(obj).__name__
+
+
+# --------------------------------------------------------------------------- loading
+
+
+@dataclass(frozen=True, eq=False)
+class Teacher:
+    """A loaded teacher: the eval-mode ViT, its metadata, and the input it expects."""
+
+    model: VisionTransformer
+    meta: dict  # path, sha256, name, epoch, image_size, patch_size; kind/block/head/reduce: caller
+    patch_size: int
+    grid: int
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+def load_teacher(
+    spec: str | os.PathLike,
+    weights: str | os.PathLike | None = None,
+    allow_random: bool = False,
+    image_size: int = 224,
+    device: str | torch.device = "cpu",
+) -> Teacher:
+    """Load a teacher from a salient checkpoint path or ``"timm:NAME"`` (+ ``weights`` FILE).
+
+    Checkpoints rebuild ``VisionTransformer(**ckpt["encoder_kwargs"])``; timm weights are a
+    ``.safetensors`` or ``.pth`` state dict (read with ``weights_only=True``). Position
+    embeddings are resampled to ``image_size`` by timm's own checkpoint filter. Random weights
+    (``timm:NAME`` without a file) only with ``allow_random``, seeded. Nothing is downloaded.
+    Raises :class:`TeacherError` for a missing/unreadable file, a file that is not a ViT
+    checkpoint, an unknown timm name, or an image size not divisible by the patch size.
+    """
+    spec = os.fspath(spec)
+    if spec.startswith("timm:"):
+        model, meta = _timm_teacher(spec.removeprefix("timm:"), weights, allow_random, image_size)
+    else:
+        if weights is not None:
+            raise TeacherError("weights= is for timm:NAME teachers; a checkpoint carries its own")
+        model, meta = _checkpoint_teacher(spec, image_size)
+    return _finish(model, meta, image_size, device)
+
+
+def _timm_teacher(name, weights, allow_random, image_size) -> tuple[VisionTransformer, dict]:
+    if not timm.is_model(name):
+        raise TeacherError(f"unknown timm model {name!r}; list ViTs with timm.list_models('vit_*')")
+    if weights is None and not allow_random:
+        raise TeacherError(
+            f"timm:{name} without weights would be a random teacher; pass --weights FILE "
+            "(.safetensors or .pth), or --allow-random-teacher for a test run"
+        )
+    path = None if weights is None else _existing_file(weights, "weights file")
+    model = _build(
+        lambda: timm.create_model(name, pretrained=False, num_classes=0, img_size=image_size),
+        f"timm:{name}",
+    )
+    meta = {"path": None, "sha256": "random", "name": name, "epoch": None}
+    if path is not None:
+        _load_into(model, _read_weights(path), path)
+        meta.update(path=str(path), sha256=_sha256(path))
+    return model, meta
+
+
+def _checkpoint_teacher(spec: str, image_size: int) -> tuple[VisionTransformer, dict]:
+    path = _existing_file(spec, "teacher checkpoint")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise TeacherError(f"cannot read teacher checkpoint {path}: {e}") from e
+    if not (isinstance(ckpt, dict) and isinstance(ckpt.get("encoder_kwargs"), dict)):
+        raise TeacherError(
+            f"{path} is not a salient training checkpoint (no 'encoder_kwargs' / 'encoder'); "
+            "for a timm ViT weights file use --teacher timm:NAME --weights FILE"
+        )
+    kwargs = {**ckpt["encoder_kwargs"], "img_size": image_size}
+    model = _build(lambda: VisionTransformer(**kwargs), str(path))
+    _load_into(model, ckpt.get("encoder"), path)
+    config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
+    meta = {
+        "path": str(path),
+        "sha256": _sha256(path),
+        "name": config.get("model", path.stem),
+        "epoch": ckpt.get("epoch"),
+    }
+    return model, meta
+
+
+def _existing_file(path: str | os.PathLike, what: str) -> Path:
+    path = Path(path).expanduser().resolve()
+    if not path.is_file():
+        raise TeacherError(f"{what} {path} does not exist; give the path of a local file")
+    return path
+
+
+def _build(make: Callable[[], nn.Module], source: str) -> VisionTransformer:
+    """Build the model from a fixed seed: random teachers reproduce, the global RNG is untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_SEED)
+        try:
+            model = make()
+        except (TypeError, ValueError, AssertionError) as e:
+            raise TeacherError(f"cannot build {source} as a timm VisionTransformer: {e}") from e
+    if not isinstance(model, VisionTransformer):
+        raise TeacherError(f"{source} is a {type(model).__name__}, not a timm VisionTransformer")
+    return model
+
+
+def _read_weights(path: Path) -> dict:
+    """timm's reader: safetensors, else torch.load(weights_only=True); unwraps 'model' etc."""
+    try:
+        return load_state_dict(str(path))
+    except Exception as e:
+        raise TeacherError(f"cannot read weights file {path}: {e}") from e
+
+
+def _load_into(model: VisionTransformer, state: object, path: Path) -> None:
+    """Strict load through timm's ViT filter (resamples pos_embed to this image size)."""
+    if not (
+        isinstance(state, dict) and state and all(isinstance(v, Tensor) for v in state.values())
+    ):
+        raise TeacherError(f"{path} holds no state dict of tensors; is it a ViT checkpoint?")
+    if isinstance(model.head, nn.Identity):  # the teacher needs no classifier
+        state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    try:
+        result = model.load_state_dict(checkpoint_filter_fn(state, model), strict=False)
+    except (RuntimeError, KeyError, ValueError, IndexError) as e:
+        raise TeacherError(f"{path} does not fit this ViT: {e}") from e
+    if result.missing_keys or result.unexpected_keys:
+        raise TeacherError(
+            f"{path} is not a checkpoint of this ViT: missing {result.missing_keys[:4]}, "
+            f"unexpected {result.unexpected_keys[:4]} (of {len(result.missing_keys)} / "
+            f"{len(result.unexpected_keys)}); check the model name or the file"
+        )
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _finish(model: VisionTransformer, meta: dict, image_size: int, device) -> Teacher:
+    patch = model.patch_embed.patch_size[0]
+    if image_size <= 0 or image_size % patch or model.patch_embed.patch_size[1] != patch:
+        raise TeacherError(
+            f"image size {image_size} is not a multiple of the teacher's patch size "
+            f"{model.patch_embed.patch_size}; use e.g. {max(1, image_size // patch) * patch}"
+        )
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    meta = {**meta, "kind": None, "block": None, "head": None, "reduce": None}
+    meta.update(image_size=image_size, patch_size=patch)
+    return Teacher(
+        model=model.to(device).eval().requires_grad_(False),
+        meta=meta,
+        patch_size=patch,
+        grid=image_size // patch,
+        image_size=image_size,
+        mean=tuple(cfg.get("mean", IMAGENET_DEFAULT_MEAN)),
+        std=tuple(cfg.get("std", IMAGENET_DEFAULT_STD)),
+    )
+
+
+# --------------------------------------------------------------------------- benchmark
+
+
+def bench_saliency(
+    model: VisionTransformer,
+    batch_size: int = 64,
+    image_size: int = 224,
+    kind: str = "cls_attn",
+    repeats: int = 3,
+    device: str | torch.device = "cpu",
+) -> dict:
+    """Seconds per batch of :func:`saliency` vs the plain full forward, best of ``repeats``.
+
+    The two are timed alternately, after one warm-up each, so a busy machine slows both alike.
+    """
+    model = model.to(device).eval()
+    images = torch.randn(batch_size, 3, image_size, image_size, device=device)
+    runs = {"forward": lambda: model(images), "saliency": lambda: saliency(model, images, kind)}
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    with torch.inference_mode():
+        for _ in range(repeats + 1):
+            for name, run in runs.items():
+                times[name].append(_timed(run, torch.device(device)))
+    forward_s, saliency_s = (min(times[name][1:]) for name in ("forward", "saliency"))
+    return {
+        "kind": kind,
+        "batch_size": batch_size,
+        "image_size": image_size,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "saliency_s": round(saliency_s, 4),
+        "forward_s": round(forward_s, 4),
+        "saliency_over_forward": round(saliency_s / forward_s, 3),
+        "saliency_img_per_s": round(batch_size / saliency_s, 1),
+        "forward_img_per_s": round(batch_size / forward_s, 1),
+    }
+
+
+def _timed(run: Callable[[], object], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    run()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
