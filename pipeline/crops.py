@@ -1,0 +1,206 @@
+"""Joint crops: one RandomResizedCrop box and flip, applied to the image and its map alike.
+
+A saliency map ``[G, G]`` covers the whole image linearly (the teacher saw the image
+squashed to S×S): map cell ``(u, v)`` is the image region ``[u·W/G, (u+1)·W/G) ×
+[v·H/G, (v+1)·H/G)``. A crop box in image pixels is therefore the map region
+``[left·G/W, (left+width)·G/W) × [top·G/H, (top+height)·G/H)``, which RoIAlign resamples
+onto the output patch grid: each output patch is the mean of bilinear samples of the map
+spread evenly over the patch (area-averaged), and the result is flipped with the image.
+This is the step AMT's official code gets wrong (it slices the map with pixel indices
+divided by the image size, so it always reads the top-left cells; DESIGN.md, "Loader").
+
+Everything here runs on CPU and CUDA tensors with the same code.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+import torchvision.transforms.v2.functional as TF
+from torch import Tensor
+from torchvision.ops import roi_align
+
+from salient.errors import SalientError
+
+__all__ = [
+    "CropBox",
+    "CropError",
+    "crop_image",
+    "crop_maps",
+    "normalize_weights",
+    "sample_crop_box",
+]
+
+_ATTEMPTS = 10  # torchvision's RandomResizedCrop tries 10 boxes before its central fallback
+
+
+class CropError(SalientError):
+    """Bad crop input: sizes, scale / ratio ranges, boxes outside the image, shapes."""
+
+
+class CropBox(NamedTuple):
+    """A crop in image pixels, and whether the crop is flipped horizontally."""
+
+    top: int
+    left: int
+    height: int
+    width: int
+    flip: bool
+
+
+def sample_crop_box(
+    height: int,
+    width: int,
+    generator: torch.Generator,
+    scale: tuple[float, float] = (0.2, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    flip_p: float = 0.5,
+) -> CropBox:
+    """A RandomResizedCrop box (torchvision's law) and a flip, drawn from ``generator``.
+
+    Up to 10 tries of area ``U(scale)·H·W`` and aspect ``exp(U(log ratio))``; a box that fits
+    gets a uniform position, else the central crop clipped to ``ratio`` (torchvision's
+    ``get_params``). All random numbers come from one draw of ``generator``.
+    Raises CropError for a bad size, range or flip probability.
+    """
+    _check_box_law(height, width, scale, ratio, flip_p)
+    draws = torch.rand(4 * _ATTEMPTS + 1, generator=generator, device=generator.device).tolist()
+    log_low, log_high = math.log(ratio[0]), math.log(ratio[1])
+    for attempt in range(_ATTEMPTS):
+        u_area, u_ratio, u_top, u_left = draws[4 * attempt : 4 * attempt + 4]
+        area = height * width * (scale[0] + (scale[1] - scale[0]) * u_area)
+        aspect = math.exp(log_low + (log_high - log_low) * u_ratio)
+        w = round(math.sqrt(area * aspect))
+        h = round(math.sqrt(area / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            top, left = int(u_top * (height - h + 1)), int(u_left * (width - w + 1))
+            return CropBox(top, left, h, w, draws[-1] < flip_p)
+    h, w = _central_fallback(height, width, ratio)
+    return CropBox((height - h) // 2, (width - w) // 2, h, w, draws[-1] < flip_p)
+
+
+def _central_fallback(height: int, width: int, ratio: tuple[float, float]) -> tuple[int, int]:
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        return round(width / min(ratio)), width
+    if in_ratio > max(ratio):
+        return height, round(height * max(ratio))
+    return height, width
+
+
+def crop_image(image: Tensor, box: CropBox, size: int) -> Tensor:
+    """``image [C, H, W]`` cropped to ``box``, resized to ``[C, size, size]``, flipped per box.
+
+    Bilinear with antialiasing (torchvision's ``resized_crop``); uint8 stays uint8.
+    Raises CropError when the box leaves the image or ``size`` is not a positive int.
+    """
+    if not isinstance(image, Tensor) or image.ndim != 3:
+        raise CropError(f"image must be a [C, H, W] tensor (got {_shape(image)})")
+    _check_size(size, "size")
+    _check_inside(box, tuple(image.shape[-2:]))
+    out = TF.resized_crop(image, box.top, box.left, box.height, box.width, [size, size])
+    return TF.hflip(out) if box.flip else out
+
+
+def crop_maps(
+    maps: Tensor,
+    boxes: Sequence[CropBox],
+    image_hw: Sequence[tuple[int, int]],
+    grid: int,
+) -> Tensor:
+    """The map region under each crop box, resampled to ``[B, grid, grid]`` and flipped.
+
+    maps: ``[B, G, G]`` covering the whole image ``image_hw[b]`` each (any float dtype; the
+    result is float32 on the maps' device). One batched RoIAlign (``aligned=True``): each
+    output patch averages ``s×s`` bilinear samples of the map spread over the patch, with
+    ``s`` large enough for at least 2 samples per map cell. NaN rows stay NaN.
+    Raises CropError for mismatched lengths, a non-square map or a box outside its image.
+    """
+    cells = _check_maps(maps, boxes, image_hw)
+    _check_size(grid, "grid")
+    rois = []
+    for b, (box, (height, width)) in enumerate(zip(boxes, image_hw)):
+        _check_inside(box, (height, width))
+        sx, sy = cells / width, cells / height  # map cells per image pixel
+        x0, y0 = box.left * sx, box.top * sy
+        rois.append((b, x0, y0, x0 + box.width * sx, y0 + box.height * sy))
+    rois_t = torch.tensor(rois, dtype=torch.float32, device=maps.device)  # [B, 5]
+    bin_cells = max(max(r[3] - r[1], r[4] - r[2]) for r in rois) / grid  # widest patch, cells
+    out = roi_align(
+        maps.float().unsqueeze(1),  # [B, 1, G, G]
+        rois_t,
+        output_size=grid,
+        spatial_scale=1.0,
+        sampling_ratio=max(2, 2 * math.ceil(bin_cells)),
+        aligned=True,  # pixel (cell) i spans [i, i + 1): no half-cell shift
+    )[:, 0]  # [B, grid, grid]
+    flip = torch.tensor([box.flip for box in boxes], device=maps.device)
+    return torch.where(flip[:, None, None], out.flip(-1), out)
+
+
+def normalize_weights(w: Tensor, eps: float = 1e-6) -> Tensor:
+    """Per-image min-max to [0, 1] plus ``eps`` (AMT): ``[B, ...] -> [B, N]`` float32.
+
+    A constant row becomes ``eps`` everywhere (uniform weights); NaN rows stay NaN.
+    """
+    if not isinstance(w, Tensor) or w.ndim < 2:
+        raise CropError(f"weights must be a [B, ...] tensor (got {_shape(w)})")
+    w = w.flatten(1).float()  # [B, N]
+    low, high = w.amin(1, keepdim=True), w.amax(1, keepdim=True)
+    return (w - low) / (high - low).clamp_min(torch.finfo(torch.float32).tiny) + eps
+
+
+# ---------------------------------------------------------------- checks
+
+
+def _shape(x) -> str:
+    return str(tuple(x.shape)) if isinstance(x, Tensor) else type(x).__name__
+
+
+def _check_size(value, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise CropError(f"{name} must be a positive int (got {value!r})")
+
+
+def _check_box_law(height, width, scale, ratio, flip_p) -> None:
+    _check_size(height, "height")
+    _check_size(width, "width")
+    if len(scale) != 2 or not 0.0 < scale[0] <= scale[1] <= 1.0:
+        raise CropError(f"scale must be (low, high) with 0 < low <= high <= 1 (got {scale!r})")
+    if len(ratio) != 2 or not 0.0 < ratio[0] <= ratio[1]:
+        raise CropError(f"ratio must be (low, high) with 0 < low <= high (got {ratio!r})")
+    if not 0.0 <= flip_p <= 1.0:
+        raise CropError(f"flip_p must be a probability in [0, 1] (got {flip_p!r})")
+
+
+def _check_inside(box: CropBox, image_hw: tuple[int, int]) -> None:
+    height, width = image_hw
+    if not (
+        0 <= box.top
+        and 0 <= box.left
+        and box.height >= 1
+        and box.width >= 1
+        and box.top + box.height <= height
+        and box.left + box.width <= width
+    ):
+        raise CropError(f"crop box {tuple(box)} does not lie inside the {height}x{width} image")
+
+
+def _check_maps(maps, boxes, image_hw) -> int:
+    """The map side G; raises CropError unless maps is ``[B, G, G]`` with B boxes and sizes."""
+    if not isinstance(maps, Tensor) or maps.ndim != 3 or maps.shape[1] != maps.shape[2]:
+        raise CropError(f"maps must be a [B, G, G] tensor (got {_shape(maps)})")
+    if not maps.is_floating_point():
+        raise CropError(f"maps must be floating point (got {maps.dtype})")
+    if not len(boxes) == len(image_hw) == maps.shape[0]:
+        raise CropError(
+            f"got {maps.shape[0]} maps, {len(boxes)} boxes and {len(image_hw)} image sizes; "
+            "pass one box and one (H, W) per map"
+        )
+    if maps.shape[0] == 0:
+        raise CropError("crop_maps needs at least one map")
+    return maps.shape[1]

@@ -1,0 +1,386 @@
+"""Mask strategies: exact counts, a partition of the patches, reproducibility, and each law.
+
+The laws are checked through independent paths: ``amt`` against a slow sequential sampler
+(one index at a time with probability ∝ the remaining weights), ``attmask_*`` against
+``torch.topk``, ``gpa`` against the shares its schedule promises.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from salient.errors import SalientError
+from salient.pipeline.masking import (
+    NEEDS_SALIENCY,
+    STRATEGIES,
+    MaskError,
+    MaskPlan,
+    mask_counts,
+    plan_masks,
+)
+
+SHAPES = [(1, 16), (3, 49), (6, 196), (2, 64), (4, 1)]
+RATIOS = [(0.0, 0.0), (0.45, 0.40), (0.75, 0.0), (0.5, 0.2), (0.3, 0.1), (0.9, 0.05)]
+Z_MAX = 4.5  # two-sided z bound per comparison: ~7e-6 false alarms each, fixed seeds anyway
+
+
+def gen(seed: int, device: str = "cpu") -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def weights_for(batch: int, n: int, seed: int) -> torch.Tensor:
+    """Random weights with some exact zeros and, from 3 rows on, one all-zero row."""
+    w = torch.rand(batch, n, generator=gen(seed))
+    w[w < 0.1] = 0.0
+    if batch >= 3:
+        w[1] = 0.0
+    return w
+
+
+def membership(plan: MaskPlan, n: int) -> torch.Tensor:
+    """``[B, N]`` set of each patch: 0 masked, 1 thrown, 2 visible (−1 if in none)."""
+    label = torch.full((plan.mask_idx.shape[0], n), -1)
+    for value, idx in enumerate((plan.mask_idx, plan.throw_idx, plan.visible_idx)):
+        label.scatter_(1, idx, value)
+    return label
+
+
+def set_frequencies(plans_label: torch.Tensor) -> np.ndarray:
+    """``[N, 3]`` fraction of rows in which each patch is masked / thrown / visible."""
+    return np.stack([(plans_label == s).double().mean(0).numpy() for s in range(3)], 1)
+
+
+def sequential_orders(w: np.ndarray, draws: int, seed: int) -> np.ndarray:
+    """Reference sampler: draw one index at a time with probability ∝ the remaining weights.
+
+    Vectorised over independent draws only; the steps are sequential. Once only zero
+    weights remain, they are drawn uniformly.
+    """
+    rng = np.random.default_rng(seed)
+    n = len(w)
+    alive = np.ones((draws, n), dtype=bool)
+    orders = np.empty((draws, n), dtype=np.int64)
+    rows = np.arange(draws)
+    for step in range(n):
+        p = np.where(alive, w, 0.0)
+        p = np.where(p.sum(1, keepdims=True) > 0, p, alive.astype(float))
+        cdf = np.cumsum(p, axis=1)
+        u = rng.random(draws) * cdf[:, -1]
+        pick = (u[:, None] < cdf).argmax(1)
+        orders[:, step] = pick
+        alive[rows, pick] = False
+    return orders
+
+
+def labels_from_orders(orders: np.ndarray, counts, throw: str = "middle") -> torch.Tensor:
+    _, m, t = counts
+    n = orders.shape[1]
+    label = np.full(orders.shape, 2)
+    rows = np.arange(orders.shape[0])[:, None]
+    label[rows, orders[:, :m]] = 0
+    thrown = orders[:, m : m + t] if throw == "middle" else orders[:, n - t :]
+    label[rows, thrown] = 1
+    return torch.from_numpy(label)
+
+
+def z_scores(p1: np.ndarray, p2: np.ndarray, n1: int, n2: int) -> np.ndarray:
+    """Two-proportion z statistics (pooled), element-wise."""
+    pooled = (p1 * n1 + p2 * n2) / (n1 + n2)
+    se = np.sqrt(pooled * (1 - pooled) * (1 / n1 + 1 / n2))
+    return np.where(se > 0, (p1 - p2) / np.where(se > 0, se, 1), 0.0)
+
+
+def z_one(p_hat: np.ndarray, p: np.ndarray, n: int) -> np.ndarray:
+    """z of observed frequencies against known probabilities."""
+    se = np.sqrt(p * (1 - p) / n)
+    return np.where(se > 0, (p_hat - p) / np.where(se > 0, se, 1), 0.0)
+
+
+# ---------------------------------------------------------------- counts and invariants
+
+
+def test_mask_counts_follow_amt_code():
+    assert mask_counts(196, 0.45, 0.40) == (30, 88, 78)
+    assert mask_counts(196, 0.75) == (49, 147, 0)
+    assert mask_counts(196, 0.44, 0.26) == (59, 86, 51)
+    v, m, t = mask_counts(10, 0.3, 0.4)
+    assert (m, t, v) == (int(10 * 0.3), int(10 * 0.7) - int(10 * 0.3), 10 - int(10 * 0.7))
+
+
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+def test_every_strategy_partitions_the_patches(strategy):
+    for batch, n in SHAPES:
+        for r, t in RATIOS:
+            counts = mask_counts(n, r, t)
+            for seed in range(3):
+                w = weights_for(batch, n, seed)
+                plan = plan_masks(strategy, w, r, t, generator=gen(seed), progress=seed / 2)
+                assert [x.shape for x in plan] == [
+                    (batch, counts.visible),
+                    (batch, counts.mask),
+                    (batch, counts.throw),
+                ]
+                assert all(x.dtype == torch.int64 for x in plan)
+                every = torch.cat(list(plan), dim=1).sort(1).values
+                assert torch.equal(every, torch.arange(n).expand(batch, n)), (strategy, n, r, t)
+
+
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+def test_same_seed_same_plan_other_seed_other_plan(strategy):
+    w = weights_for(8, 196, 0)
+    a = plan_masks(strategy, w, 0.45, 0.40, generator=gen(7), progress=0.3)
+    b = plan_masks(strategy, w, 0.45, 0.40, generator=gen(7), progress=0.3)
+    c = plan_masks(strategy, w, 0.45, 0.40, generator=gen(8), progress=0.3)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(membership(a, 196), membership(c, 196))
+
+
+def test_weights_of_random_and_block_are_not_read():
+    w = torch.full((2, 16), float("nan"))
+    for strategy in ("random", "block"):
+        plan = plan_masks(strategy, w, 0.5, 0.25, generator=gen(0))
+        assert plan.mask_idx.shape == (2, 8) and plan.throw_idx.shape == (2, 4)
+    assert {"random", "block"}.isdisjoint(NEEDS_SALIENCY)
+    assert NEEDS_SALIENCY == set(STRATEGIES) - {"random", "block"}
+
+
+# ---------------------------------------------------------------- amt: the sampling law
+
+AMT_W = np.array([8.0, 4.0, 2.0, 1.0, 1.0, 0.5, 0.25, 3.0, 0.0, 6.0])
+DRAWS = 40_000
+
+
+@pytest.fixture(scope="module")
+def reference_orders():
+    return sequential_orders(AMT_W, DRAWS, seed=1)
+
+
+def amt_labels(throw: str, w=AMT_W, r=0.3, t=0.4, seed=2) -> torch.Tensor:
+    weights = torch.tensor(w, dtype=torch.float32).expand(DRAWS, len(w))
+    plan = plan_masks("amt", weights, r, t, generator=gen(seed), throw=throw)
+    return plan, membership(plan, len(w))
+
+
+@pytest.mark.parametrize("throw", ["middle", "low"])
+def test_amt_inclusion_matches_sequential_sampler(reference_orders, throw):
+    counts = mask_counts(len(AMT_W), 0.3, 0.4)
+    _, ours = amt_labels(throw)
+    ref = labels_from_orders(reference_orders, counts, throw)
+    z = z_scores(set_frequencies(ours), set_frequencies(ref), DRAWS, DRAWS)
+    assert np.abs(z).max() < Z_MAX, z
+    assert (ours[:, 8] == 0).sum() == 0  # the zero-weight patch is never masked ...
+    assert (ours[:, 8] == (1 if throw == "low" else 2)).all()  # ... it is drawn last
+
+
+def test_amt_first_draw_is_proportional_to_weight():
+    plan, _ = amt_labels("middle")
+    first = np.bincount(plan.mask_idx[:, 0].numpy(), minlength=len(AMT_W)) / DRAWS
+    z = z_one(first, AMT_W / AMT_W.sum(), DRAWS)
+    assert np.abs(z).max() < Z_MAX, z
+
+
+def test_amt_law_check_detects_a_wrong_law(reference_orders):
+    """The z test has power: sampling ∝ w² instead of w fails it by far."""
+    counts = mask_counts(len(AMT_W), 0.3, 0.4)
+    _, wrong = amt_labels("middle", w=AMT_W**2)
+    ref = labels_from_orders(reference_orders, counts)
+    assert np.abs(z_scores(set_frequencies(wrong), set_frequencies(ref), DRAWS, DRAWS)).max() > 20
+
+
+def test_amt_throw_random_throws_uniformly_among_unmasked(reference_orders):
+    counts = mask_counts(len(AMT_W), 0.3, 0.4)
+    _, ours = amt_labels("random")
+    ref = set_frequencies(labels_from_orders(reference_orders, counts))
+    freq = set_frequencies(ours)
+    assert np.abs(z_scores(freq[:, 0], ref[:, 0], DRAWS, DRAWS)).max() < Z_MAX
+    expected_throw = (1 - ref[:, 0]) * counts.throw / (len(AMT_W) - counts.mask)
+    assert np.abs(freq[:, 1] - expected_throw).max() < 0.015
+
+
+def test_all_zero_row_is_sampled_uniformly():
+    w = torch.zeros(DRAWS, 8)
+    plan = plan_masks("amt", w, 0.25, 0.25, generator=gen(3))
+    freq = set_frequencies(membership(plan, 8))
+    assert np.abs(z_one(freq[:, 0], np.full(8, 0.25), DRAWS)).max() < Z_MAX
+    assert np.abs(z_one(freq[:, 1], np.full(8, 0.25), DRAWS)).max() < Z_MAX
+
+
+def test_zero_weights_come_after_every_positive_one():
+    w = torch.tensor([[0.0, 1e-6, 0.0, 5.0, 0.0, 1e-30, 0.0, 0.0]]).expand(2000, 8)
+    plan = plan_masks("amt", w, 0.375, 0.25, generator=gen(4))  # M=3, T=2
+    assert (plan.mask_idx.sort(1).values == torch.tensor([1, 3, 5])).all()
+    thrown = np.bincount(plan.throw_idx.flatten().numpy(), minlength=8) / 2000
+    assert np.abs(thrown[[0, 2, 4, 6, 7]] - 0.4).max() < 0.05  # 2 of the 5 zeros, uniformly
+
+
+# ---------------------------------------------------------------- attmask
+
+
+def distinct_weights(batch: int, n: int, seed: int) -> torch.Tensor:
+    return torch.stack([torch.randperm(n, generator=gen(seed + b)) for b in range(batch)]) + 1.0
+
+
+def as_sets(idx: torch.Tensor) -> list[set[int]]:
+    return [set(row) for row in idx.tolist()]
+
+
+@pytest.mark.parametrize("r, t", [(0.45, 0.40), (0.75, 0.0), (0.1, 0.3)])
+def test_attmask_high_and_low_mask_exactly_the_extreme_weights(r, t):
+    w = distinct_weights(16, 196, 0)
+    m = mask_counts(196, r, t).mask
+    high = plan_masks("attmask_high", w, r, t, generator=gen(0))
+    low = plan_masks("attmask_low", w, r, t, generator=gen(0))
+    assert as_sets(high.mask_idx) == as_sets(w.topk(m, 1).indices)
+    assert as_sets(low.mask_idx) == as_sets(w.topk(m, 1, largest=False).indices)
+
+
+def test_attmask_hint_reveals_hints_among_the_most_attended():
+    batch, n, r = 4000, 100, 0.4  # M=40, H=int(100*0.05)=5, pool=int(100*0.1)=10
+    w = distinct_weights(batch, n, 1)
+    plan = plan_masks("attmask_hint", w, r, 0.3, generator=gen(5), hint=0.05, hint_pool=0.1)
+    rank = w.argsort(1, descending=True).argsort(1)  # [B, N] 0 = most attended
+    mask_rank = rank.gather(1, plan.mask_idx)
+    assert (mask_rank < 45).all()  # masked ⊂ top M + H
+    shown = (rank < 45) & (membership(plan, n) == 2)  # top M + H left visible = the hints
+    assert (shown.sum(1) == 5).all()
+    assert (rank[shown] < 10).all()  # hints come from the pool of the top 10 %
+    assert (rank.gather(1, plan.throw_idx) >= 45).all()  # hints are never thrown
+    per_rank = torch.zeros(10)
+    per_rank.index_add_(0, rank[shown], torch.ones(int(shown.sum())))
+    assert np.abs(z_one(per_rank.numpy() / batch, np.full(10, 0.5), batch)).max() < Z_MAX
+
+
+# ---------------------------------------------------------------- gpa
+
+
+def gpa_labels(w: torch.Tensor, r: float, progress: float, t=0.0, seed: int = 6, **options):
+    plan = plan_masks("gpa", w, r, t, generator=gen(seed), progress=progress, **options)
+    return membership(plan, w.shape[1])
+
+
+def test_gpa_at_progress_1_is_half_hard_half_random():
+    batch, n, r = DRAWS, 100, 0.4  # M=40: 20 hard (top by weight), 20 uniform; T=30
+    w = torch.linspace(1.0, 0.01, n).expand(batch, n)  # patch i has rank i
+    masked, thrown, _ = set_frequencies(gpa_labels(w, r, 1.0, t=0.3)).T
+    assert (masked[:20] == 1.0).all()
+    assert np.abs(z_one(masked[20:], np.full(80, 20 / 80), batch)).max() < Z_MAX
+    # thrown uniformly among the 60 unmasked: (1 - 1/4) * 30/60 for every non-hard patch
+    assert np.abs(z_one(thrown[20:], np.full(80, 0.75 * 0.5), batch)).max() < Z_MAX
+
+
+def test_gpa_at_progress_0_is_half_soft_half_random():
+    m, soft = 3, 1  # N=10, r=0.3: soft int(0.5*3)=1 drawn ∝ w, then 2 uniform among 9
+    w = torch.tensor(AMT_W, dtype=torch.float32).expand(DRAWS, 10)
+    masked = set_frequencies(gpa_labels(w, 0.3, 0.0))[:, 0]
+    first = AMT_W / AMT_W.sum()  # P(the soft draw picks i)
+    expected = first + (1 - first) * (m - soft) / (10 - soft)
+    assert np.abs(z_one(masked, expected, DRAWS)).max() < Z_MAX
+
+
+def test_gpa_configurable_shares():
+    w = distinct_weights(64, 196, 2)
+    m = mask_counts(196, 0.6).mask
+    hard = plan_masks("gpa", w, 0.6, generator=gen(0), progress=0.3, hard=(1, 1), soft=(0, 0))
+    assert as_sets(hard.mask_idx) == as_sets(w.topk(m, 1).indices)
+    half = gpa_labels(w, 0.6, 0.5, hard=(0.0, 0.5), soft=(0.5, 0.0))
+    top = w.topk(int(0.25 * m), 1).indices  # at p=0.5 the hard share is 0.25
+    assert (half.gather(1, top) == 0).all()
+
+
+def test_gpa_soft_only_follows_the_amt_mask_law(reference_orders):
+    w = torch.tensor(AMT_W, dtype=torch.float32).expand(DRAWS, 10)
+    ours = set_frequencies(gpa_labels(w, 0.3, 0.7, hard=(0, 0), soft=(1, 1)))[:, 0]
+    ref = set_frequencies(labels_from_orders(reference_orders, mask_counts(10, 0.3)))[:, 0]
+    assert np.abs(z_scores(ours, ref, DRAWS, DRAWS)).max() < Z_MAX
+
+
+# ---------------------------------------------------------------- block
+
+
+def masked_neighbours(label: torch.Tensor, side: int) -> float:
+    """Mean number of masked 4-neighbours of a masked patch."""
+    masked = (label == 0).view(-1, side, side).float()
+    padded = torch.nn.functional.pad(masked, (1, 1, 1, 1))
+    around = padded[:, :-2, 1:-1] + padded[:, 2:, 1:-1] + padded[:, 1:-1, :-2] + padded[:, 1:-1, 2:]
+    return float((around * masked).sum() / masked.sum())
+
+
+def test_block_masks_are_blocks():
+    w = torch.ones(256, 196)
+    block = plan_masks("block", w, 0.4, generator=gen(0))
+    random = plan_masks("random", w, 0.4, generator=gen(0))
+    assert masked_neighbours(membership(block, 196), 14) > 2.8
+    assert masked_neighbours(membership(random, 196), 14) < 1.8
+
+
+def test_block_on_a_rectangular_grid():
+    plan = plan_masks("block", torch.ones(4, 98), 0.5, 0.2, generator=gen(0), grid=(7, 14))
+    assert torch.equal(torch.cat(list(plan), 1).sort(1).values, torch.arange(98).expand(4, 98))
+    with pytest.raises(MaskError, match="grid"):
+        plan_masks("block", torch.ones(4, 98), 0.5, generator=gen(0))
+
+
+# ---------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    "r, t, match",
+    [
+        (0.6, 0.5, "mask_ratio \\+ throw_ratio must be < 1"),
+        (0.5, 0.5, "must be < 1"),
+        (1.0, 0.0, "mask_ratio must be in"),
+        (-0.1, 0.0, "mask_ratio must be in"),
+        (0.2, 1.0, "throw_ratio must be in"),
+        (math.nan, 0.0, "mask_ratio must be in"),
+    ],
+)
+def test_bad_ratios_raise(r, t, match):
+    with pytest.raises(MaskError, match=match):
+        plan_masks("amt", torch.ones(2, 16), r, t, generator=gen(0))
+
+
+@pytest.mark.parametrize("bad", [-1.0, math.nan, math.inf])
+def test_bad_weights_raise(bad):
+    w = torch.ones(3, 16)
+    w[2, 5] = bad
+    for strategy in sorted(NEEDS_SALIENCY):
+        with pytest.raises(MaskError, match="finite and >= 0.*rows \\[2\\]"):
+            plan_masks(strategy, w, 0.5, generator=gen(0))
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: plan_masks("nope", torch.ones(2, 4), 0.5, generator=gen(0)), "unknown mask"),
+        (lambda: plan_masks("amt", torch.ones(4), 0.5, generator=gen(0)), r"\[B, N\]"),
+        (lambda: plan_masks("amt", torch.ones(2, 4, dtype=torch.int64), 0.5, generator=gen(0)), "floating"),
+        (lambda: plan_masks("amt", torch.ones(2, 4), 0.5, generator=None), "torch.Generator"),
+        (lambda: plan_masks("amt", torch.ones(2, 4), 0.5, generator=gen(0), throw="x"), "throw must"),
+        (lambda: plan_masks("random", torch.ones(2, 4), 0.5, generator=gen(0), throw="low"), "unknown throw"),
+        (lambda: plan_masks("gpa", torch.ones(2, 4), 0.5, generator=gen(0), progress=1.5), "progress"),
+        (lambda: plan_masks("gpa", torch.ones(2, 4), 0.5, generator=gen(0), hard=(0.6, 0.6)), "exceed 1"),
+        (lambda: plan_masks("attmask_hint", torch.ones(2, 100), 0.5, generator=gen(0), hint=0.2), "pool"),
+        (lambda: plan_masks("attmask_hint", torch.ones(2, 100), 0.5, 0.45, generator=gen(0), hint=0.08), "visible"),
+        (lambda: plan_masks("block", torch.ones(2, 16), 0.5, generator=gen(0), candidates=40), "candidates"),
+    ],
+)  # fmt: skip
+def test_bad_calls_raise(call, match):
+    with pytest.raises(MaskError, match=match):
+        call()
+    assert issubclass(MaskError, SalientError)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+def test_cuda_plans_are_partitions_on_the_device(strategy):
+    w = weights_for(32, 196, 0).cuda()
+    plan = plan_masks(strategy, w, 0.45, 0.40, generator=gen(0, "cuda"), progress=0.5)
+    assert all(x.device.type == "cuda" for x in plan)
+    every = torch.cat(list(plan), dim=1).sort(1).values
+    assert torch.equal(every, torch.arange(196, device="cuda").expand(32, 196))
+    with pytest.raises(MaskError, match="generator is on cpu"):
+        plan_masks(strategy, w, 0.45, generator=gen(0))
