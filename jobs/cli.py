@@ -73,6 +73,55 @@ def _run_ingest(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- inspect
+
+
+def _id_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--ids takes comma-separated integers (got {text!r})")
+
+
+def _add_inspect(sub) -> None:
+    p = sub.add_parser("inspect", help="stats, overlays, mask plans and an HTML report of the maps",
+                       description="Inspect a saliency store: per-generation stats, per-image "
+                       "panels (image, heat overlay, one mask plan), a generation diff with "
+                       "--compare, and a static HTML report; or one sample in the terminal "
+                       "with --id.")
+    p.add_argument("--store", required=True, help="saliency store URL or path")
+    p.add_argument("--data", required=True, help="dataset directory written by ingest")
+    p.add_argument("--out", help="report directory (index.html + PNGs)")
+    p.add_argument("--generation", help="generation to inspect (default: current)")
+    p.add_argument("--compare", help="a second generation to diff against")
+    p.add_argument("--seed", type=int, default=0, help="seed for --n ids and mask plans (0)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--ids", type=_id_list, help="sample ids, e.g. 1,5,9")
+    which.add_argument("--n", type=int, default=32, help="number of random sample ids (32)")
+    which.add_argument("--id", type=int, help="print one sample's map in the terminal")
+    p.add_argument("--strategy", default="amt", help="mask strategy drawn on the panels (amt)")
+    p.add_argument("--mask-ratio", type=float, default=0.45, help="(0.45)")
+    p.add_argument("--throw-ratio", type=float, default=0.40, help="(0.40)")
+    p.set_defaults(run=_run_inspect)
+
+
+def _run_inspect(args) -> int:
+    from salient.jobs.inspect import InspectConfig, print_sample, run_inspect
+
+    if args.id is not None:
+        print(print_sample(args.store, args.data, args.id, args.generation), end="")
+        return 0
+    if not args.out:
+        raise SalientError("inspect needs --out DIR for the report, or --id N for one sample "
+                           "in the terminal")
+    config = InspectConfig(store=args.store, data=args.data, out=args.out,
+                           generation=args.generation, ids=args.ids, n=args.n,
+                           strategy=args.strategy, mask_ratio=args.mask_ratio,
+                           throw_ratio=args.throw_ratio, compare=args.compare, seed=args.seed)
+    _print_json(run_inspect(config))
+    return 0
+
+
 # ---------------------------------------------------------------- demo
 
 
@@ -122,7 +171,7 @@ def _run_bench(args) -> int:
 
 # ---------------------------------------------------------------- entry
 
-_COMMANDS: list[Callable] = [_add_ingest, _add_demo, _add_bench]
+_COMMANDS: list[Callable] = [_add_ingest, _add_inspect, _add_demo, _add_bench]
 
 
 def build_parser() -> argparse.ArgumentParser:

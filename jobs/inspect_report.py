@@ -1,0 +1,251 @@
+"""Rendering for ``salient inspect``: PNG panels, the histogram and a static ``index.html``.
+
+Figures are drawn with matplotlib's object API on the Agg canvas (no pyplot global state,
+no display). Every file is written under a temporary name in ``OUT`` and renamed, and
+``index.html`` is written last by the caller, so a report on disk never links a half-written
+image. The page uses relative links and no script: it opens from disk without a server.
+
+The map covers the whole image linearly (DESIGN.md, "Saliency maps"): it is drawn with
+``extent=(0, W, H, 0)`` so cell (u, v) lies over pixels ``[u·W/G, (u+1)·W/G) × [v·H/G,
+(v+1)·H/G)``; the heat overlay is that grid upsampled bilinearly, the mask plan the same grid
+drawn cell by cell (AMT Figure 3: masked grey, thrown black, visible untouched).
+"""
+
+from __future__ import annotations
+
+import html
+import os
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["render_sample", "render_compare", "render_histogram", "write_index",
+           "PLAN_COLOURS"]
+
+# RGBA per plan state (0 visible, 1 masked, 2 thrown); AMT Figure 3's colours.
+PLAN_COLOURS = np.array([[0.0, 0.0, 0.0, 0.0], [0.62, 0.62, 0.62, 1.0], [0.0, 0.0, 0.0, 1.0]])
+_HEAT_ALPHA = 0.5
+_DPI = 90
+
+
+def _figure(columns: int, legend: bool):
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(2.6 * columns, 3.1 if legend else 2.85), dpi=_DPI)
+    axes = fig.subplots(1, columns, squeeze=False)[0]
+    for ax in axes:
+        ax.set_axis_off()
+    return fig, axes
+
+
+def _save(fig, path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    tmp = path.with_name(f".{path.name}.partial")
+    fig.savefig(tmp, format="png", dpi=_DPI)
+    os.replace(tmp, path)
+
+
+def _draw_image(ax, image, box=None) -> None:
+    from matplotlib.patches import Rectangle
+
+    ax.imshow(np.asarray(image))
+    if box is not None:
+        x0, y0, x1, y1 = box
+        ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, lw=1.2, ls="--",
+                               edgecolor="white"))
+
+
+def _draw_heat(ax, image, raw: np.ndarray | None) -> None:
+    """The image with its min-max normalised map upsampled bilinearly over it."""
+    from salient.jobs.inspect import normalize_maps
+
+    ax.imshow(np.asarray(image))
+    if raw is None:
+        ax.text(0.5, 0.5, "no valid map", transform=ax.transAxes, ha="center", va="center",
+                color="white", fontsize=10, bbox={"facecolor": "black", "alpha": 0.6})
+        return
+    grid = raw.shape[-1]
+    p = normalize_maps(raw[None])[0].reshape(grid, grid)
+    ax.imshow(p, cmap="jet", alpha=_HEAT_ALPHA, vmin=0.0, vmax=1.0, interpolation="bilinear",
+              extent=(0, image.width, image.height, 0))
+
+
+def _draw_plan(ax, image, state: np.ndarray) -> None:
+    """The image under the plan's cells: masked grey, thrown black, visible untouched."""
+    ax.imshow(np.asarray(image))
+    ax.imshow(PLAN_COLOURS[state], interpolation="nearest",
+              extent=(0, image.width, image.height, 0))
+
+
+def _plan_legend(fig, state: np.ndarray) -> None:
+    from matplotlib.patches import Patch
+
+    counts = [int((state == k).sum()) for k in (1, 2, 0)]
+    handles = [Patch(facecolor=PLAN_COLOURS[1], label=f"masked ({counts[0]})"),
+               Patch(facecolor=PLAN_COLOURS[2], label=f"thrown ({counts[1]})"),
+               Patch(facecolor="white", edgecolor="black", label=f"visible ({counts[2]})")]
+    fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=8, frameon=False)
+
+
+def render_sample(out: Path, sample, generation: str, raw: np.ndarray | None,
+                  state: np.ndarray, strategy: str, label: str | None) -> dict:
+    """``panels/<id>.png``: image (object box dashed), map heat overlay, mask plan.
+
+    ``raw [G, G]`` raw map or None; ``state [G, G]`` 0 visible / 1 masked / 2 thrown.
+    Returns the panel's entry for the index (id, label, relative path, strategy used).
+    """
+    fig, axes = _figure(3, legend=True)
+    _draw_image(axes[0], sample.image, sample.box)
+    axes[0].set_title(f"id {sample.sample_id}" + (f" · {label}" if label else ""), fontsize=9)
+    _draw_heat(axes[1], sample.image, raw)
+    axes[1].set_title(f"{generation} map", fontsize=9)
+    _draw_plan(axes[2], sample.image, state)
+    axes[2].set_title(f"{strategy} plan", fontsize=9)
+    _plan_legend(fig, state)
+    fig.subplots_adjust(left=0.01, right=0.99, top=0.9, bottom=0.1, wspace=0.04)
+    rel = f"panels/{sample.sample_id:09d}.png"
+    _save(fig, out / rel)
+    return {"id": sample.sample_id, "label": label, "png": rel, "strategy": strategy,
+            "has_map": raw is not None}
+
+
+def render_compare(out: Path, sample, generations: list[str], raws: list, label: str | None
+                   ) -> str:
+    """``panels/<id>-compare.png``: the image and its map in each generation, in the order
+    given (AMT Figure 2: oldest first)."""
+    fig, axes = _figure(1 + len(generations), legend=False)
+    _draw_image(axes[0], sample.image, sample.box)
+    axes[0].set_title(f"id {sample.sample_id}" + (f" · {label}" if label else ""), fontsize=9)
+    for ax, name, raw in zip(axes[1:], generations, raws):
+        _draw_heat(ax, sample.image, raw)
+        ax.set_title(name, fontsize=9)
+    fig.subplots_adjust(left=0.01, right=0.99, top=0.9, bottom=0.02, wspace=0.04)
+    rel = f"panels/{sample.sample_id:09d}-compare.png"
+    _save(fig, out / rel)
+    return rel
+
+
+def render_histogram(out: Path, histograms: dict[str, dict]) -> str:
+    """``histogram.png``: share of cells per normalised-saliency bin, one bar set per generation."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.0, 2.8), dpi=_DPI)
+    ax = fig.subplots()
+    width = 1.0 / len(histograms)
+    for k, (name, hist) in enumerate(histograms.items()):
+        edges, counts = np.asarray(hist["edges"]), np.asarray(hist["counts"], dtype=float)
+        share = counts / counts.sum() if counts.sum() else counts
+        step = np.diff(edges)
+        ax.bar(edges[:-1] + step * k * width, share, width=step * width, align="edge",
+               label=name)
+    ax.set_xlabel("min-max normalised saliency of a cell")
+    ax.set_ylabel("share of cells")
+    ax.legend(fontsize=8, frameon=False)
+    fig.tight_layout()
+    _save(fig, out / "histogram.png")
+    return "histogram.png"
+
+
+# ---------------------------------------------------------------- index.html
+
+_CSS = """body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
+table{border-collapse:collapse;margin:.5em 0 1em}td,th{border:1px solid #ccc;padding:.25em .6em;
+text-align:right}th:first-child,td:first-child{text-align:left}
+.grid{display:flex;flex-wrap:wrap;gap:.6em}figure{margin:0}figcaption{font-size:.8em;color:#555}
+code{background:#f4f4f4;padding:0 .2em}"""
+
+_ROWS = [  # (label, path into a generation's stats, format)
+    ("samples", ("samples",), "{:d}"), ("valid share", ("valid_share",), "{:.4f}"),
+    ("usable maps", ("usable",), "{:d}"),
+    ("entropy (nats)", ("entropy_mean",), "{:.4f}"),
+    ("entropy / ln G²", ("entropy_norm_mean",), "{:.4f}"),
+    ("mass in top 25 % cells", ("top25_mass_mean",), "{:.4f}"),
+    ("box: mass inside", ("box", "mass_mean"), "{:.4f}"),
+    ("box: area share", ("box", "area_mean"), "{:.4f}"),
+    ("box: lift (mass / area)", ("box", "lift_mean"), "{:.3f}"),
+    ("box: images with mass > area", ("box", "hit_share"), "{:.3f}"),
+]
+
+
+def _cell(stats: dict, path: tuple, fmt: str) -> str:
+    value = stats
+    for key in path:
+        value = value.get(key) if isinstance(value, dict) else None
+    return "–" if value is None else fmt.format(value)
+
+
+def _stats_table(generations: dict) -> str:
+    head = "".join(f"<th>{html.escape(n)}</th>" for n in generations)
+    rows = []
+    for label, path, fmt in _ROWS:
+        cells = "".join(f"<td>{_cell(g['stats'], path, fmt)}</td>" for g in generations.values())
+        rows.append(f"<tr><td>{html.escape(label)}</td>{cells}</tr>")
+    info = "".join(f"<td>{html.escape(_describe(g['info']))}</td>" for g in generations.values())
+    rows.append(f"<tr><td>teacher</td>{info}</tr>")
+    return f"<table><tr><th>statistic</th>{head}</tr>{''.join(rows)}</table>"
+
+
+def _describe(info: dict) -> str:
+    teacher = info.get("teacher") or {}
+    parts = [info.get("kind") or teacher.get("kind"), teacher.get("name"),
+             None if info.get("epoch") is None else f"epoch {info['epoch']}",
+             str(info.get("created") or "")[:16].replace("T", " ")]
+    return " · ".join(str(p) for p in parts if p)
+
+
+def _compare_table(diff: dict) -> str:
+    rows = [("images in both", diff["images"], "{:d}"),
+            ("mean |Δ| of normalised maps", diff["mean_abs_change"], "{:.4f}"),
+            ("Spearman rank correlation", diff["spearman_mean"], "{:.4f}"),
+            ("constant maps (no ranking)", diff["constant"], "{:d}")]
+    body = "".join(f"<tr><td>{html.escape(k)}</td><td>{'–' if v is None else f.format(v)}"
+                   "</td></tr>" for k, v, f in rows)
+    return f"<table>{body}</table>"
+
+
+def _figures(panels: list[dict], key: str) -> str:
+    items = []
+    for panel in panels:
+        caption = f"id {panel['id']}" + (f" · {panel['label']}" if panel["label"] else "")
+        if key == "png" and not panel["has_map"]:
+            caption += " · no valid map (random plan)"
+        items.append(f'<figure><img src="{html.escape(panel[key])}" alt="{html.escape(caption)}">'
+                     f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    return f'<div class="grid">{"".join(items)}</div>'
+
+
+def write_index(out: Path, body: dict, panels: list[dict]) -> Path:
+    """``index.html`` from the stats body and the rendered panels; written last, atomically."""
+    names = list(body["generations"])
+    config = body["config"]
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        f"<title>salient inspect · {html.escape(names[0])}</title>",
+        f"<style>{_CSS}</style></head><body>",
+        f"<h1>salient inspect · {html.escape(' vs '.join(names))}</h1>",
+        f"<p>store <code>{html.escape(body['store'])}</code> · dataset "
+        f"<code>{html.escape(body['dataset'])}</code> · grid {body['grid']}×{body['grid']}</p>",
+        "<h2>Statistics</h2>", _stats_table(body["generations"]),
+        "<p>Each map is min-max normalised per image and read as a distribution over its "
+        "cells (details in <code>stats.json</code> and <code>salient.jobs.inspect</code>).</p>",
+        '<img src="histogram.png" alt="histogram of normalised saliency">',
+    ]
+    if body["compare"] is not None:
+        diff = body["compare"]
+        parts += [f"<h2>Change: {html.escape(diff['from'])} vs {html.escape(diff['to'])}</h2>",
+                  _compare_table(diff)]
+    parts += [f"<h2>Samples · {html.escape(config['strategy'])} plan, mask "
+              f"{config['mask_ratio']}, throw {config['throw_ratio']}, seed {config['seed']}</h2>",
+              "<p>Object box dashed; masked cells grey, thrown black, visible untouched "
+              "(AMT Figure 3). Plans are drawn on the whole image at the teacher grid.</p>",
+              _figures(panels, "png")]
+    if body["compare"] is not None:
+        parts += ["<h2>Across generations</h2>", _figures(panels, "compare")]
+    parts.append("</body></html>\n")
+    path = out / "index.html"
+    tmp = out / ".index.html.partial"
+    tmp.write_text("\n".join(parts), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
