@@ -1,0 +1,39 @@
+"""The Zarr v3 saliency store: generations of teacher maps, atomic publish, resumable writes.
+
+See :mod:`salient.store.store` for the layout, the guarantees and the URLs it accepts.
+Importing this package touches no disk.
+"""
+
+from salient.store.errors import (
+    FingerprintMismatchError,
+    GenerationNotFoundError,
+    GenerationStateError,
+    IdRangeError,
+    IncompleteGenerationError,
+    LayoutMismatchError,
+    NotPublishedError,
+    StoreError,
+    StoreExistsError,
+    StoreNotFoundError,
+)
+from salient.store.generation import GenerationReader, GenerationWriter, Layout
+from salient.store.store import FORMAT, SaliencyStore, store_exists
+
+__all__ = [
+    "FORMAT",
+    "SaliencyStore",
+    "GenerationWriter",
+    "GenerationReader",
+    "Layout",
+    "store_exists",
+    "StoreError",
+    "StoreNotFoundError",
+    "StoreExistsError",
+    "FingerprintMismatchError",
+    "LayoutMismatchError",
+    "IdRangeError",
+    "GenerationNotFoundError",
+    "GenerationStateError",
+    "NotPublishedError",
+    "IncompleteGenerationError",
+]

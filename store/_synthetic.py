@@ -1,0 +1,97 @@
+"""Synthetic datasets and maps, and child-process entry points, for the store's tests and bench.
+
+Not part of the store's API. The entry points run in processes started with the ``spawn``
+context (test modules cannot be imported there, PITFALLS.md), so they live in the package.
+Every map row is a pure function of ``(seed, shard, row)``, so any process, in any order,
+writes the same bytes.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from salient.pipeline.manifest import Dataset, Manifest, ShardInfo, fingerprint, shard_name
+from salient.store.store import SaliencyStore
+
+__all__ = ["synthetic_dataset", "synthetic_teacher", "synthetic_shard", "write_shards",
+           "publish_generations", "timed_write"]
+
+
+def synthetic_dataset(num_samples: int, shard_size: int, root: str | Path = ".") -> Dataset:
+    """A manifest-only Dataset (no tar files): all the store needs."""
+    shards = [ShardInfo(i, shard_name(i), start, min(shard_size, num_samples - start), 0)
+              for i, start in enumerate(range(0, num_samples, shard_size))]
+    manifest = Manifest(num_samples=num_samples, shard_size=shard_size, shards=shards,
+                        classes=None, fingerprint=fingerprint(shards, num_samples))
+    return Dataset(root=Path(root), manifest=manifest)
+
+
+def synthetic_teacher(seed: int) -> dict:
+    return {"path": f"synthetic-{seed}.pt", "sha256": f"{seed:064x}", "name": "synthetic",
+            "epoch": seed, "kind": "cls_attn", "reduce": "mean", "block": -1, "head": None}
+
+
+def synthetic_shard(seed: int, shard: int, count: int, grid: int, heads: int | None = None
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """``maps float32 [n,G,G]`` (NaN rows where invalid), ``valid uint8 [n]`` (~5 % zeros),
+    and ``head_maps [n,H,G,G]`` when ``heads``."""
+    rng = np.random.default_rng([seed, shard])
+    valid = (rng.random(count) > 0.05).astype(np.uint8)
+    maps = rng.standard_normal((count, grid, grid), dtype=np.float32)
+    maps[valid == 0] = np.nan
+    head_maps = None
+    if heads is not None:
+        head_maps = rng.standard_normal((count, heads, grid, grid), dtype=np.float32)
+        head_maps[valid == 0] = np.nan
+    return maps, valid, head_maps
+
+
+def _write(writer, store: SaliencyStore, shard: int, seed: int) -> None:
+    start, stop = store.layout.shard_range(shard)
+    maps, valid, heads = synthetic_shard(seed, shard, stop - start, store.grid,
+                                         writer.attrs.get("heads"))
+    writer.write_shard(shard, maps, valid, head_maps=heads)
+
+
+def write_shards(url: str, generation: str, shards: list[int], seed: int,
+                 delay_s: float = 0.0) -> None:
+    """Child process: write ``shards`` of ``generation``, sleeping ``delay_s`` after each."""
+    store = SaliencyStore.open(url)
+    writer = store.resume_generation(generation)
+    for shard in shards:
+        _write(writer, store, shard, seed)
+        time.sleep(delay_s)
+
+
+def publish_generations(url: str, seeds: list[int], pause_s: float) -> None:
+    """Child process (a driver): for each seed begin, write every shard and publish a
+    generation, then wait ``pause_s``; finally ``gc(keep=1)`` with a one-hour grace."""
+    store = SaliencyStore.open(url)
+    for seed in seeds:
+        writer = store.begin_generation(synthetic_teacher(seed), "cls_attn",
+                                        image_size=store.grid * 8, patch_size=8, epoch=seed)
+        for shard in range(store.num_shards):
+            _write(writer, store, shard, seed)
+        writer.publish()
+        time.sleep(pause_s)
+    store.gc(keep=1, grace_s=3600)
+
+
+def timed_write(url: str, generation: str, shards: list[int], barrier, queue) -> None:
+    """Bench child process: make the rows first, wait at ``barrier``, write them, and put
+    ``(start, stop)`` (``time.monotonic``, shared by all processes) on ``queue``."""
+    store = SaliencyStore.open(url)
+    writer = store.resume_generation(generation)
+    rows = []
+    for shard in shards:
+        start, stop = store.layout.shard_range(shard)
+        maps, valid, _ = synthetic_shard(0, shard, stop - start, store.grid)
+        rows.append((shard, maps.astype(np.float16), valid))
+    barrier.wait()
+    begin = time.monotonic()
+    for shard, maps, valid in rows:
+        writer.write_shard(shard, maps, valid)
+    queue.put((begin, time.monotonic()))

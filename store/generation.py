@@ -1,0 +1,282 @@
+"""One generation of the saliency store: its arrays, its writer and its reader.
+
+A generation is a zarr group ``gen-NNNNNN`` holding
+
+- ``maps (N, G, G) float16``, fill NaN, one chunk per data shard ``(shard_size, G, G)``;
+- ``valid (N,) uint8``, 1 = computed, 0 = missing / corrupt image, chunks ``(shard_size,)``;
+- ``shards_done (num_shards,) uint8``, the resume markers, one chunk per marker;
+- ``head_maps (N, H, G, G) float16`` when per-head maps were asked for.
+
+No sharding codec anywhere: writers in different processes never share a key
+(PITFALLS.md: two writers inside one zarr shard lose updates). :meth:`GenerationWriter.write_shard`
+writes whole chunks only, in the order maps → head_maps → valid → marker, so a shard whose
+marker is set is complete, and a rewrite of a shard is idempotent.
+
+Publishing and abandoning change the root of the store, which only the driver writes; the
+writer hands those to the :class:`~salient.store.store.SaliencyStore` that made it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import zarr
+
+from salient.store.errors import GenerationStateError, IdRangeError, LayoutMismatchError
+
+if TYPE_CHECKING:
+    from salient.store.store import SaliencyStore
+
+__all__ = ["Layout", "GenerationWriter", "GenerationReader", "create_arrays", "check_arrays"]
+
+MAPS_DTYPE = np.dtype("float16")
+FLAG_DTYPE = np.dtype("uint8")
+_ARRAY_DOC = {
+    "maps": "raw teacher saliency per sample id (not normalised); NaN = not computed",
+    "head_maps": "raw per-head teacher saliency per sample id; NaN = not computed",
+    "valid": "1 = the map row was computed, 0 = missing or corrupt image",
+    "shards_done": "resume markers: 1 = every row of that data shard is written",
+}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Sample ids ``0..num_samples-1`` in shards of ``shard_size``; ``grid x grid`` maps."""
+
+    num_samples: int
+    shard_size: int
+    grid: int
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.num_samples // self.shard_size)
+
+    def shard_range(self, shard: int) -> tuple[int, int]:
+        """The ids ``[start, stop)`` of data shard ``shard`` (= zarr chunk ``shard``)."""
+        if not 0 <= shard < self.num_shards:
+            raise IdRangeError(f"shard index {shard} is out of range: the dataset has shards "
+                               f"0..{self.num_shards - 1}")
+        start = shard * self.shard_size
+        return start, min(start + self.shard_size, self.num_samples)
+
+    def check_range(self, start: int, stop: int) -> None:
+        if not 0 <= start <= stop <= self.num_samples:
+            raise IdRangeError(f"id range [{start}, {stop}) is outside the dataset's ids "
+                               f"0..{self.num_samples - 1}")
+
+
+# ---------------------------------------------------------------- arrays
+
+
+def _expected(layout: Layout, heads: int | None) -> dict[str, tuple[tuple, tuple, np.dtype]]:
+    """name -> (shape, chunks, dtype) of every array of a generation."""
+    n, s, g = layout.num_samples, layout.shard_size, layout.grid
+    arrays = {
+        "maps": ((n, g, g), (s, g, g), MAPS_DTYPE),
+        "valid": ((n,), (s,), FLAG_DTYPE),
+        "shards_done": ((layout.num_shards,), (1,), FLAG_DTYPE),  # one writer per marker key
+    }
+    if heads is not None:
+        arrays["head_maps"] = ((n, heads, g, g), (s, heads, g, g), MAPS_DTYPE)
+    return arrays
+
+
+_DIMENSIONS = {"maps": ("id", "row", "col"), "head_maps": ("id", "head", "row", "col"),
+               "valid": ("id",), "shards_done": ("shard",)}
+
+
+def create_arrays(group: zarr.Group, layout: Layout, describe: dict, heads: int | None) -> None:
+    """The empty arrays of a new generation; ``describe`` goes into every array's attrs."""
+    for name, (shape, chunks, dtype) in _expected(layout, heads).items():
+        fill = np.nan if dtype == MAPS_DTYPE else 0
+        group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=fill,
+                           dimension_names=_DIMENSIONS[name],
+                           attributes={**describe, "array": name, "description": _ARRAY_DOC[name]})
+
+
+def check_arrays(group: zarr.Group, layout: Layout, heads: int | None) -> dict[str, zarr.Array]:
+    """The arrays of a generation, checked against the store's layout (LayoutMismatchError)."""
+    arrays = {}
+    for name, (shape, chunks, dtype) in _expected(layout, heads).items():
+        try:
+            array = group[name]
+        except KeyError:
+            raise LayoutMismatchError(f"generation {group.basename} has no {name!r} array; it "
+                                      "is damaged — abandon it or let gc remove it") from None
+        found = (array.shape, array.chunks, array.dtype)
+        if found != (shape, chunks, dtype):
+            raise LayoutMismatchError(
+                f"{group.basename}/{name} has shape {array.shape}, chunks {array.chunks}, dtype "
+                f"{array.dtype}; this store expects shape {shape}, chunks {chunks}, dtype "
+                f"{dtype}; it was written by another tool — write a new generation")
+        arrays[name] = array
+    return arrays
+
+
+# ---------------------------------------------------------------- checking a shard's rows
+
+
+def _as_maps(maps, shape: tuple, what: str) -> np.ndarray:
+    """``maps`` cast to float16 after checking its shape and dtype (LayoutMismatchError)."""
+    array = np.asarray(maps)
+    if array.dtype.kind not in "fiu":
+        raise LayoutMismatchError(f"{what} has dtype {array.dtype}; pass real numbers "
+                                  "(float16 / float32 / float64)")
+    if array.shape != shape:
+        raise LayoutMismatchError(f"{what} has shape {array.shape}, expected {shape} "
+                                  "(rows of the shard, then the store's grid)")
+    with np.errstate(over="ignore"):  # overflow is reported below, with the value
+        cast = array.astype(MAPS_DTYPE, copy=False)
+    inf = np.isinf(cast) if cast is not array else None
+    if inf is not None and inf.any():
+        lost = array[inf][np.isfinite(array[inf])]  # finite values that became inf
+        if lost.size:
+            raise LayoutMismatchError(
+                f"{what} holds values beyond the float16 range (largest magnitude "
+                f"{np.abs(lost).max():.4g} > 65504); rescale the maps before storing")
+    return cast
+
+
+def _as_valid(valid, count: int) -> np.ndarray:
+    array = np.asarray(valid)
+    if array.shape != (count,) or array.dtype.kind not in "biu":
+        raise LayoutMismatchError(f"valid has shape {array.shape} and dtype {array.dtype}; "
+                                  f"expected ({count},) of 0 / 1 (uint8 or bool)")
+    if ((array != 0) & (array != 1)).any():
+        raise LayoutMismatchError(f"valid holds values other than 0 and 1: "
+                                  f"{sorted(set(array.tolist()) - {0, 1})[:5]}")
+    return array.astype(FLAG_DTYPE)
+
+
+# ---------------------------------------------------------------- writer
+
+
+class GenerationWriter:
+    """Writes the shards of one unpublished generation; any number of processes may hold one.
+
+    Made by :meth:`SaliencyStore.begin_generation` / ``resume_generation``; ``publish`` and
+    ``abandon`` belong to the driver only.
+    """
+
+    def __init__(self, owner: SaliencyStore, group: zarr.Group, layout: Layout):
+        self.name = group.basename
+        self.attrs = dict(group.attrs)
+        self._owner = owner
+        self._layout = layout
+        self._arrays = check_arrays(group, layout, self.attrs.get("heads"))
+        self._closed: str | None = None
+
+    def __repr__(self) -> str:
+        return f"GenerationWriter({self._owner.url!r}, {self.name!r})"
+
+    def missing_shards(self) -> list[int]:
+        """Indices of the shards whose resume marker is not set, ascending."""
+        return np.flatnonzero(self._arrays["shards_done"][:] == 0).tolist()
+
+    def write_shard(self, shard_index: int, maps, valid, head_maps=None) -> None:
+        """Write every row of data shard ``shard_index``, then set its resume marker.
+
+        ``maps [n,G,G]`` (any real dtype, stored as float16), ``valid [n]`` 0/1, and
+        ``head_maps [n,H,G,G]`` exactly when the generation was begun with ``heads``;
+        ``n`` is the shard's sample count. Everything is checked before the first byte is
+        written. Rewriting a shard writes the same bytes (idempotent, safe to retry).
+
+        Raises:
+            IdRangeError: no such shard. LayoutMismatchError: wrong shape, dtype, row count,
+                valid values, or head maps missing / unexpected. GenerationStateError: this
+                writer already published or abandoned the generation.
+        """
+        self._check_open()
+        start, stop = self._layout.shard_range(int(shard_index))
+        rows = self._checked_rows(stop - start, maps, valid, head_maps)
+        for name in ("maps", "head_maps", "valid"):  # data first …
+            if name in rows:
+                self._arrays[name][start:stop] = rows[name]
+        self._arrays["shards_done"][shard_index] = 1  # … the marker last
+
+    def _checked_rows(self, count: int, maps, valid, head_maps) -> dict[str, np.ndarray]:
+        grid, heads = self._layout.grid, self.attrs.get("heads")
+        rows = {"maps": _as_maps(maps, (count, grid, grid), "maps"),
+                "valid": _as_valid(valid, count)}
+        if (head_maps is None) != (heads is None):
+            raise LayoutMismatchError(
+                f"generation {self.name} was begun with heads={heads}; pass head_maps "
+                f"[n, heads, G, G] exactly when heads is set (got "
+                f"{'none' if head_maps is None else np.shape(head_maps)})")
+        if head_maps is not None:
+            rows["head_maps"] = _as_maps(head_maps, (count, heads, grid, grid), "head_maps")
+        return rows
+
+    def publish(self) -> None:
+        """Make this generation ``current`` (one root metadata write).
+
+        Raises:
+            IncompleteGenerationError: a shard's marker is not set; nothing changes.
+            GenerationStateError: already published or abandoned.
+        """
+        self._check_open()
+        self._owner._publish(self)
+        self._closed = "published"
+
+    def abandon(self) -> None:
+        """Delete this unpublished generation (run no writer of it any more)."""
+        self._check_open()
+        self._owner._abandon(self.name)
+        self._closed = "abandoned"
+
+    def _check_open(self) -> None:
+        if self._closed is not None:
+            raise GenerationStateError(f"generation {self.name} is {self._closed}; begin a new "
+                                       "generation to write maps again")
+
+
+# ---------------------------------------------------------------- reader
+
+
+class GenerationReader:
+    """Reads one published (immutable) generation; binding it keeps an epoch consistent.
+
+    ``attrs``: the generation's metadata (teacher, kind, image_size, patch_size, grid, epoch,
+    created, published, …). Every read returns ``(maps float16 [n,G,G], valid uint8 [n])``.
+    """
+
+    def __init__(self, group: zarr.Group, layout: Layout):
+        self.name = group.basename
+        self.attrs = dict(group.attrs)
+        self.layout = layout
+        arrays = check_arrays(group, layout, self.attrs.get("heads"))
+        self._maps, self._valid = arrays["maps"], arrays["valid"]
+
+    def __repr__(self) -> str:
+        return f"GenerationReader({self.name!r})"
+
+    def read_range(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """Rows of ids ``[start, stop)``: one read per array (a shard's ids share one chunk).
+
+        Raises IdRangeError outside ``0..num_samples``."""
+        self.layout.check_range(start, stop)
+        return self._maps[start:stop], self._valid[start:stop]
+
+    def read_shard(self, shard_index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Every row of data shard ``shard_index`` (one zarr chunk per array)."""
+        return self.read_range(*self.layout.shard_range(shard_index))
+
+    def read_ids(self, ids) -> tuple[np.ndarray, np.ndarray]:
+        """Rows of arbitrary ``ids`` (any order, repeats allowed), in the order given.
+
+        Each chunk touched is read once. Raises IdRangeError for ids outside the dataset or
+        non-integer ids."""
+        ids = np.asarray(ids)
+        if ids.ndim != 1 or (ids.size and ids.dtype.kind not in "iu"):
+            raise IdRangeError(f"ids must be a 1-D list of integers, got shape {ids.shape} "
+                               f"and dtype {ids.dtype}")
+        if ids.size and not (0 <= ids.min() and ids.max() < self.layout.num_samples):
+            bad = ids[(ids < 0) | (ids >= self.layout.num_samples)]
+            raise IdRangeError(f"ids {bad[:5].tolist()} are outside the dataset's ids "
+                               f"0..{self.layout.num_samples - 1}")
+        unique, inverse = np.unique(ids.astype(np.int64), return_inverse=True)
+        maps = self._maps.oindex[unique] if unique.size else self._maps[0:0]
+        valid = self._valid.oindex[unique] if unique.size else self._valid[0:0]
+        return maps[inverse], valid[inverse]

@@ -1,0 +1,487 @@
+"""The Zarr v3 saliency store: generations of teacher maps, atomic publish, resumable writes.
+
+Layout (DESIGN.md, "The saliency store")::
+
+    saliency.zarr/              root attrs: format, fingerprint, grid, num_samples, shard_size,
+                                num_shards, current, published {name: time}, replaced {name: time}
+      gen-000001/               attrs: status, teacher, kind, image_size, patch_size, grid,
+                                epoch, heads, created, published
+        maps        (N, G, G) float16, fill NaN, chunks (shard_size, G, G)
+        valid       (N,) uint8, chunks (shard_size,)
+        shards_done (num_shards,) uint8, chunks (1,)
+        head_maps   (N, H, G, G) float16      (only when begun with ``heads``)
+
+Every array carries self-describing attrs (generation, kind, grid, image_size, patch_size,
+teacher, epoch) and opens with plain ``zarr.open_array(f"{url}/{gen}/maps")``.
+
+Use::
+
+    store = SaliencyStore.create(url, dataset, grid=14)  # or SaliencyStore.open(url, dataset)
+    w = store.open_or_resume(teacher, kind, image_size=224, patch_size=16)
+    for shard in w.missing_shards():                     # any process, any order
+        w.write_shard(shard, maps, valid)                # maps [n,G,G], valid [n]
+    w.publish()                                          # refuses unless every shard is done
+    r = store.bind()                                     # reader of `current`, for one epoch
+    maps, valid = r.read_shard(i)                        # or read_range / read_ids
+    store.gc(keep=3, grace_s=3600)
+
+Guarantees:
+
+- **Publish is one write.** Which generations are published, and which is ``current``, live
+  in the root attrs only, and only the driver (the process that calls ``publish``,
+  ``abandon`` or ``gc``) writes them — one zarr key, replaced atomically (zarr >= 3.1.3). A
+  generation's own ``status`` attr is a descriptive copy; the root decides.
+- **Readers never tear.** Published generations are immutable; a reader binds one and keeps
+  reading it while newer ones are published. ``current()`` re-opens the root every call
+  (``use_consolidated=False``; the root is never consolidated, PITFALLS.md).
+- **Writers never share a key.** Data shard ``i`` is zarr chunk ``i`` of every array and no
+  sharding codec is used, so processes writing different shards cannot lose updates. A shard's
+  resume marker is written after its rows: a killed refresh resumes with ``missing_shards()``
+  and produces the same bytes as an uninterrupted run.
+- **Deleted data cannot pass for maps.** ``gc`` never removes ``current``, a generation being
+  written, one of the ``keep`` newest published ones, or one replaced less than ``grace_s``
+  ago (readers may still be bound to it); a chunk that vanished anyway reads back NaN.
+- Checks before any write: dataset fingerprint (``open(url, dataset)``), grid
+  (``begin_generation``), row shapes, dtypes and id ranges (``write_shard``, reads).
+
+URLs: a local path (or ``file://`` URL) opens zarr's ``LocalStore`` directly — its writes are
+atomic per key, which fsspec's local writes are not. Any other URL (``s3://bucket/saliency.zarr``,
+``gs://…``, ``memory://…``) goes through zarr's ``FsspecStore`` with the filesystem's default
+credentials; the fsspec implementation (s3fs, gcsfs, …) must be installed. Object stores replace
+a key atomically too, so the publish contract holds there as well.
+
+One driver at a time: two processes publishing or collecting in the same store concurrently can
+lose a root update (zarr has no locks). Importing this module touches no disk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import zarr
+
+from salient.store.errors import (
+    FingerprintMismatchError,
+    GenerationNotFoundError,
+    GenerationStateError,
+    IncompleteGenerationError,
+    LayoutMismatchError,
+    NotPublishedError,
+    StoreError,
+    StoreExistsError,
+    StoreNotFoundError,
+)
+from salient.store.generation import GenerationReader, GenerationWriter, Layout, create_arrays
+
+__all__ = ["FORMAT", "SaliencyStore", "store_exists"]
+
+FORMAT = "salient-store/1"
+_GENERATION = re.compile(r"^gen-(\d{6,})$")
+
+
+# ---------------------------------------------------------------- URLs
+
+
+def _normalise(url: str | os.PathLike) -> str:
+    """An absolute local path, or the URL unchanged when it names another filesystem."""
+    url = os.fspath(url)
+    if url.startswith("file://"):
+        url = url.removeprefix("file://")
+    if "://" in url:
+        return url.rstrip("/")
+    return str(Path(url).expanduser().resolve())
+
+
+def _store_like(url: str) -> Path | str:
+    """What zarr opens: a Path gives LocalStore, a URL string gives FsspecStore."""
+    return url if "://" in url else Path(url)
+
+
+def _open_root(url: str, mode: str = "r") -> zarr.Group:
+    return zarr.open_group(_store_like(url), mode=mode, zarr_format=3, use_consolidated=False)
+
+
+def store_exists(url: str | os.PathLike) -> bool:
+    """Whether a zarr group lives at ``url`` (without creating anything)."""
+    url = _normalise(url)
+    if "://" not in url:
+        return (Path(url) / "zarr.json").is_file()
+    try:
+        _open_root(url)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _occupied(url: str) -> bool:
+    if "://" in url:
+        return store_exists(url)
+    path = Path(url)
+    return path.is_file() or (path.is_dir() and any(path.iterdir()))
+
+
+# ---------------------------------------------------------------- small helpers
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds")  # sorts as text
+
+
+def _age_s(stamp: str) -> float:
+    return time.time() - datetime.fromisoformat(stamp).timestamp()
+
+
+def _generation_name(number: int) -> str:
+    return f"gen-{number:06d}"
+
+
+def _json(value, what: str):
+    """``value`` as zarr attrs will give it back (tuples become lists); StoreError if not JSON."""
+    try:
+        return json.loads(json.dumps(value))
+    except (TypeError, ValueError) as exc:
+        raise StoreError(f"{what} must be JSON-serialisable ({exc}); pass plain str / int / "
+                         "float / list / dict values") from None
+
+
+def _positive_int(value, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise StoreError(f"{what} must be a positive integer, got {value!r}")
+    return value
+
+
+def _dataset_layout(dataset, grid: int) -> Layout:
+    """The store layout of ``dataset``; StoreError when its shards are not contiguous."""
+    layout = Layout(dataset.num_samples, _positive_int(dataset.manifest.shard_size, "shard_size"),
+                    _positive_int(grid, "grid"))
+    found = [(s.first_id, s.stop_id) for s in dataset.shards]
+    if not dataset.fingerprint or found != [layout.shard_range(i) for i in range(layout.num_shards)]:
+        raise StoreError(f"the dataset at {dataset.root} does not have contiguous shards of "
+                         f"{layout.shard_size} ids and a fingerprint; open it with "
+                         "salient.pipeline.manifest.open_dataset (re-run ingest if that fails)")
+    return layout
+
+
+# ---------------------------------------------------------------- the store
+
+
+class SaliencyStore:
+    """A saliency store at ``url``; make one with :meth:`create` or :meth:`open`."""
+
+    def __init__(self, url: str, attrs: dict):
+        self.url = url
+        self.layout = Layout(attrs["num_samples"], attrs["shard_size"], attrs["grid"])
+        self.fingerprint: str = attrs["fingerprint"]
+
+    def __repr__(self) -> str:
+        return f"SaliencyStore({self.url!r}, grid={self.grid}, num_samples={self.num_samples})"
+
+    @property
+    def grid(self) -> int:
+        return self.layout.grid
+
+    @property
+    def num_samples(self) -> int:
+        return self.layout.num_samples
+
+    @property
+    def shard_size(self) -> int:
+        return self.layout.shard_size
+
+    @property
+    def num_shards(self) -> int:
+        return self.layout.num_shards
+
+    # ------------------------------------------------------------ create / open
+
+    @classmethod
+    def create(cls, url: str | os.PathLike, dataset, grid: int = 14) -> SaliencyStore:
+        """A new, empty store for ``dataset`` (a ``salient.pipeline.manifest.Dataset``).
+
+        Raises:
+            StoreExistsError: something already lives at ``url``.
+            StoreError: a grid that is not a positive integer, or a dataset without
+                contiguous shards / fingerprint.
+        """
+        url = _normalise(url)
+        layout = _dataset_layout(dataset, grid)
+        if _occupied(url):
+            raise StoreExistsError(f"{url} already exists; open it with SaliencyStore.open, or "
+                                   "choose a new store path")
+        attrs = {"format": FORMAT, "fingerprint": dataset.fingerprint, "grid": grid,
+                 "num_samples": layout.num_samples, "shard_size": layout.shard_size,
+                 "num_shards": layout.num_shards, "current": None, "published": {},
+                 "replaced": {}}
+        zarr.create_group(_store_like(url), zarr_format=3, attributes=attrs)
+        return cls(url, attrs)
+
+    @classmethod
+    def open(cls, url: str | os.PathLike, dataset=None) -> SaliencyStore:
+        """The store at ``url``; with ``dataset``, check it was made for that dataset.
+
+        Reads only; writes nothing. Raises StoreNotFoundError (nothing there), StoreError
+        (not a salient store), FingerprintMismatchError (made for another dataset).
+        """
+        url = _normalise(url)
+        try:
+            attrs = dict(_open_root(url).attrs)
+        except FileNotFoundError:
+            raise StoreNotFoundError(f"no saliency store at {url}; `salient refresh` creates "
+                                     "one, or check the path") from None
+        if attrs.get("format") != FORMAT:
+            raise StoreError(f"{url} is a zarr group but not a salient saliency store (format "
+                             f"{attrs.get('format')!r}, expected {FORMAT!r}); use another path")
+        store = cls(url, attrs)
+        if dataset is not None:
+            store.check_dataset(dataset)
+        return store
+
+    def check_dataset(self, dataset) -> None:
+        """Raise FingerprintMismatchError unless the store was made for ``dataset``."""
+        if dataset.fingerprint != self.fingerprint:
+            raise FingerprintMismatchError(
+                f"the store at {self.url} was made for another dataset: its fingerprint is "
+                f"{self.fingerprint[:12]}… ({self.num_samples} samples) but the dataset at "
+                f"{dataset.root} has {dataset.fingerprint[:12]}… ({dataset.num_samples} "
+                "samples); use a new store path for this dataset, or the dataset the store "
+                "was made for")
+
+    # ------------------------------------------------------------ the root
+
+    def _root(self, mode: str = "r") -> zarr.Group:
+        return _open_root(self.url, mode)  # re-opened every time: an open Group keeps old attrs
+
+    def _update_root(self, change: Callable[[dict], dict]) -> None:
+        """One atomic write of the root attrs, computed from their newest version."""
+        root = self._root("r+")
+        root.update_attributes(change(dict(root.attrs)))
+
+    def current(self) -> str | None:
+        """The name of the current (last published) generation, read from the store now."""
+        return self._root().attrs.get("current")
+
+    @staticmethod
+    def _names(root: zarr.Group) -> list[str]:
+        return sorted((k for k in root.group_keys() if _GENERATION.match(k)),
+                      key=lambda k: int(_GENERATION.match(k)[1]))
+
+    @staticmethod
+    def _status(name: str, gen_attrs: dict, root_attrs: dict) -> str:
+        """published | writing | creating | abandoned; the root alone decides "published"."""
+        if name in root_attrs.get("published", {}):
+            return "published"
+        status = gen_attrs.get("status")
+        return status if status in ("creating", "abandoned") else "writing"
+
+    def _group(self, root: zarr.Group, name: str) -> zarr.Group:
+        if not isinstance(name, str) or not _GENERATION.match(name) or name not in root:
+            raise GenerationNotFoundError(
+                f"no generation {name!r} in the store at {self.url}; it holds "
+                f"{', '.join(self._names(root)) or 'none'}")
+        return root[name]
+
+    def generations(self) -> list[dict]:
+        """Every generation, oldest first: its attrs plus ``name``, ``status``, ``current``,
+        ``published`` and ``replaced_at`` (times, ISO 8601 UTC) and ``shards_done`` (count)."""
+        root = self._root()
+        root_attrs = dict(root.attrs)
+        return [self._info(name, root[name], root_attrs) for name in self._names(root)]
+
+    def _info(self, name: str, group: zarr.Group, root_attrs: dict) -> dict:
+        status = self._status(name, dict(group.attrs), root_attrs)
+        if status == "published":
+            done = self.num_shards
+        else:  # a generation whose creation was interrupted may lack its arrays
+            done = int(group["shards_done"][:].sum()) if "shards_done" in group else 0
+        return {**group.attrs, "name": name, "status": status,
+                "current": name == root_attrs.get("current"),
+                "published": root_attrs["published"].get(name),
+                "replaced_at": root_attrs["replaced"].get(name), "shards_done": done}
+
+    # ------------------------------------------------------------ writing
+
+    def _describe(self, teacher: dict, kind: str, image_size: int, patch_size: int,
+                  epoch: int | None, heads: int | None) -> dict:
+        """The checked metadata of a generation (LayoutMismatchError on a grid mismatch)."""
+        if not isinstance(teacher, dict):
+            raise StoreError(f"teacher must be a dict of teacher metadata, got {type(teacher)}")
+        if not isinstance(kind, str) or not kind:
+            raise StoreError(f"kind must name the map kind (e.g. 'cls_attn'), got {kind!r}")
+        _positive_int(image_size, "image_size")
+        _positive_int(patch_size, "patch_size")
+        if heads is not None:
+            _positive_int(heads, "heads")
+        if image_size % patch_size or image_size // patch_size != self.grid:
+            raise LayoutMismatchError(
+                f"image_size {image_size} / patch_size {patch_size} does not give the "
+                f"{self.grid}x{self.grid} grid of the store at {self.url}; use image size "
+                f"{self.grid * patch_size}, or a new store for this grid")
+        return {"teacher": _json(teacher, "teacher"), "kind": kind, "image_size": image_size,
+                "patch_size": patch_size, "grid": self.grid, "epoch": _json(epoch, "epoch"),
+                "heads": heads}
+
+    def begin_generation(self, teacher: dict, kind: str, image_size: int, patch_size: int,
+                         epoch: int | None = None, heads: int | None = None) -> GenerationWriter:
+        """A new, empty generation (never current until published); returns its writer.
+
+        ``teacher``: the teacher metadata dict (path, sha256, name, epoch, …). ``heads``:
+        also store per-head maps ``[N, heads, G, G]``. Raises LayoutMismatchError when
+        ``image_size / patch_size`` is not the store's grid.
+        """
+        describe = self._describe(teacher, kind, image_size, patch_size, epoch, heads)
+        root = self._root("r+")
+        root_attrs = dict(root.attrs)
+        taken = [int(_GENERATION.match(n)[1]) for n in
+                 [*self._names(root), *root_attrs["published"], *root_attrs["replaced"]]]
+        name = _generation_name(max(taken, default=0) + 1)
+        group = root.create_group(name, attributes={**describe, "status": "creating",
+                                                    "created": _now(), "published": None})
+        create_arrays(group, self.layout, {"generation": name, **describe}, heads)
+        group.update_attributes({"status": "writing"})  # arrays exist: resumable from now on
+        return GenerationWriter(self, group, self.layout)
+
+    def resume_generation(self, name: str | None = None) -> GenerationWriter | None:
+        """A writer of the unpublished generation ``name``; without a name, of the newest
+        unpublished one, or None when there is none.
+
+        Raises GenerationNotFoundError (no such name), GenerationStateError (published or
+        abandoned), LayoutMismatchError (its arrays do not fit the store).
+        """
+        root = self._root("r+")
+        root_attrs = dict(root.attrs)
+        if name is None:
+            writing = [n for n in self._names(root)
+                       if self._status(n, dict(root[n].attrs), root_attrs) == "writing"]
+            if not writing:
+                return None
+            name = writing[-1]
+        group = self._group(root, name)
+        status = self._status(name, dict(group.attrs), root_attrs)
+        if status != "writing":
+            raise GenerationStateError(f"generation {name} is {status}; only an unpublished "
+                                       "generation can be written — begin a new one")
+        return GenerationWriter(self, group, self.layout)
+
+    def open_or_resume(self, teacher: dict, kind: str, image_size: int, patch_size: int,
+                       epoch: int | None = None, heads: int | None = None) -> GenerationWriter:
+        """Resume the newest unpublished generation when it was begun with the same maps
+        (teacher weights sha256, block / head / reduce, kind, image and patch size, heads);
+        else begin a new one. A teacher without a real sha256 (random weights) never resumes."""
+        describe = self._describe(teacher, kind, image_size, patch_size, epoch, heads)
+        writer = self.resume_generation()
+        if writer is not None and _same_maps(writer.attrs, describe):
+            return writer
+        return self.begin_generation(teacher, kind, image_size, patch_size, epoch, heads)
+
+    def _publish(self, writer: GenerationWriter) -> None:
+        """Mark ``writer``'s generation published, then flip ``current`` in one root write."""
+        missing = writer.missing_shards()
+        if missing:
+            raise IncompleteGenerationError(
+                f"generation {writer.name} cannot be published: {len(missing)} of "
+                f"{self.num_shards} shards are not written (first: {missing[:10]}); write them "
+                "(`salient refresh` resumes) and publish again")
+        root = self._root("r+")
+        group = self._group(root, writer.name)
+        if self._status(writer.name, dict(group.attrs), dict(root.attrs)) != "writing":
+            raise GenerationStateError(f"generation {writer.name} is no longer being written "
+                                       "(published or abandoned elsewhere)")
+        stamp = _now()
+        group.update_attributes({"status": "published", "published": stamp})  # descriptive
+
+        def flip(attrs: dict) -> dict:
+            replaced = {**attrs["replaced"]}
+            if attrs.get("current") is not None:
+                replaced[attrs["current"]] = stamp  # gc's grace period starts now
+            return {"current": writer.name, "published": {**attrs["published"], writer.name: stamp},
+                    "replaced": replaced}
+
+        self._update_root(flip)  # the publish: one key, replaced atomically
+
+    def _abandon(self, name: str) -> None:
+        root = self._root("r+")
+        group = self._group(root, name)
+        if self._status(name, dict(group.attrs), dict(root.attrs)) == "published":
+            raise GenerationStateError(f"generation {name} is published; gc removes it once "
+                                       "it is old enough")
+        group.update_attributes({"status": "abandoned"})  # gc finishes an interrupted delete
+        del root[name]
+
+    # ------------------------------------------------------------ reading
+
+    def bind(self, name: str | None = None) -> GenerationReader:
+        """A reader of the published generation ``name`` (default: ``current`` now).
+
+        Raises NotPublishedError (no current generation yet, or ``name`` not published),
+        GenerationNotFoundError, LayoutMismatchError (arrays of another shape or dtype).
+        """
+        root = self._root()
+        root_attrs = dict(root.attrs)
+        if name is None:
+            name = root_attrs.get("current")
+            if name is None:
+                raise NotPublishedError(f"the store at {self.url} has no published generation "
+                                        "yet; run `salient refresh` to compute maps")
+        group = self._group(root, name)
+        status = self._status(name, dict(group.attrs), root_attrs)
+        if status != "published":
+            published = ", ".join(root_attrs["published"]) or "none"
+            raise NotPublishedError(f"generation {name} is {status}, not published; bind a "
+                                    f"published one ({published})")
+        return GenerationReader(group, self.layout)
+
+    # ------------------------------------------------------------ garbage collection
+
+    def gc(self, keep: int = 3, grace_s: float = 3600.0) -> list[str]:
+        """Remove old generations; returns the names removed.
+
+        Kept: ``current``; the ``keep`` newest published; every published generation
+        replaced less than ``grace_s`` seconds ago (a reader may still be bound to it); every
+        generation being written. Removed: older published ones, abandoned ones, and ones
+        whose creation was interrupted more than ``grace_s`` ago.
+        """
+        _positive_int(keep, "keep")
+        if not isinstance(grace_s, int | float) or grace_s < 0:
+            raise StoreError(f"grace_s must be a number of seconds >= 0, got {grace_s!r}")
+        root = self._root("r+")
+        root_attrs = dict(root.attrs)
+        published = root_attrs["published"]
+        kept = set(sorted(published, key=lambda n: (published[n], n))[-keep:])
+        victims = [n for n in self._names(root)
+                   if self._collectable(n, dict(root[n].attrs), root_attrs, kept, grace_s)]
+        for name in victims:
+            del root[name]
+        if victims:
+            self._update_root(lambda attrs: {
+                key: {n: t for n, t in attrs[key].items() if n not in victims}
+                for key in ("published", "replaced")})
+        return victims
+
+    def _collectable(self, name: str, gen_attrs: dict, root_attrs: dict, kept: set,
+                     grace_s: float) -> bool:
+        status = self._status(name, gen_attrs, root_attrs)
+        if name == root_attrs.get("current") or status == "writing" or name in kept:
+            return False
+        if status == "published":
+            replaced = root_attrs["replaced"].get(name)
+            return replaced is not None and _age_s(replaced) >= grace_s
+        if status == "creating":
+            return _age_s(gen_attrs["created"]) >= grace_s
+        return True  # abandoned
+
+
+def _same_maps(attrs: dict, describe: dict) -> bool:
+    """Would a generation begun with ``describe`` hold the same maps as one with ``attrs``?"""
+    def key(meta: dict) -> dict:
+        teacher = {k: v for k, v in meta["teacher"].items() if k not in ("path", "name")}
+        return {**{k: meta.get(k) for k in describe if k != "teacher"}, "teacher": teacher}
+
+    sha = describe["teacher"].get("sha256")
+    real = isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha) is not None
+    return real and key(attrs) == key(describe)
