@@ -1,10 +1,19 @@
-"""``salient demo``: the whole flow on the bundled demo data, on an embedded local Ray.
+"""``salient demo``: the whole AMT loop on the bundled demo data, on an embedded local Ray.
 
-Stages run in order and each one is skipped when its output already exists, so a second
-``make demo`` resumes instead of redoing work (``--fresh`` starts over):
+Stages, in order; each one is skipped or resumed when its output already exists, so a second
+``make demo`` continues instead of redoing work (``--fresh`` starts over):
 
-1. ingest the demo set into ``OUT/data`` (webdataset shards + manifest);
-2. a summary of what was written (classes, object-box area share).
+1. **ingest** the demo set into ``OUT/data`` (webdataset shards + manifest);
+2. **train** an MAE on Ray Train (2 CPU workers, gloo): warmup epochs with random masking
+   at 75 %, then a refresh from the latest checkpoint writes a generation of CLS-attention
+   maps into ``OUT/saliency.zarr``, and the following epochs mask with AMT (45 % masked,
+   40 % thrown), refreshing again every ``refresh_every`` epochs — the model being trained is
+   its own teacher (AMT);
+3. **inspect** the store: stats of the newest generation, a diff against the first one, and
+   an HTML report in ``OUT/report/index.html``.
+
+Sizes are chosen to run in a few minutes on 2 CPU cores: 96 px crops, 8 px patches (a 12×12
+grid), ViT-Tiny encoder.
 """
 
 from __future__ import annotations
@@ -27,13 +36,25 @@ class DemoConfig:
     out: str = "demo_run"
     n: int = 2000
     seed: int = 0
-    image_size: int = 192
+    image_size: int = 192  # stored scenes; the trainer crops them to train_size
     shard_size: int = 500
+    model: str = "mae-tiny"
+    train_size: int = 96
+    patch_size: int = 8
+    epochs: int = 6
+    warmup_epochs: int = 2
+    refresh_every: int = 2
+    workers: int = 2
+    batch_size: int = 64
+    report_images: int = 12
     fresh: bool = False
 
     def __post_init__(self):
         if self.n < 16:
             raise SalientError(f"the demo needs at least 16 scenes (got --n {self.n})")
+        if self.epochs <= self.warmup_epochs:
+            raise SalientError(f"the demo needs --epochs > --warmup-epochs ({self.epochs} <= "
+                               f"{self.warmup_epochs}) so that AMT epochs follow the warmup")
 
 
 def summarize_dataset(data: str | Path) -> dict:
@@ -68,17 +89,59 @@ def _stage_ingest(config: DemoConfig, data: Path) -> dict:
     from salient.pipeline.manifest import DatasetError, open_dataset
 
     try:
-        dataset = open_dataset(data)
-        if dataset.num_samples == config.n and (dataset.manifest.demo or {}).get("seed") == config.seed:
-            return {"ingest": "reused", "data": str(data)}
+        demo = open_dataset(data).manifest.demo or {}
+        if open_dataset(data).num_samples == config.n and demo.get("seed") == config.seed:
+            return {"ingest": "reused"}
     except DatasetError:
         pass
     start = time.perf_counter()
     with progress_bar(config.n, "demo scenes") as bar:
         ingest_demo(data, n=config.n, seed=config.seed, shard_size=config.shard_size,
                     image_size=config.image_size, overwrite=True, progress=bar)
-    return {"ingest": "written", "data": str(data),
-            "ingest_seconds": round(time.perf_counter() - start, 2)}
+    return {"ingest": "written", "ingest_seconds": round(time.perf_counter() - start, 2)}
+
+
+def _train_config(config: DemoConfig, out: Path):
+    from salient.jobs.train import TrainConfig
+    from salient.trainer.checkpoint import latest_checkpoint, load_checkpoint
+
+    run_dir = out / "run"
+    latest = latest_checkpoint(run_dir)
+    done = latest is not None and load_checkpoint(latest)["epoch"] >= config.epochs
+    train = TrainConfig(
+        data=str(out / "data"), store=str(out / "saliency.zarr"), model=config.model,
+        strategy="amt", mask_ratio=0.45, throw_ratio=0.40, epochs=config.epochs,
+        warmup_epochs=config.warmup_epochs, refresh_every=config.refresh_every,
+        refresh_wait=True, workers=config.workers, run_dir=str(run_dir),
+        resume=latest is not None, batch_size=config.batch_size,
+        image_size=config.train_size, patch_size=config.patch_size, seed=config.seed,
+        loader_workers=1, refresh_batch_size=128,
+    )
+    return train, done
+
+
+def _stage_train(config: DemoConfig, out: Path) -> dict:
+    from salient.jobs.train import run_train
+
+    train, done = _train_config(config, out)
+    if done:
+        return {"train": "reused", "run_dir": train.run_dir}
+    summary = run_train(train)
+    return {"train": summary}
+
+
+def _stage_inspect(config: DemoConfig, out: Path) -> dict:
+    from salient.jobs.inspect import InspectConfig, run_inspect
+    from salient.store import SaliencyStore
+
+    store = out / "saliency.zarr"
+    published = [g["name"] for g in SaliencyStore.open(str(store)).generations()
+                 if g["status"] == "published"]
+    compare = published[0] if len(published) > 1 else None
+    report = run_inspect(InspectConfig(store=str(store), data=str(out / "data"),
+                                       out=str(out / "report"), n=config.report_images,
+                                       compare=compare, seed=config.seed))
+    return {"inspect": report}
 
 
 def run_demo(config: DemoConfig) -> dict:
@@ -87,8 +150,11 @@ def run_demo(config: DemoConfig) -> dict:
     if config.fresh and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    data = out / "data"
-    result = {"out": str(out)}
-    result.update(_stage_ingest(config, data))
-    result["dataset"] = summarize_dataset(data)
+    start = time.perf_counter()
+    result: dict = {"out": str(out)}
+    result.update(_stage_ingest(config, out / "data"))
+    result["dataset"] = summarize_dataset(out / "data")
+    result.update(_stage_train(config, out))
+    result.update(_stage_inspect(config, out))
+    result["seconds"] = round(time.perf_counter() - start, 1)
     return result
