@@ -1,0 +1,424 @@
+"""``salient train``: MAE / SimMIM pretraining on Ray Train, with the periodic saliency refresh.
+
+The driver checks everything before any work (the config, the dataset, the store and its grid,
+the run directory, a ``--resume`` checkpoint's model), connects to Ray (embedded local Ray by
+default, a cluster with ``--address``), sizes the workers so a refresh fits beside them, and
+runs ``salient.trainer.train_worker.train_loop_per_worker`` under Ray Train's ``TorchTrainer``
+(gloo on CPU; nccl and bf16 autocast with ``gpu``).
+
+The masking schedule is AMT's (its Sec. "Attention-driven masking and throwing", and its code):
+random masking at ``warmup_mask_ratio`` (0.75) for the first ``warmup_epochs`` and until a
+generation exists, then ``strategy``. After every ``refresh_every`` epochs past the warmup
+(AMT: every 40 epochs) rank 0 launches ``run_refresh`` with the checkpoint just written as
+teacher, in a Ray task beside the training (``refresh_wait`` makes training wait for it); the
+loader switches to the newest published generation at the next epoch boundary.
+
+Outputs in ``run_dir``: ``config.json`` (the resolved config), ``checkpoint-EEEEE.pt`` after
+every epoch, ``metrics.jsonl`` (rank 0: per-epoch records over all ranks, refresh records) and
+``metrics/rank-R.jsonl`` (each rank's per-step records), ``ray/`` (Ray Train's own storage).
+On a multi-node cluster ``run_dir`` must be a path every node shares.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+from salient.trainer.loop import TrainError
+
+__all__ = ["RefreshLauncher", "TrainConfig", "TrainError", "run_train"]
+
+_BASE_LR = 1.5e-4  # MAE: lr = blr × global batch / 256, blr = 1.5e-4
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run. Ratios are shares of the N patches (DESIGN.md, "Mask strategies").
+
+    ``batch_size`` is per worker; ``lr`` ``None`` means MAE's rule (1.5e-4 × global batch /
+    256). ``lr_warmup_epochs`` ``None`` means ``warmup_epochs``. ``cpus_per_worker`` ``None``
+    sizes train workers to leave room for a refresh. ``log_details`` adds each step's sample
+    ids and a parameter checksum to the per-rank JSONL; ``stop_after_epochs`` ends the run
+    right after that epoch's checkpoint, as a kill there would (both testing aids).
+    """
+
+    data: str
+    store: str | None = None
+    model: str = "mae-tiny"
+    strategy: str = "amt"
+    mask_ratio: float = 0.45
+    throw_ratio: float = 0.40
+    strategy_options: dict = field(default_factory=dict)
+    warmup_mask_ratio: float = 0.75
+    epochs: int = 400
+    warmup_epochs: int = 40
+    refresh_every: int = 40
+    refresh_wait: bool = False
+    workers: int = 1
+    gpu: bool = False
+    address: str | None = None
+    run_dir: str = "runs/train"
+    resume: bool = False
+    batch_size: int = 64
+    lr: float | None = None
+    min_lr: float = 0.0
+    lr_warmup_epochs: int | None = None
+    weight_decay: float = 0.05
+    clip_grad: float = 5.0
+    image_size: int = 224
+    patch_size: int = 16
+    norm_pix_loss: bool = False
+    seed: int = 0
+    loader_workers: int = 2
+    cpus_per_worker: float | None = None
+    saliency_kind: str = "cls_attn"
+    refresh_workers: int = 1
+    refresh_cpus: float = 0.5
+    refresh_gpus: float = 0.0
+    refresh_batch_size: int = 64
+    log_details: bool = False
+    stop_after_epochs: int | None = None
+
+    def __post_init__(self):
+        _check_types(self)
+        _check_counts(self)
+        _check_ratios(self)
+        _check_model(self)
+        _check_strategy(self)
+        _check_resources(self)
+
+    @property
+    def needs_saliency(self) -> bool:
+        from salient.pipeline.masking import NEEDS_SALIENCY
+
+        return self.strategy in NEEDS_SALIENCY
+
+    @property
+    def refreshes(self) -> bool:
+        """Whether this run launches refreshes (a saliency strategy and ``refresh_every > 0``)."""
+        return self.needs_saliency and self.refresh_every > 0
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.workers
+
+    @property
+    def base_lr(self) -> float:
+        return self.lr if self.lr is not None else _BASE_LR * self.global_batch / 256
+
+    @property
+    def lr_warmup(self) -> int:
+        return self.warmup_epochs if self.lr_warmup_epochs is None else self.lr_warmup_epochs
+
+    def as_dict(self) -> dict:
+        """Plain JSON values (what ``config.json`` and every checkpoint hold)."""
+        return asdict(self)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _check_types(c: TrainConfig) -> None:
+    if not isinstance(c.data, str) or not c.data:
+        raise TrainError(f"train needs --data DIR (got {c.data!r})")
+    for f in fields(c):
+        value = getattr(c, f.name)
+        if f.type in ("int", "int | None") and value is not None and (
+            isinstance(value, bool) or not isinstance(value, int)
+        ):
+            raise TrainError(f"{_flag(f.name)} must be an integer (got {value!r})")
+
+
+def _check_counts(c: TrainConfig) -> None:
+    for name in ("epochs", "workers", "batch_size", "image_size", "patch_size",
+                 "refresh_workers", "refresh_batch_size"):
+        if getattr(c, name) < 1:
+            raise TrainError(f"{_flag(name)} must be >= 1 (got {getattr(c, name)})")
+    for name in ("warmup_epochs", "refresh_every", "loader_workers"):
+        if getattr(c, name) < 0:
+            raise TrainError(f"{_flag(name)} must be >= 0 (got {getattr(c, name)})")
+    if c.lr_warmup_epochs is not None and c.lr_warmup_epochs < 0:
+        raise TrainError(f"--lr-warmup-epochs must be >= 0 (got {c.lr_warmup_epochs})")
+    if c.stop_after_epochs is not None and not 1 <= c.stop_after_epochs <= c.epochs:
+        raise TrainError(f"stop_after_epochs must be in 1..{c.epochs} (got {c.stop_after_epochs})")
+
+
+def _check_ratios(c: TrainConfig) -> None:
+    for name in ("mask_ratio", "warmup_mask_ratio"):
+        if not 0 < getattr(c, name) < 1:
+            raise TrainError(f"{_flag(name)} must be in (0, 1) (got {getattr(c, name)})")
+    if not 0 <= c.throw_ratio < 1:
+        raise TrainError(f"--throw-ratio must be in [0, 1) (got {c.throw_ratio})")
+    if c.mask_ratio + c.throw_ratio >= 1:
+        raise TrainError(f"--mask-ratio + --throw-ratio must be < 1 (got {c.mask_ratio} + "
+                         f"{c.throw_ratio}); lower one so some patches stay visible")
+    if c.lr is not None and not c.lr > 0:
+        raise TrainError(f"--lr must be > 0 (got {c.lr}); leave it unset for MAE's rule")
+    if c.min_lr < 0 or c.weight_decay < 0 or c.clip_grad < 0:
+        raise TrainError("--min-lr, --weight-decay and --clip-grad must be >= 0 (got "
+                         f"{c.min_lr}, {c.weight_decay}, {c.clip_grad}); --clip-grad 0 turns it off")
+
+
+def _check_model(c: TrainConfig) -> None:
+    from salient.trainer.models import MODELS
+
+    if c.model not in MODELS:
+        raise TrainError(f"unknown --model {c.model!r}; choose one of {', '.join(sorted(MODELS))}")
+    if c.image_size % c.patch_size:
+        raise TrainError(f"--image-size {c.image_size} is not a multiple of --patch-size "
+                         f"{c.patch_size}; use e.g. {max(1, c.image_size // c.patch_size) * c.patch_size}")
+    if c.norm_pix_loss and MODELS[c.model].kind != "mae":
+        raise TrainError("--norm-pix-loss is an MAE option; SimMIM regresses raw pixels (L1)")
+
+
+def _check_strategy(c: TrainConfig) -> None:
+    from salient.jobs.refresh import KINDS
+    from salient.pipeline.masking import STRATEGIES
+
+    if c.strategy not in STRATEGIES:
+        raise TrainError(f"unknown --strategy {c.strategy!r}; choose one of "
+                         f"{', '.join(sorted(STRATEGIES))}")
+    if c.needs_saliency and not c.store:
+        raise TrainError(f"--strategy {c.strategy} needs saliency maps: give --store URL (a "
+                         "refresh creates it), or use --strategy random")
+    if c.saliency_kind not in KINDS or c.saliency_kind == "heads":
+        raise TrainError(f"--saliency-kind must be cls_attn or gpa (got {c.saliency_kind!r})")
+
+
+def _check_resources(c: TrainConfig) -> None:
+    if c.cpus_per_worker is not None and not c.cpus_per_worker > 0:
+        raise TrainError(f"--cpus-per-worker must be > 0 (got {c.cpus_per_worker})")
+    if not c.refresh_cpus > 0 or not 0 <= c.refresh_gpus < 1:
+        raise TrainError(f"--refresh-cpus must be > 0 and --refresh-gpus in [0, 1) (got "
+                         f"{c.refresh_cpus}, {c.refresh_gpus}): a refresh shares the GPUs")
+
+
+# ---------------------------------------------------------------- checks before any work
+
+
+def _check_run_dir(config: TrainConfig) -> str | None:
+    """The checkpoint to resume from (``--resume``), or None for a fresh run; refuses mix-ups."""
+    from salient.trainer.checkpoint import latest_checkpoint, load_checkpoint
+
+    latest = latest_checkpoint(config.run_dir)
+    if not config.resume:
+        if latest is not None:
+            raise TrainError(f"{config.run_dir} holds checkpoints of an earlier run ({latest.name})"
+                             "; pass --resume to continue it or choose another --run-dir")
+        return None
+    if latest is None:
+        raise TrainError(f"--resume but {config.run_dir} holds no checkpoint; drop --resume to "
+                         "start a new run")
+    ckpt = load_checkpoint(latest, config=config.as_dict())  # names a model / size that differs
+    if ckpt["epoch"] >= config.epochs:
+        raise TrainError(f"{latest} already finished epoch {ckpt['epoch']} of --epochs "
+                         f"{config.epochs}; raise --epochs to train further")
+    return str(latest)
+
+
+def _check_store(config: TrainConfig, dataset) -> None:
+    """The store fits the dataset and, when refreshes write to it, the model's patch grid."""
+    if not config.needs_saliency:
+        return
+    from salient.store import SaliencyStore, store_exists
+
+    grid = config.image_size // config.patch_size
+    if not store_exists(config.store):
+        if not config.refreshes:
+            raise TrainError(f"store {config.store} does not exist and --refresh-every is 0; "
+                             "run `salient refresh` first or set --refresh-every")
+        return
+    store = SaliencyStore.open(config.store, dataset=dataset)  # refuses another dataset
+    if config.refreshes and store.grid != grid:
+        raise TrainError(f"store {config.store} holds {store.grid}x{store.grid} maps but a refresh "
+                         f"from this model writes {grid}x{grid} (--image-size {config.image_size} "
+                         f"/ --patch-size {config.patch_size}); use another --store")
+    if not config.refreshes and store.current() is None:
+        raise TrainError(f"store {config.store} has no published generation and --refresh-every "
+                         "is 0; run `salient refresh` first or set --refresh-every")
+
+
+def _check_masking(config: TrainConfig, loader) -> None:
+    """One plan of the strategy with ``strategy_options``: unknown options fail here."""
+    import torch
+
+    from salient.pipeline.masking import plan_masks
+
+    grid = config.image_size // config.patch_size
+    plan_masks(config.strategy, torch.ones(1, grid * grid), config.mask_ratio, config.throw_ratio,
+               generator=torch.Generator().manual_seed(0), **loader.config.strategy_options)
+
+
+def _check_inputs(config: TrainConfig) -> str | None:
+    """Every check that needs the disk; returns the checkpoint to resume from."""
+    from salient.pipeline.loader import SalientLoader
+    from salient.trainer.train_worker import loader_configs
+
+    loader = SalientLoader(loader_configs(config, 0, config.workers)[1])  # DatasetError,
+    _check_masking(config, loader)  # LoaderError (too few samples for the batch), MaskError
+    resume_from = _check_run_dir(config)  # first: a --resume mismatch is the root cause
+    _check_store(config, loader.dataset)
+    return resume_from
+
+
+def _resolved(config: TrainConfig) -> TrainConfig:
+    """Absolute local paths: Ray workers may run in another directory."""
+    def absolute(path: str | None) -> str | None:
+        return path if path is None or "://" in path else str(Path(path).resolve())
+
+    return replace(config, data=absolute(config.data), store=absolute(config.store),
+                   run_dir=absolute(config.run_dir))
+
+
+def _worker_resources(config: TrainConfig, cpus: float, gpus: float) -> dict[str, float]:
+    """Ray resources of one train worker, leaving room for a refresh beside the workers."""
+    reserve = config.refresh_workers * config.refresh_cpus if config.refreshes else 0.0
+    per_worker = config.cpus_per_worker
+    if per_worker is None:  # fractional CPUs on small machines, so a refresh never starves
+        per_worker = math.floor(min(1.0, (cpus - reserve) / config.workers) * 100) / 100
+    if per_worker <= 0 or per_worker * config.workers + reserve > cpus + 1e-6:
+        raise TrainError(f"{config.workers} workers × {per_worker} CPUs + {reserve} for the refresh "
+                         f"do not fit the cluster's {cpus:g} CPUs; lower --workers or "
+                         "--refresh-cpus")
+    resources = {"CPU": per_worker}
+    if config.gpu:
+        share = 1.0 - config.refresh_gpus if config.refreshes else 1.0
+        if gpus < config.workers * share:
+            raise TrainError(f"--gpu with {config.workers} workers needs {config.workers * share:g} "
+                             f"GPUs but the Ray cluster has {gpus:g}; lower --workers or drop --gpu")
+        resources["GPU"] = share
+    return resources
+
+
+# ---------------------------------------------------------------- the refresh beside training
+
+
+@dataclass(frozen=True)
+class RefreshLauncher:
+    """Rank 0 calls it with a checkpoint path: ``run_refresh`` from that teacher in a Ray task.
+
+    The task holds no CPU (it waits on its actors); each refresh actor reserves
+    ``cpus`` / ``gpus``, which the train workers left free. Returns the task's ObjectRef,
+    whose value is ``run_refresh``'s summary.
+    """
+
+    data: str
+    store: str
+    kind: str
+    image_size: int
+    batch_size: int
+    workers: int
+    cpus: float
+    gpus: float
+
+    def __call__(self, teacher: str):
+        import ray
+
+        from salient.jobs.refresh import RefreshConfig
+
+        config = RefreshConfig(data=self.data, store=self.store, teacher=teacher, kind=self.kind,
+                               image_size=self.image_size, batch_size=self.batch_size,
+                               workers=self.workers, cpus_per_worker=self.cpus,
+                               gpus_per_worker=self.gpus)
+        return ray.remote(_refresh_task).options(num_cpus=0, max_retries=0).remote(config)
+
+
+def _refresh_task(config) -> dict:
+    from salient.jobs.refresh import run_refresh
+
+    return run_refresh(config, progress=False)
+
+
+def _launcher(config: TrainConfig) -> RefreshLauncher | None:
+    if not config.refreshes:
+        return None
+    return RefreshLauncher(data=config.data, store=config.store,
+                           kind=config.saliency_kind, image_size=config.image_size,
+                           batch_size=config.refresh_batch_size, workers=config.refresh_workers,
+                           cpus=config.refresh_cpus, gpus=config.refresh_gpus if config.gpu else 0.0)
+
+
+# ---------------------------------------------------------------- the job
+
+
+def _fit(config: TrainConfig, resume_from: str | None, resources: dict, progress: bool) -> None:
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from salient.trainer.train_worker import train_loop_per_worker
+
+    run_dir = Path(config.run_dir)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": config, "resume_from": resume_from,
+                           "launch_refresh": _launcher(config), "progress": progress},
+        torch_config=TorchConfig(backend="nccl" if config.gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=config.gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name="train", storage_path=str(run_dir / "ray"),
+                             failure_config=FailureConfig(max_failures=0)),
+    )
+    try:
+        trainer.fit()
+    except Exception as exc:
+        _reraise_user_error(exc)
+        raise
+
+
+def _reraise_user_error(exc: Exception) -> None:
+    """A SalientError raised in a worker comes back wrapped by Ray: raise it as our own error."""
+    from salient.errors import SalientError
+
+    for _, failure in sorted((getattr(exc, "worker_failures", None) or {}).items()):
+        while isinstance(getattr(failure, "cause", None), BaseException):  # RayTaskError
+            failure = failure.cause
+        if isinstance(failure, SalientError):
+            raise failure from exc
+
+
+def _summary(config: TrainConfig, resume_from: str | None, seconds: float) -> dict:
+    from salient.trainer.checkpoint import latest_checkpoint
+
+    records = [json.loads(line) for line in
+               (Path(config.run_dir) / "metrics.jsonl").read_text().splitlines() if line]
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    last = epochs[-1] if epochs else {}
+    return {"run_dir": str(Path(config.run_dir).resolve()), "model": config.model,
+            "strategy": config.strategy, "workers": config.workers,
+            "epochs_done": last.get("epochs_done", 0), "steps": last.get("step", 0),
+            "loss": last.get("loss"), "img_per_s": last.get("img_per_s"),
+            "generation": last.get("generation"),
+            "refreshes": [r["generation"] for r in records if r["kind"] == "refresh"],
+            "checkpoint": str(latest_checkpoint(config.run_dir)), "resumed_from": resume_from,
+            "seconds": round(seconds, 2)}
+
+
+def run_train(config: TrainConfig, progress: bool = True) -> dict:
+    """Run (or ``resume``) training; returns a JSON summary of the run.
+
+    Summary: ``epochs_done``, ``steps`` (global optimiser steps), ``loss`` and ``img_per_s``
+    of the last epoch, ``generation`` it used, ``refreshes`` (generations this run's refreshes
+    published), ``checkpoint`` (the latest), ``resumed_from``, ``seconds``.
+
+    Raises:
+        TrainError, DatasetError, StoreError, CheckpointError, RayConnectError: before any
+            work when the inputs do not fit together; TrainError when a worker fails with an
+            error the user can fix (a diverged loss, a refresh that fails).
+    """
+    import time
+
+    from salient.jobs.ray_env import ensure_ray
+
+    start = time.perf_counter()
+    config = _resolved(config)
+    resume_from = _check_inputs(config)
+    info = ensure_ray(config.address)
+    resources = _worker_resources(config, info.cpus, info.gpus)
+    os.makedirs(config.run_dir, exist_ok=True)
+    Path(config.run_dir, "config.json").write_text(json.dumps(config.as_dict(), indent=2))
+    _fit(config, resume_from, resources, progress)
+    return _summary(config, resume_from, time.perf_counter() - start)

@@ -1,0 +1,180 @@
+"""The training loop: the optimiser, the per-step learning rate, and one epoch of steps.
+
+Plain PyTorch, no Ray: ``salient.trainer.train_worker`` runs it inside Ray Train's workers
+(DDP over gloo on CPU, nccl on GPU), and ``salient.jobs.bench_train`` times it in one
+process. A step is written in the order the hardware runs it (nanoGPT's shape, MAE's
+``engine_pretrain.train_one_epoch``): lr, forward, backward, clip, step, log.
+
+Settings follow MAE (He et al. 2022, its ``main_pretrain.py``): AdamW with betas
+(0.9, 0.95), weight decay 0.05 except on biases and norm weights, a learning rate set every
+step (linear warmup, then half-cycle cosine to ``min_lr``). bf16 autocast on CUDA only; on
+CPU the autocast context is a ``nullcontext`` and everything runs in float32.
+
+Importing this module touches no disk, GPU or Ray.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
+
+import torch
+from timm.optim import param_groups_weight_decay
+from torch import nn
+
+from salient.errors import SalientError
+from salient.pipeline.masking import MaskPlan
+
+__all__ = [
+    "TrainError",
+    "WarmupCosine",
+    "autocast_for",
+    "build_optimizer",
+    "move_batch",
+    "param_checksum",
+    "train_one_epoch",
+]
+
+
+class TrainError(SalientError):
+    """A training run that cannot start or cannot go on (bad settings, a diverged loss)."""
+
+
+class WarmupCosine:
+    """Learning rate of step ``s``: linear warmup to ``base_lr``, then cosine down to ``min_lr``.
+
+    MAE's ``util/lr_sched.adjust_learning_rate`` (applied every iteration), indexed by step
+    instead of fractional epoch. Past ``total_steps`` (a resumed run given more epochs) the
+    rate stays at ``min_lr``. ``state_dict`` makes it a checkpointable scheduler.
+    """
+
+    def __init__(self, base_lr: float, total_steps: int, warmup_steps: int = 0,
+                 min_lr: float = 0.0) -> None:
+        self.base_lr, self.min_lr = float(base_lr), float(min_lr)
+        self.total_steps, self.warmup_steps = int(total_steps), int(warmup_steps)
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return self.base_lr * (step + 1) / self.warmup_steps
+        span = max(self.total_steps - self.warmup_steps, 1)
+        progress = min((step - self.warmup_steps) / span, 1.0)
+        return self.min_lr + (self.base_lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def apply(self, optimizer: torch.optim.Optimizer, step: int) -> float:
+        """Set every parameter group's rate for ``step``; returns it."""
+        lr = self(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def state_dict(self) -> dict[str, float | int]:
+        return {"base_lr": self.base_lr, "min_lr": self.min_lr,
+                "total_steps": self.total_steps, "warmup_steps": self.warmup_steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.__init__(state["base_lr"], state["total_steps"], state["warmup_steps"], state["min_lr"])
+
+
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.05,
+                    betas: tuple[float, float] = (0.9, 0.95)) -> torch.optim.AdamW:
+    """AdamW as MAE builds it: no decay on biases and 1-D (norm) weights; frozen params skipped."""
+    groups = param_groups_weight_decay(model, weight_decay)  # MAE: optim_factory.add_weight_decay
+    return torch.optim.AdamW(groups, lr=lr, betas=betas)
+
+
+def autocast_for(device: torch.device, bf16: bool) -> AbstractContextManager:
+    """bf16 autocast on CUDA when asked; a ``nullcontext`` on CPU (autocast stays off there)."""
+    if bf16 and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def move_batch(batch: dict, device: torch.device) -> tuple[torch.Tensor, MaskPlan]:
+    """A loader batch -> ``images [B,3,S,S]`` and its ``MaskPlan`` on ``device``."""
+    put = lambda t: t.to(device, non_blocking=True)  # noqa: E731 - one use, four tensors
+    plan = MaskPlan(put(batch["visible_idx"]), put(batch["mask_idx"]), put(batch["throw_idx"]))
+    return put(batch["images"]), plan
+
+
+def param_checksum(model: nn.Module) -> float:
+    """The sum of every parameter in float64: equal on every DDP rank after each step."""
+    with torch.no_grad():
+        return torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().item()
+
+
+def _clip(model: nn.Module, max_norm: float | None) -> float:
+    """Clip the global gradient norm (when ``max_norm``); returns the norm before clipping."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else math.inf)
+    return norm.item()
+
+
+def train_one_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    schedule: WarmupCosine,
+    batches: Iterable[dict],
+    *,
+    epoch: int,
+    step: int,
+    device: torch.device,
+    bf16: bool = False,
+    clip_grad: float | None = None,
+    on_step: Callable[[dict, dict], None] | None = None,
+) -> dict:
+    """Train on every batch of ``batches`` (loader batches: DESIGN.md, "Loader").
+
+    ``step`` is the global step count before this epoch; it indexes the learning rate.
+    ``on_step(record, batch)`` gets each step's metrics (``step``, ``lr``, ``loss``,
+    ``grad_norm``, ``images``, ``img_per_s``, ``with_saliency``, ``generation``) after the
+    optimiser step. Returns this process's epoch totals: ``epoch``, ``steps``, ``step`` (the
+    global count after the epoch), ``images``, ``loss_sum`` (per-step losses × batch size),
+    ``with_saliency``, ``seconds``, ``generation`` (of the last batch).
+
+    Raises:
+        TrainError: a loss that is not finite (lower the learning rate, check the data).
+    """
+    model.train()
+    totals = {"epoch": epoch, "steps": 0, "images": 0, "loss_sum": 0.0, "with_saliency": 0,
+              "generation": None}
+    start = tick = time.perf_counter()
+    for batch in batches:
+        lr = schedule.apply(optimizer, step)  # lr
+        images, plan = move_batch(batch, device)
+        with autocast_for(device, bf16):
+            loss, _ = model(images, plan)  # forward: MAE / SimMIM, thrown patches never read
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()  # backward (DDP all-reduces the gradients here)
+        grad_norm = _clip(model, clip_grad)  # clip
+        optimizer.step()  # step
+        step += 1
+        loss_value, now = loss.item(), time.perf_counter()  # log
+        if not math.isfinite(loss_value):
+            raise TrainError(f"loss is {loss_value} at step {step} (epoch {epoch}); lower --lr "
+                             "or check the data, then --resume from the last checkpoint")
+        record = _step_record(batch, step, lr, loss_value, grad_norm, now - tick)
+        _accumulate(totals, record)
+        tick = now
+        if on_step is not None:
+            on_step(record, batch)
+    return {**totals, "step": step, "seconds": time.perf_counter() - start}
+
+
+def _step_record(batch: dict, step: int, lr: float, loss: float, grad_norm: float,
+                 seconds: float) -> dict:
+    images = len(batch["ids"])
+    return {"step": step, "lr": lr, "loss": loss, "grad_norm": grad_norm, "images": images,
+            "img_per_s": images / max(seconds, 1e-9),
+            "with_saliency": int(torch.as_tensor(batch["has_saliency"]).sum()),
+            "generation": batch["generation"]}
+
+
+def _accumulate(totals: dict, record: dict) -> None:
+    totals["steps"] += 1
+    totals["images"] += record["images"]
+    totals["loss_sum"] += record["loss"] * record["images"]
+    totals["with_saliency"] += record["with_saliency"]
+    totals["generation"] = record["generation"]

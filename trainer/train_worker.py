@@ -1,0 +1,320 @@
+"""What every Ray Train worker runs: the epochs of one DDP training run (``salient train``).
+
+``salient.jobs.train`` hands :func:`train_loop_per_worker` to Ray Train's ``TorchTrainer``
+(the function lives in the package so Ray workers can import it, PITFALLS.md). Ray has set up
+the process group (gloo on CPU, nccl on GPU) before it runs.
+
+Per epoch, on every rank: rank 0 reads the store's current generation and broadcasts it (the
+broadcast is also the barrier that keeps every rank behind rank 0's end-of-epoch work, so a
+refresh it waited for is seen by all); the epoch's masking follows AMT's schedule (random at
+the warmup ratio until the warmup is over and a generation exists, then the strategy); one
+epoch is trained (``salient.trainer.loop``) and its totals summed over ranks. Rank 0 then
+writes the checkpoint and the epoch record and, when the schedule says so, launches a refresh
+from that checkpoint. Batches are moved with ``ray.train.torch.get_device()``:
+``prepare_data_loader`` cannot wrap the webdataset loader (PITFALLS.md).
+
+Importing this module touches no disk, GPU or Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+
+from salient.trainer.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
+from salient.trainer.loop import WarmupCosine, build_optimizer, param_checksum, train_one_epoch
+from salient.trainer.models import build_model
+
+if TYPE_CHECKING:
+    from salient.jobs.train import TrainConfig
+
+__all__ = ["loader_configs", "refresh_due", "train_loop_per_worker", "uses_warmup_masking"]
+
+
+def uses_warmup_masking(config: TrainConfig, epoch: int, generation: str | None) -> bool:
+    """AMT's schedule: a saliency strategy masks at random, at ``warmup_mask_ratio`` (0.75 in
+    AMT's code) and without throwing, during the warmup epochs and while no generation exists."""
+    return config.needs_saliency and (epoch < config.warmup_epochs or generation is None)
+
+
+def refresh_due(config: TrainConfig, epochs_done: int) -> bool:
+    """Whether a refresh follows the checkpoint of ``epochs_done`` epochs: every
+    ``refresh_every`` epochs from the end of the warmup (AMT: 40, 80, …), never after the last
+    epoch (nothing would use it) nor before one (a refresh needs a trained checkpoint)."""
+    start = max(config.warmup_epochs, 1)
+    return (config.refreshes and start <= epochs_done < config.epochs
+            and (epochs_done - start) % config.refresh_every == 0)
+
+
+# ---------------------------------------------------------------- logging
+
+
+class _Log:
+    """JSONL metrics: every rank's steps in ``metrics/rank-R.jsonl``; rank 0's epochs and
+    refreshes in ``metrics.jsonl``. Appends, so a resumed run continues the same files."""
+
+    def __init__(self, run_dir: Path, rank: int) -> None:
+        (run_dir / "metrics").mkdir(parents=True, exist_ok=True)
+        self._steps = open(run_dir / "metrics" / f"rank-{rank}.jsonl", "a")
+        self._events = open(run_dir / "metrics.jsonl", "a") if rank == 0 else None
+
+    def step(self, record: dict) -> None:
+        self._steps.write(json.dumps(record) + "\n")
+
+    def event(self, record: dict) -> None:
+        self._events.write(json.dumps({**record, "time": round(time.time(), 3)}) + "\n")
+        self._events.flush()
+
+    def close(self) -> None:
+        self._steps.close()
+        if self._events is not None:
+            self._events.close()
+
+
+# ---------------------------------------------------------------- the refresh (rank 0)
+
+
+class _Refresher:
+    """At most one refresh in flight, started by ``launch(checkpoint_path)`` (a Ray task).
+
+    ``finish`` waits for it and logs its summary. A refresh that failed raises there, so the
+    run stops with the refresh's error; the checkpoints stay and ``--resume`` continues.
+    """
+
+    def __init__(self, launch: Callable[[str], Any] | None, wait: bool, log: _Log) -> None:
+        self._launch, self._wait, self._log = launch, wait, log
+        self._pending: tuple[Any, dict] | None = None
+
+    def start(self, teacher: Path, epochs_done: int) -> None:
+        self.finish()  # the previous one first, so the schedule stays in order
+        about = {"teacher": str(teacher), "epochs_done": epochs_done}
+        self._log.event({"kind": "refresh_start", **about})
+        self._pending = (self._launch(str(teacher)), about)
+        if self._wait:
+            self.finish()
+
+    def poll(self) -> None:
+        """Log a refresh that has finished meanwhile (raises if it failed)."""
+        import ray
+
+        if self._pending is not None and ray.wait([self._pending[0]], timeout=0)[0]:
+            self.finish()
+
+    def finish(self) -> None:
+        import ray
+
+        if self._pending is not None:
+            ref, about = self._pending
+            self._pending = None
+            summary = ray.get(ref)  # run_refresh's summary; its "kind" is the map kind
+            self._log.event({**about, **summary, "map_kind": summary.get("kind"),
+                             "kind": "refresh"})
+
+
+def _open_store(url: str | None):
+    """The store at ``url``, or None when it does not exist yet (the first refresh makes it)."""
+    from salient.store import SaliencyStore, store_exists
+
+    return SaliencyStore.open(url) if url and store_exists(url) else None
+
+
+def _published_from(store, teacher: Path) -> bool:
+    """Whether ``store`` holds a published generation made from the checkpoint ``teacher``."""
+    return store is not None and any(
+        g.get("status") == "published" and (g.get("teacher") or {}).get("path") == str(teacher)
+        for g in store.generations())
+
+
+# ---------------------------------------------------------------- pieces of a worker
+
+
+@dataclass
+class _State:
+    """Where the run stands: completed epochs, global optimiser steps, generation last used."""
+
+    epochs_done: int = 0
+    step: int = 0
+    generation: str | None = None
+
+
+def loader_configs(config: TrainConfig, rank: int, world: int, device: str = "cpu"):
+    """The ``LoaderConfig`` of the warmup epochs (random masking at the warmup ratio, no
+    store) and the main one (the strategy), for ``rank`` of ``world``."""
+    from salient.pipeline.loader import LoaderConfig
+
+    main = LoaderConfig(
+        data=config.data, store=config.store if config.needs_saliency else None,
+        image_size=config.image_size, patch_size=config.patch_size,
+        batch_size=config.batch_size, strategy=config.strategy, mask_ratio=config.mask_ratio,
+        throw_ratio=config.throw_ratio, strategy_options=dict(config.strategy_options),
+        seed=config.seed, num_workers=config.loader_workers, rank=rank, world_size=world,
+        device=device, epochs=config.epochs)
+    warmup = replace(main, store=None, strategy="random", mask_ratio=config.warmup_mask_ratio,
+                     throw_ratio=0.0, strategy_options={})
+    return warmup, main
+
+
+def _build(config: TrainConfig, device: torch.device, steps_per_epoch: int):
+    """The DDP model (identically initialised on every rank), AdamW, the lr schedule."""
+    torch.manual_seed(config.seed)
+    model = build_model(config.model, config.image_size, config.patch_size,
+                        norm_pix_loss=config.norm_pix_loss).to(device)
+    optimizer = build_optimizer(model, config.base_lr, config.weight_decay)
+    ddp = torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None)
+    schedule = WarmupCosine(config.base_lr, config.epochs * steps_per_epoch,
+                            config.lr_warmup * steps_per_epoch, config.min_lr)
+    return ddp, optimizer, schedule
+
+
+def _sum_over_ranks(totals: dict, device: torch.device) -> dict:
+    """Epoch figures over all ranks; the epoch lasts as long as its slowest rank."""
+    sums = torch.tensor([totals["images"], totals["loss_sum"], totals["with_saliency"]],
+                        dtype=torch.float64, device=device)
+    dist.all_reduce(sums)
+    seconds = torch.tensor([totals["seconds"]], dtype=torch.float64, device=device)
+    dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
+    images, loss_sum, with_saliency = sums.tolist()
+    return {"images": int(images), "loss": loss_sum / max(images, 1),
+            "saliency_share": with_saliency / max(images, 1),
+            "img_per_s": images / max(seconds.item(), 1e-9), "seconds": seconds.item()}
+
+
+def _agree(value: Any, rank: int) -> Any:
+    """Rank 0's ``value`` on every rank (a collective: every rank waits for rank 0 here)."""
+    box = [value if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _progress_bar(enabled: bool, total: int, epoch: int):
+    """Rank 0's bar, drawn on the driver by Ray's tqdm; None when disabled."""
+    if not enabled:
+        return None
+    from ray.experimental import tqdm_ray
+
+    return tqdm_ray.tqdm(total=total, desc=f"train epoch {epoch}", unit=" step")
+
+
+# ---------------------------------------------------------------- the worker
+
+
+class _Worker:
+    """One rank of the run: its loaders, the DDP model and optimiser, the run's state."""
+
+    def __init__(self, args: dict) -> None:
+        import ray.train.torch
+
+        self.config: TrainConfig = args["config"]
+        self.rank, world = dist.get_rank(), dist.get_world_size()
+        self.device = ray.train.torch.get_device()
+        from salient.pipeline.loader import SalientLoader
+
+        configs = loader_configs(self.config, self.rank, world, str(self.device))
+        self.warmup_loader, self.loader = (SalientLoader(c) for c in configs)
+        self.model, self.optimizer, self.schedule = _build(self.config, self.device, len(self.loader))
+        self.state = self._restore(args["resume_from"])
+        self.log = _Log(Path(self.config.run_dir), self.rank)
+        self.progress = args["progress"] and self.rank == 0
+        self.refresher = _Refresher(args["launch_refresh"], self.config.refresh_wait, self.log)
+
+    def _restore(self, path: str | None) -> _State:
+        if path is None:
+            return _State()
+        ckpt = load_checkpoint(path, self.model, self.optimizer, self.schedule,
+                               config=self.config.as_dict())
+        return _State(ckpt["epoch"], ckpt["step"], ckpt["generation"])
+
+    def run(self, resumed: bool) -> None:
+        import ray.train
+
+        config = self.config
+        if resumed and self.rank == 0:
+            self._resume_refresh()
+        for epoch in range(self.state.epochs_done, config.epochs):
+            record = self._train_epoch(epoch)
+            if self.rank == 0:
+                self._end_of_epoch(record)
+            ray.train.report({k: v for k, v in record.items() if k != "kind"})
+            if config.stop_after_epochs == self.state.epochs_done:
+                return  # as if killed right after this checkpoint: no refresh, no wait
+        if self.rank == 0:
+            self.refresher.finish()  # a refresh still running publishes before the run ends
+
+    def _train_epoch(self, epoch: int) -> dict:
+        """Train ``epoch`` on this rank; returns the epoch record (figures over all ranks)."""
+        current = _agree(self._current() if self.rank == 0 else None, self.rank)
+        warmup = uses_warmup_masking(self.config, epoch, current)
+        loader = self.warmup_loader if warmup else self.loader
+        bar = _progress_bar(self.progress, len(loader), epoch)
+        totals = train_one_epoch(
+            self.model, self.optimizer, self.schedule, loader.epoch(epoch), epoch=epoch,
+            step=self.state.step, device=self.device, bf16=self.config.gpu,
+            clip_grad=self.config.clip_grad or None, on_step=self._step_logger(epoch, bar))
+        if bar is not None:
+            bar.close()
+        masking = loader.config
+        self.state = _State(epoch + 1, totals["step"], loader.stats.generation)
+        return {"kind": "epoch", "epoch": epoch, "epochs_done": epoch + 1, "step": totals["step"],
+                "strategy": masking.strategy, "mask_ratio": masking.mask_ratio,
+                "throw_ratio": masking.throw_ratio, "generation": loader.stats.generation,
+                "fallback": loader.stats.fallback, "corrupt": loader.stats.corrupt,
+                "lr": self.optimizer.param_groups[0]["lr"],
+                **_sum_over_ranks(totals, self.device)}
+
+    def _current(self) -> str | None:
+        store = _open_store(self.config.store) if self.config.needs_saliency else None
+        return None if store is None else store.current()
+
+    def _step_logger(self, epoch: int, bar) -> Callable[[dict, dict], None]:
+        def on_step(record: dict, batch: dict) -> None:
+            record = {"kind": "step", "epoch": epoch, "rank": self.rank, **record}
+            if self.config.log_details:
+                record["ids"] = batch["ids"].tolist()
+                record["checksum"] = param_checksum(self.model)
+            self.log.step(record)
+            if bar is not None:
+                bar.update(1)
+
+        return on_step
+
+    def _end_of_epoch(self, record: dict) -> None:
+        """Rank 0: the checkpoint, the epoch record, the refresh the schedule asks for."""
+        config, state = self.config, self.state
+        path = checkpoint_path(config.run_dir, state.epochs_done)
+        save_checkpoint(path, self.model, self.optimizer, self.schedule, state.epochs_done,
+                        state.step, state.generation, config.as_dict())
+        self.log.event({**record, "checkpoint": str(path)})
+        if refresh_due(config, state.epochs_done) and config.stop_after_epochs != state.epochs_done:
+            self.refresher.start(path, state.epochs_done)
+        else:
+            self.refresher.poll()
+
+    def _resume_refresh(self) -> None:
+        """Relaunch the refresh due after the resumed checkpoint if it never published."""
+        teacher = checkpoint_path(self.config.run_dir, self.state.epochs_done)
+        if refresh_due(self.config, self.state.epochs_done) and not _published_from(
+                _open_store(self.config.store), teacher):
+            self.refresher.start(teacher, self.state.epochs_done)
+
+    def close(self) -> None:
+        self.log.close()
+
+
+def train_loop_per_worker(args: dict) -> None:
+    """Ray Train's per-worker function. ``args``: ``config`` (a ``TrainConfig``),
+    ``resume_from`` (a checkpoint path or None), ``launch_refresh`` (a callable taking a
+    checkpoint path and returning a Ray ObjectRef, or None), ``progress`` (rank 0 draws a bar).
+    """
+    worker = _Worker(args)
+    try:
+        worker.run(resumed=args["resume_from"] is not None)
+    finally:
+        worker.close()
