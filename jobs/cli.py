@@ -237,10 +237,10 @@ def _add_demo(sub) -> None:
                        "and write an inspection report. Resumes where it stopped.")
     p.add_argument("--out", default="demo_run", help="working directory (demo_run)")
     p.add_argument("--n", type=int, default=2000, help="demo scenes (2000)")
-    p.add_argument("--epochs", type=int, default=6, help="training epochs (6)")
+    p.add_argument("--epochs", type=int, default=5, help="training epochs (5)")
     p.add_argument("--warmup-epochs", type=int, default=2,
                    help="epochs of random masking before the first refresh (2)")
-    p.add_argument("--refresh-every", type=int, default=2, help="epochs between refreshes (2)")
+    p.add_argument("--refresh-every", type=int, default=1, help="epochs between refreshes (1)")
     p.add_argument("--fresh", action="store_true", help="start over: remove OUT first")
     p.set_defaults(run=_run_demo)
 
