@@ -103,10 +103,14 @@ def _ray_data_refresh(config) -> dict:
     dataset, teacher, saliency_spec, writer = prepare_refresh(config)
     spec = worker_spec(config, teacher, saliency_spec, writer.name)
     size = dataset.manifest.shard_size
+    # PITFALLS.md: an actor pool that reserves every CPU starves Ray Data's read tasks and
+    # hangs; leave one CPU of the cluster to the reads.
+    spare = (ray.cluster_resources().get("CPU", 1.0) - 1.0) / config.workers
+    num_cpus = max(0.25, min(config.cpus_per_worker, spare))
     rows = ray.data.read_webdataset(dataset.shard_urls(), decoder=None).map_batches(
         RayDataMaps, fn_constructor_args=(ray.put(teacher.model), spec),
         compute=ray.data.ActorPoolStrategy(size=config.workers), batch_size=config.batch_size,
-        num_cpus=config.cpus_per_worker, num_gpus=config.gpus_per_worker or None)
+        num_cpus=num_cpus, num_gpus=config.gpus_per_worker or None)
     pending: dict[int, list] = {}
     for batch in rows.iter_batches(batch_size=None, batch_format="numpy"):
         for i, sample_id in enumerate(batch["id"]):
