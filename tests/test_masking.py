@@ -291,6 +291,16 @@ def test_gpa_configurable_shares():
     assert (half.gather(1, top) == 0).all()
 
 
+def test_gpa_hard_part_breaks_exact_ties_by_position():
+    # Weights from float16 maps tie often; the hard part must still take exactly the top
+    # int(a_h * M), ties in column order, as a stable descending sort does.
+    w = torch.randint(0, 5, (64, 196), generator=gen(3)).float() / 4  # 5 levels: many ties
+    m = mask_counts(196, 0.6).mask
+    hard = plan_masks("gpa", w, 0.6, generator=gen(0), progress=0.3, hard=(1, 1), soft=(0, 0))
+    stable = w.sort(dim=1, descending=True, stable=True).indices[:, :m]
+    assert as_sets(hard.mask_idx) == as_sets(stable)
+
+
 def test_gpa_soft_only_follows_the_amt_mask_law(reference_orders):
     w = torch.tensor(AMT_W, dtype=torch.float32).expand(DRAWS, 10)
     ours = set_frequencies(gpa_labels(w, 0.3, 0.7, hard=(0, 0), soft=(1, 1)))[:, 0]
@@ -315,6 +325,29 @@ def test_block_masks_are_blocks():
     random = plan_masks("random", w, 0.4, generator=gen(0))
     assert masked_neighbours(membership(block, 196), 14) > 2.8
     assert masked_neighbours(membership(random, 196), 14) < 1.8
+
+
+def test_block_rectangles_match_a_per_patch_reference():
+    # The vectorised geometry (bit spans, lowest set bit) against a plain loop per patch.
+    from salient.pipeline.masking import _first_rectangle
+
+    r = torch.rand((4, 32, 16), generator=gen(4)).numpy()
+    low, high, aspect, height, width = 16, 88, (0.3, 1 / 0.3), 7, 14
+    first = _first_rectangle(r, low, high, aspect, height, width)
+    for b in range(r.shape[1]):
+        rects = []
+        for k in range(r.shape[2]):
+            area = low + (high - low) * float(r[0, b, k])
+            ratio = math.exp(math.log(aspect[0]) + math.log(aspect[1] / aspect[0]) * float(r[1, b, k]))
+            rows = min(max(round(math.sqrt(area * ratio)), 1), height)
+            cols = min(max(round(math.sqrt(area / ratio)), 1), width)
+            top = math.floor(float(r[2, b, k]) * (height - rows + 1))
+            left = math.floor(float(r[3, b, k]) * (width - cols + 1))
+            rects.append((top, left, rows, cols))
+        for y in range(height):
+            for x in range(width):
+                covering = [k for k, (t, l, h, w_) in enumerate(rects) if t <= y < t + h and l <= x < l + w_]
+                assert first[b, y * width + x] == (covering[0] if covering else 16)
 
 
 def test_block_on_a_rectangular_grid():
