@@ -59,7 +59,7 @@ def _draw_image(ax, image, box=None) -> None:
 
 def _draw_heat(ax, image, raw: np.ndarray | None) -> None:
     """The image with its min-max normalised map upsampled bilinearly over it."""
-    from salient.jobs.inspect import normalize_maps
+    from salient.jobs.inspect_stats import normalize_maps
 
     ax.imshow(np.asarray(image))
     if raw is None:
@@ -229,7 +229,7 @@ def write_index(out: Path, body: dict, panels: list[dict]) -> Path:
         f"<code>{html.escape(body['dataset'])}</code> · grid {body['grid']}×{body['grid']}</p>",
         "<h2>Statistics</h2>", _stats_table(body["generations"]),
         "<p>Each map is min-max normalised per image and read as a distribution over its "
-        "cells (details in <code>stats.json</code> and <code>salient.jobs.inspect</code>).</p>",
+        "cells (details in <code>stats.json</code> and <code>salient.jobs.inspect_stats</code>).</p>",
         '<img src="histogram.png" alt="histogram of normalised saliency">',
     ]
     if body["compare"] is not None:
