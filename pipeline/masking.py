@@ -46,12 +46,8 @@ without a saliency map can still be planned). Sorting by weight (``attmask_*``, 
 part of ``gpa``) breaks exact ties by position, so a constant row masks a fixed set: plan
 samples without a map with ``random``.
 
-Every order is one sort of integer keys that carry their column in their low bits (int32
-with 8 bits up to N = 256, else int64 with 16, so ``N <= 65536``): on CPU, NumPy's SIMD sort
-of values, ~2x faster there than an argsort and ~10x faster than torch's. ``gpa`` needs only
-membership for its hard and soft parts, so it sorts float values (no index) for a threshold.
-``block`` draws its rectangles' geometry (a few numbers per image) with NumPy on the host,
-where torch's per-op overhead would dominate. Figures: ``salient bench masking``, BENCHMARKS.md.
+The sorts, random keys and thresholds behind every strategy are in
+:mod:`salient.pipeline.sampling`. Figures: ``salient bench masking``, BENCHMARKS.md.
 
 Each function in :data:`STRATEGIES` takes ``(weights, counts, *, generator, progress,
 **options)`` with weights already checked (float32, zero rows made uniform) and
@@ -60,19 +56,29 @@ Each function in :data:`STRATEGIES` takes ``(weights, counts, *, generator, prog
 
 from __future__ import annotations
 
-import inspect
 import functools
+import inspect
 import math
 import numbers
 import operator
 from collections.abc import Callable
 from typing import NamedTuple
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from salient.errors import SalientError
+from salient.pipeline.sampling import (
+    column_order,
+    first_rectangle,
+    race_values,
+    random_keys,
+    random_order,
+    smallest,
+    uniform,
+    weight_keys,
+    weighted_order,
+)
 
 __all__ = [
     "NEEDS_SALIENCY",
@@ -87,8 +93,6 @@ __all__ = [
 
 THROW_MODES = ("middle", "low", "random")
 _MAX_CANDIDATES = 30  # block: one bit per rectangle in an int32, sign bit left alone
-_INDEX_BITS = {torch.int32: 8, torch.int64: 16}  # a sort key's low bits hold its column
-_INT32_COLUMNS = 1 << 8  # rows this short draw random orders as int32 keys
 
 
 class MaskError(SalientError):
@@ -132,95 +136,6 @@ def mask_counts(num_patches: int, mask_ratio: float, throw_ratio: float = 0.0) -
 # ---------------------------------------------------------------- shared steps
 
 
-def _random_int32(shape: tuple[int, ...], generator: torch.Generator, device) -> Tensor:
-    """int32 with 31 uniform random low bits: two per 64-bit draw, ~30 % cheaper on CPU
-    than one 32-bit draw each (``torch.rand`` / ``randint``)."""
-    pairs = torch.empty((*shape[:-1], (shape[-1] + 1) // 2), dtype=torch.int64, device=device)
-    return pairs.random_(generator=generator).view(torch.int32)[..., : shape[-1]]  # [0, 2**63)
-
-
-def _uniform(shape: tuple[int, ...], generator: torch.Generator, device) -> Tensor:
-    """float32 uniform in (0, 1): the midpoints of a grid of 2**-23 (``torch.rand``: 2**-24,
-    0 included), exact in float32, so never 0 or 1."""
-    bits = _random_int32(shape, generator, device) & 0x7FFFFF
-    return bits.float().add_(0.5).mul_(2.0**-23)
-
-
-def _random_keys(shape: tuple[int, int], generator: torch.Generator, device) -> Tensor:
-    """Uniform random keys >= 0; their order is a uniform permutation of each row.
-
-    23 bits in int32 up to 256 columns (about a float32 uniform's resolution: a tie in a
-    row of 196 has probability 0.002, and keeps column order), else 31 bits in int64.
-    """
-    keys = _random_int32(shape, generator, device)
-    if shape[1] <= _INT32_COLUMNS:
-        return keys & 0x7FFFFF
-    return (keys & 0x7FFFFFFF).long()
-
-
-def _float_keys(values: Tensor) -> Tensor:
-    """int64 keys in the order of float32 ``values`` (-0.0 just below 0.0)."""
-    bits = values.view(torch.int32)
-    return (bits ^ ((bits >> 31) & 0x7FFFFFFF)).long()  # IEEE sign-magnitude, same order
-
-
-def _weight_keys(weights: Tensor, descending: bool = False) -> Tensor:
-    """int64 keys in the order of weights >= 0 (checked), whose bits sort as integers."""
-    keys = (weights.view(torch.int32) & 0x7FFFFFFF).long()  # & drops the sign of -0.0
-    return keys.neg_() if descending else keys
-
-
-def _column_order(keys: Tensor) -> Tensor:
-    """Columns of each row by ascending integer ``keys [B, N]``; exact ties keep column
-    order (a stable argsort). int32 keys: ``N <= 256``, ``|key| < 2**23``; int64 keys:
-    ``N <= 2**16``, ``|key| < 2**47``."""
-    shift = _INDEX_BITS[keys.dtype]
-    columns = torch.arange(keys.shape[1], dtype=keys.dtype, device=keys.device)
-    packed = (keys << shift).bitwise_or_(columns)  # [B, N] distinct in a row
-    if packed.device.type == "cpu":
-        packed.numpy().sort(axis=-1)  # in place: NumPy's SIMD sort of values
-    else:
-        packed = packed.sort(-1).values
-    return packed.bitwise_and_((1 << shift) - 1).long()
-
-
-def _sorted_values(values: Tensor) -> Tensor:
-    """Each row of ``values`` sorted ascending (values only, a new tensor)."""
-    if values.device.type != "cpu":
-        return values.sort(-1).values
-    out = values.clone()
-    out.numpy().sort(axis=-1)  # NumPy's SIMD sort: ~10x torch's on CPU (see above)
-    return out
-
-
-def _random_order(shape: tuple[int, int], generator: torch.Generator, device) -> Tensor:
-    """A uniform random permutation of the columns, per row."""
-    return _column_order(_random_keys(shape, generator, device))
-
-
-def _race_values(weights: Tensor, generator: torch.Generator) -> Tensor:
-    """float32 values whose ascending order is a sequential draw ∝ weights, without
-    replacement.
-
-    Exponential race: ascending E / w, E = -log u ~ Exp(1), is the order of Gumbel-top-k
-    (descending log w - log E). A zero weight becomes -1, its value 1 / E > 0: after every
-    positive weight (values < 0), in uniform order among the zeros.
-    """
-    u = _uniform(weights.shape, generator, weights.device)
-    zero = 1.0 - weights.sign()  # [B, N] 1 where w = 0 (no bool tensor: slow on CPU)
-    return (weights - zero).div_(u.log_())  # w / log u = -w / E
-
-
-def _race_keys(weights: Tensor, generator: torch.Generator) -> Tensor:
-    """int64 keys in the order of :func:`_race_values` (for :func:`_column_order`)."""
-    return _float_keys(_race_values(weights, generator))
-
-
-def _weighted_order(weights: Tensor, generator: torch.Generator) -> Tensor:
-    """All N indices in the order of a sequential draw ∝ weights, without replacement."""
-    return _column_order(_race_keys(weights, generator))  # AMT Alg. 1 (eq. 5): draw order
-
-
 def _split(order: Tensor, counts: MaskCounts) -> MaskPlan:
     """Cut a row-wise order into masked (first M), thrown (next T) and visible (rest)."""
     _, masked, thrown = counts
@@ -237,7 +152,7 @@ def _split_throw_random(order: Tensor, counts: MaskCounts, generator, keep_last:
     if not thrown:
         return _split(order, counts)
     rest = order[:, masked : order.shape[1] - keep_last]  # [B, L]
-    rest = rest.gather(1, _random_order(rest.shape, generator, order.device))  # shuffled
+    rest = rest.gather(1, random_order(rest.shape, generator, order.device))  # shuffled
     return MaskPlan(
         visible_idx=torch.cat([rest[:, thrown:], order[:, order.shape[1] - keep_last :]], dim=1),
         mask_idx=order[:, :masked].contiguous(),
@@ -254,7 +169,7 @@ def _share(alpha: float, count: int) -> int:
 
 def random_masking(weights: Tensor, counts: MaskCounts, *, generator, progress) -> MaskPlan:
     """MAE: a uniform random permutation per image; first M masked, next T thrown."""
-    return _split(_random_order(weights.shape, generator, weights.device), counts)
+    return _split(random_order(weights.shape, generator, weights.device), counts)
 
 
 def block_masking(
@@ -273,48 +188,15 @@ def block_masking(
     _check_block_options(min_patches, aspect, candidates)
     batch, device = weights.shape[0], weights.device
     low = min(min_patches, max(counts.mask, 1))
-    r = _uniform((4, batch, candidates), generator, device).cpu().numpy()  # [4, B, K]
-    fill = _random_keys(weights.shape, generator, device).bitwise_right_shift_(1).add_(1)
-    first = torch.from_numpy(_first_rectangle(r, low, max(counts.mask, low), aspect, height, width))
+    r = uniform((4, batch, candidates), generator, device).cpu().numpy()  # [4, B, K]
+    fill = random_keys(weights.shape, generator, device).bitwise_right_shift_(1).add_(1)
+    first = torch.from_numpy(first_rectangle(r, low, max(counts.mask, low), aspect, height, width))
     first = first.to(device=device, dtype=fill.dtype)  # [B, N]
     uncovered = (first - (candidates - 1)).clamp_(min=0)  # [B, N] 1 where no rectangle does
     # Rectangle by rectangle, raster order inside (ties keep column order), then uniform:
     # K + 1 + 22 random bits (int32 keys; a tie among the fill keeps column order).
-    order = _column_order(first.add_(fill.mul_(uncovered)))  # [B, N]
+    order = column_order(first.add_(fill.mul_(uncovered)))  # [B, N]
     return _split_throw_random(order, counts, generator)
-
-
-def _first_rectangle(r: np.ndarray, low: int, high: int, aspect, height: int, width: int):
-    """int32 ``[B, H*W]``: for each patch, the first of the K rectangles that covers it
-    (K where none does), from uniforms ``r [4, B, K]`` (area, aspect, top, left).
-
-    The geometry is K rectangles per image, a few thousand numbers a batch: NumPy on the
-    host does it ~10x faster than torch's per-op overhead on CPU or kernel launches on GPU.
-    """
-    candidates = r.shape[-1]
-    area = low + (high - low) * r[0]  # [B, K] patches per rectangle (BEiT)
-    ratio = np.exp(math.log(aspect[0]) + math.log(aspect[1] / aspect[0]) * r[1])
-    limit = np.array([height, width], dtype=np.float32)[:, None, None]
-    length = np.minimum(np.sqrt(np.stack([area * ratio, area / ratio])).round().clip(1), limit)
-    start = np.floor(r[2:] * (limit - length + 1))  # [2, B, K] top, left
-    spans = _span_bits(start.astype(np.int64), length.astype(np.int64), max(height, width))
-    bits = spans[0, :, :height, None] & spans[1, :, None, :width]  # [B, H, W] bit k: in rect k
-    bits = bits.reshape(len(bits), -1) | (1 << candidates)  # a last bit: "no rectangle covers it"
-    lowest = (bits & -bits).astype(np.float32)  # the lowest set bit alone: 2**k, exact
-    return (lowest.view(np.int32) >> 23) - 127  # k, read from the float's exponent field
-
-
-def _span_bits(start: np.ndarray, length: np.ndarray, size: int) -> np.ndarray:
-    """int32 ``[..., K] -> [..., size]``: bit k of entry i is set when span k covers i
-    (spans inside ``0..size``, K <= 30). One ``bincount`` of +2**k at each start and
-    -2**k at each end, then a cumulative sum (float64: sums of powers of two are exact)."""
-    lead = start.shape[:-1]
-    base = np.arange(math.prod(lead)).reshape(*lead, 1) * (size + 1)  # [..., 1] row offsets
-    bit = np.broadcast_to(np.ldexp(1.0, np.arange(start.shape[-1])), start.shape).ravel()
-    total = base.size * (size + 1)
-    edges = np.bincount((base + start).ravel(), bit, total)
-    edges -= np.bincount((base + start + length).ravel(), bit, total)
-    return edges.reshape(*lead, size + 1).cumsum(-1)[..., :size].astype(np.int32)
 
 
 def amt_masking(
@@ -323,7 +205,7 @@ def amt_masking(
     """AMT Alg. 1: mask the first M of a weighted draw order; throw per ``throw``."""
     if throw not in THROW_MODES:
         raise MaskError(f"amt throw must be one of {', '.join(THROW_MODES)} (got {throw!r})")
-    order = _weighted_order(weights, generator)  # [B, N]
+    order = weighted_order(weights, generator)  # [B, N]
     _, masked, thrown = counts
     if throw == "low" and thrown:  # AMT Table 4: throw the least attended (last drawn)
         n = order.shape[1]
@@ -337,13 +219,13 @@ def amt_masking(
 
 def attmask_high(weights: Tensor, counts: MaskCounts, *, generator, progress) -> MaskPlan:
     """AttMask-High: mask the M most attended patches."""
-    order = _column_order(_weight_keys(weights, descending=True))  # [B, N] highest first
+    order = column_order(weight_keys(weights, descending=True))  # [B, N] highest first
     return _split_throw_random(order, counts, generator)
 
 
 def attmask_low(weights: Tensor, counts: MaskCounts, *, generator, progress) -> MaskPlan:
     """AttMask-Low: mask the M least attended patches."""
-    return _split_throw_random(_column_order(_weight_keys(weights)), counts, generator)
+    return _split_throw_random(column_order(weight_keys(weights)), counts, generator)
 
 
 def attmask_hint(
@@ -358,13 +240,13 @@ def attmask_hint(
     """AttMask-Hint: mask the top M + H, then reveal H drawn among the most attended."""
     batch, n = weights.shape
     hints, pool = _hint_counts(n, counts, hint, hint_pool)
-    order = _column_order(_weight_keys(weights, descending=True))  # [B, N] most attended first
+    order = column_order(weight_keys(weights, descending=True))  # [B, N] most attended first
     if not hints:
         return _split_throw_random(order, counts, generator)
-    chosen = _random_order((batch, pool), generator, weights.device)[:, :hints]
+    chosen = random_order((batch, pool), generator, weights.device)[:, :hints]
     revealed = torch.zeros((batch, pool), dtype=torch.int64, device=weights.device)
     revealed.scatter_(1, chosen, 1)  # [B, pool] over the first positions of `order`
-    top = order[:, :pool].gather(1, _column_order(revealed))  # kept, then revealed, by rank
+    top = order[:, :pool].gather(1, column_order(revealed))  # kept, then revealed, by rank
     # The revealed hints go last: always visible.
     order = torch.cat([top[:, : pool - hints], order[:, pool:], top[:, pool - hints :]], dim=1)
     return _split_throw_random(order, counts, generator, keep_last=hints)
@@ -388,34 +270,17 @@ def gpa_masking(
     if n_hard:
         ranked.append((weights.neg(), n_hard))
     if n_soft:
-        ranked.append((_race_values(weights, generator), n_soft))
-    keys = _random_keys(weights.shape, generator, weights.device)  # [B, N] >= 0
+        ranked.append((race_values(weights, generator), n_soft))
+    keys = random_keys(weights.shape, generator, weights.device)  # [B, N] >= 0
     if ranked:
         batch = weights.shape[0]
         count = torch.tensor([c for _, c in ranked], device=weights.device)
-        chosen = _smallest(torch.cat([v for v, _ in ranked]), count.repeat_interleave(batch)[:, None])
+        chosen = smallest(torch.cat([v for v, _ in ranked]), count.repeat_interleave(batch)[:, None])
         chosen = functools.reduce(operator.or_, chosen.split(batch))  # [B, N] hard ∪ soft
         keys.bitwise_or_(chosen.to(keys.dtype).neg_())  # chosen -> -1 (all bits set)
     # The chosen (-1) first, then the rest in uniform random order: the fill up to M, then
     # the throw.
-    return _split(_column_order(keys), counts)
-
-
-def _smallest(values: Tensor, count: Tensor) -> Tensor:
-    """bool ``[R, N]``: the ``count [R, 1]`` smallest ``values [R, N]`` of each row, exact
-    ties taken in column order (as a stable sort would).
-
-    Only membership is needed, so one sort of the float values (no index) gives each row's
-    threshold; ties at the threshold are resolved only when a row has them.
-    """
-    threshold = _sorted_values(values).gather(1, count - 1)  # [R, 1] the count-th smallest
-    chosen = values <= threshold
-    taken = chosen.sum(1, keepdim=True, dtype=torch.int32)  # int32: ~3x faster than int64
-    if bool((taken == count).all()):  # no row has more ties at its threshold than it takes
-        return chosen
-    below, tied = values < threshold, values == threshold
-    room = count - below.sum(1, keepdim=True)  # [R, 1] ties to take, in column order
-    return below | (tied & (tied.cumsum(1) <= room))
+    return _split(column_order(keys), counts)
 
 
 STRATEGIES: dict[str, Callable[..., MaskPlan]] = {

@@ -329,11 +329,11 @@ def test_block_masks_are_blocks():
 
 def test_block_rectangles_match_a_per_patch_reference():
     # The vectorised geometry (bit spans, lowest set bit) against a plain loop per patch.
-    from salient.pipeline.masking import _first_rectangle
+    from salient.pipeline.sampling import first_rectangle
 
     r = torch.rand((4, 32, 16), generator=gen(4)).numpy()
     low, high, aspect, height, width = 16, 88, (0.3, 1 / 0.3), 7, 14
-    first = _first_rectangle(r, low, high, aspect, height, width)
+    first = first_rectangle(r, low, high, aspect, height, width)
     for b in range(r.shape[1]):
         rects = []
         for k in range(r.shape[2]):
