@@ -39,7 +39,7 @@ def _forward_rate(model: str, device: str, batch_size: int, threads: int) -> flo
     import torch
 
     from salient.trainer.refresh_worker import _autocast
-    from salient.trainer.teacher import load_teacher
+    from salient.trainer.teacher_load import load_teacher
 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)

@@ -107,7 +107,8 @@ class RefreshConfig:
 
 def _load_teacher(config: RefreshConfig):
     """The teacher on the driver's CPU, and the resolved map spec (absolute block / head)."""
-    from salient.trainer.teacher import SaliencySpec, load_teacher
+    from salient.trainer.teacher import SaliencySpec
+    from salient.trainer.teacher_load import load_teacher
 
     teacher = load_teacher(config.teacher, weights=config.weights,
                            allow_random=config.allow_random_teacher,

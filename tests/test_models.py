@@ -325,7 +325,8 @@ def test_checkpoint_loads_as_a_teacher(tmp_path, name):
 
 def test_checkpoint_is_a_teacher_for_refresh(tmp_path):
     """Through the refresh's own loader: same encoder outputs, and a saliency map per image."""
-    from salient.trainer.teacher import load_teacher, saliency
+    from salient.trainer.teacher import saliency
+    from salient.trainer.teacher_load import load_teacher
 
     model, optimizer, scheduler = _trained("mae-micro")
     path = save_checkpoint(

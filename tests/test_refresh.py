@@ -30,7 +30,8 @@ from salient.errors import SalientError
 from salient.jobs.refresh import RefreshConfig, RefreshError, run_refresh
 from salient.pipeline.ingest import ingest_demo
 from salient.pipeline.manifest import open_dataset
-from salient.trainer.teacher import load_teacher, preprocess, saliency
+from salient.trainer.teacher import preprocess, saliency
+from salient.trainer.teacher_load import load_teacher
 
 IMAGE_SIZE, GRID, SHARDS = 64, 8, 3
 ENCODER = {"img_size": IMAGE_SIZE, "patch_size": 8, "embed_dim": 32, "depth": 2,

@@ -21,13 +21,8 @@ from timm.models.vision_transformer import ResPostBlock, VisionTransformer
 from torchvision.transforms.v2 import functional as TF
 
 from salient.errors import SalientError
-from salient.trainer.teacher import (
-    SaliencySpec,
-    TeacherError,
-    load_teacher,
-    preprocess,
-    saliency,
-)
+from salient.trainer.teacher import SaliencySpec, TeacherError, preprocess, saliency
+from salient.trainer.teacher_load import load_teacher
 
 TOL = {"atol": 1e-5, "rtol": 1e-5}
 TINY = {

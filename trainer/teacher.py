@@ -15,31 +15,21 @@ Fast path: timm's own blocks (fused SDPA) run up to ``b``; in ``b`` only ``norm1
 slices of ``attn.qkv`` run, for the rows needed; nothing after ``b`` runs. GPA needs no N×N
 matrix: ``Σ_{i≠m} q_i·k_m = (Σ_i q_i − q_m)·k_m``.
 
-:func:`load_teacher` rebuilds a salient training checkpoint's encoder or a timm ViT from a
-local weights file; nothing is ever downloaded.
+Loading (:func:`load_teacher`: a salient training checkpoint's encoder or a timm ViT from a
+local weights file; nothing is ever downloaded) lives in :mod:`salient.trainer.teacher_load`,
+the speed benchmark (:func:`bench_saliency`) in :mod:`salient.trainer.teacher_bench`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
-import timm
 import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import Attention
-from timm.models import load_state_dict
-from timm.models.vision_transformer import (
-    Block,
-    ResPostBlock,
-    VisionTransformer,
-    checkpoint_filter_fn,
-)
+from timm.models.vision_transformer import Block, ResPostBlock, VisionTransformer
 from torch import Tensor, nn
 
 from salient.errors import SalientError
@@ -48,17 +38,13 @@ __all__ = [
     "KINDS",
     "REDUCES",
     "SaliencySpec",
-    "Teacher",
     "TeacherError",
-    "bench_saliency",
-    "load_teacher",
     "preprocess",
     "saliency",
 ]
 
 KINDS = ("cls_attn", "gpa", "heads")
 REDUCES = ("mean", "minmax_mean")
-RANDOM_SEED = 0  # random teachers (allow_random) are initialised from this seed
 
 # The input of `blk.attn` for each supported timm block: pre-norm Block vs post-norm ResPostBlock.
 _ATTN_INPUT: dict[type, Callable[[nn.Module, Tensor], Tensor]] = {
@@ -277,214 +263,3 @@ def preprocess(
 
 def _shape(obj: object) -> str:
     return str(tuple(obj.shape)) if isinstance(obj, Tensor) else type(obj).__name__
-
-
-# --------------------------------------------------------------------------- loading
-
-
-@dataclass(frozen=True, eq=False)
-class Teacher:
-    """A loaded teacher: the eval-mode ViT, its metadata, and the input it expects."""
-
-    model: VisionTransformer
-    meta: dict  # path, sha256, name, epoch, image_size, patch_size; kind/block/head/reduce: caller
-    patch_size: int
-    grid: int
-    image_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-
-
-def load_teacher(
-    spec: str | os.PathLike,
-    weights: str | os.PathLike | None = None,
-    allow_random: bool = False,
-    image_size: int = 224,
-    device: str | torch.device = "cpu",
-) -> Teacher:
-    """Load a teacher from a salient checkpoint path or ``"timm:NAME"`` (+ ``weights`` FILE).
-
-    Checkpoints rebuild ``VisionTransformer(**ckpt["encoder_kwargs"])``; timm weights are a
-    ``.safetensors`` or ``.pth`` state dict (read with ``weights_only=True``). Position
-    embeddings are resampled to ``image_size`` by timm's own checkpoint filter. Random weights
-    (``timm:NAME`` without a file) only with ``allow_random``, seeded. Nothing is downloaded.
-    Raises :class:`TeacherError` for a missing/unreadable file, a file that is not a ViT
-    checkpoint, an unknown timm name, or an image size not divisible by the patch size.
-    """
-    spec = os.fspath(spec)
-    if spec.startswith("timm:"):
-        model, meta = _timm_teacher(spec.removeprefix("timm:"), weights, allow_random, image_size)
-    else:
-        if weights is not None:
-            raise TeacherError("weights= is for timm:NAME teachers; a checkpoint carries its own")
-        model, meta = _checkpoint_teacher(spec, image_size)
-    return _finish(model, meta, image_size, device)
-
-
-def _timm_teacher(name, weights, allow_random, image_size) -> tuple[VisionTransformer, dict]:
-    if not timm.is_model(name):
-        raise TeacherError(f"unknown timm model {name!r}; list ViTs with timm.list_models('vit_*')")
-    if weights is None and not allow_random:
-        raise TeacherError(
-            f"timm:{name} without weights would be a random teacher; pass --weights FILE "
-            "(.safetensors or .pth), or --allow-random-teacher for a test run"
-        )
-    path = None if weights is None else _existing_file(weights, "weights file")
-    model = _build(
-        lambda: timm.create_model(name, pretrained=False, num_classes=0, img_size=image_size),
-        f"timm:{name}",
-    )
-    meta = {"path": None, "sha256": "random", "name": name, "epoch": None}
-    if path is not None:
-        _load_into(model, _read_weights(path), path)
-        meta.update(path=str(path), sha256=_sha256(path))
-    return model, meta
-
-
-def _checkpoint_teacher(spec: str, image_size: int) -> tuple[VisionTransformer, dict]:
-    path = _existing_file(spec, "teacher checkpoint")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise TeacherError(f"cannot read teacher checkpoint {path}: {e}") from e
-    if not (isinstance(ckpt, dict) and isinstance(ckpt.get("encoder_kwargs"), dict)):
-        raise TeacherError(
-            f"{path} is not a salient training checkpoint (no 'encoder_kwargs' / 'encoder'); "
-            "for a timm ViT weights file use --teacher timm:NAME --weights FILE"
-        )
-    kwargs = {**ckpt["encoder_kwargs"], "img_size": image_size}
-    model = _build(lambda: VisionTransformer(**kwargs), str(path))
-    _load_into(model, ckpt.get("encoder"), path)
-    config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
-    meta = {
-        "path": str(path),
-        "sha256": _sha256(path),
-        "name": config.get("model", path.stem),
-        "epoch": ckpt.get("epoch"),
-    }
-    return model, meta
-
-
-def _existing_file(path: str | os.PathLike, what: str) -> Path:
-    path = Path(path).expanduser().resolve()
-    if not path.is_file():
-        raise TeacherError(f"{what} {path} does not exist; give the path of a local file")
-    return path
-
-
-def _build(make: Callable[[], nn.Module], source: str) -> VisionTransformer:
-    """Build the model from a fixed seed: random teachers reproduce, the global RNG is untouched."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(RANDOM_SEED)
-        try:
-            model = make()
-        except (TypeError, ValueError, AssertionError) as e:
-            raise TeacherError(f"cannot build {source} as a timm VisionTransformer: {e}") from e
-    if not isinstance(model, VisionTransformer):
-        raise TeacherError(f"{source} is a {type(model).__name__}, not a timm VisionTransformer")
-    return model
-
-
-def _read_weights(path: Path) -> dict:
-    """timm's reader: safetensors, else torch.load(weights_only=True); unwraps 'model' etc."""
-    try:
-        return load_state_dict(str(path))
-    except Exception as e:
-        raise TeacherError(f"cannot read weights file {path}: {e}") from e
-
-
-def _load_into(model: VisionTransformer, state: object, path: Path) -> None:
-    """Strict load through timm's ViT filter (resamples pos_embed to this image size)."""
-    if not (
-        isinstance(state, dict) and state and all(isinstance(v, Tensor) for v in state.values())
-    ):
-        raise TeacherError(f"{path} holds no state dict of tensors; is it a ViT checkpoint?")
-    if isinstance(model.head, nn.Identity):  # the teacher needs no classifier
-        state = {k: v for k, v in state.items() if not k.startswith("head.")}
-    try:
-        result = model.load_state_dict(checkpoint_filter_fn(state, model), strict=False)
-    except (RuntimeError, KeyError, ValueError, IndexError) as e:
-        raise TeacherError(f"{path} does not fit this ViT: {e}") from e
-    if result.missing_keys or result.unexpected_keys:
-        raise TeacherError(
-            f"{path} is not a checkpoint of this ViT: missing {result.missing_keys[:4]}, "
-            f"unexpected {result.unexpected_keys[:4]} (of {len(result.missing_keys)} / "
-            f"{len(result.unexpected_keys)}); check the model name or the file"
-        )
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _finish(model: VisionTransformer, meta: dict, image_size: int, device) -> Teacher:
-    patch = model.patch_embed.patch_size[0]
-    if image_size <= 0 or image_size % patch or model.patch_embed.patch_size[1] != patch:
-        raise TeacherError(
-            f"image size {image_size} is not a multiple of the teacher's patch size "
-            f"{model.patch_embed.patch_size}; use e.g. {max(1, image_size // patch) * patch}"
-        )
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    meta = {**meta, "kind": None, "block": None, "head": None, "reduce": None}
-    meta.update(image_size=image_size, patch_size=patch)
-    return Teacher(
-        model=model.to(device).eval().requires_grad_(False),
-        meta=meta,
-        patch_size=patch,
-        grid=image_size // patch,
-        image_size=image_size,
-        mean=tuple(cfg.get("mean", IMAGENET_DEFAULT_MEAN)),
-        std=tuple(cfg.get("std", IMAGENET_DEFAULT_STD)),
-    )
-
-
-# --------------------------------------------------------------------------- benchmark
-
-
-def bench_saliency(
-    model: VisionTransformer,
-    batch_size: int = 64,
-    image_size: int = 224,
-    kind: str = "cls_attn",
-    repeats: int = 3,
-    device: str | torch.device = "cpu",
-) -> dict:
-    """Seconds per batch of :func:`saliency` vs the plain full forward, best of ``repeats``.
-
-    The two are timed alternately, after one warm-up each, so a busy machine slows both alike.
-    """
-    model = model.to(device).eval()
-    images = torch.randn(batch_size, 3, image_size, image_size, device=device)
-    runs = {"forward": lambda: model(images), "saliency": lambda: saliency(model, images, kind)}
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    with torch.inference_mode():
-        for _ in range(repeats + 1):
-            for name, run in runs.items():
-                times[name].append(_timed(run, torch.device(device)))
-    forward_s, saliency_s = (min(times[name][1:]) for name in ("forward", "saliency"))
-    return {
-        "kind": kind,
-        "batch_size": batch_size,
-        "image_size": image_size,
-        "device": str(device),
-        "threads": torch.get_num_threads(),
-        "saliency_s": round(saliency_s, 4),
-        "forward_s": round(forward_s, 4),
-        "saliency_over_forward": round(saliency_s / forward_s, 3),
-        "saliency_img_per_s": round(batch_size / saliency_s, 1),
-        "forward_img_per_s": round(batch_size / forward_s, 1),
-    }
-
-
-def _timed(run: Callable[[], object], device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    run()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start
