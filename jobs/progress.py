@@ -7,7 +7,12 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 
-__all__ = ["progress_bar"]
+__all__ = ["progress_bar", "progress_wanted"]
+
+
+def progress_wanted() -> bool:
+    """Bars on a terminal, or anywhere with SALIENT_PROGRESS=1; never in logs and CI."""
+    return sys.stderr.isatty() or os.environ.get("SALIENT_PROGRESS") == "1"
 
 
 @contextlib.contextmanager
@@ -15,6 +20,6 @@ def progress_bar(total: int | None, unit: str) -> Iterator[Callable[[int], None]
     """Yield ``advance(n)``; shows a tqdm bar on a terminal (or with SALIENT_PROGRESS=1)."""
     from tqdm import tqdm
 
-    show = sys.stderr.isatty() or os.environ.get("SALIENT_PROGRESS") == "1"
-    with tqdm(total=total, unit=" " + unit, disable=not show, dynamic_ncols=True) as bar:
+    with tqdm(total=total, unit=" " + unit, disable=not progress_wanted(),
+              dynamic_ncols=True) as bar:
         yield bar.update

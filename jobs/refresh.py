@@ -23,8 +23,6 @@ measures both on the same data (see BENCHMARKS.md).
 from __future__ import annotations
 
 import math
-import os
-import sys
 import time
 from collections import Counter, deque
 from collections.abc import Callable
@@ -208,9 +206,10 @@ class _Tally:
 def _progress(total: int, initial: int, enabled: bool):
     from tqdm import tqdm
 
-    show = enabled and (sys.stderr.isatty() or os.environ.get("SALIENT_PROGRESS") == "1")
-    return tqdm(total=total, initial=initial, unit=" shard", desc="refresh", disable=not show,
-                dynamic_ncols=True)
+    from salient.jobs.progress import progress_wanted
+
+    return tqdm(total=total, initial=initial, unit=" shard", desc="refresh",
+                disable=not (enabled and progress_wanted()), dynamic_ncols=True)
 
 
 def _run_shards(config: RefreshConfig, dataset, pool: _Pool, todo: list[int], bar,

@@ -346,6 +346,7 @@ def _launcher(config: TrainConfig) -> RefreshLauncher | None:
 
 
 def _fit(config: TrainConfig, resume_from: str | None, resources: dict, progress: bool) -> None:
+    import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -359,8 +360,11 @@ def _fit(config: TrainConfig, resume_from: str | None, resources: dict, progress
         torch_config=TorchConfig(backend="nccl" if config.gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=config.gpu,
                                      resources_per_worker=resources),
+        # Ray Train's console INFO lines (one per report, per rank) repeat what the summary and
+        # metrics.jsonl hold; they stay in the Ray session's log files.
         run_config=RunConfig(name="train", storage_path=str(run_dir / "ray"),
-                             failure_config=FailureConfig(max_failures=0)),
+                             failure_config=FailureConfig(max_failures=0),
+                             logging_config=ray.LoggingConfig(log_level="WARNING")),
     )
     try:
         trainer.fit()
@@ -397,8 +401,11 @@ def _summary(config: TrainConfig, resume_from: str | None, seconds: float) -> di
             "seconds": round(seconds, 2)}
 
 
-def run_train(config: TrainConfig, progress: bool = True) -> dict:
+def run_train(config: TrainConfig, progress: bool | None = None) -> dict:
     """Run (or ``resume``) training; returns a JSON summary of the run.
+
+    ``progress``: rank 0's step bar; by default only on a terminal (or SALIENT_PROGRESS=1),
+    so logs and CI get no bar lines.
 
     Summary: ``epochs_done``, ``steps`` (global optimiser steps), ``loss`` and ``img_per_s``
     of the last epoch, ``generation`` it used, ``refreshes`` (generations this run's refreshes
@@ -420,5 +427,9 @@ def run_train(config: TrainConfig, progress: bool = True) -> dict:
     resources = _worker_resources(config, info.cpus, info.gpus)
     os.makedirs(config.run_dir, exist_ok=True)
     Path(config.run_dir, "config.json").write_text(json.dumps(config.as_dict(), indent=2))
+    if progress is None:
+        from salient.jobs.progress import progress_wanted
+
+        progress = progress_wanted()
     _fit(config, resume_from, resources, progress)
     return _summary(config, resume_from, time.perf_counter() - start)
