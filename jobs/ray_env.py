@@ -54,9 +54,8 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> RayIn
     if ray.is_initialized():
         return _info(started=False)
     target = address or os.environ.get("RAY_ADDRESS") or None
-    # Python logging in this job's workers at WARNING: Ray Train logs an INFO line per report
-    # and rank under a logger outside ``ray.train`` (RunConfig's level misses it); it repeats
-    # what the job's own summary and metrics.jsonl hold. Our code warns through ``warnings``.
+    # Python logging in this job's Ray processes at WARNING: Ray's INFO lines (cluster start,
+    # Ray Data progress) are not the job's output. salient warns through ``warnings``.
     quiet = ray.LoggingConfig(log_level="WARNING")
     try:
         if target:

@@ -350,11 +350,9 @@ def _fit(config: TrainConfig, resume_from: str | None, resources: dict, progress
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from salient.trainer.train_worker import train_loop_per_worker
-
     run_dir = Path(config.run_dir)
     trainer = TorchTrainer(
-        train_loop_per_worker,
+        _worker_main,
         train_loop_config={"config": config, "resume_from": resume_from,
                            "launch_refresh": _launcher(config), "progress": progress},
         torch_config=TorchConfig(backend="nccl" if config.gpu else "gloo"),
@@ -371,6 +369,26 @@ def _fit(config: TrainConfig, resume_from: str | None, resources: dict, progress
     except Exception as exc:
         _reraise_user_error(exc)
         raise
+
+
+def _worker_main(args: dict) -> None:
+    """Each Ray Train worker: quiet Ray Train's per-report INFO line, then train.
+
+    Ray Train logs "Reporting training result …" (per report, per rank) under a logger named
+    after its source file, outside ``ray.train``, so RunConfig's log level misses it; the
+    job's summary and metrics.jsonl already hold those numbers.
+    """
+    import logging
+
+    from salient.trainer.train_worker import train_loop_per_worker
+
+    try:  # a private module: if a Ray release moves it, the line simply shows again
+        from ray.train.v2._internal.execution import context
+    except ImportError:
+        pass
+    else:
+        logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    train_loop_per_worker(args)
 
 
 def _reraise_user_error(exc: Exception) -> None:
