@@ -26,6 +26,8 @@ from torch import Tensor
 __all__ = [
     "column_order",
     "first_rectangle",
+    "host_column_order",
+    "host_random_bits",
     "race_values",
     "random_keys",
     "random_order",
@@ -82,14 +84,29 @@ def column_order(keys: Tensor) -> Tensor:
     """Columns of each row by ascending integer ``keys [B, N]``; exact ties keep column
     order (a stable argsort). int32 keys: ``N <= 256``, ``|key| < 2**23``; int64 keys:
     ``N <= 2**16``, ``|key| < 2**47``."""
+    if keys.device.type == "cpu":
+        return torch.from_numpy(host_column_order(keys.numpy())).long()
     shift = _INDEX_BITS[keys.dtype]
     columns = torch.arange(keys.shape[1], dtype=keys.dtype, device=keys.device)
-    packed = (keys << shift).bitwise_or_(columns)  # [B, N] distinct in a row
-    if packed.device.type == "cpu":
-        packed.numpy().sort(axis=-1)  # in place: NumPy's SIMD sort of values
-    else:
-        packed = packed.sort(-1).values
+    packed = (keys << shift).bitwise_or_(columns).sort(-1).values  # [B, N] distinct in a row
     return packed.bitwise_and_((1 << shift) - 1).long()
+
+
+def host_column_order(keys: np.ndarray) -> np.ndarray:
+    """:func:`column_order` of NumPy keys: NumPy's SIMD sort of values. int32 keys of rows
+    longer than 256 are widened to int64 (the column needs more than 8 bits)."""
+    if keys.dtype == np.int32 and keys.shape[1] > _INT32_COLUMNS:
+        keys = keys.astype(np.int64)
+    shift = _INDEX_BITS[torch.from_numpy(keys[:0]).dtype]
+    packed = (keys << shift) | np.arange(keys.shape[1], dtype=keys.dtype)  # [B, N] distinct
+    packed.sort(axis=-1)
+    return packed & ((1 << shift) - 1)
+
+
+def host_random_bits(shape: tuple[int, int], generator: torch.Generator) -> np.ndarray:
+    """int32 ``shape`` of 23 uniform random bits each (random sort keys for
+    :func:`host_column_order`), drawn on the generator's device and brought to the host."""
+    return (_random_int32(shape, generator, generator.device) & 0x7FFFFF).cpu().numpy()
 
 
 def sorted_values(values: Tensor) -> Tensor:
