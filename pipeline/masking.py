@@ -78,7 +78,6 @@ from salient.pipeline.sampling import (
     random_keys,
     random_order,
     smallest,
-    uniform,
     weight_keys,
     weighted_order,
 )
