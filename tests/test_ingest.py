@@ -107,8 +107,8 @@ def test_missing_and_truncated_shards_are_named(tmp_path):
 
 def test_demo_is_deterministic_and_boxes_hold_objects(tmp_path):
     a = ingest_demo(tmp_path / "a", n=24, seed=3, shard_size=10, image_size=64)
-    b = ingest_demo(tmp_path / "b", n=24, seed=3, shard_size=10, image_size=64)
-    c = ingest_demo(tmp_path / "c", n=24, seed=4, shard_size=10, image_size=64)
+    ingest_demo(tmp_path / "b", n=24, seed=3, shard_size=10, image_size=64)
+    ingest_demo(tmp_path / "c", n=24, seed=4, shard_size=10, image_size=64)
     for shard in a.shards:
         assert (tmp_path / "a" / shard.name).read_bytes() == (tmp_path / "b" / shard.name).read_bytes()
     assert (tmp_path / "a" / "shard-000000.tar").read_bytes() != (tmp_path / "c" / "shard-000000.tar").read_bytes()

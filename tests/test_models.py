@@ -10,6 +10,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.distributed as dist
+from timm.models.vision_transformer import VisionTransformer
+from torch.nn.parallel import DistributedDataParallel
+
 from salient.trainer.checkpoint import (
     CheckpointError,
     checkpoint_path,
@@ -18,8 +21,6 @@ from salient.trainer.checkpoint import (
     save_checkpoint,
 )
 from salient.trainer.models import MAE, MODELS, ModelError, build_model
-from timm.models.vision_transformer import VisionTransformer
-from torch.nn.parallel import DistributedDataParallel
 
 SIZE, PATCH, N = 32, 8, 16
 V, M, T = 4, 7, 5  # visible / masked / thrown counts of the test plans

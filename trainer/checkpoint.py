@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from salient.errors import SalientError
 from torch import nn
+
+from salient.errors import SalientError
 
 __all__ = [
     "ARCH_CONFIG_FIELDS",

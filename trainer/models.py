@@ -23,10 +23,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-from salient.errors import SalientError
 from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from timm.models.vision_transformer import Block, VisionTransformer, init_weights_vit_timm
 from torch import nn
+
+from salient.errors import SalientError
 
 if TYPE_CHECKING:
     from salient.pipeline.masking import MaskPlan
