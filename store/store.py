@@ -48,7 +48,8 @@ URLs: a local path (or ``file://`` URL) opens zarr's ``LocalStore`` directly —
 atomic per key, which fsspec's local writes are not. Any other URL (``s3://bucket/saliency.zarr``,
 ``gs://…``, ``memory://…``) goes through zarr's ``FsspecStore`` with the filesystem's default
 credentials; the fsspec implementation (s3fs, gcsfs, …) must be installed. Object stores replace
-a key atomically too, so the publish contract holds there as well.
+a key atomically too, so the publish contract holds there as well. That URL handling,
+``store_exists`` and the other module-level helpers live in :mod:`salient.store.paths`.
 
 One driver at a time: two processes publishing or collecting in the same store concurrently can
 lose a root update (zarr has no locks). Importing this module touches no disk.
@@ -56,13 +57,8 @@ lose a root update (zarr has no locks). Importing this module touches no disk.
 
 from __future__ import annotations
 
-import json
 import os
-import re
-import time
 from collections.abc import Callable
-from datetime import UTC, datetime
-from pathlib import Path
 
 import zarr
 
@@ -78,94 +74,25 @@ from salient.store.errors import (
     StoreNotFoundError,
 )
 from salient.store.generation import GenerationReader, GenerationWriter, Layout, create_arrays
+from salient.store.paths import (
+    GENERATION,
+    age_s,
+    dataset_layout,
+    generation_name,
+    json_value,
+    normalise,
+    now,
+    occupied,
+    open_root,
+    positive_int,
+    same_maps,
+    store_exists,
+    store_like,
+)
 
-__all__ = ["FORMAT", "SaliencyStore", "store_exists"]
+__all__ = ["FORMAT", "SaliencyStore", "store_exists"]  # store_exists: re-exported from paths
 
 FORMAT = "salient-store/1"
-_GENERATION = re.compile(r"^gen-(\d{6,})$")
-
-
-# ---------------------------------------------------------------- URLs
-
-
-def _normalise(url: str | os.PathLike) -> str:
-    """An absolute local path, or the URL unchanged when it names another filesystem."""
-    url = os.fspath(url)
-    if url.startswith("file://"):
-        url = url.removeprefix("file://")
-    if "://" in url:
-        return url.rstrip("/")
-    return str(Path(url).expanduser().resolve())
-
-
-def _store_like(url: str) -> Path | str:
-    """What zarr opens: a Path gives LocalStore, a URL string gives FsspecStore."""
-    return url if "://" in url else Path(url)
-
-
-def _open_root(url: str, mode: str = "r") -> zarr.Group:
-    return zarr.open_group(_store_like(url), mode=mode, zarr_format=3, use_consolidated=False)
-
-
-def store_exists(url: str | os.PathLike) -> bool:
-    """Whether a zarr group lives at ``url`` (without creating anything)."""
-    url = _normalise(url)
-    if "://" not in url:
-        return (Path(url) / "zarr.json").is_file()
-    try:
-        _open_root(url)
-    except FileNotFoundError:
-        return False
-    return True
-
-
-def _occupied(url: str) -> bool:
-    if "://" in url:
-        return store_exists(url)
-    path = Path(url)
-    return path.is_file() or (path.is_dir() and any(path.iterdir()))
-
-
-# ---------------------------------------------------------------- small helpers
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="microseconds")  # sorts as text
-
-
-def _age_s(stamp: str) -> float:
-    return time.time() - datetime.fromisoformat(stamp).timestamp()
-
-
-def _generation_name(number: int) -> str:
-    return f"gen-{number:06d}"
-
-
-def _json(value, what: str):
-    """``value`` as zarr attrs will give it back (tuples become lists); StoreError if not JSON."""
-    try:
-        return json.loads(json.dumps(value))
-    except (TypeError, ValueError) as exc:
-        raise StoreError(f"{what} must be JSON-serialisable ({exc}); pass plain str / int / "
-                         "float / list / dict values") from None
-
-
-def _positive_int(value, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise StoreError(f"{what} must be a positive integer, got {value!r}")
-    return value
-
-
-def _dataset_layout(dataset, grid: int) -> Layout:
-    """The store layout of ``dataset``; StoreError when its shards are not contiguous."""
-    layout = Layout(dataset.num_samples, _positive_int(dataset.manifest.shard_size, "shard_size"),
-                    _positive_int(grid, "grid"))
-    found = [(s.first_id, s.stop_id) for s in dataset.shards]
-    if not dataset.fingerprint or found != [layout.shard_range(i) for i in range(layout.num_shards)]:
-        raise StoreError(f"the dataset at {dataset.root} does not have contiguous shards of "
-                         f"{layout.shard_size} ids and a fingerprint; open it with "
-                         "salient.pipeline.manifest.open_dataset (re-run ingest if that fails)")
-    return layout
 
 
 # ---------------------------------------------------------------- the store
@@ -209,16 +136,16 @@ class SaliencyStore:
             StoreError: a grid that is not a positive integer, or a dataset without
                 contiguous shards / fingerprint.
         """
-        url = _normalise(url)
-        layout = _dataset_layout(dataset, grid)
-        if _occupied(url):
+        url = normalise(url)
+        layout = dataset_layout(dataset, grid)
+        if occupied(url):
             raise StoreExistsError(f"{url} already exists; open it with SaliencyStore.open, or "
                                    "choose a new store path")
         attrs = {"format": FORMAT, "fingerprint": dataset.fingerprint, "grid": grid,
                  "num_samples": layout.num_samples, "shard_size": layout.shard_size,
                  "num_shards": layout.num_shards, "current": None, "published": {},
                  "replaced": {}}
-        zarr.create_group(_store_like(url), zarr_format=3, attributes=attrs)
+        zarr.create_group(store_like(url), zarr_format=3, attributes=attrs)
         return cls(url, attrs)
 
     @classmethod
@@ -228,9 +155,9 @@ class SaliencyStore:
         Reads only; writes nothing. Raises StoreNotFoundError (nothing there), StoreError
         (not a salient store), FingerprintMismatchError (made for another dataset).
         """
-        url = _normalise(url)
+        url = normalise(url)
         try:
-            attrs = dict(_open_root(url).attrs)
+            attrs = dict(open_root(url).attrs)
         except FileNotFoundError:
             raise StoreNotFoundError(f"no saliency store at {url}; `salient refresh` creates "
                                      "one, or check the path") from None
@@ -255,7 +182,7 @@ class SaliencyStore:
     # ------------------------------------------------------------ the root
 
     def _root(self, mode: str = "r") -> zarr.Group:
-        return _open_root(self.url, mode)  # re-opened every time: an open Group keeps old attrs
+        return open_root(self.url, mode)  # re-opened every time: an open Group keeps old attrs
 
     def _update_root(self, change: Callable[[dict], dict]) -> None:
         """One atomic write of the root attrs, computed from their newest version."""
@@ -268,8 +195,8 @@ class SaliencyStore:
 
     @staticmethod
     def _names(root: zarr.Group) -> list[str]:
-        return sorted((k for k in root.group_keys() if _GENERATION.match(k)),
-                      key=lambda k: int(_GENERATION.match(k)[1]))
+        return sorted((k for k in root.group_keys() if GENERATION.match(k)),
+                      key=lambda k: int(GENERATION.match(k)[1]))
 
     @staticmethod
     def _status(name: str, gen_attrs: dict, root_attrs: dict) -> str:
@@ -280,7 +207,7 @@ class SaliencyStore:
         return status if status in ("creating", "abandoned") else "writing"
 
     def _group(self, root: zarr.Group, name: str) -> zarr.Group:
-        if not isinstance(name, str) or not _GENERATION.match(name) or name not in root:
+        if not isinstance(name, str) or not GENERATION.match(name) or name not in root:
             raise GenerationNotFoundError(
                 f"no generation {name!r} in the store at {self.url}; it holds "
                 f"{', '.join(self._names(root)) or 'none'}")
@@ -313,17 +240,17 @@ class SaliencyStore:
             raise StoreError(f"teacher must be a dict of teacher metadata, got {type(teacher)}")
         if not isinstance(kind, str) or not kind:
             raise StoreError(f"kind must name the map kind (e.g. 'cls_attn'), got {kind!r}")
-        _positive_int(image_size, "image_size")
-        _positive_int(patch_size, "patch_size")
+        positive_int(image_size, "image_size")
+        positive_int(patch_size, "patch_size")
         if heads is not None:
-            _positive_int(heads, "heads")
+            positive_int(heads, "heads")
         if image_size % patch_size or image_size // patch_size != self.grid:
             raise LayoutMismatchError(
                 f"image_size {image_size} / patch_size {patch_size} does not give the "
                 f"{self.grid}x{self.grid} grid of the store at {self.url}; use image size "
                 f"{self.grid * patch_size}, or a new store for this grid")
-        return {"teacher": _json(teacher, "teacher"), "kind": kind, "image_size": image_size,
-                "patch_size": patch_size, "grid": self.grid, "epoch": _json(epoch, "epoch"),
+        return {"teacher": json_value(teacher, "teacher"), "kind": kind, "image_size": image_size,
+                "patch_size": patch_size, "grid": self.grid, "epoch": json_value(epoch, "epoch"),
                 "heads": heads}
 
     def begin_generation(self, teacher: dict, kind: str, image_size: int, patch_size: int,
@@ -337,11 +264,11 @@ class SaliencyStore:
         describe = self._describe(teacher, kind, image_size, patch_size, epoch, heads)
         root = self._root("r+")
         root_attrs = dict(root.attrs)
-        taken = [int(_GENERATION.match(n)[1]) for n in
+        taken = [int(GENERATION.match(n)[1]) for n in
                  [*self._names(root), *root_attrs["published"], *root_attrs["replaced"]]]
-        name = _generation_name(max(taken, default=0) + 1)
+        name = generation_name(max(taken, default=0) + 1)
         group = root.create_group(name, attributes={**describe, "status": "creating",
-                                                    "created": _now(), "published": None})
+                                                    "created": now(), "published": None})
         create_arrays(group, self.layout, {"generation": name, **describe}, heads)
         group.update_attributes({"status": "writing"})  # arrays exist: resumable from now on
         return GenerationWriter(self, group, self.layout)
@@ -375,7 +302,7 @@ class SaliencyStore:
         else begin a new one. A teacher without a real sha256 (random weights) never resumes."""
         describe = self._describe(teacher, kind, image_size, patch_size, epoch, heads)
         writer = self.resume_generation()
-        if writer is not None and _same_maps(writer.attrs, describe):
+        if writer is not None and same_maps(writer.attrs, describe):
             return writer
         return self.begin_generation(teacher, kind, image_size, patch_size, epoch, heads)
 
@@ -392,7 +319,7 @@ class SaliencyStore:
         if self._status(writer.name, dict(group.attrs), dict(root.attrs)) != "writing":
             raise GenerationStateError(f"generation {writer.name} is no longer being written "
                                        "(published or abandoned elsewhere)")
-        stamp = _now()
+        stamp = now()
         group.update_attributes({"status": "published", "published": stamp})  # descriptive
 
         def flip(attrs: dict) -> dict:
@@ -446,7 +373,7 @@ class SaliencyStore:
         generation being written. Removed: older published ones, abandoned ones, and ones
         whose creation was interrupted more than ``grace_s`` ago.
         """
-        _positive_int(keep, "keep")
+        positive_int(keep, "keep")
         if not isinstance(grace_s, int | float) or grace_s < 0:
             raise StoreError(f"grace_s must be a number of seconds >= 0, got {grace_s!r}")
         root = self._root("r+")
@@ -470,18 +397,7 @@ class SaliencyStore:
             return False
         if status == "published":
             replaced = root_attrs["replaced"].get(name)
-            return replaced is not None and _age_s(replaced) >= grace_s
+            return replaced is not None and age_s(replaced) >= grace_s
         if status == "creating":
-            return _age_s(gen_attrs["created"]) >= grace_s
+            return age_s(gen_attrs["created"]) >= grace_s
         return True  # abandoned
-
-
-def _same_maps(attrs: dict, describe: dict) -> bool:
-    """Would a generation begun with ``describe`` hold the same maps as one with ``attrs``?"""
-    def key(meta: dict) -> dict:
-        teacher = {k: v for k, v in meta["teacher"].items() if k not in ("path", "name")}
-        return {**{k: meta.get(k) for k in describe if k != "teacher"}, "teacher": teacher}
-
-    sha = describe["teacher"].get("sha256")
-    real = isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha) is not None
-    return real and key(attrs) == key(describe)

@@ -1,0 +1,137 @@
+"""Where a saliency store lives and how its names and attrs are spelled.
+
+URLs (a local path opens zarr's ``LocalStore``, any other URL its ``FsspecStore``), generation
+names ``gen-NNNNNN``, ISO 8601 UTC time stamps, and the checks on values before they become
+attrs. Module-level helpers of :class:`~salient.store.store.SaliencyStore`; importing this
+module touches no disk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import zarr
+
+from salient.store.errors import StoreError
+from salient.store.generation import Layout
+
+__all__ = [
+    "GENERATION",
+    "normalise",
+    "store_like",
+    "open_root",
+    "store_exists",
+    "occupied",
+    "now",
+    "age_s",
+    "generation_name",
+    "json_value",
+    "positive_int",
+    "dataset_layout",
+    "same_maps",
+]
+
+GENERATION = re.compile(r"^gen-(\d{6,})$")
+
+
+# ---------------------------------------------------------------- URLs
+
+
+def normalise(url: str | os.PathLike) -> str:
+    """An absolute local path, or the URL unchanged when it names another filesystem."""
+    url = os.fspath(url)
+    if url.startswith("file://"):
+        url = url.removeprefix("file://")
+    if "://" in url:
+        return url.rstrip("/")
+    return str(Path(url).expanduser().resolve())
+
+
+def store_like(url: str) -> Path | str:
+    """What zarr opens: a Path gives LocalStore, a URL string gives FsspecStore."""
+    return url if "://" in url else Path(url)
+
+
+def open_root(url: str, mode: str = "r") -> zarr.Group:
+    return zarr.open_group(store_like(url), mode=mode, zarr_format=3, use_consolidated=False)
+
+
+def store_exists(url: str | os.PathLike) -> bool:
+    """Whether a zarr group lives at ``url`` (without creating anything)."""
+    url = normalise(url)
+    if "://" not in url:
+        return (Path(url) / "zarr.json").is_file()
+    try:
+        open_root(url)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def occupied(url: str) -> bool:
+    if "://" in url:
+        return store_exists(url)
+    path = Path(url)
+    return path.is_file() or (path.is_dir() and any(path.iterdir()))
+
+
+# ---------------------------------------------------------------- small helpers
+
+
+def now() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds")  # sorts as text
+
+
+def age_s(stamp: str) -> float:
+    return time.time() - datetime.fromisoformat(stamp).timestamp()
+
+
+def generation_name(number: int) -> str:
+    return f"gen-{number:06d}"
+
+
+def json_value(value, what: str):
+    """``value`` as zarr attrs will give it back (tuples become lists); StoreError if not JSON."""
+    try:
+        return json.loads(json.dumps(value))
+    except (TypeError, ValueError) as exc:
+        raise StoreError(f"{what} must be JSON-serialisable ({exc}); pass plain str / int / "
+                         "float / list / dict values") from None
+
+
+def positive_int(value, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise StoreError(f"{what} must be a positive integer, got {value!r}")
+    return value
+
+
+# ---------------------------------------------------------------- checks against a store
+
+
+def dataset_layout(dataset, grid: int) -> Layout:
+    """The store layout of ``dataset``; StoreError when its shards are not contiguous."""
+    layout = Layout(dataset.num_samples, positive_int(dataset.manifest.shard_size, "shard_size"),
+                    positive_int(grid, "grid"))
+    found = [(s.first_id, s.stop_id) for s in dataset.shards]
+    expected = [layout.shard_range(i) for i in range(layout.num_shards)]
+    if not dataset.fingerprint or found != expected:
+        raise StoreError(f"the dataset at {dataset.root} does not have contiguous shards of "
+                         f"{layout.shard_size} ids and a fingerprint; open it with "
+                         "salient.pipeline.manifest.open_dataset (re-run ingest if that fails)")
+    return layout
+
+
+def same_maps(attrs: dict, describe: dict) -> bool:
+    """Would a generation begun with ``describe`` hold the same maps as one with ``attrs``?"""
+    def key(meta: dict) -> dict:
+        teacher = {k: v for k, v in meta["teacher"].items() if k not in ("path", "name")}
+        return {**{k: meta.get(k) for k in describe if k != "teacher"}, "teacher": teacher}
+
+    sha = describe["teacher"].get("sha256")
+    real = isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha) is not None
+    return real and key(attrs) == key(describe)
