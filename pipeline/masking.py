@@ -149,7 +149,8 @@ def _split(order: Tensor, counts: MaskCounts) -> MaskPlan:
 
 
 def _split_throw_random(order: Tensor, counts: MaskCounts, generator, keep_last: int = 0):
-    """Masked = first M of ``order``; T thrown uniformly among the rest but the last ``keep_last``."""
+    """Masked = first M of ``order``; T thrown uniformly among the rest but its last
+    ``keep_last``."""
     _, masked, thrown = counts
     if not thrown:
         return _split(order, counts)
@@ -288,7 +289,8 @@ def gpa_masking(
     if ranked:
         batch = weights.shape[0]
         count = torch.tensor([c for _, c in ranked], device=weights.device)
-        chosen = smallest(torch.cat([v for v, _ in ranked]), count.repeat_interleave(batch)[:, None])
+        values = torch.cat([v for v, _ in ranked])  # [parts * B, N]
+        chosen = smallest(values, count.repeat_interleave(batch)[:, None])
         chosen = functools.reduce(operator.or_, chosen.split(batch))  # [B, N] hard ∪ soft
         keys.bitwise_or_(chosen.to(keys.dtype).neg_())  # chosen -> -1 (all bits set)
     # The chosen (-1) first, then the rest in uniform random order: the fill up to M, then
