@@ -188,29 +188,24 @@ def block_masking(
 ) -> MaskPlan:
     """BEiT's block-wise masking, vectorised over the batch, to exactly M masked patches.
 
-    Block masks never read the weights: the plan is index work on a few numbers per image,
-    done with NumPy on the host from one draw of the generator (on its own device) and moved
-    to the weights' device at the end — ~10 torch ops fewer than on the device.
+    Block masks never read the weights: the order is index work on a few numbers per image,
+    done with NumPy on the host from one draw of the generator (on its own device), then
+    moved to the weights' device for the shared split and throw.
     """
     height, width = _block_grid(weights.shape[1], grid)
     _check_block_options(min_patches, aspect, candidates)
-    (batch, n), (_, masked, thrown) = weights.shape, counts
+    (batch, n), masked = weights.shape, counts.mask
     low, k4 = min(min_patches, max(masked, 1)), 4 * candidates
-    bits = host_random_bits((batch, k4 + n + (n - masked)), generator)  # [B, 4K + N + rest]
+    bits = host_random_bits((batch, k4 + n), generator)  # [B, 4K + N]
     r = ((bits[:, :k4] + 0.5) * 2.0**-23).astype(np.float32)  # uniform in (0, 1)
     r = r.reshape(batch, 4, candidates).transpose(1, 0, 2)  # [4, B, K] area, aspect, top, left
     first = first_rectangle(r, low, max(masked, low), aspect, height, width)  # [B, N]
     uncovered = np.maximum(first - (candidates - 1), 0)  # [B, N] 1 where no rectangle does
     # Rectangle by rectangle, raster order inside (ties keep column order), then uniform:
     # K + 1 + 22 random bits (a tie among the fill keeps column order).
-    order = host_column_order(first + uncovered * ((bits[:, k4 : k4 + n] >> 1) + 1))  # [B, N]
-    rest = order[:, masked:]  # [B, N - M]; thrown: T uniform among them
-    if thrown:
-        rest = np.take_along_axis(rest, host_column_order(bits[:, k4 + n :]), 1)
-    parts = rest[:, thrown:], order[:, :masked], rest[:, :thrown]
-    device = weights.device
-    return MaskPlan(*(torch.from_numpy(np.ascontiguousarray(p)).to(device, torch.int64)
-                      for p in parts))
+    order = host_column_order(first + uncovered * ((bits[:, k4:] >> 1) + 1))  # [B, N]
+    order = torch.from_numpy(order).to(weights.device, torch.int64)
+    return _split_throw_random(order, counts, generator)
 
 
 def amt_masking(
