@@ -78,6 +78,7 @@ from salient.pipeline.sampling import (
     random_keys,
     random_order,
     smallest,
+    unit_uniform,
     weight_keys,
     weighted_order,
 )
@@ -197,7 +198,7 @@ def block_masking(
     (batch, n), masked = weights.shape, counts.mask
     low, k4 = min(min_patches, max(masked, 1)), 4 * candidates
     bits = host_random_bits((batch, k4 + n), generator)  # [B, 4K + N]
-    r = ((bits[:, :k4] + 0.5) * 2.0**-23).astype(np.float32)  # uniform in (0, 1)
+    r = unit_uniform(bits[:, :k4]).astype(np.float32)  # uniform in (0, 1)
     r = r.reshape(batch, 4, candidates).transpose(1, 0, 2)  # [4, B, K] area, aspect, top, left
     first = first_rectangle(r, low, max(masked, low), aspect, height, width)  # [B, N]
     uncovered = np.maximum(first - (candidates - 1), 0)  # [B, N] 1 where no rectangle does

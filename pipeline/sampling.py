@@ -34,11 +34,12 @@ __all__ = [
     "smallest",
     "sorted_values",
     "uniform",
+    "unit_uniform",
     "weight_keys",
     "weighted_order",
 ]
 
-_INDEX_BITS = {torch.int32: 8, torch.int64: 16}  # a sort key's low bits hold its column
+_INDEX_BITS = {4: 8, 8: 16}  # key bytes -> low bits that hold the column (int32, int64)
 _INT32_COLUMNS = 1 << 8  # rows this short draw random orders as int32 keys
 
 
@@ -50,10 +51,14 @@ def _random_int32(shape: tuple[int, ...], generator: torch.Generator, device) ->
 
 
 def uniform(shape: tuple[int, ...], generator: torch.Generator, device) -> Tensor:
-    """float32 uniform in (0, 1): the midpoints of a grid of 2**-23 (``torch.rand``: 2**-24,
-    0 included), exact in float32, so never 0 or 1."""
-    bits = _random_int32(shape, generator, device) & 0x7FFFFF
-    return bits.float().add_(0.5).mul_(2.0**-23)
+    """float32 uniform in (0, 1) (see :func:`unit_uniform`)."""
+    return unit_uniform(_random_int32(shape, generator, device) & 0x7FFFFF)
+
+
+def unit_uniform(bits):
+    """23 random bits (a torch or NumPy int array) as uniforms in (0, 1): the midpoints of a
+    grid of 2**-23 (``torch.rand``: 2**-24, 0 included), exact in float32, never 0 or 1."""
+    return (bits + 0.5) * 2.0**-23
 
 
 def random_keys(shape: tuple[int, int], generator: torch.Generator, device) -> Tensor:
@@ -86,7 +91,7 @@ def column_order(keys: Tensor) -> Tensor:
     ``N <= 2**16``, ``|key| < 2**47``."""
     if keys.device.type == "cpu":
         return torch.from_numpy(host_column_order(keys.numpy())).long()
-    shift = _INDEX_BITS[keys.dtype]
+    shift = _INDEX_BITS[keys.element_size()]
     columns = torch.arange(keys.shape[1], dtype=keys.dtype, device=keys.device)
     packed = (keys << shift).bitwise_or_(columns).sort(-1).values  # [B, N] distinct in a row
     return packed.bitwise_and_((1 << shift) - 1).long()
@@ -97,7 +102,7 @@ def host_column_order(keys: np.ndarray) -> np.ndarray:
     longer than 256 are widened to int64 (the column needs more than 8 bits)."""
     if keys.dtype == np.int32 and keys.shape[1] > _INT32_COLUMNS:
         keys = keys.astype(np.int64)
-    shift = _INDEX_BITS[torch.from_numpy(keys[:0]).dtype]
+    shift = _INDEX_BITS[keys.itemsize]
     packed = (keys << shift) | np.arange(keys.shape[1], dtype=keys.dtype)  # [B, N] distinct
     packed.sort(axis=-1)
     return packed & ((1 << shift) - 1)
