@@ -29,35 +29,16 @@ import numpy as np
 
 from salient.jobs.inspect_data import InspectError, demo_hw, read_samples, shard_boxes
 from salient.jobs.inspect_stats import (
-    HIST_BINS,
     DiffTally,
     GenerationTally,
-    box_coverage,
-    map_entropy,
-    map_mass,
     mask_plan_grid,
     normalize_maps,
     sample_generator,
     sample_stats,
-    spearman,
-    top_mass,
     usable,
 )
 
-__all__ = [
-    "HIST_BINS",
-    "InspectConfig",
-    "InspectError",
-    "normalize_maps",
-    "map_mass",
-    "map_entropy",
-    "top_mass",
-    "box_coverage",
-    "spearman",
-    "mask_plan_grid",
-    "run_inspect",
-    "print_sample",
-]
+__all__ = ["InspectConfig", "InspectError", "run_inspect", "print_sample"]
 
 SHADES = " ░▒▓█"  # text heat map: five levels of the min-max normalised map
 

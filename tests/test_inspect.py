@@ -17,18 +17,14 @@ import zarr
 from PIL import Image
 
 from salient.errors import SalientError
-from salient.jobs.inspect import (
+from salient.jobs.inspect import SHADES, InspectConfig, InspectError, print_sample, run_inspect
+from salient.jobs.inspect_stats import (
     HIST_BINS,
-    SHADES,
-    InspectConfig,
-    InspectError,
     box_coverage,
     map_entropy,
     map_mass,
     mask_plan_grid,
     normalize_maps,
-    print_sample,
-    run_inspect,
     top_mass,
 )
 
