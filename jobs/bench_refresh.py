@@ -38,7 +38,7 @@ def _forward_rate(model: str, device: str, batch_size: int, threads: int) -> flo
     """img/s of the bare forward (``forward_features``) under the job's precision and threads."""
     import torch
 
-    from salient.trainer.refresh_worker import _autocast
+    from salient.jobs.refresh_worker import _autocast
     from salient.trainer.teacher_load import load_teacher
 
     previous = torch.get_num_threads()
@@ -84,7 +84,7 @@ class RayDataMaps:
         self.spec = spec
 
     def __call__(self, batch: dict) -> dict:
-        from salient.trainer.refresh_worker import IMAGE_FIELDS, shard_maps
+        from salient.jobs.refresh_worker import IMAGE_FIELDS, shard_maps
 
         field = next(f for f in batch if f in IMAGE_FIELDS)
         records = [(field, bytes(b)) for b in batch[field]]

@@ -6,7 +6,7 @@ creates the store when it is missing, then begins a generation — or resumes th
 one made by the same teacher (sha256), kind and image size — and schedules only the shards it
 still misses. One Ray actor per worker holds the teacher; the unit of work is one shard, which
 the actor reads, decodes, maps and writes as one whole zarr chunk
-(``salient.trainer.refresh_worker``). When every shard is done the driver publishes.
+(``salient.jobs.refresh_worker``). When every shard is done the driver publishes.
 
 Failures (DESIGN.md, "Failure semantics"): a worker that dies is replaced and its shard
 retried (up to ``max_retries`` times per shard); a driver that dies leaves the generation
@@ -173,7 +173,7 @@ class _Pool:
     def __init__(self, config: RefreshConfig, model_ref, spec):
         import ray
 
-        from salient.trainer.refresh_worker import RefreshWorker
+        from salient.jobs.refresh_worker import RefreshWorker
 
         self._cls = ray.remote(RefreshWorker).options(
             num_cpus=config.cpus_per_worker, num_gpus=config.gpus_per_worker, max_restarts=0)
@@ -271,7 +271,7 @@ def _count(result: dict, tally: _Tally, bar, start: float) -> None:
 
 def worker_spec(config: RefreshConfig, teacher, spec, generation: str):
     """What every worker needs besides the model (``spec``: the resolved SaliencySpec)."""
-    from salient.trainer.refresh_worker import WorkerSpec
+    from salient.jobs.refresh_worker import WorkerSpec
 
     return WorkerSpec(store=config.store, generation=generation, kind=spec.kind,
                       reduce=spec.reduce, block=spec.block, head=spec.head,

@@ -3,7 +3,7 @@
 The driver checks everything before any work (the config, the dataset, the store and its grid,
 the run directory, a ``--resume`` checkpoint's model), connects to Ray (embedded local Ray by
 default, a cluster with ``--address``), sizes the workers so a refresh fits beside them, and
-runs ``salient.trainer.train_worker.train_loop_per_worker`` under Ray Train's ``TorchTrainer``
+runs ``salient.jobs.train_worker.train_loop_per_worker`` under Ray Train's ``TorchTrainer``
 (gloo on CPU; nccl and bf16 autocast with ``gpu``).
 
 The masking schedule is AMT's (its Sec. "Attention-driven masking and throwing", and its code):
@@ -95,7 +95,7 @@ def _check_masking(config: TrainConfig, loader) -> None:
 def _check_inputs(config: TrainConfig) -> str | None:
     """Every check that needs the disk; returns the checkpoint to resume from."""
     from salient.pipeline.loader import SalientLoader
-    from salient.trainer.train_worker import loader_configs
+    from salient.jobs.train_worker import loader_configs
 
     loader = SalientLoader(loader_configs(config, 0, config.workers)[1])  # DatasetError,
     _check_masking(config, loader)  # LoaderError (too few samples for the batch), MaskError
@@ -210,7 +210,7 @@ def _worker_main(args: dict) -> None:
     """
     import logging
 
-    from salient.trainer.train_worker import train_loop_per_worker
+    from salient.jobs.train_worker import train_loop_per_worker
 
     try:  # a private module: if a Ray release moves it, the line simply shows again
         from ray.train.v2._internal.execution import context

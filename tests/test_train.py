@@ -28,7 +28,7 @@ from salient.pipeline.manifest import DatasetError
 from salient.trainer.checkpoint import CheckpointError
 from salient.trainer.loop import WarmupCosine, build_optimizer, train_one_epoch
 from salient.trainer.models import build_model
-from salient.trainer.train_worker import refresh_due, uses_warmup_masking
+from salient.jobs.train_worker import refresh_due, uses_warmup_masking
 
 WORKERS, BATCH, SAMPLES = 2, 8, 96
 STEPS_PER_EPOCH = SAMPLES // (WORKERS * BATCH)  # 6
