@@ -12,7 +12,7 @@ import importlib
 import inspect
 import platform
 
-__all__ = ["BENCHES", "run_bench", "device_info"]
+__all__ = ["BENCHES", "device_info", "run_bench"]
 
 # name -> module under salient.jobs holding `bench_<name>`
 BENCHES = {
@@ -30,8 +30,12 @@ def device_info(device: str = "auto") -> dict:
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    info = {"device": device, "host_cpus": _cpu_count(), "platform": platform.platform(),
-            "torch": torch.__version__}
+    info = {
+        "device": device,
+        "host_cpus": _cpu_count(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+    }
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(0)
     else:
@@ -54,5 +58,5 @@ def run_bench(what: str, quick: bool = False, device: str = "auto") -> dict:
     if "device" in inspect.signature(fn).parameters:
         kwargs["device"] = info["device"]
     result = fn(**kwargs)
-    stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    stamp = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
     return {"bench": what, "quick": quick, **info, "date": stamp, **result}

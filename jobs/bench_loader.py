@@ -36,11 +36,23 @@ IMAGE, PATCH, MASK, THROW = 224, 16, 0.45, 0.40
 
 
 def _settings(quick: bool, cuda: bool) -> dict:
-    cpu = {"n": 192 if quick else 1024, "scene": 256, "shard_size": 64 if quick else 128,
-           "batch": 32 if quick else 64, "epochs": 1 if quick else 2, "workers": (0, 1, 2)}
-    gpu = {"distinct": 256 if quick else 1024, "copies": 4 if quick else 16, "scene": 384,
-           "shard_size": 512, "batch": 256, "epochs": 1 if quick else 2,
-           "workers": min(12, max(1, _cpus() - 2))}
+    cpu = {
+        "n": 192 if quick else 1024,
+        "scene": 256,
+        "shard_size": 64 if quick else 128,
+        "batch": 32 if quick else 64,
+        "epochs": 1 if quick else 2,
+        "workers": (0, 1, 2),
+    }
+    gpu = {
+        "distinct": 256 if quick else 1024,
+        "copies": 4 if quick else 16,
+        "scene": 384,
+        "shard_size": 512,
+        "batch": 256,
+        "epochs": 1 if quick else 2,
+        "workers": min(12, max(1, _cpus() - 2)),
+    }
     return {"cpu": cpu, "gpu": gpu if cuda else None, "plan_reps": 20 if quick else 200}
 
 
@@ -74,14 +86,23 @@ def _tiled(src: Path, out: Path, copies: int, shard_size: int) -> Path:
     records, shards = records * copies, []
     out.mkdir(parents=True)
     for index, first in enumerate(range(0, len(records), shard_size)):
-        part = records[first:first + shard_size]
+        part = records[first : first + shard_size]
         with wds.TarWriter(str(out / shard_name(index)), encoder=False) as writer:
             for offset, data in enumerate(part):
                 writer.write({"__key__": sample_key(first + offset), "jpg": data})
-        shards.append(ShardInfo(index, shard_name(index), first, len(part),
-                                (out / shard_name(index)).stat().st_size))
-    manifest = Manifest(num_samples=len(records), shard_size=shard_size, shards=shards,
-                        classes=None, source="bench", fingerprint=fingerprint(shards, len(records)))
+        shards.append(
+            ShardInfo(
+                index, shard_name(index), first, len(part), (out / shard_name(index)).stat().st_size
+            )
+        )
+    manifest = Manifest(
+        num_samples=len(records),
+        shard_size=shard_size,
+        shards=shards,
+        classes=None,
+        source="bench",
+        fingerprint=fingerprint(shards, len(records)),
+    )
     (out / "manifest.json").write_text(manifest.to_json())
     return out
 
@@ -93,8 +114,12 @@ def _random_store(data: Path, url: Path, grid: int = IMAGE // PATCH) -> str:
 
     dataset = open_dataset(data)
     store = SaliencyStore.create(str(url), dataset, grid=grid)
-    writer = store.begin_generation({"path": None, "sha256": "random", "name": "bench"},
-                                    "cls_attn", image_size=IMAGE, patch_size=PATCH)
+    writer = store.begin_generation(
+        {"path": None, "sha256": "random", "name": "bench"},
+        "cls_attn",
+        image_size=IMAGE,
+        patch_size=PATCH,
+    )
     rng = np.random.default_rng(0)
     for shard in dataset.shards:
         maps = rng.random((shard.count, grid, grid)).astype(np.float16)
@@ -109,10 +134,21 @@ def _random_store(data: Path, url: Path, grid: int = IMAGE // PATCH) -> str:
 def _loader(data: Path, store: str, batch: int, workers: int, device: str, decode: str):
     from salient.pipeline.loader import LoaderConfig, SalientLoader
 
-    return SalientLoader(LoaderConfig(
-        data=str(data), store=store, image_size=IMAGE, patch_size=PATCH, batch_size=batch,
-        strategy="amt", mask_ratio=MASK, throw_ratio=THROW, num_workers=workers, device=device,
-        decode=decode))
+    return SalientLoader(
+        LoaderConfig(
+            data=str(data),
+            store=store,
+            image_size=IMAGE,
+            patch_size=PATCH,
+            batch_size=batch,
+            strategy="amt",
+            mask_ratio=MASK,
+            throw_ratio=THROW,
+            num_workers=workers,
+            device=device,
+            decode=decode,
+        )
+    )
 
 
 def _sync(device: str) -> None:
@@ -129,8 +165,12 @@ def _epochs_rate(loader, epochs: int) -> dict:
             samples += len(batch["ids"])
         _sync(loader.config.device)
     seconds = time.perf_counter() - start
-    return {"img_s": round(samples / seconds, 1), "images": samples, "seconds": round(seconds, 3),
-            "workers": loader.num_workers}
+    return {
+        "img_s": round(samples / seconds, 1),
+        "images": samples,
+        "seconds": round(seconds, 3),
+        "workers": loader.num_workers,
+    }
 
 
 def _cpu_rates(data: Path, store: str, settings: dict) -> list[dict]:
@@ -152,8 +192,10 @@ def _planning_ms(device: str, reps: int) -> dict:
     weights = torch.rand(256, 196, generator=gen, device=dev)
     has_map = torch.ones(256, dtype=torch.bool, device=dev)
     has_map[0] = False
-    calls = {"plan_masks_amt": lambda: plan_masks("amt", weights, MASK, THROW, generator=gen),
-             "plan_batch": lambda: plan_batch("amt", weights, has_map, MASK, THROW, gen, 0.0, {})}
+    calls = {
+        "plan_masks_amt": lambda: plan_masks("amt", weights, MASK, THROW, generator=gen),
+        "plan_batch": lambda: plan_batch("amt", weights, has_map, MASK, THROW, gen, 0.0, {}),
+    }
     return {name: _median_ms(call, reps, dev) for name, call in calls.items()}
 
 
@@ -195,9 +237,16 @@ def _device_path(work: Path, settings: dict, device: str) -> dict:
     loader = _loader(data, store, settings["batch"], settings["workers"], device, "device")
     main = _main_rate(loader, batches=4)
     whole = _epochs_rate(loader, settings["epochs"])
-    return {"image_size": IMAGE, "batch_size": settings["batch"], "scene_px": settings["scene"],
-            "main_img_s": main, "loader_img_s": whole["img_s"], "workers": whole["workers"],
-            "images": whole["images"], "target_img_s": 5000}
+    return {
+        "image_size": IMAGE,
+        "batch_size": settings["batch"],
+        "scene_px": settings["scene"],
+        "main_img_s": main,
+        "loader_img_s": whole["img_s"],
+        "workers": whole["workers"],
+        "images": whole["images"],
+        "target_img_s": 5000,
+    }
 
 
 def bench_loader(quick: bool = False, device: str = "auto", data: str | None = None) -> dict:
@@ -212,14 +261,21 @@ def bench_loader(quick: bool = False, device: str = "auto", data: str | None = N
     cpu = settings["cpu"]
     with tempfile.TemporaryDirectory(prefix="salient-bench-loader-") as tmp:
         work = Path(tmp)
-        source = Path(data) if data else _demo(work / "data", cpu["n"], cpu["scene"],
-                                                cpu["shard_size"])
+        source = (
+            Path(data) if data else _demo(work / "data", cpu["n"], cpu["scene"], cpu["shard_size"])
+        )
         store = _random_store(source, work / "saliency.zarr")
-        result = {"image_size": IMAGE, "patch_size": PATCH, "mask_ratio": MASK,
-                  "throw_ratio": THROW, "batch_size": cpu["batch"], "scene_px": cpu["scene"],
-                  "dataset": str(data) if data else f"demo n={cpu['n']}",
-                  "cpu": _cpu_rates(source, store, cpu),
-                  "planning_ms_cpu": _planning_ms("cpu", settings["plan_reps"])}
+        result = {
+            "image_size": IMAGE,
+            "patch_size": PATCH,
+            "mask_ratio": MASK,
+            "throw_ratio": THROW,
+            "batch_size": cpu["batch"],
+            "scene_px": cpu["scene"],
+            "dataset": str(data) if data else f"demo n={cpu['n']}",
+            "cpu": _cpu_rates(source, store, cpu),
+            "planning_ms_cpu": _planning_ms("cpu", settings["plan_reps"]),
+        }
         if cuda:
             result["planning_ms_cuda"] = _planning_ms("cuda", settings["plan_reps"])
             result["gpu"] = _device_path(work, settings["gpu"], "cuda")

@@ -45,9 +45,12 @@ def _measure(repeats: int, device: str) -> dict:
         return lambda: plan_masks(name, weights, *ratios, generator=generator, progress=0.5)
 
     plan_ms = {
-        name: {label: _median_ms(plan(name, ratios), repeats, device) for label, ratios in RATIOS.items()}
+        name: {
+            label: _median_ms(plan(name, ratios), repeats, device)
+            for label, ratios in RATIOS.items()
+        }
         for name in STRATEGIES
-    }  # fmt: skip
+    }
     return {
         "batch": BATCH,
         "patches": GRID * GRID,

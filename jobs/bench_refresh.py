@@ -22,16 +22,29 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["bench_refresh", "RayDataMaps"]
+__all__ = ["RayDataMaps", "bench_refresh"]
 
 
 def _settings(device: str, quick: bool) -> dict:
     if device.startswith("cuda"):
-        return {"model": "vit_base_patch16_224", "n": 4096 if quick else 32768,
-                "shard_size": 1024, "scene_size": 256, "batch_size": 256,
-                "gpus_per_worker": 1.0, "cpus_per_worker": 4.0}
-    return {"model": "vit_tiny_patch16_224", "n": 128 if quick else 512, "shard_size": 64,
-            "scene_size": 192, "batch_size": 32, "gpus_per_worker": 0.0, "cpus_per_worker": 1.0}
+        return {
+            "model": "vit_base_patch16_224",
+            "n": 4096 if quick else 32768,
+            "shard_size": 1024,
+            "scene_size": 256,
+            "batch_size": 256,
+            "gpus_per_worker": 1.0,
+            "cpus_per_worker": 4.0,
+        }
+    return {
+        "model": "vit_tiny_patch16_224",
+        "n": 128 if quick else 512,
+        "shard_size": 64,
+        "scene_size": 192,
+        "batch_size": 32,
+        "gpus_per_worker": 0.0,
+        "cpus_per_worker": 1.0,
+    }
 
 
 def _forward_rate(model: str, device: str, batch_size: int, threads: int) -> float:
@@ -62,11 +75,16 @@ def _forward_rate(model: str, device: str, batch_size: int, threads: int) -> flo
 def _config(data: Path, store: Path, settings: dict, workers: int):
     from salient.jobs.refresh import RefreshConfig
 
-    return RefreshConfig(data=str(data), store=str(store),
-                         teacher=f"timm:{settings['model']}", allow_random_teacher=True,
-                         batch_size=settings["batch_size"], workers=workers,
-                         gpus_per_worker=settings["gpus_per_worker"],
-                         cpus_per_worker=settings["cpus_per_worker"])
+    return RefreshConfig(
+        data=str(data),
+        store=str(store),
+        teacher=f"timm:{settings['model']}",
+        allow_random_teacher=True,
+        batch_size=settings["batch_size"],
+        workers=workers,
+        gpus_per_worker=settings["gpus_per_worker"],
+        cpus_per_worker=settings["cpus_per_worker"],
+    )
 
 
 # ---------------------------------------------------------------- the Ray Data variant
@@ -108,19 +126,27 @@ def _ray_data_refresh(config) -> dict:
     spare = (ray.cluster_resources().get("CPU", 1.0) - 1.0) / config.workers
     num_cpus = max(0.25, min(config.cpus_per_worker, spare))
     rows = ray.data.read_webdataset(dataset.shard_urls(), decoder=None).map_batches(
-        RayDataMaps, fn_constructor_args=(ray.put(teacher.model), spec),
-        compute=ray.data.ActorPoolStrategy(size=config.workers), batch_size=config.batch_size,
-        num_cpus=num_cpus, num_gpus=config.gpus_per_worker or None)
+        RayDataMaps,
+        fn_constructor_args=(ray.put(teacher.model), spec),
+        compute=ray.data.ActorPoolStrategy(size=config.workers),
+        batch_size=config.batch_size,
+        num_cpus=num_cpus,
+        num_gpus=config.gpus_per_worker or None,
+    )
     pending: dict[int, list] = {}
     for batch in rows.iter_batches(batch_size=None, batch_format="numpy"):
         for i, sample_id in enumerate(batch["id"]):
             shard = dataset.shards[int(sample_id) // size]
             pending.setdefault(shard.index, []).append(
-                (int(sample_id), batch["maps"][i], batch["valid"][i]))
+                (int(sample_id), batch["maps"][i], batch["valid"][i])
+            )
             if len(pending[shard.index]) == shard.count:
                 got = sorted(pending.pop(shard.index), key=lambda r: r[0])
-                writer.write_shard(shard.index, np.stack([r[1] for r in got]),
-                                   np.array([r[2] for r in got], dtype=np.uint8))
+                writer.write_shard(
+                    shard.index,
+                    np.stack([r[1] for r in got]),
+                    np.array([r[2] for r in got], dtype=np.uint8),
+                )
     writer.publish()
     seconds = time.perf_counter() - start
     return {"seconds": round(seconds, 3), "img_per_s": round(dataset.num_samples / seconds, 1)}
@@ -134,26 +160,42 @@ def _data(data: str | None, settings: dict, work: Path) -> Path:
         return Path(data)
     from salient.pipeline.ingest import ingest_demo
 
-    ingest_demo(work / "data", n=settings["n"], seed=0, shard_size=settings["shard_size"],
-                image_size=settings["scene_size"])
+    ingest_demo(
+        work / "data",
+        n=settings["n"],
+        seed=0,
+        shard_size=settings["shard_size"],
+        image_size=settings["scene_size"],
+    )
     return work / "data"
 
 
-def _one(variant: str, data: Path, work: Path, settings: dict, workers: int,
-         forward: float) -> dict:
+def _one(
+    variant: str, data: Path, work: Path, settings: dict, workers: int, forward: float
+) -> dict:
     from salient.jobs.refresh import run_refresh
 
     config = _config(data, work / f"{variant}-{workers}.zarr", settings, workers)
-    result = (run_refresh(config, progress=False) if variant == "actors"
-              else _ray_data_refresh(config))
-    return {"variant": variant, "workers": workers, "seconds": result["seconds"],
-            "img_per_s": result["img_per_s"],
-            "ratio_to_forward": round(result["img_per_s"] / (forward * workers), 3)}
+    result = (
+        run_refresh(config, progress=False) if variant == "actors" else _ray_data_refresh(config)
+    )
+    return {
+        "variant": variant,
+        "workers": workers,
+        "seconds": result["seconds"],
+        "img_per_s": result["img_per_s"],
+        "ratio_to_forward": round(result["img_per_s"] / (forward * workers), 3),
+    }
 
 
-def bench_refresh(quick: bool = False, device: str = "auto", workers: tuple[int, ...] = (1, 2),
-                  data: str | None = None, model: str | None = None,
-                  variants: tuple[str, ...] = ("actors", "ray_data")) -> dict:
+def bench_refresh(
+    quick: bool = False,
+    device: str = "auto",
+    workers: tuple[int, ...] = (1, 2),
+    data: str | None = None,
+    model: str | None = None,
+    variants: tuple[str, ...] = ("actors", "ray_data"),
+) -> dict:
     """End-to-end refresh img/s for each variant and worker count, and the forward-only rate.
 
     ``model`` defaults to vit_tiny on CPU and ViT-B/16 on CUDA; ``data`` defaults to a demo
@@ -176,14 +218,21 @@ def bench_refresh(quick: bool = False, device: str = "auto", workers: tuple[int,
     try:
         with tempfile.TemporaryDirectory(prefix="salient-bench-refresh-") as tmp:
             source = _data(data, settings, Path(tmp))
-            runs = [_one(v, source, Path(tmp), settings, w, forward)
-                    for v in variants for w in workers]
+            runs = [
+                _one(v, source, Path(tmp), settings, w, forward) for v in variants for w in workers
+            ]
     finally:
         if info.started:
             import ray
 
             ray.shutdown()
-    return {"model": settings["model"], "images": settings["n"] if data is None else None,
-            "image_size": 224, "batch_size": settings["batch_size"],
-            "threads_per_worker": threads, "precision": "bf16" if device != "cpu" else "fp32",
-            "forward_img_per_s_per_worker": round(forward, 1), "runs": runs}
+    return {
+        "model": settings["model"],
+        "images": settings["n"] if data is None else None,
+        "image_size": 224,
+        "batch_size": settings["batch_size"],
+        "threads_per_worker": threads,
+        "precision": "bf16" if device != "cpu" else "fp32",
+        "forward_img_per_s_per_worker": round(forward, 1),
+        "runs": runs,
+    }

@@ -64,9 +64,19 @@ def _write_many(store, workers: int) -> float:
     ctx = multiprocessing.get_context("spawn")
     writer = _begin(store)
     barrier, queue = ctx.Barrier(workers + 1), ctx.Queue()
-    procs = [ctx.Process(target=timed_write, args=(store.url, writer.name,
-                                                   list(range(k, store.num_shards, workers)),
-                                                   barrier, queue)) for k in range(workers)]
+    procs = [
+        ctx.Process(
+            target=timed_write,
+            args=(
+                store.url,
+                writer.name,
+                list(range(k, store.num_shards, workers)),
+                barrier,
+                queue,
+            ),
+        )
+        for k in range(workers)
+    ]
     for proc in procs:
         proc.start()
     barrier.wait(timeout=300)
@@ -94,8 +104,14 @@ def _reads(store, repeats: int) -> dict:
     n = store.num_samples
     figures = {}
     cases = {
-        "shard": (reader.read_shard, [(int(s),) for s in rng.integers(0, store.num_shards, repeats)]),
-        "ids_256": (reader.read_ids, [(rng.choice(n, 256, replace=False),) for _ in range(repeats)]),
+        "shard": (
+            reader.read_shard,
+            [(int(s),) for s in rng.integers(0, store.num_shards, repeats)],
+        ),
+        "ids_256": (
+            reader.read_ids,
+            [(rng.choice(n, 256, replace=False),) for _ in range(repeats)],
+        ),
         "one_row": (reader.read_range, [(int(i), int(i) + 1) for i in rng.integers(0, n, repeats)]),
     }
     for name, (read, args) in cases.items():
@@ -112,15 +128,20 @@ def bench_store(quick: bool = False, path: str | None = None) -> dict:
 
     rows, repeats = (20_000, 10) if quick else (200_000, 50)
     with tempfile.TemporaryDirectory(prefix="bench-store-", dir=path) as tmp:
-        store = SaliencyStore.create(Path(tmp) / "saliency.zarr",
-                                     synthetic_dataset(rows, SHARD, tmp), grid=GRID)
+        store = SaliencyStore.create(
+            Path(tmp) / "saliency.zarr", synthetic_dataset(rows, SHARD, tmp), grid=GRID
+        )
         one = _write_one(store)
         many = _write_many(store, WRITERS)
         reads = _reads(store, repeats)
     return {
-        "rows": rows, "grid": GRID, "shard_size": SHARD, "dtype": "float16",
+        "rows": rows,
+        "grid": GRID,
+        "shard_size": SHARD,
+        "dtype": "float16",
         "zarr": zarr.__version__,
-        "rows_per_s_1_writer": round(one), f"rows_per_s_{WRITERS}_writers": round(many),
+        "rows_per_s_1_writer": round(one),
+        f"rows_per_s_{WRITERS}_writers": round(many),
         **reads,
         "targets": {"rows_per_s": TARGET_ROWS_PER_S, "shard_read_ms": TARGET_SHARD_MS},
         "meets_targets": min(one, many) >= TARGET_ROWS_PER_S

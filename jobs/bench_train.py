@@ -69,8 +69,14 @@ def _setup(device: torch.device, quick: bool) -> _Setup:
 # ---------------------------------------------------------------- inputs
 
 
-def _synthetic(setup: _Setup, strategy: str, mask_ratio: float, throw_ratio: float,
-               device: torch.device, count: int = 4) -> list[dict]:
+def _synthetic(
+    setup: _Setup,
+    strategy: str,
+    mask_ratio: float,
+    throw_ratio: float,
+    device: torch.device,
+    count: int = 4,
+) -> list[dict]:
     """``count`` batches of random images and plans (random weights for AMT), on ``device``."""
     from salient.pipeline.masking import plan_masks
 
@@ -80,12 +86,19 @@ def _synthetic(setup: _Setup, strategy: str, mask_ratio: float, throw_ratio: flo
     for _ in range(count):
         weights = torch.rand(b, n, generator=generator, device=device) + 1e-6
         plan = plan_masks(strategy, weights, mask_ratio, throw_ratio, generator=generator)
-        batches.append({
-            "images": torch.randn(b, 3, setup.image_size, setup.image_size, generator=generator,
-                                  device=device),
-            "visible_idx": plan.visible_idx, "mask_idx": plan.mask_idx,
-            "throw_idx": plan.throw_idx, "ids": torch.arange(b),
-            "has_saliency": torch.ones(b, dtype=torch.bool), "generation": None})
+        batches.append(
+            {
+                "images": torch.randn(
+                    b, 3, setup.image_size, setup.image_size, generator=generator, device=device
+                ),
+                "visible_idx": plan.visible_idx,
+                "mask_idx": plan.mask_idx,
+                "throw_idx": plan.throw_idx,
+                "ids": torch.arange(b),
+                "has_saliency": torch.ones(b, dtype=torch.bool),
+                "generation": None,
+            }
+        )
     return batches
 
 
@@ -96,13 +109,21 @@ def _write_inputs(root: Path, setup: _Setup) -> tuple[str, str]:
     from salient.store import SaliencyStore
 
     data, store_url = root / "data", str(root / "saliency.zarr")
-    ingest_demo(data, n=setup.images, seed=0, shard_size=max(setup.images // 8, setup.batch_size),
-                image_size=max(setup.image_size, 64))
+    ingest_demo(
+        data,
+        n=setup.images,
+        seed=0,
+        shard_size=max(setup.images // 8, setup.batch_size),
+        image_size=max(setup.image_size, 64),
+    )
     dataset = open_dataset(data)
     store = SaliencyStore.create(store_url, dataset, grid=setup.grid)
-    writer = store.begin_generation({"path": None, "sha256": "random", "name": "bench"},
-                                    "cls_attn", image_size=setup.image_size,
-                                    patch_size=setup.patch_size)
+    writer = store.begin_generation(
+        {"path": None, "sha256": "random", "name": "bench"},
+        "cls_attn",
+        image_size=setup.image_size,
+        patch_size=setup.patch_size,
+    )
     rng = np.random.default_rng(0)
     for shard in dataset.shards:
         maps = rng.random((shard.count, setup.grid, setup.grid)).astype(np.float16)
@@ -111,16 +132,32 @@ def _write_inputs(root: Path, setup: _Setup) -> tuple[str, str]:
     return str(data), store_url
 
 
-def _loader_batches(setup: _Setup, data: str, store: str, strategy: str, mask_ratio: float,
-                    throw_ratio: float, device: torch.device) -> Iterator[dict]:
+def _loader_batches(
+    setup: _Setup,
+    data: str,
+    store: str,
+    strategy: str,
+    mask_ratio: float,
+    throw_ratio: float,
+    device: torch.device,
+) -> Iterator[dict]:
     """The real loader's batches, epoch after epoch."""
     from salient.pipeline.loader import LoaderConfig, SalientLoader
 
-    loader = SalientLoader(LoaderConfig(
-        data=data, store=store if strategy != "random" else None,
-        image_size=setup.image_size, patch_size=setup.patch_size, batch_size=setup.batch_size,
-        strategy=strategy, mask_ratio=mask_ratio, throw_ratio=throw_ratio,
-        num_workers=setup.loader_workers, device=str(device)))
+    loader = SalientLoader(
+        LoaderConfig(
+            data=data,
+            store=store if strategy != "random" else None,
+            image_size=setup.image_size,
+            patch_size=setup.patch_size,
+            batch_size=setup.batch_size,
+            strategy=strategy,
+            mask_ratio=mask_ratio,
+            throw_ratio=throw_ratio,
+            num_workers=setup.loader_workers,
+            device=str(device),
+        )
+    )
     return itertools.chain.from_iterable(loader.epoch(e) for e in itertools.count())
 
 
@@ -137,10 +174,19 @@ def _step_rate(setup: _Setup, kind: str, batches: Iterator[dict], device: torch.
     optimizer = build_optimizer(model, lr=1.5e-4)
     seconds: list[float] = []
     total = setup.warmup_steps + setup.steps
-    train_one_epoch(model, optimizer, WarmupCosine(1.5e-4, total), itertools.islice(batches, total),
-                    epoch=0, step=0, device=device, bf16=True, clip_grad=5.0,
-                    on_step=lambda record, _: seconds.append(record["images"] / record["img_per_s"]))
-    timed = seconds[setup.warmup_steps:]
+    train_one_epoch(
+        model,
+        optimizer,
+        WarmupCosine(1.5e-4, total),
+        itertools.islice(batches, total),
+        epoch=0,
+        step=0,
+        device=device,
+        bf16=True,
+        clip_grad=5.0,
+        on_step=lambda record, _: seconds.append(record["images"] / record["img_per_s"]),
+    )
+    timed = seconds[setup.warmup_steps :]
     return setup.batch_size * len(timed) / sum(timed)
 
 
@@ -150,8 +196,11 @@ def _case(setup: _Setup, name: str, device: torch.device, data: str, store: str)
     synthetic_rate = _step_rate(setup, kind, itertools.cycle(synthetic), device)
     loader = _loader_batches(setup, data, store, strategy, mask_ratio, throw_ratio, device)
     loader_rate = _step_rate(setup, kind, loader, device)
-    return {"synthetic_img_s": round(synthetic_rate, 1), "loader_img_s": round(loader_rate, 1),
-            "loader_vs_synthetic": round(loader_rate / synthetic_rate, 3)}
+    return {
+        "synthetic_img_s": round(synthetic_rate, 1),
+        "loader_img_s": round(loader_rate, 1),
+        "loader_vs_synthetic": round(loader_rate / synthetic_rate, 3),
+    }
 
 
 def bench_train(quick: bool = False, device: str = "auto") -> dict:
@@ -169,13 +218,25 @@ def bench_train(quick: bool = False, device: str = "auto") -> dict:
         data, store = _write_inputs(Path(tmp), setup)
         cases = {name: _case(setup, name, dev, data, store) for name in CASES}
     ratio = {
-        model: {source: round(cases[amt][f"{source}_img_s"] / cases[rnd][f"{source}_img_s"], 3)
-                for source in ("synthetic", "loader")}
-        for model, amt, rnd in (("mae", "mae_amt_45_40", "mae_random_75"),
-                                ("simmim", "simmim_amt_44_26", "simmim_random_60"))
+        model: {
+            source: round(cases[amt][f"{source}_img_s"] / cases[rnd][f"{source}_img_s"], 3)
+            for source in ("synthetic", "loader")
+        }
+        for model, amt, rnd in (
+            ("mae", "mae_amt_45_40", "mae_random_75"),
+            ("simmim", "simmim_amt_44_26", "simmim_random_60"),
+        )
     }
-    return {"model_size": setup.size, "image_size": setup.image_size,
-            "patch_size": setup.patch_size, "batch_size": setup.batch_size,
-            "steps": setup.steps, "warmup_steps": setup.warmup_steps,
-            "loader_workers": setup.loader_workers, "bf16": dev.type == "cuda",
-            "threads": torch.get_num_threads(), "cases": cases, "amt_vs_random": ratio}
+    return {
+        "model_size": setup.size,
+        "image_size": setup.image_size,
+        "patch_size": setup.patch_size,
+        "batch_size": setup.batch_size,
+        "steps": setup.steps,
+        "warmup_steps": setup.warmup_steps,
+        "loader_workers": setup.loader_workers,
+        "bf16": dev.type == "cuda",
+        "threads": torch.get_num_threads(),
+        "cases": cases,
+        "amt_vs_random": ratio,
+    }

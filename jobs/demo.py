@@ -54,8 +54,10 @@ class DemoConfig:
         if self.n < 16:
             raise SalientError(f"the demo needs at least 16 scenes (got --n {self.n})")
         if self.epochs <= self.warmup_epochs:
-            raise SalientError(f"the demo needs --epochs > --warmup-epochs ({self.epochs} <= "
-                               f"{self.warmup_epochs}) so that AMT epochs follow the warmup")
+            raise SalientError(
+                f"the demo needs --epochs > --warmup-epochs ({self.epochs} <= "
+                f"{self.warmup_epochs}) so that AMT epochs follow the warmup"
+            )
 
 
 def summarize_dataset(data: str | Path) -> dict:
@@ -78,8 +80,9 @@ def summarize_dataset(data: str | Path) -> dict:
     return {
         "images": dataset.num_samples,
         "shards": len(dataset.shards),
-        "per_class": {classes[k] if k < len(classes) else str(k): v for k, v in
-                      sorted(labels.items())},
+        "per_class": {
+            classes[k] if k < len(classes) else str(k): v for k, v in sorted(labels.items())
+        },
         "mean_box_area_share": round(sum(area_share) / len(area_share), 4) if area_share else None,
     }
 
@@ -97,8 +100,15 @@ def _stage_ingest(config: DemoConfig, data: Path) -> dict:
         pass
     start = time.perf_counter()
     with progress_bar(config.n, "demo scenes") as bar:
-        ingest_demo(data, n=config.n, seed=config.seed, shard_size=config.shard_size,
-                    image_size=config.image_size, overwrite=True, progress=bar)
+        ingest_demo(
+            data,
+            n=config.n,
+            seed=config.seed,
+            shard_size=config.shard_size,
+            image_size=config.image_size,
+            overwrite=True,
+            progress=bar,
+        )
     return {"ingest": "written", "ingest_seconds": round(time.perf_counter() - start, 2)}
 
 
@@ -110,13 +120,25 @@ def _train_config(config: DemoConfig, out: Path):
     latest = latest_checkpoint(run_dir)
     done = latest is not None and load_checkpoint(latest)["epoch"] >= config.epochs
     train = TrainConfig(
-        data=str(out / "data"), store=str(out / "saliency.zarr"), model=config.model,
-        strategy="amt", mask_ratio=0.45, throw_ratio=0.40, epochs=config.epochs,
-        warmup_epochs=config.warmup_epochs, refresh_every=config.refresh_every,
-        refresh_wait=True, workers=config.workers, run_dir=str(run_dir),
-        resume=latest is not None, batch_size=config.batch_size,
-        image_size=config.train_size, patch_size=config.patch_size, seed=config.seed,
-        loader_workers=1, refresh_batch_size=128,
+        data=str(out / "data"),
+        store=str(out / "saliency.zarr"),
+        model=config.model,
+        strategy="amt",
+        mask_ratio=0.45,
+        throw_ratio=0.40,
+        epochs=config.epochs,
+        warmup_epochs=config.warmup_epochs,
+        refresh_every=config.refresh_every,
+        refresh_wait=True,
+        workers=config.workers,
+        run_dir=str(run_dir),
+        resume=latest is not None,
+        batch_size=config.batch_size,
+        image_size=config.train_size,
+        patch_size=config.patch_size,
+        seed=config.seed,
+        loader_workers=1,
+        refresh_batch_size=128,
     )
     return train, done
 
@@ -136,12 +158,22 @@ def _stage_inspect(config: DemoConfig, out: Path) -> dict:
     from salient.store import SaliencyStore
 
     store = out / "saliency.zarr"
-    published = [g["name"] for g in SaliencyStore.open(str(store)).generations()
-                 if g["status"] == "published"]
+    published = [
+        g["name"]
+        for g in SaliencyStore.open(str(store)).generations()
+        if g["status"] == "published"
+    ]
     compare = published[0] if len(published) > 1 else None
-    report = run_inspect(InspectConfig(store=str(store), data=str(out / "data"),
-                                       out=str(out / "report"), n=config.report_images,
-                                       compare=compare, seed=config.seed))
+    report = run_inspect(
+        InspectConfig(
+            store=str(store),
+            data=str(out / "data"),
+            out=str(out / "report"),
+            n=config.report_images,
+            compare=compare,
+            seed=config.seed,
+        )
+    )
     return {"inspect": report}
 
 

@@ -38,7 +38,7 @@ from salient.jobs.inspect_stats import (
     usable,
 )
 
-__all__ = ["InspectConfig", "InspectError", "run_inspect", "print_sample"]
+__all__ = ["InspectConfig", "InspectError", "print_sample", "run_inspect"]
 
 SHADES = " ░▒▓█"  # text heat map: five levels of the min-max normalised map
 
@@ -84,14 +84,20 @@ class InspectConfig:
         from salient.pipeline.masking import STRATEGIES
 
         if self.strategy not in STRATEGIES:
-            raise InspectError(f"unknown --strategy {self.strategy!r}; choose one of "
-                               f"{', '.join(sorted(STRATEGIES))}")
+            raise InspectError(
+                f"unknown --strategy {self.strategy!r}; choose one of "
+                f"{', '.join(sorted(STRATEGIES))}"
+            )
         if not 0.0 < self.mask_ratio < 1.0 or not 0.0 <= self.throw_ratio < 1.0:
-            raise InspectError(f"--mask-ratio must be in (0, 1) and --throw-ratio in [0, 1) "
-                               f"(got {self.mask_ratio} and {self.throw_ratio})")
+            raise InspectError(
+                f"--mask-ratio must be in (0, 1) and --throw-ratio in [0, 1) "
+                f"(got {self.mask_ratio} and {self.throw_ratio})"
+            )
         if self.mask_ratio + self.throw_ratio >= 1.0:
-            raise InspectError(f"mask_ratio + throw_ratio must be < 1 (got {self.mask_ratio} "
-                               f"+ {self.throw_ratio}); lower one so some patches stay visible")
+            raise InspectError(
+                f"mask_ratio + throw_ratio must be < 1 (got {self.mask_ratio} "
+                f"+ {self.throw_ratio}); lower one so some patches stay visible"
+            )
 
 
 # ---------------------------------------------------------------- store access
@@ -113,19 +119,27 @@ def _resolve_generation(store, name: str | None) -> str:
         if current is not None:
             return current
         if not generations:
-            raise InspectError(f"the store at {store.url} holds no generation yet; run "
-                               "`salient refresh` to compute saliency maps first")
+            raise InspectError(
+                f"the store at {store.url} holds no generation yet; run "
+                "`salient refresh` to compute saliency maps first"
+            )
         pending = ", ".join(f"{g['name']} ({g.get('status')})" for g in generations)
-        raise InspectError(f"the store at {store.url} has no published generation "
-                           f"(found {pending}); finish it with `salient refresh`, which resumes")
+        raise InspectError(
+            f"the store at {store.url} has no published generation "
+            f"(found {pending}); finish it with `salient refresh`, which resumes"
+        )
     known = {g["name"]: g for g in generations}
     if name not in known:
-        raise InspectError(f"unknown generation {name!r} in the store at {store.url}; "
-                           f"published: {', '.join(published) or 'none'}")
+        raise InspectError(
+            f"unknown generation {name!r} in the store at {store.url}; "
+            f"published: {', '.join(published) or 'none'}"
+        )
     if name not in published:
-        raise InspectError(f"generation {name!r} is not published (status "
-                           f"{known[name].get('status')!r}); inspect one of: "
-                           f"{', '.join(published) or 'none — run `salient refresh`'}")
+        raise InspectError(
+            f"generation {name!r} is not published (status "
+            f"{known[name].get('status')!r}); inspect one of: "
+            f"{', '.join(published) or 'none — run `salient refresh`'}"
+        )
     return name
 
 
@@ -134,8 +148,10 @@ def _select_ids(config: InspectConfig, num_samples: int) -> list[int]:
     if config.ids is not None:
         outside = [i for i in config.ids if i >= num_samples]
         if outside:
-            raise InspectError(f"--ids {', '.join(map(str, outside[:5]))} out of range: the "
-                               f"dataset holds ids 0..{num_samples - 1}")
+            raise InspectError(
+                f"--ids {', '.join(map(str, outside[:5]))} out of range: the "
+                f"dataset holds ids 0..{num_samples - 1}"
+            )
         return list(config.ids)
     rng = np.random.default_rng(config.seed)
     return sorted(rng.choice(num_samples, size=min(config.n, num_samples), replace=False).tolist())
@@ -187,13 +203,21 @@ def _panel_maps(readers: list, ids: list[int]) -> list[dict[int, np.ndarray | No
     for reader in readers:
         maps, valid = (np.asarray(a) for a in reader.read_ids(ids))
         ok = usable(maps, valid)
-        result.append({i: (maps[k].astype(np.float64) if ok[k] else None)
-                       for k, i in enumerate(ids)})
+        result.append(
+            {i: (maps[k].astype(np.float64) if ok[k] else None) for k, i in enumerate(ids)}
+        )
     return result
 
 
-def _render_panels(config: InspectConfig, out: Path, names: list[str], grid: int,
-                   samples: dict, maps: list[dict], classes: list[str] | None) -> list[dict]:
+def _render_panels(
+    config: InspectConfig,
+    out: Path,
+    names: list[str],
+    grid: int,
+    samples: dict,
+    maps: list[dict],
+    classes: list[str] | None,
+) -> list[dict]:
     from salient.jobs import inspect_report as report
     from salient.jobs.progress import progress_bar
 
@@ -201,16 +225,25 @@ def _render_panels(config: InspectConfig, out: Path, names: list[str], grid: int
     with progress_bar(len(samples), "panels") as advance:
         for sample_id, sample in samples.items():
             raw = maps[0][sample_id]
-            state, used = mask_plan_grid(raw, grid, config.strategy, config.mask_ratio,
-                                         config.throw_ratio, sample_generator(config.seed,
-                                                                              sample_id))
+            state, used = mask_plan_grid(
+                raw,
+                grid,
+                config.strategy,
+                config.mask_ratio,
+                config.throw_ratio,
+                sample_generator(config.seed, sample_id),
+            )
             label = _label_name(sample.label, classes)
             panel = report.render_sample(out, sample, names[0], raw, state, used, label)
             if len(names) == 2:
                 order = sorted(range(2), key=names.__getitem__)  # gen-NNNNNN: oldest first
                 panel["compare"] = report.render_compare(
-                    out, sample, [names[k] for k in order], [maps[k][sample_id] for k in order],
-                    label)
+                    out,
+                    sample,
+                    [names[k] for k in order],
+                    [maps[k][sample_id] for k in order],
+                    label,
+                )
             panels.append(panel)
             advance(1)
     return panels
@@ -240,31 +273,44 @@ def run_inspect(config: InspectConfig) -> dict:
     if config.compare is not None:
         names.append(_resolve_generation(store, config.compare))
         if names[1] == names[0]:
-            raise InspectError(f"--compare {config.compare} names the inspected generation "
-                               f"{names[0]}; compare with another one")
+            raise InspectError(
+                f"--compare {config.compare} names the inspected generation "
+                f"{names[0]}; compare with another one"
+            )
     ids = _select_ids(config, dataset.num_samples)
     out = _prepare_out(config.out)
     readers = [store.bind(name) for name in names]
     stats, diff = _scan_store(readers, dataset, store.grid)
     samples = read_samples(dataset, ids)
-    panels = _render_panels(config, out, names, store.grid, samples, _panel_maps(readers, ids),
-                            dataset.manifest.classes)
+    panels = _render_panels(
+        config, out, names, store.grid, samples, _panel_maps(readers, ids), dataset.manifest.classes
+    )
     body = {
-        "store": str(config.store), "dataset": str(dataset.root), "grid": store.grid,
-        "generations": {n: {"info": _generation_info(store, n), "stats": s}
-                        for n, s in zip(names, stats)},
+        "store": str(config.store),
+        "dataset": str(dataset.root),
+        "grid": store.grid,
+        "generations": {
+            n: {"info": _generation_info(store, n), "stats": s} for n, s in zip(names, stats)
+        },
         "compare": None if diff is None else {"from": names[0], "to": names[1], **diff},
-        "ids": ids, "config": asdict(config),
+        "ids": ids,
+        "config": asdict(config),
         "mass": "min-max normalised maps as distributions (see salient.jobs.inspect_stats)",
     }
     report.render_histogram(out, {n: s["histogram"] for n, s in zip(names, stats)})
     _write_json(out / "stats.json", body)
     index = report.write_index(out, body, panels)  # last: it links the files above
-    return {"out": str(out), "index": str(index), "generation": names[0],
-            "compare": names[1] if len(names) == 2 else None, "panels": len(panels),
-            "stats": {n: {k: v for k, v in s.items() if k != "histogram"}
-                      for n, s in zip(names, stats)},
-            "diff": diff}
+    return {
+        "out": str(out),
+        "index": str(index),
+        "generation": names[0],
+        "compare": names[1] if len(names) == 2 else None,
+        "panels": len(panels),
+        "stats": {
+            n: {k: v for k, v in s.items() if k != "histogram"} for n, s in zip(names, stats)
+        },
+        "diff": diff,
+    }
 
 
 # ---------------------------------------------------------------- terminal view
@@ -290,23 +336,31 @@ def print_sample(store_url: str, data: str, sample_id: int, generation: str | No
     store = _open_store(store_url, dataset)
     name = _resolve_generation(store, generation)
     if not isinstance(sample_id, (int, np.integer)) or not 0 <= sample_id < dataset.num_samples:
-        raise InspectError(f"--id {sample_id} out of range: the dataset holds ids "
-                           f"0..{dataset.num_samples - 1}")
+        raise InspectError(
+            f"--id {sample_id} out of range: the dataset holds ids 0..{dataset.num_samples - 1}"
+        )
     maps, valid = (np.asarray(a) for a in store.bind(name).read_ids([int(sample_id)]))
     sample = read_samples(dataset, [int(sample_id)])[int(sample_id)]
     label = _label_name(sample.label, dataset.manifest.classes)
-    head = (f"sample {sample_id} · generation {name} · shard "
-            f"{dataset.shard_of(int(sample_id)).name}" + (f" · label {label}" if label else ""))
+    head = (
+        f"sample {sample_id} · generation {name} · shard "
+        f"{dataset.shard_of(int(sample_id)).name}" + (f" · label {label}" if label else "")
+    )
     if not usable(maps, valid)[0]:
         return f"{head}\nno saliency map (valid={int(valid[0])}): the loader masks it at random\n"
     raw = maps[0].astype(np.float64)
     stats = sample_stats(raw, sample.box, demo_hw(dataset))
-    lines = [head, *_text_heatmap(normalize_maps(raw[None])[0], store.grid),
-             f"shades '{SHADES}' = min-max normalised map in {len(SHADES)} steps",
-             f"raw min {stats['min']:.4g} · max {stats['max']:.4g}",
-             f"entropy {stats['entropy']:.3f} nats ({stats['entropy_norm']:.3f} of uniform)",
-             f"top-25% mass {stats['top25_mass']:.3f} (uniform: 0.25)"]
+    lines = [
+        head,
+        *_text_heatmap(normalize_maps(raw[None])[0], store.grid),
+        f"shades '{SHADES}' = min-max normalised map in {len(SHADES)} steps",
+        f"raw min {stats['min']:.4g} · max {stats['max']:.4g}",
+        f"entropy {stats['entropy']:.3f} nats ({stats['entropy_norm']:.3f} of uniform)",
+        f"top-25% mass {stats['top25_mass']:.3f} (uniform: 0.25)",
+    ]
     if "box_mass" in stats:
-        lines.append(f"box mass {stats['box_mass']:.3f} vs box area {stats['box_area']:.3f} "
-                     f"(lift ×{stats['box_mass'] / stats['box_area']:.2f})")
+        lines.append(
+            f"box mass {stats['box_mass']:.3f} vs box area {stats['box_area']:.3f} "
+            f"(lift ×{stats['box_mass'] / stats['box_area']:.2f})"
+        )
     return "\n".join(lines) + "\n"

@@ -19,7 +19,7 @@ import numpy as np
 
 from salient.errors import SalientError
 
-__all__ = ["InspectError", "Sample", "demo_hw", "shard_boxes", "read_samples"]
+__all__ = ["InspectError", "Sample", "demo_hw", "read_samples", "shard_boxes"]
 
 _IMAGE_EXTS = {"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm"}
 
@@ -84,15 +84,20 @@ def read_samples(dataset, ids: list[int]) -> dict[int, Sample]:
         by_shard.setdefault(dataset.shard_of(sample_id).index, set()).add(sample_id)
     samples = {}
     for index, wanted in sorted(by_shard.items()):
-        for sample_id, rec in _shard_records(dataset, dataset.shards[index], wanted,
-                                             {"image", "cls", "box.json"}).items():
+        for sample_id, rec in _shard_records(
+            dataset, dataset.shards[index], wanted, {"image", "cls", "box.json"}
+        ).items():
             data = next((rec[k] for k in rec if k in _IMAGE_EXTS), None)
             if data is None:
-                raise InspectError(f"sample {sample_id} has no image in "
-                                   f"{dataset.shards[index].name}; re-run `salient ingest`")
+                raise InspectError(
+                    f"sample {sample_id} has no image in "
+                    f"{dataset.shards[index].name}; re-run `salient ingest`"
+                )
             box = json.loads(rec["box.json"]) if "box.json" in rec else None
             samples[sample_id] = Sample(
-                sample_id, Image.open(io.BytesIO(data)).convert("RGB"),
+                sample_id,
+                Image.open(io.BytesIO(data)).convert("RGB"),
                 int(rec["cls"]) if "cls" in rec else None,
-                tuple(float(box[k]) for k in ("x0", "y0", "x1", "y1")) if box else None)
+                tuple(float(box[k]) for k in ("x0", "y0", "x1", "y1")) if box else None,
+            )
     return {sample_id: samples[sample_id] for sample_id in ids}  # in the order asked

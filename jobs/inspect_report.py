@@ -19,8 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["render_sample", "render_compare", "render_histogram", "write_index",
-           "PLAN_COLOURS"]
+__all__ = ["PLAN_COLOURS", "render_compare", "render_histogram", "render_sample", "write_index"]
 
 # RGBA per plan state (0 visible, 1 masked, 2 thrown); AMT Figure 3's colours.
 PLAN_COLOURS = np.array([[0.0, 0.0, 0.0, 0.0], [0.62, 0.62, 0.62, 1.0], [0.0, 0.0, 0.0, 1.0]])
@@ -53,8 +52,9 @@ def _draw_image(ax, image, box=None) -> None:
     ax.imshow(np.asarray(image))
     if box is not None:
         x0, y0, x1, y1 = box
-        ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, lw=1.2, ls="--",
-                               edgecolor="white"))
+        ax.add_patch(
+            Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, lw=1.2, ls="--", edgecolor="white")
+        )
 
 
 def _draw_heat(ax, image, raw: np.ndarray | None) -> None:
@@ -63,34 +63,60 @@ def _draw_heat(ax, image, raw: np.ndarray | None) -> None:
 
     ax.imshow(np.asarray(image))
     if raw is None:
-        ax.text(0.5, 0.5, "no valid map", transform=ax.transAxes, ha="center", va="center",
-                color="white", fontsize=10, bbox={"facecolor": "black", "alpha": 0.6})
+        ax.text(
+            0.5,
+            0.5,
+            "no valid map",
+            transform=ax.transAxes,
+            ha="center",
+            va="center",
+            color="white",
+            fontsize=10,
+            bbox={"facecolor": "black", "alpha": 0.6},
+        )
         return
     grid = raw.shape[-1]
     p = normalize_maps(raw[None])[0].reshape(grid, grid)
-    ax.imshow(p, cmap="jet", alpha=_HEAT_ALPHA, vmin=0.0, vmax=1.0, interpolation="bilinear",
-              extent=(0, image.width, image.height, 0))
+    ax.imshow(
+        p,
+        cmap="jet",
+        alpha=_HEAT_ALPHA,
+        vmin=0.0,
+        vmax=1.0,
+        interpolation="bilinear",
+        extent=(0, image.width, image.height, 0),
+    )
 
 
 def _draw_plan(ax, image, state: np.ndarray) -> None:
     """The image under the plan's cells: masked grey, thrown black, visible untouched."""
     ax.imshow(np.asarray(image))
-    ax.imshow(PLAN_COLOURS[state], interpolation="nearest",
-              extent=(0, image.width, image.height, 0))
+    ax.imshow(
+        PLAN_COLOURS[state], interpolation="nearest", extent=(0, image.width, image.height, 0)
+    )
 
 
 def _plan_legend(fig, state: np.ndarray) -> None:
     from matplotlib.patches import Patch
 
     counts = [int((state == k).sum()) for k in (1, 2, 0)]
-    handles = [Patch(facecolor=PLAN_COLOURS[1], label=f"masked ({counts[0]})"),
-               Patch(facecolor=PLAN_COLOURS[2], label=f"thrown ({counts[1]})"),
-               Patch(facecolor="white", edgecolor="black", label=f"visible ({counts[2]})")]
+    handles = [
+        Patch(facecolor=PLAN_COLOURS[1], label=f"masked ({counts[0]})"),
+        Patch(facecolor=PLAN_COLOURS[2], label=f"thrown ({counts[1]})"),
+        Patch(facecolor="white", edgecolor="black", label=f"visible ({counts[2]})"),
+    ]
     fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=8, frameon=False)
 
 
-def render_sample(out: Path, sample, generation: str, raw: np.ndarray | None,
-                  state: np.ndarray, strategy: str, label: str | None) -> dict:
+def render_sample(
+    out: Path,
+    sample,
+    generation: str,
+    raw: np.ndarray | None,
+    state: np.ndarray,
+    strategy: str,
+    label: str | None,
+) -> dict:
     """``panels/<id>.png``: image (object box dashed), map heat overlay, mask plan.
 
     ``raw [G, G]`` raw map or None; ``state [G, G]`` 0 visible / 1 masked / 2 thrown.
@@ -107,12 +133,16 @@ def render_sample(out: Path, sample, generation: str, raw: np.ndarray | None,
     fig.subplots_adjust(left=0.01, right=0.99, top=0.9, bottom=0.1, wspace=0.04)
     rel = f"panels/{sample.sample_id:09d}.png"
     _save(fig, out / rel)
-    return {"id": sample.sample_id, "label": label, "png": rel, "strategy": strategy,
-            "has_map": raw is not None}
+    return {
+        "id": sample.sample_id,
+        "label": label,
+        "png": rel,
+        "strategy": strategy,
+        "has_map": raw is not None,
+    }
 
 
-def render_compare(out: Path, sample, generations: list[str], raws: list, label: str | None
-                   ) -> str:
+def render_compare(out: Path, sample, generations: list[str], raws: list, label: str | None) -> str:
     """``panels/<id>-compare.png``: the image and its map in each generation, in the order
     given (AMT Figure 2: oldest first)."""
     fig, axes = _figure(1 + len(generations), legend=False)
@@ -138,8 +168,7 @@ def render_histogram(out: Path, histograms: dict[str, dict]) -> str:
         edges, counts = np.asarray(hist["edges"]), np.asarray(hist["counts"], dtype=float)
         share = counts / counts.sum() if counts.sum() else counts
         step = np.diff(edges)
-        ax.bar(edges[:-1] + step * k * width, share, width=step * width, align="edge",
-               label=name)
+        ax.bar(edges[:-1] + step * k * width, share, width=step * width, align="edge", label=name)
     ax.set_xlabel("min-max normalised saliency of a cell")
     ax.set_ylabel("share of cells")
     ax.legend(fontsize=8, frameon=False)
@@ -157,7 +186,8 @@ text-align:right}th:first-child,td:first-child{text-align:left}
 code{background:#f4f4f4;padding:0 .2em}"""
 
 _ROWS = [  # (label, path into a generation's stats, format)
-    ("samples", ("samples",), "{:d}"), ("valid share", ("valid_share",), "{:.4f}"),
+    ("samples", ("samples",), "{:d}"),
+    ("valid share", ("valid_share",), "{:.4f}"),
     ("usable maps", ("usable",), "{:d}"),
     ("entropy (nats)", ("entropy_mean",), "{:.4f}"),
     ("entropy / ln G²", ("entropy_norm_mean",), "{:.4f}"),
@@ -189,19 +219,26 @@ def _stats_table(generations: dict) -> str:
 
 def _describe(info: dict) -> str:
     teacher = info.get("teacher") or {}
-    parts = [info.get("kind") or teacher.get("kind"), teacher.get("name"),
-             None if info.get("epoch") is None else f"epoch {info['epoch']}",
-             str(info.get("created") or "")[:16].replace("T", " ")]
+    parts = [
+        info.get("kind") or teacher.get("kind"),
+        teacher.get("name"),
+        None if info.get("epoch") is None else f"epoch {info['epoch']}",
+        str(info.get("created") or "")[:16].replace("T", " "),
+    ]
     return " · ".join(str(p) for p in parts if p)
 
 
 def _compare_table(diff: dict) -> str:
-    rows = [("images in both", diff["images"], "{:d}"),
-            ("mean |Δ| of normalised maps", diff["mean_abs_change"], "{:.4f}"),
-            ("Spearman rank correlation", diff["spearman_mean"], "{:.4f}"),
-            ("constant maps (no ranking)", diff["constant"], "{:d}")]
-    body = "".join(f"<tr><td>{html.escape(k)}</td><td>{'–' if v is None else f.format(v)}"
-                   "</td></tr>" for k, v, f in rows)
+    rows = [
+        ("images in both", diff["images"], "{:d}"),
+        ("mean |Δ| of normalised maps", diff["mean_abs_change"], "{:.4f}"),
+        ("Spearman rank correlation", diff["spearman_mean"], "{:.4f}"),
+        ("constant maps (no ranking)", diff["constant"], "{:d}"),
+    ]
+    body = "".join(
+        f"<tr><td>{html.escape(k)}</td><td>{'–' if v is None else f.format(v)}</td></tr>"
+        for k, v, f in rows
+    )
     return f"<table>{body}</table>"
 
 
@@ -211,8 +248,10 @@ def _figures(panels: list[dict], key: str) -> str:
         caption = f"id {panel['id']}" + (f" · {panel['label']}" if panel["label"] else "")
         if key == "png" and not panel["has_map"]:
             caption += " · no valid map (random plan)"
-        items.append(f'<figure><img src="{html.escape(panel[key])}" alt="{html.escape(caption)}">'
-                     f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+        items.append(
+            f'<figure><img src="{html.escape(panel[key])}" alt="{html.escape(caption)}">'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+        )
     return f'<div class="grid">{"".join(items)}</div>'
 
 
@@ -227,20 +266,26 @@ def write_index(out: Path, body: dict, panels: list[dict]) -> Path:
         f"<h1>salient inspect · {html.escape(' vs '.join(names))}</h1>",
         f"<p>store <code>{html.escape(body['store'])}</code> · dataset "
         f"<code>{html.escape(body['dataset'])}</code> · grid {body['grid']}×{body['grid']}</p>",
-        "<h2>Statistics</h2>", _stats_table(body["generations"]),
+        "<h2>Statistics</h2>",
+        _stats_table(body["generations"]),
         "<p>Each map is min-max normalised per image and read as a distribution over its "
-        "cells (details in <code>stats.json</code> and <code>salient.jobs.inspect_stats</code>).</p>",
+        "cells (details in <code>stats.json</code> and "
+        "<code>salient.jobs.inspect_stats</code>).</p>",
         '<img src="histogram.png" alt="histogram of normalised saliency">',
     ]
     if body["compare"] is not None:
         diff = body["compare"]
-        parts += [f"<h2>Change: {html.escape(diff['from'])} vs {html.escape(diff['to'])}</h2>",
-                  _compare_table(diff)]
-    parts += [f"<h2>Samples · {html.escape(config['strategy'])} plan, mask "
-              f"{config['mask_ratio']}, throw {config['throw_ratio']}, seed {config['seed']}</h2>",
-              "<p>Object box dashed; masked cells grey, thrown black, visible untouched "
-              "(AMT Figure 3). Plans are drawn on the whole image at the teacher grid.</p>",
-              _figures(panels, "png")]
+        parts += [
+            f"<h2>Change: {html.escape(diff['from'])} vs {html.escape(diff['to'])}</h2>",
+            _compare_table(diff),
+        ]
+    parts += [
+        f"<h2>Samples · {html.escape(config['strategy'])} plan, mask "
+        f"{config['mask_ratio']}, throw {config['throw_ratio']}, seed {config['seed']}</h2>",
+        "<p>Object box dashed; masked cells grey, thrown black, visible untouched "
+        "(AMT Figure 3). Plans are drawn on the whole image at the teacher grid.</p>",
+        _figures(panels, "png"),
+    ]
     if body["compare"] is not None:
         parts += ["<h2>Across generations</h2>", _figures(panels, "compare")]
     parts.append("</body></html>\n")

@@ -40,18 +40,18 @@ import numpy as np
 __all__ = [
     "HIST_BINS",
     "TOP_FRACTION",
-    "normalize_maps",
-    "map_mass",
-    "map_entropy",
-    "top_mass",
-    "box_coverage",
-    "spearman",
-    "usable",
-    "GenerationTally",
     "DiffTally",
-    "sample_stats",
-    "sample_generator",
+    "GenerationTally",
+    "box_coverage",
+    "map_entropy",
+    "map_mass",
     "mask_plan_grid",
+    "normalize_maps",
+    "sample_generator",
+    "sample_stats",
+    "spearman",
+    "top_mass",
+    "usable",
 ]
 
 HIST_BINS = 20
@@ -123,8 +123,7 @@ def spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     ra -= ra.mean(axis=1, keepdims=True)
     rb -= rb.mean(axis=1, keepdims=True)
     denom = np.sqrt((ra**2).sum(axis=1) * (rb**2).sum(axis=1))
-    return np.divide((ra * rb).sum(axis=1), denom, out=np.full(len(a), np.nan),
-                     where=denom > 0)
+    return np.divide((ra * rb).sum(axis=1), denom, out=np.full(len(a), np.nan), where=denom > 0)
 
 
 def usable(maps: np.ndarray, valid: np.ndarray) -> np.ndarray:
@@ -149,8 +148,13 @@ class GenerationTally:
     box_area: list = field(default_factory=list)
     hist: np.ndarray = field(default_factory=lambda: np.zeros(HIST_BINS, dtype=np.int64))
 
-    def add(self, maps: np.ndarray, valid: np.ndarray, boxes: np.ndarray | None,
-            image_hw: tuple[int, int] | None) -> None:
+    def add(
+        self,
+        maps: np.ndarray,
+        valid: np.ndarray,
+        boxes: np.ndarray | None,
+        image_hw: tuple[int, int] | None,
+    ) -> None:
         ok = usable(maps, valid)
         self.total += len(valid)
         self.valid += int((np.asarray(valid) == 1).sum())
@@ -173,21 +177,29 @@ class GenerationTally:
     def summary(self, grid: int) -> dict:
         entropy, top = _cat(self.entropy), _cat(self.top)
         out = {
-            "samples": self.total, "valid": self.valid, "usable": int(len(entropy)),
+            "samples": self.total,
+            "valid": self.valid,
+            "usable": len(entropy),
             "valid_share": self.valid / self.total if self.total else 0.0,
             "nonfinite_valid": self.nonfinite,
             "entropy_mean": _mean(entropy),
             "entropy_norm_mean": _mean(entropy / math.log(grid * grid)),
             "top25_mass_mean": _mean(top),
-            "histogram": {"edges": np.linspace(0.0, 1.0, HIST_BINS + 1).tolist(),
-                          "counts": self.hist.tolist()},
+            "histogram": {
+                "edges": np.linspace(0.0, 1.0, HIST_BINS + 1).tolist(),
+                "counts": self.hist.tolist(),
+            },
             "box": None,
         }
         if self.box_mass or self.box_area:
             mass, area = _cat(self.box_mass), _cat(self.box_area)
-            out["box"] = {"images": int(len(mass)), "mass_mean": _mean(mass),
-                          "area_mean": _mean(area), "lift_mean": _mean(mass / area),
-                          "hit_share": _mean((mass > area).astype(np.float64))}
+            out["box"] = {
+                "images": len(mass),
+                "mass_mean": _mean(mass),
+                "area_mean": _mean(area),
+                "lift_mean": _mean(mass / area),
+                "hit_share": _mean((mass > area).astype(np.float64)),
+            }
         return out
 
 
@@ -209,8 +221,12 @@ class DiffTally:
     def summary(self) -> dict:
         change, rho = _cat(self.abs_change), _cat(self.rho)
         ranked = rho[np.isfinite(rho)]
-        return {"images": int(len(change)), "mean_abs_change": _mean(change),
-                "spearman_mean": _mean(ranked), "constant": int(len(rho) - len(ranked))}
+        return {
+            "images": len(change),
+            "mean_abs_change": _mean(change),
+            "spearman_mean": _mean(ranked),
+            "constant": int(len(rho) - len(ranked)),
+        }
 
 
 def _flat(maps: np.ndarray) -> np.ndarray:
@@ -233,10 +249,13 @@ def sample_stats(raw: np.ndarray, box, image_hw) -> dict:
     p = normalize_maps(raw[None])
     q = map_mass(p)
     grid = raw.shape[-1]
-    stats = {"min": float(raw.min()), "max": float(raw.max()),
-             "entropy": float(map_entropy(q)[0]),
-             "entropy_norm": float(map_entropy(q)[0] / math.log(grid * grid)),
-             "top25_mass": float(top_mass(q)[0])}
+    stats = {
+        "min": float(raw.min()),
+        "max": float(raw.max()),
+        "entropy": float(map_entropy(q)[0]),
+        "entropy_norm": float(map_entropy(q)[0] / math.log(grid * grid)),
+        "top25_mass": float(top_mass(q)[0]),
+    }
     if box is not None and image_hw is not None:
         cover = box_coverage(np.array([box]), image_hw, grid).reshape(1, -1)
         stats["box_mass"] = float((q * cover).sum())
@@ -256,8 +275,14 @@ def sample_generator(seed: int, sample_id: int):
     return torch.Generator().manual_seed(int(state))
 
 
-def mask_plan_grid(saliency_map: np.ndarray | None, grid: int, strategy: str, mask_ratio: float,
-                   throw_ratio: float, generator) -> tuple[np.ndarray, str]:
+def mask_plan_grid(
+    saliency_map: np.ndarray | None,
+    grid: int,
+    strategy: str,
+    mask_ratio: float,
+    throw_ratio: float,
+    generator,
+) -> tuple[np.ndarray, str]:
     """One mask plan on the whole (uncropped) image at the teacher grid.
 
     ``saliency_map [G, G]`` raw, or None when the sample has no valid map (then ``random``

@@ -20,6 +20,7 @@ def progress_bar(total: int | None, unit: str) -> Iterator[Callable[[int], None]
     """Yield ``advance(n)``; shows a tqdm bar on a terminal (or with SALIENT_PROGRESS=1)."""
     from tqdm import tqdm
 
-    with tqdm(total=total, unit=" " + unit, disable=not progress_wanted(),
-              dynamic_ncols=True) as bar:
+    with tqdm(
+        total=total, unit=" " + unit, disable=not progress_wanted(), dynamic_ncols=True
+    ) as bar:
         yield bar.update

@@ -35,8 +35,12 @@ def _info(started: bool) -> RayInfo:
     import ray
 
     resources = ray.cluster_resources()
-    return RayInfo(address=ray.get_runtime_context().gcs_address, started=started,
-                   cpus=float(resources.get("CPU", 0.0)), gpus=float(resources.get("GPU", 0.0)))
+    return RayInfo(
+        address=ray.get_runtime_context().gcs_address,
+        started=started,
+        cpus=float(resources.get("CPU", 0.0)),
+        gpus=float(resources.get("GPU", 0.0)),
+    )
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> RayInfo:
@@ -61,11 +65,18 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> RayIn
         if target:
             ray.init(address=target, log_to_driver=True, logging_config=quiet)
         else:
-            ray.init(address="local", num_cpus=num_cpus, include_dashboard=True,
-                     dashboard_host="127.0.0.1", logging_config=quiet)
+            ray.init(
+                address="local",
+                num_cpus=num_cpus,
+                include_dashboard=True,
+                dashboard_host="127.0.0.1",
+                logging_config=quiet,
+            )
     except ConnectionError as exc:
         where = "--address" if address else "RAY_ADDRESS"
-        raise RayConnectError(f"no Ray cluster answers at {target} ({where}): {exc}; start it "
-                              "with `ray start --head`, fix the address, or leave it unset to "
-                              "run on an embedded local Ray") from None
+        raise RayConnectError(
+            f"no Ray cluster answers at {target} ({where}): {exc}; start it "
+            "with `ray start --head`, fix the address, or leave it unset to "
+            "run on an embedded local Ray"
+        ) from None
     return _info(started=True)

@@ -30,8 +30,15 @@ from dataclasses import dataclass
 
 from salient.errors import SalientError
 
-__all__ = ["KINDS", "REDUCES", "RefreshConfig", "RefreshError", "run_refresh", "prepare_refresh",
-           "worker_spec"]
+__all__ = [
+    "KINDS",
+    "REDUCES",
+    "RefreshConfig",
+    "RefreshError",
+    "prepare_refresh",
+    "run_refresh",
+    "worker_spec",
+]
 
 KINDS = ("cls_attn", "gpa", "heads")
 REDUCES = ("mean", "minmax_mean")
@@ -39,7 +46,7 @@ _IN_FLIGHT = 2  # shards queued per actor: the next one waits in the actor while
 
 
 class RefreshError(SalientError):
-    """A refresh that cannot start or cannot finish (wrong grid, no GPU, a shard that keeps failing)."""
+    """A refresh that cannot start or finish (wrong grid, no GPU, a shard that keeps failing)."""
 
 
 @dataclass(frozen=True)
@@ -77,16 +84,22 @@ class RefreshConfig:
         if self.kind not in KINDS:
             raise RefreshError(f"--kind must be one of {', '.join(KINDS)} (got {self.kind!r})")
         if self.reduce is not None and self.reduce not in REDUCES:
-            raise RefreshError(f"--reduce must be one of {', '.join(REDUCES)} (got {self.reduce!r})")
+            raise RefreshError(
+                f"--reduce must be one of {', '.join(REDUCES)} (got {self.reduce!r})"
+            )
         self._check_positive("image_size", "batch_size", "workers")
         if self.gpus_per_worker < 0:
             raise RefreshError(f"--gpus-per-worker must be >= 0 (got {self.gpus_per_worker})")
         if not self.cpus_per_worker > 0:
-            raise RefreshError(f"--cpus-per-worker must be > 0 (got {self.cpus_per_worker}); "
-                               "fractions such as 0.5 are fine")
+            raise RefreshError(
+                f"--cpus-per-worker must be > 0 (got {self.cpus_per_worker}); "
+                "fractions such as 0.5 are fine"
+            )
         if self.max_retries < 0 or self.shard_delay_s < 0:
-            raise RefreshError("--max-retries and shard_delay_s must be >= 0 "
-                               f"(got {self.max_retries}, {self.shard_delay_s})")
+            raise RefreshError(
+                "--max-retries and shard_delay_s must be >= 0 "
+                f"(got {self.max_retries}, {self.shard_delay_s})"
+            )
 
     def _check_positive(self, *names: str) -> None:
         for name in names:
@@ -108,9 +121,13 @@ def _load_teacher(config: RefreshConfig):
     from salient.trainer.teacher import SaliencySpec
     from salient.trainer.teacher_load import load_teacher
 
-    teacher = load_teacher(config.teacher, weights=config.weights,
-                           allow_random=config.allow_random_teacher,
-                           image_size=config.image_size, device="cpu")
+    teacher = load_teacher(
+        config.teacher,
+        weights=config.weights,
+        allow_random=config.allow_random_teacher,
+        image_size=config.image_size,
+        device="cpu",
+    )
     spec = SaliencySpec(config.kind, config.block, config.head, config.reduce)
     return teacher, spec.resolve(teacher.model)
 
@@ -130,7 +147,8 @@ def _check_grid(config: RefreshConfig, store, teacher) -> None:
             f"store {config.store} holds {store.grid}x{store.grid} maps but this teacher gives "
             f"{teacher.grid}x{teacher.grid} (image size {config.image_size} / patch "
             f"{teacher.patch_size}); use --image-size {store.grid * teacher.patch_size} or "
-            "a new --store")
+            "a new --store"
+        )
 
 
 def prepare_refresh(config: RefreshConfig):
@@ -149,9 +167,14 @@ def prepare_refresh(config: RefreshConfig):
         store = SaliencyStore.create(config.store, dataset, grid=teacher.grid)
     _check_grid(config, store, teacher)
     heads = teacher.model.blocks[0].attn.num_heads if spec.kind == "heads" else None
-    writer = store.open_or_resume({**teacher.meta, **spec.as_meta()}, spec.kind,
-                                  image_size=config.image_size, patch_size=teacher.patch_size,
-                                  epoch=teacher.meta.get("epoch"), heads=heads)
+    writer = store.open_or_resume(
+        {**teacher.meta, **spec.as_meta()},
+        spec.kind,
+        image_size=config.image_size,
+        patch_size=teacher.patch_size,
+        epoch=teacher.meta.get("epoch"),
+        heads=heads,
+    )
     return dataset, teacher, spec, writer
 
 
@@ -160,11 +183,15 @@ def prepare_refresh(config: RefreshConfig):
 
 def _check_resources(config: RefreshConfig, cpus: float, gpus: float) -> None:
     if config.gpus_per_worker > gpus:
-        raise RefreshError(f"--gpus-per-worker {config.gpus_per_worker} but the Ray cluster has "
-                           f"{gpus:g} GPUs; use --gpus-per-worker 0 to run on CPU")
+        raise RefreshError(
+            f"--gpus-per-worker {config.gpus_per_worker} but the Ray cluster has "
+            f"{gpus:g} GPUs; use --gpus-per-worker 0 to run on CPU"
+        )
     if config.cpus_per_worker > cpus:
-        raise RefreshError(f"--cpus-per-worker {config.cpus_per_worker} but the Ray cluster has "
-                           f"{cpus:g} CPUs; lower it")
+        raise RefreshError(
+            f"--cpus-per-worker {config.cpus_per_worker} but the Ray cluster has "
+            f"{cpus:g} CPUs; lower it"
+        )
 
 
 class _Pool:
@@ -176,7 +203,8 @@ class _Pool:
         from salient.jobs.refresh_worker import RefreshWorker
 
         self._cls = ray.remote(RefreshWorker).options(
-            num_cpus=config.cpus_per_worker, num_gpus=config.gpus_per_worker, max_restarts=0)
+            num_cpus=config.cpus_per_worker, num_gpus=config.gpus_per_worker, max_restarts=0
+        )
         self._args = (model_ref, spec)
         self.actors = [self._cls.remote(*self._args) for _ in range(config.workers)]
         self.incarnation = [0] * config.workers
@@ -208,12 +236,24 @@ def _progress(total: int, initial: int, enabled: bool):
 
     from salient.jobs.progress import progress_wanted
 
-    return tqdm(total=total, initial=initial, unit=" shard", desc="refresh",
-                disable=not (enabled and progress_wanted()), dynamic_ncols=True)
+    return tqdm(
+        total=total,
+        initial=initial,
+        unit=" shard",
+        desc="refresh",
+        disable=not (enabled and progress_wanted()),
+        dynamic_ncols=True,
+    )
 
 
-def _run_shards(config: RefreshConfig, dataset, pool: _Pool, todo: list[int], bar,
-                on_shard_done: Callable[[dict], None] | None) -> _Tally:
+def _run_shards(
+    config: RefreshConfig,
+    dataset,
+    pool: _Pool,
+    todo: list[int],
+    bar,
+    on_shard_done: Callable[[dict], None] | None,
+) -> _Tally:
     """Keep every actor fed with shards until all are written; retry a dead actor's shards."""
     import ray
     from ray.exceptions import RayActorError
@@ -225,7 +265,8 @@ def _run_shards(config: RefreshConfig, dataset, pool: _Pool, todo: list[int], ba
         while pending and sum(w == index for _, w, _ in inflight.values()) < _IN_FLIGHT:
             shard = dataset.shards[pending.popleft()]
             ref = pool.actors[index].compute_shard.remote(
-                shard.index, dataset.shard_url(shard), shard.first_id, shard.count)
+                shard.index, dataset.shard_url(shard), shard.first_id, shard.count
+            )
             inflight[ref] = (shard.index, index, pool.incarnation[index])
 
     for index in range(len(pool.actors)):
@@ -247,13 +288,16 @@ def _run_shards(config: RefreshConfig, dataset, pool: _Pool, todo: list[int], ba
     return tally
 
 
-def _retry(config, shard: int, exc: Exception, attempts: Counter, pending: deque,
-           tally: _Tally) -> None:
+def _retry(
+    config, shard: int, exc: Exception, attempts: Counter, pending: deque, tally: _Tally
+) -> None:
     attempts[shard] += 1
     if attempts[shard] > config.max_retries:
-        raise RefreshError(f"shard {shard} failed {attempts[shard]} times, last because its "
-                           f"worker died ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
-                           "fix the cause and rerun the same command to resume") from None
+        raise RefreshError(
+            f"shard {shard} failed {attempts[shard]} times, last because its "
+            f"worker died ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+            "fix the cause and rerun the same command to resume"
+        ) from None
     tally.retries += 1
     pending.appendleft(shard)
 
@@ -273,16 +317,33 @@ def worker_spec(config: RefreshConfig, teacher, spec, generation: str):
     """What every worker needs besides the model (``spec``: the resolved SaliencySpec)."""
     from salient.jobs.refresh_worker import WorkerSpec
 
-    return WorkerSpec(store=config.store, generation=generation, kind=spec.kind,
-                      reduce=spec.reduce, block=spec.block, head=spec.head,
-                      image_size=config.image_size, batch_size=config.batch_size,
-                      mean=teacher.mean, std=teacher.std, device=config.device,
-                      threads=max(1, int(config.cpus_per_worker)),
-                      shard_delay_s=config.shard_delay_s)
+    return WorkerSpec(
+        store=config.store,
+        generation=generation,
+        kind=spec.kind,
+        reduce=spec.reduce,
+        block=spec.block,
+        head=spec.head,
+        image_size=config.image_size,
+        batch_size=config.batch_size,
+        mean=teacher.mean,
+        std=teacher.std,
+        device=config.device,
+        threads=max(1, int(config.cpus_per_worker)),
+        shard_delay_s=config.shard_delay_s,
+    )
 
 
-def _compute(config: RefreshConfig, dataset, teacher, spec, writer, todo: list[int],
-             progress: bool, on_shard_done) -> _Tally:
+def _compute(
+    config: RefreshConfig,
+    dataset,
+    teacher,
+    spec,
+    writer,
+    todo: list[int],
+    progress: bool,
+    on_shard_done,
+) -> _Tally:
     import ray
 
     from salient.jobs.ray_env import ensure_ray
@@ -297,8 +358,11 @@ def _compute(config: RefreshConfig, dataset, teacher, spec, writer, todo: list[i
         pool.shutdown()
 
 
-def run_refresh(config: RefreshConfig, progress: bool = True,
-                on_shard_done: Callable[[dict], None] | None = None) -> dict:
+def run_refresh(
+    config: RefreshConfig,
+    progress: bool = True,
+    on_shard_done: Callable[[dict], None] | None = None,
+) -> dict:
     """Run the refresh job; returns the JSON summary.
 
     Summary: ``images`` / ``invalid`` computed by this run, ``seconds`` (checks to publish),
@@ -313,12 +377,22 @@ def run_refresh(config: RefreshConfig, progress: bool = True,
     start = time.perf_counter()
     dataset, teacher, spec, writer = prepare_refresh(config)
     todo = writer.missing_shards()
-    tally = (_compute(config, dataset, teacher, spec, writer, todo, progress, on_shard_done)
-             if todo else _Tally())
+    tally = (
+        _compute(config, dataset, teacher, spec, writer, todo, progress, on_shard_done)
+        if todo
+        else _Tally()
+    )
     writer.publish()
     seconds = time.perf_counter() - start
-    return {"images": tally.images, "invalid": tally.invalid, "seconds": round(seconds, 3),
-            "img_per_s": round(tally.images / seconds, 1) if seconds else math.nan,
-            "generation": writer.name, "shards_computed": tally.computed,
-            "shards_skipped": len(dataset.shards) - len(todo), "retries": tally.retries,
-            "store": config.store, "kind": config.kind}
+    return {
+        "images": tally.images,
+        "invalid": tally.invalid,
+        "seconds": round(seconds, 3),
+        "img_per_s": round(tally.images / seconds, 1) if seconds else math.nan,
+        "generation": writer.name,
+        "shards_computed": tally.computed,
+        "shards_skipped": len(dataset.shards) - len(todo),
+        "retries": tally.retries,
+        "store": config.store,
+        "kind": config.kind,
+    }

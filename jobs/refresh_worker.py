@@ -32,11 +32,11 @@ from PIL import Image
 from salient.pipeline.ingest import IMAGE_SUFFIXES
 
 __all__ = [
-    "WorkerSpec",
     "RefreshWorker",
-    "read_shard",
-    "decode_image",
+    "WorkerSpec",
     "decode_batch",
+    "decode_image",
+    "read_shard",
     "shard_maps",
 ]
 
@@ -159,15 +159,17 @@ def _autocast(device: torch.device):
 
 
 @torch.inference_mode()
-def _batch_maps(model: torch.nn.Module, images: list[torch.Tensor], spec: WorkerSpec,
-                device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _batch_maps(
+    model: torch.nn.Module, images: list[torch.Tensor], spec: WorkerSpec, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Maps of decoded images: ``maps [b,G,G]`` and, for kind "heads", ``head_maps [b,H,G,G]``."""
     from salient.trainer.teacher import preprocess, saliency
 
     x = preprocess(images, spec.image_size, spec.mean, spec.std)  # [b,3,S,S] normalised
     with _autocast(device):
-        maps = saliency(model, x, kind=spec.kind, block=spec.block, head=spec.head,
-                        reduce=spec.reduce)
+        maps = saliency(
+            model, x, kind=spec.kind, block=spec.block, head=spec.head, reduce=spec.reduce
+        )
     if spec.kind == "heads":  # [b,H,G,G]; the map beside them is their mean (AMT eq. 4)
         return maps.mean(1), maps
     return maps, None

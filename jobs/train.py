@@ -46,16 +46,21 @@ def _check_run_dir(config: TrainConfig) -> str | None:
     latest = latest_checkpoint(config.run_dir)
     if not config.resume:
         if latest is not None:
-            raise TrainError(f"{config.run_dir} holds checkpoints of an earlier run ({latest.name})"
-                             "; pass --resume to continue it or choose another --run-dir")
+            raise TrainError(
+                f"{config.run_dir} holds checkpoints of an earlier run ({latest.name})"
+                "; pass --resume to continue it or choose another --run-dir"
+            )
         return None
     if latest is None:
-        raise TrainError(f"--resume but {config.run_dir} holds no checkpoint; drop --resume to "
-                         "start a new run")
+        raise TrainError(
+            f"--resume but {config.run_dir} holds no checkpoint; drop --resume to start a new run"
+        )
     ckpt = load_checkpoint(latest, config=config.as_dict())  # names a model / size that differs
     if ckpt["epoch"] >= config.epochs:
-        raise TrainError(f"{latest} already finished epoch {ckpt['epoch']} of --epochs "
-                         f"{config.epochs}; raise --epochs to train further")
+        raise TrainError(
+            f"{latest} already finished epoch {ckpt['epoch']} of --epochs "
+            f"{config.epochs}; raise --epochs to train further"
+        )
     return str(latest)
 
 
@@ -68,17 +73,23 @@ def _check_store(config: TrainConfig, dataset) -> None:
     grid = config.image_size // config.patch_size
     if not store_exists(config.store):
         if not config.refreshes:
-            raise TrainError(f"store {config.store} does not exist and --refresh-every is 0; "
-                             "run `salient refresh` first or set --refresh-every")
+            raise TrainError(
+                f"store {config.store} does not exist and --refresh-every is 0; "
+                "run `salient refresh` first or set --refresh-every"
+            )
         return
     store = SaliencyStore.open(config.store, dataset=dataset)  # refuses another dataset
     if config.refreshes and store.grid != grid:
-        raise TrainError(f"store {config.store} holds {store.grid}x{store.grid} maps but a refresh "
-                         f"from this model writes {grid}x{grid} (--image-size {config.image_size} "
-                         f"/ --patch-size {config.patch_size}); use another --store")
+        raise TrainError(
+            f"store {config.store} holds {store.grid}x{store.grid} maps but a refresh "
+            f"from this model writes {grid}x{grid} (--image-size {config.image_size} "
+            f"/ --patch-size {config.patch_size}); use another --store"
+        )
     if not config.refreshes and store.current() is None:
-        raise TrainError(f"store {config.store} has no published generation and --refresh-every "
-                         "is 0; run `salient refresh` first or set --refresh-every")
+        raise TrainError(
+            f"store {config.store} has no published generation and --refresh-every "
+            "is 0; run `salient refresh` first or set --refresh-every"
+        )
 
 
 def _check_masking(config: TrainConfig, loader) -> None:
@@ -88,14 +99,20 @@ def _check_masking(config: TrainConfig, loader) -> None:
     from salient.pipeline.masking import plan_masks
 
     grid = config.image_size // config.patch_size
-    plan_masks(config.strategy, torch.ones(1, grid * grid), config.mask_ratio, config.throw_ratio,
-               generator=torch.Generator().manual_seed(0), **loader.config.strategy_options)
+    plan_masks(
+        config.strategy,
+        torch.ones(1, grid * grid),
+        config.mask_ratio,
+        config.throw_ratio,
+        generator=torch.Generator().manual_seed(0),
+        **loader.config.strategy_options,
+    )
 
 
 def _check_inputs(config: TrainConfig) -> str | None:
     """Every check that needs the disk; returns the checkpoint to resume from."""
-    from salient.pipeline.loader import SalientLoader
     from salient.jobs.train_worker import loader_configs
+    from salient.pipeline.loader import SalientLoader
 
     loader = SalientLoader(loader_configs(config, 0, config.workers)[1])  # DatasetError,
     _check_masking(config, loader)  # LoaderError (too few samples for the batch), MaskError
@@ -111,15 +128,19 @@ def _worker_resources(config: TrainConfig, cpus: float, gpus: float) -> dict[str
     if per_worker is None:  # fractional CPUs on small machines, so a refresh never starves
         per_worker = math.floor(min(1.0, (cpus - reserve) / config.workers) * 100) / 100
     if per_worker <= 0 or per_worker * config.workers + reserve > cpus + 1e-6:
-        raise TrainError(f"{config.workers} workers × {per_worker} CPUs + {reserve} for the refresh "
-                         f"do not fit the cluster's {cpus:g} CPUs; lower --workers or "
-                         "--refresh-cpus")
+        raise TrainError(
+            f"{config.workers} workers × {per_worker} CPUs + {reserve} for the refresh "
+            f"do not fit the cluster's {cpus:g} CPUs; lower --workers or "
+            "--refresh-cpus"
+        )
     resources = {"CPU": per_worker}
     if config.gpu:
         share = 1.0 - config.refresh_gpus if config.refreshes else 1.0
         if gpus < config.workers * share:
-            raise TrainError(f"--gpu with {config.workers} workers needs {config.workers * share:g} "
-                             f"GPUs but the Ray cluster has {gpus:g}; lower --workers or drop --gpu")
+            raise TrainError(
+                f"--gpu with {config.workers} workers needs {config.workers * share:g} "
+                f"GPUs but the Ray cluster has {gpus:g}; lower --workers or drop --gpu"
+            )
         resources["GPU"] = share
     return resources
 
@@ -150,10 +171,17 @@ class RefreshLauncher:
 
         from salient.jobs.refresh import RefreshConfig
 
-        config = RefreshConfig(data=self.data, store=self.store, teacher=teacher, kind=self.kind,
-                               image_size=self.image_size, batch_size=self.batch_size,
-                               workers=self.workers, cpus_per_worker=self.cpus,
-                               gpus_per_worker=self.gpus)
+        config = RefreshConfig(
+            data=self.data,
+            store=self.store,
+            teacher=teacher,
+            kind=self.kind,
+            image_size=self.image_size,
+            batch_size=self.batch_size,
+            workers=self.workers,
+            cpus_per_worker=self.cpus,
+            gpus_per_worker=self.gpus,
+        )
         return ray.remote(_refresh_task).options(num_cpus=0, max_retries=0).remote(config)
 
 
@@ -166,10 +194,16 @@ def _refresh_task(config) -> dict:
 def _launcher(config: TrainConfig) -> RefreshLauncher | None:
     if not config.refreshes:
         return None
-    return RefreshLauncher(data=config.data, store=config.store,
-                           kind=config.saliency_kind, image_size=config.image_size,
-                           batch_size=config.refresh_batch_size, workers=config.refresh_workers,
-                           cpus=config.refresh_cpus, gpus=config.refresh_gpus if config.gpu else 0.0)
+    return RefreshLauncher(
+        data=config.data,
+        store=config.store,
+        kind=config.saliency_kind,
+        image_size=config.image_size,
+        batch_size=config.refresh_batch_size,
+        workers=config.refresh_workers,
+        cpus=config.refresh_cpus,
+        gpus=config.refresh_gpus if config.gpu else 0.0,
+    )
 
 
 # ---------------------------------------------------------------- the job
@@ -183,16 +217,24 @@ def _fit(config: TrainConfig, resume_from: str | None, resources: dict, progress
     run_dir = Path(config.run_dir)
     trainer = TorchTrainer(
         _worker_main,
-        train_loop_config={"config": config, "resume_from": resume_from,
-                           "launch_refresh": _launcher(config), "progress": progress},
+        train_loop_config={
+            "config": config,
+            "resume_from": resume_from,
+            "launch_refresh": _launcher(config),
+            "progress": progress,
+        },
         torch_config=TorchConfig(backend="nccl" if config.gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=config.gpu,
-                                     resources_per_worker=resources),
+        scaling_config=ScalingConfig(
+            num_workers=config.workers, use_gpu=config.gpu, resources_per_worker=resources
+        ),
         # Ray Train's console INFO lines (one per report, per rank) repeat what the summary and
         # metrics.jsonl hold; they stay in the Ray session's log files.
-        run_config=RunConfig(name="train", storage_path=str(run_dir / "ray"),
-                             failure_config=FailureConfig(max_failures=0),
-                             logging_config=ray.LoggingConfig(log_level="WARNING")),
+        run_config=RunConfig(
+            name="train",
+            storage_path=str(run_dir / "ray"),
+            failure_config=FailureConfig(max_failures=0),
+            logging_config=ray.LoggingConfig(log_level="WARNING"),
+        ),
     )
     try:
         trainer.fit()
@@ -235,18 +277,28 @@ def _reraise_user_error(exc: Exception) -> None:
 def _summary(config: TrainConfig, resume_from: str | None, seconds: float) -> dict:
     from salient.trainer.checkpoint import latest_checkpoint
 
-    records = [json.loads(line) for line in
-               (Path(config.run_dir) / "metrics.jsonl").read_text().splitlines() if line]
+    records = [
+        json.loads(line)
+        for line in (Path(config.run_dir) / "metrics.jsonl").read_text().splitlines()
+        if line
+    ]
     epochs = [r for r in records if r["kind"] == "epoch"]
     last = epochs[-1] if epochs else {}
-    return {"run_dir": str(Path(config.run_dir).resolve()), "model": config.model,
-            "strategy": config.strategy, "workers": config.workers,
-            "epochs_done": last.get("epochs_done", 0), "steps": last.get("step", 0),
-            "loss": last.get("loss"), "img_per_s": last.get("img_per_s"),
-            "generation": last.get("generation"),
-            "refreshes": [r["generation"] for r in records if r["kind"] == "refresh"],
-            "checkpoint": str(latest_checkpoint(config.run_dir)), "resumed_from": resume_from,
-            "seconds": round(seconds, 2)}
+    return {
+        "run_dir": str(Path(config.run_dir).resolve()),
+        "model": config.model,
+        "strategy": config.strategy,
+        "workers": config.workers,
+        "epochs_done": last.get("epochs_done", 0),
+        "steps": last.get("step", 0),
+        "loss": last.get("loss"),
+        "img_per_s": last.get("img_per_s"),
+        "generation": last.get("generation"),
+        "refreshes": [r["generation"] for r in records if r["kind"] == "refresh"],
+        "checkpoint": str(latest_checkpoint(config.run_dir)),
+        "resumed_from": resume_from,
+        "seconds": round(seconds, 2),
+    }
 
 
 def run_train(config: TrainConfig, progress: bool | None = None) -> dict:

@@ -111,15 +111,24 @@ def _check_types(c: TrainConfig) -> None:
         raise TrainError(f"train needs --data DIR (got {c.data!r})")
     for f in fields(c):
         value = getattr(c, f.name)
-        if f.type in ("int", "int | None") and value is not None and (
-            isinstance(value, bool) or not isinstance(value, int)
+        if (
+            f.type in ("int", "int | None")
+            and value is not None
+            and (isinstance(value, bool) or not isinstance(value, int))
         ):
             raise TrainError(f"{_flag(f.name)} must be an integer (got {value!r})")
 
 
 def _check_counts(c: TrainConfig) -> None:
-    for name in ("epochs", "workers", "batch_size", "image_size", "patch_size",
-                 "refresh_workers", "refresh_batch_size"):
+    for name in (
+        "epochs",
+        "workers",
+        "batch_size",
+        "image_size",
+        "patch_size",
+        "refresh_workers",
+        "refresh_batch_size",
+    ):
         if getattr(c, name) < 1:
             raise TrainError(f"{_flag(name)} must be >= 1 (got {getattr(c, name)})")
     for name in ("warmup_epochs", "refresh_every", "loader_workers"):
@@ -138,13 +147,17 @@ def _check_ratios(c: TrainConfig) -> None:
     if not 0 <= c.throw_ratio < 1:
         raise TrainError(f"--throw-ratio must be in [0, 1) (got {c.throw_ratio})")
     if c.mask_ratio + c.throw_ratio >= 1:
-        raise TrainError(f"--mask-ratio + --throw-ratio must be < 1 (got {c.mask_ratio} + "
-                         f"{c.throw_ratio}); lower one so some patches stay visible")
+        raise TrainError(
+            f"--mask-ratio + --throw-ratio must be < 1 (got {c.mask_ratio} + "
+            f"{c.throw_ratio}); lower one so some patches stay visible"
+        )
     if c.lr is not None and not c.lr > 0:
         raise TrainError(f"--lr must be > 0 (got {c.lr}); leave it unset for MAE's rule")
     if c.min_lr < 0 or c.weight_decay < 0 or c.clip_grad < 0:
-        raise TrainError("--min-lr, --weight-decay and --clip-grad must be >= 0 (got "
-                         f"{c.min_lr}, {c.weight_decay}, {c.clip_grad}); --clip-grad 0 turns it off")
+        raise TrainError(
+            "--min-lr, --weight-decay and --clip-grad must be >= 0 (got "
+            f"{c.min_lr}, {c.weight_decay}, {c.clip_grad}); --clip-grad 0 turns it off"
+        )
 
 
 def _check_model(c: TrainConfig) -> None:
@@ -153,8 +166,10 @@ def _check_model(c: TrainConfig) -> None:
     if c.model not in MODELS:
         raise TrainError(f"unknown --model {c.model!r}; choose one of {', '.join(sorted(MODELS))}")
     if c.image_size % c.patch_size:
-        raise TrainError(f"--image-size {c.image_size} is not a multiple of --patch-size "
-                         f"{c.patch_size}; use e.g. {max(1, c.image_size // c.patch_size) * c.patch_size}")
+        raise TrainError(
+            f"--image-size {c.image_size} is not a multiple of --patch-size "
+            f"{c.patch_size}; use e.g. {max(1, c.image_size // c.patch_size) * c.patch_size}"
+        )
     if c.norm_pix_loss and MODELS[c.model].kind != "mae":
         raise TrainError("--norm-pix-loss is an MAE option; SimMIM regresses raw pixels (L1)")
 
@@ -164,11 +179,14 @@ def _check_strategy(c: TrainConfig) -> None:
     from salient.pipeline.masking import STRATEGIES
 
     if c.strategy not in STRATEGIES:
-        raise TrainError(f"unknown --strategy {c.strategy!r}; choose one of "
-                         f"{', '.join(sorted(STRATEGIES))}")
+        raise TrainError(
+            f"unknown --strategy {c.strategy!r}; choose one of {', '.join(sorted(STRATEGIES))}"
+        )
     if c.needs_saliency and not c.store:
-        raise TrainError(f"--strategy {c.strategy} needs saliency maps: give --store URL (a "
-                         "refresh creates it), or use --strategy random")
+        raise TrainError(
+            f"--strategy {c.strategy} needs saliency maps: give --store URL (a "
+            "refresh creates it), or use --strategy random"
+        )
     if c.saliency_kind not in KINDS or c.saliency_kind == "heads":
         raise TrainError(f"--saliency-kind must be cls_attn or gpa (got {c.saliency_kind!r})")
 
@@ -177,14 +195,21 @@ def _check_resources(c: TrainConfig) -> None:
     if c.cpus_per_worker is not None and not c.cpus_per_worker > 0:
         raise TrainError(f"--cpus-per-worker must be > 0 (got {c.cpus_per_worker})")
     if not c.refresh_cpus > 0 or not 0 <= c.refresh_gpus < 1:
-        raise TrainError(f"--refresh-cpus must be > 0 and --refresh-gpus in [0, 1) (got "
-                         f"{c.refresh_cpus}, {c.refresh_gpus}): a refresh shares the GPUs")
+        raise TrainError(
+            f"--refresh-cpus must be > 0 and --refresh-gpus in [0, 1) (got "
+            f"{c.refresh_cpus}, {c.refresh_gpus}): a refresh shares the GPUs"
+        )
 
 
 def resolved(config: TrainConfig) -> TrainConfig:
     """Absolute local paths: Ray workers may run in another directory."""
+
     def absolute(path: str | None) -> str | None:
         return path if path is None or "://" in path else str(Path(path).resolve())
 
-    return replace(config, data=absolute(config.data), store=absolute(config.store),
-                   run_dir=absolute(config.run_dir))
+    return replace(
+        config,
+        data=absolute(config.data),
+        store=absolute(config.store),
+        run_dir=absolute(config.run_dir),
+    )

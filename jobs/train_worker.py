@@ -49,8 +49,11 @@ def refresh_due(config: TrainConfig, epochs_done: int) -> bool:
     ``refresh_every`` epochs from the end of the warmup (AMT: 40, 80, …), never after the last
     epoch (nothing would use it) nor before one (a refresh needs a trained checkpoint)."""
     start = max(config.warmup_epochs, 1)
-    return (config.refreshes and start <= epochs_done < config.epochs
-            and (epochs_done - start) % config.refresh_every == 0)
+    return (
+        config.refreshes
+        and start <= epochs_done < config.epochs
+        and (epochs_done - start) % config.refresh_every == 0
+    )
 
 
 # ---------------------------------------------------------------- logging
@@ -62,8 +65,9 @@ class _Log:
 
     def __init__(self, run_dir: Path, rank: int) -> None:
         (run_dir / "metrics").mkdir(parents=True, exist_ok=True)
-        self._steps = open(run_dir / "metrics" / f"rank-{rank}.jsonl", "a")
-        self._events = open(run_dir / "metrics.jsonl", "a") if rank == 0 else None
+        # Open for the whole run (closed in ``close``): one append per step.
+        self._steps = open(run_dir / "metrics" / f"rank-{rank}.jsonl", "a")  # noqa: SIM115
+        self._events = open(run_dir / "metrics.jsonl", "a") if rank == 0 else None  # noqa: SIM115
 
     def step(self, record: dict) -> None:
         self._steps.write(json.dumps(record) + "\n")
@@ -114,8 +118,9 @@ class _Refresher:
             ref, about = self._pending
             self._pending = None
             summary = ray.get(ref)  # run_refresh's summary; its "kind" is the map kind
-            self._log.event({**about, **summary, "map_kind": summary.get("kind"),
-                             "kind": "refresh"})
+            self._log.event(
+                {**about, **summary, "map_kind": summary.get("kind"), "kind": "refresh"}
+            )
 
 
 def _open_store(url: str | None):
@@ -129,7 +134,8 @@ def _published_from(store, teacher: Path) -> bool:
     """Whether ``store`` holds a published generation made from the checkpoint ``teacher``."""
     return store is not None and any(
         g.get("status") == "published" and (g.get("teacher") or {}).get("path") == str(teacher)
-        for g in store.generations())
+        for g in store.generations()
+    )
 
 
 # ---------------------------------------------------------------- pieces of a worker
@@ -150,41 +156,70 @@ def loader_configs(config: TrainConfig, rank: int, world: int, device: str = "cp
     from salient.pipeline.loader import LoaderConfig
 
     main = LoaderConfig(
-        data=config.data, store=config.store if config.needs_saliency else None,
-        image_size=config.image_size, patch_size=config.patch_size,
-        batch_size=config.batch_size, strategy=config.strategy, mask_ratio=config.mask_ratio,
-        throw_ratio=config.throw_ratio, strategy_options=dict(config.strategy_options),
-        seed=config.seed, num_workers=config.loader_workers, rank=rank, world_size=world,
-        device=device, epochs=config.epochs)
-    warmup = replace(main, store=None, strategy="random", mask_ratio=config.warmup_mask_ratio,
-                     throw_ratio=0.0, strategy_options={})
+        data=config.data,
+        store=config.store if config.needs_saliency else None,
+        image_size=config.image_size,
+        patch_size=config.patch_size,
+        batch_size=config.batch_size,
+        strategy=config.strategy,
+        mask_ratio=config.mask_ratio,
+        throw_ratio=config.throw_ratio,
+        strategy_options=dict(config.strategy_options),
+        seed=config.seed,
+        num_workers=config.loader_workers,
+        rank=rank,
+        world_size=world,
+        device=device,
+        epochs=config.epochs,
+    )
+    warmup = replace(
+        main,
+        store=None,
+        strategy="random",
+        mask_ratio=config.warmup_mask_ratio,
+        throw_ratio=0.0,
+        strategy_options={},
+    )
     return warmup, main
 
 
 def _build(config: TrainConfig, device: torch.device, steps_per_epoch: int):
     """The DDP model (identically initialised on every rank), AdamW, the lr schedule."""
     torch.manual_seed(config.seed)
-    model = build_model(config.model, config.image_size, config.patch_size,
-                        norm_pix_loss=config.norm_pix_loss).to(device)
+    model = build_model(
+        config.model, config.image_size, config.patch_size, norm_pix_loss=config.norm_pix_loss
+    ).to(device)
     optimizer = build_optimizer(model, config.base_lr, config.weight_decay)
     ddp = torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None)
-    schedule = WarmupCosine(config.base_lr, config.epochs * steps_per_epoch,
-                            config.lr_warmup * steps_per_epoch, config.min_lr)
+        model, device_ids=[device.index] if device.type == "cuda" else None
+    )
+    schedule = WarmupCosine(
+        config.base_lr,
+        config.epochs * steps_per_epoch,
+        config.lr_warmup * steps_per_epoch,
+        config.min_lr,
+    )
     return ddp, optimizer, schedule
 
 
 def _sum_over_ranks(totals: dict, device: torch.device) -> dict:
     """Epoch figures over all ranks; the epoch lasts as long as its slowest rank."""
-    sums = torch.tensor([totals["images"], totals["loss_sum"], totals["with_saliency"]],
-                        dtype=torch.float64, device=device)
+    sums = torch.tensor(
+        [totals["images"], totals["loss_sum"], totals["with_saliency"]],
+        dtype=torch.float64,
+        device=device,
+    )
     dist.all_reduce(sums)
     seconds = torch.tensor([totals["seconds"]], dtype=torch.float64, device=device)
     dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
     images, loss_sum, with_saliency = sums.tolist()
-    return {"images": int(images), "loss": loss_sum / max(images, 1),
-            "saliency_share": with_saliency / max(images, 1),
-            "img_per_s": images / max(seconds.item(), 1e-9), "seconds": seconds.item()}
+    return {
+        "images": int(images),
+        "loss": loss_sum / max(images, 1),
+        "saliency_share": with_saliency / max(images, 1),
+        "img_per_s": images / max(seconds.item(), 1e-9),
+        "seconds": seconds.item(),
+    }
 
 
 def _agree(value: Any, rank: int) -> Any:
@@ -219,7 +254,9 @@ class _Worker:
 
         configs = loader_configs(self.config, self.rank, world, str(self.device))
         self.warmup_loader, self.loader = (SalientLoader(c) for c in configs)
-        self.model, self.optimizer, self.schedule = _build(self.config, self.device, len(self.loader))
+        self.model, self.optimizer, self.schedule = _build(
+            self.config, self.device, len(self.loader)
+        )
         self.state = self._restore(args["resume_from"])
         self.log = _Log(Path(self.config.run_dir), self.rank)
         self.progress = args["progress"] and self.rank == 0
@@ -228,8 +265,9 @@ class _Worker:
     def _restore(self, path: str | None) -> _State:
         if path is None:
             return _State()
-        ckpt = load_checkpoint(path, self.model, self.optimizer, self.schedule,
-                               config=self.config.as_dict())
+        ckpt = load_checkpoint(
+            path, self.model, self.optimizer, self.schedule, config=self.config.as_dict()
+        )
         return _State(ckpt["epoch"], ckpt["step"], ckpt["generation"])
 
     def run(self, resumed: bool) -> None:
@@ -255,19 +293,35 @@ class _Worker:
         loader = self.warmup_loader if warmup else self.loader
         bar = _progress_bar(self.progress, len(loader), epoch)
         totals = train_one_epoch(
-            self.model, self.optimizer, self.schedule, loader.epoch(epoch), epoch=epoch,
-            step=self.state.step, device=self.device, bf16=self.config.gpu,
-            clip_grad=self.config.clip_grad or None, on_step=self._step_logger(epoch, bar))
+            self.model,
+            self.optimizer,
+            self.schedule,
+            loader.epoch(epoch),
+            epoch=epoch,
+            step=self.state.step,
+            device=self.device,
+            bf16=self.config.gpu,
+            clip_grad=self.config.clip_grad or None,
+            on_step=self._step_logger(epoch, bar),
+        )
         if bar is not None:
             bar.close()
         masking = loader.config
         self.state = _State(epoch + 1, totals["step"], loader.stats.generation)
-        return {"kind": "epoch", "epoch": epoch, "epochs_done": epoch + 1, "step": totals["step"],
-                "strategy": masking.strategy, "mask_ratio": masking.mask_ratio,
-                "throw_ratio": masking.throw_ratio, "generation": loader.stats.generation,
-                "fallback": loader.stats.fallback, "corrupt": loader.stats.corrupt,
-                "lr": self.optimizer.param_groups[0]["lr"],
-                **_sum_over_ranks(totals, self.device)}
+        return {
+            "kind": "epoch",
+            "epoch": epoch,
+            "epochs_done": epoch + 1,
+            "step": totals["step"],
+            "strategy": masking.strategy,
+            "mask_ratio": masking.mask_ratio,
+            "throw_ratio": masking.throw_ratio,
+            "generation": loader.stats.generation,
+            "fallback": loader.stats.fallback,
+            "corrupt": loader.stats.corrupt,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            **_sum_over_ranks(totals, self.device),
+        }
 
     def _current(self) -> str | None:
         store = _open_store(self.config.store) if self.config.needs_saliency else None
@@ -289,8 +343,16 @@ class _Worker:
         """Rank 0: the checkpoint, the epoch record, the refresh the schedule asks for."""
         config, state = self.config, self.state
         path = checkpoint_path(config.run_dir, state.epochs_done)
-        save_checkpoint(path, self.model, self.optimizer, self.schedule, state.epochs_done,
-                        state.step, state.generation, config.as_dict())
+        save_checkpoint(
+            path,
+            self.model,
+            self.optimizer,
+            self.schedule,
+            state.epochs_done,
+            state.step,
+            state.generation,
+            config.as_dict(),
+        )
         self.log.event({**record, "checkpoint": str(path)})
         if refresh_due(config, state.epochs_done) and config.stop_after_epochs != state.epochs_done:
             self.refresher.start(path, state.epochs_done)
@@ -301,7 +363,8 @@ class _Worker:
         """Relaunch the refresh due after the resumed checkpoint if it never published."""
         teacher = checkpoint_path(self.config.run_dir, self.state.epochs_done)
         if refresh_due(self.config, self.state.epochs_done) and not _published_from(
-                _open_store(self.config.store), teacher):
+            _open_store(self.config.store), teacher
+        ):
             self.refresher.start(teacher, self.state.epochs_done)
 
     def close(self) -> None:

@@ -180,8 +180,8 @@ def _check_box_law(height, width, scale, ratio, flip_p) -> None:
 def _check_inside(box: CropBox, image_hw: tuple[int, int]) -> None:
     height, width = image_hw
     if not (
-        0 <= box.top
-        and 0 <= box.left
+        box.top >= 0
+        and box.left >= 0
         and box.height >= 1
         and box.width >= 1
         and box.top + box.height <= height

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageEnhance
 
-__all__ = ["DEMO_OBJECTS", "DEMO_BACKGROUNDS", "DemoScene", "make_scene"]
+__all__ = ["DEMO_BACKGROUNDS", "DEMO_OBJECTS", "DemoScene", "make_scene"]
 
 # Class names in label order. Each maps to a skimage.data loader; all ship in the wheel.
 DEMO_OBJECTS = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle", "clock", "colorwheel")
@@ -36,7 +36,7 @@ class DemoScene:
     name: str
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _source(name: str) -> Image.Image:
     import skimage.data
 

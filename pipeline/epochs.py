@@ -51,8 +51,15 @@ def _share(total: int, part: int, parts: int) -> tuple[int, int]:
     return total * part // parts, total * (part + 1) // parts
 
 
-def epoch_segments(shards: list[ShardInfo], seed: int, epoch: int, rank: int, world_size: int,
-                   worker: int = 0, num_workers: int = 1) -> list[Segment]:
+def epoch_segments(
+    shards: list[ShardInfo],
+    seed: int,
+    epoch: int,
+    rank: int,
+    world_size: int,
+    worker: int = 0,
+    num_workers: int = 1,
+) -> list[Segment]:
     """The id ranges one (rank, worker) reads in ``epoch``, in reading order.
 
     The shard order is a permutation seeded by ``(seed, epoch)``; the ids in that order are

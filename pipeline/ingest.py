@@ -34,11 +34,19 @@ from salient.pipeline.manifest import (
     shard_name,
 )
 
-__all__ = ["IngestError", "Sample", "ingest_folder", "ingest_demo", "IMAGE_SUFFIXES"]
+__all__ = ["IMAGE_SUFFIXES", "IngestError", "Sample", "ingest_demo", "ingest_folder"]
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm"}
-_FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "GIF": "gif",
-               "TIFF": "tiff", "PPM": "ppm", "MPO": "jpg"}
+_FORMAT_EXT = {
+    "JPEG": "jpg",
+    "PNG": "png",
+    "WEBP": "webp",
+    "BMP": "bmp",
+    "GIF": "gif",
+    "TIFF": "tiff",
+    "PPM": "ppm",
+    "MPO": "jpg",
+}
 _OWN_FILE = ("shard-", MANIFEST_NAME, ".shard-")
 
 
@@ -70,11 +78,15 @@ def _prepare_out(out: Path, overwrite: bool, src: Path | None = None) -> None:
         return
     foreign = [e.name for e in entries if not e.name.startswith(_OWN_FILE)]
     if not overwrite:
-        raise IngestError(f"OUT {out} is not empty; pass --overwrite to replace a dataset "
-                          "written by salient, or choose an empty directory")
+        raise IngestError(
+            f"OUT {out} is not empty; pass --overwrite to replace a dataset "
+            "written by salient, or choose an empty directory"
+        )
     if foreign:
-        raise IngestError(f"OUT {out} holds files salient did not write ({foreign[0]} …); "
-                          "refusing to overwrite them — choose an empty directory")
+        raise IngestError(
+            f"OUT {out} holds files salient did not write ({foreign[0]} …); "
+            "refusing to overwrite them — choose an empty directory"
+        )
     (out / MANIFEST_NAME).unlink(missing_ok=True)  # first: the old dataset stops being valid
     for entry in entries:
         entry.unlink(missing_ok=True)
@@ -88,15 +100,14 @@ def _write_shard(out: Path, index: int, first_id: int, samples: list[Sample]) ->
 
     name = shard_name(index)
     tmp = out / f".{name}.partial"
-    with open(tmp, "wb") as stream:
-        # mtime=0: the same input gives byte-identical shards.
-        with wds.TarWriter(stream, encoder=False, mtime=0) as writer:
-            for offset, sample in enumerate(samples):
-                record = {"__key__": sample_key(first_id + offset), sample.ext: sample.data}
-                if sample.label is not None:
-                    record["cls"] = str(sample.label).encode()
-                record.update(sample.extra or {})
-                writer.write(record)
+    # mtime=0: the same input gives byte-identical shards.
+    with open(tmp, "wb") as stream, wds.TarWriter(stream, encoder=False, mtime=0) as writer:
+        for offset, sample in enumerate(samples):
+            record = {"__key__": sample_key(first_id + offset), sample.ext: sample.data}
+            if sample.label is not None:
+                record["cls"] = str(sample.label).encode()
+            record.update(sample.extra or {})
+            writer.write(record)
     os.replace(tmp, out / name)
     return ShardInfo(index, name, first_id, len(samples), (out / name).stat().st_size)
 
@@ -118,8 +129,13 @@ def _write_shards(out: Path, samples: Iterable[Sample], shard_size: int) -> list
 
 def _finish(out: Path, shards: list[ShardInfo], shard_size: int, **fields) -> Manifest:
     num_samples = sum(s.count for s in shards)
-    manifest = Manifest(num_samples=num_samples, shard_size=shard_size, shards=shards,
-                        fingerprint=fingerprint(shards, num_samples), **fields)
+    manifest = Manifest(
+        num_samples=num_samples,
+        shard_size=shard_size,
+        shards=shards,
+        fingerprint=fingerprint(shards, num_samples),
+        **fields,
+    )
     tmp = out / f".{MANIFEST_NAME}.partial"
     tmp.write_text(manifest.to_json())
     os.replace(tmp, out / MANIFEST_NAME)
@@ -128,8 +144,9 @@ def _finish(out: Path, shards: list[ShardInfo], shard_size: int, **fields) -> Ma
 
 def _check_shard_size(shard_size: int) -> None:
     if not isinstance(shard_size, int) or shard_size < 1:
-        raise IngestError(f"--shard-size must be a positive integer (got {shard_size}); "
-                          "1000 is a good default")
+        raise IngestError(
+            f"--shard-size must be a positive integer (got {shard_size}); 1000 is a good default"
+        )
 
 
 # ---------------------------------------------------------------- folder ingest
@@ -146,8 +163,9 @@ def _scan(src: Path) -> tuple[list[tuple[Path, int | None]], list[str] | None, l
     files = []
     for label, folder in enumerate(subdirs):
         for path in sorted(folder.rglob("*")):
-            if path.is_file() and not any(part.startswith(".") for part in
-                                          path.relative_to(src).parts):
+            if path.is_file() and not any(
+                part.startswith(".") for part in path.relative_to(src).parts
+            ):
                 files.append((path, label))
     for path in top_files:
         skipped.append({"path": path.name, "reason": "outside any class folder"})
@@ -173,8 +191,12 @@ def _load(path: Path) -> tuple[bytes | None, str]:
     return data, ext
 
 
-def _decoded(files: list[tuple[Path, int | None]], src: Path, skipped: list[dict],
-             progress: Callable[[int], None]) -> Iterator[Sample]:
+def _decoded(
+    files: list[tuple[Path, int | None]],
+    src: Path,
+    skipped: list[dict],
+    progress: Callable[[int], None],
+) -> Iterator[Sample]:
     workers = max(1, min(8, os.cpu_count() or 1))
     with ProcessPoolExecutor(workers) as pool:
         loaded = pool.map(_load, [p for p, _ in files], chunksize=16)
@@ -188,9 +210,13 @@ def _decoded(files: list[tuple[Path, int | None]], src: Path, skipped: list[dict
             yield Sample(data, ext_or_reason, label, {"path.txt": rel.encode()})
 
 
-def ingest_folder(src: str | os.PathLike, out: str | os.PathLike, shard_size: int = 1000,
-                  overwrite: bool = False, progress: Callable[[int], None] | None = None
-                  ) -> Manifest:
+def ingest_folder(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    shard_size: int = 1000,
+    overwrite: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> Manifest:
     """Ingest an ImageFolder tree (class sub-folders) or a flat folder of images.
 
     Files whose suffix is not an image suffix, and images that do not decode, are skipped,
@@ -215,16 +241,18 @@ def ingest_folder(src: str | os.PathLike, out: str | os.PathLike, shard_size: in
     samples = _decoded(images, src, skipped, progress or (lambda n: None))
     shards = _write_shards(out, samples, shard_size)
     if not shards:
-        raise IngestError(f"none of the {len(images)} images in {src} could be decoded; "
-                          f"see the warnings above")
+        raise IngestError(
+            f"none of the {len(images)} images in {src} could be decoded; see the warnings above"
+        )
     return _finish(out, shards, shard_size, classes=classes, skipped=skipped, source=str(src))
 
 
 # ---------------------------------------------------------------- demo ingest
 
 
-def _demo_samples(n: int, seed: int, image_size: int, quality: int,
-                  progress: Callable[[int], None]) -> Iterator[Sample]:
+def _demo_samples(
+    n: int, seed: int, image_size: int, quality: int, progress: Callable[[int], None]
+) -> Iterator[Sample]:
     from salient.pipeline.demo import make_scene
 
     for index in range(n):
@@ -236,9 +264,16 @@ def _demo_samples(n: int, seed: int, image_size: int, quality: int,
         yield Sample(buffer.getvalue(), "jpg", scene.label, {"box.json": json.dumps(box).encode()})
 
 
-def ingest_demo(out: str | os.PathLike, n: int = 2000, seed: int = 0, shard_size: int = 500,
-                image_size: int = 192, overwrite: bool = False, quality: int = 90,
-                progress: Callable[[int], None] | None = None) -> Manifest:
+def ingest_demo(
+    out: str | os.PathLike,
+    n: int = 2000,
+    seed: int = 0,
+    shard_size: int = 500,
+    image_size: int = 192,
+    overwrite: bool = False,
+    quality: int = 90,
+    progress: Callable[[int], None] | None = None,
+) -> Manifest:
     """Write the bundled demo dataset (no network): ``n`` scenes, deterministic for ``seed``.
 
     Raises:
@@ -256,5 +291,6 @@ def ingest_demo(out: str | os.PathLike, n: int = 2000, seed: int = 0, shard_size
     samples = _demo_samples(n, seed, image_size, quality, progress or (lambda k: None))
     shards = _write_shards(out, samples, shard_size)
     demo = {"seed": seed, "image_size": image_size, "quality": quality}
-    return _finish(out, shards, shard_size, classes=list(DEMO_OBJECTS), skipped=[],
-                   source="demo", demo=demo)
+    return _finish(
+        out, shards, shard_size, classes=list(DEMO_OBJECTS), skipped=[], source="demo", demo=demo
+    )

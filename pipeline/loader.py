@@ -45,11 +45,11 @@ from salient.pipeline.stages import SampleStream, StreamSpec, decode_pil, init_w
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "EpochStats",
     "LoaderConfig",
     "LoaderError",
-    "EpochStats",
-    "Segment",
     "SalientLoader",
+    "Segment",
     "batches_per_rank",
     "epoch_segments",
     "plan_batch",
@@ -79,12 +79,28 @@ def unpack_chunk(chunk: dict) -> Iterator[_Item]:
         top, left, height, width, flip = chunk["boxes"][i].tolist()
         box = CropBox(top, left, height, width, bool(flip))
         if "images" in chunk:
-            yield _Item(sample_id, bool(chunk["has_map"][i]), chunk["weights"][i], box,
-                        chunk["images"][i], None, None, None)
+            yield _Item(
+                sample_id,
+                bool(chunk["has_map"][i]),
+                chunk["weights"][i],
+                box,
+                chunk["images"][i],
+                None,
+                None,
+                None,
+            )
         else:
             a, b = chunk["offsets"][i].item(), chunk["offsets"][i + 1].item()
-            yield _Item(sample_id, bool(chunk["has_map"][i]), chunk["weights"][i], box, None,
-                        chunk["data"][a:b], chunk["ext"][i], tuple(chunk["hw"][i].tolist()))
+            yield _Item(
+                sample_id,
+                bool(chunk["has_map"][i]),
+                chunk["weights"][i],
+                box,
+                None,
+                chunk["data"][a:b],
+                chunk["ext"][i],
+                tuple(chunk["hw"][i].tolist()),
+            )
 
 
 def decode_on_device(items: list[_Item], device: torch.device) -> list[torch.Tensor | None]:
@@ -96,8 +112,9 @@ def decode_on_device(items: list[_Item], device: torch.device) -> list[torch.Ten
     jpegs = [i for i, item in enumerate(items) if item.ext in JPEG_FIELDS]
     try:
         if jpegs:
-            decoded = decode_jpeg([items[i].data for i in jpegs], mode=ImageReadMode.RGB,
-                                  device=device)
+            decoded = decode_jpeg(
+                [items[i].data for i in jpegs], mode=ImageReadMode.RGB, device=device
+            )
             for i, image in zip(jpegs, decoded):
                 out[i] = image
     except RuntimeError:  # one bad file fails the batch call: retry one by one
@@ -127,9 +144,16 @@ def normalize_images(images: torch.Tensor) -> torch.Tensor:
     return images.float().mul_(1 / (255.0 * std)).sub_(mean / std)  # (x/255 - mean) / std
 
 
-def plan_batch(strategy: str, weights: torch.Tensor, has_map: torch.Tensor, mask_ratio: float,
-               throw_ratio: float, generator: torch.Generator, progress: float,
-               options: dict) -> MaskPlan:
+def plan_batch(
+    strategy: str,
+    weights: torch.Tensor,
+    has_map: torch.Tensor,
+    mask_ratio: float,
+    throw_ratio: float,
+    generator: torch.Generator,
+    progress: float,
+    options: dict,
+) -> MaskPlan:
     """The batch's mask plan: ``strategy`` on rows with a map, ``random`` on the others.
 
     ``weights [B, N]`` raw; normalised here per image (AMT: min-max to [0, 1] + eps).
@@ -137,21 +161,37 @@ def plan_batch(strategy: str, weights: torch.Tensor, has_map: torch.Tensor, mask
     if strategy not in NEEDS_SALIENCY or not bool(has_map.any()):
         name = strategy if strategy not in NEEDS_SALIENCY else "random"
         ones = torch.ones_like(weights)
-        return plan_masks(name, ones, mask_ratio, throw_ratio, generator=generator,
-                          progress=progress, **(options if name == strategy else {}))
+        return plan_masks(
+            name,
+            ones,
+            mask_ratio,
+            throw_ratio,
+            generator=generator,
+            progress=progress,
+            **(options if name == strategy else {}),
+        )
     rows = has_map.nonzero().squeeze(1)
-    plan = plan_masks(strategy, normalize_weights(weights[rows]), mask_ratio, throw_ratio,
-                      generator=generator, progress=progress, **options)
+    plan = plan_masks(
+        strategy,
+        normalize_weights(weights[rows]),
+        mask_ratio,
+        throw_ratio,
+        generator=generator,
+        progress=progress,
+        **options,
+    )
     if len(rows) == len(weights):
         return plan
     others = (~has_map).nonzero().squeeze(1)
-    fallback = plan_masks("random", torch.ones_like(weights[others]), mask_ratio, throw_ratio,
-                          generator=generator)
+    fallback = plan_masks(
+        "random", torch.ones_like(weights[others]), mask_ratio, throw_ratio, generator=generator
+    )
     return MaskPlan(*(_scatter_rows(a, b, rows, others) for a, b in zip(plan, fallback)))
 
 
-def _scatter_rows(a: torch.Tensor, b: torch.Tensor, rows: torch.Tensor,
-                  others: torch.Tensor) -> torch.Tensor:
+def _scatter_rows(
+    a: torch.Tensor, b: torch.Tensor, rows: torch.Tensor, others: torch.Tensor
+) -> torch.Tensor:
     out = torch.empty((len(rows) + len(others), a.shape[1]), dtype=a.dtype, device=a.device)
     out[rows], out[others] = a, b
     return out
@@ -169,12 +209,15 @@ class SalientLoader:
         self.config = config
         self.dataset = open_dataset(config.data)
         self.device = torch.device(config.device)
-        self.batches_per_rank = batches_per_rank(self.dataset.num_samples, config.world_size,
-                                                 config.batch_size)
+        self.batches_per_rank = batches_per_rank(
+            self.dataset.num_samples, config.world_size, config.batch_size
+        )
         if self.batches_per_rank < 1:
-            raise LoaderError(f"{self.dataset.num_samples} samples give no full batch of "
-                              f"{config.batch_size} on each of {config.world_size} ranks; "
-                              "lower batch_size")
+            raise LoaderError(
+                f"{self.dataset.num_samples} samples give no full batch of "
+                f"{config.batch_size} on each of {config.world_size} ranks; "
+                "lower batch_size"
+            )
         self.num_workers = self._clamped_workers()
         self.stats: EpochStats | None = None
         self._store = None
@@ -201,12 +244,18 @@ class SalientLoader:
         generation = store.current() if store is not None else None
         if generation is None and not self._warned:
             self._warned = True
-            where = ("no store given" if self.config.store is None else
-                     f"store {self.config.store} does not exist yet" if store is None else
-                     f"store {self.config.store} has no published generation yet")
-            warnings.warn(f"{where}: strategy {self.config.strategy} falls back to random "
-                          "masking until a generation is published (checked every epoch)",
-                          stacklevel=3)
+            where = (
+                "no store given"
+                if self.config.store is None
+                else f"store {self.config.store} does not exist yet"
+                if store is None
+                else f"store {self.config.store} has no published generation yet"
+            )
+            warnings.warn(
+                f"{where}: strategy {self.config.strategy} falls back to random "
+                "masking until a generation is published (checked every epoch)",
+                stacklevel=3,
+            )
         return generation
 
     def _open_store(self):
@@ -241,30 +290,48 @@ class SalientLoader:
         for _ in items.remaining():  # the left-over samples: read so the counts are exact
             pass
 
-    def _items(self, epoch: int, generation: str | None, stats: EpochStats) -> "_Passes":
+    def _items(self, epoch: int, generation: str | None, stats: EpochStats) -> _Passes:
         return _Passes(self, epoch, generation, stats)
 
     def _stream(self, epoch: int, pass_index: int, generation: str | None) -> Iterator[dict]:
         c = self.config
         shards = tuple(self.dataset.shards)
         spec = StreamSpec(
-            urls=tuple(self.dataset.shard_urls()), shards=shards, store=self._store_url(generation),
-            generation=generation, seed=c.seed, epoch=epoch, pass_index=pass_index, rank=c.rank,
-            world_size=c.world_size, image_size=c.image_size, grid=c.grid,
-            crop_scale=tuple(c.crop_scale), crop_ratio=tuple(c.crop_ratio), flip_p=c.flip_p,
-            decode_on=c.decode_on, shuffle_buffer=c.shuffle_buffer, chunk_size=c.chunk_size)
+            urls=tuple(self.dataset.shard_urls()),
+            shards=shards,
+            store=self._store_url(generation),
+            generation=generation,
+            seed=c.seed,
+            epoch=epoch,
+            pass_index=pass_index,
+            rank=c.rank,
+            world_size=c.world_size,
+            image_size=c.image_size,
+            grid=c.grid,
+            crop_scale=tuple(c.crop_scale),
+            crop_ratio=tuple(c.crop_ratio),
+            flip_p=c.flip_p,
+            decode_on=c.decode_on,
+            shuffle_buffer=c.shuffle_buffer,
+            chunk_size=c.chunk_size,
+        )
         stream = SampleStream(spec)
         if self.num_workers == 0:
             return iter(stream)
         loader = torch.utils.data.DataLoader(
-            stream, batch_size=None, num_workers=self.num_workers, worker_init_fn=init_worker,
-            pin_memory=self.device.type == "cuda", prefetch_factor=4)
+            stream,
+            batch_size=None,
+            num_workers=self.num_workers,
+            worker_init_fn=init_worker,
+            pin_memory=self.device.type == "cuda",
+            prefetch_factor=4,
+        )
         return iter(loader)
 
     def _store_url(self, generation: str | None) -> str | None:
         return None if generation is None else self._store.url
 
-    def _take_ready(self, items: "_Passes", stats: EpochStats) -> list[tuple[_Item, torch.Tensor]]:
+    def _take_ready(self, items: _Passes, stats: EpochStats) -> list[tuple[_Item, torch.Tensor]]:
         """``batch_size`` samples with their cropped images, skipping any that fail to decode
         on the device (counted) and taking more in their place."""
         ready: list[tuple[_Item, torch.Tensor]] = []
@@ -275,8 +342,9 @@ class SalientLoader:
             ready += got
         return ready
 
-    def _images_for(self, items: list[_Item],
-                    stats: EpochStats) -> list[tuple[_Item, torch.Tensor]]:
+    def _images_for(
+        self, items: list[_Item], stats: EpochStats
+    ) -> list[tuple[_Item, torch.Tensor]]:
         if items[0].image is not None:  # decoded and cropped by the workers
             return [(item, item.image) for item in items]
         decoded = decode_on_device(items, self.device)
@@ -289,8 +357,15 @@ class SalientLoader:
             out.append((item, crop_image(image, item.box, self.config.image_size)))
         return out
 
-    def _batch(self, ready: list[tuple[_Item, torch.Tensor]], epoch: int, index: int,
-               generation: str | None, progress: float, stats: EpochStats) -> dict:
+    def _batch(
+        self,
+        ready: list[tuple[_Item, torch.Tensor]],
+        epoch: int,
+        index: int,
+        generation: str | None,
+        progress: float,
+        stats: EpochStats,
+    ) -> dict:
         c, items = self.config, [item for item, _ in ready]
         images = torch.stack([image for _, image in ready])  # [B,3,S,S]
         images = normalize_images(images.to(self.device, non_blocking=True))
@@ -298,26 +373,40 @@ class SalientLoader:
         has_map = torch.tensor([item.has_map for item in items], dtype=torch.bool)
         weights = torch.stack([item.weights for item in items]).to(self.device)  # [B,N] raw
         generator = torch.Generator(self.device).manual_seed(mix_seed(c.seed, epoch, c.rank, index))
-        plan = plan_batch(c.strategy, weights, has_map.to(self.device), c.mask_ratio,
-                          c.throw_ratio, generator, progress, c.strategy_options)
+        plan = plan_batch(
+            c.strategy,
+            weights,
+            has_map.to(self.device),
+            c.mask_ratio,
+            c.throw_ratio,
+            generator,
+            progress,
+            c.strategy_options,
+        )
         # now: visible / mask / throw indices [B,V] / [B,M] / [B,T]
         stats.batches += 1
         stats.samples += len(items)
         if c.strategy in NEEDS_SALIENCY:
             stats.fallback += int((~has_map).sum())
-        return {"images": images, "visible_idx": plan.visible_idx, "mask_idx": plan.mask_idx,
-                "throw_idx": plan.throw_idx,
-                "ids": torch.tensor([item.id for item in items], dtype=torch.int64),
-                "has_saliency": has_map, "generation": generation,
-                "crop_boxes": torch.tensor([list(item.box) for item in items], dtype=torch.int64)}
+        return {
+            "images": images,
+            "visible_idx": plan.visible_idx,
+            "mask_idx": plan.mask_idx,
+            "throw_idx": plan.throw_idx,
+            "ids": torch.tensor([item.id for item in items], dtype=torch.int64),
+            "has_saliency": has_map,
+            "generation": generation,
+            "crop_boxes": torch.tensor([list(item.box) for item in items], dtype=torch.int64),
+        }
 
 
 class _Passes:
     """The samples of one rank's epoch: pass 0 over its slice, then more passes (fresh crops)
     only if corrupt images left it short of ``batches_per_rank`` batches."""
 
-    def __init__(self, loader: SalientLoader, epoch: int, generation: str | None,
-                 stats: EpochStats):
+    def __init__(
+        self, loader: SalientLoader, epoch: int, generation: str | None, stats: EpochStats
+    ):
         self.loader, self.epoch, self.generation, self.stats = loader, epoch, generation, stats
         self.pass_index, self.good = -1, 0  # good: samples of this pass with a usable image
         self.pending: Iterator[_Item] = iter(())
@@ -337,9 +426,11 @@ class _Passes:
 
     def _next_pass(self) -> None:
         if self.pass_index >= 0 and self.good == 0:
-            raise LoaderError(f"rank {self.loader.config.rank} found no readable sample in its "
-                              f"shards of {self.loader.dataset.root} (epoch {self.epoch}); "
-                              "check the shards (see the warnings) or re-run ingest")
+            raise LoaderError(
+                f"rank {self.loader.config.rank} found no readable sample in its "
+                f"shards of {self.loader.dataset.root} (epoch {self.epoch}); "
+                "check the shards (see the warnings) or re-run ingest"
+            )
         self.pass_index += 1
         self.good = 0
         self.stats.passes = self.pass_index + 1

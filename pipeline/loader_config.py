@@ -83,8 +83,10 @@ def _check_sizes(c: LoaderConfig) -> None:
         if not _is_int(value) or value < 1:
             raise LoaderError(f"{name} must be a positive integer (got {value!r})")
     if c.image_size % c.patch_size:
-        raise LoaderError(f"image_size {c.image_size} is not a multiple of patch_size "
-                          f"{c.patch_size}; use e.g. {max(1, c.grid) * c.patch_size}")
+        raise LoaderError(
+            f"image_size {c.image_size} is not a multiple of patch_size "
+            f"{c.patch_size}; use e.g. {max(1, c.grid) * c.patch_size}"
+        )
     for name in ("num_workers", "shuffle_buffer", "seed"):
         value = getattr(c, name)
         if not _is_int(value) or value < 0:
@@ -95,28 +97,36 @@ def _check_sizes(c: LoaderConfig) -> None:
 
 def _check_masking(c: LoaderConfig) -> None:
     if c.strategy not in STRATEGIES:
-        raise LoaderError(f"unknown strategy {c.strategy!r}; choose one of "
-                          f"{', '.join(sorted(STRATEGIES))}")
+        raise LoaderError(
+            f"unknown strategy {c.strategy!r}; choose one of {', '.join(sorted(STRATEGIES))}"
+        )
     if not 0 <= c.mask_ratio < 1 or not 0 <= c.throw_ratio < 1:
-        raise LoaderError(f"mask_ratio and throw_ratio must lie in [0, 1) (got {c.mask_ratio}, "
-                          f"{c.throw_ratio})")
+        raise LoaderError(
+            f"mask_ratio and throw_ratio must lie in [0, 1) (got {c.mask_ratio}, {c.throw_ratio})"
+        )
     if c.mask_ratio + c.throw_ratio >= 1:
-        raise LoaderError(f"mask_ratio + throw_ratio must be < 1 (got {c.mask_ratio} + "
-                          f"{c.throw_ratio}); lower one so some patches stay visible")
+        raise LoaderError(
+            f"mask_ratio + throw_ratio must be < 1 (got {c.mask_ratio} + "
+            f"{c.throw_ratio}); lower one so some patches stay visible"
+        )
     if not isinstance(c.strategy_options, dict):
-        raise LoaderError(f"strategy_options must be a dict of plan_masks keywords "
-                          f"(got {type(c.strategy_options).__name__})")
+        raise LoaderError(
+            f"strategy_options must be a dict of plan_masks keywords "
+            f"(got {type(c.strategy_options).__name__})"
+        )
     mask_counts(c.grid**2, c.mask_ratio, c.throw_ratio)  # masking's own checks, same message
 
 
 def _check_crop(c: LoaderConfig) -> None:
     (lo, hi), (rlo, rhi) = c.crop_scale, c.crop_ratio
     if not 0 < lo <= hi <= 1:
-        raise LoaderError(f"crop_scale must satisfy 0 < min <= max <= 1 (got {c.crop_scale}); "
-                          "MAE uses (0.2, 1.0)")
+        raise LoaderError(
+            f"crop_scale must satisfy 0 < min <= max <= 1 (got {c.crop_scale}); MAE uses (0.2, 1.0)"
+        )
     if not 0 < rlo <= rhi:
-        raise LoaderError(f"crop_ratio must satisfy 0 < min <= max (got {c.crop_ratio}); "
-                          "the usual is (3/4, 4/3)")
+        raise LoaderError(
+            f"crop_ratio must satisfy 0 < min <= max (got {c.crop_ratio}); the usual is (3/4, 4/3)"
+        )
     if not 0 <= c.flip_p <= 1:
         raise LoaderError(f"flip_p must lie in [0, 1] (got {c.flip_p})")
 

@@ -20,17 +20,17 @@ from pathlib import Path
 from salient.errors import SalientError
 
 __all__ = [
-    "MANIFEST_NAME",
     "FORMAT",
     "KEY_WIDTH",
-    "ShardInfo",
-    "Manifest",
+    "MANIFEST_NAME",
     "Dataset",
     "DatasetError",
+    "Manifest",
+    "ShardInfo",
     "fingerprint",
-    "shard_name",
-    "sample_key",
     "open_dataset",
+    "sample_key",
+    "shard_name",
 ]
 
 MANIFEST_NAME = "manifest.json"
@@ -92,7 +92,7 @@ class Manifest:
         return json.dumps(body, indent=1)
 
     @classmethod
-    def from_dict(cls, body: dict) -> "Manifest":
+    def from_dict(cls, body: dict) -> Manifest:
         shards = [ShardInfo(**s) for s in body["shards"]]
         return cls(**{**body, "shards": shards})
 
@@ -144,7 +144,9 @@ def _read_manifest(root: Path) -> Manifest:
         body = json.loads(path.read_text())
         manifest = Manifest.from_dict(body)
     except (ValueError, TypeError, KeyError) as exc:
-        raise DatasetError(f"{path} is not a valid salient manifest ({exc}); re-run ingest") from None
+        raise DatasetError(
+            f"{path} is not a valid salient manifest ({exc}); re-run ingest"
+        ) from None
     if manifest.format != FORMAT:
         raise DatasetError(f"{path} has format {manifest.format!r}, expected {FORMAT!r}")
     return manifest
@@ -157,27 +159,36 @@ def _check_layout(manifest: Manifest, path: Path) -> None:
         if shard.index != i or shard.first_id != expected_first:
             raise DatasetError(f"{path}: shard {shard.name} breaks the contiguous id layout")
         if shard.count <= 0 or (not last and shard.count != manifest.shard_size):
-            raise DatasetError(f"{path}: shard {shard.name} holds {shard.count} samples, "
-                               f"expected {manifest.shard_size}")
+            raise DatasetError(
+                f"{path}: shard {shard.name} holds {shard.count} samples, "
+                f"expected {manifest.shard_size}"
+            )
         expected_first = shard.stop_id
     if expected_first != manifest.num_samples:
-        raise DatasetError(f"{path}: shards hold {expected_first} ids but the manifest "
-                           f"says {manifest.num_samples}")
+        raise DatasetError(
+            f"{path}: shards hold {expected_first} ids but the manifest says {manifest.num_samples}"
+        )
     if fingerprint(manifest.shards, manifest.num_samples) != manifest.fingerprint:
-        raise DatasetError(f"{path}: the fingerprint does not match the shard list; "
-                           "the manifest was edited by hand or is damaged — re-run ingest")
+        raise DatasetError(
+            f"{path}: the fingerprint does not match the shard list; "
+            "the manifest was edited by hand or is damaged — re-run ingest"
+        )
 
 
 def _check_files(root: Path, manifest: Manifest) -> None:
     for shard in manifest.shards:
         path = root / shard.name
         if not path.is_file():
-            raise DatasetError(f"shard {shard.name} listed in {root / MANIFEST_NAME} is missing; "
-                               "restore it or re-run `salient ingest`")
+            raise DatasetError(
+                f"shard {shard.name} listed in {root / MANIFEST_NAME} is missing; "
+                "restore it or re-run `salient ingest`"
+            )
         size = os.path.getsize(path)
         if size != shard.bytes:
-            raise DatasetError(f"shard {path} is truncated or altered: {size} bytes on disk, "
-                               f"{shard.bytes} in the manifest; re-run `salient ingest`")
+            raise DatasetError(
+                f"shard {path} is truncated or altered: {size} bytes on disk, "
+                f"{shard.bytes} in the manifest; re-run `salient ingest`"
+            )
 
 
 def open_dataset(root: str | os.PathLike) -> Dataset:

@@ -59,8 +59,11 @@ class _Tally:
         self.store_reads = 0
 
     def flush(self) -> dict:
-        out = {"corrupt": self.corrupt, "shard_errors": self.shard_errors,
-               "store_reads": self.store_reads}
+        out = {
+            "corrupt": self.corrupt,
+            "shard_errors": self.shard_errors,
+            "store_reads": self.store_reads,
+        }
         self.__init__()
         return out
 
@@ -123,8 +126,9 @@ def read_segment(url: str, segment: Segment, handler: CountingHandler) -> Iterat
         handler(exn)
         return
     with stream:
-        files = tar_file_expander([{"url": url, "stream": stream}], handler=handler,
-                                  select_files=wanted)
+        files = tar_file_expander(
+            [{"url": url, "stream": stream}], handler=handler, select_files=wanted
+        )
         yield from group_by_keys(files, handler=handler)
 
 
@@ -190,14 +194,17 @@ def image_hw(data: bytes) -> tuple[int, int] | None:
 def crop_box_for(spec: StreamSpec, sample_id: int, height: int, width: int) -> CropBox:
     """The crop box of ``sample_id``: seeded by (seed, epoch, pass, id), so it does not
     depend on which rank or worker reads the sample."""
-    generator = torch.Generator().manual_seed(mix_seed(spec.seed, spec.epoch, spec.pass_index,
-                                                       sample_id))
-    return sample_crop_box(height, width, generator, scale=spec.crop_scale,
-                           ratio=spec.crop_ratio, flip_p=spec.flip_p)
+    generator = torch.Generator().manual_seed(
+        mix_seed(spec.seed, spec.epoch, spec.pass_index, sample_id)
+    )
+    return sample_crop_box(
+        height, width, generator, scale=spec.crop_scale, ratio=spec.crop_ratio, flip_p=spec.flip_p
+    )
 
 
-def crop_map_rows(rows: list[np.ndarray | None], boxes: list[CropBox],
-                  hws: list[tuple[int, int]], grid: int) -> torch.Tensor:
+def crop_map_rows(
+    rows: list[np.ndarray | None], boxes: list[CropBox], hws: list[tuple[int, int]], grid: int
+) -> torch.Tensor:
     """The map region under each sample's box on the output patch grid, ``[n, grid²]`` float32
     (zeros for a sample without a map): one batched RoIAlign (``crops.crop_maps``)."""
     out = torch.zeros(len(rows), grid * grid)
@@ -262,8 +269,9 @@ def collate_chunk(items: list[dict], grid: int, tally: _Tally) -> dict:
         chunk["images"] = torch.stack([i["image"] for i in items])  # [n,3,S,S] uint8
     elif n:
         sizes = [len(i["data"]) for i in items]
-        chunk["data"] = torch.frombuffer(bytearray(b"".join(i["data"] for i in items)),
-                                         dtype=torch.uint8)  # all bytes, one tensor
+        chunk["data"] = torch.frombuffer(
+            bytearray(b"".join(i["data"] for i in items)), dtype=torch.uint8
+        )  # all bytes, one tensor
         chunk["offsets"] = torch.tensor(np.concatenate([[0], np.cumsum(sizes)]), dtype=torch.int64)
         chunk["ext"] = [i["ext"] for i in items]
     return chunk
@@ -280,11 +288,13 @@ class SampleStream(torch.utils.data.IterableDataset):
         spec, tally = self.spec, _Tally()
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        segments = epoch_segments(list(spec.shards), spec.seed, spec.epoch, spec.rank,
-                                  spec.world_size, worker, workers)
+        segments = epoch_segments(
+            list(spec.shards), spec.seed, spec.epoch, spec.rank, spec.world_size, worker, workers
+        )
         reader = _bind_reader(spec.store, spec.generation)
-        rng = np.random.default_rng(mix_seed(spec.seed, spec.epoch, spec.pass_index, spec.rank,
-                                             worker))
+        rng = np.random.default_rng(
+            mix_seed(spec.seed, spec.epoch, spec.pass_index, spec.rank, worker)
+        )
         samples = _joined(spec, segments, reader, tally)
         # now: {"__key__", "jpg": bytes, …, "id": int, "map": float16 [G,G] | None}
         samples = shuffled(samples, spec.shuffle_buffer, rng)

@@ -16,26 +16,48 @@ import numpy as np
 from salient.pipeline.manifest import Dataset, Manifest, ShardInfo, fingerprint, shard_name
 from salient.store.store import SaliencyStore
 
-__all__ = ["synthetic_dataset", "synthetic_teacher", "synthetic_shard", "write_shards",
-           "publish_generations", "timed_write"]
+__all__ = [
+    "publish_generations",
+    "synthetic_dataset",
+    "synthetic_shard",
+    "synthetic_teacher",
+    "timed_write",
+    "write_shards",
+]
 
 
 def synthetic_dataset(num_samples: int, shard_size: int, root: str | Path = ".") -> Dataset:
     """A manifest-only Dataset (no tar files): all the store needs."""
-    shards = [ShardInfo(i, shard_name(i), start, min(shard_size, num_samples - start), 0)
-              for i, start in enumerate(range(0, num_samples, shard_size))]
-    manifest = Manifest(num_samples=num_samples, shard_size=shard_size, shards=shards,
-                        classes=None, fingerprint=fingerprint(shards, num_samples))
+    shards = [
+        ShardInfo(i, shard_name(i), start, min(shard_size, num_samples - start), 0)
+        for i, start in enumerate(range(0, num_samples, shard_size))
+    ]
+    manifest = Manifest(
+        num_samples=num_samples,
+        shard_size=shard_size,
+        shards=shards,
+        classes=None,
+        fingerprint=fingerprint(shards, num_samples),
+    )
     return Dataset(root=Path(root), manifest=manifest)
 
 
 def synthetic_teacher(seed: int) -> dict:
-    return {"path": f"synthetic-{seed}.pt", "sha256": f"{seed:064x}", "name": "synthetic",
-            "epoch": seed, "kind": "cls_attn", "reduce": "mean", "block": -1, "head": None}
+    return {
+        "path": f"synthetic-{seed}.pt",
+        "sha256": f"{seed:064x}",
+        "name": "synthetic",
+        "epoch": seed,
+        "kind": "cls_attn",
+        "reduce": "mean",
+        "block": -1,
+        "head": None,
+    }
 
 
-def synthetic_shard(seed: int, shard: int, count: int, grid: int, heads: int | None = None
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def synthetic_shard(
+    seed: int, shard: int, count: int, grid: int, heads: int | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """``maps float32 [n,G,G]`` (NaN rows where invalid), ``valid uint8 [n]`` (~5 % zeros),
     and ``head_maps [n,H,G,G]`` when ``heads``."""
     rng = np.random.default_rng([seed, shard])
@@ -51,13 +73,15 @@ def synthetic_shard(seed: int, shard: int, count: int, grid: int, heads: int | N
 
 def _write(writer, store: SaliencyStore, shard: int, seed: int) -> None:
     start, stop = store.layout.shard_range(shard)
-    maps, valid, heads = synthetic_shard(seed, shard, stop - start, store.grid,
-                                         writer.attrs.get("heads"))
+    maps, valid, heads = synthetic_shard(
+        seed, shard, stop - start, store.grid, writer.attrs.get("heads")
+    )
     writer.write_shard(shard, maps, valid, head_maps=heads)
 
 
-def write_shards(url: str, generation: str, shards: list[int], seed: int,
-                 delay_s: float = 0.0) -> None:
+def write_shards(
+    url: str, generation: str, shards: list[int], seed: int, delay_s: float = 0.0
+) -> None:
     """Child process: write ``shards`` of ``generation``, sleeping ``delay_s`` after each."""
     store = SaliencyStore.open(url)
     writer = store.resume_generation(generation)
@@ -71,8 +95,9 @@ def publish_generations(url: str, seeds: list[int], pause_s: float) -> None:
     generation, then wait ``pause_s``; finally ``gc(keep=1)`` with a one-hour grace."""
     store = SaliencyStore.open(url)
     for seed in seeds:
-        writer = store.begin_generation(synthetic_teacher(seed), "cls_attn",
-                                        image_size=store.grid * 8, patch_size=8, epoch=seed)
+        writer = store.begin_generation(
+            synthetic_teacher(seed), "cls_attn", image_size=store.grid * 8, patch_size=8, epoch=seed
+        )
         for shard in range(store.num_shards):
             _write(writer, store, shard, seed)
         writer.publish()

@@ -9,16 +9,16 @@ from __future__ import annotations
 from salient.errors import SalientError
 
 __all__ = [
-    "StoreError",
-    "StoreNotFoundError",
-    "StoreExistsError",
     "FingerprintMismatchError",
-    "LayoutMismatchError",
-    "IdRangeError",
     "GenerationNotFoundError",
     "GenerationStateError",
-    "NotPublishedError",
+    "IdRangeError",
     "IncompleteGenerationError",
+    "LayoutMismatchError",
+    "NotPublishedError",
+    "StoreError",
+    "StoreExistsError",
+    "StoreNotFoundError",
 ]
 
 

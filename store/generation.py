@@ -34,7 +34,7 @@ from salient.store.errors import GenerationStateError, IdRangeError, LayoutMisma
 if TYPE_CHECKING:
     from salient.store.store import SaliencyStore
 
-__all__ = ["Layout", "GenerationWriter", "GenerationReader", "create_arrays", "check_arrays"]
+__all__ = ["GenerationReader", "GenerationWriter", "Layout", "check_arrays", "create_arrays"]
 
 MAPS_DTYPE = np.dtype("float16")
 FLAG_DTYPE = np.dtype("uint8")
@@ -61,15 +61,18 @@ class Layout:
     def shard_range(self, shard: int) -> tuple[int, int]:
         """The ids ``[start, stop)`` of data shard ``shard`` (= zarr chunk ``shard``)."""
         if not 0 <= shard < self.num_shards:
-            raise IdRangeError(f"shard index {shard} is out of range: the dataset has shards "
-                               f"0..{self.num_shards - 1}")
+            raise IdRangeError(
+                f"shard index {shard} is out of range: the dataset has shards "
+                f"0..{self.num_shards - 1}"
+            )
         start = shard * self.shard_size
         return start, min(start + self.shard_size, self.num_samples)
 
     def check_range(self, start: int, stop: int) -> None:
         if not 0 <= start <= stop <= self.num_samples:
-            raise IdRangeError(f"id range [{start}, {stop}) is outside the dataset's ids "
-                               f"0..{self.num_samples - 1}")
+            raise IdRangeError(
+                f"id range [{start}, {stop}) is outside the dataset's ids 0..{self.num_samples - 1}"
+            )
 
 
 # ---------------------------------------------------------------- arrays
@@ -88,8 +91,12 @@ def _expected(layout: Layout, heads: int | None) -> dict[str, tuple[tuple, tuple
     return arrays
 
 
-_DIMENSIONS = {"maps": ("id", "row", "col"), "head_maps": ("id", "head", "row", "col"),
-               "valid": ("id",), "shards_done": ("shard",)}
+_DIMENSIONS = {
+    "maps": ("id", "row", "col"),
+    "head_maps": ("id", "head", "row", "col"),
+    "valid": ("id",),
+    "shards_done": ("shard",),
+}
 
 
 def create_arrays(group: zarr.Group, layout: Layout, describe: dict, heads: int | None) -> None:
@@ -99,10 +106,16 @@ def create_arrays(group: zarr.Group, layout: Layout, describe: dict, heads: int 
         # Flags are a few hundred bytes a chunk: zstd saves nothing there and costs a thread
         # hop per write (~0.25 ms of a shard's ~4 here). Maps keep zarr's default codec.
         codecs = {} if maps else {"compressors": None}
-        group.create_array(name, shape=shape, chunks=chunks, dtype=dtype,
-                           fill_value=np.nan if maps else 0, **codecs,
-                           dimension_names=_DIMENSIONS[name],
-                           attributes={**describe, "array": name, "description": _ARRAY_DOC[name]})
+        group.create_array(
+            name,
+            shape=shape,
+            chunks=chunks,
+            dtype=dtype,
+            fill_value=np.nan if maps else 0,
+            **codecs,
+            dimension_names=_DIMENSIONS[name],
+            attributes={**describe, "array": name, "description": _ARRAY_DOC[name]},
+        )
 
 
 def check_arrays(group: zarr.Group, layout: Layout, heads: int | None) -> dict[str, zarr.Array]:
@@ -112,14 +125,17 @@ def check_arrays(group: zarr.Group, layout: Layout, heads: int | None) -> dict[s
         try:
             array = group[name]
         except KeyError:
-            raise LayoutMismatchError(f"generation {group.basename} has no {name!r} array; it "
-                                      "is damaged — abandon it or let gc remove it") from None
+            raise LayoutMismatchError(
+                f"generation {group.basename} has no {name!r} array; it "
+                "is damaged — abandon it or let gc remove it"
+            ) from None
         found = (array.shape, array.chunks, array.dtype)
         if found != (shape, chunks, dtype):
             raise LayoutMismatchError(
                 f"{group.basename}/{name} has shape {array.shape}, chunks {array.chunks}, dtype "
                 f"{array.dtype}; this store expects shape {shape}, chunks {chunks}, dtype "
-                f"{dtype}; it was written by another tool — write a new generation")
+                f"{dtype}; it was written by another tool — write a new generation"
+            )
         arrays[name] = array
     return arrays
 
@@ -131,11 +147,14 @@ def _as_maps(maps, shape: tuple, what: str) -> np.ndarray:
     """``maps`` cast to float16 after checking its shape and dtype (LayoutMismatchError)."""
     array = np.asarray(maps)
     if array.dtype.kind not in "fiu":
-        raise LayoutMismatchError(f"{what} has dtype {array.dtype}; pass real numbers "
-                                  "(float16 / float32 / float64)")
+        raise LayoutMismatchError(
+            f"{what} has dtype {array.dtype}; pass real numbers (float16 / float32 / float64)"
+        )
     if array.shape != shape:
-        raise LayoutMismatchError(f"{what} has shape {array.shape}, expected {shape} "
-                                  "(rows of the shard, then the store's grid)")
+        raise LayoutMismatchError(
+            f"{what} has shape {array.shape}, expected {shape} "
+            "(rows of the shard, then the store's grid)"
+        )
     with np.errstate(over="ignore"):  # overflow is reported below, with the value
         cast = array.astype(MAPS_DTYPE, copy=False)
     inf = np.isinf(cast) if cast is not array else None
@@ -144,18 +163,22 @@ def _as_maps(maps, shape: tuple, what: str) -> np.ndarray:
         if lost.size:
             raise LayoutMismatchError(
                 f"{what} holds values beyond the float16 range (largest magnitude "
-                f"{np.abs(lost).max():.4g} > 65504); rescale the maps before storing")
+                f"{np.abs(lost).max():.4g} > 65504); rescale the maps before storing"
+            )
     return cast
 
 
 def _as_valid(valid, count: int) -> np.ndarray:
     array = np.asarray(valid)
     if array.shape != (count,) or array.dtype.kind not in "biu":
-        raise LayoutMismatchError(f"valid has shape {array.shape} and dtype {array.dtype}; "
-                                  f"expected ({count},) of 0 / 1 (uint8 or bool)")
+        raise LayoutMismatchError(
+            f"valid has shape {array.shape} and dtype {array.dtype}; "
+            f"expected ({count},) of 0 / 1 (uint8 or bool)"
+        )
     if ((array != 0) & (array != 1)).any():
-        raise LayoutMismatchError(f"valid holds values other than 0 and 1: "
-                                  f"{sorted(set(array.tolist()) - {0, 1})[:5]}")
+        raise LayoutMismatchError(
+            f"valid holds values other than 0 and 1: {sorted(set(array.tolist()) - {0, 1})[:5]}"
+        )
     return array.astype(FLAG_DTYPE)
 
 
@@ -216,13 +239,16 @@ class GenerationWriter:
 
     def _checked_rows(self, count: int, maps, valid, head_maps) -> dict[str, np.ndarray]:
         grid, heads = self._layout.grid, self.attrs.get("heads")
-        rows = {"maps": _as_maps(maps, (count, grid, grid), "maps"),
-                "valid": _as_valid(valid, count)}
+        rows = {
+            "maps": _as_maps(maps, (count, grid, grid), "maps"),
+            "valid": _as_valid(valid, count),
+        }
         if (head_maps is None) != (heads is None):
             raise LayoutMismatchError(
                 f"generation {self.name} was begun with heads={heads}; pass head_maps "
                 f"[n, heads, G, G] exactly when heads is set (got "
-                f"{'none' if head_maps is None else np.shape(head_maps)})")
+                f"{'none' if head_maps is None else np.shape(head_maps)})"
+            )
         if head_maps is not None:
             rows["head_maps"] = _as_maps(head_maps, (count, heads, grid, grid), "head_maps")
         return rows
@@ -246,8 +272,10 @@ class GenerationWriter:
 
     def _check_open(self) -> None:
         if self._closed is not None:
-            raise GenerationStateError(f"generation {self.name} is {self._closed}; begin a new "
-                                       "generation to write maps again")
+            raise GenerationStateError(
+                f"generation {self.name} is {self._closed}; begin a new "
+                "generation to write maps again"
+            )
 
 
 # ---------------------------------------------------------------- reader
@@ -288,12 +316,15 @@ class GenerationReader:
         non-integer ids."""
         ids = np.asarray(ids)
         if ids.ndim != 1 or (ids.size and ids.dtype.kind not in "iu"):
-            raise IdRangeError(f"ids must be a 1-D list of integers, got shape {ids.shape} "
-                               f"and dtype {ids.dtype}")
-        if ids.size and not (0 <= ids.min() and ids.max() < self.layout.num_samples):
+            raise IdRangeError(
+                f"ids must be a 1-D list of integers, got shape {ids.shape} and dtype {ids.dtype}"
+            )
+        if ids.size and not (ids.min() >= 0 and ids.max() < self.layout.num_samples):
             bad = ids[(ids < 0) | (ids >= self.layout.num_samples)]
-            raise IdRangeError(f"ids {bad[:5].tolist()} are outside the dataset's ids "
-                               f"0..{self.layout.num_samples - 1}")
+            raise IdRangeError(
+                f"ids {bad[:5].tolist()} are outside the dataset's ids "
+                f"0..{self.layout.num_samples - 1}"
+            )
         unique, inverse = np.unique(ids.astype(np.int64), return_inverse=True)
         maps = self._maps.oindex[unique] if unique.size else self._maps[0:0]
         valid = self._valid.oindex[unique] if unique.size else self._valid[0:0]

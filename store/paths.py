@@ -22,18 +22,18 @@ from salient.store.generation import Layout
 
 __all__ = [
     "GENERATION",
-    "normalise",
-    "store_like",
-    "open_root",
-    "store_exists",
-    "occupied",
-    "now",
     "age_s",
+    "dataset_layout",
     "generation_name",
     "json_value",
+    "normalise",
+    "now",
+    "occupied",
+    "open_root",
     "positive_int",
-    "dataset_layout",
     "same_maps",
+    "store_exists",
+    "store_like",
 ]
 
 GENERATION = re.compile(r"^gen-(\d{6,})$")
@@ -100,8 +100,10 @@ def json_value(value, what: str):
     try:
         return json.loads(json.dumps(value))
     except (TypeError, ValueError) as exc:
-        raise StoreError(f"{what} must be JSON-serialisable ({exc}); pass plain str / int / "
-                         "float / list / dict values") from None
+        raise StoreError(
+            f"{what} must be JSON-serialisable ({exc}); pass plain str / int / "
+            "float / list / dict values"
+        ) from None
 
 
 def positive_int(value, what: str) -> int:
@@ -115,19 +117,25 @@ def positive_int(value, what: str) -> int:
 
 def dataset_layout(dataset, grid: int) -> Layout:
     """The store layout of ``dataset``; StoreError when its shards are not contiguous."""
-    layout = Layout(dataset.num_samples, positive_int(dataset.manifest.shard_size, "shard_size"),
-                    positive_int(grid, "grid"))
+    layout = Layout(
+        dataset.num_samples,
+        positive_int(dataset.manifest.shard_size, "shard_size"),
+        positive_int(grid, "grid"),
+    )
     found = [(s.first_id, s.stop_id) for s in dataset.shards]
     expected = [layout.shard_range(i) for i in range(layout.num_shards)]
     if not dataset.fingerprint or found != expected:
-        raise StoreError(f"the dataset at {dataset.root} does not have contiguous shards of "
-                         f"{layout.shard_size} ids and a fingerprint; open it with "
-                         "salient.pipeline.manifest.open_dataset (re-run ingest if that fails)")
+        raise StoreError(
+            f"the dataset at {dataset.root} does not have contiguous shards of "
+            f"{layout.shard_size} ids and a fingerprint; open it with "
+            "salient.pipeline.manifest.open_dataset (re-run ingest if that fails)"
+        )
     return layout
 
 
 def same_maps(attrs: dict, describe: dict) -> bool:
     """Would a generation begun with ``describe`` hold the same maps as one with ``attrs``?"""
+
     def key(meta: dict) -> dict:
         teacher = {k: v for k, v in meta["teacher"].items() if k not in ("path", "name")}
         return {**{k: meta.get(k) for k in describe if k != "teacher"}, "teacher": teacher}

@@ -139,12 +139,20 @@ class SaliencyStore:
         url = normalise(url)
         layout = dataset_layout(dataset, grid)
         if occupied(url):
-            raise StoreExistsError(f"{url} already exists; open it with SaliencyStore.open, or "
-                                   "choose a new store path")
-        attrs = {"format": FORMAT, "fingerprint": dataset.fingerprint, "grid": grid,
-                 "num_samples": layout.num_samples, "shard_size": layout.shard_size,
-                 "num_shards": layout.num_shards, "current": None, "published": {},
-                 "replaced": {}}
+            raise StoreExistsError(
+                f"{url} already exists; open it with SaliencyStore.open, or choose a new store path"
+            )
+        attrs = {
+            "format": FORMAT,
+            "fingerprint": dataset.fingerprint,
+            "grid": grid,
+            "num_samples": layout.num_samples,
+            "shard_size": layout.shard_size,
+            "num_shards": layout.num_shards,
+            "current": None,
+            "published": {},
+            "replaced": {},
+        }
         zarr.create_group(store_like(url), zarr_format=3, attributes=attrs)
         return cls(url, attrs)
 
@@ -159,11 +167,14 @@ class SaliencyStore:
         try:
             attrs = dict(open_root(url).attrs)
         except FileNotFoundError:
-            raise StoreNotFoundError(f"no saliency store at {url}; `salient refresh` creates "
-                                     "one, or check the path") from None
+            raise StoreNotFoundError(
+                f"no saliency store at {url}; `salient refresh` creates one, or check the path"
+            ) from None
         if attrs.get("format") != FORMAT:
-            raise StoreError(f"{url} is a zarr group but not a salient saliency store (format "
-                             f"{attrs.get('format')!r}, expected {FORMAT!r}); use another path")
+            raise StoreError(
+                f"{url} is a zarr group but not a salient saliency store (format "
+                f"{attrs.get('format')!r}, expected {FORMAT!r}); use another path"
+            )
         store = cls(url, attrs)
         if dataset is not None:
             store.check_dataset(dataset)
@@ -177,7 +188,8 @@ class SaliencyStore:
                 f"{self.fingerprint[:12]}… ({self.num_samples} samples) but the dataset at "
                 f"{dataset.root} has {dataset.fingerprint[:12]}… ({dataset.num_samples} "
                 "samples); use a new store path for this dataset, or the dataset the store "
-                "was made for")
+                "was made for"
+            )
 
     # ------------------------------------------------------------ the root
 
@@ -195,8 +207,10 @@ class SaliencyStore:
 
     @staticmethod
     def _names(root: zarr.Group) -> list[str]:
-        return sorted((k for k in root.group_keys() if GENERATION.match(k)),
-                      key=lambda k: int(GENERATION.match(k)[1]))
+        return sorted(
+            (k for k in root.group_keys() if GENERATION.match(k)),
+            key=lambda k: int(GENERATION.match(k)[1]),
+        )
 
     @staticmethod
     def _status(name: str, gen_attrs: dict, root_attrs: dict) -> str:
@@ -210,7 +224,8 @@ class SaliencyStore:
         if not isinstance(name, str) or not GENERATION.match(name) or name not in root:
             raise GenerationNotFoundError(
                 f"no generation {name!r} in the store at {self.url}; it holds "
-                f"{', '.join(self._names(root)) or 'none'}")
+                f"{', '.join(self._names(root)) or 'none'}"
+            )
         return root[name]
 
     def generations(self) -> list[dict]:
@@ -226,15 +241,27 @@ class SaliencyStore:
             done = self.num_shards
         else:  # a generation whose creation was interrupted may lack its arrays
             done = int(group["shards_done"][:].sum()) if "shards_done" in group else 0
-        return {**group.attrs, "name": name, "status": status,
-                "current": name == root_attrs.get("current"),
-                "published": root_attrs["published"].get(name),
-                "replaced_at": root_attrs["replaced"].get(name), "shards_done": done}
+        return {
+            **group.attrs,
+            "name": name,
+            "status": status,
+            "current": name == root_attrs.get("current"),
+            "published": root_attrs["published"].get(name),
+            "replaced_at": root_attrs["replaced"].get(name),
+            "shards_done": done,
+        }
 
     # ------------------------------------------------------------ writing
 
-    def _describe(self, teacher: dict, kind: str, image_size: int, patch_size: int,
-                  epoch: int | None, heads: int | None) -> dict:
+    def _describe(
+        self,
+        teacher: dict,
+        kind: str,
+        image_size: int,
+        patch_size: int,
+        epoch: int | None,
+        heads: int | None,
+    ) -> dict:
         """The checked metadata of a generation (LayoutMismatchError on a grid mismatch)."""
         if not isinstance(teacher, dict):
             raise StoreError(f"teacher must be a dict of teacher metadata, got {type(teacher)}")
@@ -248,13 +275,27 @@ class SaliencyStore:
             raise LayoutMismatchError(
                 f"image_size {image_size} / patch_size {patch_size} does not give the "
                 f"{self.grid}x{self.grid} grid of the store at {self.url}; use image size "
-                f"{self.grid * patch_size}, or a new store for this grid")
-        return {"teacher": json_value(teacher, "teacher"), "kind": kind, "image_size": image_size,
-                "patch_size": patch_size, "grid": self.grid, "epoch": json_value(epoch, "epoch"),
-                "heads": heads}
+                f"{self.grid * patch_size}, or a new store for this grid"
+            )
+        return {
+            "teacher": json_value(teacher, "teacher"),
+            "kind": kind,
+            "image_size": image_size,
+            "patch_size": patch_size,
+            "grid": self.grid,
+            "epoch": json_value(epoch, "epoch"),
+            "heads": heads,
+        }
 
-    def begin_generation(self, teacher: dict, kind: str, image_size: int, patch_size: int,
-                         epoch: int | None = None, heads: int | None = None) -> GenerationWriter:
+    def begin_generation(
+        self,
+        teacher: dict,
+        kind: str,
+        image_size: int,
+        patch_size: int,
+        epoch: int | None = None,
+        heads: int | None = None,
+    ) -> GenerationWriter:
         """A new, empty generation (never current until published); returns its writer.
 
         ``teacher``: the teacher metadata dict (path, sha256, name, epoch, …). ``heads``:
@@ -264,11 +305,14 @@ class SaliencyStore:
         describe = self._describe(teacher, kind, image_size, patch_size, epoch, heads)
         root = self._root("r+")
         root_attrs = dict(root.attrs)
-        taken = [int(GENERATION.match(n)[1]) for n in
-                 [*self._names(root), *root_attrs["published"], *root_attrs["replaced"]]]
+        taken = [
+            int(GENERATION.match(n)[1])
+            for n in [*self._names(root), *root_attrs["published"], *root_attrs["replaced"]]
+        ]
         name = generation_name(max(taken, default=0) + 1)
-        group = root.create_group(name, attributes={**describe, "status": "creating",
-                                                    "created": now(), "published": None})
+        group = root.create_group(
+            name, attributes={**describe, "status": "creating", "created": now(), "published": None}
+        )
         create_arrays(group, self.layout, {"generation": name, **describe}, heads)
         group.update_attributes({"status": "writing"})  # arrays exist: resumable from now on
         return GenerationWriter(self, group, self.layout)
@@ -283,20 +327,32 @@ class SaliencyStore:
         root = self._root("r+")
         root_attrs = dict(root.attrs)
         if name is None:
-            writing = [n for n in self._names(root)
-                       if self._status(n, dict(root[n].attrs), root_attrs) == "writing"]
+            writing = [
+                n
+                for n in self._names(root)
+                if self._status(n, dict(root[n].attrs), root_attrs) == "writing"
+            ]
             if not writing:
                 return None
             name = writing[-1]
         group = self._group(root, name)
         status = self._status(name, dict(group.attrs), root_attrs)
         if status != "writing":
-            raise GenerationStateError(f"generation {name} is {status}; only an unpublished "
-                                       "generation can be written — begin a new one")
+            raise GenerationStateError(
+                f"generation {name} is {status}; only an unpublished "
+                "generation can be written — begin a new one"
+            )
         return GenerationWriter(self, group, self.layout)
 
-    def open_or_resume(self, teacher: dict, kind: str, image_size: int, patch_size: int,
-                       epoch: int | None = None, heads: int | None = None) -> GenerationWriter:
+    def open_or_resume(
+        self,
+        teacher: dict,
+        kind: str,
+        image_size: int,
+        patch_size: int,
+        epoch: int | None = None,
+        heads: int | None = None,
+    ) -> GenerationWriter:
         """Resume the newest unpublished generation when it was begun with the same maps
         (teacher weights sha256, block / head / reduce, kind, image and patch size, heads);
         else begin a new one. A teacher without a real sha256 (random weights) never resumes."""
@@ -313,12 +369,15 @@ class SaliencyStore:
             raise IncompleteGenerationError(
                 f"generation {writer.name} cannot be published: {len(missing)} of "
                 f"{self.num_shards} shards are not written (first: {missing[:10]}); write them "
-                "(`salient refresh` resumes) and publish again")
+                "(`salient refresh` resumes) and publish again"
+            )
         root = self._root("r+")
         group = self._group(root, writer.name)
         if self._status(writer.name, dict(group.attrs), dict(root.attrs)) != "writing":
-            raise GenerationStateError(f"generation {writer.name} is no longer being written "
-                                       "(published or abandoned elsewhere)")
+            raise GenerationStateError(
+                f"generation {writer.name} is no longer being written "
+                "(published or abandoned elsewhere)"
+            )
         stamp = now()
         group.update_attributes({"status": "published", "published": stamp})  # descriptive
 
@@ -326,8 +385,11 @@ class SaliencyStore:
             replaced = {**attrs["replaced"]}
             if attrs.get("current") is not None:
                 replaced[attrs["current"]] = stamp  # gc's grace period starts now
-            return {"current": writer.name, "published": {**attrs["published"], writer.name: stamp},
-                    "replaced": replaced}
+            return {
+                "current": writer.name,
+                "published": {**attrs["published"], writer.name: stamp},
+                "replaced": replaced,
+            }
 
         self._update_root(flip)  # the publish: one key, replaced atomically
 
@@ -335,8 +397,9 @@ class SaliencyStore:
         root = self._root("r+")
         group = self._group(root, name)
         if self._status(name, dict(group.attrs), dict(root.attrs)) == "published":
-            raise GenerationStateError(f"generation {name} is published; gc removes it once "
-                                       "it is old enough")
+            raise GenerationStateError(
+                f"generation {name} is published; gc removes it once it is old enough"
+            )
         group.update_attributes({"status": "abandoned"})  # gc finishes an interrupted delete
         del root[name]
 
@@ -353,14 +416,17 @@ class SaliencyStore:
         if name is None:
             name = root_attrs.get("current")
             if name is None:
-                raise NotPublishedError(f"the store at {self.url} has no published generation "
-                                        "yet; run `salient refresh` to compute maps")
+                raise NotPublishedError(
+                    f"the store at {self.url} has no published generation "
+                    "yet; run `salient refresh` to compute maps"
+                )
         group = self._group(root, name)
         status = self._status(name, dict(group.attrs), root_attrs)
         if status != "published":
             published = ", ".join(root_attrs["published"]) or "none"
-            raise NotPublishedError(f"generation {name} is {status}, not published; bind a "
-                                    f"published one ({published})")
+            raise NotPublishedError(
+                f"generation {name} is {status}, not published; bind a published one ({published})"
+            )
         return GenerationReader(group, self.layout)
 
     # ------------------------------------------------------------ garbage collection
@@ -380,18 +446,25 @@ class SaliencyStore:
         root_attrs = dict(root.attrs)
         published = root_attrs["published"]
         kept = set(sorted(published, key=lambda n: (published[n], n))[-keep:])
-        victims = [n for n in self._names(root)
-                   if self._collectable(n, dict(root[n].attrs), root_attrs, kept, grace_s)]
+        victims = [
+            n
+            for n in self._names(root)
+            if self._collectable(n, dict(root[n].attrs), root_attrs, kept, grace_s)
+        ]
         for name in victims:
             del root[name]
         if victims:
-            self._update_root(lambda attrs: {
-                key: {n: t for n, t in attrs[key].items() if n not in victims}
-                for key in ("published", "replaced")})
+            self._update_root(
+                lambda attrs: {
+                    key: {n: t for n, t in attrs[key].items() if n not in victims}
+                    for key in ("published", "replaced")
+                }
+            )
         return victims
 
-    def _collectable(self, name: str, gen_attrs: dict, root_attrs: dict, kept: set,
-                     grace_s: float) -> bool:
+    def _collectable(
+        self, name: str, gen_attrs: dict, root_attrs: dict, kept: set, grace_s: float
+    ) -> bool:
         status = self._status(name, gen_attrs, root_attrs)
         if name == root_attrs.get("current") or status == "writing" or name in kept:
             return False

@@ -9,7 +9,7 @@ import pytest
 
 @pytest.fixture(scope="session")
 def ray_session():
-    """One real local Ray (num_cpus=2) for the whole test session (PITFALLS.md: cold start 5–20 s)."""
+    """One real local Ray (num_cpus=2) for the whole test session (its cold start is 5–20 s)."""
     import ray
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")

@@ -184,7 +184,7 @@ def test_box_law_matches_torchvision_random_resized_crop():
     a, b = stats(ours), stats(theirs)
     z = (a.mean(0) - b.mean(0)) / np.sqrt(a.var(0) / n + b.var(0) / n)
     assert np.abs(z).max() < 4.5, z
-    assert all(0 <= t and 0 <= left and t + h <= height and left + w <= width
+    assert all(t >= 0 and left >= 0 and t + h <= height and left + w <= width
                for t, left, h, w, _ in boxes)  # fmt: skip
     assert abs(np.mean([b.flip for b in boxes]) - 0.5) < 0.03
 

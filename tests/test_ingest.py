@@ -56,7 +56,7 @@ def test_ingest_tree_round_trips_through_webdataset(tree, tmp_path):
     rows = list(wds.WebDataset(dataset.shard_urls(), shardshuffle=False))
     expected = sorted(files)  # class order, then path order
     assert [r["__key__"] for r in rows] == [sample_key(i) for i in range(5)]
-    for sample_id, (row, rel) in enumerate(zip(rows, expected)):
+    for row, rel in zip(rows, expected):
         ext = "png" if rel.startswith("dog") else "jpg"
         assert row[ext] == files[rel], rel  # bytes as they were, no re-encode
         assert int(row["cls"]) == (0 if rel.startswith("cat") else 1)
@@ -110,8 +110,12 @@ def test_demo_is_deterministic_and_boxes_hold_objects(tmp_path):
     ingest_demo(tmp_path / "b", n=24, seed=3, shard_size=10, image_size=64)
     ingest_demo(tmp_path / "c", n=24, seed=4, shard_size=10, image_size=64)
     for shard in a.shards:
-        assert (tmp_path / "a" / shard.name).read_bytes() == (tmp_path / "b" / shard.name).read_bytes()
-    assert (tmp_path / "a" / "shard-000000.tar").read_bytes() != (tmp_path / "c" / "shard-000000.tar").read_bytes()
+        assert (tmp_path / "a" / shard.name).read_bytes() == (
+            tmp_path / "b" / shard.name
+        ).read_bytes()
+    assert (tmp_path / "a" / "shard-000000.tar").read_bytes() != (
+        tmp_path / "c" / "shard-000000.tar"
+    ).read_bytes()
 
     rows = list(wds.WebDataset(open_dataset(tmp_path / "a").shard_urls(), shardshuffle=False))
     assert len(rows) == 24 and len({int(r["cls"]) for r in rows}) > 1
@@ -167,6 +171,9 @@ def test_overwrite_replaces_own_dataset(tmp_path):
     with pytest.raises(IngestError, match="not empty"):
         ingest_demo(out, n=6, shard_size=4, image_size=48)
     manifest = ingest_demo(out, n=6, shard_size=4, image_size=48, overwrite=True)
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "shard-000000.tar",
-                                                     "shard-000001.tar"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "manifest.json",
+        "shard-000000.tar",
+        "shard-000001.tar",
+    ]
     assert open_dataset(out).num_samples == manifest.num_samples == 6

@@ -35,9 +35,18 @@ CONSTANT_B = 50  # a constant map in the second generation (no ranking, uniform 
 
 
 def _teacher(kind: str, epoch: int) -> dict:
-    return {"path": f"/synthetic/{kind}-{epoch}.pth", "sha256": f"{epoch:064x}",
-            "name": "synthetic", "epoch": epoch, "kind": kind, "image_size": 64,
-            "patch_size": 8, "reduce": "mean", "block": -1, "head": None}
+    return {
+        "path": f"/synthetic/{kind}-{epoch}.pth",
+        "sha256": f"{epoch:064x}",
+        "name": "synthetic",
+        "epoch": epoch,
+        "kind": kind,
+        "image_size": 64,
+        "patch_size": 8,
+        "reduce": "mean",
+        "block": -1,
+        "head": None,
+    }
 
 
 def read_boxes(data) -> dict[int, tuple[int, int, int, int]]:
@@ -83,8 +92,9 @@ def _write_generation(store, dataset, maps, invalid, kind, epoch, publish=True):
     for i in invalid:
         valid[i] = 0
         maps[i] = np.nan
-    writer = store.begin_generation(_teacher(kind, epoch), kind, image_size=64, patch_size=8,
-                                    epoch=epoch)
+    writer = store.begin_generation(
+        _teacher(kind, epoch), kind, image_size=64, patch_size=8, epoch=epoch
+    )
     for shard in dataset.shards:
         rows = slice(shard.first_id, shard.stop_id)
         writer.write_shard(shard.index, maps[rows].astype(np.float16), valid[rows])
@@ -102,8 +112,9 @@ def build_demo_store(data, url) -> dict:
     size = dataset.manifest.demo["image_size"]
     boxes = read_boxes(data)
     store = SaliencyStore.create(str(url), dataset, grid=GRID)
-    first = _write_generation(store, dataset, _synthetic_maps(boxes, size, 1, "cls_attn"),
-                              INVALID_A, "cls_attn", 40)
+    first = _write_generation(
+        store, dataset, _synthetic_maps(boxes, size, 1, "cls_attn"), INVALID_A, "cls_attn", 40
+    )
     second_maps = _synthetic_maps(boxes, size, 2, "gpa")
     second_maps[CONSTANT_B] = 0.5
     second = _write_generation(store, dataset, second_maps, INVALID_B, "gpa", 80)
@@ -140,10 +151,17 @@ def _expected_stats(url, name, boxes, size) -> dict:
         area.append(cover.mean())
         cells.append(p.ravel())
     mass, area = np.array(mass), np.array(area)
-    return {"valid_share": valid.mean(), "usable": len(entropy), "entropy": np.mean(entropy),
-            "top": np.mean(top), "mass": mass.mean(), "area": area.mean(),
-            "lift": (mass / area).mean(), "hit": (mass > area).mean(),
-            "hist": np.histogram(np.concatenate(cells), bins=HIST_BINS, range=(0, 1))[0]}
+    return {
+        "valid_share": valid.mean(),
+        "usable": len(entropy),
+        "entropy": np.mean(entropy),
+        "top": np.mean(top),
+        "mass": mass.mean(),
+        "area": area.mean(),
+        "lift": (mass / area).mean(),
+        "hit": (mass > area).mean(),
+        "hist": np.histogram(np.concatenate(cells), bins=HIST_BINS, range=(0, 1))[0],
+    }
 
 
 def _expected_diff(url, first, second) -> dict:
@@ -155,15 +173,21 @@ def _expected_diff(url, first, second) -> dict:
     for i in range(len(a)):
         if va[i] != 1 or vb[i] != 1:
             continue
-        pa, pb = ((m - m.min()) / (m.max() - m.min()) if m.max() > m.min() else np.ones_like(m)
-                  for m in (a[i], b[i]))
+        pa, pb = (
+            (m - m.min()) / (m.max() - m.min()) if m.max() > m.min() else np.ones_like(m)
+            for m in (a[i], b[i])
+        )
         change.append(np.abs(pa - pb).mean())
         if a[i].max() == a[i].min() or b[i].max() == b[i].min():
             constant += 1
         else:
             rho.append(spearmanr(a[i].ravel(), b[i].ravel()).statistic)
-    return {"images": len(change), "change": np.mean(change), "rho": np.mean(rho),
-            "constant": constant}
+    return {
+        "images": len(change),
+        "change": np.mean(change),
+        "rho": np.mean(rho),
+        "constant": constant,
+    }
 
 
 # ---------------------------------------------------------------- the report
@@ -172,8 +196,15 @@ def _expected_diff(url, first, second) -> dict:
 def test_report_has_a_panel_per_id_and_stats_match_plain_zarr(demo_data, demo_store, tmp_path):
     ids = (17, 0, 3, CONSTANT_B, 95)  # panels keep the order asked
     out = tmp_path / "report"
-    summary = run_inspect(InspectConfig(store=demo_store["url"], data=str(demo_data),
-                                        out=str(out), ids=ids, compare=demo_store["first"]))
+    summary = run_inspect(
+        InspectConfig(
+            store=demo_store["url"],
+            data=str(demo_data),
+            out=str(out),
+            ids=ids,
+            compare=demo_store["first"],
+        )
+    )
     assert summary["generation"] == demo_store["second"]  # the current one by default
     assert summary["compare"] == demo_store["first"] and summary["panels"] == len(ids)
 
@@ -213,10 +244,17 @@ def test_report_has_a_panel_per_id_and_stats_match_plain_zarr(demo_data, demo_st
     assert diff["spearman_mean"] == pytest.approx(want["rho"], rel=1e-9)
 
 
-def test_n_draws_ids_with_the_seed_and_invalid_rows_fall_back_to_random(demo_data, demo_store,
-                                                                        tmp_path):
-    config = dict(store=demo_store["url"], data=str(demo_data), generation=demo_store["first"],
-                  n=6, seed=3, strategy="attmask_high")
+def test_n_draws_ids_with_the_seed_and_invalid_rows_fall_back_to_random(
+    demo_data, demo_store, tmp_path
+):
+    config = dict(
+        store=demo_store["url"],
+        data=str(demo_data),
+        generation=demo_store["first"],
+        n=6,
+        seed=3,
+        strategy="attmask_high",
+    )
     first = run_inspect(InspectConfig(out=str(tmp_path / "a"), **config))
     again = run_inspect(InspectConfig(out=str(tmp_path / "b"), **config))
     ids = json.loads((tmp_path / "a/stats.json").read_text())["ids"]
@@ -227,8 +265,9 @@ def test_n_draws_ids_with_the_seed_and_invalid_rows_fall_back_to_random(demo_dat
     panels = sorted(p.name for p in (tmp_path / "a/panels").iterdir())
     assert panels == [f"{i:09d}.png" for i in ids]
 
-    invalid = run_inspect(InspectConfig(out=str(tmp_path / "c"), **{**config, "n": 32},
-                                        ids=INVALID_A))
+    invalid = run_inspect(
+        InspectConfig(out=str(tmp_path / "c"), **{**config, "n": 32}, ids=INVALID_A)
+    )
     assert invalid["panels"] == 2
     index = (tmp_path / "c/index.html").read_text()
     assert index.count("no valid map (random plan)</figcaption>") == 2
@@ -243,8 +282,9 @@ def test_mask_plan_grid_counts_and_fallback():
     raw = rng.normal(size=(GRID, GRID))
     visible, masked, thrown = mask_counts(GRID * GRID, 0.45, 0.40)
     for strategy in ("amt", "random", "attmask_high"):
-        state, used = mask_plan_grid(raw, GRID, strategy, 0.45, 0.40,
-                                     torch.Generator().manual_seed(1))
+        state, used = mask_plan_grid(
+            raw, GRID, strategy, 0.45, 0.40, torch.Generator().manual_seed(1)
+        )
         assert used == strategy and state.shape == (GRID, GRID)
         assert [(state == k).sum() for k in (0, 1, 2)] == [visible, masked, thrown]
     state, _ = mask_plan_grid(raw, GRID, "attmask_high", 0.5, 0.0, torch.Generator().manual_seed(1))
@@ -273,8 +313,9 @@ def test_statistics_of_uniform_peaked_and_negative_maps():
     assert map_entropy(onehot)[0] == 0.0 and top_mass(onehot)[0] == 1.0
 
 
-@pytest.mark.parametrize("box", [(10.25, 0.0, 57.75, 33.5), (0, 0, 100, 100),
-                                 (99.0, 99.0, 100, 100)])
+@pytest.mark.parametrize(
+    "box", [(10.25, 0.0, 57.75, 33.5), (0, 0, 100, 100), (99.0, 99.0, 100, 100)]
+)
 def test_box_coverage_counts_partial_cells_by_area(box):
     size, grid, fine = 100, 7, 2800  # 28 sub-pixels per px: box edges in quarters land exactly
     x0, y0, x1, y1 = (round(v * fine / size) for v in box)
@@ -340,15 +381,18 @@ def test_store_of_another_dataset_or_no_store_is_refused(demo_data, demo_store, 
     assert not (tmp_path / "out").exists()  # refused before any work
 
 
-@pytest.mark.parametrize("kw, message", [
-    (dict(mask_ratio=0.6, throw_ratio=0.5), r"must be < 1 \(got 0.6 \+ 0.5\)"),
-    (dict(mask_ratio=0.0), "mask-ratio must be in"),
-    (dict(strategy="bogus"), "unknown --strategy 'bogus'.*amt"),
-    (dict(n=0), "--n must be a positive integer"),
-    (dict(ids=()), "--ids is empty"),
-    (dict(ids=(1, -2)), "non-negative"),
-    (dict(out=""), "needs --store URL, --data DIR and --out DIR"),
-])
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(mask_ratio=0.6, throw_ratio=0.5), r"must be < 1 \(got 0.6 \+ 0.5\)"),
+        (dict(mask_ratio=0.0), "mask-ratio must be in"),
+        (dict(strategy="bogus"), "unknown --strategy 'bogus'.*amt"),
+        (dict(n=0), "--n must be a positive integer"),
+        (dict(ids=()), "--ids is empty"),
+        (dict(ids=(1, -2)), "non-negative"),
+        (dict(out=""), "needs --store URL, --data DIR and --out DIR"),
+    ],
+)
 def test_config_is_checked(kw, message):
     base = dict(store="s.zarr", data="d", out="o")
     with pytest.raises(InspectError, match=message):
@@ -367,27 +411,30 @@ def test_out_must_be_a_directory(demo_data, demo_store, tmp_path):
 
 def test_print_sample_text_heat_map_and_stats(demo_data, demo_store):
     sample_id = 17
-    text = print_sample(demo_store["url"], str(demo_data), sample_id,
-                        generation=demo_store["first"])
+    text = print_sample(
+        demo_store["url"], str(demo_data), sample_id, generation=demo_store["first"]
+    )
     lines = text.splitlines()
     assert lines[0].startswith(f"sample {sample_id} · generation {demo_store['first']}")
     assert lines[1] == "┌" + "─" * 2 * GRID + "┐"
     assert lines[2 + GRID] == "└" + "─" * 2 * GRID + "┘"
-    heat = [row[1:-1] for row in lines[2:2 + GRID]]
+    heat = [row[1:-1] for row in lines[2 : 2 + GRID]]
     assert all(len(row) == 2 * GRID and set(row) <= set(SHADES) for row in heat)
     maps, _ = _plain_zarr(demo_store["url"], demo_store["first"])
     m = maps[sample_id]
     top_v, top_u = np.unravel_index(m.argmax(), m.shape)
     low_v, low_u = np.unravel_index(m.argmin(), m.shape)
     assert heat[top_v][2 * top_u] == SHADES[-1] and heat[low_v][2 * low_u] == SHADES[0]
-    want = _expected_stats(demo_store["url"], demo_store["first"], demo_store["boxes"],
-                           demo_store["size"])
+    want = _expected_stats(
+        demo_store["url"], demo_store["first"], demo_store["boxes"], demo_store["size"]
+    )
     p = (m - m.min()) / (m.max() - m.min())
     q = p / p.sum()
     entropy = -(q[q > 0] * np.log(q[q > 0])).sum()
     assert f"entropy {entropy:.3f} nats" in text
     assert "box mass" in text and "box area" in text and want["usable"] == 94
 
-    missing = print_sample(demo_store["url"], str(demo_data), INVALID_A[0],
-                           generation=demo_store["first"])
+    missing = print_sample(
+        demo_store["url"], str(demo_data), INVALID_A[0], generation=demo_store["first"]
+    )
     assert "no saliency map (valid=0)" in missing and SHADES[-1] not in missing

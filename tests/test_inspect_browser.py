@@ -20,9 +20,16 @@ from salient.jobs.inspect import InspectConfig, run_inspect
 
 CHROMIUM, DRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
-FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run",
-         "--window-size=1400,1800")
+FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--window-size=1400,1800",
+)
 
 
 def _install_chromium() -> str | None:
@@ -32,8 +39,10 @@ def _install_chromium() -> str | None:
     if os.geteuid() != 0 or shutil.which("apt-get") is None:
         return "chromium is not installed and this is not a root Debian system (apt-get)"
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for command in (["apt-get", "update"],
-                    ["apt-get", "install", "-y", "chromium", "chromium-driver"]):
+    for command in (
+        ["apt-get", "update"],
+        ["apt-get", "install", "-y", "chromium", "chromium-driver"],
+    ):
         result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
         if result.returncode != 0:
             return f"`{' '.join(command)}` failed: {result.stderr.strip()[-300:]}"
@@ -65,13 +74,17 @@ def test_report_opens_from_disk_and_every_image_loads(browser, demo_data, tmp_pa
     store = build_demo_store(demo_data, tmp_path / "saliency.zarr")
     out = tmp_path / "report"
     ids = (0, 7, 41, 95)
-    run_inspect(InspectConfig(store=store["url"], data=str(demo_data), out=str(out), ids=ids,
-                              compare=store["first"]))
+    run_inspect(
+        InspectConfig(
+            store=store["url"], data=str(demo_data), out=str(out), ids=ids, compare=store["first"]
+        )
+    )
 
     browser.get((out / "index.html").as_uri())  # returns after the load event: images done
     images = browser.execute_script(
         "return Array.from(document.images).map(i => [i.getAttribute('src'), i.complete, "
-        "i.naturalWidth]);")
+        "i.naturalWidth]);"
+    )
     assert len(images) == 1 + 2 * len(ids)  # histogram + a panel and a comparison per id
     broken = [src for src, complete, width in images if not complete or width <= 0]
     assert not broken, f"images that did not load: {broken}"

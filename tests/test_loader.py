@@ -64,11 +64,21 @@ def box_maps(boxes: dict, n: int, size: int = SOURCE, grid: int = STORE_GRID) ->
 
 
 def publish(store: SaliencyStore, dataset, maps: np.ndarray, valid: np.ndarray) -> str:
-    teacher = {"path": "boxes", "sha256": "0" * 64, "name": "boxes", "epoch": 0,
-               "kind": "cls_attn", "image_size": SOURCE, "patch_size": SOURCE // STORE_GRID,
-               "reduce": "mean", "block": -1, "head": None}
-    writer = store.begin_generation(teacher=teacher, kind="cls_attn", image_size=SOURCE,
-                                    patch_size=SOURCE // STORE_GRID)
+    teacher = {
+        "path": "boxes",
+        "sha256": "0" * 64,
+        "name": "boxes",
+        "epoch": 0,
+        "kind": "cls_attn",
+        "image_size": SOURCE,
+        "patch_size": SOURCE // STORE_GRID,
+        "reduce": "mean",
+        "block": -1,
+        "head": None,
+    }
+    writer = store.begin_generation(
+        teacher=teacher, kind="cls_attn", image_size=SOURCE, patch_size=SOURCE // STORE_GRID
+    )
     for shard in dataset.shards:
         part = slice(shard.first_id, shard.stop_id)
         writer.write_shard(shard.index, maps[part].astype(np.float16), valid[part].astype(np.uint8))
@@ -86,10 +96,20 @@ def new_store(path: Path, data: Path, maps=None, valid=None) -> tuple[SaliencySt
 
 
 def config(data, store=None, **overrides) -> LoaderConfig:
-    fields = {"data": str(data), "store": None if store is None else str(store),
-              "image_size": IMAGE, "patch_size": PATCH, "batch_size": 16, "strategy": "amt",
-              "mask_ratio": 0.45, "throw_ratio": 0.40, "num_workers": 0, "shuffle_buffer": 20,
-              "chunk_size": 8, "seed": 3}
+    fields = {
+        "data": str(data),
+        "store": None if store is None else str(store),
+        "image_size": IMAGE,
+        "patch_size": PATCH,
+        "batch_size": 16,
+        "strategy": "amt",
+        "mask_ratio": 0.45,
+        "throw_ratio": 0.40,
+        "num_workers": 0,
+        "shuffle_buffer": 20,
+        "chunk_size": 8,
+        "seed": 3,
+    }
     return LoaderConfig(**{**fields, **overrides})
 
 
@@ -117,16 +137,19 @@ def box_store(demo_data, boxes, tmp_path_factory) -> Path:
 # ---------------------------------------------------------------- config
 
 
-@pytest.mark.parametrize("bad, words", [
-    ({"mask_ratio": 0.6, "throw_ratio": 0.5}, "must be < 1"),
-    ({"image_size": 60}, "multiple of patch_size"),
-    ({"rank": 2, "world_size": 2}, "rank must lie in 0..1"),
-    ({"strategy": "nope"}, "unknown strategy"),
-    ({"decode": "gpu"}, "decode must be"),
-    ({"device": "tpu"}, "device must be"),
-    ({"crop_scale": (0.5, 0.2)}, "crop_scale"),
-    ({"batch_size": 0}, "batch_size must be a positive integer"),
-])
+@pytest.mark.parametrize(
+    "bad, words",
+    [
+        ({"mask_ratio": 0.6, "throw_ratio": 0.5}, "must be < 1"),
+        ({"image_size": 60}, "multiple of patch_size"),
+        ({"rank": 2, "world_size": 2}, "rank must lie in 0..1"),
+        ({"strategy": "nope"}, "unknown strategy"),
+        ({"decode": "gpu"}, "decode must be"),
+        ({"device": "tpu"}, "device must be"),
+        ({"crop_scale": (0.5, 0.2)}, "crop_scale"),
+        ({"batch_size": 0}, "batch_size must be a positive integer"),
+    ],
+)
 def test_config_refuses_bad_values(demo_data, bad, words):
     with pytest.raises(LoaderError, match=words):
         config(demo_data, **bad)
@@ -183,8 +206,17 @@ def test_batch_fields_shapes_and_counts(demo_data, box_store):
 
 def test_same_seed_epoch_rank_give_the_same_batches(demo_data, box_store):
     def epoch_of(seed, epoch, workers):
-        loader = SalientLoader(config(demo_data, box_store, seed=seed, num_workers=workers,
-                                      world_size=2, rank=1, batch_size=8))
+        loader = SalientLoader(
+            config(
+                demo_data,
+                box_store,
+                seed=seed,
+                num_workers=workers,
+                world_size=2,
+                rank=1,
+                batch_size=8,
+            )
+        )
         return list(loader.epoch(epoch))
 
     a, b = epoch_of(3, 1, 0), epoch_of(3, 1, 0)
@@ -200,12 +232,21 @@ def test_same_seed_epoch_rank_give_the_same_batches(demo_data, box_store):
 
 
 @pytest.mark.parametrize("batch_size, workers", [(8, (0, 2)), (10, (1, 0))])
-def test_two_ranks_see_disjoint_ids_and_equal_batch_counts(demo_data, box_store, batch_size,
-                                                           workers):
+def test_two_ranks_see_disjoint_ids_and_equal_batch_counts(
+    demo_data, box_store, batch_size, workers
+):
     seen = []
     for rank in range(2):
-        loader = SalientLoader(config(demo_data, box_store, world_size=2, rank=rank,
-                                      batch_size=batch_size, num_workers=workers[rank]))
+        loader = SalientLoader(
+            config(
+                demo_data,
+                box_store,
+                world_size=2,
+                rank=rank,
+                batch_size=batch_size,
+                num_workers=workers[rank],
+            )
+        )
         batches = run_epoch(loader, epoch=4)
         assert len(batches) == len(loader) == 96 // (2 * batch_size)
         assert all(len(b["ids"]) == batch_size for b in batches)
@@ -217,8 +258,9 @@ def test_two_ranks_see_disjoint_ids_and_equal_batch_counts(demo_data, box_store,
 
 
 def test_more_workers_than_shards_on_a_rank_still_runs(demo_data, box_store):
-    loader = SalientLoader(config(demo_data, box_store, world_size=2, rank=0, batch_size=8,
-                                  num_workers=5))
+    loader = SalientLoader(
+        config(demo_data, box_store, world_size=2, rank=0, batch_size=8, num_workers=5)
+    )
     assert loader.num_workers == 2  # 48 samples on the rank = 1.5 shards' worth
     batches = run_epoch(loader)
     assert len(batches) == 6 and len(set(all_ids(batches))) == 48
@@ -230,8 +272,16 @@ def test_more_workers_than_shards_on_a_rank_still_runs(demo_data, box_store):
 def test_masked_patches_lie_on_the_cropped_object_box(demo_data, box_store, boxes):
     """attmask_high masks the top-M weights; with the box as map they must lie on the box
     as it appears in the crop (flips included) — AMT's top-left-map bug fails this."""
-    loader = SalientLoader(config(demo_data, box_store, strategy="attmask_high",
-                                  mask_ratio=0.1, throw_ratio=0.0, crop_scale=(0.3, 1.0)))
+    loader = SalientLoader(
+        config(
+            demo_data,
+            box_store,
+            strategy="attmask_high",
+            mask_ratio=0.1,
+            throw_ratio=0.0,
+            crop_scale=(0.3, 1.0),
+        )
+    )
     g, cell, checked, inside = IMAGE // PATCH, SOURCE / STORE_GRID, 0, []
     for batch in run_epoch(loader):
         for row, sample_id in enumerate(batch["ids"].tolist()):
@@ -239,8 +289,9 @@ def test_masked_patches_lie_on_the_cropped_object_box(demo_data, box_store, boxe
             if (cover > 0.99).sum() < batch["mask_idx"].shape[1]:
                 continue  # the object fills fewer than M patches of this crop
             masked = batch["mask_idx"][row]
-            near = _box_cover_in_crop(_dilate(boxes[sample_id], cell),
-                                      batch["crop_boxes"][row].tolist(), g)
+            near = _box_cover_in_crop(
+                _dilate(boxes[sample_id], cell), batch["crop_boxes"][row].tolist(), g
+            )
             assert (near.reshape(-1)[masked] > 0).all(), sample_id
             inside.append(float((cover.reshape(-1)[masked] > 0.5).float().mean()))
             checked += 1
@@ -272,7 +323,7 @@ def test_invalid_and_nan_rows_fall_back_to_random_and_are_counted(demo_data, box
     maps, valid = box_maps(boxes, 96), np.ones(96, np.uint8)
     valid[[3, 40]] = 0
     maps[70] = np.nan
-    store, _ = new_store(tmp_path / "s.zarr", demo_data, maps, valid)
+    new_store(tmp_path / "s.zarr", demo_data, maps, valid)
     loader = SalientLoader(config(demo_data, tmp_path / "s.zarr", num_workers=1))
     batches = run_epoch(loader)
     without = {i for b in batches for i, h in zip(b["ids"].tolist(), b["has_saliency"]) if not h}
@@ -304,8 +355,9 @@ def test_strategy_without_maps_reads_no_store(demo_data, box_store):
 
 
 @pytest.mark.parametrize("workers", [0, 1])  # 0: the later shards are read after the publish
-def test_generation_published_mid_epoch_is_used_from_the_next_epoch(demo_data, boxes, tmp_path,
-                                                                    workers):
+def test_generation_published_mid_epoch_is_used_from_the_next_epoch(
+    demo_data, boxes, tmp_path, workers
+):
     dataset = open_dataset(demo_data)
     store, first = new_store(tmp_path / "s.zarr", demo_data, box_maps(boxes, 96))
     loader = SalientLoader(config(demo_data, tmp_path / "s.zarr", num_workers=workers))
@@ -340,10 +392,16 @@ def corrupt_dataset(src: Path, out: Path, bad: dict[int, bytes]) -> Path:
             if int(key) in bad:
                 sample["jpg"] = bad[int(key)]
             writer.write(sample)
-    shard = ShardInfo(0, "shard-000000.tar", 0, len(samples),
-                      (out / "shard-000000.tar").stat().st_size)
-    manifest = Manifest(num_samples=len(samples), shard_size=len(samples), shards=[shard],
-                        classes=None, fingerprint=fingerprint([shard], len(samples)))
+    shard = ShardInfo(
+        0, "shard-000000.tar", 0, len(samples), (out / "shard-000000.tar").stat().st_size
+    )
+    manifest = Manifest(
+        num_samples=len(samples),
+        shard_size=len(samples),
+        shards=[shard],
+        classes=None,
+        fingerprint=fingerprint([shard], len(samples)),
+    )
     (out / "manifest.json").write_text(manifest.to_json())
     return out
 
@@ -357,8 +415,9 @@ def truncated_jpeg(data: bytes) -> bytes:
 @pytest.mark.parametrize("batch_size, passes", [(6, 1), (8, 2)])
 def test_corrupt_image_is_skipped_and_counted(demo_data, tmp_path, decode, batch_size, passes):
     data = corrupt_dataset(demo_data, tmp_path / "bad", {5: b"not a jpeg at all"})
-    loader = SalientLoader(config(data, None, strategy="random", batch_size=batch_size,
-                                  decode=decode))
+    loader = SalientLoader(
+        config(data, None, strategy="random", batch_size=batch_size, decode=decode)
+    )
     batches = run_epoch(loader)
     ids = all_ids(batches)
     assert len(batches) == 32 // batch_size and 5 not in ids
@@ -382,8 +441,7 @@ def test_jpeg_that_fails_on_the_device_is_skipped_and_counted(demo_data, tmp_pat
 
 def test_device_decode_path_on_cpu_matches_the_worker_path(demo_data, box_store):
     worker = run_epoch(SalientLoader(config(demo_data, box_store, decode="worker")))
-    device = run_epoch(SalientLoader(config(demo_data, box_store, decode="device",
-                                            device="cpu")))
+    device = run_epoch(SalientLoader(config(demo_data, box_store, decode="device", device="cpu")))
     for a, b in zip(worker, device, strict=True):
         for key in ("ids", "crop_boxes", "visible_idx", "mask_idx", "throw_idx", "has_saliency"):
             assert torch.equal(a[key], b[key]), key

@@ -34,8 +34,14 @@ from salient.trainer.teacher import preprocess, saliency
 from salient.trainer.teacher_load import load_teacher
 
 IMAGE_SIZE, GRID, SHARDS = 64, 8, 3
-ENCODER = {"img_size": IMAGE_SIZE, "patch_size": 8, "embed_dim": 32, "depth": 2,
-           "num_heads": 2, "num_classes": 0}
+ENCODER = {
+    "img_size": IMAGE_SIZE,
+    "patch_size": 8,
+    "embed_dim": 32,
+    "depth": 2,
+    "num_heads": 2,
+    "num_classes": 0,
+}
 
 
 @pytest.fixture(scope="module")
@@ -47,14 +53,29 @@ def teacher_file(tmp_path_factory) -> Path:
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.3)
     path = tmp_path_factory.mktemp("teacher") / "checkpoint-00003.pt"
-    torch.save({"format": "salient-checkpoint/1", "config": {"model": "vit-test"},
-                "encoder_kwargs": ENCODER, "encoder": model.state_dict(), "epoch": 3}, path)
+    torch.save(
+        {
+            "format": "salient-checkpoint/1",
+            "config": {"model": "vit-test"},
+            "encoder_kwargs": ENCODER,
+            "encoder": model.state_dict(),
+            "epoch": 3,
+        },
+        path,
+    )
     return path
 
 
 def config_for(data, store, teacher, **overrides) -> RefreshConfig:
-    fields = {"data": str(data), "store": str(store), "teacher": str(teacher),
-              "image_size": IMAGE_SIZE, "batch_size": 16, "workers": 2, "cpus_per_worker": 0.5}
+    fields = {
+        "data": str(data),
+        "store": str(store),
+        "teacher": str(teacher),
+        "image_size": IMAGE_SIZE,
+        "batch_size": 16,
+        "workers": 2,
+        "cpus_per_worker": 0.5,
+    }
     return RefreshConfig(**{**fields, **overrides})
 
 
@@ -63,9 +84,14 @@ def read_generation(store: Path, name: str | None = None) -> dict:
     root = zarr.open_group(str(store), mode="r", use_consolidated=False)
     name = name or root.attrs["current"]
     gen = root[name]
-    return {"name": name, "current": root.attrs.get("current"), "maps": gen["maps"][:],
-            "valid": gen["valid"][:], "shards_done": gen["shards_done"][:],
-            "attrs": dict(gen.attrs)}
+    return {
+        "name": name,
+        "current": root.attrs.get("current"),
+        "maps": gen["maps"][:],
+        "valid": gen["valid"][:],
+        "shards_done": gen["shards_done"][:],
+        "attrs": dict(gen.attrs),
+    }
 
 
 def reference_maps(data: Path, teacher_path: Path, kind: str = "cls_attn") -> np.ndarray:
@@ -107,27 +133,28 @@ def test_refresh_publishes_what_a_direct_computation_gives(baseline, demo_data, 
 
 
 def test_rerun_after_publish_makes_a_new_identical_generation(baseline, demo_data, teacher_file):
-    summary = run_refresh(config_for(demo_data, baseline["store"], teacher_file, workers=1,
-                                     batch_size=16), progress=False)
+    summary = run_refresh(
+        config_for(demo_data, baseline["store"], teacher_file, workers=1, batch_size=16),
+        progress=False,
+    )
     again = read_generation(baseline["store"])
     assert summary["generation"] == again["current"] != baseline["name"]
     assert summary["shards_computed"] == SHARDS
     np.testing.assert_array_equal(again["maps"], baseline["maps"])  # bit for bit
 
 
-def test_gpa_and_head_maps_match_direct_computation(ray_session, demo_data, teacher_file,
-                                                    tmp_path):
+def test_gpa_and_head_maps_match_direct_computation(ray_session, demo_data, teacher_file, tmp_path):
     store = tmp_path / "heads.zarr"
-    run_refresh(config_for(demo_data, store, teacher_file, kind="heads", workers=1),
-                progress=False)
+    run_refresh(config_for(demo_data, store, teacher_file, kind="heads", workers=1), progress=False)
     root = zarr.open_group(str(store), mode="r", use_consolidated=False)
     gen = root[root.attrs["current"]]
     want = reference_maps(demo_data, teacher_file, kind="heads")  # [96, H, G, G]
     assert_maps_close(gen["head_maps"][:], want)
     assert_maps_close(gen["maps"][:], want.mean(1))
     gpa_store = tmp_path / "gpa.zarr"
-    run_refresh(config_for(demo_data, gpa_store, teacher_file, kind="gpa", workers=1),
-                progress=False)
+    run_refresh(
+        config_for(demo_data, gpa_store, teacher_file, kind="gpa", workers=1), progress=False
+    )
     got = read_generation(gpa_store)["maps"].astype(np.float32)
     want = reference_maps(demo_data, teacher_file, kind="gpa")
     np.testing.assert_allclose(got, want, rtol=2e-3, atol=1e-3 * np.abs(want).max())
@@ -136,8 +163,9 @@ def test_gpa_and_head_maps_match_direct_computation(ray_session, demo_data, teac
 # ---------------------------------------------------------------- failures
 
 
-def test_killed_worker_is_replaced_and_the_result_is_identical(baseline, demo_data,
-                                                               teacher_file, tmp_path):
+def test_killed_worker_is_replaced_and_the_result_is_identical(
+    baseline, demo_data, teacher_file, tmp_path
+):
     """SIGKILL the only worker right after its first shard: the next one dies in flight."""
     killed = []
 
@@ -155,11 +183,16 @@ def test_killed_worker_is_replaced_and_the_result_is_identical(baseline, demo_da
 
 
 def _refresh_in_subprocess(config: RefreshConfig, log: Path) -> subprocess.Popen:
-    code = ("import json, sys\nfrom salient.jobs.refresh import RefreshConfig, run_refresh\n"
-            "run_refresh(RefreshConfig(**json.loads(sys.argv[1])), progress=False)\n")
+    code = (
+        "import json, sys\nfrom salient.jobs.refresh import RefreshConfig, run_refresh\n"
+        "run_refresh(RefreshConfig(**json.loads(sys.argv[1])), progress=False)\n"
+    )
     fields = {k: getattr(config, k) for k in config.__dataclass_fields__}
-    return subprocess.Popen([sys.executable, "-c", code, json.dumps(fields)],
-                            stdout=log.open("w"), stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [sys.executable, "-c", code, json.dumps(fields)],
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+    )
 
 
 def _wait_for_shards(store: Path, driver: subprocess.Popen, log: Path, timeout: float = 120):
@@ -167,21 +200,24 @@ def _wait_for_shards(store: Path, driver: subprocess.Popen, log: Path, timeout: 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         assert driver.poll() is None, f"driver exited early:\n{log.read_text()[-3000:]}"
-        root = zarr.open_group(str(store), mode="r", use_consolidated=False) \
-            if (store / "zarr.json").exists() else None
-        for name in (root.group_keys() if root is not None else []):
+        root = (
+            zarr.open_group(str(store), mode="r", use_consolidated=False)
+            if (store / "zarr.json").exists()
+            else None
+        )
+        for name in root.group_keys() if root is not None else []:
             if root[name]["shards_done"][:].sum() >= 1:
                 return name
         time.sleep(0.05)
     raise AssertionError(f"no shard done within {timeout} s:\n{log.read_text()[-3000:]}")
 
 
-def test_killed_driver_rerun_resumes_only_missing_shards(baseline, demo_data, teacher_file,
-                                                         tmp_path):
+def test_killed_driver_rerun_resumes_only_missing_shards(
+    baseline, demo_data, teacher_file, tmp_path
+):
     store = tmp_path / "saliency.zarr"
     address = ray_address()
-    slow = config_for(demo_data, store, teacher_file, workers=1, shard_delay_s=2.0,
-                      address=address)
+    slow = config_for(demo_data, store, teacher_file, workers=1, shard_delay_s=2.0, address=address)
     driver = _refresh_in_subprocess(slow, tmp_path / "driver.log")
     try:
         generation = _wait_for_shards(store, driver, tmp_path / "driver.log")
@@ -226,8 +262,7 @@ def _corrupt_sample(data: Path, sample_id: int) -> None:
         stream.write(b"\0" * member.size)
 
 
-def test_corrupt_image_gets_valid_zero_and_is_counted(baseline, demo_data, teacher_file,
-                                                      tmp_path):
+def test_corrupt_image_gets_valid_zero_and_is_counted(baseline, demo_data, teacher_file, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(demo_data, data)
     _corrupt_sample(data, 40)
@@ -248,8 +283,7 @@ def _tree(path: Path) -> dict:
     return {str(p.relative_to(path)): p.stat().st_mtime_ns for p in sorted(path.rglob("*"))}
 
 
-def test_store_of_another_dataset_is_refused_and_left_untouched(baseline, teacher_file,
-                                                                tmp_path):
+def test_store_of_another_dataset_is_refused_and_left_untouched(baseline, teacher_file, tmp_path):
     other = tmp_path / "other"
     ingest_demo(other, n=40, seed=1, shard_size=20, image_size=64)
     before = _tree(baseline["store"])
@@ -261,18 +295,23 @@ def test_store_of_another_dataset_is_refused_and_left_untouched(baseline, teache
 def test_grid_mismatch_is_refused_and_left_untouched(baseline, demo_data, teacher_file):
     before = _tree(baseline["store"])
     with pytest.raises(RefreshError, match="8x8 maps.*--image-size 64"):
-        run_refresh(config_for(demo_data, baseline["store"], teacher_file, image_size=128),
-                    progress=False)
+        run_refresh(
+            config_for(demo_data, baseline["store"], teacher_file, image_size=128), progress=False
+        )
     assert _tree(baseline["store"]) == before
 
 
-@pytest.mark.parametrize("teacher, image_size, match", [
-    ("missing.pt", 64, "does not exist"),
-    ("not_a_vit.pt", 64, "not a salient training checkpoint"),
-    ("ok", 60, "not a multiple of the teacher's patch size"),
-])
-def test_bad_teacher_is_refused_before_the_store_is_made(demo_data, teacher_file, tmp_path,
-                                                         teacher, image_size, match):
+@pytest.mark.parametrize(
+    "teacher, image_size, match",
+    [
+        ("missing.pt", 64, "does not exist"),
+        ("not_a_vit.pt", 64, "not a salient training checkpoint"),
+        ("ok", 60, "not a multiple of the teacher's patch size"),
+    ],
+)
+def test_bad_teacher_is_refused_before_the_store_is_made(
+    demo_data, teacher_file, tmp_path, teacher, image_size, match
+):
     torch.save({"state": torch.zeros(2)}, tmp_path / "not_a_vit.pt")
     path = teacher_file if teacher == "ok" else tmp_path / teacher
     store = tmp_path / "saliency.zarr"
@@ -281,13 +320,16 @@ def test_bad_teacher_is_refused_before_the_store_is_made(demo_data, teacher_file
     assert not store.exists()
 
 
-@pytest.mark.parametrize("overrides, match", [
-    ({"kind": "rollout"}, "--kind must be one of"),
-    ({"reduce": "max"}, "--reduce must be one of"),
-    ({"workers": 0}, "--workers must be a positive integer"),
-    ({"cpus_per_worker": 0}, "--cpus-per-worker must be > 0"),
-    ({"teacher": ""}, "refresh needs --teacher"),
-])
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        ({"kind": "rollout"}, "--kind must be one of"),
+        ({"reduce": "max"}, "--reduce must be one of"),
+        ({"workers": 0}, "--workers must be a positive integer"),
+        ({"cpus_per_worker": 0}, "--cpus-per-worker must be > 0"),
+        ({"teacher": ""}, "refresh needs --teacher"),
+    ],
+)
 def test_config_errors_say_what_to_fix(overrides, match):
     with pytest.raises(RefreshError, match=match):
         RefreshConfig(**{"data": "d", "store": "s", "teacher": "t", **overrides})
@@ -295,6 +337,7 @@ def test_config_errors_say_what_to_fix(overrides, match):
 
 def test_missing_dataset_is_refused(tmp_path, teacher_file):
     with pytest.raises(SalientError, match="does not exist"):
-        run_refresh(config_for(tmp_path / "nope", tmp_path / "s.zarr", teacher_file),
-                    progress=False)
+        run_refresh(
+            config_for(tmp_path / "nope", tmp_path / "s.zarr", teacher_file), progress=False
+        )
     assert not (tmp_path / "s.zarr").exists()

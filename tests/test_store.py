@@ -53,8 +53,14 @@ def new_store(path: Path, n: int = N) -> SaliencyStore:
 
 
 def begin(store: SaliencyStore, seed: int, heads: int | None = None):
-    return store.begin_generation(synthetic_teacher(seed), "cls_attn", image_size=GRID * PATCH,
-                                  patch_size=PATCH, epoch=seed, heads=heads)
+    return store.begin_generation(
+        synthetic_teacher(seed),
+        "cls_attn",
+        image_size=GRID * PATCH,
+        patch_size=PATCH,
+        epoch=seed,
+        heads=heads,
+    )
 
 
 def write(writer, store: SaliencyStore, shard: int, seed: int) -> None:
@@ -73,10 +79,14 @@ def publish(store: SaliencyStore, seed: int, heads: int | None = None) -> str:
 
 def expected(seed: int, n: int = N, heads: int | None = None) -> dict[str, np.ndarray]:
     """What a generation written with ``seed`` must hold, from the generator alone."""
-    parts = [synthetic_shard(seed, i, min(SHARD, n - s), GRID, heads)
-             for i, s in enumerate(range(0, n, SHARD))]
-    out = {"maps": np.concatenate([p[0] for p in parts]).astype(np.float16),
-           "valid": np.concatenate([p[1] for p in parts])}
+    parts = [
+        synthetic_shard(seed, i, min(SHARD, n - s), GRID, heads)
+        for i, s in enumerate(range(0, n, SHARD))
+    ]
+    out = {
+        "maps": np.concatenate([p[0] for p in parts]).astype(np.float16),
+        "valid": np.concatenate([p[1] for p in parts]),
+    }
     if heads is not None:
         out["head_maps"] = np.concatenate([p[2] for p in parts]).astype(np.float16)
     return out
@@ -101,8 +111,11 @@ def chunk_files(path: Path, name: str) -> dict[str, bytes]:
     """Every file of a generation but its own zarr.json (which holds times), and no
     ``*.partial`` temp file a killed writer may leave (zarr never reads those)."""
     base = path / name
-    return {str(p.relative_to(base)): p.read_bytes() for p in sorted(base.rglob("*"))
-            if p.is_file() and p != base / "zarr.json" and not p.name.endswith(".partial")}
+    return {
+        str(p.relative_to(base)): p.read_bytes()
+        for p in sorted(base.rglob("*"))
+        if p.is_file() and p != base / "zarr.json" and not p.name.endswith(".partial")
+    }
 
 
 def spawn(fn, *args):
@@ -127,16 +140,20 @@ def test_four_writer_processes_match_a_serial_writer_byte_for_byte(tmp_path):
     assert publish(serial, seed=7, heads=2) == "gen-000001"
     parallel = new_store(tmp_path / "parallel.zarr")
     writer = begin(parallel, seed=7, heads=2)
-    procs = [spawn(write_shards, parallel.url, writer.name, list(range(SHARDS))[k::4][::-1], 7)
-             for k in range(4)]
+    procs = [
+        spawn(write_shards, parallel.url, writer.name, list(range(SHARDS))[k::4][::-1], 7)
+        for k in range(4)
+    ]
     for proc in procs:
         proc.join(60)
     assert [p.exitcode for p in procs] == [0] * 4
     assert writer.missing_shards() == []
     writer.publish()
 
-    a, b = chunk_files(tmp_path / "serial.zarr", "gen-000001"), \
-        chunk_files(tmp_path / "parallel.zarr", writer.name)
+    a, b = (
+        chunk_files(tmp_path / "serial.zarr", "gen-000001"),
+        chunk_files(tmp_path / "parallel.zarr", writer.name),
+    )
     assert len(a) == 4 * SHARDS + 4  # maps, head_maps, valid, shards_done: chunks + zarr.json
     assert a == b
     got, want = plain(tmp_path / "parallel.zarr", writer.name), expected(7, heads=2)
@@ -160,8 +177,11 @@ def _wait_for_markers(path: Path, name: str, proc, at_least: int, timeout: float
 
 
 def _shard_files(path: Path, name: str, shard: int) -> list[Path]:
-    return [path / name / "maps" / "c" / str(shard) / "0" / "0",
-            path / name / "valid" / "c" / str(shard), path / name / "shards_done" / "c" / str(shard)]
+    return [
+        path / name / "maps" / "c" / str(shard) / "0" / "0",
+        path / name / "valid" / "c" / str(shard),
+        path / name / "shards_done" / "c" / str(shard),
+    ]
 
 
 def test_sigkilled_writer_leaves_current_readable_and_resume_redoes_only_missing(tmp_path):
@@ -197,8 +217,9 @@ def test_sigkilled_writer_leaves_current_readable_and_resume_redoes_only_missing
     reference = new_store(tmp_path / "uninterrupted.zarr")
     publish(reference, seed=1)
     assert publish(reference, seed=2) == writer.name
-    assert chunk_files(path, writer.name) == chunk_files(tmp_path / "uninterrupted.zarr",
-                                                         writer.name)
+    assert chunk_files(path, writer.name) == chunk_files(
+        tmp_path / "uninterrupted.zarr", writer.name
+    )
     assert same(plain(path, writer.name)["maps"], expected(2)["maps"])
 
 
@@ -220,9 +241,12 @@ def test_bound_reader_sees_only_its_generation_while_another_process_publishes(t
         maps, valid = reader.read_shard(shard)
         ids = rng.integers(0, N, 64)
         id_maps, id_valid = reader.read_ids(ids)
-        mismatches += not (same(maps, want["maps"][start:stop])
-                           and same(valid, want["valid"][start:stop])
-                           and same(id_maps, want["maps"][ids]) and same(id_valid, want["valid"][ids]))
+        mismatches += not (
+            same(maps, want["maps"][start:stop])
+            and same(valid, want["valid"][start:stop])
+            and same(id_maps, want["maps"][ids])
+            and same(id_valid, want["valid"][ids])
+        )
         seen.add(store.current())
         reads += 1
     proc.join()
@@ -328,20 +352,34 @@ def _rows(count: int = SHARD):
     return maps, valid
 
 
-@pytest.mark.parametrize("shard, change, error, match", [
-    (0, lambda m, v: (m[:, :5, :5], v), LayoutMismatchError, r"shape \(100, 5, 5\).*\(100, 6, 6\)"),
-    (0, lambda m, v: (m[:-1], v[:-1]), LayoutMismatchError, r"shape \(99, 6, 6\).*\(100, 6, 6\)"),
-    (10, lambda m, v: (m, v), LayoutMismatchError, r"shape \(100, 6, 6\).*\(30, 6, 6\)"),
-    (0, lambda m, v: (m.astype(np.complex64), v), LayoutMismatchError, "dtype complex64"),
-    (0, lambda m, v: (m.astype(str), v), LayoutMismatchError, "dtype <U"),
-    (0, lambda m, v: (m * 1e6, v), LayoutMismatchError, "beyond the float16 range"),
-    (0, lambda m, v: (m, v * 2), LayoutMismatchError, "other than 0 and 1"),
-    (0, lambda m, v: (m, v.astype(np.float32)), LayoutMismatchError, "dtype float32"),
-    (11, lambda m, v: (m, v), IdRangeError, r"shard index 11.*0\.\.10"),
-    (-1, lambda m, v: (m, v), IdRangeError, "shard index -1"),
-])
-def test_bad_shard_rows_are_refused_before_anything_is_written(tmp_path, shard, change, error,
-                                                              match):
+@pytest.mark.parametrize(
+    "shard, change, error, match",
+    [
+        (
+            0,
+            lambda m, v: (m[:, :5, :5], v),
+            LayoutMismatchError,
+            r"shape \(100, 5, 5\).*\(100, 6, 6\)",
+        ),
+        (
+            0,
+            lambda m, v: (m[:-1], v[:-1]),
+            LayoutMismatchError,
+            r"shape \(99, 6, 6\).*\(100, 6, 6\)",
+        ),
+        (10, lambda m, v: (m, v), LayoutMismatchError, r"shape \(100, 6, 6\).*\(30, 6, 6\)"),
+        (0, lambda m, v: (m.astype(np.complex64), v), LayoutMismatchError, "dtype complex64"),
+        (0, lambda m, v: (m.astype(str), v), LayoutMismatchError, "dtype <U"),
+        (0, lambda m, v: (m * 1e6, v), LayoutMismatchError, "beyond the float16 range"),
+        (0, lambda m, v: (m, v * 2), LayoutMismatchError, "other than 0 and 1"),
+        (0, lambda m, v: (m, v.astype(np.float32)), LayoutMismatchError, "dtype float32"),
+        (11, lambda m, v: (m, v), IdRangeError, r"shard index 11.*0\.\.10"),
+        (-1, lambda m, v: (m, v), IdRangeError, "shard index -1"),
+    ],
+)
+def test_bad_shard_rows_are_refused_before_anything_is_written(
+    tmp_path, shard, change, error, match
+):
     path = tmp_path / "s.zarr"
     store = new_store(path)
     writer = begin(store, seed=1)
@@ -370,8 +408,12 @@ def test_reads_outside_the_dataset_or_of_unpublished_generations_are_refused(tmp
     for start, stop in [(-1, 3), (0, N + 1), (5, 4)]:
         with pytest.raises(IdRangeError, match=r"outside the dataset's ids 0\.\.1029"):
             reader.read_range(start, stop)
-    for ids, match in [([N], r"ids \[1030\] are outside"), ([3, -1], r"ids \[-1\] are outside"),
-                       ([[1]], "1-D list of integers"), ([0.5], "1-D list of integers")]:
+    for ids, match in [
+        ([N], r"ids \[1030\] are outside"),
+        ([3, -1], r"ids \[-1\] are outside"),
+        ([[1]], "1-D list of integers"),
+        ([0.5], "1-D list of integers"),
+    ]:
         with pytest.raises(IdRangeError, match=match):
             reader.read_ids(ids)
     with pytest.raises(IdRangeError, match="shard index 11"):
@@ -387,8 +429,13 @@ def test_arrays_of_another_dtype_are_refused_at_bind(tmp_path):
     path = tmp_path / "s.zarr"
     store = new_store(path)
     name = publish(store, seed=1)
-    zarr.create_array(path / name / "maps", shape=(N, GRID, GRID), chunks=(SHARD, GRID, GRID),
-                      dtype="float32", overwrite=True)
+    zarr.create_array(
+        path / name / "maps",
+        shape=(N, GRID, GRID),
+        chunks=(SHARD, GRID, GRID),
+        dtype="float32",
+        overwrite=True,
+    )
     with pytest.raises(LayoutMismatchError, match="dtype float32.*dtype float16"):
         store.bind(name)
 
@@ -401,12 +448,21 @@ def test_layout_is_self_describing_through_plain_zarr(tmp_path):
     store = new_store(path)
     name = publish(store, seed=5)
     maps = zarr.open_array(path / name / "maps", mode="r")
-    assert (maps.shape, maps.chunks, maps.dtype) == ((N, GRID, GRID), (SHARD, GRID, GRID),
-                                                      np.float16)
+    assert (maps.shape, maps.chunks, maps.dtype) == (
+        (N, GRID, GRID),
+        (SHARD, GRID, GRID),
+        np.float16,
+    )
     assert np.isnan(maps.fill_value)
-    assert {k: maps.attrs[k] for k in ("generation", "kind", "grid", "image_size", "patch_size")} \
-        == {"generation": name, "kind": "cls_attn", "grid": GRID, "image_size": GRID * PATCH,
-            "patch_size": PATCH}
+    assert {
+        k: maps.attrs[k] for k in ("generation", "kind", "grid", "image_size", "patch_size")
+    } == {
+        "generation": name,
+        "kind": "cls_attn",
+        "grid": GRID,
+        "image_size": GRID * PATCH,
+        "patch_size": PATCH,
+    }
     assert maps.attrs["teacher"] == synthetic_teacher(5)
     assert zarr.open_array(path / name / "shards_done").chunks == (1,)
     for array in ("maps", "valid", "shards_done"):
@@ -414,8 +470,12 @@ def test_layout_is_self_describing_through_plain_zarr(tmp_path):
         assert "sharding_indexed" not in [c["name"] for c in meta["codecs"]]
     root = json.loads((path / "zarr.json").read_text())
     assert root.get("consolidated_metadata") is None
-    assert {k: root["attributes"][k] for k in ("format", "current", "grid", "num_shards")} == \
-        {"format": "salient-store/1", "current": name, "grid": GRID, "num_shards": SHARDS}
+    assert {k: root["attributes"][k] for k in ("format", "current", "grid", "num_shards")} == {
+        "format": "salient-store/1",
+        "current": name,
+        "grid": GRID,
+        "num_shards": SHARDS,
+    }
     gen = zarr.open_group(path / name, mode="r").attrs
     assert (gen["status"], gen["kind"], gen["epoch"]) == ("published", "cls_attn", 5)
 

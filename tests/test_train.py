@@ -24,22 +24,38 @@ import torch
 import zarr
 
 from salient.jobs.train import TrainConfig, TrainError, run_train
+from salient.jobs.train_worker import refresh_due, uses_warmup_masking
 from salient.pipeline.manifest import DatasetError
 from salient.trainer.checkpoint import CheckpointError
 from salient.trainer.loop import WarmupCosine, build_optimizer, train_one_epoch
 from salient.trainer.models import build_model
-from salient.jobs.train_worker import refresh_due, uses_warmup_masking
 
 WORKERS, BATCH, SAMPLES = 2, 8, 96
 STEPS_PER_EPOCH = SAMPLES // (WORKERS * BATCH)  # 6
 
 
 def config_for(data: Path, root: Path, **overrides) -> TrainConfig:
-    fields = dict(data=str(data), store=str(root / "saliency.zarr"), run_dir=str(root / "run"),
-                  model="mae-micro", strategy="amt", mask_ratio=0.45, throw_ratio=0.40,
-                  epochs=3, warmup_epochs=1, refresh_every=2, refresh_wait=True,
-                  workers=WORKERS, batch_size=BATCH, image_size=32, patch_size=8, lr=1e-3,
-                  loader_workers=0, refresh_batch_size=32, log_details=True)
+    fields = dict(
+        data=str(data),
+        store=str(root / "saliency.zarr"),
+        run_dir=str(root / "run"),
+        model="mae-micro",
+        strategy="amt",
+        mask_ratio=0.45,
+        throw_ratio=0.40,
+        epochs=3,
+        warmup_epochs=1,
+        refresh_every=2,
+        refresh_wait=True,
+        workers=WORKERS,
+        batch_size=BATCH,
+        image_size=32,
+        patch_size=8,
+        lr=1e-3,
+        loader_workers=0,
+        refresh_batch_size=32,
+        log_details=True,
+    )
     return TrainConfig(**{**fields, **overrides})
 
 
@@ -65,13 +81,21 @@ def runs(ray_session, demo_data, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("train")
     config = config_for(demo_data, root / "a")
     stopped = run_train(replace(config, stop_after_epochs=2), progress=False)
-    after_stop = {"checkpoints": sorted(p.name for p in Path(config.run_dir).glob("*.pt")),
-                  "current": store_root(config.store).attrs["current"]}
+    after_stop = {
+        "checkpoints": sorted(p.name for p in Path(config.run_dir).glob("*.pt")),
+        "current": store_root(config.store).attrs["current"],
+    }
     resumed = run_train(replace(config, resume=True), progress=False)
     straight_config = config_for(demo_data, root / "b")
     straight = run_train(straight_config, progress=False)
-    return {"config": config, "stopped": stopped, "after_stop": after_stop, "resumed": resumed,
-            "straight_config": straight_config, "straight": straight}
+    return {
+        "config": config,
+        "stopped": stopped,
+        "after_stop": after_stop,
+        "resumed": resumed,
+        "straight_config": straight_config,
+        "straight": straight,
+    }
 
 
 # ---------------------------------------------------------------- the stopped run: 2 epochs
@@ -100,8 +124,10 @@ def test_parameters_identical_across_ranks_after_every_step(runs):
 def test_each_rank_sees_different_samples(runs):
     run_dir = Path(runs["config"].run_dir)
     for epoch in range(3):
-        seen = [[i for r in steps_of(run_dir, rank) if r["epoch"] == epoch for i in r["ids"]]
-                for rank in (0, 1)]
+        seen = [
+            [i for r in steps_of(run_dir, rank) if r["epoch"] == epoch for i in r["ids"]]
+            for rank in (0, 1)
+        ]
         assert len(seen[0]) == len(seen[1]) == STEPS_PER_EPOCH * BATCH
         assert not set(seen[0]) & set(seen[1])
         assert sorted(seen[0] + seen[1]) == list(range(SAMPLES))
@@ -117,7 +143,11 @@ def test_scheduled_refresh_publishes_a_generation_the_next_epoch_uses(runs):
     attrs = dict(store_root(config.store)[generation].attrs)
     assert str(run_dir / "checkpoint-00001.pt") in json.dumps(attrs)  # its teacher
     warmup, amt = events(run_dir, "epoch")[:2]
-    assert (warmup["strategy"], warmup["mask_ratio"], warmup["throw_ratio"]) == ("random", 0.75, 0.0)
+    assert (warmup["strategy"], warmup["mask_ratio"], warmup["throw_ratio"]) == (
+        "random",
+        0.75,
+        0.0,
+    )
     assert warmup["generation"] is None and warmup["saliency_share"] == 0.0
     assert (amt["strategy"], amt["mask_ratio"], amt["throw_ratio"]) == ("amt", 0.45, 0.40)
     assert amt["generation"] == generation and amt["saliency_share"] == 1.0
@@ -210,8 +240,20 @@ def test_loop_raises_on_a_loss_that_is_not_finite():
     model = build_model("mae-micro", 32, 8)
     plan = plan_masks("random", torch.ones(2, 16), 0.75, generator=torch.Generator().manual_seed(0))
     images = torch.full((2, 3, 32, 32), float("nan"))
-    batch = {"images": images, **plan._asdict(), "ids": torch.arange(2),
-             "has_saliency": torch.zeros(2, dtype=torch.bool), "generation": None}
+    batch = {
+        "images": images,
+        **plan._asdict(),
+        "ids": torch.arange(2),
+        "has_saliency": torch.zeros(2, dtype=torch.bool),
+        "generation": None,
+    }
     with pytest.raises(TrainError, match="loss is nan at step 1"):
-        train_one_epoch(model, build_optimizer(model, 1e-3), WarmupCosine(1e-3, 1), [batch],
-                        epoch=0, step=0, device=torch.device("cpu"))
+        train_one_epoch(
+            model,
+            build_optimizer(model, 1e-3),
+            WarmupCosine(1e-3, 1),
+            [batch],
+            epoch=0,
+            step=0,
+            device=torch.device("cpu"),
+        )

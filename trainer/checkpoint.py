@@ -58,7 +58,7 @@ class CheckpointError(SalientError):
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The bare model under ``DistributedDataParallel`` and ``torch.compile`` wrappers, any order."""
+    """The bare model under ``DistributedDataParallel`` / ``torch.compile`` wrappers, any order."""
     while True:
         if isinstance(model, nn.parallel.DistributedDataParallel):
             model = model.module

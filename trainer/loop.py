@@ -51,8 +51,9 @@ class WarmupCosine:
     rate stays at ``min_lr``. ``state_dict`` makes it a checkpointable scheduler.
     """
 
-    def __init__(self, base_lr: float, total_steps: int, warmup_steps: int = 0,
-                 min_lr: float = 0.0) -> None:
+    def __init__(
+        self, base_lr: float, total_steps: int, warmup_steps: int = 0, min_lr: float = 0.0
+    ) -> None:
         self.base_lr, self.min_lr = float(base_lr), float(min_lr)
         self.total_steps, self.warmup_steps = int(total_steps), int(warmup_steps)
 
@@ -61,7 +62,9 @@ class WarmupCosine:
             return self.base_lr * (step + 1) / self.warmup_steps
         span = max(self.total_steps - self.warmup_steps, 1)
         progress = min((step - self.warmup_steps) / span, 1.0)
-        return self.min_lr + (self.base_lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return self.min_lr + (self.base_lr - self.min_lr) * 0.5 * (
+            1.0 + math.cos(math.pi * progress)
+        )
 
     def apply(self, optimizer: torch.optim.Optimizer, step: int) -> float:
         """Set every parameter group's rate for ``step``; returns it."""
@@ -71,15 +74,25 @@ class WarmupCosine:
         return lr
 
     def state_dict(self) -> dict[str, float | int]:
-        return {"base_lr": self.base_lr, "min_lr": self.min_lr,
-                "total_steps": self.total_steps, "warmup_steps": self.warmup_steps}
+        return {
+            "base_lr": self.base_lr,
+            "min_lr": self.min_lr,
+            "total_steps": self.total_steps,
+            "warmup_steps": self.warmup_steps,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.__init__(state["base_lr"], state["total_steps"], state["warmup_steps"], state["min_lr"])
+        self.__init__(
+            state["base_lr"], state["total_steps"], state["warmup_steps"], state["min_lr"]
+        )
 
 
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.05,
-                    betas: tuple[float, float] = (0.9, 0.95)) -> torch.optim.AdamW:
+def build_optimizer(
+    model: nn.Module,
+    lr: float,
+    weight_decay: float = 0.05,
+    betas: tuple[float, float] = (0.9, 0.95),
+) -> torch.optim.AdamW:
     """AdamW as MAE builds it: no decay on biases and 1-D (norm) weights; frozen params skipped."""
     groups = param_groups_weight_decay(model, weight_decay)  # MAE: optim_factory.add_weight_decay
     return torch.optim.AdamW(groups, lr=lr, betas=betas)
@@ -138,8 +151,14 @@ def train_one_epoch(
         TrainError: a loss that is not finite (lower the learning rate, check the data).
     """
     model.train()
-    totals = {"epoch": epoch, "steps": 0, "images": 0, "loss_sum": 0.0, "with_saliency": 0,
-              "generation": None}
+    totals = {
+        "epoch": epoch,
+        "steps": 0,
+        "images": 0,
+        "loss_sum": 0.0,
+        "with_saliency": 0,
+        "generation": None,
+    }
     start = tick = time.perf_counter()
     for batch in batches:
         lr = schedule.apply(optimizer, step)  # lr
@@ -153,8 +172,10 @@ def train_one_epoch(
         step += 1
         loss_value, now = loss.item(), time.perf_counter()  # log
         if not math.isfinite(loss_value):
-            raise TrainError(f"loss is {loss_value} at step {step} (epoch {epoch}); lower --lr "
-                             "or check the data, then --resume from the last checkpoint")
+            raise TrainError(
+                f"loss is {loss_value} at step {step} (epoch {epoch}); lower --lr "
+                "or check the data, then --resume from the last checkpoint"
+            )
         record = _step_record(batch, step, lr, loss_value, grad_norm, now - tick)
         _accumulate(totals, record)
         tick = now
@@ -163,13 +184,20 @@ def train_one_epoch(
     return {**totals, "step": step, "seconds": time.perf_counter() - start}
 
 
-def _step_record(batch: dict, step: int, lr: float, loss: float, grad_norm: float,
-                 seconds: float) -> dict:
+def _step_record(
+    batch: dict, step: int, lr: float, loss: float, grad_norm: float, seconds: float
+) -> dict:
     images = len(batch["ids"])
-    return {"step": step, "lr": lr, "loss": loss, "grad_norm": grad_norm, "images": images,
-            "img_per_s": images / max(seconds, 1e-9),
-            "with_saliency": int(torch.as_tensor(batch["has_saliency"]).sum()),
-            "generation": batch["generation"]}
+    return {
+        "step": step,
+        "lr": lr,
+        "loss": loss,
+        "grad_norm": grad_norm,
+        "images": images,
+        "img_per_s": images / max(seconds, 1e-9),
+        "with_saliency": int(torch.as_tensor(batch["has_saliency"]).sum()),
+        "generation": batch["generation"],
+    }
 
 
 def _accumulate(totals: dict, record: dict) -> None:

@@ -84,7 +84,7 @@ class SaliencySpec:
             raise TeacherError(f"kind 'heads' returns every head; drop head={self.head}")
 
     def resolve(self, model: VisionTransformer) -> SaliencySpec:
-        """The map actually computed: absolute block / head indices, the kind's default filled in."""
+        """The map computed: absolute block / head indices, the kind's default filled in."""
         depth, num_heads = len(model.blocks), model.blocks[0].attn.num_heads
         block = _index(self.block, depth, "block")
         if self.kind == "heads":
