@@ -10,7 +10,11 @@ from __future__ import annotations
 import datetime as _dt
 import importlib
 import inspect
+import json
 import platform
+from dataclasses import dataclass, field
+
+from salient.errors import SalientError
 
 __all__ = ["BENCHES", "device_info", "run_bench"]
 
@@ -49,13 +53,54 @@ def _cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
-def run_bench(what: str, quick: bool = False, device: str = "auto") -> dict:
-    """Run benchmark ``what`` and return its figures plus the device, versions and date."""
+@dataclass(frozen=True)
+class BenchConfig:
+    """``salient bench WHAT``: which benchmark, where, and how big."""
+
+    what: str = field(default=None, metadata={"positional": True, "choices": lambda: BENCHES})
+    """The benchmark to run."""
+    quick: bool = False
+    """Small sizes: a smoke run that proves the benchmark works, not a figure."""
+    device: str = "auto"
+    """auto (CUDA when there is one), cpu, or cuda."""
+    out: str | None = None
+    """Also append the JSON line to this file."""
+    data: str | None = None
+    """loader, refresh: benchmark this dataset (path or URL) instead of a generated demo set."""
+
+    def __post_init__(self):
+        if self.what not in BENCHES:
+            raise SalientError(
+                f"bench needs WHAT, one of {', '.join(sorted(BENCHES))} (got {self.what!r})"
+            )
+        if self.device != "auto" and self.device != "cpu" and not self.device.startswith("cuda"):
+            raise SalientError(f"--device must be auto, cpu or cuda[:N] (got {self.device!r})")
+
+
+def run_bench_job(config: BenchConfig) -> dict:
+    """The ``salient bench`` job: run the benchmark; append its JSON line to ``out`` if given."""
+    options = {"data": config.data} if config.data is not None else {}
+    result = run_bench(config.what, quick=config.quick, device=config.device, **options)
+    if config.out:
+        with open(config.out, "a") as stream:
+            stream.write(json.dumps(result, sort_keys=True, default=str) + "\n")
+    return result
+
+
+def run_bench(what: str, quick: bool = False, device: str = "auto", **options) -> dict:
+    """Run benchmark ``what`` and return its figures plus the device, versions and date.
+
+    ``options`` go to the benchmark function; one it does not take is a SalientError."""
     module = importlib.import_module(f"salient.jobs.{BENCHES[what]}")
     fn = getattr(module, f"bench_{what}")
     info = device_info(device)
-    kwargs = {"quick": quick}
-    if "device" in inspect.signature(fn).parameters:
+    params = inspect.signature(fn).parameters
+    unknown = sorted(set(options) - set(params))
+    if unknown:
+        flags = ", ".join("--" + name.replace("_", "-") for name in unknown)
+        raise SalientError(f"bench {what} does not take {flags}")
+    kwargs = {"quick": quick, **options}
+    if "device" in params:
         kwargs["device"] = info["device"]
     result = fn(**kwargs)
     stamp = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")

@@ -34,21 +34,38 @@ __all__ = ["DemoConfig", "run_demo", "summarize_dataset"]
 
 @dataclass(frozen=True)
 class DemoConfig:
+    """The demo run: sizes chosen to finish in a few minutes on 2 CPU cores."""
+
     out: str = "demo_run"
+    """Working directory: data/, saliency.zarr, run/ and report/ go there."""
     n: int = 2000
+    """Demo scenes to ingest."""
     seed: int = 0
-    image_size: int = 192  # stored scenes; the trainer crops them to train_size
+    """Seed of the scenes, the model, the crops and the masks."""
+    image_size: int = 192
+    """Side of the stored scenes in pixels (the trainer crops them to --train-size)."""
     shard_size: int = 500
+    """Scenes per shard."""
     model: str = "mae-tiny"
+    """Model trained (and, through its checkpoints, the teacher)."""
     train_size: int = 64
+    """Side of the training crops; 64 px keeps MAE-Tiny near 20 img/s per 2 cores."""
     patch_size: int = 8
+    """ViT patch side: 8 px patches give an 8 x 8 grid at 64 px."""
     epochs: int = 5
+    """Training epochs."""
     warmup_epochs: int = 2
+    """Epochs of random masking before the first refresh."""
     refresh_every: int = 1
+    """Epochs between refreshes (AMT: 40 of 400; the demo refreshes after every epoch)."""
     workers: int = 2
+    """Ray Train workers (DDP over gloo)."""
     batch_size: int = 64
+    """Images per step on each worker."""
     report_images: int = 12
+    """Panels in the inspection report."""
     fresh: bool = False
+    """Start over: remove OUT first."""
 
     def __post_init__(self):
         if self.n < 16:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -46,25 +46,53 @@ SHADES = " ░▒▓█"  # text heat map: five levels of the min-max normalised
 # ---------------------------------------------------------------- config
 
 
+def _strategies() -> list[str]:
+    from salient.pipeline.masking import STRATEGIES
+
+    return list(STRATEGIES)
+
+
 @dataclass(frozen=True)
 class InspectConfig:
-    """``salient inspect`` options; checks itself on construction (raises InspectError)."""
+    """``salient inspect`` options; checks itself on construction (raises InspectError).
+
+    A report (``out``) or one sample in the terminal (``id``)."""
 
     store: str
+    """Saliency store path or URL."""
     data: str
-    out: str
+    """Dataset directory (or URL) the store was made for."""
+    out: str | None = None
+    """Report directory: index.html, stats.json and one PNG panel per sample."""
     generation: str | None = None
-    ids: tuple[int, ...] | None = None  # when None, ``n`` ids drawn with ``seed``
+    """Generation to inspect (default: the current one)."""
+    ids: tuple[int, ...] | None = None
+    """Sample ids to draw panels for, e.g. 1,5,9 (default: --n ids drawn with --seed)."""
     n: int = 32
-    strategy: str = "amt"
+    """Number of sample ids drawn at random when --ids is not given."""
+    id: int | None = None
+    """Print one sample's map as a text heat map with its statistics (no report)."""
+    strategy: str = field(default="amt", metadata={"choices": _strategies})
+    """Mask strategy drawn on the panels."""
     mask_ratio: float = 0.45
+    """Share of patches masked in the drawn plan."""
     throw_ratio: float = 0.40
+    """Share of patches thrown in the drawn plan."""
     compare: str | None = None
+    """A second generation to diff against (panels side by side, drift statistics)."""
     seed: int = 0
+    """Seed of the drawn ids and mask plans."""
 
     def __post_init__(self):
-        if not self.store or not self.data or not self.out:
-            raise InspectError("inspect needs --store URL, --data DIR and --out DIR")
+        if not self.store or not self.data:
+            raise InspectError("inspect needs --store URL and --data DIR")
+        if self.id is not None:
+            if not isinstance(self.id, (int, np.integer)) or self.id < 0:
+                raise InspectError(f"--id must be a non-negative integer (got {self.id!r})")
+        elif not self.out:
+            raise InspectError(
+                "inspect needs --out DIR for the report, or --id N for one sample in the terminal"
+            )
         if self.ids is not None:
             self._check_ids()
         if not isinstance(self.n, int) or self.n < 1:
@@ -255,8 +283,9 @@ def _label_name(label: int | None, classes: list[str] | None) -> str | None:
     return classes[label] if classes and 0 <= label < len(classes) else str(label)
 
 
-def run_inspect(config: InspectConfig) -> dict:
-    """Write the inspection report into ``config.out``; return a JSON-able summary.
+def run_inspect(config: InspectConfig) -> dict | str:
+    """Write the inspection report into ``config.out``; return a JSON-able summary. With
+    ``config.id``: one sample's text heat map instead (:func:`print_sample`).
 
     Raises:
         InspectError: unknown / unpublished generation, empty store, ids out of range,
@@ -267,6 +296,8 @@ def run_inspect(config: InspectConfig) -> dict:
     from salient.jobs import inspect_report as report
     from salient.pipeline.manifest import open_dataset
 
+    if config.id is not None:
+        return print_sample(config.store, config.data, config.id, config.generation)
     dataset = open_dataset(config.data)
     store = _open_store(config.store, dataset)
     names = [_resolve_generation(store, config.generation)]

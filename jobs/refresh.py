@@ -26,7 +26,7 @@ import math
 import time
 from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from salient.errors import SalientError
 
@@ -51,31 +51,47 @@ class RefreshError(SalientError):
 
 @dataclass(frozen=True)
 class RefreshConfig:
-    """One refresh job. ``teacher`` is a salient checkpoint path or ``timm:NAME`` (+ ``weights``).
-
-    ``cpus_per_worker`` is the Ray CPU reservation of one actor (fractional is fine; its torch
-    threads are ``max(1, int(cpus_per_worker))``); ``gpus_per_worker > 0`` puts each actor on a
-    GPU with nvjpeg decode and bf16 autocast. ``shard_delay_s`` is a testing aid: each worker
-    waits that long before writing a shard.
-    """
+    """One refresh job: a teacher over every shard of ``data`` into a new generation of
+    ``store``."""
 
     data: str
+    """Dataset directory (or URL) written by `salient ingest`."""
     store: str
+    """Saliency store path or URL; created when missing."""
     teacher: str
+    """The teacher: a salient training checkpoint, or timm:NAME with --weights FILE."""
     weights: str | None = None
+    """Local weights file (.safetensors or .pth) of a timm:NAME teacher; nothing is downloaded."""
     allow_random_teacher: bool = False
-    kind: str = "cls_attn"
-    reduce: str | None = None
+    """Accept timm:NAME without --weights: a random (seeded) teacher, for tests and benchmarks."""
+    kind: str = field(default="cls_attn", metadata={"choices": lambda: KINDS})
+    """Map kind: cls_attn (CLS attention, AMT eq. 3-4), gpa (attention a patch receives, GPA
+    eq. 4-5) or heads (per-head cls_attn maps)."""
+    reduce: str | None = field(default=None, metadata={"choices": lambda: REDUCES})
+    """How heads combine: mean (AMT eq. 4) or minmax_mean (each head min-max normalised, then
+    averaged: AMT's code); unset = the kind's default (mean for cls_attn, the last head for gpa,
+    GPA Table 5)."""
     block: int = -1
+    """Block whose attention is read (negative counts from the end; -1 = the last)."""
     head: int | None = None
+    """Read one head instead of combining them (negative counts from the end)."""
     image_size: int = 224
+    """Side S the teacher sees: each whole image is resized to S x S (maps are S/P cells wide)."""
     batch_size: int = 64
+    """Images per teacher forward."""
     workers: int = 1
+    """Teacher actors (each holds the teacher and computes one shard at a time)."""
     gpus_per_worker: float = 0.0
+    """GPUs per actor; > 0 decodes JPEGs with nvjpeg and runs the teacher in bf16."""
     cpus_per_worker: float = 0.5
+    """Ray CPUs reserved per actor (fractions are fine; torch threads = max(1, int(this)))."""
     address: str | None = None
+    """Ray cluster address (e.g. 10.0.0.5:6379 or auto); default: RAY_ADDRESS, else an embedded
+    local Ray."""
     max_retries: int = 3
-    shard_delay_s: float = 0.0
+    """Retries of a shard whose worker died before the job gives up."""
+    shard_delay_s: float = field(default=0.0, metadata={"hidden": True})
+    """Testing aid: each worker waits this long before writing a shard."""
 
     def __post_init__(self):
         for name in ("data", "store", "teacher"):

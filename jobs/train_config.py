@@ -18,53 +18,101 @@ __all__ = ["TrainConfig", "resolved"]
 _BASE_LR = 1.5e-4  # MAE: lr = blr × global batch / 256, blr = 1.5e-4
 
 
+def _strategies() -> list[str]:
+    from salient.pipeline.masking import STRATEGIES
+
+    return list(STRATEGIES)
+
+
+def _models() -> list[str]:
+    from salient.trainer.models import MODELS
+
+    return list(MODELS)
+
+
+def _map_kinds() -> list[str]:
+    return ["cls_attn", "gpa"]
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    """One training run. Ratios are shares of the N patches (DESIGN.md, "Mask strategies").
-
-    ``batch_size`` is per worker; ``lr`` ``None`` means MAE's rule (1.5e-4 × global batch /
-    256). ``lr_warmup_epochs`` ``None`` means ``warmup_epochs``. ``cpus_per_worker`` ``None``
-    sizes train workers to leave room for a refresh. ``log_details`` adds each step's sample
-    ids and a parameter checksum to the per-rank JSONL; ``stop_after_epochs`` ends the run
-    right after that epoch's checkpoint, as a kill there would (both testing aids).
-    """
+    """One training run. Ratios are shares of the N patches (README, "Mask strategies")."""
 
     data: str
+    """Dataset directory (or URL) written by `salient ingest`."""
     store: str | None = None
-    model: str = "mae-tiny"
-    strategy: str = "amt"
+    """Saliency store path or URL the strategy reads and the refreshes write (created by the
+    first refresh)."""
+    model: str = field(default="mae-tiny", metadata={"choices": _models})
+    """Model: MAE or SimMIM with a ViT-Ti / S / B encoder (micro: tests only)."""
+    strategy: str = field(default="amt", metadata={"choices": _strategies})
+    """Mask strategy after the warmup (README, "Mask strategies")."""
     mask_ratio: float = 0.45
+    """Share of the N patches masked (AMT with MAE: 0.45)."""
     throw_ratio: float = 0.40
-    strategy_options: dict = field(default_factory=dict)
+    """Share of the N patches thrown: neither encoded nor reconstructed (AMT with MAE: 0.40)."""
+    strategy_options: dict = field(default_factory=dict, metadata={"flag": "--strategy-option"})
+    """Options of the strategy, e.g. throw=low for amt (AMT Table 4), hint=0.03 for
+    attmask_hint, hard=[0,0.5] for gpa."""
     warmup_mask_ratio: float = 0.75
+    """Random mask ratio of the warmup epochs, before the first generation (AMT's code: 0.75)."""
     epochs: int = 400
+    """Training epochs (AMT with MAE: 400)."""
     warmup_epochs: int = 40
+    """Epochs of random masking before the first refresh (AMT: 40)."""
     refresh_every: int = 40
+    """Epochs between refreshes from the latest checkpoint (AMT: 40); 0 = never."""
     refresh_wait: bool = False
+    """Pause training while a refresh runs (deterministic generations; slower)."""
     workers: int = 1
+    """Data-parallel (DDP) train workers."""
     gpu: bool = False
+    """One GPU per train worker, bf16 autocast, nccl."""
     address: str | None = None
+    """Ray cluster address (e.g. 10.0.0.5:6379 or auto); default: RAY_ADDRESS, else an embedded
+    local Ray."""
     run_dir: str = "runs/train"
+    """Directory of checkpoints, metrics and config.json (shared by every node on a cluster)."""
     resume: bool = False
+    """Continue the run in --run-dir from its latest checkpoint."""
     batch_size: int = 64
+    """Images per step on each worker."""
     lr: float | None = None
+    """Peak learning rate; unset = MAE's rule, 1.5e-4 x global batch / 256."""
     min_lr: float = 0.0
+    """Learning rate at the end of the cosine decay."""
     lr_warmup_epochs: int | None = None
+    """Epochs of linear learning-rate warmup; unset = --warmup-epochs."""
     weight_decay: float = 0.05
+    """AdamW weight decay, not applied to biases and norm weights (MAE: 0.05)."""
     clip_grad: float = 5.0
+    """Clip the global gradient norm at this value; 0 = no clipping."""
     image_size: int = 224
+    """Side of the training crops in pixels."""
     patch_size: int = 16
+    """ViT patch side in pixels."""
     norm_pix_loss: bool = False
+    """MAE: regress per-patch normalised pixels (MAE's best setting)."""
     seed: int = 0
+    """Seed of the model, crops and masks (a run is reproducible for a seed)."""
     loader_workers: int = 2
+    """DataLoader worker processes per train worker."""
     cpus_per_worker: float | None = None
-    saliency_kind: str = "cls_attn"
+    """Ray CPUs per train worker; unset = sized so a refresh fits beside the workers."""
+    saliency_kind: str = field(default="cls_attn", metadata={"choices": _map_kinds})
+    """Map kind the refreshes write (cls_attn: AMT, AttMask; gpa: GPA)."""
     refresh_workers: int = 1
+    """Teacher actors of each refresh."""
     refresh_cpus: float = 0.5
+    """Ray CPUs per refresh actor."""
     refresh_gpus: float = 0.0
+    """GPU share per refresh actor (with --gpu; the train workers leave that share free)."""
     refresh_batch_size: int = 64
-    log_details: bool = False
-    stop_after_epochs: int | None = None
+    """Images per teacher forward in a refresh."""
+    log_details: bool = field(default=False, metadata={"hidden": True})
+    """Testing aid: each step's sample ids and a parameter checksum in the per-rank JSONL."""
+    stop_after_epochs: int | None = field(default=None, metadata={"hidden": True})
+    """Testing aid: end the run right after this epoch's checkpoint, as a kill there would."""
 
     def __post_init__(self):
         _check_types(self)

@@ -1,0 +1,88 @@
+"""``salient ingest``: an image folder, or the bundled demo set, into webdataset shards.
+
+The work is :mod:`salient.pipeline.ingest`; this module is the job around it: its config
+(the flags), the progress bar, and the JSON summary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from salient.pipeline.ingest import IngestError
+
+__all__ = ["IngestConfig", "run_ingest"]
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    """One ingest. ``salient ingest SRC OUT`` for a folder, ``salient ingest --demo OUT``."""
+
+    src: str | None = field(default=None, metadata={"positional": True})
+    """Source folder: an ImageFolder tree (class sub-folders give integer labels) or a flat
+    folder of images. Omit it with --demo."""
+    out: str | None = field(default=None, metadata={"positional": True})
+    """Output dataset directory; must be empty unless --overwrite."""
+    demo: bool = False
+    """Write the bundled demo dataset (scenes composed from scikit-image photos, with object
+    boxes) instead of reading SRC."""
+    n: int = 2000
+    """Demo: number of scenes."""
+    seed: int = 0
+    """Demo: seed of the scenes (the same seed gives byte-identical shards)."""
+    image_size: int = 192
+    """Demo: side of each scene in pixels."""
+    shard_size: int | None = None
+    """Samples per shard (every shard but the last holds exactly this many); default 1000,
+    500 with --demo."""
+    overwrite: bool = False
+    """Replace a dataset that salient wrote before in OUT (nothing else is ever removed)."""
+
+    def __post_init__(self):
+        if self.demo and self.out is None and self.src is not None:
+            # `salient ingest --demo OUT`: the one positional given is OUT.
+            object.__setattr__(self, "out", self.src)
+            object.__setattr__(self, "src", None)
+        if self.demo and self.src is not None:
+            raise IngestError("give either SRC or --demo, not both")
+        if self.out is None:
+            raise IngestError("ingest needs SRC and OUT (or --demo OUT)")
+        if not self.demo and self.src is None:
+            raise IngestError("ingest needs SRC and OUT (or --demo OUT)")
+        if self.shard_size is None:
+            object.__setattr__(self, "shard_size", 500 if self.demo else 1000)
+
+
+def run_ingest(config: IngestConfig) -> dict:
+    """Run the ingest; returns the JSON summary (out, images, shards, skipped, classes,
+    fingerprint). Raises IngestError for bad input (see :mod:`salient.pipeline.ingest`)."""
+    from salient.jobs.progress import progress_bar
+    from salient.pipeline.ingest import ingest_demo, ingest_folder
+
+    if config.demo:
+        with progress_bar(config.n, "demo scenes") as bar:
+            manifest = ingest_demo(
+                config.out,
+                n=config.n,
+                seed=config.seed,
+                overwrite=config.overwrite,
+                shard_size=config.shard_size,
+                image_size=config.image_size,
+                progress=bar,
+            )
+    else:
+        with progress_bar(None, "images") as bar:
+            manifest = ingest_folder(
+                config.src,
+                config.out,
+                shard_size=config.shard_size,
+                overwrite=config.overwrite,
+                progress=bar,
+            )
+    return {
+        "out": config.out,
+        "images": manifest.num_samples,
+        "shards": len(manifest.shards),
+        "skipped": len(manifest.skipped),
+        "classes": len(manifest.classes or []),
+        "fingerprint": manifest.fingerprint,
+    }
