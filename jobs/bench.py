@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from salient.errors import SalientError
 
-__all__ = ["BENCHES", "device_info", "run_bench"]
+__all__ = ["BENCHES", "BenchConfig", "device_info", "run_bench", "run_bench_job", "stamp_now"]
 
 # name -> module under salient.jobs holding `bench_<name>`
 BENCHES = {
@@ -25,6 +25,7 @@ BENCHES = {
     "loader": "bench_loader",
     "refresh": "bench_refresh",
     "train": "bench_train",
+    "gpu": "bench_gpu",
 }
 
 
@@ -64,7 +65,7 @@ class BenchConfig:
     device: str = "auto"
     """auto (CUDA when there is one), cpu, or cuda."""
     out: str | None = None
-    """Also append the JSON line to this file."""
+    """Also append the JSON line to this file; gpu: the directory its figure lines go to."""
     data: str | None = None
     """loader, refresh: benchmark this dataset (path or URL) instead of a generated demo set."""
 
@@ -78,21 +79,33 @@ class BenchConfig:
 
 
 def run_bench_job(config: BenchConfig) -> dict:
-    """The ``salient bench`` job: run the benchmark; append its JSON line to ``out`` if given."""
+    """The ``salient bench`` job: run the benchmark; append its JSON line to ``out`` if given
+    (a benchmark that writes its own files, such as gpu, takes ``out`` as its directory)."""
     options = {"data": config.data} if config.data is not None else {}
+    writes_own = "out" in inspect.signature(_bench_fn(config.what)).parameters
+    if writes_own:
+        options["out"] = config.out
     result = run_bench(config.what, quick=config.quick, device=config.device, **options)
-    if config.out:
+    if config.out and not writes_own:
         with open(config.out, "a") as stream:
             stream.write(json.dumps(result, sort_keys=True, default=str) + "\n")
     return result
+
+
+def _bench_fn(what: str):
+    return getattr(importlib.import_module(f"salient.jobs.{BENCHES[what]}"), f"bench_{what}")
+
+
+def stamp_now() -> str:
+    """The time now, ISO 8601 UTC to the second: the date every figure carries."""
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
 def run_bench(what: str, quick: bool = False, device: str = "auto", **options) -> dict:
     """Run benchmark ``what`` and return its figures plus the device, versions and date.
 
     ``options`` go to the benchmark function; one it does not take is a SalientError."""
-    module = importlib.import_module(f"salient.jobs.{BENCHES[what]}")
-    fn = getattr(module, f"bench_{what}")
+    fn = _bench_fn(what)
     info = device_info(device)
     params = inspect.signature(fn).parameters
     unknown = sorted(set(options) - set(params))
@@ -103,5 +116,5 @@ def run_bench(what: str, quick: bool = False, device: str = "auto", **options) -
     if "device" in params:
         kwargs["device"] = info["device"]
     result = fn(**kwargs)
-    stamp = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+    stamp = stamp_now()
     return {"bench": what, "quick": quick, **info, "date": stamp, **result}

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["bench_loader"]
+__all__ = ["bench_loader", "device_path_rates", "jpeg_bytes", "random_store"]
 
 IMAGE, PATCH, MASK, THROW = 224, 16, 0.45, 0.40
 
@@ -77,13 +77,7 @@ def _tiled(src: Path, out: Path, copies: int, shard_size: int) -> Path:
 
     from salient.pipeline.manifest import Manifest, ShardInfo, fingerprint, sample_key, shard_name
 
-    records = []
-    for path in sorted(src.glob("shard-*.tar")):
-        with tarfile.open(path) as tar:
-            for member in tar:
-                if member.name.endswith(".jpg"):
-                    records.append(tar.extractfile(member).read())
-    records, shards = records * copies, []
+    records, shards = jpeg_bytes(src) * copies, []
     out.mkdir(parents=True)
     for index, first in enumerate(range(0, len(records), shard_size)):
         part = records[first : first + shard_size]
@@ -107,8 +101,10 @@ def _tiled(src: Path, out: Path, copies: int, shard_size: int) -> Path:
     return out
 
 
-def _random_store(data: Path, url: Path, grid: int = IMAGE // PATCH) -> str:
-    """A store with one published generation of random maps for ``data``."""
+def random_store(
+    data: Path | str, url: Path | str, grid: int = IMAGE // PATCH, patch_size: int = PATCH
+) -> str:
+    """A store with one published generation of random ``grid x grid`` maps for ``data``."""
     from salient.pipeline.manifest import open_dataset
     from salient.store import SaliencyStore
 
@@ -117,8 +113,8 @@ def _random_store(data: Path, url: Path, grid: int = IMAGE // PATCH) -> str:
     writer = store.begin_generation(
         {"path": None, "sha256": "random", "name": "bench"},
         "cls_attn",
-        image_size=IMAGE,
-        patch_size=PATCH,
+        image_size=grid * patch_size,
+        patch_size=patch_size,
     )
     rng = np.random.default_rng(0)
     for shard in dataset.shards:
@@ -230,21 +226,45 @@ def _main_rate(loader, batches: int) -> float:
     return round(size * len(timed) / sum(timed), 1)
 
 
-def _device_path(work: Path, settings: dict, device: str) -> dict:
-    distinct = _demo(work / "gpu-distinct", settings["distinct"], settings["scene"], 256)
-    data = _tiled(distinct, work / "gpu-data", settings["copies"], settings["shard_size"])
-    store = _random_store(data, work / "gpu.zarr")
-    loader = _loader(data, store, settings["batch"], settings["workers"], device, "device")
+def device_path_rates(
+    data: Path, store: str, device: str, batch: int, workers: int, epochs: int = 1
+) -> dict:
+    """The device decode path (``decode="device"``) on ``data``: ``main_img_s`` (the main
+    process alone on prepared samples: its ceiling) and ``loader_img_s`` (whole epochs)."""
+    loader = _loader(data, store, batch, workers, device, "device")
     main = _main_rate(loader, batches=4)
-    whole = _epochs_rate(loader, settings["epochs"])
+    whole = _epochs_rate(loader, epochs)
     return {
-        "image_size": IMAGE,
-        "batch_size": settings["batch"],
-        "scene_px": settings["scene"],
         "main_img_s": main,
         "loader_img_s": whole["img_s"],
         "workers": whole["workers"],
         "images": whole["images"],
+    }
+
+
+def jpeg_bytes(data: Path) -> list[bytes]:
+    """Every JPEG of a dataset's shards, in id order (what a bare decode benchmark decodes)."""
+    records = []
+    for path in sorted(Path(data).glob("shard-*.tar")):
+        with tarfile.open(path) as tar:
+            for member in tar:
+                if member.name.endswith(".jpg"):
+                    records.append(tar.extractfile(member).read())
+    return records
+
+
+def _device_path(work: Path, settings: dict, device: str) -> dict:
+    distinct = _demo(work / "gpu-distinct", settings["distinct"], settings["scene"], 256)
+    data = _tiled(distinct, work / "gpu-data", settings["copies"], settings["shard_size"])
+    store = random_store(data, work / "gpu.zarr")
+    rates = device_path_rates(
+        data, store, device, settings["batch"], settings["workers"], settings["epochs"]
+    )
+    return {
+        "image_size": IMAGE,
+        "batch_size": settings["batch"],
+        "scene_px": settings["scene"],
+        **rates,
         "target_img_s": 5000,
     }
 
@@ -264,7 +284,7 @@ def bench_loader(quick: bool = False, device: str = "auto", data: str | None = N
         source = (
             Path(data) if data else _demo(work / "data", cpu["n"], cpu["scene"], cpu["shard_size"])
         )
-        store = _random_store(source, work / "saliency.zarr")
+        store = random_store(source, work / "saliency.zarr")
         result = {
             "image_size": IMAGE,
             "patch_size": PATCH,

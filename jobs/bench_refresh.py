@@ -184,6 +184,7 @@ def _one(
         "workers": workers,
         "seconds": result["seconds"],
         "img_per_s": result["img_per_s"],
+        "images": result.get("images"),
         "ratio_to_forward": round(result["img_per_s"] / (forward * workers), 3),
     }
 
@@ -195,12 +196,15 @@ def bench_refresh(
     data: str | None = None,
     model: str | None = None,
     variants: tuple[str, ...] = ("actors", "ray_data"),
+    batch_size: int | None = None,
+    cpus_per_worker: float | None = None,
 ) -> dict:
     """End-to-end refresh img/s for each variant and worker count, and the forward-only rate.
 
     ``model`` defaults to vit_tiny on CPU and ViT-B/16 on CUDA; ``data`` defaults to a demo
     set written to a temporary directory. On CUDA the worker count is capped by the GPUs.
     ``ratio_to_forward`` divides by ``workers`` × the one-worker forward rate.
+    ``batch_size`` and ``cpus_per_worker`` override the device's defaults.
     """
     import torch
 
@@ -210,6 +214,8 @@ def bench_refresh(
         device = "cuda" if torch.cuda.is_available() else "cpu"
     settings = _settings(device, quick)
     settings["model"] = model or settings["model"]
+    settings["batch_size"] = batch_size or settings["batch_size"]
+    settings["cpus_per_worker"] = cpus_per_worker or settings["cpus_per_worker"]
     info = ensure_ray()
     if device.startswith("cuda"):
         workers = tuple(w for w in workers if w <= max(1, int(info.gpus))) or (1,)

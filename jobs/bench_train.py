@@ -26,7 +26,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 __all__ = ["CASES", "bench_train"]
@@ -102,33 +101,21 @@ def _synthetic(
     return batches
 
 
-def _write_inputs(root: Path, setup: _Setup) -> tuple[str, str]:
-    """A demo dataset and a store with one published generation of random maps."""
+def _write_inputs(root: Path, setup: _Setup, data: str | None = None) -> tuple[str, str]:
+    """A demo dataset (or ``data``) and a store with one published generation of random maps."""
+    from salient.jobs.bench_loader import random_store
     from salient.pipeline.ingest import ingest_demo
-    from salient.pipeline.manifest import open_dataset
-    from salient.store import SaliencyStore
 
-    data, store_url = root / "data", str(root / "saliency.zarr")
-    ingest_demo(
-        data,
-        n=setup.images,
-        seed=0,
-        shard_size=max(setup.images // 8, setup.batch_size),
-        image_size=max(setup.image_size, 64),
-    )
-    dataset = open_dataset(data)
-    store = SaliencyStore.create(store_url, dataset, grid=setup.grid)
-    writer = store.begin_generation(
-        {"path": None, "sha256": "random", "name": "bench"},
-        "cls_attn",
-        image_size=setup.image_size,
-        patch_size=setup.patch_size,
-    )
-    rng = np.random.default_rng(0)
-    for shard in dataset.shards:
-        maps = rng.random((shard.count, setup.grid, setup.grid)).astype(np.float16)
-        writer.write_shard(shard.index, maps, np.ones(shard.count, np.uint8))
-    writer.publish()
+    if data is None:
+        data = root / "data"
+        ingest_demo(
+            data,
+            n=setup.images,
+            seed=0,
+            shard_size=max(setup.images // 8, setup.batch_size),
+            image_size=max(setup.image_size, 64),
+        )
+    store_url = random_store(data, root / "saliency.zarr", setup.grid, setup.patch_size)
     return str(data), store_url
 
 
@@ -203,8 +190,9 @@ def _case(setup: _Setup, name: str, device: torch.device, data: str, store: str)
     }
 
 
-def bench_train(quick: bool = False, device: str = "auto") -> dict:
-    """Step img/s of the four cases with synthetic inputs and with the real loader.
+def bench_train(quick: bool = False, device: str = "auto", data: str | None = None) -> dict:
+    """Step img/s of the four cases with synthetic inputs and with the real loader (over
+    ``data``, a dataset path or URL, when given; else a demo set written for the run).
 
     Returns ``cases`` (per case: ``synthetic_img_s``, ``loader_img_s``,
     ``loader_vs_synthetic``), ``amt_vs_random`` (per model, synthetic and loader) and the
@@ -215,7 +203,7 @@ def bench_train(quick: bool = False, device: str = "auto") -> dict:
     dev = torch.device(device)
     setup = _setup(dev, quick)
     with tempfile.TemporaryDirectory(prefix="salient-bench-train-") as tmp:
-        data, store = _write_inputs(Path(tmp), setup)
+        data, store = _write_inputs(Path(tmp), setup, data)
         cases = {name: _case(setup, name, dev, data, store) for name in CASES}
     ratio = {
         model: {
