@@ -15,26 +15,43 @@ from salient.trainer.loop import TrainError
 __all__ = ["TrainConfig", "resolved"]
 
 
-_BASE_LR = 1.5e-4  # MAE: lr = blr × global batch / 256, blr = 1.5e-4
+def _reduces() -> tuple[str, ...]:
+    from salient.trainer.teacher import REDUCES
+
+    return REDUCES
+
+
+def _interpolations() -> tuple[str, ...]:
+    from salient.pipeline.crops import INTERPOLATIONS
+
+    return tuple(INTERPOLATIONS)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     """One training run. Ratios are shares of the N patches (DESIGN.md, "Mask strategies").
 
-    ``batch_size`` is per worker; ``lr`` ``None`` means MAE's rule (1.5e-4 × global batch /
-    256). ``lr_warmup_epochs`` ``None`` means ``warmup_epochs``. ``cpus_per_worker`` ``None``
-    sizes train workers to leave room for a refresh. ``log_details`` adds each step's sample
-    ids and a parameter checksum to the per-rank JSONL; ``stop_after_epochs`` ends the run
-    right after that epoch's checkpoint, as a kill there would (both testing aids).
+    ``batch_size`` is per worker; ``lr`` ``None`` means MAE's rule (``blr`` × effective batch
+    / 256, the effective batch being batch × workers × accum_iter). ``lr_warmup_epochs``
+    ``None`` means ``warmup_epochs``. ``cpus_per_worker`` ``None`` sizes train workers to
+    leave room for a refresh. ``log_details`` adds each step's sample ids and a parameter
+    checksum to the per-rank JSONL; ``stop_after_epochs`` ends the run right after that
+    epoch's checkpoint, as a kill there would (both testing aids). ``mask_ratio`` /
+    ``throw_ratio`` ``None`` resolve to the strategy's paper values when the config is built
+    (``masking.default_ratios``), so ``config.json`` shows the values used. Named recipes of
+    the papers' runs: ``salient.jobs.recipes``.
     """
 
     data: str
     store: str | None = None
     model: str = "mae-tiny"
     strategy: str = "amt"
-    mask_ratio: float = 0.45
-    throw_ratio: float = 0.40
+    mask_ratio: float | None = None
+    """Share of the patches (or mask units) masked; unset: the strategy's paper value (amt
+    0.45 with MAE, 0.44 with SimMIM; random 0.75 / 0.6; gpa 0.75; attmask 0.3; block 0.4)."""
+    throw_ratio: float | None = None
+    """Share thrown (never encoded, no loss; AMT); unset: the strategy's paper value (amt 0.40
+    with MAE, 0.26 with SimMIM; 0 for the others)."""
     strategy_options: dict = field(default_factory=dict)
     warmup_mask_ratio: float = 0.75
     epochs: int = 400
@@ -50,15 +67,45 @@ class TrainConfig:
     lr: float | None = None
     min_lr: float = 0.0
     lr_warmup_epochs: int | None = None
+    blr: float = 1.5e-4
+    """Base learning rate per 256 images: lr = blr × batch × workers × accum_iter / 256 (MAE's
+    linear scaling rule, blr 1.5e-4); --lr sets the rate directly instead."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW's betas (MAE: 0.9, 0.95; SimMIM: 0.9, 0.999)."""
+    accum_iter: int | None = None
+    """Batches per optimiser step (gradient accumulation, MAE's accum_iter): the effective
+    batch is batch × workers × accum_iter; unset: from --effective-batch, else 1."""
+    effective_batch: int | None = None
+    """Images per optimiser step over all workers (MAE, AMT, GPA: 4096); sets accum_iter to
+    effective_batch / (batch × workers), so a recipe's batch holds on any number of workers."""
     weight_decay: float = 0.05
-    clip_grad: float = 5.0
+    clip_grad: float | None = None
+    """Clip the gradient norm to this value; unset or 0: no clipping (MAE clips nothing;
+    SimMIM clips at 5)."""
     image_size: int = 224
     patch_size: int = 16
     norm_pix_loss: bool = False
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    """Area range of the random resized crop (MAE: 0.2-1; SimMIM: 0.67-1)."""
+    interpolation: str = field(default="bicubic", metadata={"choices": _interpolations})
+    """Resampling of image crops: bicubic (MAE's) or bilinear (SimMIM's)."""
+    mask_unit: int | None = None
+    """Side of a mask unit in pixels, a multiple of the patch size; ratios count units
+    (SimMIM: 32 on a 16 px ViT); unset: one patch."""
+    gpa_loss_weight: float = 0.0
+    """Weight of GPA's second loss: the MAE decoder also predicts each masked patch's GPA
+    value, read from a gpa generation (GPA eq. 7-8: weight 1); 0: off."""
     seed: int = 0
     loader_workers: int = 2
     cpus_per_worker: float | None = None
     saliency_kind: str = "cls_attn"
+    saliency_reduce: str | None = field(default=None, metadata={"choices": _reduces})
+    """How refreshes reduce a map's heads: mean (AMT eq. 4) or minmax_mean (each head
+    min-max normalised, then averaged: AMT's code); unset: the kind's default."""
+    saliency_block: int = -1
+    """Block whose attention refreshes read (negative counts from the end; -1: the last)."""
+    saliency_head: int | None = None
+    """One head for refresh maps instead of a reduction (gpa's default: the last head)."""
     refresh_workers: int = 1
     refresh_cpus: float = 0.5
     refresh_gpus: float = 0.0
@@ -69,10 +116,24 @@ class TrainConfig:
     def __post_init__(self):
         _check_types(self)
         _check_counts(self)
-        _check_ratios(self)
         _check_model(self)
+        _resolve(self)
+        _check_ratios(self)
         _check_strategy(self)
+        _check_training(self)
         _check_resources(self)
+
+    @property
+    def framework(self) -> str:
+        """``"mae"`` or ``"simmim"``: the model's kind."""
+        from salient.trainer.models import MODELS
+
+        return MODELS[self.model].kind
+
+    @property
+    def unit(self) -> int:
+        """Patches per side of a mask unit (1 without ``mask_unit``)."""
+        return 1 if self.mask_unit is None else self.mask_unit // self.patch_size
 
     @property
     def needs_saliency(self) -> bool:
@@ -87,11 +148,12 @@ class TrainConfig:
 
     @property
     def global_batch(self) -> int:
-        return self.batch_size * self.workers
+        """Images per optimiser step over all workers (MAE's effective batch size)."""
+        return self.batch_size * self.workers * self.accum_iter
 
     @property
     def base_lr(self) -> float:
-        return self.lr if self.lr is not None else _BASE_LR * self.global_batch / 256
+        return self.lr if self.lr is not None else self.blr * self.global_batch / 256
 
     @property
     def lr_warmup(self) -> int:
@@ -119,6 +181,51 @@ def _check_types(c: TrainConfig) -> None:
             raise TrainError(f"{_flag(f.name)} must be an integer (got {value!r})")
 
 
+def _resolve(c: TrainConfig) -> None:
+    """Fill unset ratios with the strategy's paper values; tuples for pairs given as lists
+    (a JSON config gives lists). The config is frozen: ``object.__setattr__``."""
+    from salient.pipeline.masking import STRATEGIES, default_ratios
+
+    if c.strategy not in STRATEGIES:
+        raise TrainError(
+            f"unknown --strategy {c.strategy!r}; choose one of {', '.join(sorted(STRATEGIES))}"
+        )
+    mask, throw = default_ratios(c.strategy, c.framework)
+    if c.mask_ratio is None:
+        object.__setattr__(c, "mask_ratio", mask)
+    if c.throw_ratio is None:
+        object.__setattr__(c, "throw_ratio", throw)
+    for name in ("crop_scale", "betas"):
+        value = getattr(c, name)
+        if not (isinstance(value, tuple | list) and len(value) == 2):
+            raise TrainError(f"{_flag(name)} takes two numbers (got {value!r})")
+        object.__setattr__(c, name, tuple(value))
+    object.__setattr__(c, "accum_iter", _accumulation(c))
+
+
+def _accumulation(c: TrainConfig) -> int:
+    """``accum_iter``, given or from ``effective_batch`` (MAE: effective batch = batch ×
+    workers × accum_iter)."""
+    per_pass = c.batch_size * c.workers
+    if c.accum_iter is not None and c.accum_iter < 1:
+        raise TrainError(f"--accum-iter must be >= 1 (got {c.accum_iter})")
+    if c.effective_batch is None:
+        return 1 if c.accum_iter is None else c.accum_iter
+    if c.effective_batch < 1 or c.effective_batch % per_pass:
+        raise TrainError(
+            f"--effective-batch {c.effective_batch} is not a multiple of --batch-size × "
+            f"--workers ({c.batch_size} × {c.workers} = {per_pass}); choose a batch size and "
+            "worker count whose product divides it"
+        )
+    accum = c.effective_batch // per_pass
+    if c.accum_iter is not None and c.accum_iter != accum:
+        raise TrainError(
+            f"--accum-iter {c.accum_iter} gives {per_pass * c.accum_iter} images per step but "
+            f"--effective-batch is {c.effective_batch}; drop one of them"
+        )
+    return accum
+
+
 def _check_counts(c: TrainConfig) -> None:
     for name in (
         "epochs",
@@ -141,6 +248,10 @@ def _check_counts(c: TrainConfig) -> None:
 
 
 def _check_ratios(c: TrainConfig) -> None:
+    for name in ("mask_ratio", "throw_ratio", "warmup_mask_ratio"):
+        value = getattr(c, name)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise TrainError(f"{_flag(name)} must be a number (got {value!r})")
     for name in ("mask_ratio", "warmup_mask_ratio"):
         if not 0 < getattr(c, name) < 1:
             raise TrainError(f"{_flag(name)} must be in (0, 1) (got {getattr(c, name)})")
@@ -153,7 +264,7 @@ def _check_ratios(c: TrainConfig) -> None:
         )
     if c.lr is not None and not c.lr > 0:
         raise TrainError(f"--lr must be > 0 (got {c.lr}); leave it unset for MAE's rule")
-    if c.min_lr < 0 or c.weight_decay < 0 or c.clip_grad < 0:
+    if c.min_lr < 0 or c.weight_decay < 0 or (c.clip_grad or 0) < 0:
         raise TrainError(
             "--min-lr, --weight-decay and --clip-grad must be >= 0 (got "
             f"{c.min_lr}, {c.weight_decay}, {c.clip_grad}); --clip-grad 0 turns it off"
@@ -176,12 +287,7 @@ def _check_model(c: TrainConfig) -> None:
 
 def _check_strategy(c: TrainConfig) -> None:
     from salient.jobs.refresh import KINDS
-    from salient.pipeline.masking import STRATEGIES
 
-    if c.strategy not in STRATEGIES:
-        raise TrainError(
-            f"unknown --strategy {c.strategy!r}; choose one of {', '.join(sorted(STRATEGIES))}"
-        )
     if c.needs_saliency and not c.store:
         raise TrainError(
             f"--strategy {c.strategy} needs saliency maps: give --store URL (a "
@@ -189,6 +295,69 @@ def _check_strategy(c: TrainConfig) -> None:
         )
     if c.saliency_kind not in KINDS or c.saliency_kind == "heads":
         raise TrainError(f"--saliency-kind must be cls_attn or gpa (got {c.saliency_kind!r})")
+    if c.saliency_reduce is not None and c.saliency_reduce not in _reduces():
+        raise TrainError(
+            f"--saliency-reduce must be one of {', '.join(_reduces())} (got {c.saliency_reduce!r})"
+        )
+    _check_options(c)
+
+
+def _check_options(c: TrainConfig) -> None:
+    """One plan of the strategy with its options on the run's (unit) grid."""
+    from salient.pipeline.masking import MaskError, check_options
+
+    if not isinstance(c.strategy_options, dict):
+        raise TrainError(
+            "strategy_options must be a dict of the strategy's options (from the command "
+            f"line: --strategy-option KEY=VALUE); got {type(c.strategy_options).__name__}"
+        )
+    units = (c.image_size // c.patch_size // c.unit) ** 2
+    try:
+        check_options(c.strategy, c.strategy_options, units, c.mask_ratio, c.throw_ratio)
+    except MaskError as exc:
+        raise TrainError(f"--strategy-option: {exc}") from None
+
+
+def _check_training(c: TrainConfig) -> None:
+    from salient.pipeline.crops import INTERPOLATIONS
+
+    lo, hi = c.crop_scale
+    if not 0 < lo <= hi <= 1:
+        raise TrainError(f"--crop-scale must satisfy 0 < min <= max <= 1 (got {c.crop_scale})")
+    if not all(0 <= b < 1 for b in c.betas) or not c.blr > 0:
+        raise TrainError(f"--betas must lie in [0, 1) and --blr be > 0 (got {c.betas}, {c.blr})")
+    if c.interpolation not in INTERPOLATIONS:
+        raise TrainError(
+            f"--interpolation must be one of {', '.join(INTERPOLATIONS)} (got {c.interpolation!r})"
+        )
+    grid = c.image_size // c.patch_size
+    if c.mask_unit is not None and (
+        c.mask_unit < c.patch_size or c.mask_unit % c.patch_size or grid % c.unit
+    ):
+        raise TrainError(
+            f"--mask-unit must be a multiple of --patch-size {c.patch_size} that divides "
+            f"--image-size {c.image_size} (got {c.mask_unit}); SimMIM: 32 with 16 px patches"
+        )
+    _check_gpa_target(c)
+
+
+def _check_gpa_target(c: TrainConfig) -> None:
+    if not c.gpa_loss_weight:
+        return
+    if not c.gpa_loss_weight > 0:
+        raise TrainError(f"--gpa-loss-weight must be >= 0 (got {c.gpa_loss_weight})")
+    if c.framework != "mae":
+        raise TrainError("--gpa-loss-weight needs an MAE decoder (GPA Sec. 3.3); use mae-*")
+    if not c.needs_saliency:
+        raise TrainError(
+            "--gpa-loss-weight reads GPA maps from the store; use a saliency strategy "
+            "(GPA's own: --strategy gpa)"
+        )
+    if c.refreshes and c.saliency_kind != "gpa":
+        raise TrainError(
+            "--gpa-loss-weight regresses GPA values: the refreshes must write them; "
+            "add --saliency-kind gpa"
+        )
 
 
 def _check_resources(c: TrainConfig) -> None:

@@ -29,9 +29,9 @@ Strategies (DESIGN.md, "Mask strategies"):
   count follows the batch's ratio.
 - AttMask's schedule, options of the three ``attmask_*`` strategies (AttMask's code,
   ``main_attmask.py``): ``ratio_var`` draws the batch's ratio from ``U(r − var, r + var)``
-  once per batch (its ``--pred_ratio 0.3 --pred_ratio_var 0.2``: U(0.1, 0.5), "the same
+  once per batch (its ``pred_ratio 0.3``, ``pred_ratio_var 0.2``: U(0.1, 0.5), "the same
   masking ratio for each sample in the batch"), and ``mask_prob`` keeps the strategy's plan
-  for each image with that probability (its ``--masking_prob 0.5``); the other images are
+  for each image with that probability (its ``masking_prob 0.5``); the other images are
   masked at random with the same counts, because an MAE image needs masked patches for its
   loss and the index tensors are ``[B, M]`` (README, "Decisions").
 - ``gpa`` (GPA eq. 6): at progress ``p`` the hard share ``α_h`` and the soft share ``α_s``
@@ -337,7 +337,7 @@ STRATEGIES: dict[str, Callable[..., MaskPlan]] = {
     "gpa": gpa_masking,
 }
 NEEDS_SALIENCY = frozenset(STRATEGIES) - {"random", "block"}
-SCHEDULE_OPTIONS = ("mask_prob", "ratio_var")  # AttMask's --masking_prob, --pred_ratio_var
+SCHEDULE_OPTIONS = ("mask_prob", "ratio_var")  # AttMask's masking_prob, pred_ratio_var
 _SCHEDULED = frozenset({"attmask_high", "attmask_low", "attmask_hint"})
 _OPTIONS = {  # name -> the keyword options it takes
     name: tuple(
@@ -354,7 +354,7 @@ DEFAULT_RATIOS: dict[str, tuple[float, float]] = {
     "random": (0.75, 0.0),  # MAE Sec. 4 / Fig. 5: 75 % masked
     "block": (0.4, 0.0),  # BEiT: blockwise masking of at most 40 % (its code: 75 of 196 patches)
     "amt": (0.45, 0.40),  # AMT Sec. 4.1 "Implementation Details": r = 0.45, t = 0.4 with MAE
-    # AttMask's code: --pred_ratio 0.3 (with --pred_ratio_var 0.2: "10-50" of its Table 1)
+    # AttMask's code: pred_ratio 0.3 (with pred_ratio_var 0.2: "10-50" of its Table 1)
     "attmask_high": (0.3, 0.0),
     "attmask_low": (0.3, 0.0),
     "attmask_hint": (0.3, 0.0),
