@@ -361,10 +361,8 @@ DEFAULT_RATIOS: dict[str, tuple[float, float]] = {
     "gpa": (0.75, 0.0),  # GPA Sec. 4.1: overall masking ratio alpha = 0.75, nothing thrown
 }
 _SIMMIM_RATIOS: dict[str, tuple[float, float]] = {
-    "random": (
-        0.6,
-        0.0,
-    ),  # SimMIM's ViT-B config MASK_RATIO 0.6 (AMT Table 1: "SimMIM+Random M 60")
+    # SimMIM's ViT-B config MASK_RATIO 0.6 (AMT Table 1: "SimMIM+Random M 60")
+    "random": (0.6, 0.0),
     "amt": (0.44, 0.26),  # AMT Sec. 4.1: r = 0.44, t = 0.26 with SimMIM (its Table 2)
 }
 
