@@ -58,7 +58,8 @@ COMMANDS: dict[str, Command] = {
         "Train MAE or SimMIM with DDP on Ray Train. Random masking at --warmup-mask-ratio for "
         "the warmup epochs and until a generation exists; then the strategy. Every "
         "--refresh-every epochs a refresh from the latest checkpoint writes a new generation, "
-        "used from the next epoch boundary."),
+        "used from the next epoch boundary. --recipe NAME starts from a paper's settings.",
+        presets="recipes:RECIPES"),
     "inspect": Command(
         "inspect", "InspectConfig", "run_inspect",
         "stats, overlays, mask plans and an HTML report of the maps",

@@ -85,28 +85,30 @@ def _check_store(config: TrainConfig, dataset) -> None:
             f"from this model writes {grid}x{grid} (--image-size {config.image_size} "
             f"/ --patch-size {config.patch_size}); use another --store"
         )
-    if not config.refreshes and store.current() is None:
+    current = store.current()
+    if not config.refreshes and current is None:
         raise TrainError(
             f"store {config.store} has no published generation and --refresh-every "
             "is 0; run `salient refresh` first or set --refresh-every"
         )
+    if config.gpa_loss_weight and current is not None:
+        kind = store.bind(current).attrs.get("kind")
+        if kind != "gpa":
+            raise TrainError(
+                f"--gpa-loss-weight needs maps of kind gpa but the current generation "
+                f"{current} of {config.store} holds {kind} maps; refresh it with "
+                "--kind gpa or use another --store"
+            )
 
 
-def _check_masking(config: TrainConfig, loader) -> None:
-    """One plan of the strategy with ``strategy_options``: unknown options fail here."""
-    import torch
-
-    from salient.pipeline.masking import plan_masks
-
-    grid = config.image_size // config.patch_size
-    plan_masks(
-        config.strategy,
-        torch.ones(1, grid * grid),
-        config.mask_ratio,
-        config.throw_ratio,
-        generator=torch.Generator().manual_seed(0),
-        **loader.config.strategy_options,
-    )
+def _check_steps(config: TrainConfig, loader) -> None:
+    """Gradient accumulation needs at least one full optimiser step per epoch."""
+    if len(loader) < config.accum_steps:
+        raise TrainError(
+            f"--accum-iter {config.accum_steps} needs at least {config.accum_steps} batches per "
+            f"worker and epoch, but each worker gets {len(loader)}; lower --accum-iter or "
+            "--batch-size"
+        )
 
 
 def _check_inputs(config: TrainConfig) -> str | None:
@@ -115,7 +117,7 @@ def _check_inputs(config: TrainConfig) -> str | None:
     from salient.pipeline.loader import SalientLoader
 
     loader = SalientLoader(loader_configs(config, 0, config.workers)[1])  # DatasetError,
-    _check_masking(config, loader)  # LoaderError (too few samples for the batch), MaskError
+    _check_steps(config, loader)  # LoaderError (too few samples for the batch)
     resume_from = _check_run_dir(config)  # first: a --resume mismatch is the root cause
     _check_store(config, loader.dataset)
     return resume_from
@@ -150,7 +152,8 @@ def _worker_resources(config: TrainConfig, cpus: float, gpus: float) -> dict[str
 
 @dataclass(frozen=True)
 class RefreshLauncher:
-    """Rank 0 calls it with a checkpoint path: ``run_refresh`` from that teacher in a Ray task.
+    """Rank 0 calls it with a checkpoint path: ``run_refresh`` from that teacher in a Ray task,
+    with the run's map kind, head reduction, block and head (``saliency_*``).
 
     The task holds no CPU (it waits on its actors); each refresh actor reserves
     ``cpus`` / ``gpus``, which the train workers left free. Returns the task's ObjectRef,
@@ -165,6 +168,9 @@ class RefreshLauncher:
     workers: int
     cpus: float
     gpus: float
+    reduce: str | None = None
+    block: int = -1
+    head: int | None = None
 
     def __call__(self, teacher: str):
         import ray
@@ -176,6 +182,9 @@ class RefreshLauncher:
             store=self.store,
             teacher=teacher,
             kind=self.kind,
+            reduce=self.reduce,
+            block=self.block,
+            head=self.head,
             image_size=self.image_size,
             batch_size=self.batch_size,
             workers=self.workers,
@@ -198,6 +207,9 @@ def _launcher(config: TrainConfig) -> RefreshLauncher | None:
         data=config.data,
         store=config.store,
         kind=config.saliency_kind,
+        reduce=config.saliency_reduce,
+        block=config.saliency_block,
+        head=config.saliency_head,
         image_size=config.image_size,
         batch_size=config.refresh_batch_size,
         workers=config.refresh_workers,

@@ -152,7 +152,7 @@ class _State:
 
 def loader_configs(config: TrainConfig, rank: int, world: int, device: str = "cpu"):
     """The ``LoaderConfig`` of the warmup epochs (random masking at the warmup ratio, no
-    store) and the main one (the strategy), for ``rank`` of ``world``."""
+    store, the same mask units) and the main one (the strategy), for ``rank`` of ``world``."""
     from salient.pipeline.loader import LoaderConfig
 
     main = LoaderConfig(
@@ -165,6 +165,10 @@ def loader_configs(config: TrainConfig, rank: int, world: int, device: str = "cp
         mask_ratio=config.mask_ratio,
         throw_ratio=config.throw_ratio,
         strategy_options=dict(config.strategy_options),
+        crop_scale=tuple(config.crop_scale),
+        interpolation=config.interpolation,
+        mask_unit=config.mask_unit,
+        gpa_target=config.gpa_loss_weight > 0,
         seed=config.seed,
         num_workers=config.loader_workers,
         rank=rank,
@@ -179,17 +183,24 @@ def loader_configs(config: TrainConfig, rank: int, world: int, device: str = "cp
         mask_ratio=config.warmup_mask_ratio,
         throw_ratio=0.0,
         strategy_options={},
+        gpa_target=False,
     )
     return warmup, main
 
 
-def _build(config: TrainConfig, device: torch.device, steps_per_epoch: int):
-    """The DDP model (identically initialised on every rank), AdamW, the lr schedule."""
+def _build(config: TrainConfig, device: torch.device, batches_per_epoch: int):
+    """The DDP model (identically initialised on every rank), AdamW, the lr schedule (one
+    step per ``accum_iter`` batches)."""
     torch.manual_seed(config.seed)
     model = build_model(
-        config.model, config.image_size, config.patch_size, norm_pix_loss=config.norm_pix_loss
+        config.model,
+        config.image_size,
+        config.patch_size,
+        norm_pix_loss=config.norm_pix_loss,
+        gpa_loss_weight=config.gpa_loss_weight,
     ).to(device)
-    optimizer = build_optimizer(model, config.base_lr, config.weight_decay)
+    optimizer = build_optimizer(model, config.base_lr, config.weight_decay, config.betas)
+    steps_per_epoch = batches_per_epoch // config.accum_steps
     ddp = torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None
     )
@@ -291,7 +302,7 @@ class _Worker:
         current = _agree(self._current() if self.rank == 0 else None, self.rank)
         warmup = uses_warmup_masking(self.config, epoch, current)
         loader = self.warmup_loader if warmup else self.loader
-        bar = _progress_bar(self.progress, len(loader), epoch)
+        bar = _progress_bar(self.progress, len(loader) // self.config.accum_steps, epoch)
         totals = train_one_epoch(
             self.model,
             self.optimizer,
@@ -302,6 +313,7 @@ class _Worker:
             device=self.device,
             bf16=self.config.gpu,
             clip_grad=self.config.clip_grad or None,
+            accum_iter=self.config.accum_steps,
             on_step=self._step_logger(epoch, bar),
         )
         if bar is not None:

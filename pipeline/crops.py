@@ -9,6 +9,11 @@ spread evenly over the patch (area-averaged), and the result is flipped with the
 This is the step AMT's official code gets wrong (it slices the map with pixel indices
 divided by the image size, so it always reads the top-left cells; DESIGN.md, "Loader").
 
+Images are resampled bicubic by default, as MAE's ``RandomResizedCrop(..., interpolation=3)``
+(SimMIM keeps torchvision's bilinear default): ``INTERPOLATIONS``. Sampling weights are
+normalised where each strategy's paper does it (``masking.NORMALIZED_OVER``):
+:func:`whole_image_weights` before the crop (AMT), :func:`normalize_weights` after it.
+
 Everything here runs on CPU and CUDA tensors with the same code.
 """
 
@@ -23,19 +28,26 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from torch import Tensor
 from torchvision.ops import roi_align
+from torchvision.transforms import InterpolationMode
 
 from salient.errors import SalientError
 
 __all__ = [
+    "INTERPOLATIONS",
     "CropBox",
     "CropError",
     "crop_image",
     "crop_maps",
     "normalize_weights",
     "sample_crop_box",
+    "whole_image_weights",
 ]
 
 _ATTEMPTS = 10  # torchvision's RandomResizedCrop tries 10 boxes before its central fallback
+INTERPOLATIONS = {  # name -> torchvision mode; MAE: interpolation=3 (PIL bicubic)
+    "bicubic": InterpolationMode.BICUBIC,
+    "bilinear": InterpolationMode.BILINEAR,
+}
 
 
 class CropError(SalientError):
@@ -92,17 +104,32 @@ def _central_fallback(height: int, width: int, ratio: tuple[float, float]) -> tu
     return height, width
 
 
-def crop_image(image: Tensor, box: CropBox, size: int) -> Tensor:
+def crop_image(image: Tensor, box: CropBox, size: int, interpolation: str = "bicubic") -> Tensor:
     """``image [C, H, W]`` cropped to ``box``, resized to ``[C, size, size]``, flipped per box.
 
-    Bilinear with antialiasing (torchvision's ``resized_crop``); uint8 stays uint8.
-    Raises CropError when the box leaves the image or ``size`` is not a positive int.
+    ``interpolation``: ``"bicubic"`` (MAE's crops; within one grey level of PIL's bicubic)
+    or ``"bilinear"``, with antialiasing (torchvision's ``resized_crop``); uint8 stays uint8.
+    Raises CropError when the box leaves the image, ``size`` is not a positive int or the
+    interpolation is unknown.
     """
     if not isinstance(image, Tensor) or image.ndim != 3:
         raise CropError(f"image must be a [C, H, W] tensor (got {_shape(image)})")
     _check_size(size, "size")
     _check_inside(box, tuple(image.shape[-2:]))
-    out = TF.resized_crop(image, box.top, box.left, box.height, box.width, [size, size])
+    if interpolation not in INTERPOLATIONS:
+        raise CropError(
+            f"interpolation must be one of {', '.join(INTERPOLATIONS)} (got {interpolation!r})"
+        )
+    out = TF.resized_crop(
+        image,
+        box.top,
+        box.left,
+        box.height,
+        box.width,
+        [size, size],
+        interpolation=INTERPOLATIONS[interpolation],
+        antialias=True,
+    )
     return TF.hflip(out) if box.flip else out
 
 
@@ -152,6 +179,23 @@ def normalize_weights(w: Tensor, eps: float = 1e-6) -> Tensor:
     w = w.flatten(1).float()  # [B, N]
     low, high = w.amin(1, keepdim=True), w.amax(1, keepdim=True)
     return (w - low) / (high - low).clamp_min(torch.finfo(torch.float32).tiny) + eps
+
+
+def whole_image_weights(maps: Tensor, minmax: bool = True) -> Tensor:
+    """Whole-image sampling maps, before any crop: ``[B, G, G] -> [B, G, G]`` float32.
+
+    ``minmax``: each map min-max normalised to [0, 1] over the whole image (AMT Sec. 3.2 and
+    Alg. 1: ``P_A = Normalize(a_w)``, then cropped). ``minmax=False`` keeps maps that are
+    already AMT's [0, 1] weights (a ``minmax_mean`` generation: each head min-max normalised,
+    then averaged, as AMT's code). A constant map becomes zeros; NaN maps stay NaN. Cropping
+    is linear, so min-max after this is the same as min-max of the raw crop.
+    """
+    if not isinstance(maps, Tensor) or maps.ndim != 3:
+        raise CropError(f"maps must be a [B, G, G] tensor (got {_shape(maps)})")
+    maps = maps.float()
+    if not minmax:
+        return maps
+    return normalize_weights(maps, eps=0.0).view(maps.shape)
 
 
 # ---------------------------------------------------------------- checks

@@ -9,7 +9,9 @@ Per sample (DESIGN.md, "Loader"), across the modules in the order a sample meets
   RandomResizedCrop box + flip for image and map alike (``crops.py``) → collate into chunks.
 - this module (main process): ``SalientLoader`` binds the store's current generation once per
   epoch (one published later is used from the next epoch on), unpacks chunks, normalises
-  images (ImageNet mean/std) and each image's map weights (AMT min-max), plans the masks.
+  images (ImageNet mean/std), turns each image's cropped map into sampling weights in the
+  order its strategy's paper uses (``masking.NORMALIZED_OVER``: the whole image's map for
+  AMT, re-normalised over the crop for AttMask and GPA), plans the masks.
 - ``loader_config.py``: ``LoaderConfig`` checks itself; ``LoaderError``.
 
 A sample without a valid map (no store, no generation yet, ``valid = 0``, a NaN row) is masked
@@ -39,7 +41,7 @@ from salient.pipeline.crops import CropBox, crop_image, normalize_weights
 from salient.pipeline.epochs import EpochStats, Segment, batches_per_rank, epoch_segments, mix_seed
 from salient.pipeline.loader_config import LoaderConfig, LoaderError
 from salient.pipeline.manifest import open_dataset
-from salient.pipeline.masking import NEEDS_SALIENCY, MaskPlan, plan_masks
+from salient.pipeline.masking import NEEDS_SALIENCY, NORMALIZED_OVER, MaskPlan, plan_masks
 from salient.pipeline.stages import SampleStream, StreamSpec, decode_pil, init_worker
 
 __all__ = [
@@ -52,7 +54,9 @@ __all__ = [
     "Segment",
     "batches_per_rank",
     "epoch_segments",
+    "gpa_targets",
     "plan_batch",
+    "sampling_weights",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # MAE / timm defaults: what the teacher is fed too
@@ -65,7 +69,7 @@ class _Item(NamedTuple):
 
     id: int
     has_map: bool
-    weights: torch.Tensor  # [g²] float32, raw
+    weights: torch.Tensor  # [g²] float32: the whole-image-normalised map under the crop
     box: CropBox
     image: torch.Tensor | None  # [3,S,S] uint8 (worker decode)
     data: torch.Tensor | None  # [bytes] uint8 (device decode)
@@ -144,6 +148,16 @@ def normalize_images(images: torch.Tensor) -> torch.Tensor:
     return images.float().mul_(1 / (255.0 * std)).sub_(mean / std)  # (x/255 - mean) / std
 
 
+def sampling_weights(strategy: str, weights: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Sampling weights ``[B, N]`` from the cropped weights (each map already normalised over
+    its whole image by the workers): ``"image"`` strategies (AMT) take them as they are plus
+    ``eps``, ``"crop"`` strategies (AttMask, GPA) min-max normalise the crop again plus
+    ``eps`` (``masking.NORMALIZED_OVER``; README, "Decisions")."""
+    if NORMALIZED_OVER.get(strategy) == "crop":
+        return normalize_weights(weights, eps)
+    return weights.float() + eps
+
+
 def plan_batch(
     strategy: str,
     weights: torch.Tensor,
@@ -153,48 +167,49 @@ def plan_batch(
     generator: torch.Generator,
     progress: float,
     options: dict,
+    unit: int = 1,
 ) -> MaskPlan:
-    """The batch's mask plan: ``strategy`` on rows with a map, ``random`` on the others.
+    """The batch's mask plan: ``strategy`` on rows with a map, ``random`` on the others (with
+    the batch's counts; ``unit``: patches per side of a mask unit).
 
-    ``weights [B, N]`` raw; normalised here per image (AMT: min-max to [0, 1] + eps).
+    ``weights [B, N]``: each map normalised over its whole image, then cropped; turned into
+    sampling weights here by :func:`sampling_weights`.
     """
-    if strategy not in NEEDS_SALIENCY or not bool(has_map.any()):
-        name = strategy if strategy not in NEEDS_SALIENCY else "random"
-        ones = torch.ones_like(weights)
+    if strategy in NEEDS_SALIENCY and not bool(has_map.any()):
         return plan_masks(
-            name,
-            ones,
+            "random",
+            torch.ones_like(weights),
             mask_ratio,
             throw_ratio,
             generator=generator,
             progress=progress,
-            **(options if name == strategy else {}),
+            unit=unit,
         )
-    rows = has_map.nonzero().squeeze(1)
-    plan = plan_masks(
+    if strategy not in NEEDS_SALIENCY:
+        weights = torch.ones_like(weights)
+    else:
+        weights = sampling_weights(strategy, weights)
+    return plan_masks(
         strategy,
-        normalize_weights(weights[rows]),
+        weights,
         mask_ratio,
         throw_ratio,
         generator=generator,
         progress=progress,
+        unit=unit,
+        random_rows=None if bool(has_map.all()) else ~has_map,
         **options,
     )
-    if len(rows) == len(weights):
-        return plan
-    others = (~has_map).nonzero().squeeze(1)
-    fallback = plan_masks(
-        "random", torch.ones_like(weights[others]), mask_ratio, throw_ratio, generator=generator
-    )
-    return MaskPlan(*(_scatter_rows(a, b, rows, others) for a, b in zip(plan, fallback)))
 
 
-def _scatter_rows(
-    a: torch.Tensor, b: torch.Tensor, rows: torch.Tensor, others: torch.Tensor
-) -> torch.Tensor:
-    out = torch.empty((len(rows) + len(others), a.shape[1]), dtype=a.dtype, device=a.device)
-    out[rows], out[others] = a, b
-    return out
+def gpa_targets(weights: torch.Tensor, has_map: torch.Tensor) -> torch.Tensor:
+    """GPA's reconstruction target ``[B, N]``: each cropped map standardised over the crop's
+    patches (GPA's code, ``forward_atten_loss``: ``(t − mean) / sqrt(var + 1e-6)``, invariant
+    to the whole-image normalisation before it); zeros for rows without a map."""
+    target = weights.float()
+    mean, var = target.mean(-1, keepdim=True), target.var(-1, keepdim=True)
+    target = (target - mean) / (var + 1e-6) ** 0.5
+    return torch.where(has_map[:, None], target, torch.zeros_like(target))
 
 
 class SalientLoader:
@@ -237,8 +252,10 @@ class SalientLoader:
 
     def bind_generation(self) -> str | None:
         """The store's current generation, or None (one warning per loader) when there is no
-        store or no published generation yet. Strategies without maps read no store."""
-        if self.config.strategy not in NEEDS_SALIENCY:
+        store or no published generation yet. Strategies without maps read no store (unless
+        the batches carry GPA's target). A ``gpa_target`` loader refuses a generation whose
+        maps are not of kind ``gpa``."""
+        if self.config.strategy not in NEEDS_SALIENCY and not self.config.gpa_target:
             return None
         store = self._open_store()
         generation = store.current() if store is not None else None
@@ -256,7 +273,18 @@ class SalientLoader:
                 "masking until a generation is published (checked every epoch)",
                 stacklevel=3,
             )
+        if generation is not None and self.config.gpa_target:
+            self._check_target_kind(store, generation)
         return generation
+
+    def _check_target_kind(self, store, generation: str) -> None:
+        kind = store.bind(generation).attrs.get("kind")
+        if kind != "gpa":
+            raise LoaderError(
+                f"GPA's reconstruction target needs maps of kind gpa, but generation "
+                f"{generation} of {self.config.store} holds {kind} maps; refresh with "
+                "--kind gpa (in training: --saliency-kind gpa), or turn the target off"
+            )
 
     def _open_store(self):
         url = self.config.store
@@ -311,6 +339,7 @@ class SalientLoader:
             crop_scale=tuple(c.crop_scale),
             crop_ratio=tuple(c.crop_ratio),
             flip_p=c.flip_p,
+            interpolation=c.interpolation,
             decode_on=c.decode_on,
             shuffle_buffer=c.shuffle_buffer,
             chunk_size=c.chunk_size,
@@ -354,7 +383,8 @@ class SalientLoader:
                 stats.corrupt_ids.add(item.id)
                 stats.corrupt = len(stats.corrupt_ids)
                 continue
-            out.append((item, crop_image(image, item.box, self.config.image_size)))
+            crop = crop_image(image, item.box, self.config.image_size, self.config.interpolation)
+            out.append((item, crop))
         return out
 
     def _batch(
@@ -371,7 +401,7 @@ class SalientLoader:
         images = normalize_images(images.to(self.device, non_blocking=True))
         # now: images float [B,3,S,S] normalised, on the device
         has_map = torch.tensor([item.has_map for item in items], dtype=torch.bool)
-        weights = torch.stack([item.weights for item in items]).to(self.device)  # [B,N] raw
+        weights = torch.stack([item.weights for item in items]).to(self.device)  # [B,N]
         generator = torch.Generator(self.device).manual_seed(mix_seed(c.seed, epoch, c.rank, index))
         plan = plan_batch(
             c.strategy,
@@ -382,13 +412,18 @@ class SalientLoader:
             generator,
             progress,
             c.strategy_options,
+            c.unit,
         )
         # now: visible / mask / throw indices [B,V] / [B,M] / [B,T]
         stats.batches += 1
         stats.samples += len(items)
         if c.strategy in NEEDS_SALIENCY:
             stats.fallback += int((~has_map).sum())
+        extra = {}
+        if c.gpa_target:
+            extra["gpa_target"] = gpa_targets(weights, has_map.to(self.device))  # [B, N]
         return {
+            **extra,
             "images": images,
             "visible_idx": plan.visible_idx,
             "mask_idx": plan.mask_idx,

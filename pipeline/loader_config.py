@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, field
 
 from salient.errors import SalientError
+from salient.pipeline.crops import INTERPOLATIONS
 from salient.pipeline.masking import STRATEGIES, mask_counts
 
 __all__ = ["LoaderConfig", "LoaderError"]
@@ -26,9 +27,15 @@ class LoaderConfig:
 
     ``strategy_options`` go to ``plan_masks`` as keywords (e.g. ``{"throw": "low"}`` for
     ``amt``). ``epochs`` sets the training progress ``epoch / epochs`` that ``gpa`` schedules
-    on. ``decode`` is ``"auto"`` (``"device"`` on CUDA, ``"worker"`` on CPU), ``"worker"`` or
-    ``"device"``. ``shuffle_buffer`` is in samples per worker (0 or 1: no shuffle);
-    ``chunk_size`` is how many samples a worker sends at a time.
+    on. ``mask_unit`` (pixels, a multiple of ``patch_size``; None = one patch) is the side of
+    a mask unit: ratios count units, and each masked / thrown unit covers its patches
+    (SimMIM: 32 px on a 16 px ViT). ``interpolation`` resamples image crops (``"bicubic"``,
+    MAE's; ``"bilinear"``, SimMIM's). ``gpa_target`` adds ``gpa_target [B, N]`` to every
+    batch: the bound generation's map (it must be of kind ``gpa``) under the crop,
+    standardised per image (GPA Sec. 3.3, the target of its second loss). ``decode`` is
+    ``"auto"`` (``"device"`` on CUDA, ``"worker"`` on CPU), ``"worker"`` or ``"device"``.
+    ``shuffle_buffer`` is in samples per worker (0 or 1: no shuffle); ``chunk_size`` is how
+    many samples a worker sends at a time.
     """
 
     data: str
@@ -52,6 +59,9 @@ class LoaderConfig:
     shuffle_buffer: int = 1000
     chunk_size: int = 32
     epochs: int | None = None
+    mask_unit: int | None = None
+    interpolation: str = "bicubic"
+    gpa_target: bool = False
 
     def __post_init__(self):
         _check_sizes(self)
@@ -62,6 +72,11 @@ class LoaderConfig:
     @property
     def grid(self) -> int:
         return self.image_size // self.patch_size
+
+    @property
+    def unit(self) -> int:
+        """Patches per side of a mask unit (1 without ``mask_unit``)."""
+        return 1 if self.mask_unit is None else self.mask_unit // self.patch_size
 
     @property
     def decode_on(self) -> str:
@@ -114,7 +129,17 @@ def _check_masking(c: LoaderConfig) -> None:
             f"strategy_options must be a dict of plan_masks keywords "
             f"(got {type(c.strategy_options).__name__})"
         )
-    mask_counts(c.grid**2, c.mask_ratio, c.throw_ratio)  # masking's own checks, same message
+    if c.mask_unit is not None and (
+        not _is_int(c.mask_unit)
+        or c.mask_unit < c.patch_size
+        or c.mask_unit % c.patch_size
+        or c.image_size % c.mask_unit
+    ):
+        raise LoaderError(
+            f"mask_unit must be a multiple of patch_size {c.patch_size} that divides "
+            f"image_size {c.image_size} (got {c.mask_unit!r}); SimMIM uses 32 with 16 px patches"
+        )
+    mask_counts((c.grid // c.unit) ** 2, c.mask_ratio, c.throw_ratio)  # masking's own checks
 
 
 def _check_crop(c: LoaderConfig) -> None:
@@ -129,6 +154,10 @@ def _check_crop(c: LoaderConfig) -> None:
         )
     if not 0 <= c.flip_p <= 1:
         raise LoaderError(f"flip_p must lie in [0, 1] (got {c.flip_p})")
+    if c.interpolation not in INTERPOLATIONS:
+        raise LoaderError(
+            f"interpolation must be one of {', '.join(INTERPOLATIONS)} (got {c.interpolation!r})"
+        )
 
 
 def _check_topology(c: LoaderConfig) -> None:

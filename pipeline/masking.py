@@ -24,12 +24,26 @@ Strategies (DESIGN.md, "Mask strategies"):
 - ``attmask_hint`` (AttMask-Hint): the top ``M + H`` patches, ``H = int(N·hint)``, with
   H of them revealed, chosen uniformly among the ``int(N·hint_pool)`` most attended
   (AttMask's ``show_max``; clipped to the masked top ``M + H``), so exactly M stay
-  masked. The revealed hints are always visible, never thrown.
+  masked. The revealed hints are always visible, never thrown. ``hint`` defaults to
+  ``hint_pool × r`` (AttMask's code: ``show_ratio = show_max · pred_ratio``), so the hint
+  count follows the batch's ratio.
+- AttMask's schedule, options of the three ``attmask_*`` strategies (AttMask's code,
+  ``main_attmask.py``): ``ratio_var`` draws the batch's ratio from ``U(r − var, r + var)``
+  once per batch (its ``pred_ratio 0.3``, ``pred_ratio_var 0.2``: U(0.1, 0.5), "the same
+  masking ratio for each sample in the batch"), and ``mask_prob`` keeps the strategy's plan
+  for each image with that probability (its ``masking_prob 0.5``); the other images are
+  masked at random with the same counts, because an MAE image needs masked patches for its
+  loss and the index tensors are ``[B, M]`` (README, "Decisions").
 - ``gpa`` (GPA eq. 6): at progress ``p`` the hard share ``α_h`` and the soft share ``α_s``
   move linearly from their start to their end value (paper defaults: hard 0 → 0.5,
   soft 0.5 → 0). Masked = the top ``int(α_h·M)`` by weight ∪ ``int(α_s·M)`` drawn by
   weighted sampling ∪ a uniform random fill up to exactly M (a soft draw that hits a
   hard patch is topped up by the fill).
+
+Mask units (SimMIM's and AMT-SimMIM's 32 px masks on a 16 px ViT): with ``unit=k`` the
+``[B, N]`` patch weights (a square grid) are area-averaged over ``k×k`` blocks, the plan is
+made on that unit grid, and every unit index is expanded to its ``k²`` patch indices, so
+the ratios count units and each set holds whole units.
 
 Throwing with any strategy but ``amt``: the T thrown patches are drawn uniformly among
 the N − M unmasked ones (AMT Table 4's "random T"), so ``random`` with a throw ratio is
@@ -49,6 +63,11 @@ samples without a map with ``random``.
 The sorts, random keys and thresholds behind every strategy are in
 :mod:`salient.pipeline.sampling`. Figures: ``salient bench masking``, BENCHMARKS.md.
 
+:data:`DEFAULT_RATIOS` holds each strategy's paper ratios (:func:`default_ratios`), and
+:data:`NORMALIZED_OVER` where its map is min-max normalised: ``"image"`` (the whole-image
+map, then the crop: AMT) or ``"crop"`` (the crop's own map: the teacher of AttMask and GPA
+sees the crop). README, "Decisions".
+
 Each function in :data:`STRATEGIES` takes ``(weights, counts, *, generator, progress,
 **options)`` with weights already checked (float32, zero rows made uniform) and
 ``counts`` from :func:`mask_counts`; call it through :func:`plan_masks`.
@@ -66,6 +85,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from salient.errors import SalientError
@@ -78,20 +98,27 @@ from salient.pipeline.sampling import (
     random_keys,
     random_order,
     smallest,
+    uniform,
     unit_uniform,
     weight_keys,
     weighted_order,
 )
 
 __all__ = [
+    "DEFAULT_RATIOS",
     "NEEDS_SALIENCY",
+    "NORMALIZED_OVER",
+    "SCHEDULE_OPTIONS",
     "STRATEGIES",
     "THROW_MODES",
     "MaskCounts",
     "MaskError",
     "MaskPlan",
+    "check_options",
+    "default_ratios",
     "mask_counts",
     "plan_masks",
+    "strategy_names",
 ]
 
 THROW_MODES = ("middle", "low", "random")
@@ -244,11 +271,17 @@ def attmask_hint(
     *,
     generator,
     progress,
-    hint: float = 0.03,
+    hint: float | None = None,
     hint_pool: float = 0.10,
 ) -> MaskPlan:
-    """AttMask-Hint: mask the top M + H, then reveal H drawn among the most attended."""
+    """AttMask-Hint: mask the top M + H, then reveal H drawn among the most attended.
+
+    ``hint`` None: ``hint_pool × r`` (AttMask's ``show_max · pred_ratio``); ``plan_masks``
+    passes the batch's exact ratio, a direct call uses ``r = M / N``.
+    """
     batch, n = weights.shape
+    if hint is None:
+        hint = hint_pool * counts.mask / n
     hints, pool = _hint_counts(n, counts, hint, hint_pool)
     order = column_order(weight_keys(weights, descending=True))  # [B, N] most attended first
     if not hints:
@@ -304,14 +337,62 @@ STRATEGIES: dict[str, Callable[..., MaskPlan]] = {
     "gpa": gpa_masking,
 }
 NEEDS_SALIENCY = frozenset(STRATEGIES) - {"random", "block"}
-_OPTIONS = {  # name -> the keyword options its function takes
+SCHEDULE_OPTIONS = ("mask_prob", "ratio_var")  # AttMask's masking_prob, pred_ratio_var
+_SCHEDULED = frozenset({"attmask_high", "attmask_low", "attmask_hint"})
+_OPTIONS = {  # name -> the keyword options it takes
     name: tuple(
         p
         for p in inspect.signature(fn).parameters
         if p not in ("weights", "counts", "generator", "progress")
     )
+    + (SCHEDULE_OPTIONS if name in _SCHEDULED else ())
     for name, fn in STRATEGIES.items()
 }
+
+# Each strategy's paper ratios (mask_ratio, throw_ratio) with MAE; SimMIM's where they differ.
+DEFAULT_RATIOS: dict[str, tuple[float, float]] = {
+    "random": (0.75, 0.0),  # MAE Sec. 4 / Fig. 5: 75 % masked
+    "block": (0.4, 0.0),  # BEiT: blockwise masking of at most 40 % (its code: 75 of 196 patches)
+    "amt": (0.45, 0.40),  # AMT Sec. 4.1 "Implementation Details": r = 0.45, t = 0.4 with MAE
+    # AttMask's code: pred_ratio 0.3 (with pred_ratio_var 0.2: "10-50" of its Table 1)
+    "attmask_high": (0.3, 0.0),
+    "attmask_low": (0.3, 0.0),
+    "attmask_hint": (0.3, 0.0),
+    "gpa": (0.75, 0.0),  # GPA Sec. 4.1: overall masking ratio alpha = 0.75, nothing thrown
+}
+_SIMMIM_RATIOS: dict[str, tuple[float, float]] = {
+    # SimMIM's ViT-B config MASK_RATIO 0.6 (AMT Table 1: "SimMIM+Random M 60")
+    "random": (0.6, 0.0),
+    "amt": (0.44, 0.26),  # AMT Sec. 4.1: r = 0.44, t = 0.26 with SimMIM (its Table 2)
+}
+
+# Where each strategy's map is min-max normalised to [0, 1] (README, "Decisions"): "image" =
+# the whole image's map, then cropped (AMT Sec. 3.2: "we normalize it to [0, 1] ... When the
+# image is cropped ... the corresponding area in the attention map is also cropped"; Alg. 1
+# P_A = Normalize(a_w)); "crop" = the crop's own map, as the teachers of AttMask and GPA see
+# the augmented crop (GPA's code min-max normalises the crop's map). AttMask only ranks, so
+# either order gives the same plan.
+NORMALIZED_OVER: dict[str, str] = {
+    "amt": "image",
+    "attmask_high": "crop",
+    "attmask_low": "crop",
+    "attmask_hint": "crop",
+    "gpa": "crop",
+}
+
+
+def strategy_names() -> tuple[str, ...]:
+    """The registered strategy names (the choices of a ``--strategy`` flag)."""
+    return tuple(STRATEGIES)
+
+
+def default_ratios(strategy: str, framework: str = "mae") -> tuple[float, float]:
+    """``(mask_ratio, throw_ratio)`` of ``strategy``'s paper with ``framework`` (``"mae"`` or
+    ``"simmim"``): see :data:`DEFAULT_RATIOS`. Raises MaskError for an unknown strategy."""
+    _strategy(strategy, {})
+    if framework == "simmim" and strategy in _SIMMIM_RATIOS:
+        return _SIMMIM_RATIOS[strategy]
+    return DEFAULT_RATIOS[strategy]
 
 
 # ---------------------------------------------------------------- entry point
@@ -325,26 +406,76 @@ def plan_masks(
     *,
     generator: torch.Generator,
     progress: float = 0.0,
+    unit: int = 1,
+    random_rows: Tensor | None = None,
     **options,
 ) -> MaskPlan:
     """Plan masked / thrown / visible patches for a batch.
 
     weights: ``[B, N]`` non-negative patch weights (float, any device); ``generator`` on the
     same device type; ``progress`` in [0, 1] is the training progress (used by ``gpa``);
-    ``options`` are the strategy's keyword options (``throw`` for ``amt``, ``hint`` and
-    ``hint_pool`` for ``attmask_hint``, ``hard`` and ``soft`` for ``gpa``, ``min_patches``,
-    ``aspect``, ``grid`` and ``candidates`` for ``block``).
+    ``unit``: patches per side of a mask unit (the weights then form a square grid whose side
+    ``unit`` divides); ``random_rows`` (bool ``[B]``): rows planned uniformly at random with
+    the batch's counts whatever their weights (samples without a map); ``options`` are the
+    strategy's keyword options (``throw`` for ``amt``, ``hint`` and ``hint_pool`` for
+    ``attmask_hint``, ``mask_prob`` and ``ratio_var`` for the ``attmask_*`` strategies,
+    ``hard`` and ``soft`` for ``gpa``, ``min_patches``, ``aspect``, ``grid`` and
+    ``candidates`` for ``block``).
 
     Returns a MaskPlan of int64 ``[B, V]``, ``[B, M]``, ``[B, T]`` on the weights' device.
     Raises MaskError for an unknown strategy or option, bad ratios or progress, bad weights.
     """
     fn = _strategy(strategy, options)
-    counts = mask_counts(_num_patches(weights), mask_ratio, throw_ratio)
-    weights = _checked_weights(weights, strategy in NEEDS_SALIENCY)
+    options = dict(options)
+    mask_prob, ratio_var = options.pop("mask_prob", 1.0), options.pop("ratio_var", 0.0)
+    side = _unit_side(_num_patches(weights), unit)
+    weights = _unit_weights(weights, side, unit)  # [B, N / unit²]
     _check_generator(generator, weights)
     if not isinstance(progress, numbers.Real) or not 0.0 <= progress <= 1.0:
         raise MaskError(f"progress must be in [0, 1] (got {progress!r}); pass epoch / epochs")
-    return fn(weights, counts, generator=generator, progress=float(progress), **options)
+    counts = mask_counts(weights.shape[1], mask_ratio, throw_ratio)
+    _check_schedule(mask_prob, ratio_var, mask_ratio, throw_ratio)
+    if ratio_var:
+        mask_ratio = _batch_ratio(mask_ratio, ratio_var, generator)
+        counts = mask_counts(weights.shape[1], mask_ratio, throw_ratio)
+    weights = _checked_weights(weights, strategy in NEEDS_SALIENCY)
+    if strategy == "attmask_hint" and options.get("hint") is None:
+        # AttMask's show_ratio = show_max · pred_ratio, as many as stay visible at most
+        tied = options.get("hint_pool", 0.10) * mask_ratio
+        options["hint"] = min(tied, counts.visible / weights.shape[1])
+    plan = fn(weights, counts, generator=generator, progress=float(progress), **options)
+    if mask_prob < 1.0 or random_rows is not None:
+        plan = _mix_random(plan, counts, mask_prob, generator, weights, random_rows)
+    return _expand_units(plan, side, unit)
+
+
+def check_options(
+    strategy: str,
+    options: dict,
+    num_patches: int = 196,
+    mask_ratio: float = 0.5,
+    throw_ratio: float = 0.0,
+    unit: int = 1,
+) -> None:
+    """Plan one batch of uniform weights with ``options``; raises MaskError naming the
+    strategy, the options and what is wrong (a value of the wrong type included)."""
+    if not isinstance(options, dict):
+        raise MaskError(f"strategy options must be a dict (got {type(options).__name__})")
+    try:
+        plan_masks(
+            strategy,
+            torch.ones(1, num_patches),
+            mask_ratio,
+            throw_ratio,
+            generator=torch.Generator().manual_seed(0),
+            unit=unit,
+            **options,
+        )
+    except (TypeError, ValueError, KeyError, IndexError) as exc:
+        raise MaskError(
+            f"bad option value for mask strategy {strategy!r} (options {options}): {exc}; "
+            f"it takes {', '.join(_OPTIONS[strategy]) or 'no options'}"
+        ) from None
 
 
 def _strategy(name: str, options: dict) -> Callable[..., MaskPlan]:
@@ -355,6 +486,92 @@ def _strategy(name: str, options: dict) -> Callable[..., MaskPlan]:
         takes = ", ".join(_OPTIONS[name]) or "no options"
         raise MaskError(f"mask strategy {name!r} takes {takes}; got unknown {', '.join(unknown)}")
     return STRATEGIES[name]
+
+
+def _unit_side(num_patches: int, unit: int) -> int | None:
+    """The patch grid's side when planning on mask units (None for ``unit`` 1)."""
+    if isinstance(unit, bool) or not isinstance(unit, int) or unit < 1:
+        raise MaskError(f"unit must be a positive int of patches per side (got {unit!r})")
+    if unit == 1:
+        return None
+    side = math.isqrt(num_patches)
+    if side * side != num_patches or side % unit:
+        raise MaskError(
+            f"mask units of {unit}x{unit} patches need a square patch grid whose side they "
+            f"divide (got {num_patches} patches); change the mask unit or the image size"
+        )
+    return side
+
+
+def _unit_weights(weights: Tensor, side: int | None, unit: int) -> Tensor:
+    """``[B, N]`` patch weights -> ``[B, N / unit²]``: the area mean over each unit (AMT
+    Eq. 5: P_A summarises a_w inside each token; SimMIM's 32 px units of 16 px patches)."""
+    if side is None:
+        return weights
+    grid = weights.reshape(weights.shape[0], 1, side, side)
+    return F.avg_pool2d(grid, unit).flatten(1)  # [B, (side / unit)²], NaN stays NaN
+
+
+def _expand_units(plan: MaskPlan, side: int | None, unit: int) -> MaskPlan:
+    """Unit indices -> the ``unit²`` patch indices of each unit, unit by unit (raster order
+    inside a unit): ``[B, K] -> [B, K·unit²]``."""
+    if side is None:
+        return plan
+    units = side // unit
+    device = plan.mask_idx.device
+    step = torch.arange(unit, device=device)
+    offsets = (step[:, None] * side + step[None, :]).flatten()  # [unit²] inside one unit
+    return MaskPlan(
+        *(
+            ((idx // units) * unit * side + (idx % units) * unit)[..., None].add(offsets).flatten(1)
+            for idx in plan
+        )
+    )
+
+
+def _check_schedule(mask_prob, ratio_var, mask_ratio, throw_ratio) -> None:
+    if not isinstance(mask_prob, numbers.Real) or not 0.0 < mask_prob <= 1.0:
+        raise MaskError(
+            f"mask_prob must be a probability in (0, 1] (got {mask_prob!r}); AttMask uses 0.5"
+        )
+    if not isinstance(ratio_var, numbers.Real) or not 0.0 <= ratio_var <= mask_ratio:
+        raise MaskError(
+            f"ratio_var must lie in [0, mask_ratio = {mask_ratio}] (got {ratio_var!r}); "
+            "AttMask draws U(0.3 - 0.2, 0.3 + 0.2)"
+        )
+    if ratio_var and mask_ratio + ratio_var + throw_ratio >= 1.0:
+        raise MaskError(
+            f"mask_ratio + ratio_var + throw_ratio must be < 1 (got {mask_ratio} + "
+            f"{ratio_var} + {throw_ratio}); lower one so some patches stay visible"
+        )
+
+
+def _batch_ratio(mask_ratio: float, ratio_var: float, generator: torch.Generator) -> float:
+    """The batch's mask ratio: ``U(r − var, r + var)`` drawn once (AttMask's code)."""
+    u = uniform((1, 1), generator, generator.device).item()
+    return mask_ratio - ratio_var + 2.0 * ratio_var * u
+
+
+def _mix_random(
+    plan: MaskPlan,
+    counts: MaskCounts,
+    mask_prob: float,
+    generator,
+    weights: Tensor,
+    random_rows: Tensor | None,
+) -> MaskPlan:
+    """Each row keeps ``plan`` with probability ``mask_prob`` (AttMask's ``masking_prob``)
+    unless it is one of ``random_rows``; the others get a uniform random plan, same counts."""
+    batch = weights.shape[0]
+    keep = torch.ones((batch, 1), dtype=torch.bool, device=weights.device)
+    if mask_prob < 1.0:
+        keep = uniform((batch, 1), generator, weights.device) < mask_prob  # [B, 1]
+    if random_rows is not None:
+        if random_rows.shape != (batch,) or random_rows.dtype != torch.bool:
+            raise MaskError(f"random_rows must be a bool [{batch}] tensor")
+        keep = keep & ~random_rows.to(weights.device)[:, None]
+    other = random_masking(weights, counts, generator=generator, progress=0.0)
+    return MaskPlan(*(torch.where(keep, a, b) for a, b in zip(plan, other)))
 
 
 def _num_patches(weights) -> int:

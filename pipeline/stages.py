@@ -2,10 +2,12 @@
 
 ``SampleStream`` (a torch ``IterableDataset``, one per pass) runs, in each DataLoader worker:
 ``read_segment`` (the worker's id ranges of a tar shard) → ``attach_rows`` (the map rows of
-the bound generation, one store read per segment) → ``shuffled`` → ``prepare_sample`` (decode
-and crop in ``"worker"`` mode, or only read the image size in ``"device"`` mode; one crop box
-per sample) → ``chunked`` / ``collate_chunk`` (tensors for shared memory, plus the worker's
-counts since its last chunk). Everything a worker receives is module-level and picklable.
+the bound generation, one store read per segment, each map normalised over the whole image
+as AMT does before its crop: ``crops.whole_image_weights``) → ``shuffled`` →
+``prepare_sample`` (decode and crop in ``"worker"`` mode, or only read the image size in
+``"device"`` mode; one crop box per sample) → ``chunked`` / ``collate_chunk`` (tensors for
+shared memory, plus the worker's counts since its last chunk). Everything a worker receives
+is module-level and picklable.
 
 Importing this module touches no disk, GPU or Ray.
 """
@@ -21,7 +23,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from salient.pipeline.crops import CropBox, crop_image, crop_maps, sample_crop_box
+from salient.pipeline.crops import (
+    CropBox,
+    crop_image,
+    crop_maps,
+    sample_crop_box,
+    whole_image_weights,
+)
 from salient.pipeline.epochs import Segment, epoch_segments, mix_seed
 from salient.pipeline.ingest import IMAGE_SUFFIXES
 from salient.pipeline.manifest import ShardInfo
@@ -42,6 +50,7 @@ __all__ = [
     "prepare_sample",
     "read_segment",
     "shuffled",
+    "whole_map_weights",
 ]
 
 IMAGE_FIELDS = frozenset(suffix[1:] for suffix in IMAGE_SUFFIXES)  # tar fields: jpg, png, …
@@ -102,6 +111,7 @@ class StreamSpec:
     crop_scale: tuple[float, float]
     crop_ratio: tuple[float, float]
     flip_p: float
+    interpolation: str
     decode_on: str
     shuffle_buffer: int
     chunk_size: int
@@ -133,11 +143,14 @@ def read_segment(url: str, segment: Segment, handler: CountingHandler) -> Iterat
 
 
 def attach_rows(samples: Iterable[dict], segment: Segment, reader, tally: _Tally) -> Iterator[dict]:
-    """Add ``id`` and ``map`` (``float16 [G,G]`` or None): ONE store read for the segment."""
+    """Add ``id`` and ``map`` (``float32 [G,G]`` in [0, 1], or None): ONE store read for the
+    segment; each map is normalised over the whole image before any crop (AMT's order;
+    README, "Decisions": strategies that normalise the crop re-normalise after it)."""
     maps = valid = None
     if reader is not None:
         maps, valid = reader.read_range(segment.start, segment.stop)  # one read per tar shard
         tally.store_reads += 1
+        maps = whole_map_weights(maps, reader.attrs)
     for sample in samples:
         sample_id = int(sample["__key__"])
         row = None
@@ -148,6 +161,15 @@ def attach_rows(samples: Iterable[dict], segment: Segment, reader, tally: _Tally
                 row = candidate
         sample["id"], sample["map"] = sample_id, row
         yield sample
+
+
+def whole_map_weights(maps: np.ndarray, attrs: dict) -> np.ndarray:
+    """``[n, G, G]`` raw maps of a generation -> whole-image weights in [0, 1] (float32): a
+    ``minmax_mean`` generation already holds AMT's weights (per-head min-max, then the mean);
+    any other is min-max normalised per map."""
+    teacher = attrs.get("teacher") or {}
+    minmax = teacher.get("reduce") != "minmax_mean"
+    return whole_image_weights(torch.from_numpy(np.asarray(maps, np.float32)), minmax).numpy()
 
 
 def shuffled(samples: Iterable[dict], size: int, rng: np.random.Generator) -> Iterator[dict]:
@@ -234,7 +256,7 @@ def prepare_sample(sample: dict, spec: StreamSpec, tally: _Tally) -> dict | None
     box = crop_box_for(spec, sample["id"], *hw)
     out = {"id": sample["id"], "box": box, "hw": hw, "map": sample["map"]}
     if image is not None:
-        out["image"] = crop_image(image, box, spec.image_size)  # [3,S,S] uint8
+        out["image"] = crop_image(image, box, spec.image_size, spec.interpolation)  # [3,S,S]
     else:
         out.update(data=data, ext=name)
     return out
@@ -296,7 +318,7 @@ class SampleStream(torch.utils.data.IterableDataset):
             mix_seed(spec.seed, spec.epoch, spec.pass_index, spec.rank, worker)
         )
         samples = _joined(spec, segments, reader, tally)
-        # now: {"__key__", "jpg": bytes, …, "id": int, "map": float16 [G,G] | None}
+        # now: {"__key__", "jpg": bytes, …, "id": int, "map": float32 [G,G] in [0, 1] | None}
         samples = shuffled(samples, spec.shuffle_buffer, rng)
         # now: the same samples, mixed within a buffer of shuffle_buffer
         prepared = (p for s in samples if (p := prepare_sample(s, spec, tally)) is not None)

@@ -17,9 +17,8 @@ from salient.jobs.flags import field_docs, flag_name
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE_DIRS = ("salient_root", "pipeline", "store", "trainer", "jobs")
 FLAG = re.compile(r"(?<![\w-])--([a-z][a-z0-9]*(?:-[a-z0-9]+)*)")
-# Flags of other programs that messages quote (`ray start --head --port 6379`), and --recipe,
-# which cli.py offers to the commands that have presets.
-FOREIGN = {"--port", "--recipe"}
+# Flags of other programs that messages quote (`ray start --head --port 6379`).
+FOREIGN = {"--port"}
 
 
 def _option_strings(name: str) -> set[str]:
@@ -66,12 +65,12 @@ def test_every_flag_named_in_the_package_exists():
 
 
 def test_print_config_reads_back_as_config(tmp_path, capsys):
-    args = ["train", "--data", "d", "--strategy", "random", "--epochs", "3"]
-    args += ["--strategy-option", "x=[1, 2]", "--print-config"]
+    args = ["train", "--data", "d", "--store", "s", "--strategy", "gpa", "--epochs", "3"]
+    args += ["--strategy-option", "hard=[0, 0.4]", "--print-config"]
     assert main(args) == 0
     printed = capsys.readouterr().out
     body = json.loads(printed)
-    assert body["epochs"] == 3 and body["strategy_options"] == {"x": [1, 2]}
+    assert body["epochs"] == 3 and body["strategy_options"] == {"hard": [0, 0.4]}
     (tmp_path / "c.json").write_text(printed)
     assert main(["train", "--config", str(tmp_path / "c.json"), "--print-config"]) == 0
     assert capsys.readouterr().out == printed
@@ -107,3 +106,17 @@ def test_unknown_config_keys_are_named(tmp_path, capsys):
     (tmp_path / "c.json").write_text(json.dumps({"data": "d", "epoks": 3}))
     assert main(["train", "--config", str(tmp_path / "c.json")]) == 2
     assert "sets epoks, which this job does not have" in capsys.readouterr().err
+
+
+def test_recipe_then_config_then_flags(tmp_path, capsys):
+    """--recipe fills a paper's values; a printed config of it reads back; flags win."""
+    base = ["train", "--data", "d", "--store", "s"]
+    assert main([*base, "--recipe", "amt-simmim", "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    body = json.loads(printed)
+    assert (body["mask_ratio"], body["throw_ratio"], body["mask_unit"]) == (0.44, 0.26, 32)
+    (tmp_path / "r.json").write_text(printed)
+    assert main(["train", "--config", str(tmp_path / "r.json"), "--print-config"]) == 0
+    assert capsys.readouterr().out == printed
+    assert main([*base, "--recipe", "amt-simmim", "--epochs", "5", "--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out)["epochs"] == 5

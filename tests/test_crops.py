@@ -23,6 +23,7 @@ from salient.pipeline.crops import (
     crop_maps,
     normalize_weights,
     sample_crop_box,
+    whole_image_weights,
 )
 from salient.pipeline.demo import make_scene
 
@@ -213,6 +214,34 @@ def test_normalize_weights_min_max_plus_eps():
     assert torch.allclose(out[0], torch.tensor([0.0, 0.5, 0.25, 1.0]) + 1e-3)
     assert torch.allclose(out[1], torch.full((4,), 1e-3))  # constant map: uniform weights
     assert torch.isnan(normalize_weights(torch.full((1, 3), math.nan))).all()
+
+
+def test_whole_image_weights_min_max_the_whole_map_before_any_crop():
+    maps = torch.tensor([[[0.2, 0.5], [0.3, 1.0]], [[0.1, 0.4], [0.2, 0.3]]])
+    out = whole_image_weights(maps)
+    assert out.shape == (2, 2, 2) and out.dtype == torch.float32
+    assert torch.allclose(out[0], torch.tensor([[0.0, 0.375], [0.125, 1.0]]))
+    assert torch.allclose(out[1], torch.tensor([[0.0, 1.0], [1 / 3, 2 / 3]]))
+    assert torch.equal(whole_image_weights(maps, minmax=False), maps)  # minmax_mean maps
+    assert (whole_image_weights(torch.full((1, 3, 3), 7.0)) == 0).all()  # constant: uniform
+    assert torch.isnan(whole_image_weights(torch.full((1, 2, 2), math.nan))).all()
+
+
+def test_crops_are_bicubic_like_mae_and_bilinear_on_request():
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    image = torch.from_numpy(rng.integers(0, 256, (3, 90, 120), dtype=np.uint8))
+    box = CropBox(5, 7, 60, 80, False)
+    pil = Image.fromarray(image.permute(1, 2, 0).numpy())
+    for name, mode in (("bicubic", Image.BICUBIC), ("bilinear", Image.BILINEAR)):
+        expected = np.asarray(pil.crop((7, 5, 87, 65)).resize((40, 40), mode), np.int32)
+        got = crop_image(image, box, 40, interpolation=name).permute(1, 2, 0).numpy()
+        assert np.abs(got.astype(np.int32) - expected).max() <= 1  # PIL's (MAE's) resampling
+    bicubic, bilinear = crop_image(image, box, 40), crop_image(image, box, 40, "bilinear")
+    assert not torch.equal(bicubic, bilinear)  # the default is bicubic (MAE: interpolation=3)
+    with pytest.raises(CropError, match="interpolation must be one of bicubic, bilinear"):
+        crop_image(image, box, 40, interpolation="nearest")
 
 
 def test_maps_in_float16_and_several_image_sizes_in_one_batch():

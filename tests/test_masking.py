@@ -15,10 +15,14 @@ import torch
 
 from salient.errors import SalientError
 from salient.pipeline.masking import (
+    DEFAULT_RATIOS,
     NEEDS_SALIENCY,
+    NORMALIZED_OVER,
     STRATEGIES,
     MaskError,
     MaskPlan,
+    check_options,
+    default_ratios,
     mask_counts,
     plan_masks,
 )
@@ -411,6 +415,138 @@ def test_bad_calls_raise(call, match):
     with pytest.raises(MaskError, match=match):
         call()
     assert issubclass(MaskError, SalientError)
+
+
+# ---------------------------------------------------------------- paper defaults, options
+
+
+def test_default_ratios_are_the_papers():
+    assert set(DEFAULT_RATIOS) == set(STRATEGIES)
+    assert set(NORMALIZED_OVER) == set(NEEDS_SALIENCY)
+    assert default_ratios("amt") == (0.45, 0.40)  # AMT Sec. 4.1, MAE
+    assert default_ratios("amt", "simmim") == (0.44, 0.26)  # AMT Sec. 4.1, SimMIM
+    assert default_ratios("random") == (0.75, 0.0)  # MAE
+    assert default_ratios("random", "simmim") == (0.6, 0.0)  # SimMIM
+    assert default_ratios("gpa") == default_ratios("gpa", "simmim") == (0.75, 0.0)  # GPA 4.1
+    assert default_ratios("attmask_hint") == (0.3, 0.0)  # AttMask's --pred_ratio
+    assert NORMALIZED_OVER["amt"] == "image" and NORMALIZED_OVER["gpa"] == "crop"
+    with pytest.raises(MaskError, match="unknown mask strategy"):
+        default_ratios("nope")
+
+
+@pytest.mark.parametrize(
+    "strategy, options",
+    [
+        ("amt", {"throw": "low"}),
+        ("amt", {"throw": "random"}),
+        ("attmask_hint", {"hint": 0.05, "hint_pool": 0.2}),
+        ("attmask_high", {"mask_prob": 0.5, "ratio_var": 0.2}),
+        ("gpa", {"hard": [0.0, 0.5], "soft": [0.5, 0.0]}),  # lists, as JSON gives them
+        ("block", {"min_patches": 4, "aspect": [0.5, 2.0], "grid": [14, 14], "candidates": 8}),
+    ],
+)
+def test_every_option_works_from_json_values(strategy, options):
+    check_options(strategy, options, 196, 0.3, 0.1)
+    plan = plan_masks(strategy, weights_for(4, 196, 1), 0.3, 0.1, generator=gen(0), **options)
+    every = torch.cat(list(plan), dim=1).sort(1).values
+    assert torch.equal(every, torch.arange(196).expand(4, 196))
+
+
+@pytest.mark.parametrize(
+    "strategy, options, match",
+    [
+        ("amt", {"hint": 0.1}, "takes throw; got unknown hint"),
+        ("amt", {"throw": "high"}, "throw must be one of middle, low, random"),
+        ("attmask_hint", {"hint": "many"}, "bad option value.*attmask_hint"),
+        ("gpa", {"hard": 0.5}, "bad option value.*gpa.*takes hard, soft"),
+        ("block", {"aspect": "wide"}, "block aspect must be"),
+        ("attmask_low", {"mask_prob": 0.0}, "mask_prob must be a probability"),
+        ("attmask_low", {"ratio_var": 0.4}, r"ratio_var must lie in \[0, mask_ratio"),
+        ("random", {"mask_prob": 0.5}, "takes no options; got unknown mask_prob"),
+    ],
+)
+def test_bad_options_are_clear_errors(strategy, options, match):
+    with pytest.raises(MaskError, match=match):
+        check_options(strategy, options, 196, 0.3)
+
+
+# ---------------------------------------------------------------- AttMask's schedule
+
+
+def test_attmask_ratio_is_drawn_once_per_batch_within_its_range():
+    n, counts = 196, []
+    for seed in range(200):
+        plan = plan_masks(
+            "attmask_high", weights_for(4, n, seed), 0.3, generator=gen(seed), ratio_var=0.2
+        )
+        assert plan.mask_idx.shape[0] == 4  # one count for the whole batch: [B, M]
+        counts.append(plan.mask_idx.shape[1])
+    ratios = np.array(counts) / n
+    assert ratios.min() >= int(n * 0.1) / n and ratios.max() <= 0.5  # U(0.1, 0.5)
+    assert abs(ratios.mean() - 0.3) < 4.5 * 0.4 / math.sqrt(12 * 200)  # its mean, ±z
+    assert len(set(counts)) > 30  # the ratio varies from batch to batch
+
+
+def test_attmask_mask_prob_keeps_the_attention_plan_for_that_share_of_images():
+    batch, n = 400, 64
+    w = torch.arange(n, dtype=torch.float32).expand(batch, n) + 1.0  # the top M are known
+    plan = plan_masks("attmask_high", w, 0.25, generator=gen(3), mask_prob=0.5)
+    top = set(range(n - 16, n))
+    kept = np.array([set(row.tolist()) == top for row in plan.mask_idx])
+    assert abs(kept.mean() - 0.5) < Z_MAX * 0.5 / math.sqrt(batch)  # AttMask: p = 0.5
+    assert plan.mask_idx.shape == (batch, 16)  # the others are masked at random, same count
+
+
+def test_attmask_hint_count_follows_the_batch_ratio():
+    n = 196
+    w = torch.rand(8, n, generator=gen(0)) + 0.01
+    for r in (0.2, 0.4):
+        plan = plan_masks("attmask_hint", w, r, generator=gen(1))
+        rank = w.argsort(1, descending=True).argsort(1)
+        masked, hints = int(n * r), int(n * 0.1 * r)  # AttMask: show_max · pred_ratio
+        top = rank < masked + hints  # the top M + H by attention
+        revealed = (top & (membership(plan, n) != 0)).sum(1)  # of them, not masked
+        assert plan.mask_idx.shape[1] == masked and (revealed == hints).all()
+
+
+def test_random_rows_are_planned_uniformly():
+    n = 64
+    w = torch.zeros(300, n)
+    w[:, :8] = 1.0  # attmask_high would always mask these 8
+    rows = torch.zeros(300, dtype=torch.bool)
+    rows[::2] = True
+    plan = plan_masks("attmask_high", w + 1e-6, 0.125, generator=gen(0), random_rows=rows)
+    on_top = (plan.mask_idx < 8).all(1)
+    assert on_top[~rows].all() and on_top[rows].float().mean() < 0.05
+
+
+# ---------------------------------------------------------------- mask units
+
+
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+def test_mask_units_cover_whole_units(strategy):
+    side, unit = 14, 2  # a 224 px image of 16 px patches, 32 px units
+    n, units = side * side, (side // 2) ** 2
+    w = weights_for(5, n, 2)
+    plan = plan_masks(strategy, w, 0.44, 0.26, generator=gen(0), unit=unit, progress=0.5)
+    counts = mask_counts(units, 0.44, 0.26)  # ratios count units: 21 / 13 / 15 of 49
+    assert [x.shape[1] for x in plan] == [4 * counts.visible, 4 * counts.mask, 4 * counts.throw]
+    every = torch.cat(list(plan), dim=1).sort(1).values
+    assert torch.equal(every, torch.arange(n).expand(5, n))
+    rows, cols = plan.mask_idx // side, plan.mask_idx % side
+    unit_of = (rows // 2) * (side // 2) + cols // 2  # [B, 4M] every masked patch's unit
+    for row in unit_of:
+        assert (torch.bincount(row, minlength=units) % 4 == 0).all()  # 0 or all 4 patches
+
+
+def test_mask_units_use_the_area_mean_of_their_patches():
+    side = 4
+    w = torch.zeros(1, side * side)
+    w[0, [10, 11, 14, 15]] = 1.0  # the bottom-right 2x2 unit
+    plan = plan_masks("attmask_high", w, 0.25, generator=gen(0), unit=2)
+    assert sorted(plan.mask_idx[0].tolist()) == [10, 11, 14, 15]
+    with pytest.raises(MaskError, match="square patch grid whose side they divide"):
+        plan_masks("random", torch.ones(1, 36), 0.5, generator=gen(0), unit=4)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

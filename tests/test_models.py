@@ -237,6 +237,106 @@ def test_named_sizes_and_errors():
         _model("mae-micro")(_images(1), _plan(1, visible=V, masked=0))
 
 
+# ---- GPA's second loss (GPA eq. 7-8) and gradient accumulation ------------------------------
+
+
+def _gpa_target(images: torch.Tensor) -> torch.Tensor:
+    """A learnable per-patch target: each patch's mean brightness, standardised per image."""
+    bright = torch.nn.functional.avg_pool2d(images.mean(1, keepdim=True), PATCH).flatten(1)
+    return (bright - bright.mean(1, keepdim=True)) / bright.std(1, keepdim=True)
+
+
+def test_zero_gpa_weight_is_the_plain_loss_bit_for_bit():
+    images, plan = _images(3), _plan(3)
+    target, valid = _gpa_target(images), torch.tensor([True, False, True])
+    plain, pred = _model("mae-micro")(images, plan)
+    zero = _model("mae-micro", gpa_loss_weight=0.0)
+    assert zero.decoder_gpa_pred is None and "gpa_head" not in zero.decoder_kwargs
+    assert torch.equal(zero(images, plan, gpa_target=target, gpa_valid=valid)[0], plain)
+    with_head = _model("mae-micro", gpa_loss_weight=1.0)  # the head is built last, so ...
+    assert torch.equal(with_head(images, plan)[1], pred)  # ... the rest is a plain MAE's
+    assert torch.equal(with_head(images, plan)[0], plain)  # no target: no GPA term (x + 0)
+    features = with_head._decode(
+        with_head.forward_encoder(images, plan.visible_idx), plan.visible_idx, plan.mask_idx
+    )
+    gpa = with_head.forward_gpa_loss(features, plan.mask_idx, target, valid)
+    total, _ = with_head(images, plan, gpa_target=target, gpa_valid=valid)
+    assert torch.equal(total, plain + gpa)  # eq. 8: L_RGB + 1 · L_GPA
+    predicted = with_head.decoder_gpa_pred(features).squeeze(-1)  # eq. 7 on masked, valid rows
+    by_hand = (predicted - target.gather(1, plan.mask_idx))[valid].pow(2).mean()
+    torch.testing.assert_close(gpa, by_hand)
+    with pytest.raises(ModelError, match="GPA's target loss needs MAE's decoder"):
+        build_model("simmim-micro", image_size=SIZE, patch_size=PATCH, gpa_loss_weight=1.0)
+
+
+def test_gpa_target_loss_falls_on_a_toy():
+    model = _model("mae-micro", gpa_loss_weight=1.0)
+    images, plan = _images(8), _plan(8)
+    target, valid = _gpa_target(images), torch.ones(8, dtype=torch.bool)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+
+    def gpa_loss() -> float:
+        with torch.no_grad():
+            latent = model.forward_encoder(images, plan.visible_idx)
+            features = model._decode(latent, plan.visible_idx, plan.mask_idx)
+            return model.forward_gpa_loss(features, plan.mask_idx, target, valid).item()
+
+    before = gpa_loss()
+    for _ in range(60):
+        loss, _ = model(images, plan, gpa_target=target, gpa_valid=valid)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert gpa_loss() < 0.6 * before, (before, gpa_loss())  # measured: 1.14 -> 0.55
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    """MAE's --accum_iter: two half batches, loss / 2 each, one step = one full batch."""
+    from salient.trainer.loop import WarmupCosine, build_optimizer, train_one_epoch
+
+    images, plan = _images(8), _plan(8)
+
+    def batch(rows: slice) -> dict:
+        return {
+            "images": images[rows],
+            "visible_idx": plan.visible_idx[rows],
+            "mask_idx": plan.mask_idx[rows],
+            "throw_idx": plan.throw_idx[rows],
+            "ids": torch.arange(8)[rows],
+            "has_saliency": torch.zeros(8, dtype=torch.bool)[rows],
+            "generation": None,
+        }
+
+    results = []
+    for batches, accum in (
+        ([batch(slice(0, 8))], 1),
+        ([batch(slice(0, 4)), batch(slice(4, 8))], 2),
+    ):
+        model = _model("mae-micro")
+        optimizer = build_optimizer(model, 1e-3)
+        records = []
+        totals = train_one_epoch(
+            model,
+            optimizer,
+            WarmupCosine(1e-3, 10),
+            batches + [batch(slice(0, 4))] * (accum - 1),  # a partial step: dropped (MAE)
+            epoch=0,
+            step=0,
+            device=torch.device("cpu"),
+            accum_iter=accum,
+            on_step=lambda record, merged, out=records: out.append(
+                (record, merged["ids"].tolist())
+            ),
+        )
+        results.append((model, totals, records))
+    (one, one_totals, one_records), (acc, acc_totals, acc_records) = results
+    assert one_totals["step"] == acc_totals["step"] == 1 and acc_totals["images"] == 8
+    assert acc_records[0][1] == list(range(8)) and acc_records[0][0]["images"] == 8
+    torch.testing.assert_close(acc_records[0][0]["loss"], one_records[0][0]["loss"])
+    for (name, a), (_, b) in zip(one.named_parameters(), acc.named_parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+
+
 # ---- checkpoints -----------------------------------------------------------------------------
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import logging
 import socket
 
 import pytest
@@ -438,6 +439,39 @@ def test_timm_teacher_from_a_local_file(tmp_path, no_network, suffix, wrap):
     ref = resample_abs_pos_embed(source.pos_embed, new_size=(4, 4), num_prefix_tokens=1)
     torch.testing.assert_close(teacher.model.pos_embed, ref)
     assert saliency(teacher.model, torch.randn(2, 3, 64, 64), kind="gpa").shape == (2, 4, 4)
+
+
+def test_full_mae_checkpoint_is_a_teacher_from_its_encoder(tmp_path, no_network, caplog):
+    """The official ``mae_pretrain_vit_base.pth`` layout: ``{"model": encoder + decoder}``."""
+    encoder = timm.create_model("test_vit", num_classes=0)  # MAE's encoder: no head
+    with torch.no_grad():
+        for p in encoder.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    dim, decoder_dim, n = encoder.embed_dim, 16, encoder.patch_embed.num_patches
+    decoder = {  # MAE's models_mae.py names, fake values
+        "mask_token": torch.randn(1, 1, decoder_dim),
+        "decoder_embed.weight": torch.randn(decoder_dim, dim),
+        "decoder_embed.bias": torch.randn(decoder_dim),
+        "decoder_pos_embed": torch.randn(1, n + 1, decoder_dim),
+        "decoder_blocks.0.norm1.weight": torch.randn(decoder_dim),
+        "decoder_blocks.0.attn.qkv.weight": torch.randn(3 * decoder_dim, decoder_dim),
+        "decoder_norm.weight": torch.randn(decoder_dim),
+        "decoder_pred.weight": torch.randn(16 * 16 * 3, decoder_dim),
+    }
+    path = tmp_path / "mae_pretrain_test_vit.pth"
+    torch.save({"model": {**encoder.state_dict(), **decoder}}, path)
+    with caplog.at_level(logging.WARNING, logger="salient.trainer.teacher_load"):
+        teacher = load_teacher("timm:test_vit", weights=path, image_size=64)
+    logged = " ".join(r.getMessage() for r in caplog.records)
+    assert "full MAE checkpoint" in logged and "left out 8 decoder keys" in logged
+    assert all(key in logged for key in decoder)  # every key left out is named
+    for (name, got), (_, ref) in zip(
+        teacher.model.blocks.state_dict().items(), encoder.blocks.state_dict().items()
+    ):
+        assert torch.equal(got, ref), name  # the encoder's weights, strictly loaded
+    torch.save({"model": {**encoder.state_dict(), "extra.weight": torch.ones(2)}}, path)
+    with pytest.raises(TeacherError, match="unexpected \\['extra.weight'\\]"):
+        load_teacher("timm:test_vit", weights=path, image_size=64)  # not MAE's: still refused
 
 
 def test_random_teacher_only_when_allowed_and_seeded(no_network):

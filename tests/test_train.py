@@ -55,6 +55,7 @@ def config_for(data: Path, root: Path, **overrides) -> TrainConfig:
         loader_workers=0,
         refresh_batch_size=32,
         log_details=True,
+        saliency_reduce="minmax_mean",  # AMT's code: refreshes in training choose it too
     )
     return TrainConfig(**{**fields, **overrides})
 
@@ -142,6 +143,7 @@ def test_scheduled_refresh_publishes_a_generation_the_next_epoch_uses(runs):
     assert runs["after_stop"]["current"] == generation  # plain zarr: published as current
     attrs = dict(store_root(config.store)[generation].attrs)
     assert str(run_dir / "checkpoint-00001.pt") in json.dumps(attrs)  # its teacher
+    assert attrs["teacher"]["reduce"] == "minmax_mean"  # the run's --saliency-reduce
     warmup, amt = events(run_dir, "epoch")[:2]
     assert (warmup["strategy"], warmup["mask_ratio"], warmup["throw_ratio"]) == (
         "random",
@@ -210,7 +212,32 @@ def test_config_errors_are_clear(demo_data, tmp_path):
         run_train(config_for(tmp_path / "missing", tmp_path), progress=False)
     with pytest.raises(TrainError, match="does not exist and --refresh-every is 0"):
         run_train(config_for(demo_data, tmp_path, refresh_every=0), progress=False)
+    with pytest.raises(TrainError, match="--accum-iter 4 needs at least 4 batches per worker"):
+        run_train(config_for(demo_data, tmp_path, batch_size=16, accum_iter=4), progress=False)
+    with pytest.raises(TrainError, match="--gpa-loss-weight needs an MAE decoder"):
+        config_for(demo_data, tmp_path, model="simmim-micro", gpa_loss_weight=1.0)
+    with pytest.raises(TrainError, match="add --saliency-kind gpa"):
+        config_for(demo_data, tmp_path, strategy="gpa", gpa_loss_weight=1.0)
+    with pytest.raises(TrainError, match="--mask-unit must be a multiple of --patch-size 8"):
+        config_for(demo_data, tmp_path, mask_unit=12)
+    with pytest.raises(TrainError, match="--strategy-option: mask strategy 'amt' takes throw"):
+        config_for(demo_data, tmp_path, strategy_options={"hint": 0.1})
     assert not (tmp_path / "run").exists()  # nothing was started
+
+
+def test_gpa_target_refuses_a_store_of_another_kind(runs):
+    """The store of the runs holds cls_attn maps: GPA's target is refused before any work."""
+    config = replace(
+        runs["straight_config"],
+        run_dir=str(Path(runs["straight_config"].run_dir).parent / "gpa"),
+        strategy="gpa",
+        mask_ratio=None,
+        throw_ratio=None,
+        gpa_loss_weight=1.0,
+        refresh_every=0,
+    )
+    with pytest.raises(TrainError, match="needs maps of kind gpa but the current generation"):
+        run_train(config, progress=False)
 
 
 # ---------------------------------------------------------------- schedule and loop, no Ray

@@ -10,6 +10,13 @@ Settings follow MAE (He et al. 2022, its ``main_pretrain.py``): AdamW with betas
 step (linear warmup, then half-cycle cosine to ``min_lr``). bf16 autocast on CUDA only; on
 CPU the autocast context is a ``nullcontext`` and everything runs in float32.
 
+Gradient accumulation (MAE's ``accum_iter``): one optimiser step per ``accum_iter``
+batches, each batch's loss divided by ``accum_iter``, the lr set at the first batch of each
+step; under DDP the gradients are all-reduced on the last batch of a step only
+(``no_sync``). A step indexes the lr schedule, so an epoch has ``len(loader) // accum_iter``
+steps; the batches after the epoch's last full step are trained on but their gradients are
+dropped, as MAE's loop drops them (it zeroes the gradients when the next epoch starts).
+
 Importing this module touches no disk, GPU or Ray.
 """
 
@@ -33,6 +40,7 @@ __all__ = [
     "WarmupCosine",
     "autocast_for",
     "build_optimizer",
+    "loss_targets",
     "move_batch",
     "param_checksum",
     "train_one_epoch",
@@ -112,6 +120,18 @@ def move_batch(batch: dict, device: torch.device) -> tuple[torch.Tensor, MaskPla
     return put(batch["images"]), plan
 
 
+def loss_targets(batch: dict, device: torch.device) -> dict:
+    """The model's extra loss targets of a batch on ``device``: GPA's ``gpa_target [B, N]``
+    with ``gpa_valid [B]`` (samples that have a map) when the loader made them."""
+    if "gpa_target" not in batch:
+        return {}
+    valid = torch.as_tensor(batch["has_saliency"])
+    return {
+        "gpa_target": batch["gpa_target"].to(device, non_blocking=True),
+        "gpa_valid": valid.to(device, non_blocking=True),
+    }
+
+
 def param_checksum(model: nn.Module) -> float:
     """The sum of every parameter in float64: equal on every DDP rank after each step."""
     with torch.no_grad():
@@ -136,16 +156,20 @@ def train_one_epoch(
     device: torch.device,
     bf16: bool = False,
     clip_grad: float | None = None,
+    accum_iter: int = 1,
     on_step: Callable[[dict, dict], None] | None = None,
 ) -> dict:
     """Train on every batch of ``batches`` (loader batches: DESIGN.md, "Loader").
 
-    ``step`` is the global step count before this epoch; it indexes the learning rate.
-    ``on_step(record, batch)`` gets each step's metrics (``step``, ``lr``, ``loss``,
-    ``grad_norm``, ``images``, ``img_per_s``, ``with_saliency``, ``generation``) after the
-    optimiser step. Returns this process's epoch totals: ``epoch``, ``steps``, ``step`` (the
-    global count after the epoch), ``images``, ``loss_sum`` (per-step losses × batch size),
-    ``with_saliency``, ``seconds``, ``generation`` (of the last batch).
+    ``step`` is the global optimiser-step count before this epoch; it indexes the learning
+    rate. One step per ``accum_iter`` batches (module docstring). ``on_step(record, batch)``
+    gets each step's metrics (``step``, ``lr``, ``loss``, ``grad_norm``, ``images``,
+    ``img_per_s``, ``with_saliency``, ``generation``) after the optimiser step, with the
+    step's ``ids`` / ``has_saliency`` / ``generation`` as ``batch``. Returns this process's
+    epoch totals: ``epoch``, ``steps``, ``step`` (the global count after the epoch),
+    ``images``, ``loss_sum`` (per-batch losses × batch size), ``with_saliency``, ``seconds``,
+    ``generation`` (of the last batch); dropped batches (after the last full step) are not
+    counted.
 
     Raises:
         TrainError: a loss that is not finite (lower the learning rate, check the data).
@@ -159,50 +183,83 @@ def train_one_epoch(
         "with_saliency": 0,
         "generation": None,
     }
+    optimizer.zero_grad(set_to_none=True)
+    group: list[tuple[dict, float]] = []  # (batch, loss) of the step being accumulated
     start = tick = time.perf_counter()
     for batch in batches:
-        lr = schedule.apply(optimizer, step)  # lr
+        if not group:
+            lr = schedule.apply(optimizer, step)  # lr (MAE: at the first batch of a step)
         images, plan = move_batch(batch, device)
-        with autocast_for(device, bf16):
-            loss, _ = model(images, plan)  # forward: MAE / SimMIM, thrown patches never read
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()  # backward (DDP all-reduces the gradients here)
+        last = len(group) + 1 == accum_iter
+        with _sync_if(model, last):  # DDP all-reduces in the last batch's backward only
+            with autocast_for(device, bf16):
+                loss, _ = model(images, plan, **loss_targets(batch, device))  # forward
+            (loss / accum_iter if accum_iter > 1 else loss).backward()  # backward
+        group.append((batch, _finite(loss.item(), step + 1, epoch)))
+        if not last:
+            continue
         grad_norm = _clip(model, clip_grad)  # clip
         optimizer.step()  # step
+        optimizer.zero_grad(set_to_none=True)
         step += 1
-        loss_value, now = loss.item(), time.perf_counter()  # log
-        if not math.isfinite(loss_value):
-            raise TrainError(
-                f"loss is {loss_value} at step {step} (epoch {epoch}); lower --lr "
-                "or check the data, then --resume from the last checkpoint"
-            )
-        record = _step_record(batch, step, lr, loss_value, grad_norm, now - tick)
-        _accumulate(totals, record)
-        tick = now
+        now = time.perf_counter()  # log
+        record, merged = _step_record(group, step, lr, grad_norm, now - tick)
+        _accumulate(totals, record, group)
+        group, tick = [], now
         if on_step is not None:
-            on_step(record, batch)
+            on_step(record, merged)
     return {**totals, "step": step, "seconds": time.perf_counter() - start}
 
 
+def _sync_if(model: nn.Module, sync: bool) -> AbstractContextManager:
+    """DDP's ``no_sync`` for a batch that does not end a step (no all-reduce)."""
+    if sync or not hasattr(model, "no_sync"):
+        return nullcontext()
+    return model.no_sync()
+
+
+def _finite(loss: float, step: int, epoch: int) -> float:
+    if not math.isfinite(loss):
+        raise TrainError(
+            f"loss is {loss} at step {step} (epoch {epoch}); lower --lr "
+            "or check the data, then --resume from the last checkpoint"
+        )
+    return loss
+
+
 def _step_record(
-    batch: dict, step: int, lr: float, loss: float, grad_norm: float, seconds: float
-) -> dict:
-    images = len(batch["ids"])
-    return {
+    group: list[tuple[dict, float]], step: int, lr: float, grad_norm: float, seconds: float
+) -> tuple[dict, dict]:
+    """The step's record, and its batches merged (ids, has_saliency, generation)."""
+    batches = [batch for batch, _ in group]
+    sizes = [len(batch["ids"]) for batch in batches]
+    images = sum(sizes)
+    has_saliency = torch.cat([torch.as_tensor(b["has_saliency"]).cpu() for b in batches])
+    merged = {
+        "ids": torch.cat([torch.as_tensor(b["ids"]).cpu() for b in batches]),
+        "has_saliency": has_saliency,
+        "generation": batches[-1]["generation"],
+    }
+    if len(group) == 1:
+        loss = group[0][1]  # exactly the batch's loss
+    else:
+        loss = sum(n * value for n, (_, value) in zip(sizes, group)) / images
+    record = {
         "step": step,
         "lr": lr,
         "loss": loss,
         "grad_norm": grad_norm,
         "images": images,
         "img_per_s": images / max(seconds, 1e-9),
-        "with_saliency": int(torch.as_tensor(batch["has_saliency"]).sum()),
-        "generation": batch["generation"],
+        "with_saliency": int(has_saliency.sum()),
+        "generation": merged["generation"],
     }
+    return record, merged
 
 
-def _accumulate(totals: dict, record: dict) -> None:
+def _accumulate(totals: dict, record: dict, group: list[tuple[dict, float]]) -> None:
     totals["steps"] += 1
     totals["images"] += record["images"]
-    totals["loss_sum"] += record["loss"] * record["images"]
+    totals["loss_sum"] += sum(len(batch["ids"]) * loss for batch, loss in group)
     totals["with_saliency"] += record["with_saliency"]
     totals["generation"] = record["generation"]

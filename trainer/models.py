@@ -15,6 +15,13 @@ experiments"), for the decoder too; the class token's position is zero. They are
 Stage names follow MAE's code: ``patchify``, ``forward_encoder``, ``forward_decoder``,
 ``forward_loss``; ``forward`` returns ``(loss, pred)`` with ``pred [B,M,p*p*3]`` the
 predicted pixels of the masked patches in ``mask_idx`` order.
+
+GPA's second loss (GPA Sec. 3.3, eq. 7–8, "GPA as a feature"): with ``gpa_loss_weight > 0``
+the MAE decoder also predicts each masked patch's GPA value (one more linear output on the
+decoder's last features), regressed with MSE on the masked patches of the samples that have
+a target; ``loss = L_RGB + weight · L_GPA`` (eq. 8: weight 1). GPA's code runs a second
+decoder stack for it; one extra output of the shared decoder is our choice (README,
+"Decisions"). With weight 0 no head is built and the loss is the plain one.
 """
 
 from __future__ import annotations
@@ -130,9 +137,11 @@ class MAE(_MaskedImageModel):
         decoder_heads: int,
         mlp_ratio: float = 4.0,
         norm_pix_loss: bool = False,
+        gpa_loss_weight: float = 0.0,
     ) -> None:
         super().__init__(name, encoder_kwargs)
         self.norm_pix_loss = norm_pix_loss
+        self.gpa_loss_weight = float(gpa_loss_weight)
         self.decoder_kwargs = {  # recorded in checkpoints, compared on resume
             "kind": "mae",
             "embed_dim": decoder_dim,
@@ -155,6 +164,11 @@ class MAE(_MaskedImageModel):
         self.decoder_norm = nn.LayerNorm(decoder_dim, eps=1e-6)
         self.decoder_pred = nn.Linear(decoder_dim, self.patch_size**2 * 3)
         self._init_decoder()
+        self.decoder_gpa_pred = None
+        if self.gpa_loss_weight > 0:  # built last: the other weights equal a plain MAE's
+            self.decoder_gpa_pred = nn.Linear(decoder_dim, 1)
+            init_weights_vit_timm(self.decoder_gpa_pred)
+            self.decoder_kwargs["gpa_head"] = True
 
     def _init_decoder(self) -> None:
         # MAE: mask token ~ N(0, 0.02); linear layers as timm initialises its ViT blocks.
@@ -170,13 +184,19 @@ class MAE(_MaskedImageModel):
         self, latent: torch.Tensor, visible_idx: torch.Tensor, mask_idx: torch.Tensor
     ) -> torch.Tensor:
         """Latent ``[B,1+V,D]`` -> predicted pixels of the masked patches ``[B, M, p*p*3]``."""
+        return self.decoder_pred(self._decode(latent, visible_idx, mask_idx))
+
+    def _decode(
+        self, latent: torch.Tensor, visible_idx: torch.Tensor, mask_idx: torch.Tensor
+    ) -> torch.Tensor:
+        """The decoder's normalised features at the masked positions ``[B, M, Dd]``."""
         x = self.decoder_embed(latent)  # [B, 1+V, Dd]
         pos = self.decoder_pos_embed
         cls = x[:, :1] + pos[:, :1]  # [B, 1, Dd]
         visible = x[:, 1:] + gather_tokens(pos[:, 1:], visible_idx)  # [B, V, Dd]
         masked = self.mask_token + gather_tokens(pos[:, 1:], mask_idx)  # [B, M, Dd]
         x = self.decoder_blocks(torch.cat([cls, visible, masked], dim=1))  # [B, 1+V+M, Dd]
-        return self.decoder_pred(self.decoder_norm(x[:, 1 + visible_idx.shape[1] :]))
+        return self.decoder_norm(x[:, 1 + visible_idx.shape[1] :])
 
     def forward_loss(
         self, images: torch.Tensor, pred: torch.Tensor, mask_idx: torch.Tensor
@@ -188,10 +208,39 @@ class MAE(_MaskedImageModel):
             target = (target - mean) / (var + 1e-6) ** 0.5
         return (pred.float() - target).pow(2).mean()
 
-    def forward(self, images: torch.Tensor, plan: MaskPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_gpa_loss(
+        self,
+        features: torch.Tensor,
+        mask_idx: torch.Tensor,
+        gpa_target: torch.Tensor | None,
+        gpa_valid: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """GPA eq. 7: MSE between the predicted and the target GPA of the masked patches, over
+        the samples with a target (``gpa_valid [B]``); ``gpa_target [B, N]`` per patch. No
+        target (the warmup epochs): zero, with the head still in the graph (DDP needs every
+        parameter to get a gradient)."""
+        pred = self.decoder_gpa_pred(features).squeeze(-1).float()  # [B, M]
+        if gpa_target is None:
+            return pred.sum() * 0.0
+        target = gpa_target.float().gather(1, mask_idx)  # [B, M]
+        valid = torch.ones_like(target[:, :1]) if gpa_valid is None else gpa_valid[:, None]
+        error = torch.where(valid.bool(), (pred - target).pow(2), 0.0)  # [B, M]
+        return error.sum() / (valid.sum() * mask_idx.shape[1]).clamp_min(1)
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        plan: MaskPlan,
+        gpa_target: torch.Tensor | None = None,
+        gpa_valid: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         latent = self.forward_encoder(images, plan.visible_idx)
-        pred = self.forward_decoder(latent, plan.visible_idx, plan.mask_idx)
+        features = self._decode(latent, plan.visible_idx, plan.mask_idx)  # [B, M, Dd]
+        pred = self.decoder_pred(features)
         loss = self.forward_loss(images, pred, plan.mask_idx)
+        if self.decoder_gpa_pred is not None:  # GPA eq. 8: L_RGB + weight · L_GPA
+            gpa = self.forward_gpa_loss(features, plan.mask_idx, gpa_target, gpa_valid)
+            loss = loss + self.gpa_loss_weight * gpa
         return loss, pred
 
 
@@ -231,7 +280,10 @@ class SimMIM(_MaskedImageModel):
         """L1 between ``pred [B,M,p*p*3]`` and the masked patches of ``images``: a scalar."""
         return (pred.float() - self._masked_target(images, mask_idx)).abs().mean()
 
-    def forward(self, images: torch.Tensor, plan: MaskPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, images: torch.Tensor, plan: MaskPlan, **unused
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``unused``: targets of MAE-only losses (GPA's), ignored here."""
         latent = self.forward_encoder(images, plan.visible_idx, plan.mask_idx)
         pred = self.forward_decoder(latent, plan.mask_idx.shape[1])
         loss = self.forward_loss(images, pred, plan.mask_idx)
@@ -286,12 +338,17 @@ def encoder_kwargs_for(spec: ModelSpec, image_size: int, patch_size: int) -> dic
 
 
 def build_model(
-    name: str, image_size: int = 224, patch_size: int = 16, norm_pix_loss: bool = False
+    name: str,
+    image_size: int = 224,
+    patch_size: int = 16,
+    norm_pix_loss: bool = False,
+    gpa_loss_weight: float = 0.0,
 ) -> MAE | SimMIM:
     """Build a named model (``MODELS``): ``mae-tiny`` … ``simmim-base``, ``*-micro`` for tests.
 
+    ``gpa_loss_weight > 0`` adds GPA's second loss to an MAE (GPA eq. 7–8).
     Raises :class:`ModelError` for an unknown name, an image size that is not a multiple of
-    the patch size, or ``norm_pix_loss`` on SimMIM.
+    the patch size, or ``norm_pix_loss`` / ``gpa_loss_weight`` on SimMIM.
     """
     if name not in MODELS:
         raise ModelError(f"unknown model {name!r}; choose one of {', '.join(sorted(MODELS))}")
@@ -304,6 +361,8 @@ def build_model(
     if spec.kind == "simmim":
         if norm_pix_loss:
             raise ModelError("norm_pix_loss is an MAE option; SimMIM regresses raw pixels (L1)")
+        if gpa_loss_weight:
+            raise ModelError("GPA's target loss needs MAE's decoder (GPA Sec. 3.3); use mae-*")
         return SimMIM(name, encoder_kwargs)
     return MAE(
         name,
@@ -312,4 +371,5 @@ def build_model(
         spec.decoder_depth,
         spec.decoder_heads,
         norm_pix_loss=norm_pix_loss,
+        gpa_loss_weight=gpa_loss_weight,
     )

@@ -3,12 +3,19 @@
 :func:`load_teacher` rebuilds the model (a checkpoint's ``encoder_kwargs`` or a timm name),
 loads the weights strictly through timm's ViT filter and returns it in eval mode as a
 :class:`Teacher`, with the metadata a saliency generation records. Nothing is ever downloaded.
+
+A full MAE pretraining checkpoint (the official ``mae_pretrain_vit_base.pth`` layout,
+``{"model": {...}}`` with the encoder's keys plus ``decoder_*`` and ``mask_token``) loads as
+``timm:vit_base_patch16_224 --weights FILE``: the encoder's keys are taken, strictly, and the
+decoder's are left out and named in one log line (GPA and AutoMAE use a frozen pretrained MAE
+as their teacher).
 The maps themselves are computed in :mod:`salient.trainer.teacher`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +33,8 @@ from salient.trainer.teacher import TeacherError
 __all__ = ["Teacher", "load_teacher"]
 
 RANDOM_SEED = 0  # random teachers (allow_random) are initialised from this seed
+MAE_DECODER_KEYS = ("decoder_", "mask_token")  # MAE's models_mae.py: not part of the encoder
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, eq=False)
@@ -96,7 +105,8 @@ def _checkpoint_teacher(spec: str, image_size: int) -> tuple[VisionTransformer, 
     if not (isinstance(ckpt, dict) and isinstance(ckpt.get("encoder_kwargs"), dict)):
         raise TeacherError(
             f"{path} is not a salient training checkpoint (no 'encoder_kwargs' / 'encoder'); "
-            "for a timm ViT weights file use --teacher timm:NAME --weights FILE"
+            "for a timm ViT weights file or a full MAE checkpoint use --teacher timm:NAME "
+            "--weights FILE (e.g. timm:vit_base_patch16_224 for MAE's ViT-B/16)"
         )
     kwargs = {**ckpt["encoder_kwargs"], "img_size": image_size}
     model = _build(lambda: VisionTransformer(**kwargs), str(path))
@@ -147,6 +157,7 @@ def _load_into(model: VisionTransformer, state: object, path: Path) -> None:
         raise TeacherError(f"{path} holds no state dict of tensors; is it a ViT checkpoint?")
     if isinstance(model.head, nn.Identity):  # the teacher needs no classifier
         state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    state = _encoder_of_mae(state, path)
     try:
         result = model.load_state_dict(checkpoint_filter_fn(state, model), strict=False)
     except (RuntimeError, KeyError, ValueError, IndexError) as e:
@@ -157,6 +168,20 @@ def _load_into(model: VisionTransformer, state: object, path: Path) -> None:
             f"unexpected {result.unexpected_keys[:4]} (of {len(result.missing_keys)} / "
             f"{len(result.unexpected_keys)}); check the model name or the file"
         )
+
+
+def _encoder_of_mae(state: dict, path: Path) -> dict:
+    """The encoder's keys of a full MAE checkpoint (the others named in a log line)."""
+    dropped = sorted(k for k in state if k.startswith(MAE_DECODER_KEYS))
+    if not dropped:
+        return state
+    _log.warning(
+        "%s is a full MAE checkpoint: took its encoder, left out %d decoder keys (%s)",
+        path,
+        len(dropped),
+        ", ".join(dropped),
+    )
+    return {k: v for k, v in state.items() if not k.startswith(MAE_DECODER_KEYS)}
 
 
 def _sha256(path: Path) -> str:

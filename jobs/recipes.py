@@ -1,0 +1,189 @@
+"""The papers' pretraining runs by name: ``salient train --recipe NAME``.
+
+A recipe is a dict of :class:`~salient.jobs.train_config.TrainConfig` field values; every value
+says where it comes from (paper table / section, or the authors' code where the paper is
+silent). Flags given beside ``--recipe`` override its values. Sizes follow the papers
+(ViT-B/16 at 224 px, ImageNet-1K batch sizes): the effective batch is fixed with
+``effective_batch``, so ``accum_iter`` follows from the workers a cluster has (4 workers of
+128 images accumulate 8 batches per step, as AMT's 4-GPU runs did). What a recipe cannot say,
+because salient has no setting for it, is listed in README ("Recipes").
+
+- ``mae`` — MAE (He et al. 2022), ViT-B/16, random 75 %.
+- ``amt-mae`` — AMT with MAE (AMT Sec. 4.1): r 0.45, t 0.40, maps refreshed every 40 epochs
+  from the model itself, AMT's per-head min-max reduction, 400 epochs.
+- ``simmim`` — SimMIM ViT-B/16 (its ViT-B config): random 60 % of 32 px units, 800 epochs.
+- ``amt-simmim`` — AMT with SimMIM (AMT Sec. 4.1 and its SimMIM config): r 0.44, t 0.26 of
+  32 px units, 200 epochs.
+- ``attmask-mae`` — AttMask-High (AttMask's code) on MAE: each image attention-masked with
+  probability 0.5 (else at random), the ratio drawn per batch from U(0.1, 0.5).
+- ``gpa-mae`` — GPA (Sec. 4, Table 1 "as teacher" + "as feature"): soft-to-hard masking of
+  75 % from a frozen pretrained MAE's GPA maps, and GPA's reconstruction target (weight 1).
+
+Importing this module touches no disk, GPU or Ray.
+"""
+
+from __future__ import annotations
+
+import copy
+
+from salient.trainer.loop import TrainError
+
+__all__ = ["RECIPES", "recipe_config", "recipe_names", "resolve_recipe"]
+
+# MAE's optimisation, shared by the MAE-based recipes (MAE's PRETRAIN.md command and
+# main_pretrain.py; AMT Sec. 4.1: "The settings of pretraining follow the original works
+# strictly"; GPA: "Our implementation is based on MAE").
+_MAE = {
+    "model": "mae-base",  # ViT-B/16 encoder, 512-d 8-block decoder (MAE; AMT Sec. 4.1)
+    "image_size": 224,  # MAE: --input_size 224
+    "patch_size": 16,  # ViT-B/16
+    "batch_size": 64,  # MAE PRETRAIN.md: --batch_size 64 per GPU ...
+    "effective_batch": 4096,  # ... × 8 nodes × 8 GPUs = 4096 ("effective batch size")
+    "blr": 1.5e-4,  # PRETRAIN.md: --blr 1.5e-4; lr = blr × effective batch / 256
+    "min_lr": 0.0,  # main_pretrain.py: --min_lr 0
+    "weight_decay": 0.05,  # PRETRAIN.md: --weight_decay 0.05
+    "betas": (0.9, 0.95),  # main_pretrain.py: AdamW(betas=(0.9, 0.95))
+    "clip_grad": None,  # engine_pretrain.py: loss_scaler(..., clip_grad=None): no clipping
+    "crop_scale": (0.2, 1.0),  # main_pretrain.py: RandomResizedCrop(scale=(0.2, 1.0), ...)
+    "interpolation": "bicubic",  # ... interpolation=3 (bicubic)
+    "mask_unit": None,  # MAE masks single 16 px patches
+}
+
+# SimMIM's optimisation for ViT-B (its configs/vit_base__800ep/simmim_pretrain__vit_base__
+# img224__800ep.yaml and config.py defaults; AMT's SimMIM config keeps them).
+_SIMMIM = {
+    "model": "simmim-base",  # ViT-B/16 encoder, linear head (SimMIM; AMT Sec. 4.1)
+    "image_size": 224,  # DATA.IMG_SIZE 224
+    "patch_size": 16,  # ViT-B/16
+    "mask_unit": 32,  # DATA.MASK_PATCH_SIZE 32: 2 × 2 patches per mask unit
+    "batch_size": 128,  # README: --batch-size 128 per GPU ...
+    "effective_batch": 2048,  # ... on 16 GPUs (one DGX-2) = 2048
+    "blr": 5e-5,  # TRAIN.BASE_LR 1e-4 per 512 images (main_simmim.py scales by batch / 512)
+    "weight_decay": 0.05,  # TRAIN.WEIGHT_DECAY 0.05
+    "betas": (0.9, 0.999),  # TRAIN.OPTIMIZER.BETAS (0.9, 0.999)
+    "clip_grad": 5.0,  # TRAIN.CLIP_GRAD 5.0
+    "lr_warmup_epochs": 10,  # TRAIN.WARMUP_EPOCHS 10
+    "crop_scale": (0.67, 1.0),  # data_simmim.py: RandomResizedCrop(scale=(0.67, 1.0), ...)
+    "interpolation": "bilinear",  # ... torchvision's default interpolation
+    "norm_pix_loss": False,  # SimMIM regresses raw pixels with L1
+}
+
+RECIPES: dict[str, dict] = {
+    "mae": {
+        **_MAE,
+        "strategy": "random",
+        "mask_ratio": 0.75,  # MAE Sec. 4 / Fig. 5; PRETRAIN.md --mask_ratio 0.75
+        "throw_ratio": 0.0,
+        "norm_pix_loss": True,  # PRETRAIN.md: --norm_pix_loss "for better representation"
+        "epochs": 800,  # PRETRAIN.md: --epochs 800
+        "warmup_epochs": 40,  # PRETRAIN.md: --warmup_epochs 40 (the lr warmup) ...
+        "lr_warmup_epochs": 40,  # ... (random masking has no masking warmup)
+        "refresh_every": 0,  # no saliency maps
+    },
+    "amt-mae": {
+        **_MAE,
+        "batch_size": 128,  # AMT README: 4 GPUs, --batch_size 128 --accum_iter 8 ...
+        "effective_batch": 4096,  # ... = 4096, MAE's batch
+        "strategy": "amt",
+        "mask_ratio": 0.45,  # AMT Sec. 4.1: r = 0.45 with MAE (Tables 1, 4)
+        "throw_ratio": 0.40,  # AMT Sec. 4.1: t = 0.4 with MAE; thrown: the middle of the draw
+        # order (amt's default option throw=middle; AMT Sec. 3.2, Table 4)
+        "norm_pix_loss": False,  # AMT README's command passes no --norm_pix_loss (default off)
+        "epochs": 400,  # AMT Sec. 4.1: "400 epochs" with MAE
+        "warmup_epochs": 40,  # AMT's code: random masking until epoch 40 ...
+        "warmup_mask_ratio": 0.75,  # ... at random_masking(mask_ratio=0.75)
+        "lr_warmup_epochs": 40,  # AMT's main_pretrain.py: --warmup_epochs 40
+        "refresh_every": 40,  # AMT Sec. 3.2: a_w "updated at a regular interval (40 epochs)"
+        "saliency_kind": "cls_attn",  # AMT eq. 3-4: CLS attention
+        "saliency_block": -1,  # AMT Alg. 1: "Attention map of last layer"
+        "saliency_reduce": "minmax_mean",  # AMT's update_mask: each head min-max, then mean
+    },
+    "simmim": {
+        **_SIMMIM,
+        "strategy": "random",
+        "mask_ratio": 0.6,  # DATA.MASK_RATIO 0.6 (AMT Table 1: "SimMIM+Random M 60")
+        "throw_ratio": 0.0,
+        "epochs": 800,  # TRAIN.EPOCHS 800 (its ViT-B run)
+        "warmup_epochs": 10,  # no masking warmup; the lr warmup (TRAIN.WARMUP_EPOCHS 10)
+        "min_lr": 2e-5,  # cosine floor: MIN_LR 5e-6 per 512 × 2048 / 512 (its ViT-B run
+        # decays ×0.1 at epoch 700 instead: salient's schedule is cosine; README, "Recipes")
+        "refresh_every": 0,  # no saliency maps
+    },
+    "amt-simmim": {
+        **_SIMMIM,
+        "strategy": "amt",
+        "mask_ratio": 0.44,  # AMT Sec. 4.1: r = 0.44 with SimMIM; config MASK_RATIO 0.44
+        "throw_ratio": 0.26,  # AMT Sec. 4.1: t = 0.26 with SimMIM; config THROW_RATIO 0.26
+        # (thrown: the middle of the draw order, amt's default; AMT Sec. 3.2)
+        "epochs": 200,  # AMT Sec. 4.1 / 4.2: SimMIM for 200 epochs; config TRAIN.EPOCHS 200
+        "warmup_epochs": 40,  # AMT's SimMIM config: AMT_START_EPOCH 40 ...
+        "warmup_mask_ratio": 0.44,  # ... random units at its MASK_RATIO until then
+        "min_lr": 2e-5,  # config.py MIN_LR 5e-6 per 512 × 2048 / 512 (cosine, as AMT's)
+        "refresh_every": 40,  # AMT Sec. 4.1: interval 40 epochs ("20 % of SimMIM")
+        "saliency_kind": "cls_attn",  # AMT eq. 3-4
+        "saliency_block": -1,  # AMT Alg. 1: last layer
+        "saliency_reduce": "minmax_mean",  # AMT's SimMIM utils.update_mask: per head, then mean
+    },
+    "attmask-mae": {
+        **_MAE,
+        "strategy": "attmask_high",  # AttMask Table 1: AttMask-High, its best (with Hint)
+        "mask_ratio": 0.3,  # AttMask's code: pred_ratio 0.3 ...
+        "throw_ratio": 0.0,
+        # ... ± pred_ratio_var 0.2: U(0.1, 0.5) per batch ("10-50" in its Table 1), each image
+        # masked by attention with masking_prob 0.5 (main_attmask.py); the others at random
+        "strategy_options": {"mask_prob": 0.5, "ratio_var": 0.2},
+        "norm_pix_loss": True,  # MAE's target (PRETRAIN.md)
+        "epochs": 800,  # MAE's schedule (PRETRAIN.md); AttMask trains iBOT for 100-300
+        "warmup_epochs": 0,  # AttMask: pred_start_epoch 0, attention masks from the start
+        "warmup_mask_ratio": 0.3,  # before the first map exists: random at AttMask's ratio
+        "lr_warmup_epochs": 40,  # MAE: --warmup_epochs 40
+        "refresh_every": 1,  # AttMask reads its EMA teacher every step; a map store every epoch
+        "saliency_kind": "cls_attn",  # AttMask: teacher_attention[:, :, 0, 1:] (CLS row) ...
+        "saliency_block": -1,  # ... of the last block ...
+        "saliency_reduce": "mean",  # ... .mean(1) over the heads
+    },
+    "gpa-mae": {
+        **_MAE,
+        "batch_size": 128,  # GPA README: --batch_size 128 on 2 GPUs, --accum_iter 16 ...
+        "effective_batch": 4096,  # ... = 4096 (GPA Sec. 4: "a batch size of 4096")
+        "strategy": "gpa",
+        "mask_ratio": 0.75,  # GPA Sec. 4.1: overall masking ratio alpha = 0.75
+        "throw_ratio": 0.0,
+        # GPA Sec. 4.1 defaults (eq. 6; Tables 3-4): soft 0.5 -> 0, hard 0 -> 0.5
+        "strategy_options": {"hard": (0.0, 0.5), "soft": (0.5, 0.0)},
+        "gpa_loss_weight": 1.0,  # GPA eq. 8: Loss = L_RGB + L_GPA (Table 1: teacher + feature)
+        "norm_pix_loss": True,  # GPA README: --norm_pix_loss
+        "epochs": 200,  # GPA Sec. 4: "pre-training on the ImageNet-1K dataset for 200 epochs"
+        "warmup_epochs": 0,  # a frozen pretrained teacher: GPA masks from the first epoch
+        "lr_warmup_epochs": 20,  # GPA README: --warmup_epochs 20
+        "blr": 1.5e-4,  # GPA Sec. 4: "initial learning rate of 1.5e-4"; README --blr 1.5e-4
+        "weight_decay": 0.05,  # GPA README: --weight_decay 0.05
+        # The teacher is a frozen MAE ViT-B/16 (GPA Fig. 2, README --teacher_path): run
+        # `salient refresh --kind gpa --teacher timm:vit_base_patch16_224 --weights MAE.pth`
+        # once before training; no refresh from the model being trained.
+        "refresh_every": 0,
+        "saliency_kind": "gpa",  # GPA eq. 4-5
+        "saliency_head": None,  # the kind's default: the last head of the last block (b11h11,
+        # GPA Table 5: 82.70 with no shots)
+    },
+}
+
+
+def recipe_names() -> tuple[str, ...]:
+    """The recipe names (the choices of ``--recipe``)."""
+    return tuple(RECIPES)
+
+
+def resolve_recipe(name: str) -> dict:
+    """A copy of recipe ``name``'s TrainConfig field values. Raises TrainError if unknown."""
+    if name not in RECIPES:
+        raise TrainError(f"unknown --recipe {name!r}; choose one of {', '.join(RECIPES)}")
+    return copy.deepcopy(RECIPES[name])
+
+
+def recipe_config(name: str, **fields):
+    """The ``TrainConfig`` of recipe ``name`` with ``fields`` (``data``, ``store``, overrides)
+    on top, as ``salient train --recipe NAME`` builds it."""
+    from salient.jobs.train_config import TrainConfig
+
+    return TrainConfig(**{**resolve_recipe(name), **fields})

@@ -1,0 +1,273 @@
+"""Recipes: each resolves to its paper's numbers, and each trains one tiny epoch.
+
+The paper table below is written from the sources, not from ``jobs/recipes.py``. The tiny runs
+shrink every recipe (micro model, 64 px images of 8 px patches, 8 images per worker, one
+epoch, no refresh, two batches accumulated per step) and run all six through the real worker
+loop (``train_worker.train_loop_per_worker``: loaders, DDP over gloo on 2 Ray Train workers,
+checkpoints, JSONL logs) inside ONE ``TorchTrainer.fit`` (each fit costs ~20 s here): the
+test's runner is shipped to the workers by value (``register_pickle_by_value``), and the
+driver's own checks (``train._check_inputs``) run for each config first.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from salient.jobs.recipes import RECIPES, recipe_config, recipe_names, resolve_recipe
+from salient.jobs.train import TrainError
+from salient.pipeline.manifest import open_dataset
+from salient.store import SaliencyStore
+
+# recipe -> {field: (value, source)}: the papers' numbers
+PAPERS = {
+    "mae": {
+        "model": ("mae-base", "MAE: ViT-B/16, 512-d 8-block decoder"),
+        "strategy": ("random", "MAE Sec. 3: random sampling"),
+        "mask_ratio": (0.75, "MAE Sec. 4, Fig. 5; PRETRAIN.md --mask_ratio 0.75"),
+        "epochs": (800, "MAE PRETRAIN.md --epochs 800"),
+        "lr_warmup_epochs": (40, "MAE PRETRAIN.md --warmup_epochs 40"),
+        "blr": (1.5e-4, "MAE PRETRAIN.md --blr 1.5e-4"),
+        "effective_batch": (4096, "MAE PRETRAIN.md: 64 x 8 nodes x 8 GPUs"),
+        "weight_decay": (0.05, "MAE PRETRAIN.md --weight_decay 0.05"),
+        "betas": ((0.9, 0.95), "MAE main_pretrain.py AdamW betas"),
+        "norm_pix_loss": (True, "MAE PRETRAIN.md --norm_pix_loss"),
+        "crop_scale": ((0.2, 1.0), "MAE main_pretrain.py RandomResizedCrop scale"),
+        "interpolation": ("bicubic", "MAE main_pretrain.py interpolation=3"),
+        "clip_grad": (None, "MAE engine_pretrain.py: no clipping"),
+    },
+    "amt-mae": {
+        "model": ("mae-base", "AMT Sec. 4.1: ViT-B/16, MAE's 8-block decoder"),
+        "strategy": ("amt", "AMT Alg. 1"),
+        "mask_ratio": (0.45, "AMT Sec. 4.1: r = 0.45 with MAE"),
+        "throw_ratio": (0.40, "AMT Sec. 4.1: t = 0.4 with MAE"),
+        "epochs": (400, "AMT Sec. 4.1: MAE for 400 epochs"),
+        "refresh_every": (40, "AMT Sec. 3.2: updated every 40 epochs"),
+        "warmup_epochs": (40, "AMT code: random masking until epoch 40"),
+        "warmup_mask_ratio": (0.75, "AMT code: random_masking(mask_ratio=0.75)"),
+        "saliency_reduce": ("minmax_mean", "AMT code update_mask: per-head min-max, mean"),
+        "effective_batch": (4096, "AMT README: 4 GPUs x 128 x accum 8"),
+        "blr": (1.5e-4, "AMT README --blr 1.5e-4"),
+        "interpolation": ("bicubic", "AMT code maskRandomResizedCrop interpolation=3"),
+    },
+    "simmim": {
+        "model": ("simmim-base", "SimMIM ViT-B config"),
+        "strategy": ("random", "SimMIM: random masking"),
+        "mask_ratio": (0.6, "SimMIM config MASK_RATIO 0.6; AMT Table 1"),
+        "mask_unit": (32, "SimMIM config MASK_PATCH_SIZE 32"),
+        "epochs": (800, "SimMIM ViT-B config EPOCHS 800"),
+        "lr_warmup_epochs": (10, "SimMIM config WARMUP_EPOCHS 10"),
+        "blr": (5e-5, "SimMIM BASE_LR 1e-4 per 512 images"),
+        "effective_batch": (2048, "SimMIM README: 16 GPUs x 128"),
+        "betas": ((0.9, 0.999), "SimMIM config.py OPTIMIZER.BETAS"),
+        "clip_grad": (5.0, "SimMIM config.py CLIP_GRAD 5.0"),
+        "crop_scale": ((0.67, 1.0), "SimMIM data_simmim.py RandomResizedCrop scale"),
+    },
+    "amt-simmim": {
+        "model": ("simmim-base", "AMT Sec. 4.1: ViT-B/16, linear head"),
+        "strategy": ("amt", "AMT Alg. 1"),
+        "mask_ratio": (0.44, "AMT Sec. 4.1: r = 0.44 with SimMIM"),
+        "throw_ratio": (0.26, "AMT Sec. 4.1: t = 0.26 with SimMIM"),
+        "mask_unit": (32, "AMT SimMIM config MASK_PATCH_SIZE 32"),
+        "epochs": (200, "AMT Sec. 4.1: SimMIM for 200 epochs"),
+        "refresh_every": (40, "AMT Sec. 4.1: interval 40 epochs"),
+        "warmup_epochs": (40, "AMT SimMIM config AMT_START_EPOCH 40"),
+        "warmup_mask_ratio": (0.44, "AMT SimMIM maskgenerate: random at MASK_RATIO"),
+        "saliency_reduce": ("minmax_mean", "AMT SimMIM utils.update_mask"),
+        "lr_warmup_epochs": (10, "AMT SimMIM config WARMUP_EPOCHS 10"),
+    },
+    "attmask-mae": {
+        "strategy": ("attmask_high", "AttMask Table 1: AttMask-High"),
+        "mask_ratio": (0.3, "AttMask code: pred_ratio 0.3"),
+        "strategy_options": (
+            {"mask_prob": 0.5, "ratio_var": 0.2},
+            "AttMask code: masking_prob 0.5, pred_ratio_var 0.2 (U(0.1, 0.5) per batch)",
+        ),
+        "saliency_reduce": ("mean", "AttMask code: CLS attention .mean(1) over heads"),
+        "warmup_epochs": (0, "AttMask code: pred_start_epoch 0"),
+    },
+    "gpa-mae": {
+        "strategy": ("gpa", "GPA Sec. 3.2"),
+        "mask_ratio": (0.75, "GPA Sec. 4.1: alpha = 0.75"),
+        "strategy_options": (
+            {"hard": (0.0, 0.5), "soft": (0.5, 0.0)},
+            "GPA Sec. 4.1 defaults, Tables 3-4",
+        ),
+        "gpa_loss_weight": (1.0, "GPA eq. 8: L_RGB + L_GPA"),
+        "epochs": (200, "GPA Sec. 4: 200 epochs"),
+        "blr": (1.5e-4, "GPA Sec. 4: learning rate 1.5e-4"),
+        "effective_batch": (4096, "GPA Sec. 4: batch size 4096"),
+        "lr_warmup_epochs": (20, "GPA README --warmup_epochs 20"),
+        "saliency_kind": ("gpa", "GPA eq. 4-5"),
+        "refresh_every": (0, "GPA: a frozen pretrained MAE teacher"),
+    },
+}
+
+
+@pytest.mark.parametrize("name", sorted(PAPERS))
+def test_recipe_values_are_the_papers(name):
+    recipe = resolve_recipe(name)
+    for field, (value, source) in PAPERS[name].items():
+        assert recipe[field] == value, (
+            f"{name}.{field}: {recipe[field]!r}, paper {value!r} ({source})"
+        )
+    config = recipe_config(name, data="d", store="s", workers=4)
+    assert (config.mask_ratio, config.throw_ratio) == (recipe["mask_ratio"], recipe["throw_ratio"])
+    assert config.global_batch == recipe["effective_batch"]  # any worker count that divides it
+
+
+def test_recipes_resolve_on_the_papers_hardware():
+    amt = recipe_config("amt-mae", data="d", store="s", workers=4)  # AMT: 4 GPUs
+    assert (amt.batch_size, amt.accum_steps, amt.global_batch) == (128, 8, 4096)  # its README
+    assert amt.base_lr == pytest.approx(1.5e-4 * 4096 / 256)  # MAE's rule on the full batch
+    gpa = recipe_config("gpa-mae", data="d", store="s", workers=2)  # GPA: 2 x RTX 3090
+    assert gpa.accum_steps == 16  # its README: --batch_size 128 --accum_iter 16
+    simmim = recipe_config("amt-simmim", data="d", store="s", workers=16)
+    assert simmim.unit == 2 and simmim.accum_steps == 1 and simmim.base_lr == pytest.approx(4e-4)
+    with pytest.raises(TrainError, match="--effective-batch 4096 is not a multiple"):
+        recipe_config("mae", data="d", workers=3)
+    with pytest.raises(TrainError, match="--accum-iter 2 gives 256 images per step"):
+        recipe_config("amt-mae", data="d", store="s", accum_iter=2)
+    with pytest.raises(TrainError, match="unknown --recipe 'amt'; choose one of mae, amt-mae"):
+        resolve_recipe("amt")
+    assert recipe_names() == tuple(RECIPES) and set(RECIPES) == set(PAPERS)
+
+
+def test_flags_override_a_recipe_and_the_config_shows_resolved_values():
+    config = recipe_config("amt-mae", data="d", store="s", epochs=10, throw_ratio=0.3)
+    assert (config.epochs, config.throw_ratio, config.mask_ratio) == (10, 0.3, 0.45)
+    plain = json.loads(json.dumps(config.as_dict()))  # what config.json holds
+    # the effective batch is kept, not the accumulation it gives on this many workers, so the
+    # same config.json run on 4 workers still steps on 4096 images
+    assert plain["mask_ratio"] == 0.45 and plain["effective_batch"] == 4096
+    assert plain["accum_iter"] is None and config.accum_steps == 32
+    gpa = json.loads(
+        json.dumps(replace(config, strategy="gpa", mask_ratio=None, throw_ratio=None).as_dict())
+    )
+    assert gpa["mask_ratio"] == 0.75  # a strategy's paper ratio, resolved and recorded
+
+
+# ---------------------------------------------------------------- one tiny epoch of each
+
+
+STORE_GRID, SOURCE = 12, 96  # the demo set's 96 px scenes
+
+
+def blob_maps(n: int) -> np.ndarray:
+    """A smooth blob per image, in [0, 1]: enough structure for every strategy."""
+    yy, xx = np.mgrid[0:STORE_GRID, 0:STORE_GRID] / STORE_GRID
+    centres = np.random.default_rng(0).uniform(0.2, 0.8, (n, 2))
+    d2 = (yy - centres[:, :1, None]) ** 2 + (xx - centres[:, 1:, None]) ** 2
+    return np.exp(-d2 / 0.05).astype(np.float32)
+
+
+def make_store(path: Path, data: Path, kind: str) -> str:
+    dataset = open_dataset(data)
+    store = SaliencyStore.create(str(path), dataset, grid=STORE_GRID)
+    teacher = {"path": "blobs", "sha256": "0" * 64, "name": "blobs", "epoch": 0, "kind": kind}
+    teacher.update(image_size=SOURCE, patch_size=8, block=-1, head=None, reduce="minmax_mean")
+    writer = store.begin_generation(teacher, kind, image_size=SOURCE, patch_size=8)
+    maps = blob_maps(dataset.num_samples)
+    for shard in dataset.shards:
+        rows = slice(shard.first_id, shard.stop_id)
+        writer.write_shard(shard.index, maps[rows].astype(np.float16), np.ones(shard.count, "u1"))
+    writer.publish()
+    return writer.name
+
+
+def tiny(name: str, data: Path, root: Path, stores: dict):
+    recipe = resolve_recipe(name)
+    kind = "gpa" if recipe.get("gpa_loss_weight") else "cls_attn"
+    needs_store = recipe["strategy"] != "random"
+    return recipe_config(
+        name,
+        data=str(data),
+        store=str(stores[kind]) if needs_store else None,
+        run_dir=str(root / name),
+        model=recipe["model"].replace("-base", "-micro"),
+        image_size=64,
+        patch_size=8,
+        mask_unit=16 if recipe["mask_unit"] else None,  # 2 x 2 patches, as SimMIM's 32 / 16
+        batch_size=8,
+        workers=2,
+        effective_batch=None,
+        accum_iter=2,  # 6 batches per rank: 3 optimiser steps
+        epochs=1,
+        warmup_epochs=0,  # the recipe's masking from the first step (the store is ready)
+        lr_warmup_epochs=0,
+        refresh_every=0,
+        loader_workers=0,
+        log_details=True,
+    )
+
+
+def _run_all(args: dict) -> None:
+    """Each Ray Train worker: every tiny recipe run, one after the other (shipped by value)."""
+    from salient.jobs.train_worker import train_loop_per_worker
+
+    for run in args["runs"]:
+        train_loop_per_worker(run)
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(ray_session, demo_data, tmp_path_factory) -> dict:
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from salient.jobs.train import _check_inputs
+    from salient.jobs.train_config import resolved
+
+    root = tmp_path_factory.mktemp("recipes")
+    stores = {kind: root / f"{kind}.zarr" for kind in ("cls_attn", "gpa")}
+    generations = {kind: make_store(path, demo_data, kind) for kind, path in stores.items()}
+    configs = {name: resolved(tiny(name, demo_data, root, stores)) for name in RECIPES}
+    for config in configs.values():
+        assert _check_inputs(config) is None  # the driver's checks pass: a fresh run
+    runs = [
+        {"config": c, "resume_from": None, "launch_refresh": None, "progress": False}
+        for c in configs.values()
+    ]
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    TorchTrainer(
+        _run_all,
+        train_loop_config={"runs": runs},
+        torch_config=TorchConfig(backend="gloo"),
+        scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
+        run_config=RunConfig(name="recipes", storage_path=str(root / "ray")),
+    ).fit()
+    return {"configs": configs, "generations": generations}
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+@pytest.mark.parametrize("name", list(RECIPES))
+def test_each_recipe_trains_one_tiny_epoch(tiny_runs, name):
+    config = tiny_runs["configs"][name]
+    run_dir = Path(config.run_dir)
+    [epoch] = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r["kind"] == "epoch"]
+    assert epoch["epochs_done"] == 1 and epoch["step"] == 3  # 6 batches, 2 per step
+    assert epoch["strategy"] == config.strategy and math.isfinite(epoch["loss"])
+    assert (epoch["mask_ratio"], epoch["throw_ratio"]) == (config.mask_ratio, config.throw_ratio)
+    if config.needs_saliency:  # the recipe's own masking, from the store's maps
+        kind = "gpa" if config.gpa_loss_weight else "cls_attn"
+        assert epoch["generation"] == tiny_runs["generations"][kind]
+        assert epoch["saliency_share"] == 1.0
+    for rank in (0, 1):
+        steps = read_jsonl(run_dir / "metrics" / f"rank-{rank}.jsonl")
+        assert [s["images"] for s in steps] == [16, 16, 16]  # two batches of 8 per step
+    ckpt = torch.load(run_dir / "checkpoint-00001.pt", weights_only=True)
+    group = ckpt["optimizer"]["param_groups"][0]
+    assert tuple(group["betas"]) == config.betas  # SimMIM's 0.999, MAE's 0.95
+    assert ckpt["scheduler"]["base_lr"] == pytest.approx(config.blr * 2 * 8 * 2 / 256)
+    assert ckpt["decoder_kwargs"].get("gpa_head", False) == (config.gpa_loss_weight > 0)
+    assert (config.unit == 2) == (name in ("simmim", "amt-simmim"))
