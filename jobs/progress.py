@@ -45,6 +45,10 @@ def progress_bar(total: int | None, unit: str) -> Iterator[Callable[[int], None]
         yield bar.update
 
 
+def _key(name: str) -> str:
+    return name.replace("_per_", "/").replace("_", " ")  # img_per_s -> img/s
+
+
 def _text(value) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
@@ -76,9 +80,7 @@ class ProgressLines:
         return True
 
     def line(self, **fields) -> None:
-        parts = [
-            f"{key.replace('_', ' ')} {_text(v)}" for key, v in fields.items() if v is not None
-        ]
+        parts = [f"{_key(key)} {_text(v)}" for key, v in fields.items() if v is not None]
         stream = self._stream or sys.stderr
         print(f"salient {self.job}: " + " · ".join(parts), file=stream, flush=True)
         self._last = time.monotonic()

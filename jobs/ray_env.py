@@ -42,6 +42,18 @@ class RayInfo:
     gpus: float
 
 
+_OWN_ADDRESS: list[str] = []  # a RAY_ADDRESS this process set itself (see _pin_address)
+
+
+def _pin_address(address: str) -> None:
+    """Name this job's cluster in ``RAY_ADDRESS`` for the parts of Ray that find it again by
+    themselves (the State API behind Ray Train's placement-group cleaner): with several Ray
+    instances on one machine their search fails ("Found multiple active Ray instances")."""
+    if not os.environ.get("RAY_ADDRESS"):
+        os.environ["RAY_ADDRESS"] = address
+        _OWN_ADDRESS.append(address)
+
+
 def _info(started: bool) -> RayInfo:
     import ray
 
@@ -82,6 +94,9 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> RayIn
     Raises:
         RayConnectError: no Ray cluster answers at the address.
     """
+    running = "ray" in sys.modules and sys.modules["ray"].is_initialized()
+    if not running and os.environ.get("RAY_ADDRESS") in _OWN_ADDRESS:
+        del os.environ["RAY_ADDRESS"]  # ours, naming a Ray this process has shut down
     target = address or os.environ.get("RAY_ADDRESS") or None
     quiet_ray_env(embedded=not target)
     import ray
@@ -105,11 +120,14 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> RayIn
     except ConnectionError as exc:
         where = "--address" if address else "RAY_ADDRESS"
         raise RayConnectError(
-            f"no Ray cluster answers at {target} ({where}): {exc}; start it "
-            "with `ray start --head`, fix the address, or leave it unset to "
-            "run on an embedded local Ray"
+            f"no Ray cluster answers at {target} ({where}), or it refused this client's "
+            f"token ({exc}); start it with `ray start --head`, fix the address, give this "
+            "client the cluster's token (RAY_AUTH_TOKEN or ~/.ray/auth_token), or leave the "
+            "address unset to run on an embedded local Ray"
         ) from None
-    return _info(started=True)
+    info = _info(started=True)
+    _pin_address(info.address)
+    return info
 
 
 # ---------------------------------------------------------------- errors from inside Ray

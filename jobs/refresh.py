@@ -325,6 +325,7 @@ class _Tally:
     invalid: int = 0
     computed: int = 0
     retries: int = 0
+    nodes: set = field(default_factory=set)
 
 
 def _progress(total: int, initial: int, enabled: bool):
@@ -357,7 +358,7 @@ class _Report:
             report = self.lines.line if self.done == self.total else self.lines.update
             report(
                 shard=f"{self.done}/{self.total}",
-                img_s=round(tally.images / max(time.perf_counter() - start, 1e-9), 1),
+                img_per_s=round(tally.images / max(time.perf_counter() - start, 1e-9), 1),
                 generation=self.generation,
             )
 
@@ -438,6 +439,7 @@ def _count(result: dict, tally: _Tally, bar, start: float) -> None:
     tally.images += result["images"]
     tally.invalid += result["invalid"]
     tally.computed += 1
+    tally.nodes.add(result.get("node"))
     bar.update(1)
     bar.set_postfix(img_s=f"{tally.images / max(time.perf_counter() - start, 1e-9):.0f}")
 
@@ -477,12 +479,12 @@ def _compute(
     on_shard_done,
     placement,
 ) -> _Tally:
-    import ray
-
     from salient.jobs.placement import check_refresh, cluster_nodes, reserve
     from salient.jobs.ray_env import ensure_ray
 
-    ensure_ray(config.address)
+    ensure_ray(config.address)  # before Ray is imported: it reads its auth mode then
+    import ray
+
     own = placement is None
     if own:  # per node first (one line, no wait), then Ray's reservation (a bounded wait)
         check_refresh(cluster_nodes(), config.ask())
@@ -516,7 +518,8 @@ def run_refresh(
 
     Summary: ``images`` / ``invalid`` computed by this run, ``seconds`` (checks to publish),
     ``img_per_s``, ``generation`` (published), ``shards_computed``, ``shards_skipped`` (done by
-    an earlier, interrupted run), ``retries`` (shards re-run after a worker died), ``joined``
+    an earlier, interrupted run), ``retries`` (shards re-run after a worker died), ``nodes``
+    (Ray nodes whose actors wrote shards), ``joined``
     (another driver wrote the generation; ``wait_for_other`` waited for it).
     ``on_shard_done(result)`` is called on the driver after each shard is written.
     ``placement``: a ready Ray placement group whose bundles hold the actors (training
@@ -579,6 +582,7 @@ def _summary(
         "shards_computed": computed,
         "shards_skipped": skipped,
         "retries": tally.retries,
+        "nodes": len(tally.nodes),
         "joined": joined,
         "store": config.store,
         "kind": config.kind,

@@ -127,7 +127,8 @@ class TrainConfig:
     refresh_batch_size: int = 64
     """Images per teacher forward in a refresh."""
     log_details: bool = field(default=False, metadata={"hidden": True})
-    """Testing aid: each step's sample ids and a parameter checksum in the per-rank JSONL."""
+    """Testing aid: each step's sample ids, a parameter checksum and the worker's process id in
+    the per-rank JSONL."""
     stop_after_epochs: int | None = field(default=None, metadata={"hidden": True})
     """Testing aid: end the run right after this epoch's checkpoint, as a kill there would."""
 

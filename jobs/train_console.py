@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from pathlib import Path
 
 __all__ = ["TrainConsole"]
@@ -51,7 +50,7 @@ class TrainConsole:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="salient-console", daemon=True)
         self._window: list[dict] = []
-        self._since = time.monotonic()
+        self._epochs_done = 0
 
     def __enter__(self) -> TrainConsole:
         if self._lines is not None:
@@ -63,46 +62,49 @@ class TrainConsole:
         if self._lines is not None:
             self._stop.set()
             self._thread.join()
-            self._poll()
+            self._poll(final=True)
 
     def _run(self) -> None:
         while not self._stop.wait(_POLL_S):
             self._poll()
 
-    def _poll(self) -> None:
-        for record in self._steps.records():
-            self._window.append(record)
-        if self._window:
+    def _poll(self, final: bool = False) -> None:
+        self._window.extend(self._steps.records())
+        if self._window and not final:
             self._step_line()
         for event in self._events.records():
             self._event_line(event)
 
     def _step_line(self) -> None:
-        last, seconds = self._window[-1], time.monotonic() - self._since
-        images = sum(r["images"] for r in self._window) * self.config.workers
+        self._window = [r for r in self._window if r["epoch"] >= self._epochs_done]
+        if not self._window:  # its epoch's own line said it all
+            return
+        last = self._window[-1]
+        rate = sum(r["img_per_s"] for r in self._window) / len(self._window)  # rank 0's steps
         printed = self._lines.update(
             epoch=f"{last['epoch'] + 1}/{self.config.epochs}",
             step=f"{(last['step'] - 1) % self.steps + 1}/{self.steps}",
-            img_s=round(images / max(seconds, 1e-9), 1),
+            img_per_s=round(rate * self.config.workers, 1),
             loss=last["loss"],
             generation=last.get("generation") or "none",
         )
         if printed:  # the next line's img/s counts from here
-            self._window, self._since = [], time.monotonic()
+            self._window = []
 
     def _event_line(self, event: dict) -> None:
         kind = event.get("kind")
         if kind == "epoch":
+            self._epochs_done = event["epochs_done"]
             self._lines.line(
                 epoch=f"{event['epochs_done']}/{self.config.epochs} done",
-                img_s=round(event["img_per_s"], 1),
+                img_per_s=round(event["img_per_s"], 1),
                 loss=event["loss"],
                 generation=event.get("generation") or "none",
             )
         elif kind == "refresh":
             self._lines.line(
                 refresh=f"from epoch {event['epochs_done']} published {event['generation']}",
-                img_s=event.get("img_per_s"),
+                img_per_s=event.get("img_per_s"),
             )
         elif kind == "start" and event.get("restart"):
             self._lines.line(restarted=f"from {Path(event['from']).name} after a lost worker")

@@ -29,6 +29,7 @@ Importing this module touches no disk, GPU or Ray.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -82,8 +83,9 @@ class _Log:
 
     def __init__(self, run_dir: Path, rank: int) -> None:
         (run_dir / "metrics").mkdir(parents=True, exist_ok=True)
-        # Open for the whole run (closed in ``close``): one append per step.
-        self._steps = open(run_dir / "metrics" / f"rank-{rank}.jsonl", "a")  # noqa: SIM115
+        # Open for the whole run (closed in ``close``): one append per step, line-buffered so
+        # the driver's console (and a restart) sees each step as soon as it is done.
+        self._steps = open(run_dir / "metrics" / f"rank-{rank}.jsonl", "a", buffering=1)  # noqa: SIM115
         self._events = open(run_dir / "metrics.jsonl", "a") if rank == 0 else None  # noqa: SIM115
 
     def step(self, record: dict) -> None:
@@ -383,6 +385,7 @@ class _Worker:
             if self.config.log_details:
                 record["ids"] = batch["ids"].tolist()
                 record["checksum"] = param_checksum(self.model)
+                record["pid"] = os.getpid()
             self.log.step(record)
             if bar is not None:
                 bar.update(1)
