@@ -19,6 +19,7 @@ setting it explicitly, which is what Ray does by default minus its warning.
 from __future__ import annotations
 
 import os
+import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,18 +41,6 @@ class RayInfo:
     started: bool
     cpus: float
     gpus: float
-
-
-_OWN_ADDRESS: list[str] = []  # a RAY_ADDRESS this process set itself (see _pin_address)
-
-
-def _pin_address(address: str) -> None:
-    """Name this job's cluster in ``RAY_ADDRESS`` for the parts of Ray that find it again by
-    themselves (the State API behind Ray Train's placement-group cleaner): with several Ray
-    instances on one machine their search fails ("Found multiple active Ray instances")."""
-    if not os.environ.get("RAY_ADDRESS"):
-        os.environ["RAY_ADDRESS"] = address
-        _OWN_ADDRESS.append(address)
 
 
 def _info(started: bool) -> RayInfo:
@@ -94,9 +83,6 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> RayIn
     Raises:
         RayConnectError: no Ray cluster answers at the address.
     """
-    running = "ray" in sys.modules and sys.modules["ray"].is_initialized()
-    if not running and os.environ.get("RAY_ADDRESS") in _OWN_ADDRESS:
-        del os.environ["RAY_ADDRESS"]  # ours, naming a Ray this process has shut down
     target = address or os.environ.get("RAY_ADDRESS") or None
     quiet_ray_env(embedded=not target)
     import ray
@@ -115,6 +101,7 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> RayIn
                 num_cpus=num_cpus,
                 include_dashboard=True,
                 dashboard_host="127.0.0.1",
+                dashboard_port=_dashboard_port(),
                 logging_config=quiet,
             )
     except ConnectionError as exc:
@@ -125,9 +112,26 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> RayIn
             "client the cluster's token (RAY_AUTH_TOKEN or ~/.ray/auth_token), or leave the "
             "address unset to run on an embedded local Ray"
         ) from None
-    info = _info(started=True)
-    _pin_address(info.address)
-    return info
+    return _info(started=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _dashboard_port() -> int:
+    """The embedded dashboard's port, named in ``RAY_API_SERVER_ADDRESS`` before Ray starts,
+    so every Ray process inherits it: Ray's own State API clients (Ray Train's placement-group
+    cleaner, an actor) otherwise search for their cluster and fail with "Found multiple active
+    Ray instances" on a machine running several Rays."""
+    named = os.environ.get("RAY_API_SERVER_ADDRESS", "")
+    if named.startswith("http://127.0.0.1:"):
+        return int(named.rsplit(":", 1)[1])
+    port = _free_port()
+    os.environ.setdefault("RAY_API_SERVER_ADDRESS", f"http://127.0.0.1:{port}")
+    return port
 
 
 # ---------------------------------------------------------------- errors from inside Ray

@@ -223,7 +223,8 @@ class RefreshLauncher:
             placement_timeout_s=self.placement_timeout_s,
             wait_for_other=True,
         )
-        task = ray.remote(_refresh_task).options(num_cpus=0, max_retries=0)
+        # A task lost with its node is run again by Ray: the refresh resumes its generation.
+        task = ray.remote(_refresh_task).options(num_cpus=0, max_retries=2)
         return task.remote(config, group)
 
 

@@ -85,7 +85,8 @@ class _Log:
         (run_dir / "metrics").mkdir(parents=True, exist_ok=True)
         # Open for the whole run (closed in ``close``): one append per step, line-buffered so
         # the driver's console (and a restart) sees each step as soon as it is done.
-        self._steps = open(run_dir / "metrics" / f"rank-{rank}.jsonl", "a", buffering=1)  # noqa: SIM115
+        steps = run_dir / "metrics" / f"rank-{rank}.jsonl"
+        self._steps = open(steps, "a", buffering=1)  # noqa: SIM115
         self._events = open(run_dir / "metrics.jsonl", "a") if rank == 0 else None  # noqa: SIM115
 
     def step(self, record: dict) -> None:
