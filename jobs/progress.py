@@ -36,13 +36,23 @@ def progress_wanted() -> bool:
 
 @contextlib.contextmanager
 def progress_bar(total: int | None, unit: str) -> Iterator[Callable[[int], None]]:
-    """Yield ``advance(n)``; shows a tqdm bar on a terminal (or with SALIENT_PROGRESS=1)."""
+    """Yield ``advance(n)``: a tqdm bar on a terminal (or with SALIENT_PROGRESS=1), else a
+    line every few seconds (``salient: 500/2000 demo scenes``)."""
     from tqdm import tqdm
 
-    with tqdm(
-        total=total, unit=" " + unit, disable=not progress_wanted(), dynamic_ncols=True
-    ) as bar:
-        yield bar.update
+    mode = progress_mode()
+    lines = ProgressLines("") if mode == "lines" else None
+    done = 0
+
+    def advance(n: int = 1) -> None:
+        nonlocal done
+        done += n
+        bar.update(n)
+        if lines is not None:
+            lines.update(**{unit: f"{done}/{total}" if total else done})
+
+    with tqdm(total=total, unit=" " + unit, disable=mode != "bar", dynamic_ncols=True) as bar:
+        yield advance
 
 
 def _key(name: str) -> str:
@@ -82,7 +92,8 @@ class ProgressLines:
     def line(self, **fields) -> None:
         parts = [f"{_key(key)} {_text(v)}" for key, v in fields.items() if v is not None]
         stream = self._stream or sys.stderr
-        print(f"salient {self.job}: " + " · ".join(parts), file=stream, flush=True)
+        head = f"salient {self.job}:" if self.job else "salient:"
+        print(f"{head} " + " · ".join(parts), file=stream, flush=True)
         self._last = time.monotonic()
 
 
