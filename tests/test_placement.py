@@ -111,3 +111,11 @@ def test_refresh_actors_spread_over_the_nodes():
     assert check_refresh(TWO_SMALL, refresh(count=2)) == [0, 1]
     with pytest.raises(PlacementError, match="lower --refresh-cpus"):
         check_refresh(TWO_SMALL, refresh(count=3, cpus=0.6))
+
+
+@pytest.mark.parametrize("value", [1.5, -0.25])
+def test_refresh_gpus_is_a_share_or_whole_gpus(value):
+    from salient.trainer.loop import TrainError
+
+    with pytest.raises(TrainError, match="--refresh-gpus must be a share in"):
+        TrainConfig(data="d", store="s", gpu=True, refresh_gpus=value)
