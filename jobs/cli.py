@@ -8,7 +8,9 @@ JSON, nothing run); ``train`` takes ``--recipe NAME``.
 
 A job module is imported only when its sub-command runs (or shows its help), so ``salient
 --help`` stays fast. A :class:`~salient.errors.SalientError` is printed as one line (what is
-wrong, what to do) with exit code 2; anything else is a bug and keeps its traceback. A run
+wrong, what to do) with exit code 2, also when Ray wrapped it (raised in a task, an actor or a
+train worker: ``salient.jobs.ray_env.user_error``); anything else is a bug and keeps its
+traceback. A run
 function's result is printed as one JSON line (a dict) or as text (a str).
 """
 
@@ -73,6 +75,13 @@ COMMANDS: dict[str, Command] = {
         "the demo set, train an MAE with warmup epochs of random masking, refresh saliency from "
         "its own checkpoint, train on AMT masks, and write an inspection report. Resumes where "
         "it stopped."),
+    "gc": Command(
+        "gc", "GcConfig", "run_gc",
+        "list a store's generations and remove old ones",
+        "List the generations of a saliency store with what garbage collection does to each and "
+        "why, and remove the old ones: the current and the --keep newest published stay, older "
+        "ones go once replaced --grace-s ago, unpublished ones once their driver has been gone "
+        "that long. --dry-run removes nothing."),
     "bench": Command(
         "bench", "BenchConfig", "run_bench_job",
         "throughput benchmarks, as JSON",
@@ -172,13 +181,22 @@ def _run(name: str, argv: list[str]) -> int:
     return 0
 
 
+def _one_line(error: SalientError) -> str:
+    return " ".join(str(error).split())
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``salient ARGV``; returns the exit code (tests call this)."""
     top = _top_parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
         return _run(top.command, top.args)
-    except SalientError as exc:
-        print(f"salient {top.command}: error: {exc}", file=sys.stderr)
+    except Exception as exc:  # ours, or ours inside Ray's wrappers: one line, exit 2
+        from salient.jobs.ray_env import user_error
+
+        error = user_error(exc)
+        if error is None:
+            raise  # a bug: its traceback is the report
+        print(f"salient {top.command}: error: {_one_line(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"salient {top.command}: interrupted", file=sys.stderr)

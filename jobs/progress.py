@@ -1,26 +1,102 @@
-"""Progress bars for long jobs (tqdm), quiet when stderr is not a terminal and CI is set."""
+"""Progress for long jobs: tqdm bars on a terminal, one plain line every few seconds elsewhere.
+
+On a terminal (or with ``SALIENT_PROGRESS=1``) jobs draw tqdm bars. Without one — a log file,
+``ray job submit``, CI — bars would be a wall of carriage returns, and silence for minutes
+reads as a hang, so jobs print one line to stderr at most every ``SALIENT_PROGRESS_EVERY``
+seconds (default 5): job, where it is (epoch / step, shard), img/s, loss, generation.
+``SALIENT_PROGRESS=0`` turns both off.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator
 
-__all__ = ["progress_bar", "progress_wanted"]
+__all__ = ["ProgressLines", "progress_bar", "progress_lines", "progress_mode", "progress_wanted"]
+
+_EVERY_S = 5.0
+
+
+def progress_mode() -> str:
+    """``"bar"`` (a terminal, or SALIENT_PROGRESS=1), ``"lines"`` (no terminal) or ``"off"``
+    (SALIENT_PROGRESS=0)."""
+    wanted = os.environ.get("SALIENT_PROGRESS")
+    if wanted == "0":
+        return "off"
+    return "bar" if wanted == "1" or sys.stderr.isatty() else "lines"
 
 
 def progress_wanted() -> bool:
     """Bars on a terminal, or anywhere with SALIENT_PROGRESS=1; never in logs and CI."""
-    return sys.stderr.isatty() or os.environ.get("SALIENT_PROGRESS") == "1"
+    return progress_mode() == "bar"
 
 
 @contextlib.contextmanager
 def progress_bar(total: int | None, unit: str) -> Iterator[Callable[[int], None]]:
-    """Yield ``advance(n)``; shows a tqdm bar on a terminal (or with SALIENT_PROGRESS=1)."""
+    """Yield ``advance(n)``: a tqdm bar on a terminal (or with SALIENT_PROGRESS=1), else a
+    line every few seconds (``salient: 500/2000 demo scenes``)."""
     from tqdm import tqdm
 
-    with tqdm(
-        total=total, unit=" " + unit, disable=not progress_wanted(), dynamic_ncols=True
-    ) as bar:
-        yield bar.update
+    mode = progress_mode()
+    lines = ProgressLines("") if mode == "lines" else None
+    done = 0
+
+    def advance(n: int = 1) -> None:
+        nonlocal done
+        done += n
+        bar.update(n)
+        if lines is not None:
+            lines.update(**{unit: f"{done}/{total}" if total else done})
+
+    with tqdm(total=total, unit=" " + unit, disable=mode != "bar", dynamic_ncols=True) as bar:
+        yield advance
+
+
+def _key(name: str) -> str:
+    return name.replace("_per_", "/").replace("_", " ")  # img_per_s -> img/s
+
+
+def _text(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+class ProgressLines:
+    """``salient JOB: key value · key value …`` on stderr, at most every ``every_s`` seconds.
+
+    ``update(**fields)`` prints when the last line is older than ``every_s``; ``line``
+    always prints. Fields whose value is None are left out.
+    """
+
+    def __init__(self, job: str, every_s: float | None = None, stream=None) -> None:
+        self.job = job
+        self.every_s = (
+            float(os.environ.get("SALIENT_PROGRESS_EVERY", _EVERY_S))
+            if every_s is None
+            else every_s
+        )
+        self._stream = stream
+        self._last = time.monotonic()
+
+    def update(self, **fields) -> bool:
+        """Print when the last line is ``every_s`` old; returns whether it printed."""
+        if time.monotonic() - self._last < self.every_s:
+            return False
+        self.line(**fields)
+        return True
+
+    def line(self, **fields) -> None:
+        parts = [f"{_key(key)} {_text(v)}" for key, v in fields.items() if v is not None]
+        stream = self._stream or sys.stderr
+        head = f"salient {self.job}:" if self.job else "salient:"
+        print(f"{head} " + " · ".join(parts), file=stream, flush=True)
+        self._last = time.monotonic()
+
+
+def progress_lines(job: str, enabled: bool = True) -> ProgressLines | None:
+    """A :class:`ProgressLines` when the job shows progress and there is no terminal."""
+    return ProgressLines(job) if enabled and progress_mode() == "lines" else None

@@ -13,6 +13,14 @@ retried (up to ``max_retries`` times per shard); a driver that dies leaves the g
 unpublished, and rerunning the same command resumes it, redoing only missing shards. A
 retried shard rewrites the same chunk, so the result is identical to an uninterrupted run.
 
+Placement (``salient.jobs.placement``): the actors' resources are checked per node, then
+reserved in a Ray placement group (spread over the nodes) within ``placement_timeout_s``, and
+each actor — and its replacement after a death, on whichever node Ray moves the bundle to —
+runs in its own bundle; an actor that Ray cannot place in time ends the job with one line.
+The driver holds the generation's lease while it runs (``salient.store.lease``): a second
+driver with the same teacher refuses in one line, or with ``wait_for_other`` waits and uses
+the other's generation.
+
 Why plain actors and not Ray Data: a shard = a chunk = one write is the natural unit for
 actors, while Ray Data's ``map_batches`` re-blocks rows by its own batch size and does not
 keep order (PITFALLS.md), so the rows would have to be gathered and re-blocked per chunk
@@ -90,6 +98,11 @@ class RefreshConfig:
     local Ray."""
     max_retries: int = 3
     """Retries of a shard whose worker died before the job gives up."""
+    placement_timeout_s: float = 60.0
+    """Seconds to wait for Ray to place the actors before stopping with what is missing."""
+    wait_for_other: bool = False
+    """When another live refresh is writing the same maps, wait for it and use its generation
+    (default: refuse in one line)."""
     shard_delay_s: float = field(default=0.0, metadata={"hidden": True})
     """Testing aid: each worker waits this long before writing a shard."""
 
@@ -116,6 +129,10 @@ class RefreshConfig:
                 "--max-retries and shard_delay_s must be >= 0 "
                 f"(got {self.max_retries}, {self.shard_delay_s})"
             )
+        if not self.placement_timeout_s > 0:
+            raise RefreshError(
+                f"--placement-timeout-s must be > 0 (got {self.placement_timeout_s})"
+            )
 
     def _check_positive(self, *names: str) -> None:
         for name in names:
@@ -127,6 +144,16 @@ class RefreshConfig:
     @property
     def device(self) -> str:
         return "cuda" if self.gpus_per_worker > 0 else "cpu"
+
+    def ask(self):
+        """The actors' resources as a placement request."""
+        from salient.jobs.placement import Ask
+
+        bundle = {"CPU": self.cpus_per_worker}
+        if self.gpus_per_worker:
+            bundle["GPU"] = self.gpus_per_worker
+        flags = "--workers, --cpus-per-worker or --gpus-per-worker"
+        return Ask("refresh actor", self.workers, bundle, flags)
 
 
 # ---------------------------------------------------------------- checks before any work
@@ -149,12 +176,35 @@ def _load_teacher(config: RefreshConfig):
 
 
 def _open_store(config: RefreshConfig, dataset):
-    """The store at ``config.store`` checked against the dataset, or None when there is none."""
+    """The store at ``config.store`` checked against the dataset, or None when there is none
+    (StoreDamagedError when only its generations are left)."""
     from salient.store import SaliencyStore, store_exists
 
     if not store_exists(config.store):
         return None
     return SaliencyStore.open(config.store, dataset=dataset)
+
+
+_POLL_S = 2.0  # how often a driver waiting for another one looks again
+
+
+def _begin(config: RefreshConfig, store, begin: Callable[[], object]):
+    """``begin()`` (the store's ``open_or_resume``); when another live driver writes the same
+    maps, refuse (GenerationBusyError) or, with ``wait_for_other``, wait until it publishes
+    (returns the published generation's name) or stops (then resume its generation)."""
+    from salient.store import GenerationBusyError
+
+    while True:
+        try:
+            return begin()
+        except GenerationBusyError as busy:
+            if not config.wait_for_other:
+                raise
+            name = busy.generation
+        while store.writer_state(name)[0] == "live":
+            time.sleep(_POLL_S)
+        if any(g["name"] == name and g["status"] == "published" for g in store.generations()):
+            return name
 
 
 def _check_grid(config: RefreshConfig, store, teacher) -> None:
@@ -171,7 +221,8 @@ def prepare_refresh(config: RefreshConfig):
     """Check everything, create the store when missing, begin or resume the generation.
 
     Returns ``(dataset, teacher, saliency_spec, writer)``; nothing is written before every
-    check has passed.
+    check has passed. ``writer`` is the name of a generation another driver published
+    meanwhile when ``wait_for_other`` waited for it.
     """
     from salient.pipeline.manifest import open_dataset
     from salient.store import SaliencyStore
@@ -179,17 +230,21 @@ def prepare_refresh(config: RefreshConfig):
     dataset = open_dataset(config.data)
     store = _open_store(config, dataset)
     teacher, spec = _load_teacher(config)
-    if store is None:
-        store = SaliencyStore.create(config.store, dataset, grid=teacher.grid)
+    if store is None:  # another driver creating it at the same moment: both open it
+        store = SaliencyStore.open_or_create(config.store, dataset, grid=teacher.grid)
     _check_grid(config, store, teacher)
     heads = teacher.model.blocks[0].attn.num_heads if spec.kind == "heads" else None
-    writer = store.open_or_resume(
-        {**teacher.meta, **spec.as_meta()},
-        spec.kind,
-        image_size=config.image_size,
-        patch_size=teacher.patch_size,
-        epoch=teacher.meta.get("epoch"),
-        heads=heads,
+    writer = _begin(
+        config,
+        store,
+        lambda: store.open_or_resume(
+            {**teacher.meta, **spec.as_meta()},
+            spec.kind,
+            image_size=config.image_size,
+            patch_size=teacher.patch_size,
+            epoch=teacher.meta.get("epoch"),
+            heads=heads,
+        ),
     )
     return dataset, teacher, spec, writer
 
@@ -197,40 +252,65 @@ def prepare_refresh(config: RefreshConfig):
 # ---------------------------------------------------------------- the actors
 
 
-def _check_resources(config: RefreshConfig, cpus: float, gpus: float) -> None:
-    if config.gpus_per_worker > gpus:
-        raise RefreshError(
-            f"--gpus-per-worker {config.gpus_per_worker} but the Ray cluster has "
-            f"{gpus:g} GPUs; use --gpus-per-worker 0 to run on CPU"
-        )
-    if config.cpus_per_worker > cpus:
-        raise RefreshError(
-            f"--cpus-per-worker {config.cpus_per_worker} but the Ray cluster has "
-            f"{cpus:g} CPUs; lower it"
-        )
-
-
 class _Pool:
-    """The worker actors; ``replace(i)`` swaps a dead one for a fresh one (same teacher ref)."""
+    """The worker actors, actor ``i`` in bundle ``i`` of the placement group ``group``.
 
-    def __init__(self, config: RefreshConfig, model_ref, spec):
+    ``replace(i)`` swaps a dead actor for a fresh one in the same bundle (same teacher ref);
+    Ray moves a bundle whose node died to another node. ``check_placed`` stops the job when
+    an actor waits longer than ``timeout_s`` for its bundle.
+    """
+
+    def __init__(self, config: RefreshConfig, model_ref, spec, group):
         import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         from salient.jobs.refresh_worker import RefreshWorker
 
-        self._cls = ray.remote(RefreshWorker).options(
-            num_cpus=config.cpus_per_worker, num_gpus=config.gpus_per_worker, max_restarts=0
+        self._config, self._group, self._args = config, group, (model_ref, spec)
+        self._cls = ray.remote(RefreshWorker)
+        self._options = {
+            "num_cpus": config.cpus_per_worker,
+            "num_gpus": config.gpus_per_worker,
+            "max_restarts": 0,
+        }
+        self._strategy = lambda i: PlacementGroupSchedulingStrategy(
+            group, placement_group_bundle_index=i % len(group.bundle_specs)
         )
-        self._args = (model_ref, spec)
-        self.actors = [self._cls.remote(*self._args) for _ in range(config.workers)]
-        self.incarnation = [0] * config.workers
+        self.actors, self.incarnation, self._waiting = [], [0] * config.workers, {}
+        for index in range(config.workers):
+            self.actors.append(None)
+            self._start(index)
+
+    def _start(self, index: int) -> None:
+        options = {**self._options, "scheduling_strategy": self._strategy(index)}
+        actor = self._cls.options(**options).remote(*self._args)
+        self.actors[index] = actor
+        self._waiting[index] = (actor.pid.remote(), time.monotonic())
 
     def replace(self, index: int) -> None:
         import ray
 
         ray.kill(self.actors[index], no_restart=True)
-        self.actors[index] = self._cls.remote(*self._args)
+        self._start(index)
         self.incarnation[index] += 1
+
+    def check_placed(self) -> None:
+        """PlacementError for an actor Ray has not started within the timeout."""
+        import ray
+
+        from salient.jobs.placement import PlacementError, cluster_nodes, describe
+
+        for index, (ref, since) in list(self._waiting.items()):
+            if ray.wait([ref], timeout=0)[0]:
+                del self._waiting[index]
+            elif time.monotonic() - since > self._config.placement_timeout_s:
+                raise PlacementError(
+                    f"refresh actor {index} ({describe(self._config.ask().bundle)}) was not "
+                    f"started within {self._config.placement_timeout_s:g} s (nodes: "
+                    f"{', '.join(n.name for n in cluster_nodes())}); a node was lost with no "
+                    "room elsewhere — add capacity or lower the refresh's workers, then rerun "
+                    "to resume"
+                )
 
     def shutdown(self) -> None:
         import ray
@@ -245,6 +325,7 @@ class _Tally:
     invalid: int = 0
     computed: int = 0
     retries: int = 0
+    nodes: set = field(default_factory=set)
 
 
 def _progress(total: int, initial: int, enabled: bool):
@@ -262,6 +343,26 @@ def _progress(total: int, initial: int, enabled: bool):
     )
 
 
+class _Report:
+    """Progress lines without a terminal: shards done of all, img/s, the generation."""
+
+    def __init__(self, total: int, done: int, generation: str, enabled: bool) -> None:
+        from salient.jobs.progress import progress_lines
+
+        self.total, self.done, self.generation = total, done, generation
+        self.lines = progress_lines("refresh", enabled)
+
+    def shard_done(self, tally: _Tally, start: float) -> None:
+        self.done += 1
+        if self.lines is not None:
+            report = self.lines.line if self.done == self.total else self.lines.update
+            report(
+                shard=f"{self.done}/{self.total}",
+                img_per_s=round(tally.images / max(time.perf_counter() - start, 1e-9), 1),
+                generation=self.generation,
+            )
+
+
 def _run_shards(
     config: RefreshConfig,
     dataset,
@@ -269,6 +370,7 @@ def _run_shards(
     todo: list[int],
     bar,
     on_shard_done: Callable[[dict], None] | None,
+    report: _Report,
 ) -> _Tally:
     """Keep every actor fed with shards until all are written; retry a dead actor's shards."""
     import ray
@@ -288,20 +390,35 @@ def _run_shards(
     for index in range(len(pool.actors)):
         feed(index)
     while inflight:
-        [ref], _ = ray.wait(list(inflight), num_returns=1)
-        shard, index, incarnation = inflight.pop(ref)
+        done, _ = ray.wait(list(inflight), num_returns=1, timeout=_POLL_S)
+        if not done:
+            pool.check_placed()
+            continue
+        shard, index, incarnation = inflight.pop(done[0])
         try:
-            result = ray.get(ref)
+            result = ray.get(done[0])
         except RayActorError as exc:
+            _check_started(exc)
             _retry(config, shard, exc, attempts, pending, tally)
             if pool.incarnation[index] == incarnation:
                 pool.replace(index)
         else:
             _count(result, tally, bar, start)
+            report.shard_done(tally, start)
             if on_shard_done is not None:
                 on_shard_done(result)
         feed(index)
     return tally
+
+
+def _check_started(exc: Exception) -> None:
+    """An actor whose ``__init__`` raised is no lost worker: its last line is the error
+    (Ray keeps only the text of a creation failure)."""
+    if getattr(exc, "actor_init_failed", False):
+        lines = [line for line in str(exc).splitlines() if line.strip()]
+        raise RefreshError(
+            f"a refresh actor could not start: {lines[-1].strip() if lines else exc!r}"
+        ) from None
 
 
 def _retry(
@@ -322,6 +439,7 @@ def _count(result: dict, tally: _Tally, bar, start: float) -> None:
     tally.images += result["images"]
     tally.invalid += result["invalid"]
     tally.computed += 1
+    tally.nodes.add(result.get("node"))
     bar.update(1)
     bar.set_postfix(img_s=f"{tally.images / max(time.perf_counter() - start, 1e-9):.0f}")
 
@@ -359,56 +477,113 @@ def _compute(
     todo: list[int],
     progress: bool,
     on_shard_done,
+    placement,
 ) -> _Tally:
-    import ray
-
+    from salient.jobs.placement import check_refresh, cluster_nodes, reserve
     from salient.jobs.ray_env import ensure_ray
 
-    info = ensure_ray(config.address)
-    _check_resources(config, info.cpus, info.gpus)
-    pool = _Pool(config, ray.put(teacher.model), worker_spec(config, teacher, spec, writer.name))
+    ensure_ray(config.address)  # before Ray is imported: it reads its auth mode then
+    import ray
+
+    own = placement is None
+    if own:  # per node first (one line, no wait), then Ray's reservation (a bounded wait)
+        check_refresh(cluster_nodes(), config.ask())
+        placement = reserve(config.ask(), config.placement_timeout_s)
     try:
-        with _progress(len(dataset.shards), len(dataset.shards) - len(todo), progress) as bar:
-            return _run_shards(config, dataset, pool, todo, bar, on_shard_done)
+        pool = _Pool(
+            config,
+            ray.put(teacher.model),
+            worker_spec(config, teacher, spec, writer.name),
+            placement,
+        )
+        total, done = len(dataset.shards), len(dataset.shards) - len(todo)
+        report = _Report(total, done, writer.name, progress)
+        try:
+            with _progress(total, done, progress) as bar:
+                return _run_shards(config, dataset, pool, todo, bar, on_shard_done, report)
+        finally:
+            pool.shutdown()
     finally:
-        pool.shutdown()
+        if own:
+            ray.util.remove_placement_group(placement)
 
 
 def run_refresh(
     config: RefreshConfig,
     progress: bool = True,
     on_shard_done: Callable[[dict], None] | None = None,
+    placement=None,
 ) -> dict:
     """Run the refresh job; returns the JSON summary.
 
     Summary: ``images`` / ``invalid`` computed by this run, ``seconds`` (checks to publish),
     ``img_per_s``, ``generation`` (published), ``shards_computed``, ``shards_skipped`` (done by
-    an earlier, interrupted run), ``retries`` (shards re-run after a worker died).
+    an earlier, interrupted run), ``retries`` (shards re-run after a worker died), ``nodes``
+    (Ray nodes whose actors wrote shards), ``joined``
+    (another driver wrote the generation; ``wait_for_other`` waited for it).
     ``on_shard_done(result)`` is called on the driver after each shard is written.
+    ``placement``: a ready Ray placement group whose bundles hold the actors (training
+    reserves one for its refreshes); by default the job reserves its own.
 
     Raises:
-        DatasetError, StoreError, TeacherError, RefreshError: before any work when the
-            inputs do not fit together; RefreshError when a shard keeps failing.
+        DatasetError, StoreError, TeacherError, RefreshError, PlacementError: before any
+            work when the inputs do not fit together or the actors fit on no node;
+            GenerationBusyError when another live driver writes the same maps;
+            RefreshError when a shard keeps failing.
     """
     start = time.perf_counter()
     dataset, teacher, spec, writer = prepare_refresh(config)
+    if isinstance(writer, str):  # another driver published it while this one waited
+        return _summary(
+            config,
+            _Tally(),
+            time.perf_counter() - start,
+            writer,
+            len(dataset.shards),
+            0,
+            joined=True,
+        )
     todo = writer.missing_shards()
-    tally = (
-        _compute(config, dataset, teacher, spec, writer, todo, progress, on_shard_done)
-        if todo
-        else _Tally()
+    lease = writer.store.keep_alive(writer)
+    try:
+        tally = (
+            _compute(
+                config, dataset, teacher, spec, writer, todo, progress, on_shard_done, placement
+            )
+            if todo
+            else _Tally()
+        )
+        lease.stop()  # no renewal may race the publish's attribute writes
+        writer.publish()
+    except BaseException:
+        lease.release()  # the generation is free at once for the next driver, on any host
+        raise
+    skipped = len(dataset.shards) - len(todo)
+    return _summary(
+        config, tally, time.perf_counter() - start, writer.name, skipped, tally.computed
     )
-    writer.publish()
-    seconds = time.perf_counter() - start
+
+
+def _summary(
+    config: RefreshConfig,
+    tally: _Tally,
+    seconds: float,
+    generation: str,
+    skipped: int,
+    computed: int,
+    joined: bool = False,
+) -> dict:
     return {
         "images": tally.images,
         "invalid": tally.invalid,
         "seconds": round(seconds, 3),
         "img_per_s": round(tally.images / seconds, 1) if seconds else math.nan,
-        "generation": writer.name,
-        "shards_computed": tally.computed,
-        "shards_skipped": len(dataset.shards) - len(todo),
+        "generation": generation,
+        "shards_computed": computed,
+        "shards_skipped": skipped,
         "retries": tally.retries,
+        "nodes": len(tally.nodes),
+        "joined": joined,
         "store": config.store,
         "kind": config.kind,
     }

@@ -250,4 +250,12 @@ class RefreshWorker:
             "invalid": int(count - valid.sum()),
             "seconds": time.perf_counter() - start,
             "pid": os.getpid(),
+            "node": _node_id(),
         }
+
+
+def _node_id() -> str | None:
+    """The Ray node this actor runs on (None outside Ray)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None

@@ -2,9 +2,15 @@
 
 The driver checks everything before any work (the config, the dataset, the store and its grid,
 the run directory, a ``--resume`` checkpoint's model), connects to Ray (embedded local Ray by
-default, a cluster with ``--address``), sizes the workers so a refresh fits beside them, and
-runs ``salient.jobs.train_worker.train_loop_per_worker`` under Ray Train's ``TorchTrainer``
-(gloo on CPU; nccl and bf16 autocast with ``gpu``).
+default, a cluster with ``--address``), plans the workers per node so a refresh fits beside
+them (``salient.jobs.placement``: one line when nothing fits, a bounded wait when Ray must
+make room), and runs ``salient.jobs.train_worker.train_loop_per_worker`` under Ray Train's
+``TorchTrainer`` (gloo on CPU; nccl and bf16 autocast with ``gpu``).
+
+Failures: Ray Train restarts lost workers up to ``max_failures`` times, and every attempt
+resumes from the run directory's latest checkpoint. A worker that stops on one of our errors
+records it in ``RUN/error.json`` first, so a restart ends at once instead of repeating it, and
+the driver raises it as one line (README, Decisions, "Surviving worker loss").
 
 The masking schedule is AMT's (its Sec. "Attention-driven masking and throwing", and its code):
 random masking at ``warmup_mask_ratio`` (0.75) for the first ``warmup_epochs`` and until a
@@ -13,10 +19,11 @@ generation exists, then ``strategy``. After every ``refresh_every`` epochs past 
 teacher, in a Ray task beside the training (``refresh_wait`` makes training wait for it); the
 loader switches to the newest published generation at the next epoch boundary.
 
-Outputs in ``run_dir``: ``config.json`` (the resolved config), ``checkpoint-EEEEE.pt`` after
-every epoch, ``metrics.jsonl`` (rank 0: per-epoch records over all ranks, refresh records) and
-``metrics/rank-R.jsonl`` (each rank's per-step records), ``ray/`` (Ray Train's own storage).
-On a multi-node cluster ``run_dir`` must be a path every node shares.
+Outputs in ``run_dir``: ``config.json`` (the resolved config), ``checkpoint-EEEEE.pt`` every
+``save_every`` epochs with its encoder for timm in ``encoder-EEEEE/`` (the newest
+``keep_checkpoints`` kept), ``metrics.jsonl`` (rank 0: start, per-epoch records over all ranks,
+refresh records) and ``metrics/rank-R.jsonl`` (each rank's per-step records), ``ray/`` (Ray
+Train's own storage). On a multi-node cluster ``run_dir`` must be a path every node shares.
 
 :class:`TrainConfig` and its checks live in ``salient.jobs.train_config``; this module
 re-exports it and keeps what needs the disk, Ray or the workers.
@@ -25,7 +32,6 @@ re-exports it and keeps what needs the disk, Ray or the workers.
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,8 +117,9 @@ def _check_steps(config: TrainConfig, loader) -> None:
         )
 
 
-def _check_inputs(config: TrainConfig) -> str | None:
-    """Every check that needs the disk; returns the checkpoint to resume from."""
+def _check_inputs(config: TrainConfig) -> tuple[str | None, int]:
+    """Every check that needs the disk; returns the checkpoint to resume from and the
+    steps of an epoch."""
     from salient.jobs.train_worker import loader_configs
     from salient.pipeline.loader import SalientLoader
 
@@ -120,31 +127,37 @@ def _check_inputs(config: TrainConfig) -> str | None:
     _check_steps(config, loader)  # LoaderError (too few samples for the batch)
     resume_from = _check_run_dir(config)  # first: a --resume mismatch is the root cause
     _check_store(config, loader.dataset)
-    return resume_from
+    return resume_from, len(loader)
 
 
-def _worker_resources(config: TrainConfig, cpus: float, gpus: float) -> dict[str, float]:
-    """Ray resources of one train worker, leaving room for a refresh beside the workers."""
-    reserve = config.refresh_workers * config.refresh_cpus if config.refreshes else 0.0
-    per_worker = config.cpus_per_worker
-    if per_worker is None:  # fractional CPUs on small machines, so a refresh never starves
-        per_worker = math.floor(min(1.0, (cpus - reserve) / config.workers) * 100) / 100
-    if per_worker <= 0 or per_worker * config.workers + reserve > cpus + 1e-6:
-        raise TrainError(
-            f"{config.workers} workers × {per_worker} CPUs + {reserve} for the refresh "
-            f"do not fit the cluster's {cpus:g} CPUs; lower --workers or "
-            "--refresh-cpus"
-        )
-    resources = {"CPU": per_worker}
-    if config.gpu:
-        share = 1.0 - config.refresh_gpus if config.refreshes else 1.0
-        if gpus < config.workers * share:
-            raise TrainError(
-                f"--gpu with {config.workers} workers needs {config.workers * share:g} "
-                f"GPUs but the Ray cluster has {gpus:g}; lower --workers or drop --gpu"
-            )
-        resources["GPU"] = share
-    return resources
+def _refresh_ask(config: TrainConfig):
+    """What each refresh's actors ask of Ray, or None when the run launches no refresh."""
+    from salient.jobs.placement import Ask
+
+    if not config.refreshes:
+        return None
+    bundle = {"CPU": config.refresh_cpus}
+    if config.refresh_gpu_share:
+        bundle["GPU"] = config.refresh_gpu_share
+    flags = "--refresh-workers, --refresh-cpus or --refresh-gpus"
+    return Ask("refresh actor", config.refresh_actors, bundle, flags)
+
+
+def _plan(config: TrainConfig) -> dict:
+    """Ray resources of one train worker, planned per node beside the refresh; Ray places
+    them within ``placement_timeout_s`` or the job stops with what is missing."""
+    from salient.jobs.placement import Ask, cluster_nodes, plan_train, probe
+
+    plan = plan_train(
+        cluster_nodes(),
+        config.workers,
+        config.cpus_per_worker,
+        config.worker_gpus,
+        _refresh_ask(config),
+    )
+    flags = "--workers or --cpus-per-worker" + (" (or drop --gpu)" if config.gpu else "")
+    probe(Ask("train worker", config.workers, plan.worker, flags), config.placement_timeout_s)
+    return plan.worker
 
 
 # ---------------------------------------------------------------- the refresh beside training
@@ -152,12 +165,15 @@ def _worker_resources(config: TrainConfig, cpus: float, gpus: float) -> dict[str
 
 @dataclass(frozen=True)
 class RefreshLauncher:
-    """Rank 0 calls it with a checkpoint path: ``run_refresh`` from that teacher in a Ray task,
-    with the run's map kind, head reduction, block and head (``saliency_*``).
+    """Rank 0's refreshes: ``reserve()`` the actors' placement group once the train workers
+    run, then ``launcher(teacher, group)`` starts ``run_refresh`` from that checkpoint in a
+    Ray task, its actors in the group's bundles, with the run's map kind, head reduction,
+    block and head (``saliency_*``).
 
-    The task holds no CPU (it waits on its actors); each refresh actor reserves
-    ``cpus`` / ``gpus``, which the train workers left free. Returns the task's ObjectRef,
-    whose value is ``run_refresh``'s summary.
+    The task holds no CPU (it waits on its actors). Returns the task's ObjectRef, whose value
+    is ``run_refresh``'s summary. The group is named, so a restarted rank 0 finds it again;
+    the driver removes it when the run ends. A refresh relaunched after a restart waits for
+    one still running from before (``wait_for_other``) instead of failing beside it.
     """
 
     data: str
@@ -171,8 +187,31 @@ class RefreshLauncher:
     reduce: str | None = None
     block: int = -1
     head: int | None = None
+    group: str = "salient-refresh"
+    placement_timeout_s: float = 60.0
 
-    def __call__(self, teacher: str):
+    def ask(self):
+        from salient.jobs.placement import Ask
+
+        bundle = {"CPU": self.cpus, **({"GPU": self.gpus} if self.gpus else {})}
+        flags = "--refresh-workers, --refresh-cpus or --refresh-gpus"
+        return Ask("refresh actor", self.workers, bundle, flags)
+
+    def reserve(self):
+        """The run's refresh placement group, ready (PlacementError after the timeout)."""
+        from ray.util import get_placement_group
+
+        from salient.jobs.placement import reserve, wait_ready
+
+        try:
+            group = get_placement_group(self.group)
+        except ValueError:  # not reserved yet: this is the run's first start
+            beside = " beside the train workers"
+            return reserve(self.ask(), self.placement_timeout_s, self.group, beside)
+        wait_ready(group, self.ask(), self.placement_timeout_s)
+        return group
+
+    def __call__(self, teacher: str, group):
         import ray
 
         from salient.jobs.refresh import RefreshConfig
@@ -190,17 +229,21 @@ class RefreshLauncher:
             workers=self.workers,
             cpus_per_worker=self.cpus,
             gpus_per_worker=self.gpus,
+            placement_timeout_s=self.placement_timeout_s,
+            wait_for_other=True,
         )
-        return ray.remote(_refresh_task).options(num_cpus=0, max_retries=0).remote(config)
+        # A task lost with its node is run again by Ray: the refresh resumes its generation.
+        task = ray.remote(_refresh_task).options(num_cpus=0, max_retries=2)
+        return task.remote(config, group)
 
 
-def _refresh_task(config) -> dict:
+def _refresh_task(config, group) -> dict:
     from salient.jobs.refresh import run_refresh
 
-    return run_refresh(config, progress=False)
+    return run_refresh(config, progress=False, placement=group)
 
 
-def _launcher(config: TrainConfig) -> RefreshLauncher | None:
+def _launcher(config: TrainConfig, group: str) -> RefreshLauncher | None:
     if not config.refreshes:
         return None
     return RefreshLauncher(
@@ -212,28 +255,38 @@ def _launcher(config: TrainConfig) -> RefreshLauncher | None:
         head=config.saliency_head,
         image_size=config.image_size,
         batch_size=config.refresh_batch_size,
-        workers=config.refresh_workers,
+        workers=config.refresh_actors,
         cpus=config.refresh_cpus,
-        gpus=config.refresh_gpus if config.gpu else 0.0,
+        gpus=config.refresh_gpu_share,
+        group=group,
+        placement_timeout_s=config.placement_timeout_s,
     )
 
 
 # ---------------------------------------------------------------- the job
 
 
-def _fit(config: TrainConfig, resume_from: str | None, resources: dict, progress: bool) -> None:
+def _fit(
+    config: TrainConfig, resume_from: str | None, resources: dict, progress: bool, run_id: str
+) -> None:
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from salient.jobs.train_failure import clear_failure, raise_failure
+
     run_dir = Path(config.run_dir)
+    group = f"salient-refresh-{run_id}"
+    # Ray Train waits this long for its workers per try (passed on to its controller)
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(config.placement_timeout_s)
     trainer = TorchTrainer(
         _worker_main,
         train_loop_config={
             "config": config,
             "resume_from": resume_from,
-            "launch_refresh": _launcher(config),
+            "launch_refresh": _launcher(config, group),
             "progress": progress,
+            "run_id": run_id,
         },
         torch_config=TorchConfig(backend="nccl" if config.gpu else "gloo"),
         scaling_config=ScalingConfig(
@@ -244,15 +297,32 @@ def _fit(config: TrainConfig, resume_from: str | None, resources: dict, progress
         run_config=RunConfig(
             name="train",
             storage_path=str(run_dir / "ray"),
-            failure_config=FailureConfig(max_failures=0),
+            failure_config=FailureConfig(
+                max_failures=config.max_failures, controller_failure_limit=config.max_failures
+            ),
             logging_config=ray.LoggingConfig(log_level="WARNING"),
         ),
     )
+    clear_failure(run_dir)  # one left by an earlier run that stopped on an error
     try:
         trainer.fit()
     except Exception as exc:
-        _reraise_user_error(exc)
+        raise_failure(run_dir, exc, config)
         raise
+    finally:
+        _remove_group(group)
+    raise_failure(run_dir, None, config)
+
+
+def _remove_group(name: str) -> None:
+    """Give back the refreshes' placement group (rank 0 reserved it) when the run ends."""
+    import contextlib
+
+    import ray
+    from ray.util import get_placement_group
+
+    with contextlib.suppress(ValueError):  # never reserved: the run made no refresh
+        ray.util.remove_placement_group(get_placement_group(name))
 
 
 def _worker_main(args: dict) -> None:
@@ -275,18 +345,7 @@ def _worker_main(args: dict) -> None:
     train_loop_per_worker(args)
 
 
-def _reraise_user_error(exc: Exception) -> None:
-    """A SalientError raised in a worker comes back wrapped by Ray: raise it as our own error."""
-    from salient.errors import SalientError
-
-    for _, failure in sorted((getattr(exc, "worker_failures", None) or {}).items()):
-        while isinstance(getattr(failure, "cause", None), BaseException):  # RayTaskError
-            failure = failure.cause
-        if isinstance(failure, SalientError):
-            raise failure from exc
-
-
-def _summary(config: TrainConfig, resume_from: str | None, seconds: float) -> dict:
+def _summary(config: TrainConfig, resume_from: str | None, seconds: float, run_id: str) -> dict:
     from salient.trainer.checkpoint import latest_checkpoint
 
     records = [
@@ -309,6 +368,9 @@ def _summary(config: TrainConfig, resume_from: str | None, seconds: float) -> di
         "refreshes": [r["generation"] for r in records if r["kind"] == "refresh"],
         "checkpoint": str(latest_checkpoint(config.run_dir)),
         "resumed_from": resume_from,
+        "restarts": max(
+            0, sum(r["kind"] == "start" and r.get("run") == run_id for r in records) - 1
+        ),
         "seconds": round(seconds, 2),
     }
 
@@ -316,32 +378,37 @@ def _summary(config: TrainConfig, resume_from: str | None, seconds: float) -> di
 def run_train(config: TrainConfig, progress: bool | None = None) -> dict:
     """Run (or ``resume``) training; returns a JSON summary of the run.
 
-    ``progress``: rank 0's step bar; by default only on a terminal (or SALIENT_PROGRESS=1),
-    so logs and CI get no bar lines.
+    ``progress``: False shows nothing; by default rank 0's step bar on a terminal (or with
+    SALIENT_PROGRESS=1) and, without one, a line every few seconds (``jobs.progress``).
 
     Summary: ``epochs_done``, ``steps`` (global optimiser steps), ``loss`` and ``img_per_s``
     of the last epoch, ``generation`` it used, ``refreshes`` (generations this run's refreshes
-    published), ``checkpoint`` (the latest), ``resumed_from``, ``seconds``.
+    published), ``checkpoint`` (the latest), ``resumed_from``, ``restarts`` (after lost
+    workers), ``seconds``.
 
     Raises:
-        TrainError, DatasetError, StoreError, CheckpointError, RayConnectError: before any
-            work when the inputs do not fit together; TrainError when a worker fails with an
-            error the user can fix (a diverged loss, a refresh that fails).
+        TrainError, DatasetError, StoreError, CheckpointError, RayConnectError,
+            PlacementError: before any work when the inputs do not fit together or the
+            workers fit on no node; any of our errors raised in a worker (a diverged loss, a
+            refresh that fails), as itself; TrainError when workers were lost more often
+            than ``max_failures``.
     """
     import time
+    import uuid
 
+    from salient.jobs.progress import progress_mode
     from salient.jobs.ray_env import ensure_ray
+    from salient.jobs.train_console import TrainConsole
 
     start = time.perf_counter()
     config = resolved(config)
-    resume_from = _check_inputs(config)
-    info = ensure_ray(config.address)
-    resources = _worker_resources(config, info.cpus, info.gpus)
+    resume_from, steps = _check_inputs(config)
+    ensure_ray(config.address)
+    resources = _plan(config)
     os.makedirs(config.run_dir, exist_ok=True)
     Path(config.run_dir, "config.json").write_text(json.dumps(config.as_dict(), indent=2))
-    if progress is None:
-        from salient.jobs.progress import progress_wanted
-
-        progress = progress_wanted()
-    _fit(config, resume_from, resources, progress)
-    return _summary(config, resume_from, time.perf_counter() - start)
+    mode = progress_mode() if progress is not False else "off"
+    with TrainConsole(config, steps, enabled=mode == "lines"):
+        run_id = uuid.uuid4().hex[:12]
+        _fit(config, resume_from, resources, mode == "bar", run_id)
+    return _summary(config, resume_from, time.perf_counter() - start, run_id)

@@ -91,6 +91,20 @@ class TrainConfig:
     """Directory of checkpoints, metrics and config.json (shared by every node on a cluster)."""
     resume: bool = False
     """Continue the run in --run-dir from its latest checkpoint."""
+    max_failures: int = 3
+    """Restarts after a train worker (or its node) is lost; each restart continues from the
+    latest checkpoint by itself. 0 = the first loss ends the run."""
+    save_every: int = 1
+    """Epochs between checkpoints (the last epoch and each refresh's teacher are always saved)."""
+    keep_checkpoints: int = 3
+    """Newest checkpoints kept in --run-dir, each with its encoder exported for timm
+    (safetensors); 0 = keep all."""
+    keep_generations: int = 3
+    """Published generations the store keeps after each refresh (older ones are collected an
+    hour after they were replaced); 0 = never collect."""
+    placement_timeout_s: float = 60.0
+    """Seconds to wait for Ray to place the train workers and the refresh actors before
+    stopping with what is missing."""
     batch_size: int = 64
     """Images per batch on each worker."""
     lr: float | None = None
@@ -136,7 +150,8 @@ class TrainConfig:
     loader_workers: int = 2
     """DataLoader worker processes per train worker."""
     cpus_per_worker: float | None = None
-    """Ray CPUs per train worker; unset = sized so a refresh fits beside the workers."""
+    """Ray CPUs per train worker; unset = the most (up to 1) that fits beside the refresh on
+    the nodes."""
     saliency_kind: str = field(default="cls_attn", metadata={"choices": _map_kinds})
     """Map kind the refreshes write (cls_attn: AMT, AttMask; gpa: GPA)."""
     saliency_reduce: str | None = field(default=None, metadata={"choices": _reduces})
@@ -146,16 +161,19 @@ class TrainConfig:
     """Block whose attention refreshes read (negative counts from the end; -1: the last)."""
     saliency_head: int | None = None
     """One head for refresh maps instead of a reduction (gpa's default: the last head)."""
-    refresh_workers: int = 1
-    """Teacher actors of each refresh."""
+    refresh_workers: int | None = None
+    """Teacher actors of each refresh; unset = one per train worker with --gpu (one on each
+    training GPU), else 1."""
     refresh_cpus: float = 0.5
     """Ray CPUs per refresh actor."""
-    refresh_gpus: float = 0.0
-    """GPU share per refresh actor (with --gpu; the train workers leave that share free)."""
+    refresh_gpus: float | None = None
+    """GPUs per refresh actor: a fraction shares a training GPU (each train worker leaves it
+    free), a whole number takes dedicated GPUs; unset = 0.25 with --gpu, else 0."""
     refresh_batch_size: int = 64
     """Images per teacher forward in a refresh."""
     log_details: bool = field(default=False, metadata={"hidden": True})
-    """Testing aid: each step's sample ids and a parameter checksum in the per-rank JSONL."""
+    """Testing aid: each step's sample ids, a parameter checksum and the worker's process id in
+    the per-rank JSONL."""
     stop_after_epochs: int | None = field(default=None, metadata={"hidden": True})
     """Testing aid: end the run right after this epoch's checkpoint, as a kill there would."""
 
@@ -196,6 +214,37 @@ class TrainConfig:
     def accum_steps(self) -> int:
         """Batches per optimiser step: ``accum_iter``, else from ``effective_batch``, else 1."""
         return _accumulation(self)
+
+    @property
+    def refresh_actors(self) -> int:
+        """Teacher actors of each refresh (``refresh_workers``, or its default)."""
+        if self.refresh_workers is not None:
+            return self.refresh_workers
+        return self.workers if self.gpu else 1
+
+    @property
+    def refresh_gpu_share(self) -> float:
+        """GPUs per refresh actor (``refresh_gpus``, or 0.25 of a training GPU with --gpu):
+        README, Decisions, "GPU refresh beside GPU training"."""
+        if self.refresh_gpus is not None:
+            return float(self.refresh_gpus)
+        return 0.25 if self.gpu else 0.0
+
+    @property
+    def worker_gpus(self) -> float:
+        """GPUs per train worker: one, less the share a refresh actor takes beside it."""
+        if not self.gpu:
+            return 0.0
+        share = self.refresh_gpu_share if self.refreshes else 0.0
+        return 1.0 - share if 0 < share < 1 else 1.0
+
+    def checkpoint_due(self, epochs_done: int) -> bool:
+        """Whether the epoch ending with ``epochs_done`` writes a checkpoint (every
+        ``save_every``, the last one; a refresh's teacher is saved besides)."""
+        return epochs_done % self.save_every == 0 or epochs_done in (
+            self.epochs,
+            self.stop_after_epochs,
+        )
 
     @property
     def global_batch(self) -> int:
@@ -285,12 +334,21 @@ def _check_counts(c: TrainConfig) -> None:
         "batch_size",
         "image_size",
         "patch_size",
-        "refresh_workers",
         "refresh_batch_size",
+        "save_every",
     ):
         if getattr(c, name) < 1:
             raise TrainError(f"{_flag(name)} must be >= 1 (got {getattr(c, name)})")
-    for name in ("warmup_epochs", "refresh_every", "loader_workers"):
+    if c.refresh_workers is not None and c.refresh_workers < 1:
+        raise TrainError(f"--refresh-workers must be >= 1 (got {c.refresh_workers})")
+    for name in (
+        "warmup_epochs",
+        "refresh_every",
+        "loader_workers",
+        "max_failures",
+        "keep_checkpoints",
+        "keep_generations",
+    ):
         if getattr(c, name) < 0:
             raise TrainError(f"{_flag(name)} must be >= 0 (got {getattr(c, name)})")
     if c.lr_warmup_epochs is not None and c.lr_warmup_epochs < 0:
@@ -415,11 +473,16 @@ def _check_gpa_target(c: TrainConfig) -> None:
 def _check_resources(c: TrainConfig) -> None:
     if c.cpus_per_worker is not None and not c.cpus_per_worker > 0:
         raise TrainError(f"--cpus-per-worker must be > 0 (got {c.cpus_per_worker})")
-    if not c.refresh_cpus > 0 or not 0 <= c.refresh_gpus < 1:
+    if not c.refresh_cpus > 0:
+        raise TrainError(f"--refresh-cpus must be > 0 (got {c.refresh_cpus})")
+    gpus = c.refresh_gpus
+    if gpus is not None and not (0 <= gpus < 1 or (gpus >= 1 and float(gpus).is_integer())):
         raise TrainError(
-            f"--refresh-cpus must be > 0 and --refresh-gpus in [0, 1) (got "
-            f"{c.refresh_cpus}, {c.refresh_gpus}): a refresh shares the GPUs"
+            f"--refresh-gpus must be a share in [0, 1) of a training GPU or a whole number of "
+            f"dedicated GPUs (got {gpus})"
         )
+    if not c.placement_timeout_s > 0:
+        raise TrainError(f"--placement-timeout-s must be > 0 (got {c.placement_timeout_s})")
 
 
 def resolved(config: TrainConfig) -> TrainConfig:

@@ -4,14 +4,24 @@
 (the function lives in the package so Ray workers can import it, PITFALLS.md). Ray has set up
 the process group (gloo on CPU, nccl on GPU) before it runs.
 
+At start every rank restores the run directory's latest checkpoint (rank 0 picks it, all agree):
+a ``--resume`` and a restart by Ray Train after a lost worker are the same path, so a restarted
+run ends with the same steps as an uninterrupted one. Rank 0 reserves the refreshes' placement
+group once the workers run (``RefreshLauncher.reserve``). A worker that stops on one of our
+errors records it for the driver (``salient.jobs.train_failure``); the workers of a restart
+find it and return at once.
+
 Per epoch, on every rank: rank 0 reads the store's current generation and broadcasts it (the
 broadcast is also the barrier that keeps every rank behind rank 0's end-of-epoch work, so a
 refresh it waited for is seen by all); the epoch's masking follows AMT's schedule (random at
 the warmup ratio until the warmup is over and a generation exists, then the strategy); one
 epoch is trained (``salient.trainer.loop``) and its totals summed over ranks. Rank 0 then
-writes the checkpoint and the epoch record and, when the schedule says so, launches a refresh
-from that checkpoint. Batches are moved with ``ray.train.torch.get_device()``:
-``prepare_data_loader`` cannot wrap the webdataset loader (PITFALLS.md).
+writes the checkpoint when due (``save_every``, with its encoder exported for timm, the oldest
+beyond ``keep_checkpoints`` deleted) and the epoch record and, when the schedule says so,
+launches a refresh from that checkpoint; after each refresh publishes, it collects the store's
+old generations (``keep_generations``). Batches are moved with
+``ray.train.torch.get_device()``: ``prepare_data_loader`` cannot wrap the webdataset loader
+(PITFALLS.md).
 
 Importing this module touches no disk, GPU or Ray.
 """
@@ -19,6 +29,7 @@ Importing this module touches no disk, GPU or Ray.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -28,7 +39,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from salient.trainer.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
+from salient.trainer.checkpoint import (
+    checkpoint_path,
+    export_encoder,
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+)
 from salient.trainer.loop import WarmupCosine, build_optimizer, param_checksum, train_one_epoch
 from salient.trainer.models import build_model
 
@@ -65,8 +83,10 @@ class _Log:
 
     def __init__(self, run_dir: Path, rank: int) -> None:
         (run_dir / "metrics").mkdir(parents=True, exist_ok=True)
-        # Open for the whole run (closed in ``close``): one append per step.
-        self._steps = open(run_dir / "metrics" / f"rank-{rank}.jsonl", "a")  # noqa: SIM115
+        # Open for the whole run (closed in ``close``): one append per step, line-buffered so
+        # the driver's console (and a restart) sees each step as soon as it is done.
+        steps = run_dir / "metrics" / f"rank-{rank}.jsonl"
+        self._steps = open(steps, "a", buffering=1)  # noqa: SIM115
         self._events = open(run_dir / "metrics.jsonl", "a") if rank == 0 else None  # noqa: SIM115
 
     def step(self, record: dict) -> None:
@@ -86,21 +106,30 @@ class _Log:
 
 
 class _Refresher:
-    """At most one refresh in flight, started by ``launch(checkpoint_path)`` (a Ray task).
+    """At most one refresh in flight, started by ``launch(checkpoint_path, group)`` (a Ray task
+    whose actors run in the placement group ``launch.reserve()`` gave, once per start).
 
-    ``finish`` waits for it and logs its summary. A refresh that failed raises there, so the
-    run stops with the refresh's error; the checkpoints stay and ``--resume`` continues.
+    ``finish`` waits for it, logs its summary and collects old generations. A refresh that
+    failed raises there, so the run stops with the refresh's error; the checkpoints stay and
+    ``--resume`` continues.
     """
 
-    def __init__(self, launch: Callable[[str], Any] | None, wait: bool, log: _Log) -> None:
+    def __init__(self, launch, wait: bool, log: _Log, keep_generations: int) -> None:
         self._launch, self._wait, self._log = launch, wait, log
+        self._keep = keep_generations
         self._pending: tuple[Any, dict] | None = None
+        self._group = launch.reserve() if launch is not None else None
+
+    @property
+    def teacher(self) -> str | None:
+        """The checkpoint the refresh in flight reads (it must not be pruned)."""
+        return None if self._pending is None else self._pending[1]["teacher"]
 
     def start(self, teacher: Path, epochs_done: int) -> None:
         self.finish()  # the previous one first, so the schedule stays in order
         about = {"teacher": str(teacher), "epochs_done": epochs_done}
         self._log.event({"kind": "refresh_start", **about})
-        self._pending = (self._launch(str(teacher)), about)
+        self._pending = (self._launch(str(teacher), self._group), about)
         if self._wait:
             self.finish()
 
@@ -118,9 +147,24 @@ class _Refresher:
             ref, about = self._pending
             self._pending = None
             summary = ray.get(ref)  # run_refresh's summary; its "kind" is the map kind
+            collected = self._collect(summary["store"])
             self._log.event(
-                {**about, **summary, "map_kind": summary.get("kind"), "kind": "refresh"}
+                {
+                    **about,
+                    **summary,
+                    "map_kind": summary.get("kind"),
+                    "kind": "refresh",
+                    "collected": collected,
+                }
             )
+
+    def _collect(self, url: str) -> list[str]:
+        """Old generations removed after a publish (README, Decisions, "Bounded disk")."""
+        if not self._keep:
+            return []
+        from salient.store import SaliencyStore
+
+        return SaliencyStore.open(url).gc(keep=self._keep)
 
 
 def _open_store(url: str | None):
@@ -268,10 +312,17 @@ class _Worker:
         self.model, self.optimizer, self.schedule = _build(
             self.config, self.device, len(self.loader)
         )
-        self.state = self._restore(args["resume_from"])
+        # a --resume and a restart after a lost worker alike: the latest checkpoint, on all ranks
+        latest = latest_checkpoint(self.config.run_dir) if self.rank == 0 else None
+        self.restored = _agree(None if latest is None else str(latest), self.rank)
+        self.state = self._restore(self.restored)
         self.log = _Log(Path(self.config.run_dir), self.rank)
         self.progress = args["progress"] and self.rank == 0
-        self.refresher = _Refresher(args["launch_refresh"], self.config.refresh_wait, self.log)
+        self.run_id = args.get("run_id")
+        launch = args["launch_refresh"] if self.rank == 0 else None
+        self.refresher = _Refresher(
+            launch, self.config.refresh_wait, self.log, self.config.keep_generations
+        )
 
     def _restore(self, path: str | None) -> _State:
         if path is None:
@@ -281,12 +332,14 @@ class _Worker:
         )
         return _State(ckpt["epoch"], ckpt["step"], ckpt["generation"])
 
-    def run(self, resumed: bool) -> None:
+    def run(self) -> None:
         import ray.train
 
         config = self.config
-        if resumed and self.rank == 0:
-            self._resume_refresh()
+        if self.rank == 0:
+            self._log_start()
+            if self.restored is not None:
+                self._resume_refresh()
         for epoch in range(self.state.epochs_done, config.epochs):
             record = self._train_epoch(epoch)
             if self.rank == 0:
@@ -345,6 +398,7 @@ class _Worker:
             if self.config.log_details:
                 record["ids"] = batch["ids"].tolist()
                 record["checksum"] = param_checksum(self.model)
+                record["pid"] = os.getpid()
             self.log.step(record)
             if bar is not None:
                 bar.update(1)
@@ -352,11 +406,29 @@ class _Worker:
         return on_step
 
     def _end_of_epoch(self, record: dict) -> None:
-        """Rank 0: the checkpoint, the epoch record, the refresh the schedule asks for."""
+        """Rank 0: the checkpoint when due, the epoch record, the refresh the schedule asks
+        for, then the old checkpoints pruned."""
         config, state = self.config, self.state
-        path = checkpoint_path(config.run_dir, state.epochs_done)
-        save_checkpoint(
-            path,
+        refresh = (
+            refresh_due(config, state.epochs_done) and config.stop_after_epochs != state.epochs_done
+        )
+        path = None
+        if refresh or config.checkpoint_due(state.epochs_done):
+            path = self._save()
+        self.log.event({**record, "checkpoint": None if path is None else str(path)})
+        if refresh:
+            self.refresher.start(path, state.epochs_done)
+        else:
+            self.refresher.poll()
+        if path is not None:
+            protect = [self.refresher.teacher] if self.refresher.teacher else []
+            prune_checkpoints(config.run_dir, config.keep_checkpoints, protect)
+
+    def _save(self) -> Path:
+        """The checkpoint of the epochs done, and its encoder exported for timm."""
+        config, state = self.config, self.state
+        path = save_checkpoint(
+            checkpoint_path(config.run_dir, state.epochs_done),
             self.model,
             self.optimizer,
             self.schedule,
@@ -365,11 +437,23 @@ class _Worker:
             state.generation,
             config.as_dict(),
         )
-        self.log.event({**record, "checkpoint": str(path)})
-        if refresh_due(config, state.epochs_done) and config.stop_after_epochs != state.epochs_done:
-            self.refresher.start(path, state.epochs_done)
-        else:
-            self.refresher.poll()
+        export_encoder(path)
+        return path
+
+    def _log_start(self) -> None:
+        """Rank 0: a start record; ``restart`` when this run of the driver started before."""
+        run_log = Path(self.config.run_dir) / "metrics.jsonl"
+        earlier = [json.loads(line) for line in run_log.read_text().splitlines() if line]
+        restart = any(r["kind"] == "start" and r.get("run") == self.run_id for r in earlier)
+        self.log.event(
+            {
+                "kind": "start",
+                "run": self.run_id,
+                "from": self.restored,
+                "epochs_done": self.state.epochs_done,
+                "restart": restart,
+            }
+        )
 
     def _resume_refresh(self) -> None:
         """Relaunch the refresh due after the resumed checkpoint if it never published."""
@@ -385,11 +469,27 @@ class _Worker:
 
 def train_loop_per_worker(args: dict) -> None:
     """Ray Train's per-worker function. ``args``: ``config`` (a ``TrainConfig``),
-    ``resume_from`` (a checkpoint path or None), ``launch_refresh`` (a callable taking a
-    checkpoint path and returning a Ray ObjectRef, or None), ``progress`` (rank 0 draws a bar).
+    ``resume_from`` (the checkpoint the driver checked, or None), ``launch_refresh`` (a
+    ``RefreshLauncher`` or None), ``progress`` (rank 0 draws a bar), ``run_id`` (the driver's
+    run, to tell a restart from a start).
+
+    Our errors are recorded before they are raised, and a restart after one returns at once
+    (``salient.jobs.train_failure``).
     """
-    worker = _Worker(args)
+    from salient.errors import SalientError
+    from salient.jobs.ray_env import user_error
+    from salient.jobs.train_failure import failure_recorded, record_failure
+
+    run_dir = args["config"].run_dir
+    if failure_recorded(run_dir):
+        return  # an earlier attempt stopped on an error a restart would only repeat
+    worker = None
     try:
-        worker.run(resumed=args["resume_from"] is not None)
+        worker = _Worker(args)
+        worker.run()
+    except SalientError as exc:  # also a RayTaskError wrapping one (a failed refresh)
+        record_failure(run_dir, user_error(exc) or exc)
+        raise
     finally:
-        worker.close()
+        if worker is not None:
+            worker.close()

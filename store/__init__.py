@@ -6,12 +6,14 @@ Importing this package touches no disk.
 
 from salient.store.errors import (
     FingerprintMismatchError,
+    GenerationBusyError,
     GenerationNotFoundError,
     GenerationStateError,
     IdRangeError,
     IncompleteGenerationError,
     LayoutMismatchError,
     NotPublishedError,
+    StoreDamagedError,
     StoreError,
     StoreExistsError,
     StoreNotFoundError,
@@ -22,6 +24,7 @@ from salient.store.store import FORMAT, SaliencyStore, store_exists
 __all__ = [
     "FORMAT",
     "FingerprintMismatchError",
+    "GenerationBusyError",
     "GenerationNotFoundError",
     "GenerationReader",
     "GenerationStateError",
@@ -32,6 +35,7 @@ __all__ = [
     "LayoutMismatchError",
     "NotPublishedError",
     "SaliencyStore",
+    "StoreDamagedError",
     "StoreError",
     "StoreExistsError",
     "StoreNotFoundError",

@@ -17,6 +17,8 @@ from salient.pipeline.manifest import Dataset, Manifest, ShardInfo, fingerprint,
 from salient.store.store import SaliencyStore
 
 __all__ = [
+    "hold_generation",
+    "open_or_create",
     "publish_generations",
     "synthetic_dataset",
     "synthetic_shard",
@@ -120,3 +122,28 @@ def timed_write(url: str, generation: str, shards: list[int], barrier, queue) ->
     for shard, maps, valid in rows:
         writer.write_shard(shard, maps, valid)
     queue.put((begin, time.monotonic()))
+
+
+def hold_generation(url: str, seed: int, shards: list[int], ready) -> None:
+    """Child process (a driver that stays): begin or resume the generation of ``seed``, hold
+    its lease (renewed), write ``shards``, set ``ready``, then wait to be killed."""
+    store = SaliencyStore.open(url)
+    writer = store.open_or_resume(
+        synthetic_teacher(seed), "cls_attn", image_size=store.grid * 8, patch_size=8, epoch=seed
+    )
+    store.keep_alive(writer)
+    for shard in shards:
+        _write(writer, store, shard, seed)
+    ready.set()
+    time.sleep(3600)
+
+
+def open_or_create(url: str, num_samples: int, shard_size: int, grid: int, barrier, queue) -> None:
+    """Child process: wait at ``barrier``, then ``SaliencyStore.open_or_create``; puts the
+    store's fingerprint, or the error's text, on ``queue``."""
+    dataset = synthetic_dataset(num_samples, shard_size, Path(url).parent)
+    barrier.wait()
+    try:
+        queue.put(SaliencyStore.open_or_create(url, dataset, grid=grid).fingerprint)
+    except Exception as exc:  # reported to the test, which names it
+        queue.put(f"{type(exc).__name__}: {exc}")

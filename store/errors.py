@@ -10,12 +10,14 @@ from salient.errors import SalientError
 
 __all__ = [
     "FingerprintMismatchError",
+    "GenerationBusyError",
     "GenerationNotFoundError",
     "GenerationStateError",
     "IdRangeError",
     "IncompleteGenerationError",
     "LayoutMismatchError",
     "NotPublishedError",
+    "StoreDamagedError",
     "StoreError",
     "StoreExistsError",
     "StoreNotFoundError",
@@ -28,6 +30,10 @@ class StoreError(SalientError):
 
 class StoreNotFoundError(StoreError):
     """No saliency store at the URL."""
+
+
+class StoreDamagedError(StoreError):
+    """Parts of a store are there but a part every reader needs (the root) is missing."""
 
 
 class StoreExistsError(StoreError):
@@ -60,3 +66,7 @@ class NotPublishedError(GenerationStateError):
 
 class IncompleteGenerationError(GenerationStateError):
     """Publish refused: some shards of the generation are not written yet."""
+
+
+class GenerationBusyError(GenerationStateError):
+    """Another live driver is writing the generation this one would resume."""

@@ -192,9 +192,12 @@ class GenerationWriter:
     ``abandon`` belong to the driver only.
     """
 
-    def __init__(self, owner: SaliencyStore, group: zarr.Group, layout: Layout):
+    def __init__(
+        self, owner: SaliencyStore, group: zarr.Group, layout: Layout, holder: dict | None = None
+    ):
         self.name = group.basename
         self.attrs = dict(group.attrs)
+        self.holder = holder  # the driver's lease record (None in actors: they hold none)
         self._owner = owner
         self._layout = layout
         # Every write is a whole chunk of real rows: skip zarr's "is this chunk all fill
@@ -206,6 +209,11 @@ class GenerationWriter:
 
     def __repr__(self) -> str:
         return f"GenerationWriter({self._owner.url!r}, {self.name!r})"
+
+    @property
+    def store(self) -> SaliencyStore:
+        """The store this generation belongs to."""
+        return self._owner
 
     def missing_shards(self) -> list[int]:
         """Indices of the shards whose resume marker is not set, ascending."""

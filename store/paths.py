@@ -30,6 +30,7 @@ __all__ = [
     "now",
     "occupied",
     "open_root",
+    "orphan_generations",
     "positive_int",
     "same_maps",
     "store_exists",
@@ -61,9 +62,7 @@ def open_root(url: str, mode: str = "r") -> zarr.Group:
     return zarr.open_group(store_like(url), mode=mode, zarr_format=3, use_consolidated=False)
 
 
-def store_exists(url: str | os.PathLike) -> bool:
-    """Whether a zarr group lives at ``url`` (without creating anything)."""
-    url = normalise(url)
+def _root_exists(url: str) -> bool:
     if "://" not in url:
         return (Path(url) / "zarr.json").is_file()
     try:
@@ -71,6 +70,28 @@ def store_exists(url: str | os.PathLike) -> bool:
     except FileNotFoundError:
         return False
     return True
+
+
+def orphan_generations(url: str | os.PathLike) -> list[str]:
+    """Generation groups (``gen-*/zarr.json``) below ``url``; with no root ``zarr.json`` beside
+    them the store is damaged, not absent."""
+    url = normalise(url)
+    if "://" not in url:
+        paths = Path(url).glob("gen-*/zarr.json") if Path(url).is_dir() else []
+        names = [p.parent.name for p in paths]
+    else:
+        from fsspec.core import url_to_fs
+
+        fs, root = url_to_fs(url)
+        names = [p.rstrip("/").split("/")[-2] for p in fs.glob(f"{root}/gen-*/zarr.json")]
+    return sorted(n for n in names if GENERATION.match(n))
+
+
+def store_exists(url: str | os.PathLike) -> bool:
+    """Whether a store lives at ``url``, whole or damaged (generations without the root's
+    ``zarr.json``: ``SaliencyStore.open`` names what is missing); creates nothing."""
+    url = normalise(url)
+    return _root_exists(url) or bool(orphan_generations(url))
 
 
 def occupied(url: str) -> bool:

@@ -43,6 +43,13 @@ Guarantees:
   ago (readers may still be bound to it); a chunk that vanished anyway reads back NaN.
 - Checks before any write: dataset fingerprint (``open(url, dataset)``), grid
   (``begin_generation``), row shapes, dtypes and id ranges (``write_shard``, reads).
+- **Drivers say who writes.** The driver that begins or resumes a generation holds its lease
+  (the ``writer`` attr, :mod:`salient.store.lease`) and renews it while it runs; a second
+  driver with the same maps gets :class:`GenerationBusyError` naming the generation instead of
+  writing beside it, and a generation whose driver died is resumed by the next driver with
+  the same maps, or collected by ``gc`` after the grace period. A store missing its root but
+  holding generations is reported damaged (:class:`StoreDamagedError`), never taken for
+  absent; two drivers creating one store at once both open it (``open_or_create``).
 
 URLs: a local path (or ``file://`` URL) opens zarr's ``LocalStore`` directly — its writes are
 atomic per key, which fsspec's local writes are not. Any other URL (``s3://bucket/saliency.zarr``,
@@ -51,8 +58,9 @@ credentials; the fsspec implementation (s3fs, gcsfs, …) must be installed. Obj
 a key atomically too, so the publish contract holds there as well. That URL handling,
 ``store_exists`` and the other module-level helpers live in :mod:`salient.store.paths`.
 
-One driver at a time: two processes publishing or collecting in the same store concurrently can
-lose a root update (zarr has no locks). Importing this module touches no disk.
+Several drivers may share a store: root updates (publish, gc) are read-modify-write of one key
+(zarr has no locks), so each is read back and redone when another driver's write replaced it.
+Importing this module touches no disk.
 """
 
 from __future__ import annotations
@@ -61,19 +69,23 @@ import os
 from collections.abc import Callable
 
 import zarr
+from zarr.errors import ContainsGroupError
 
 from salient.store.errors import (
     FingerprintMismatchError,
+    GenerationBusyError,
     GenerationNotFoundError,
     GenerationStateError,
     IncompleteGenerationError,
     LayoutMismatchError,
     NotPublishedError,
+    StoreDamagedError,
     StoreError,
     StoreExistsError,
     StoreNotFoundError,
 )
 from salient.store.generation import GenerationReader, GenerationWriter, Layout, create_arrays
+from salient.store.lease import Lease, describe_writer, holder, lease_state
 from salient.store.paths import (
     GENERATION,
     age_s,
@@ -84,6 +96,7 @@ from salient.store.paths import (
     now,
     occupied,
     open_root,
+    orphan_generations,
     positive_int,
     same_maps,
     store_exists,
@@ -96,6 +109,12 @@ FORMAT = "salient-store/1"
 
 
 # ---------------------------------------------------------------- the store
+
+
+def _busy(name: str, message: str) -> GenerationBusyError:
+    error = GenerationBusyError(message)
+    error.generation = name  # kept through pickling (Ray): exceptions pickle their __dict__
+    return error
 
 
 class SaliencyStore:
@@ -140,7 +159,8 @@ class SaliencyStore:
         layout = dataset_layout(dataset, grid)
         if occupied(url):
             raise StoreExistsError(
-                f"{url} already exists; open it with SaliencyStore.open, or choose a new store path"
+                f"{url} already holds something (a store, or other files); open the store "
+                "there or choose a new store path"
             )
         attrs = {
             "format": FORMAT,
@@ -153,8 +173,26 @@ class SaliencyStore:
             "published": {},
             "replaced": {},
         }
-        zarr.create_group(store_like(url), zarr_format=3, attributes=attrs)
+        try:
+            zarr.create_group(store_like(url), zarr_format=3, attributes=attrs)
+        except ContainsGroupError:  # created by another driver since the check above
+            raise StoreExistsError(f"{url} was created meanwhile by another driver") from None
         return cls(url, attrs)
+
+    @classmethod
+    def open_or_create(cls, url: str | os.PathLike, dataset, grid: int = 14) -> SaliencyStore:
+        """The store at ``url`` checked against ``dataset``, created first when missing.
+
+        Two drivers that create one store at the same moment both end up opening it (the
+        loser of the race opens what the winner made; both write the same root).
+        """
+        if not store_exists(url):
+            try:
+                return cls.create(url, dataset, grid)
+            except StoreExistsError:
+                if not store_exists(url):  # something else than a store lives there
+                    raise
+        return cls.open(url, dataset)
 
     @classmethod
     def open(cls, url: str | os.PathLike, dataset=None) -> SaliencyStore:
@@ -167,6 +205,13 @@ class SaliencyStore:
         try:
             attrs = dict(open_root(url).attrs)
         except FileNotFoundError:
+            orphans = orphan_generations(url)
+            if orphans:
+                raise StoreDamagedError(
+                    f"the store at {url} is damaged: its root zarr.json is missing but it "
+                    f"holds generations {', '.join(orphans)}; restore zarr.json from a copy, "
+                    "or move the folder aside and refresh into a new store"
+                ) from None
             raise StoreNotFoundError(
                 f"no saliency store at {url}; `salient refresh` creates one, or check the path"
             ) from None
@@ -196,10 +241,20 @@ class SaliencyStore:
     def _root(self, mode: str = "r") -> zarr.Group:
         return open_root(self.url, mode)  # re-opened every time: an open Group keeps old attrs
 
-    def _update_root(self, change: Callable[[dict], dict]) -> None:
-        """One atomic write of the root attrs, computed from their newest version."""
-        root = self._root("r+")
-        root.update_attributes(change(dict(root.attrs)))
+    def _update_root(
+        self, change: Callable[[dict], dict], done: Callable[[dict], bool], tries: int = 5
+    ) -> None:
+        """One atomic write of the root attrs, computed from their newest version; read back
+        and redone while ``done`` says another driver's write replaced it (zarr has no locks)."""
+        for _ in range(tries):
+            root = self._root("r+")
+            root.update_attributes(change(dict(root.attrs)))
+            if done(dict(self._root().attrs)):
+                return
+        raise StoreError(
+            f"the root attributes of {self.url} kept changing under this driver ({tries} "
+            "tries); other drivers are writing the store — retry when they are done"
+        )
 
     def current(self) -> str | None:
         """The name of the current (last published) generation, read from the store now."""
@@ -303,19 +358,38 @@ class SaliencyStore:
         ``image_size / patch_size`` is not the store's grid.
         """
         describe = self._describe(teacher, kind, image_size, patch_size, epoch, heads)
-        root = self._root("r+")
-        root_attrs = dict(root.attrs)
-        taken = [
-            int(GENERATION.match(n)[1])
-            for n in [*self._names(root), *root_attrs["published"], *root_attrs["replaced"]]
-        ]
-        name = generation_name(max(taken, default=0) + 1)
-        group = root.create_group(
-            name, attributes={**describe, "status": "creating", "created": now(), "published": None}
-        )
-        create_arrays(group, self.layout, {"generation": name, **describe}, heads)
+        record = holder()
+        group = self._new_group({**describe, "writer": record})
+        create_arrays(group, self.layout, {"generation": group.basename, **describe}, heads)
         group.update_attributes({"status": "writing"})  # arrays exist: resumable from now on
-        return GenerationWriter(self, group, self.layout)
+        return GenerationWriter(self, group, self.layout, holder=record)
+
+    def _new_group(self, attrs: dict, tries: int = 20) -> zarr.Group:
+        """The group of a new generation under the next free name (``status: creating``).
+
+        Another driver may take a name at the same moment: zarr refuses to create a group
+        that exists, and the group is read back, so each driver ends with its own name.
+        """
+        for _ in range(tries):
+            root = self._root("r+")
+            root_attrs = dict(root.attrs)
+            taken = [
+                int(GENERATION.match(n)[1])
+                for n in [*self._names(root), *root_attrs["published"], *root_attrs["replaced"]]
+            ]
+            name = generation_name(max(taken, default=0) + 1)
+            stamp = {**attrs, "status": "creating", "created": now(), "published": None}
+            try:
+                group = root.create_group(name, attributes=stamp)
+            except ContainsGroupError:
+                continue
+            mine = attrs["writer"]["token"]
+            if (self._root()[name].attrs.get("writer") or {}).get("token") == mine:
+                return group
+        raise StoreError(
+            f"could not claim a new generation name in {self.url} after {tries} tries; other "
+            "drivers are creating generations — retry when they are done"
+        )
 
     def resume_generation(self, name: str | None = None) -> GenerationWriter | None:
         """A writer of the unpublished generation ``name``; without a name, of the newest
@@ -353,14 +427,66 @@ class SaliencyStore:
         epoch: int | None = None,
         heads: int | None = None,
     ) -> GenerationWriter:
-        """Resume the newest unpublished generation when it was begun with the same maps
-        (teacher weights sha256, block / head / reduce, kind, image and patch size, heads);
-        else begin a new one. A teacher without a real sha256 (random weights) never resumes."""
+        """Resume the newest unpublished generation begun with the same maps (teacher weights
+        sha256, block / head / reduce, kind, image and patch size, heads), taking its lease;
+        else begin a new one. A teacher without a real sha256 (random weights) never resumes.
+
+        Raises GenerationBusyError when a live driver holds that generation's lease (its
+        name and driver are in the message).
+        """
         describe = self._describe(teacher, kind, image_size, patch_size, epoch, heads)
-        writer = self.resume_generation()
-        if writer is not None and same_maps(writer.attrs, describe):
-            return writer
+        root = self._root()
+        root_attrs = dict(root.attrs)
+        for name in reversed(self._names(root)):  # the newest unpublished one with these maps
+            attrs = dict(root[name].attrs)
+            if self._status(name, attrs, root_attrs) == "writing" and same_maps(attrs, describe):
+                return self._claim(name, attrs)
         return self.begin_generation(teacher, kind, image_size, patch_size, epoch, heads)
+
+    def _claim(self, name: str, attrs: dict) -> GenerationWriter:
+        """Take the lease of the unpublished generation ``name`` unless a live driver holds it."""
+        writer = attrs.get("writer")
+        if lease_state(writer) == "live":
+            raise _busy(
+                name,
+                f"generation {name} of the store at {self.url} is being written by another "
+                f"refresh ({describe_writer(writer)}) with the same teacher; let it finish "
+                "(its maps are the ones this run would write) or stop it, then rerun to resume",
+            )
+        record = holder()
+        self._set_writer(name, record)
+        claimed = self._root()[name].attrs.get("writer") or {}
+        if claimed.get("token") != record["token"]:  # another driver claimed it meanwhile
+            raise _busy(
+                name,
+                f"generation {name} of the store at {self.url} was just claimed by another "
+                f"refresh ({describe_writer(claimed)}); let it finish or stop it, then rerun",
+            )
+        writer = self.resume_generation(name)
+        writer.holder = record
+        return writer
+
+    def _set_writer(self, name: str, record: dict | None) -> None:
+        """Write (or clear, ``None``) the lease attr of generation ``name``: drivers only."""
+        self._group(self._root("r+"), name).update_attributes({"writer": record})
+
+    def keep_alive(self, writer: GenerationWriter) -> Lease:
+        """Renew ``writer``'s lease in a thread until the returned :class:`Lease` stops."""
+        if writer.holder is None:
+            raise GenerationStateError(
+                f"this writer of {writer.name} holds no lease; get one from open_or_resume "
+                "or begin_generation"
+            )
+        return Lease(
+            writer.holder,
+            write=lambda record: self._set_writer(writer.name, record),
+            clear=lambda: self._set_writer(writer.name, None),
+        )
+
+    def writer_state(self, name: str) -> tuple[str, dict | None]:
+        """``(lease_state, writer attr)`` of generation ``name`` read now."""
+        writer = self._group(self._root(), name).attrs.get("writer")
+        return lease_state(writer), writer
 
     def _publish(self, writer: GenerationWriter) -> None:
         """Mark ``writer``'s generation published, then flip ``current`` in one root write."""
@@ -379,7 +505,7 @@ class SaliencyStore:
                 "(published or abandoned elsewhere)"
             )
         stamp = now()
-        group.update_attributes({"status": "published", "published": stamp})  # descriptive
+        group.update_attributes({"status": "published", "published": stamp, "writer": None})
 
         def flip(attrs: dict) -> dict:
             replaced = {**attrs["replaced"]}
@@ -391,7 +517,8 @@ class SaliencyStore:
                 "replaced": replaced,
             }
 
-        self._update_root(flip)  # the publish: one key, replaced atomically
+        # the publish: one key, replaced atomically
+        self._update_root(flip, done=lambda attrs: writer.name in attrs["published"])
 
     def _abandon(self, name: str) -> None:
         root = self._root("r+")
@@ -431,46 +558,68 @@ class SaliencyStore:
 
     # ------------------------------------------------------------ garbage collection
 
-    def gc(self, keep: int = 3, grace_s: float = 3600.0) -> list[str]:
-        """Remove old generations; returns the names removed.
+    def gc(self, keep: int = 3, grace_s: float = 3600.0, dry_run: bool = False) -> list[str]:
+        """Remove old generations; returns the names removed (or, ``dry_run``, that would be).
 
         Kept: ``current``; the ``keep`` newest published; every published generation
         replaced less than ``grace_s`` seconds ago (a reader may still be bound to it); every
-        generation being written. Removed: older published ones, abandoned ones, and ones
-        whose creation was interrupted more than ``grace_s`` ago.
+        generation a live driver is writing. Removed: older published ones, abandoned ones,
+        and unpublished ones whose driver stopped (no renewed lease) more than ``grace_s`` ago.
+        :meth:`gc_plan` says why for each generation.
         """
-        positive_int(keep, "keep")
-        if not isinstance(grace_s, int | float) or grace_s < 0:
-            raise StoreError(f"grace_s must be a number of seconds >= 0, got {grace_s!r}")
+        plan = self.gc_plan(keep, grace_s)
+        victims = [p["name"] for p in plan if p["remove"]]
+        if dry_run or not victims:
+            return victims
         root = self._root("r+")
+        for name in victims:
+            if name in root:
+                del root[name]
+        self._update_root(
+            lambda attrs: {
+                key: {n: t for n, t in attrs[key].items() if n not in victims}
+                for key in ("published", "replaced")
+            },
+            done=lambda attrs: not set(victims) & set(attrs["published"]),
+        )
+        return victims
+
+    def gc_plan(self, keep: int = 3, grace_s: float = 3600.0) -> list[dict]:
+        """What :meth:`gc` would do, oldest first: ``name``, ``status``, ``remove`` and
+        ``reason`` for every generation. Reads only."""
+        positive_int(keep, "keep")
+        if not isinstance(grace_s, int | float) or isinstance(grace_s, bool) or grace_s < 0:
+            raise StoreError(f"grace_s must be a number of seconds >= 0, got {grace_s!r}")
+        root = self._root()
         root_attrs = dict(root.attrs)
         published = root_attrs["published"]
         kept = set(sorted(published, key=lambda n: (published[n], n))[-keep:])
-        victims = [
-            n
-            for n in self._names(root)
-            if self._collectable(n, dict(root[n].attrs), root_attrs, kept, grace_s)
-        ]
-        for name in victims:
-            del root[name]
-        if victims:
-            self._update_root(
-                lambda attrs: {
-                    key: {n: t for n, t in attrs[key].items() if n not in victims}
-                    for key in ("published", "replaced")
-                }
-            )
-        return victims
+        plan = []
+        for name in self._names(root):
+            attrs = dict(root[name].attrs)
+            status = self._status(name, attrs, root_attrs)
+            remove, reason = self._verdict(name, status, attrs, root_attrs, kept, grace_s)
+            plan.append({"name": name, "status": status, "remove": remove, "reason": reason})
+        return plan
 
-    def _collectable(
-        self, name: str, gen_attrs: dict, root_attrs: dict, kept: set, grace_s: float
-    ) -> bool:
-        status = self._status(name, gen_attrs, root_attrs)
-        if name == root_attrs.get("current") or status == "writing" or name in kept:
-            return False
+    def _verdict(
+        self, name: str, status: str, attrs: dict, root_attrs: dict, kept: set, grace_s: float
+    ) -> tuple[bool, str]:
+        if name == root_attrs.get("current"):
+            return False, "current"
+        if name in kept:
+            return False, f"among the {len(kept)} newest published"
         if status == "published":
             replaced = root_attrs["replaced"].get(name)
-            return replaced is not None and age_s(replaced) >= grace_s
-        if status == "creating":
-            return age_s(gen_attrs["created"]) >= grace_s
-        return True  # abandoned
+            if replaced is None or age_s(replaced) < grace_s:
+                return False, f"replaced less than {grace_s:g} s ago (readers may be bound)"
+            return True, f"replaced {age_s(replaced):.0f} s ago"
+        if status == "abandoned":
+            return True, "abandoned"
+        writer = attrs.get("writer")
+        if lease_state(writer) in ("live", "mine"):
+            return False, f"being written ({describe_writer(writer)})"
+        last = (writer or {}).get("renewed") or attrs.get("created")
+        if last is None or age_s(last) < grace_s:
+            return False, f"{status}, its driver seen less than {grace_s:g} s ago"
+        return True, f"{status}, its driver gone for {age_s(last):.0f} s"

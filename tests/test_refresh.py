@@ -342,3 +342,38 @@ def test_missing_dataset_is_refused(tmp_path, teacher_file):
             config_for(tmp_path / "nope", tmp_path / "s.zarr", teacher_file), progress=False
         )
     assert not (tmp_path / "s.zarr").exists()
+
+
+def test_a_second_driver_refuses_or_waits_for_the_first(
+    baseline, demo_data, teacher_file, tmp_path, capsys
+):
+    """Two `salient refresh` with the same teacher on one store: the second names the first's
+    generation in one line, or with --wait-for-other waits and reports the first's result."""
+    from salient.jobs.cli import main
+
+    store = tmp_path / "saliency.zarr"
+    slow = config_for(
+        demo_data, store, teacher_file, workers=1, shard_delay_s=2.0, address=ray_address()
+    )
+    driver = _refresh_in_subprocess(slow, tmp_path / "driver.log")
+    try:
+        generation = _wait_for_shards(store, driver, tmp_path / "driver.log")
+        argv = ["refresh", "--data", str(demo_data), "--store", str(store)]
+        argv += ["--teacher", str(teacher_file), "--image-size", str(IMAGE_SIZE)]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"generation {generation}" in err
+        assert "being written by another refresh" in err
+        assert main([*argv, "--wait-for-other"]) == 0
+        summary = json.loads(capsys.readouterr().out)
+        assert (summary["generation"], summary["joined"], summary["images"]) == (
+            generation,
+            True,
+            0,
+        )
+        assert driver.wait(timeout=120) == 0
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+            driver.wait()
+    np.testing.assert_array_equal(read_generation(store)["maps"], baseline["maps"])

@@ -327,7 +327,7 @@ def test_store_of_another_dataset_is_refused_before_any_write(tmp_path):
     with pytest.raises(FingerprintMismatchError, match="made for another dataset.*new store"):
         SaliencyStore.open(path, dataset=other)
     assert SaliencyStore.open(path, synthetic_dataset(N, SHARD)).current() == "gen-000001"
-    with pytest.raises(StoreExistsError, match="already exists.*SaliencyStore.open"):
+    with pytest.raises(StoreExistsError, match="already holds something.*open the store"):
         SaliencyStore.create(path, synthetic_dataset(N, SHARD), grid=GRID)
     assert tree(path) == before
     with pytest.raises(StoreNotFoundError, match="no saliency store"):

@@ -12,6 +12,17 @@ float, bool, None), so ``torch.load(path, weights_only=True)`` reads it (docs/IN
 trainer, so every checkpoint is a teacher for the next refresh. Writes go to
 ``path + ".partial"`` and are renamed into place (``os.replace``), so a killed writer never
 leaves a torn checkpoint under the real name.
+
+:func:`export_encoder` also writes a checkpoint's encoder the way timm shares weights, a folder
+``encoder-EEEEE/`` with ``model.safetensors`` and timm's ``config.json`` (architecture, model
+arguments, input normalisation), so any of these loads it, every key matched::
+
+    timm.create_model("local-dir:RUN/encoder-00040", pretrained=True)
+    timm.create_model(cfg["architecture"], pretrained=True, **cfg["model_args"],
+                      pretrained_cfg_overlay=dict(file="RUN/encoder-00040/model.safetensors"))
+    VisionTransformer(**cfg["model_args"]).load_state_dict(safetensors.torch.load_file(...))
+
+:func:`prune_checkpoints` keeps the newest ones (README, Decisions, "Bounded disk").
 """
 
 from __future__ import annotations
@@ -19,6 +30,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +45,13 @@ __all__ = [
     "FORMAT",
     "CheckpointError",
     "checkpoint_path",
+    "encoder_dir",
+    "export_encoder",
     "latest_checkpoint",
     "load_checkpoint",
+    "prune_checkpoints",
     "save_checkpoint",
+    "timm_architecture",
     "unwrap_model",
 ]
 
@@ -73,13 +90,43 @@ def checkpoint_path(run_dir: str | os.PathLike, epoch: int) -> Path:
     return Path(run_dir) / f"checkpoint-{epoch:05d}.pt"
 
 
-def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
-    """The checkpoint of the highest epoch in ``run_dir`` (``.partial`` files ignored), or None."""
+def _checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(epoch, path) of every checkpoint in ``run_dir``, oldest first (``.partial`` ignored)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        return None
-    found = [(int(m[1]), p) for p in run_dir.iterdir() if (m := _NAME.match(p.name))]
-    return max(found)[1] if found else None
+        return []
+    return sorted((int(m[1]), p) for p in run_dir.iterdir() if (m := _NAME.match(p.name)))
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint of the highest epoch in ``run_dir`` (``.partial`` files ignored), or None."""
+    found = _checkpoints(run_dir)
+    return found[-1][1] if found else None
+
+
+def encoder_dir(checkpoint: str | os.PathLike) -> Path:
+    """Where :func:`export_encoder` puts a checkpoint's encoder: ``RUN/encoder-00012/``."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.with_name(checkpoint.stem.replace("checkpoint-", "encoder-"))
+
+
+def prune_checkpoints(
+    run_dir: str | os.PathLike, keep: int, protect: Collection[str | os.PathLike] = ()
+) -> list[Path]:
+    """Delete all but the ``keep`` newest checkpoints (and their exported encoders) of
+    ``run_dir``, sparing ``protect`` (e.g. the teacher of a refresh still running); returns
+    the checkpoints removed. ``keep`` 0 keeps everything."""
+    if keep <= 0:
+        return []
+    spared = {Path(p).resolve() for p in protect}
+    removed = []
+    for _, path in _checkpoints(run_dir)[:-keep]:
+        if path.resolve() in spared:
+            continue
+        shutil.rmtree(encoder_dir(path), ignore_errors=True)
+        path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
 
 
 def _plain_config(config: dict[str, Any], model_name: str) -> dict[str, Any]:
@@ -225,3 +272,45 @@ def load_checkpoint(
             raise CheckpointError(f"checkpoint {path} holds no scheduler state to resume from")
         scheduler.load_state_dict(ckpt["scheduler"])
     return ckpt
+
+
+# ---------------------------------------------------------------- the encoder for timm
+
+# timm's ViT names by width; the patch size, depth and every other argument are overridden by
+# ``model_args``, so any width works (the test-only micro model uses ViT-Ti's name).
+_TIMM_NAMES = {384: "vit_small_patch16_224", 768: "vit_base_patch16_224"}
+
+
+def timm_architecture(encoder_kwargs: dict[str, Any]) -> str:
+    """The timm model name an exported encoder is built as (with its ``model_args``)."""
+    return _TIMM_NAMES.get(encoder_kwargs.get("embed_dim"), "vit_tiny_patch16_224")
+
+
+def export_encoder(checkpoint: str | os.PathLike) -> Path:
+    """Write the encoder of ``checkpoint`` as timm's local model folder; returns the folder.
+
+    ``model.safetensors`` holds the state dict of timm's ``VisionTransformer`` built from
+    ``encoder_kwargs`` (loaded strictly: every key matched), ``config.json`` the architecture,
+    model arguments and the input normalisation (ImageNet mean / std, what the trainer feeds).
+    Written beside as ``.partial`` and renamed into place.
+    """
+    import timm
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    from timm.models import save_for_hf  # timm's own exporter
+
+    path = Path(checkpoint)
+    ckpt = _read(path)
+    kwargs = dict(ckpt["encoder_kwargs"])
+    norm = {"mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD}
+    overlay = {**norm, "tag": "salient", "license": None}
+    model = timm.create_model(
+        timm_architecture(kwargs), pretrained=False, pretrained_cfg_overlay=overlay, **kwargs
+    )
+    model.load_state_dict(ckpt["encoder"])  # strict: raises on any missing / unexpected key
+    out = encoder_dir(path)
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    save_for_hf(model, str(partial), model_args=kwargs, safe_serialization=True, data_config=norm)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(partial, out)
+    return out
