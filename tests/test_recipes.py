@@ -230,7 +230,7 @@ def tiny_runs(ray_session, demo_data, tmp_path_factory) -> dict:
     generations = {kind: make_store(path, demo_data, kind) for kind, path in stores.items()}
     configs = {name: resolved(tiny(name, demo_data, root, stores)) for name in RECIPES}
     for config in configs.values():
-        assert _check_inputs(config) is None  # the driver's checks pass: a fresh run
+        assert _check_inputs(config)[0] is None  # the driver's checks pass: a fresh run
     runs = [
         {"config": c, "resume_from": None, "launch_refresh": None, "progress": False}
         for c in configs.values()
