@@ -102,12 +102,13 @@ class RayDataMaps:
         self.spec = spec
 
     def __call__(self, batch: dict) -> dict:
-        from salient.jobs.refresh_worker import IMAGE_FIELDS, shard_maps
+        from salient.jobs.refresh_worker import shard_maps
+        from salient.pipeline.shards import decode_images, image_field
 
-        field = next(f for f in batch if f in IMAGE_FIELDS)
-        records = [(field, bytes(b)) for b in batch[field]]
+        field = image_field(batch)
+        images = decode_images([(field, bytes(b)) for b in batch[field]], self.spec.device)
         grid = self.spec.image_size // self.model.patch_embed.patch_size[0]
-        maps, valid, _ = shard_maps(self.model, records, self.spec, grid)
+        maps, valid, _ = shard_maps(self.model, [(0, images)], len(images), self.spec, grid)
         return {"id": np.array([int(k) for k in batch["__key__"]]), "maps": maps, "valid": valid}
 
 

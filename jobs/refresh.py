@@ -53,10 +53,11 @@ class RefreshError(SalientError):
 class RefreshConfig:
     """One refresh job. ``teacher`` is a salient checkpoint path or ``timm:NAME`` (+ ``weights``).
 
-    ``cpus_per_worker`` is the Ray CPU reservation of one actor (fractional is fine; its torch
-    threads are ``max(1, int(cpus_per_worker))``); ``gpus_per_worker > 0`` puts each actor on a
-    GPU with nvjpeg decode and bf16 autocast. ``shard_delay_s`` is a testing aid: each worker
-    waits that long before writing a shard.
+    ``data`` and ``store`` are local paths or URLs (``s3://``, ``gs://``; ``data`` also
+    ``http(s)://``). ``cpus_per_worker`` is the Ray CPU reservation of one actor (fractional is
+    fine; its torch threads are ``max(1, int(cpus_per_worker))``); ``gpus_per_worker > 0`` puts
+    each actor on a GPU with nvjpeg decode and bf16 autocast. ``shard_delay_s`` is a testing
+    aid: each worker waits that long before writing a shard.
     """
 
     data: str
@@ -76,6 +77,8 @@ class RefreshConfig:
     address: str | None = None
     max_retries: int = 3
     shard_delay_s: float = 0.0
+    prefetch: bool = True
+    """Read and decode the next batch in a background thread while the teacher computes."""
 
     def __post_init__(self):
         for name in ("data", "store", "teacher"):
@@ -200,12 +203,13 @@ class _Pool:
     def __init__(self, config: RefreshConfig, model_ref, spec):
         import ray
 
+        from salient import urls
         from salient.jobs.refresh_worker import RefreshWorker
 
         self._cls = ray.remote(RefreshWorker).options(
             num_cpus=config.cpus_per_worker, num_gpus=config.gpus_per_worker, max_restarts=0
         )
-        self._args = (model_ref, spec)
+        self._args = (model_ref, spec, urls.carry())  # the storage options travel along
         self.actors = [self._cls.remote(*self._args) for _ in range(config.workers)]
         self.incarnation = [0] * config.workers
 
@@ -315,10 +319,11 @@ def _count(result: dict, tally: _Tally, bar, start: float) -> None:
 
 def worker_spec(config: RefreshConfig, teacher, spec, generation: str):
     """What every worker needs besides the model (``spec``: the resolved SaliencySpec)."""
+    from salient import urls
     from salient.jobs.refresh_worker import WorkerSpec
 
     return WorkerSpec(
-        store=config.store,
+        store=urls.normalise(config.store),  # actors may run in another directory
         generation=generation,
         kind=spec.kind,
         reduce=spec.reduce,
@@ -331,6 +336,7 @@ def worker_spec(config: RefreshConfig, teacher, spec, generation: str):
         device=config.device,
         threads=max(1, int(config.cpus_per_worker)),
         shard_delay_s=config.shard_delay_s,
+        prefetch=config.prefetch,
     )
 
 

@@ -62,6 +62,7 @@ from collections.abc import Callable
 
 import zarr
 
+from salient import urls
 from salient.store.errors import (
     FingerprintMismatchError,
     GenerationNotFoundError,
@@ -89,6 +90,7 @@ from salient.store.paths import (
     store_exists,
     store_like,
 )
+from salient.urls import on_storage
 
 __all__ = ["FORMAT", "SaliencyStore", "store_exists"]  # store_exists: re-exported from paths
 
@@ -138,6 +140,11 @@ class SaliencyStore:
         """
         url = normalise(url)
         layout = dataset_layout(dataset, grid)
+        with urls.storage_errors(url):
+            return cls._create(url, layout, dataset, grid)
+
+    @classmethod
+    def _create(cls, url: str, layout: Layout, dataset, grid: int) -> SaliencyStore:
         if occupied(url):
             raise StoreExistsError(
                 f"{url} already exists; open it with SaliencyStore.open, or choose a new store path"
@@ -164,12 +171,13 @@ class SaliencyStore:
         (not a salient store), FingerprintMismatchError (made for another dataset).
         """
         url = normalise(url)
-        try:
-            attrs = dict(open_root(url).attrs)
-        except FileNotFoundError:
-            raise StoreNotFoundError(
-                f"no saliency store at {url}; `salient refresh` creates one, or check the path"
-            ) from None
+        with urls.storage_errors(url):
+            try:
+                attrs = dict(open_root(url).attrs)
+            except FileNotFoundError:
+                raise StoreNotFoundError(
+                    f"no saliency store at {url}; `salient refresh` creates one, or check the path"
+                ) from None
         if attrs.get("format") != FORMAT:
             raise StoreError(
                 f"{url} is a zarr group but not a salient saliency store (format "
@@ -201,6 +209,7 @@ class SaliencyStore:
         root = self._root("r+")
         root.update_attributes(change(dict(root.attrs)))
 
+    @on_storage
     def current(self) -> str | None:
         """The name of the current (last published) generation, read from the store now."""
         return self._root().attrs.get("current")
@@ -228,6 +237,7 @@ class SaliencyStore:
             )
         return root[name]
 
+    @on_storage
     def generations(self) -> list[dict]:
         """Every generation, oldest first: its attrs plus ``name``, ``status``, ``current``,
         ``published`` and ``replaced_at`` (times, ISO 8601 UTC) and ``shards_done`` (count)."""
@@ -287,6 +297,7 @@ class SaliencyStore:
             "heads": heads,
         }
 
+    @on_storage
     def begin_generation(
         self,
         teacher: dict,
@@ -317,6 +328,7 @@ class SaliencyStore:
         group.update_attributes({"status": "writing"})  # arrays exist: resumable from now on
         return GenerationWriter(self, group, self.layout)
 
+    @on_storage
     def resume_generation(self, name: str | None = None) -> GenerationWriter | None:
         """A writer of the unpublished generation ``name``; without a name, of the newest
         unpublished one, or None when there is none.
@@ -344,6 +356,7 @@ class SaliencyStore:
             )
         return GenerationWriter(self, group, self.layout)
 
+    @on_storage
     def open_or_resume(
         self,
         teacher: dict,
@@ -362,6 +375,7 @@ class SaliencyStore:
             return writer
         return self.begin_generation(teacher, kind, image_size, patch_size, epoch, heads)
 
+    @on_storage
     def _publish(self, writer: GenerationWriter) -> None:
         """Mark ``writer``'s generation published, then flip ``current`` in one root write."""
         missing = writer.missing_shards()
@@ -393,6 +407,7 @@ class SaliencyStore:
 
         self._update_root(flip)  # the publish: one key, replaced atomically
 
+    @on_storage
     def _abandon(self, name: str) -> None:
         root = self._root("r+")
         group = self._group(root, name)
@@ -405,6 +420,7 @@ class SaliencyStore:
 
     # ------------------------------------------------------------ reading
 
+    @on_storage
     def bind(self, name: str | None = None) -> GenerationReader:
         """A reader of the published generation ``name`` (default: ``current`` now).
 
@@ -427,10 +443,11 @@ class SaliencyStore:
             raise NotPublishedError(
                 f"generation {name} is {status}, not published; bind a published one ({published})"
             )
-        return GenerationReader(group, self.layout)
+        return GenerationReader(group, self.layout, self.url)
 
     # ------------------------------------------------------------ garbage collection
 
+    @on_storage
     def gc(self, keep: int = 3, grace_s: float = 3600.0) -> list[str]:
         """Remove old generations; returns the names removed.
 
