@@ -49,14 +49,27 @@ def _cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
-def run_bench(what: str, quick: bool = False, device: str = "auto") -> dict:
-    """Run benchmark ``what`` and return its figures plus the device, versions and date."""
+def run_bench(
+    what: str, quick: bool = False, device: str = "auto", data: str | None = None
+) -> dict:
+    """Run benchmark ``what`` and return its figures plus the device, versions and date.
+
+    ``data``: an existing dataset (path or URL) for the benchmarks that take one (loader,
+    refresh); the others refuse it.
+    """
+    from salient.errors import SalientError
+
     module = importlib.import_module(f"salient.jobs.{BENCHES[what]}")
     fn = getattr(module, f"bench_{what}")
     info = device_info(device)
     kwargs = {"quick": quick}
-    if "device" in inspect.signature(fn).parameters:
+    parameters = inspect.signature(fn).parameters
+    if "device" in parameters:
         kwargs["device"] = info["device"]
+    if data is not None:
+        if "data" not in parameters:
+            raise SalientError(f"bench {what} takes no dataset; drop --data")
+        kwargs["data"] = data
     result = fn(**kwargs)
     stamp = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
     return {"bench": what, "quick": quick, **info, "date": stamp, **result}

@@ -1,10 +1,14 @@
-"""``salient bench loader``: img/s of the streaming loader, and mask planning time per batch.
+"""``salient bench loader``: img/s of the streaming loader beside a bare decode, and mask planning.
 
+- ``bare``: a bare single-process PIL decode + ``RandomResizedCrop(224)`` + flip (torchvision
+  transforms on PIL images, uint8 tensors out) over the same shards, their bytes read
+  beforehand: the least any loader must do per image.
 - ``cpu``: the CPU path (DataLoader workers decode with PIL and crop; ``decode="worker"``,
   ``device="cpu"``) at 224 px / patch 16 (N = 196), AMT 45 / 40 masking, with 0, 1 and 2
-  DataLoader workers, on a generated demo set with a store of random maps. Each figure is
-  the whole epochs after a first, untimed one: worker start-up and the end-of-epoch drain
-  are included, as a training run pays them.
+  DataLoader workers, and with 0 and 2 workers without read prefetching. Each figure is the
+  whole epochs after a first, untimed one: worker start-up and the end-of-epoch drain are
+  included, as a training run pays them. ``per_core_vs_decode`` = loader img/s per process
+  core (``max(1, workers)``) ÷ the bare rate. Target ≥ 0.85.
 - ``planning_ms_*``: median ms per ``[256, 196]`` batch of ``plan_masks("amt")`` alone and of
   the loader's ``plan_batch`` (normalisation + ``amt`` + a random fallback row), on the CPU
   and, on CUDA, on the GPU. Target ≤ 1 ms.
@@ -14,15 +18,17 @@
   ``loader_img_s`` the whole loader with ``workers`` DataLoader workers. Target ≥ 5,000 img/s
   on one H100 (an AMT 45/40 ViT-B step consumes 5.0k img/s there).
 
-``data`` benchmarks an existing dataset directory instead of a generated one (a store of
-random maps is made for it in a temporary directory).
+``data`` benchmarks an existing dataset (a path or a URL: ``s3://…`` against any endpoint,
+with the usual credentials and storage options) instead of a generated one; a store of random
+maps is made for it in a temporary directory. For a URL the same rows are measured again on a
+local copy (``cpu_local_copy``), so object storage and local disk stand side by side.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import statistics
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -43,6 +49,7 @@ def _settings(quick: bool, cuda: bool) -> dict:
         "batch": 32 if quick else 64,
         "epochs": 1 if quick else 2,
         "workers": (0, 1, 2),
+        "serial": (0, 2),  # worker counts measured again without read prefetching
     }
     gpu = {
         "distinct": 256 if quick else 1024,
@@ -77,13 +84,7 @@ def _tiled(src: Path, out: Path, copies: int, shard_size: int) -> Path:
 
     from salient.pipeline.manifest import Manifest, ShardInfo, fingerprint, sample_key, shard_name
 
-    records = []
-    for path in sorted(src.glob("shard-*.tar")):
-        with tarfile.open(path) as tar:
-            for member in tar:
-                if member.name.endswith(".jpg"):
-                    records.append(tar.extractfile(member).read())
-    records, shards = records * copies, []
+    records, shards = _image_bytes(str(src)) * copies, []
     out.mkdir(parents=True)
     for index, first in enumerate(range(0, len(records), shard_size)):
         part = records[first : first + shard_size]
@@ -107,7 +108,32 @@ def _tiled(src: Path, out: Path, copies: int, shard_size: int) -> Path:
     return out
 
 
-def _random_store(data: Path, url: Path, grid: int = IMAGE // PATCH) -> str:
+def _image_bytes(data: str) -> list[bytes]:
+    """Every image's bytes, in id order (the shard access layer reads them)."""
+    from salient.pipeline import shards
+    from salient.pipeline.manifest import open_dataset
+
+    out = []
+    for url in open_dataset(data).shard_urls():
+        for sample in shards.iter_samples(url, None, {"image"}):
+            out.append(sample[shards.image_field(sample)])
+    return out
+
+
+def _local_copy(url: str, out: Path) -> str:
+    """The dataset at ``url`` copied to ``out`` (shards, then the manifest)."""
+    from salient import urls
+    from salient.pipeline.manifest import MANIFEST_NAME, open_dataset
+
+    out.mkdir(parents=True)
+    dataset = open_dataset(url)
+    for shard in dataset.shards:
+        (out / shard.name).write_bytes(urls.read_bytes(dataset.shard_url(shard)))
+    (out / MANIFEST_NAME).write_bytes(urls.read_bytes(urls.join(dataset.root, MANIFEST_NAME)))
+    return str(out)
+
+
+def _random_store(data: Path | str, url: Path, grid: int = IMAGE // PATCH) -> str:
     """A store with one published generation of random maps for ``data``."""
     from salient.pipeline.manifest import open_dataset
     from salient.store import SaliencyStore
@@ -131,7 +157,15 @@ def _random_store(data: Path, url: Path, grid: int = IMAGE // PATCH) -> str:
 # ---------------------------------------------------------------- measurements
 
 
-def _loader(data: Path, store: str, batch: int, workers: int, device: str, decode: str):
+def _loader(
+    data: Path | str,
+    store: str,
+    batch: int,
+    workers: int,
+    device: str,
+    decode: str,
+    prefetch: int = 64,
+):
     from salient.pipeline.loader import LoaderConfig, SalientLoader
 
     return SalientLoader(
@@ -147,6 +181,7 @@ def _loader(data: Path, store: str, batch: int, workers: int, device: str, decod
             num_workers=workers,
             device=device,
             decode=decode,
+            prefetch=prefetch,
         )
     )
 
@@ -173,11 +208,34 @@ def _epochs_rate(loader, epochs: int) -> dict:
     }
 
 
-def _cpu_rates(data: Path, store: str, settings: dict) -> list[dict]:
+def _bare_rate(data: Path | str, reps: int) -> float:
+    """img/s of a bare single-process PIL decode + RandomResizedCrop(224) + flip, uint8 tensors
+    out (torchvision's transforms), over the images of ``data`` read beforehand."""
+    import torchvision.transforms.v2 as T
+    from PIL import Image
+
+    crop = T.Compose(
+        [T.RandomResizedCrop(IMAGE, antialias=True), T.RandomHorizontalFlip(), T.PILToTensor()]
+    )
+    datas = _image_bytes(str(data))
+    best = 0.0
+    for _ in range(reps):  # the best of a few rounds: other processes share the cores
+        start = time.perf_counter()
+        for data_bytes in datas:
+            with Image.open(io.BytesIO(data_bytes)) as image:
+                crop(image.convert("RGB"))
+        best = max(best, len(datas) / (time.perf_counter() - start))
+    return round(best, 1)
+
+
+def _cpu_rates(data: Path | str, store: str, settings: dict, bare: float) -> list[dict]:
+    cases = [(w, 64) for w in settings["workers"]] + [(w, 0) for w in settings["serial"]]
     rows = []
-    for workers in settings["workers"]:
-        loader = _loader(data, store, settings["batch"], workers, "cpu", "worker")
-        rows.append(_epochs_rate(loader, settings["epochs"]))
+    for workers, prefetch in cases:
+        loader = _loader(data, store, settings["batch"], workers, "cpu", "worker", prefetch)
+        row = {**_epochs_rate(loader, settings["epochs"]), "prefetch": prefetch}
+        row["per_core_vs_decode"] = round(row["img_s"] / max(1, workers) / bare, 3)
+        rows.append(row)
     return rows
 
 
@@ -212,17 +270,17 @@ def _median_ms(call, reps: int, device: torch.device) -> float:
 def _main_rate(loader, batches: int) -> float:
     """img/s of the main process alone on prepared samples: decode + crop + normalise + plan
     (the device path's ceiling; the workers only read tars and parse headers)."""
-    from salient.pipeline.loader import EpochStats
+    from salient.pipeline.loader import EpochStats, _Passes, decode_and_crop
 
     stats = EpochStats(epoch=0, rank=0, generation=None)
-    passes = loader._items(0, loader.bind_generation(), stats)
+    passes = _Passes(loader, 0, loader.bind_generation(), stats)
     size, device = loader.config.batch_size, loader.config.device
-    items = [[passes.next() for _ in range(size)] for _ in range(batches)]
+    runs = [passes.take(size) for _ in range(batches)]
     times = []
-    for index, group in enumerate(items * 2):
+    for index, group in enumerate(runs * 2):
         _sync(device)
         start = time.perf_counter()
-        ready = loader._images_for(group, stats)
+        ready = [decode_and_crop(rows, loader.device, IMAGE)[0] for rows in group]
         loader._batch(ready, 0, index, stats.generation, 0.0, stats)
         _sync(device)
         times.append(time.perf_counter() - start)
@@ -250,21 +308,29 @@ def _device_path(work: Path, settings: dict, device: str) -> dict:
 
 
 def bench_loader(quick: bool = False, device: str = "auto", data: str | None = None) -> dict:
-    """Loader img/s (CPU path with 0 / 1 / 2 workers; GPU path on CUDA) and planning ms.
+    """Loader img/s (CPU path with 0 / 1 / 2 workers; GPU path on CUDA) beside the bare decode
+    rate, and planning ms.
 
-    Returns ``cpu`` (a row per worker count: ``img_s``, ``images``, ``seconds``, ``workers``),
-    ``planning_ms_cpu`` (and ``planning_ms_cuda``: ``{"plan_masks_amt", "plan_batch"}``),
-    ``gpu`` on CUDA, and the sizes used.
+    Returns ``bare_img_s``; ``cpu`` (a row per case: ``img_s``, ``images``, ``seconds``,
+    ``workers``, ``prefetch``, ``per_core_vs_decode``); for a remote ``data`` also
+    ``cpu_local_copy``; ``planning_ms_cpu`` (and ``planning_ms_cuda``: ``{"plan_masks_amt",
+    "plan_batch"}``), ``gpu`` on CUDA, and the sizes used.
     """
+    from salient import urls
+
     cuda = (device == "auto" and torch.cuda.is_available()) or device.startswith("cuda")
     settings = _settings(quick, cuda)
     cpu = settings["cpu"]
     with tempfile.TemporaryDirectory(prefix="salient-bench-loader-") as tmp:
         work = Path(tmp)
         source = (
-            Path(data) if data else _demo(work / "data", cpu["n"], cpu["scene"], cpu["shard_size"])
+            urls.normalise(data)
+            if data
+            else _demo(work / "data", cpu["n"], cpu["scene"], cpu["shard_size"])
         )
+        local = _local_copy(source, work / "copy") if data and urls.is_remote(source) else None
         store = _random_store(source, work / "saliency.zarr")
+        bare = _bare_rate(local or source, reps=1 if quick else 3)
         result = {
             "image_size": IMAGE,
             "patch_size": PATCH,
@@ -272,10 +338,13 @@ def bench_loader(quick: bool = False, device: str = "auto", data: str | None = N
             "throw_ratio": THROW,
             "batch_size": cpu["batch"],
             "scene_px": cpu["scene"],
-            "dataset": str(data) if data else f"demo n={cpu['n']}",
-            "cpu": _cpu_rates(source, store, cpu),
+            "dataset": str(source) if data else f"demo n={cpu['n']}",
+            "bare_img_s": bare,
+            "cpu": _cpu_rates(source, store, cpu, bare),
             "planning_ms_cpu": _planning_ms("cpu", settings["plan_reps"]),
         }
+        if local:
+            result["cpu_local_copy"] = _cpu_rates(local, store, cpu, bare)
         if cuda:
             result["planning_ms_cuda"] = _planning_ms("cuda", settings["plan_reps"])
             result["gpu"] = _device_path(work, settings["gpu"], "cuda")

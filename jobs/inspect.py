@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from salient import urls
 from salient.jobs.inspect_data import InspectError, demo_hw, read_samples, shard_boxes
 from salient.jobs.inspect_stats import (
     DiffTally,
@@ -65,6 +66,11 @@ class InspectConfig:
     def __post_init__(self):
         if not self.store or not self.data or not self.out:
             raise InspectError("inspect needs --store URL, --data DIR and --out DIR")
+        if urls.is_remote(self.out):
+            raise InspectError(
+                f"--out {self.out} must be a local folder (the report opens from disk); "
+                "--store and --data may be URLs"
+            )
         if self.ids is not None:
             self._check_ids()
         if not isinstance(self.n, int) or self.n < 1:

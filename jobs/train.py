@@ -16,7 +16,8 @@ loader switches to the newest published generation at the next epoch boundary.
 Outputs in ``run_dir``: ``config.json`` (the resolved config), ``checkpoint-EEEEE.pt`` after
 every epoch, ``metrics.jsonl`` (rank 0: per-epoch records over all ranks, refresh records) and
 ``metrics/rank-R.jsonl`` (each rank's per-step records), ``ray/`` (Ray Train's own storage).
-On a multi-node cluster ``run_dir`` must be a path every node shares.
+``data`` and ``store`` may be URLs (``s3://``, ``gs://``); on a multi-node cluster ``run_dir``
+must be a local path every node shares (checkpoints stay on a filesystem).
 
 :class:`TrainConfig` and its checks live in ``salient.jobs.train_config``; this module
 re-exports it and keeps what needs the disk, Ray or the workers.
@@ -30,6 +31,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from salient import urls
 from salient.jobs.train_config import TrainConfig, resolved
 from salient.trainer.loop import TrainError
 
@@ -182,12 +184,14 @@ class RefreshLauncher:
             cpus_per_worker=self.cpus,
             gpus_per_worker=self.gpus,
         )
-        return ray.remote(_refresh_task).options(num_cpus=0, max_retries=0).remote(config)
+        task = ray.remote(_refresh_task).options(num_cpus=0, max_retries=0)
+        return task.remote(config, urls.carry())  # this worker's storage options, passed on
 
 
-def _refresh_task(config) -> dict:
+def _refresh_task(config, storage) -> dict:
     from salient.jobs.refresh import run_refresh
 
+    urls.adopt(storage)
     return run_refresh(config, progress=False)
 
 
@@ -222,6 +226,9 @@ def _fit(config: TrainConfig, resume_from: str | None, resources: dict, progress
             "resume_from": resume_from,
             "launch_refresh": _launcher(config),
             "progress": progress,
+            # Pickled with their values for the workers; Ray Train's run state shows only
+            # str(), which StorageOptions redacts (README, Decisions).
+            "storage": urls.carry(),
         },
         torch_config=TorchConfig(backend="nccl" if config.gpu else "gloo"),
         scaling_config=ScalingConfig(
@@ -254,6 +261,7 @@ def _worker_main(args: dict) -> None:
 
     from salient.jobs.train_worker import train_loop_per_worker
 
+    urls.adopt(args["storage"])  # the driver's --storage-option values, before any read
     try:  # a private module: if a Ray release moves it, the line simply shows again
         from ray.train.v2._internal.execution import context
     except ImportError:

@@ -48,16 +48,16 @@ def normalise(url: str | os.PathLike) -> str:
     return urls.normalise(url)
 
 
-def store_like(url: str) -> Path | str:
-    """What zarr opens: a Path gives LocalStore (atomic writes), a URL string FsspecStore."""
-    return url if urls.is_remote(url) else Path(url)
+def store_like(url: str) -> dict:
+    """What zarr opens, as keywords: a Path gives LocalStore (atomic writes), a URL string
+    FsspecStore with the storage options of ``salient.urls``."""
+    if not urls.is_remote(url):
+        return {"store": Path(url)}
+    return {"store": url, "storage_options": urls.fsspec_options()}
 
 
 def open_root(url: str, mode: str = "r") -> zarr.Group:
-    remote = {"storage_options": urls.fsspec_options()} if urls.is_remote(url) else {}
-    return zarr.open_group(
-        store_like(url), mode=mode, zarr_format=3, use_consolidated=False, **remote
-    )
+    return zarr.open_group(**store_like(url), mode=mode, zarr_format=3, use_consolidated=False)
 
 
 def store_exists(url: str | os.PathLike) -> bool:

@@ -160,7 +160,7 @@ class SaliencyStore:
             "published": {},
             "replaced": {},
         }
-        zarr.create_group(store_like(url), zarr_format=3, attributes=attrs)
+        zarr.create_group(**store_like(url), zarr_format=3, attributes=attrs)
         return cls(url, attrs)
 
     @classmethod
