@@ -7,8 +7,9 @@ see the same pixels for the same sample by construction:
 - :func:`iter_samples` streams the samples of one shard (a local path or any URL that
   ``salient.urls`` opens), optionally only some ids and some fields, in tar order;
 - :func:`image_field` names the one image field of a sample (``IMAGE_FIELDS``);
-- :func:`decode_image` turns image bytes into RGB pixels with PIL (``uint8 [H, W, 3]``, no EXIF
-  rotation), :func:`image_hw` reads only the header, and :func:`decode_images` decodes a batch
+- :func:`open_rgb` turns image bytes into an RGB PIL image (no EXIF rotation; the loader's
+  CPU workers crop that), :func:`decode_image` into its pixels (``uint8 [H, W, 3]``),
+  :func:`image_hw` reads only the header, and :func:`decode_images` decodes a batch
   to tensors on a device: JPEGs with nvjpeg (``torchvision.io.decode_jpeg``) when the device is
   CUDA, everything else — and every image on the CPU, and what nvjpeg rejects — with PIL;
 - :func:`prefetched` runs a producer (reads, decodes) in a background thread, a bounded number
@@ -41,6 +42,7 @@ __all__ = [
     "image_field",
     "image_hw",
     "iter_samples",
+    "open_rgb",
     "prefetched",
     "read_images",
 ]
@@ -131,15 +133,23 @@ def read_images(
 # ---------------------------------------------------------------- decoding
 
 
-def decode_image(data: bytes) -> np.ndarray | None:
-    """PIL decode to RGB ``uint8 [H, W, 3]`` (read-only; no EXIF rotation); None when the bytes
+def open_rgb(data: bytes) -> Image.Image | None:
+    """The image in ``data`` decoded by PIL, in RGB (no EXIF rotation); None when the bytes
     are not an image. An RGB image is not converted (``convert`` would copy it)."""
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            array = np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
+        image = Image.open(io.BytesIO(data))
+        image.load()  # decodes now: a broken file fails here, not later
+        if image.mode != "RGB":
+            image = image.convert("RGB")
     except Exception:  # PIL raises many types on corrupt or truncated bytes; none may stop us
         return None
-    return array if array.ndim == 3 and min(array.shape[:2]) >= 1 else None
+    return image if min(image.size) >= 1 else None
+
+
+def decode_image(data: bytes) -> np.ndarray | None:
+    """:func:`open_rgb`'s pixels, ``uint8 [H, W, 3]`` (read-only); None when not an image."""
+    image = open_rgb(data)
+    return None if image is None else np.asarray(image)
 
 
 def as_tensor(array: np.ndarray) -> torch.Tensor:

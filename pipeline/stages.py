@@ -4,9 +4,10 @@
 process with 0 workers): ``read_segment`` (the worker's id ranges of a tar shard, through
 ``salient.pipeline.shards``) → ``attach_rows`` (the map rows of the bound generation, one store
 read per segment) — both in a background thread, ``prefetch`` samples ahead — → ``shuffled`` →
-``prepare_chunk`` (decode and crop ``chunk_size`` samples into one uint8 buffer in ``"worker"``
-mode, or keep their bytes and read the image size in ``"device"`` mode; one crop box per
-sample; the map region under each box, one batched RoIAlign per chunk).
+``prepare_chunk`` (decode and crop ``chunk_size`` samples with PIL into one uint8 buffer in
+``"worker"`` mode, or keep their bytes and read the image size in ``"device"`` mode; one crop
+box per sample, the chunk's random numbers in one NumPy call; the map region under each box,
+one batched RoIAlign per chunk).
 
 A chunk is columns, not samples: NumPy arrays for ids, flags, map weights and boxes (pickled
 inline through the DataLoader's queue) and one uint8 tensor of images (in shared memory), so the
@@ -28,7 +29,7 @@ import torch
 
 from salient import urls
 from salient.pipeline import shards
-from salient.pipeline.crops import CropBox, crop_image, crop_maps, sample_crop_box
+from salient.pipeline.crops import CropBox, crop_box_from, crop_draws, crop_maps, crop_pil
 from salient.pipeline.epochs import Segment, epoch_segments, mix_seed
 from salient.pipeline.manifest import ShardInfo
 
@@ -38,7 +39,7 @@ __all__ = [
     "SampleStream",
     "StreamSpec",
     "attach_rows",
-    "crop_box_for",
+    "crop_boxes_for",
     "crop_map_rows",
     "init_worker",
     "keep_as_is",
@@ -174,13 +175,16 @@ def shuffled(samples: Iterable[dict], size: int, rng: np.random.Generator) -> It
     yield from buffer
 
 
-def crop_box_for(spec: StreamSpec, plan: tuple, sample_id: int, height: int, width: int) -> CropBox:
-    """The crop box of ``sample_id``: seeded by (seed, epoch, pass, id), so it does not
-    depend on which rank or worker reads the sample."""
+def crop_boxes_for(spec: StreamSpec, plan: tuple, ids: list[int]) -> np.ndarray:
+    """The random numbers of the crop boxes of ``ids`` (``[n, CROP_DRAWS]``), seeded by (seed,
+    epoch, pass, id): a sample's box does not depend on which rank or worker reads it."""
     epoch, pass_index, _ = plan
-    generator = torch.Generator().manual_seed(mix_seed(spec.seed, epoch, pass_index, sample_id))
-    return sample_crop_box(
-        height, width, generator, scale=spec.crop_scale, ratio=spec.crop_ratio, flip_p=spec.flip_p
+    return crop_draws(mix_seed(spec.seed, epoch, pass_index), np.asarray(ids, dtype=np.int64))
+
+
+def _box(spec: StreamSpec, draws: np.ndarray, height: int, width: int) -> CropBox:
+    return crop_box_from(
+        draws.tolist(), height, width, spec.crop_scale, spec.crop_ratio, spec.flip_p
     )
 
 
@@ -209,26 +213,29 @@ def prepare_chunk(samples: list[dict], spec: StreamSpec, plan: tuple, tally: _Ta
     box each; a missing or broken image is counted and left out."""
     worker = spec.decode_on == "worker"
     images = _image_buffer(len(samples), spec.image_size) if worker else None
+    pixels = None if images is None else images.numpy()
+    draws = crop_boxes_for(spec, plan, [s["id"] for s in samples])
     kept, boxes, hws, datas = [], [], [], []
-    for sample in samples:
+    for sample, sample_draws in zip(samples, draws):
         field = shards.image_field(sample)
         data = sample[field] if field else b""
         if worker:
-            pixels = shards.decode_image(data)  # [H,W,3] uint8, or None
-            hw = None if pixels is None else pixels.shape[:2]
+            image = shards.open_rgb(data)
+            hw = None if image is None else (image.height, image.width)
         else:
             hw = shards.image_hw(data)
         if hw is None:
             tally.add("corrupt", sample["id"])
             continue
-        box = crop_box_for(spec, plan, sample["id"], *hw)
-        if worker:  # [3,S,S] uint8, written into the chunk's buffer
-            images[len(kept)] = crop_image(shards.as_tensor(pixels), box, spec.image_size)
+        box = _box(spec, sample_draws, *hw)
+        if worker:  # [3,S,S] uint8 into the chunk's buffer: the transpose here, in the worker,
+            # lets the main process normalise with a contiguous cast (BENCHMARKS.md)
+            pixels[len(kept)] = np.asarray(crop_pil(image, box, spec.image_size)).transpose(2, 0, 1)
         else:
             datas.append((field, data))
         kept.append(sample)
         boxes.append(box)
-        hws.append(tuple(hw))
+        hws.append(hw)
     return _collate(kept, boxes, hws, images, datas, spec, tally)
 
 
