@@ -4,12 +4,14 @@ Per sample (DESIGN.md, "Loader"), across the modules in the order a sample meets
 
 - ``epochs.py`` (pure): the ids each (rank, worker) reads this epoch (``epoch_segments``), the
   batches every rank yields (``batches_per_rank``), the epoch's counts (``EpochStats``).
-- ``stages.py`` (DataLoader workers): read the tar shard → join the map row of the bound
-  generation by sample id (one store read per tar segment) → shuffle → decode → **one**
-  RandomResizedCrop box + flip for image and map alike (``crops.py``) → collate into chunks.
+- ``stages.py`` (DataLoader workers): read the tar shard (``shards.py``) → join the map row of
+  the bound generation by sample id (one store read per tar segment), both in a prefetch
+  thread → shuffle → decode → **one** RandomResizedCrop box + flip for image and map alike
+  (``crops.py``) → chunks of columns.
 - this module (main process): ``SalientLoader`` binds the store's current generation once per
-  epoch (one published later is used from the next epoch on), unpacks chunks, normalises
-  images (ImageNet mean/std) and each image's map weights (AMT min-max), plans the masks.
+  epoch (one published later is used from the next epoch on), slices chunks into batches,
+  normalises images (ImageNet mean/std) and each image's map weights (AMT min-max), plans the
+  masks.
 - ``loader_config.py``: ``LoaderConfig`` checks itself; ``LoaderError``.
 
 A sample without a valid map (no store, no generation yet, ``valid = 0``, a NaN row) is masked
@@ -21,7 +23,8 @@ Decoding happens where ``LoaderConfig.decode`` says: ``"worker"`` (workers decod
 crop; the default off CUDA) or ``"device"`` (workers ship the image bytes, the crop box and the
 cropped map; the main process decodes the batch on ``device`` — nvjpeg on CUDA — and crops
 there; the default on CUDA). Both decode through ``salient.pipeline.shards`` (PIL on the CPU,
-the same pixels the refresh's teacher sees) and crop with ``crops.crop_image``.
+the same pixels the refresh's teacher sees); workers crop with PIL (``crops.crop_pil``), the
+device path with ``crops.crop_image`` (torchvision), the same box either way.
 
 The main process handles runs of samples, not samples: chunks arrive as columns (``_Rows``),
 a batch is a few slices of them, and images are normalised straight from the workers' uint8
@@ -120,10 +123,8 @@ def normalize_images(pieces: list[torch.Tensor], device: torch.device) -> torch.
     size = pieces[0].shape[-1]
     out = torch.empty((sum(len(p) for p in pieces), 3, size, size), device=device)
     std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
-    scale, shift = (
-        1 / (255.0 * std),
-        torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) / std,
-    )
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    scale, shift = 1 / (255.0 * std), mean / std
     start = 0
     for piece in pieces:
         part = out[start : start + len(piece)]

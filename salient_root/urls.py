@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import os
 import re
 import tempfile
@@ -244,6 +245,11 @@ def _protocol_class(url: str):
         ) from None
 
 
+# INFO lines on where the S3 client found its keys and endpoint, one per client per process
+# (every Ray worker): kept out of the job's output; warnings still show.
+_CHATTY = ("botocore.credentials", "aiobotocore.credentials", "botocore.configprovider")
+
+
 def filesystem(url: str):
     """``(fs, path)`` for a remote ``url``, opened with the storage options."""
     import fsspec
@@ -255,6 +261,8 @@ def filesystem(url: str):
 
 def fsspec_options() -> dict:
     """The fsspec options of a remote filesystem (what zarr's FsspecStore is given too)."""
+    for name in _CHATTY:
+        logging.getLogger(name).setLevel(logging.WARNING)
     return {**_DEFAULTS, **_options}
 
 
