@@ -1,14 +1,17 @@
 """``salient bench loader``: img/s of the streaming loader beside a bare decode, and mask planning.
 
-- ``bare``: a bare single-process PIL decode + ``RandomResizedCrop(224)`` + flip (torchvision
-  transforms on PIL images, uint8 tensors out) over the same shards, their bytes read
-  beforehand: the least any loader must do per image.
+- ``bare_img_s`` (per row): a bare single-process PIL decode + ``RandomResizedCrop(224)`` +
+  flip (torchvision transforms on PIL images, uint8 tensors out) over the same shards, their
+  bytes read beforehand — the least any loader must do per image — measured right before and
+  right after the row, so a change of load on the shared machine skews both alike.
 - ``cpu``: the CPU path (DataLoader workers decode with PIL and crop; ``decode="worker"``,
   ``device="cpu"``) at 224 px / patch 16 (N = 196), AMT 45 / 40 masking, with 0, 1 and 2
   DataLoader workers, and with 0 and 2 workers without read prefetching. Each figure is the
   whole epochs after a first, untimed one: worker start-up and the end-of-epoch drain are
   included, as a training run pays them. ``per_core_vs_decode`` = loader img/s per process
-  core (``max(1, workers)``) ÷ the bare rate. Target ≥ 0.85.
+  core (``max(1, workers)``) ÷ the bare rate (target ≥ 0.85); ``cpu_cores`` = CPU seconds of
+  the loader's process, threads and workers ÷ wall seconds, and ``per_cpu_vs_decode`` =
+  images per such CPU second ÷ the bare decode's.
 - ``planning_ms_*``: median ms per ``[256, 196]`` batch of ``plan_masks("amt")`` alone and of
   the loader's ``plan_batch`` (normalisation + ``amt`` + a random fallback row), on the CPU
   and, on CUDA, on the GPU. Target ≤ 1 ms.
@@ -228,9 +231,9 @@ def _epochs_rate(loader, epochs: int) -> dict:
     }
 
 
-def _bare_rate(data: Path | str, reps: int) -> dict:
+def _bare_rate(datas: list[bytes]) -> dict:
     """img/s of a bare single-process PIL decode + RandomResizedCrop(224) + flip, uint8 tensors
-    out (torchvision's transforms), over the images of ``data`` read beforehand; and per CPU
+    out (torchvision's transforms), over image bytes read beforehand; and images per CPU
     second (what it would do on a core of its own)."""
     import torchvision.transforms.v2 as T
     from PIL import Image
@@ -238,29 +241,35 @@ def _bare_rate(data: Path | str, reps: int) -> dict:
     crop = T.Compose(
         [T.RandomResizedCrop(IMAGE, antialias=True), T.RandomHorizontalFlip(), T.PILToTensor()]
     )
-    datas = _image_bytes(str(data))
-    best = {"img_s": 0.0, "img_per_cpu_s": 0.0}
-    for _ in range(reps):  # the best of a few rounds: other processes share the cores
-        start, cpu = time.perf_counter(), time.process_time()
-        for data_bytes in datas:
-            with Image.open(io.BytesIO(data_bytes)) as image:
-                crop(image.convert("RGB"))
-        wall, cpu = time.perf_counter() - start, time.process_time() - cpu
-        best["img_s"] = max(best["img_s"], round(len(datas) / wall, 1))
-        best["img_per_cpu_s"] = max(best["img_per_cpu_s"], round(len(datas) / cpu, 1))
-    return best
+    start, cpu = time.perf_counter(), time.process_time()
+    for data_bytes in datas:
+        with Image.open(io.BytesIO(data_bytes)) as image:
+            crop(image.convert("RGB"))
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return {"img_s": round(len(datas) / wall, 1), "img_per_cpu_s": round(len(datas) / cpu, 1)}
 
 
-def _cpu_rates(data: Path | str, store: str, settings: dict, bare: dict) -> list[dict]:
-    """A row per case. ``per_core_vs_decode``: img/s per process core (``max(1, workers)``) ÷
-    the bare img/s; ``per_cpu_vs_decode``: images per CPU second the loader used (all its
-    threads and workers) ÷ the bare decode's, which other load on the machine skews less."""
+def _mean(rates: list[dict]) -> dict:
+    return {k: round(statistics.mean(r[k] for r in rates), 1) for k in rates[0]}
+
+
+def _cpu_rates(data: Path | str, store: str, settings: dict, datas: list[bytes]) -> list[dict]:
+    """A row per case, each beside the bare decode measured right before and right after it
+    (``bare_img_s``: their mean), so a change of load on the machine skews both alike.
+
+    ``per_core_vs_decode``: img/s per process core (``max(1, workers)``) ÷ the bare img/s;
+    ``per_cpu_vs_decode``: images per CPU second the loader used (all its threads and
+    workers) ÷ the bare decode's.
+    """
     cases = [(w, 64) for w in settings["workers"]] + [(w, 0) for w in settings["serial"]]
     rows = []
     for workers, prefetch in cases:
+        before = _bare_rate(datas)
         loader = _loader(data, store, settings["batch"], workers, "cpu", "worker", prefetch)
         row = {**_epochs_rate(loader, settings["epochs"]), "prefetch": prefetch}
         del loader  # its persistent workers end with it
+        bare = _mean([before, _bare_rate(datas)])
+        row["bare_img_s"] = bare["img_s"]
         row["per_core_vs_decode"] = round(row["img_s"] / max(1, workers) / bare["img_s"], 3)
         per_cpu = row["img_s"] / max(row["cpu_cores"], 1e-9)
         row["per_cpu_vs_decode"] = round(per_cpu / bare["img_per_cpu_s"], 3)
@@ -340,8 +349,9 @@ def bench_loader(quick: bool = False, device: str = "auto", data: str | None = N
     """Loader img/s (CPU path with 0 / 1 / 2 workers; GPU path on CUDA) beside the bare decode
     rate, and planning ms.
 
-    Returns ``bare_img_s``; ``cpu`` (a row per case: ``img_s``, ``images``, ``seconds``,
-    ``workers``, ``prefetch``, ``per_core_vs_decode``); for a remote ``data`` also
+    Returns ``cpu`` (a row per case: ``img_s``, ``images``, ``seconds``, ``workers``,
+    ``cpu_cores``, ``prefetch``, ``bare_img_s``, ``per_core_vs_decode``,
+    ``per_cpu_vs_decode``); for a remote ``data`` also
     ``cpu_local_copy``; ``planning_ms_cpu`` (and ``planning_ms_cuda``: ``{"plan_masks_amt",
     "plan_batch"}``), ``gpu`` on CUDA, and the sizes used.
     """
@@ -359,7 +369,7 @@ def bench_loader(quick: bool = False, device: str = "auto", data: str | None = N
         )
         local = _local_copy(source, work / "copy") if data and urls.is_remote(source) else None
         store = _random_store(source, work / "saliency.zarr")
-        bare = _bare_rate(local or source, reps=1 if quick else 3)
+        datas = _image_bytes(str(local or source))
         result = {
             "image_size": IMAGE,
             "patch_size": PATCH,
@@ -368,13 +378,11 @@ def bench_loader(quick: bool = False, device: str = "auto", data: str | None = N
             "batch_size": cpu["batch"],
             "scene_px": cpu["scene"],
             "dataset": str(source) if data else f"demo n={cpu['n']}",
-            "bare_img_s": bare["img_s"],
-            "bare_img_per_cpu_s": bare["img_per_cpu_s"],
-            "cpu": _cpu_rates(source, store, cpu, bare),
+            "cpu": _cpu_rates(source, store, cpu, datas),
             "planning_ms_cpu": _planning_ms("cpu", settings["plan_reps"]),
         }
         if local:
-            result["cpu_local_copy"] = _cpu_rates(local, store, cpu, bare)
+            result["cpu_local_copy"] = _cpu_rates(local, store, cpu, datas)
         if cuda:
             result["planning_ms_cuda"] = _planning_ms("cuda", settings["plan_reps"])
             result["gpu"] = _device_path(work, settings["gpu"], "cuda")
