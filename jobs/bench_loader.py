@@ -6,7 +6,8 @@
   right after the row, so a change of load on the shared machine skews both alike.
 - ``cpu``: the CPU path (DataLoader workers decode with PIL and crop; ``decode="worker"``,
   ``device="cpu"``) at 224 px / patch 16 (N = 196), AMT 45 / 40 masking, with 0, 1 and 2
-  DataLoader workers, and with 0 and 2 workers without read prefetching. Each figure is the
+  DataLoader workers, and with 0 and 2 workers without read prefetching, with one torch
+  thread in the main process (a per-core comparison; workers have one each). Each figure is the
   whole epochs after a first, untimed one: worker start-up and the end-of-epoch drain are
   included, as a training run pays them. ``per_core_vs_decode`` = loader img/s per process
   core (``max(1, workers)``) ÷ the bare rate (target ≥ 0.85); ``cpu_cores`` = CPU seconds of
@@ -262,19 +263,27 @@ def _cpu_rates(data: Path | str, store: str, settings: dict, datas: list[bytes])
     workers) ÷ the bare decode's.
     """
     cases = [(w, 64) for w in settings["workers"]] + [(w, 0) for w in settings["serial"]]
-    rows = []
-    for workers, prefetch in cases:
-        before = _bare_rate(datas)
-        loader = _loader(data, store, settings["batch"], workers, "cpu", "worker", prefetch)
-        row = {**_epochs_rate(loader, settings["epochs"]), "prefetch": prefetch}
-        del loader  # its persistent workers end with it
-        bare = _mean([before, _bare_rate(datas)])
-        row["bare_img_s"] = bare["img_s"]
-        row["per_core_vs_decode"] = round(row["img_s"] / max(1, workers) / bare["img_s"], 3)
-        per_cpu = row["img_s"] / max(row["cpu_cores"], 1e-9)
-        row["per_cpu_vs_decode"] = round(per_cpu / bare["img_per_cpu_s"], 3)
-        rows.append(row)
+    rows, threads = [], torch.get_num_threads()
+    torch.set_num_threads(1)  # one core's work, as the bare decode (workers have one each)
+    try:
+        for workers, prefetch in cases:
+            rows.append(_cpu_row(data, store, settings, datas, workers, prefetch))
+    finally:
+        torch.set_num_threads(threads)
     return rows
+
+
+def _cpu_row(data, store: str, settings: dict, datas: list[bytes], workers: int, prefetch: int):
+    before = _bare_rate(datas)
+    loader = _loader(data, store, settings["batch"], workers, "cpu", "worker", prefetch)
+    row = {**_epochs_rate(loader, settings["epochs"]), "prefetch": prefetch}
+    del loader  # its persistent workers end with it
+    bare = _mean([before, _bare_rate(datas)])
+    row["bare_img_s"] = bare["img_s"]
+    row["per_core_vs_decode"] = round(row["img_s"] / max(1, workers) / bare["img_s"], 3)
+    per_cpu = row["img_s"] / max(row["cpu_cores"], 1e-9)
+    row["per_cpu_vs_decode"] = round(per_cpu / bare["img_per_cpu_s"], 3)
+    return row
 
 
 def _planning_ms(device: str, reps: int) -> dict:

@@ -28,7 +28,7 @@ device path with ``crops.crop_image`` (torchvision), the same box either way.
 
 The main process handles runs of samples, not samples: chunks arrive as columns (``_Rows``),
 a batch is a few slices of them, and images are normalised straight from the workers' uint8
-buffers into the batch. Workers are persistent across epochs (``stages.PassPlan``).
+arrays into the batch. Workers are persistent across epochs (``stages.PassPlan``).
 
 Importing this module touches no disk, GPU or Ray.
 """
@@ -51,7 +51,14 @@ from salient.pipeline.epochs import EpochStats, Segment, batches_per_rank, epoch
 from salient.pipeline.loader_config import LoaderConfig, LoaderError
 from salient.pipeline.manifest import open_dataset
 from salient.pipeline.masking import NEEDS_SALIENCY, MaskPlan, plan_masks
-from salient.pipeline.stages import PassPlan, SampleStream, StreamSpec, init_worker, keep_as_is
+from salient.pipeline.stages import (
+    PassPlan,
+    SampleStream,
+    StreamSpec,
+    init_worker,
+    keep_as_is,
+    reuse_freed_memory,
+)
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -84,7 +91,9 @@ class _Rows:
     @classmethod
     def of(cls, chunk: dict) -> _Rows:
         columns = ("ids", "has_map", "weights", "boxes")
-        return cls(*(chunk[k] for k in columns), chunk.get("images"), chunk.get("data"))
+        images = chunk.get("images")
+        images = None if images is None else torch.from_numpy(images)
+        return cls(*(chunk[k] for k in columns), images, chunk.get("data"))
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -214,6 +223,7 @@ class SalientLoader:
         self._warned = False
         self._plan = PassPlan()
         self._workers = None  # the persistent DataLoader, made on the first pass
+        reuse_freed_memory()  # batches and 0-worker chunks: no page faults on fresh buffers
 
     def __len__(self) -> int:
         return self.batches_per_rank

@@ -9,9 +9,9 @@ read per segment) — both in a background thread, ``prefetch`` samples ahead �
 box per sample, the chunk's random numbers in one NumPy call; the map region under each box,
 one batched RoIAlign per chunk).
 
-A chunk is columns, not samples: NumPy arrays for ids, flags, map weights and boxes (pickled
-inline through the DataLoader's queue) and one uint8 tensor of images (in shared memory), so the
-main process slices runs of samples instead of handling them one by one. Which epoch and pass a
+A chunk is columns, not samples: NumPy arrays of ids, flags, map weights, boxes and the uint8
+images (pickled through the DataLoader's queue), so the main process slices runs of samples
+instead of handling them one by one. Which epoch and pass a
 persistent worker streams comes from the loader's shared :class:`PassPlan`.
 
 Importing this module touches no disk, GPU or Ray.
@@ -45,6 +45,7 @@ __all__ = [
     "keep_as_is",
     "prepare_chunk",
     "read_segment",
+    "reuse_freed_memory",
     "shuffled",
 ]
 
@@ -202,10 +203,15 @@ def crop_map_rows(
     return out
 
 
-def _image_buffer(n: int, size: int) -> torch.Tensor:
-    """``uint8 [n,3,S,S]``, in shared memory inside a DataLoader worker (sent without a copy)."""
-    images = torch.empty((n, 3, size, size), dtype=torch.uint8)
-    return images.share_memory_() if torch.utils.data.get_worker_info() else images
+def _image_buffer(n: int, size: int) -> np.ndarray:
+    """``uint8 [n,3,S,S]``, plain process memory, pickled through the DataLoader's pipe.
+
+    Not shared memory: every chunk would be a new shared-memory file whose pages fault on
+    the worker's first write and again on the main process's first read — at ~8 µs a page on
+    this project's VM, more than a third of the cost of decoding the images. Piped bytes land
+    in heap memory that both processes reuse (``reuse_freed_memory``; BENCHMARKS.md).
+    """
+    return np.empty((n, 3, size, size), dtype=np.uint8)
 
 
 def prepare_chunk(samples: list[dict], spec: StreamSpec, plan: tuple, tally: _Tally) -> dict:
@@ -213,7 +219,6 @@ def prepare_chunk(samples: list[dict], spec: StreamSpec, plan: tuple, tally: _Ta
     box each; a missing or broken image is counted and left out."""
     worker = spec.decode_on == "worker"
     images = _image_buffer(len(samples), spec.image_size) if worker else None
-    pixels = None if images is None else images.numpy()
     draws = crop_boxes_for(spec, plan, [s["id"] for s in samples])
     kept, boxes, hws, datas = [], [], [], []
     for sample, sample_draws in zip(samples, draws):
@@ -230,7 +235,7 @@ def prepare_chunk(samples: list[dict], spec: StreamSpec, plan: tuple, tally: _Ta
         box = _box(spec, sample_draws, *hw)
         if worker:  # [3,S,S] uint8 into the chunk's buffer: the transpose here, in the worker,
             # lets the main process normalise with a contiguous cast (BENCHMARKS.md)
-            pixels[len(kept)] = np.asarray(crop_pil(image, box, spec.image_size)).transpose(2, 0, 1)
+            images[len(kept)] = np.asarray(crop_pil(image, box, spec.image_size)).transpose(2, 0, 1)
         else:
             datas.append((field, data))
         kept.append(sample)
@@ -319,11 +324,33 @@ def _bind_reader(url: str | None, generation: str | None):
     return SaliencyStore.open(url).bind(generation)
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+
+
+def reuse_freed_memory() -> None:
+    """Keep freed blocks up to 64 MB in the process's heap for reuse (glibc; elsewhere nothing).
+
+    By default glibc gives such blocks back to the system, so every chunk buffer (5 MB) and
+    every float batch (20 MB at 224 px) is fresh memory that page-faults on its first write:
+    on this project's 2-core VM that cost as much as the normalisation itself (BENCHMARKS.md).
+    The process then keeps up to 256 MB of freed memory instead of returning it.
+    """
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, 64 * 2**20)
+        libc.mallopt(_M_TRIM_THRESHOLD, 256 * 2**20)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def init_worker(worker_id: int, storage: urls.StorageOptions | None = None) -> None:
-    """DataLoader worker start: the driver's storage options, one torch thread, and zarr's
-    pools kept small (a worker reads one segment's rows at a time)."""
+    """DataLoader worker start: the driver's storage options, one torch thread, zarr's pools
+    kept small (a worker reads one segment's rows at a time), freed buffers reused."""
     import zarr
 
+    reuse_freed_memory()
     urls.adopt(storage)
     torch.set_num_threads(1)
     zarr.config.set({"threading.max_workers": 2, "async.concurrency": 4})
