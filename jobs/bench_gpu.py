@@ -188,12 +188,13 @@ def _refresh(figures: _Figures, data: Path, device: str, sizes: _Sizes) -> None:
 
 
 def _bare_decode_rate(data: Path, device: str, batch: int, batches: int) -> float:
-    """img/s of ``decode_jpeg`` alone on ``device``, batches of ``batch`` JPEGs of the set."""
+    """img/s of ``decode_jpeg`` alone on ``device``, batches of ``batch`` images of the set
+    (demo sets are all JPEG)."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    from salient.jobs.bench_loader import jpeg_bytes
+    from salient.jobs.bench_loader import image_bytes
 
-    encoded = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in jpeg_bytes(data)]
+    encoded = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in image_bytes(str(data))]
     groups = [encoded[i : i + batch] for i in range(0, len(encoded) - batch + 1, batch)]
     groups = (groups * (batches // max(len(groups), 1) + 1))[: batches + 1]
     decode_jpeg(groups[0], mode=ImageReadMode.RGB, device=device)  # warm-up

@@ -1,10 +1,18 @@
-"""``salient bench loader``: img/s of the streaming loader, and mask planning time per batch.
+"""``salient bench loader``: img/s of the streaming loader beside a bare decode, and mask planning.
 
+- ``bare_img_s`` (per row): a bare single-process PIL decode + ``RandomResizedCrop(224)`` +
+  flip (torchvision transforms on PIL images, uint8 tensors out) over the same shards, their
+  bytes read beforehand — the least any loader must do per image — measured right before and
+  right after the row, so a change of load on the shared machine skews both alike.
 - ``cpu``: the CPU path (DataLoader workers decode with PIL and crop; ``decode="worker"``,
   ``device="cpu"``) at 224 px / patch 16 (N = 196), AMT 45 / 40 masking, with 0, 1 and 2
-  DataLoader workers, on a generated demo set with a store of random maps. Each figure is
-  the whole epochs after a first, untimed one: worker start-up and the end-of-epoch drain
-  are included, as a training run pays them.
+  DataLoader workers, and with 0 and 2 workers without read prefetching, with one torch
+  thread in the main process (a per-core comparison; workers have one each). Each figure is the
+  whole epochs after a first, untimed one: worker start-up and the end-of-epoch drain are
+  included, as a training run pays them. ``per_core_vs_decode`` = loader img/s per process
+  core (``max(1, workers)``) ÷ the bare rate (target ≥ 0.85); ``cpu_cores`` = CPU seconds of
+  the loader's process, threads and workers ÷ wall seconds, and ``per_cpu_vs_decode`` =
+  images per such CPU second ÷ the bare decode's.
 - ``planning_ms_*``: median ms per ``[256, 196]`` batch of ``plan_masks("amt")`` alone and of
   the loader's ``plan_batch`` (normalisation + ``amt`` + a random fallback row), on the CPU
   and, on CUDA, on the GPU. Target ≤ 1 ms.
@@ -14,15 +22,17 @@
   ``loader_img_s`` the whole loader with ``workers`` DataLoader workers. Target ≥ 5,000 img/s
   on one H100 (an AMT 45/40 ViT-B step consumes 5.0k img/s there).
 
-``data`` benchmarks an existing dataset directory instead of a generated one (a store of
-random maps is made for it in a temporary directory).
+``data`` benchmarks an existing dataset (a path or a URL: ``s3://…`` against any endpoint,
+with the usual credentials and storage options) instead of a generated one; a store of random
+maps is made for it in a temporary directory. For a URL the same rows are measured again on a
+local copy (``cpu_local_copy``), so object storage and local disk stand side by side.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import statistics
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -30,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["bench_loader", "device_path_rates", "jpeg_bytes", "random_store"]
+__all__ = ["bench_loader", "device_path_rates", "image_bytes", "random_store"]
 
 IMAGE, PATCH, MASK, THROW = 224, 16, 0.45, 0.40
 
@@ -43,6 +53,7 @@ def _settings(quick: bool, cuda: bool) -> dict:
         "batch": 32 if quick else 64,
         "epochs": 1 if quick else 2,
         "workers": (0, 1, 2),
+        "serial": (0, 2),  # worker counts measured again without read prefetching
     }
     gpu = {
         "distinct": 256 if quick else 1024,
@@ -77,7 +88,7 @@ def _tiled(src: Path, out: Path, copies: int, shard_size: int) -> Path:
 
     from salient.pipeline.manifest import Manifest, ShardInfo, fingerprint, sample_key, shard_name
 
-    records, shards = jpeg_bytes(src) * copies, []
+    records, shards = image_bytes(str(src)) * copies, []
     out.mkdir(parents=True)
     for index, first in enumerate(range(0, len(records), shard_size)):
         part = records[first : first + shard_size]
@@ -99,6 +110,31 @@ def _tiled(src: Path, out: Path, copies: int, shard_size: int) -> Path:
     )
     (out / "manifest.json").write_text(manifest.to_json())
     return out
+
+
+def image_bytes(data: str) -> list[bytes]:
+    """Every image's bytes, in id order (the shard access layer reads them)."""
+    from salient.pipeline import shards
+    from salient.pipeline.manifest import open_dataset
+
+    out = []
+    for url in open_dataset(data).shard_urls():
+        for sample in shards.iter_samples(url, None, {"image"}):
+            out.append(sample[shards.image_field(sample)])
+    return out
+
+
+def _local_copy(url: str, out: Path) -> str:
+    """The dataset at ``url`` copied to ``out`` (shards, then the manifest)."""
+    from salient import urls
+    from salient.pipeline.manifest import MANIFEST_NAME, open_dataset
+
+    out.mkdir(parents=True)
+    dataset = open_dataset(url)
+    for shard in dataset.shards:
+        (out / shard.name).write_bytes(urls.read_bytes(dataset.shard_url(shard)))
+    (out / MANIFEST_NAME).write_bytes(urls.read_bytes(urls.join(dataset.root, MANIFEST_NAME)))
+    return str(out)
 
 
 def random_store(
@@ -127,7 +163,15 @@ def random_store(
 # ---------------------------------------------------------------- measurements
 
 
-def _loader(data: Path, store: str, batch: int, workers: int, device: str, decode: str):
+def _loader(
+    data: Path | str,
+    store: str,
+    batch: int,
+    workers: int,
+    device: str,
+    decode: str,
+    prefetch: int = 64,
+):
     from salient.pipeline.loader import LoaderConfig, SalientLoader
 
     return SalientLoader(
@@ -143,6 +187,7 @@ def _loader(data: Path, store: str, batch: int, workers: int, device: str, decod
             num_workers=workers,
             device=device,
             decode=decode,
+            prefetch=prefetch,
         )
     )
 
@@ -152,10 +197,29 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _cpu_seconds() -> float:
+    """CPU seconds (user + system) of this process and its children (DataLoader workers), from
+    /proc (Linux; elsewhere this process alone)."""
+    import resource
+
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    total = own.ru_utime + own.ru_stime
+    me, tick = str(os.getpid()), os.sysconf("SC_CLK_TCK")
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        if fields[1] == me:  # ppid; utime and stime follow at 11 and 12
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
 def _epochs_rate(loader, epochs: int) -> dict:
-    """img/s over ``epochs`` whole epochs after one untimed epoch."""
+    """img/s over ``epochs`` whole epochs after one untimed epoch, and the CPU cores the loader
+    kept busy meanwhile (its process, threads and workers: CPU seconds ÷ wall seconds)."""
     list(loader.epoch(0))
-    samples, start = 0, time.perf_counter()
+    samples, start, cpu = 0, time.perf_counter(), _cpu_seconds()
     for epoch in range(1, epochs + 1):
         for batch in loader.epoch(epoch):
             samples += len(batch["ids"])
@@ -166,15 +230,62 @@ def _epochs_rate(loader, epochs: int) -> dict:
         "images": samples,
         "seconds": round(seconds, 3),
         "workers": loader.num_workers,
+        "cpu_cores": round((_cpu_seconds() - cpu) / seconds, 2),
     }
 
 
-def _cpu_rates(data: Path, store: str, settings: dict) -> list[dict]:
-    rows = []
-    for workers in settings["workers"]:
-        loader = _loader(data, store, settings["batch"], workers, "cpu", "worker")
-        rows.append(_epochs_rate(loader, settings["epochs"]))
+def _bare_rate(datas: list[bytes]) -> dict:
+    """img/s of a bare single-process PIL decode + RandomResizedCrop(224) + flip, uint8 tensors
+    out (torchvision's transforms), over image bytes read beforehand; and images per CPU
+    second (what it would do on a core of its own)."""
+    import torchvision.transforms.v2 as T
+    from PIL import Image
+
+    crop = T.Compose(
+        [T.RandomResizedCrop(IMAGE, antialias=True), T.RandomHorizontalFlip(), T.PILToTensor()]
+    )
+    start, cpu = time.perf_counter(), time.process_time()
+    for data_bytes in datas:
+        with Image.open(io.BytesIO(data_bytes)) as image:
+            crop(image.convert("RGB"))
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return {"img_s": round(len(datas) / wall, 1), "img_per_cpu_s": round(len(datas) / cpu, 1)}
+
+
+def _mean(rates: list[dict]) -> dict:
+    return {k: round(statistics.mean(r[k] for r in rates), 1) for k in rates[0]}
+
+
+def _cpu_rates(data: Path | str, store: str, settings: dict, datas: list[bytes]) -> list[dict]:
+    """A row per case, each beside the bare decode measured right before and right after it
+    (``bare_img_s``: their mean), so a change of load on the machine skews both alike.
+
+    ``per_core_vs_decode``: img/s per process core (``max(1, workers)``) ÷ the bare img/s;
+    ``per_cpu_vs_decode``: images per CPU second the loader used (all its threads and
+    workers) ÷ the bare decode's.
+    """
+    cases = [(w, 64) for w in settings["workers"]] + [(w, 0) for w in settings["serial"]]
+    rows, threads = [], torch.get_num_threads()
+    torch.set_num_threads(1)  # one core's work, as the bare decode (workers have one each)
+    try:
+        for workers, prefetch in cases:
+            rows.append(_cpu_row(data, store, settings, datas, workers, prefetch))
+    finally:
+        torch.set_num_threads(threads)
     return rows
+
+
+def _cpu_row(data, store: str, settings: dict, datas: list[bytes], workers: int, prefetch: int):
+    before = _bare_rate(datas)
+    loader = _loader(data, store, settings["batch"], workers, "cpu", "worker", prefetch)
+    row = {**_epochs_rate(loader, settings["epochs"]), "prefetch": prefetch}
+    del loader  # its persistent workers end with it
+    bare = _mean([before, _bare_rate(datas)])
+    row["bare_img_s"] = bare["img_s"]
+    row["per_core_vs_decode"] = round(row["img_s"] / max(1, workers) / bare["img_s"], 3)
+    per_cpu = row["img_s"] / max(row["cpu_cores"], 1e-9)
+    row["per_cpu_vs_decode"] = round(per_cpu / bare["img_per_cpu_s"], 3)
+    return row
 
 
 def _planning_ms(device: str, reps: int) -> dict:
@@ -208,17 +319,17 @@ def _median_ms(call, reps: int, device: torch.device) -> float:
 def _main_rate(loader, batches: int) -> float:
     """img/s of the main process alone on prepared samples: decode + crop + normalise + plan
     (the device path's ceiling; the workers only read tars and parse headers)."""
-    from salient.pipeline.loader import EpochStats
+    from salient.pipeline.loader import EpochStats, _Passes, decode_and_crop
 
     stats = EpochStats(epoch=0, rank=0, generation=None)
-    passes = loader._items(0, loader.bind_generation(), stats)
+    passes = _Passes(loader, 0, loader.bind_generation(), stats)
     size, device = loader.config.batch_size, loader.config.device
-    items = [[passes.next() for _ in range(size)] for _ in range(batches)]
+    runs = [passes.take(size) for _ in range(batches)]
     times = []
-    for index, group in enumerate(items * 2):
+    for index, group in enumerate(runs * 2):
         _sync(device)
         start = time.perf_counter()
-        ready = loader._images_for(group, stats)
+        ready = [decode_and_crop(rows, loader.device, IMAGE)[0] for rows in group]
         loader._batch(ready, 0, index, stats.generation, 0.0, stats)
         _sync(device)
         times.append(time.perf_counter() - start)
@@ -242,17 +353,6 @@ def device_path_rates(
     }
 
 
-def jpeg_bytes(data: Path) -> list[bytes]:
-    """Every JPEG of a dataset's shards, in id order (what a bare decode benchmark decodes)."""
-    records = []
-    for path in sorted(Path(data).glob("shard-*.tar")):
-        with tarfile.open(path) as tar:
-            for member in tar:
-                if member.name.endswith(".jpg"):
-                    records.append(tar.extractfile(member).read())
-    return records
-
-
 def _device_path(work: Path, settings: dict, device: str) -> dict:
     distinct = _demo(work / "gpu-distinct", settings["distinct"], settings["scene"], 256)
     data = _tiled(distinct, work / "gpu-data", settings["copies"], settings["shard_size"])
@@ -270,21 +370,30 @@ def _device_path(work: Path, settings: dict, device: str) -> dict:
 
 
 def bench_loader(quick: bool = False, device: str = "auto", data: str | None = None) -> dict:
-    """Loader img/s (CPU path with 0 / 1 / 2 workers; GPU path on CUDA) and planning ms.
+    """Loader img/s (CPU path with 0 / 1 / 2 workers; GPU path on CUDA) beside the bare decode
+    rate, and planning ms.
 
-    Returns ``cpu`` (a row per worker count: ``img_s``, ``images``, ``seconds``, ``workers``),
-    ``planning_ms_cpu`` (and ``planning_ms_cuda``: ``{"plan_masks_amt", "plan_batch"}``),
-    ``gpu`` on CUDA, and the sizes used.
+    Returns ``cpu`` (a row per case: ``img_s``, ``images``, ``seconds``, ``workers``,
+    ``cpu_cores``, ``prefetch``, ``bare_img_s``, ``per_core_vs_decode``,
+    ``per_cpu_vs_decode``); for a remote ``data`` also
+    ``cpu_local_copy``; ``planning_ms_cpu`` (and ``planning_ms_cuda``: ``{"plan_masks_amt",
+    "plan_batch"}``), ``gpu`` on CUDA, and the sizes used.
     """
+    from salient import urls
+
     cuda = (device == "auto" and torch.cuda.is_available()) or device.startswith("cuda")
     settings = _settings(quick, cuda)
     cpu = settings["cpu"]
     with tempfile.TemporaryDirectory(prefix="salient-bench-loader-") as tmp:
         work = Path(tmp)
         source = (
-            Path(data) if data else _demo(work / "data", cpu["n"], cpu["scene"], cpu["shard_size"])
+            urls.normalise(data)
+            if data
+            else _demo(work / "data", cpu["n"], cpu["scene"], cpu["shard_size"])
         )
+        local = _local_copy(source, work / "copy") if data and urls.is_remote(source) else None
         store = random_store(source, work / "saliency.zarr")
+        datas = image_bytes(str(local or source))
         result = {
             "image_size": IMAGE,
             "patch_size": PATCH,
@@ -292,10 +401,12 @@ def bench_loader(quick: bool = False, device: str = "auto", data: str | None = N
             "throw_ratio": THROW,
             "batch_size": cpu["batch"],
             "scene_px": cpu["scene"],
-            "dataset": str(data) if data else f"demo n={cpu['n']}",
-            "cpu": _cpu_rates(source, store, cpu),
+            "dataset": str(source) if data else f"demo n={cpu['n']}",
+            "cpu": _cpu_rates(source, store, cpu, datas),
             "planning_ms_cpu": _planning_ms("cpu", settings["plan_reps"]),
         }
+        if local:
+            result["cpu_local_copy"] = _cpu_rates(local, store, cpu, datas)
         if cuda:
             result["planning_ms_cuda"] = _planning_ms("cuda", settings["plan_reps"])
             result["gpu"] = _device_path(work, settings["gpu"], "cuda")

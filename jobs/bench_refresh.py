@@ -8,7 +8,10 @@ ceiling), and the ratio between them.
 Two ways to drive the actors are measured on the same data:
 
 - ``actors`` — the job as shipped (``salient.jobs.refresh``): plain actors, one shard per call,
-  each shard written as one whole zarr chunk by the actor that computed it.
+  each shard written as one whole zarr chunk by the actor that computed it; the next batch is
+  read and decoded in a background thread while the teacher computes the current one.
+- ``actors_serial`` — the same with ``prefetch=False``: read, decode, compute one after the
+  other (what the overlap buys).
 - ``ray_data`` — Ray Data: ``read_webdataset`` → ``map_batches`` on an actor pool (same decode
   and maps code) → rows streamed back to the driver, re-blocked by shard (Ray Data neither
   keeps order nor follows chunk boundaries, PITFALLS.md) and written there.
@@ -72,7 +75,7 @@ def _forward_rate(model: str, device: str, batch_size: int, threads: int) -> flo
         torch.set_num_threads(previous)
 
 
-def _config(data: Path, store: Path, settings: dict, workers: int):
+def _config(data: str, store: Path, settings: dict, workers: int, prefetch: bool = True):
     from salient.jobs.refresh import RefreshConfig
 
     return RefreshConfig(
@@ -84,6 +87,7 @@ def _config(data: Path, store: Path, settings: dict, workers: int):
         workers=workers,
         gpus_per_worker=settings["gpus_per_worker"],
         cpus_per_worker=settings["cpus_per_worker"],
+        prefetch=prefetch,
     )
 
 
@@ -102,12 +106,13 @@ class RayDataMaps:
         self.spec = spec
 
     def __call__(self, batch: dict) -> dict:
-        from salient.jobs.refresh_worker import IMAGE_FIELDS, shard_maps
+        from salient.jobs.refresh_worker import shard_maps
+        from salient.pipeline.shards import decode_images, image_field
 
-        field = next(f for f in batch if f in IMAGE_FIELDS)
-        records = [(field, bytes(b)) for b in batch[field]]
+        field = image_field(batch)
+        images = decode_images([(field, bytes(b)) for b in batch[field]], self.spec.device)
         grid = self.spec.image_size // self.model.patch_embed.patch_size[0]
-        maps, valid, _ = shard_maps(self.model, records, self.spec, grid)
+        maps, valid, _ = shard_maps(self.model, [(0, images)], len(images), self.spec, grid)
         return {"id": np.array([int(k) for k in batch["__key__"]]), "maps": maps, "valid": valid}
 
 
@@ -155,9 +160,9 @@ def _ray_data_refresh(config) -> dict:
 # ---------------------------------------------------------------- the benchmark
 
 
-def _data(data: str | None, settings: dict, work: Path) -> Path:
+def _data(data: str | None, settings: dict, work: Path) -> str:
     if data is not None:
-        return Path(data)
+        return data  # a path or a URL
     from salient.pipeline.ingest import ingest_demo
 
     ingest_demo(
@@ -167,17 +172,16 @@ def _data(data: str | None, settings: dict, work: Path) -> Path:
         shard_size=settings["shard_size"],
         image_size=settings["scene_size"],
     )
-    return work / "data"
+    return str(work / "data")
 
 
-def _one(
-    variant: str, data: Path, work: Path, settings: dict, workers: int, forward: float
-) -> dict:
+def _one(variant: str, data: str, work: Path, settings: dict, workers: int, forward: float) -> dict:
     from salient.jobs.refresh import run_refresh
 
-    config = _config(data, work / f"{variant}-{workers}.zarr", settings, workers)
+    serial = variant == "actors_serial"
+    config = _config(data, work / f"{variant}-{workers}.zarr", settings, workers, not serial)
     result = (
-        run_refresh(config, progress=False) if variant == "actors" else _ray_data_refresh(config)
+        _ray_data_refresh(config) if variant == "ray_data" else run_refresh(config, progress=False)
     )
     return {
         "variant": variant,
@@ -195,7 +199,7 @@ def bench_refresh(
     workers: tuple[int, ...] = (1, 2),
     data: str | None = None,
     model: str | None = None,
-    variants: tuple[str, ...] = ("actors", "ray_data"),
+    variants: tuple[str, ...] = ("actors", "actors_serial", "ray_data"),
     batch_size: int | None = None,
     cpus_per_worker: float | None = None,
 ) -> dict:

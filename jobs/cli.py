@@ -4,7 +4,8 @@ Each job is a frozen config dataclass and a run function (:data:`COMMANDS`); its
 generated from the config (:mod:`salient.jobs.flags`), so a setting is spelled once, in the
 config, with its help as the field's docstring. Every sub-command also takes ``--config FILE``
 (JSON / YAML; a run's ``config.json`` works) and ``--print-config`` (the resolved config as
-JSON, nothing run); ``train`` takes ``--recipe NAME``.
+JSON, nothing run) and ``--storage-option KEY=VALUE`` (fsspec options for the job's URLs,
+kept out of the config); ``train`` takes ``--recipe NAME``.
 
 A job module is imported only when its sub-command runs (or shows its help), so ``salient
 --help`` stays fast. A :class:`~salient.errors.SalientError` is printed as one line (what is
@@ -140,6 +141,14 @@ def build_parser(name: str) -> argparse.ArgumentParser:
         "beside it win",
     )
     control.add_argument(
+        "--storage-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an fsspec option for every s3:// / gs:// URL of the job, e.g. anon=true or "
+        "endpoint_url=http://host:9000 (repeatable; never written anywhere)",
+    )
+    control.add_argument(
         "--print-config",
         action="store_true",
         help="print the resolved settings as JSON and exit without running",
@@ -157,7 +166,7 @@ def build_parser(name: str) -> argparse.ArgumentParser:
     return parser
 
 
-_CONTROL = ("config", "print_config", "recipe")
+_CONTROL = ("config", "print_config", "recipe", "storage_option")
 
 
 def _run(name: str, argv: list[str]) -> int:
@@ -172,6 +181,10 @@ def _run(name: str, argv: list[str]) -> int:
     if args["print_config"]:
         print(json.dumps(config_dict(config), indent=2))
         return 0
+    if args["storage_option"]:  # process-wide, carried to the job's workers (salient.urls)
+        from salient import urls
+
+        urls.set_storage_options(urls.parse_storage_options(args["storage_option"]))
     run = getattr(importlib.import_module(f"salient.jobs.{command.module}"), command.run)
     result = run(config)
     if isinstance(result, str):

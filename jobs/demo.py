@@ -15,6 +15,9 @@ Stages, in order; each one is skipped or resumed when its output already exists,
 It ends with a short summary for people (what ran, the headline numbers, where the report is)
 and writes every figure to ``OUT/summary.json``; ``--json`` prints that instead.
 
+``data`` and ``store`` put the dataset and the store elsewhere, e.g. on ``s3://`` (the run
+directory and the report stay in OUT, a local folder); ``--fresh`` removes OUT only.
+
 Sizes are chosen to run in about five minutes on 2 CPU cores: 64 px crops, 8 px patches (an
 8×8 grid), ViT-Tiny encoder; one MAE-Tiny step on 2 cores trains ~20 img/s at 96 px, where
 the decoder over 145 tokens dominates, so larger crops would not fit the 10-minute budget.
@@ -24,12 +27,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import tarfile
 import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from salient import urls
 from salient.errors import SalientError
 
 __all__ = ["DemoConfig", "human_summary", "run_demo", "summarize_dataset"]
@@ -71,10 +74,19 @@ class DemoConfig:
     """Start over: remove OUT first."""
     json: bool = False
     """Print the full summary as JSON (it is always written to OUT/summary.json)."""
+    data: str | None = None
+    """Where the demo dataset lives (a path or s3:// / gs:// URL); default OUT/data."""
+    store: str | None = None
+    """Where the saliency store lives (a path or s3:// / gs:// URL); default OUT/saliency.zarr."""
 
     def __post_init__(self):
         if self.n < 16:
             raise SalientError(f"the demo needs at least 16 scenes (got --n {self.n})")
+        if urls.is_remote(self.out):
+            raise SalientError(
+                f"--out {self.out} must be a local folder (the run's checkpoints and the report); "
+                "put the dataset and the store on object storage with --data and --store"
+            )
         if self.epochs <= self.warmup_epochs:
             raise SalientError(
                 f"the demo needs --epochs > --warmup-epochs ({self.epochs} <= "
@@ -85,19 +97,19 @@ class DemoConfig:
 def summarize_dataset(data: str | Path) -> dict:
     """Classes and object-box statistics of a demo dataset, read back from its shards."""
     from salient.pipeline.manifest import open_dataset
+    from salient.pipeline.shards import iter_samples
 
     dataset = open_dataset(data)
     labels: Counter[int] = Counter()
     area_share = []
     size = (dataset.manifest.demo or {}).get("image_size")
     for url in dataset.shard_urls():
-        with tarfile.open(url) as tar:
-            for member in tar:
-                if member.name.endswith(".cls"):
-                    labels[int(tar.extractfile(member).read())] += 1
-                elif member.name.endswith(".box.json") and size:
-                    box = json.loads(tar.extractfile(member).read())
-                    area_share.append((box["x1"] - box["x0"]) * (box["y1"] - box["y0"]) / size**2)
+        for sample in iter_samples(url, None, {"cls", "box.json"}):
+            if "cls" in sample:
+                labels[int(sample["cls"])] += 1
+            if "box.json" in sample and size:
+                box = json.loads(sample["box.json"])
+                area_share.append((box["x1"] - box["x0"]) * (box["y1"] - box["y0"]) / size**2)
     classes = dataset.manifest.classes or []
     return {
         "images": dataset.num_samples,
@@ -109,14 +121,20 @@ def summarize_dataset(data: str | Path) -> dict:
     }
 
 
-def _stage_ingest(config: DemoConfig, data: Path) -> dict:
+def _locations(config: DemoConfig, out: Path) -> tuple[str, str]:
+    """The dataset and store URLs: ``--data`` / ``--store``, else inside OUT."""
+    return config.data or str(out / "data"), config.store or str(out / "saliency.zarr")
+
+
+def _stage_ingest(config: DemoConfig, data: str) -> dict:
     from salient.jobs.progress import progress_bar
     from salient.pipeline.ingest import ingest_demo
     from salient.pipeline.manifest import DatasetError, open_dataset
 
     try:
-        demo = open_dataset(data).manifest.demo or {}
-        if open_dataset(data).num_samples == config.n and demo.get("seed") == config.seed:
+        dataset = open_dataset(data)
+        demo = dataset.manifest.demo or {}
+        if dataset.num_samples == config.n and demo.get("seed") == config.seed:
             return {"ingest": "reused"}
     except DatasetError:
         pass
@@ -141,9 +159,10 @@ def _train_config(config: DemoConfig, out: Path):
     run_dir = out / "run"
     latest = latest_checkpoint(run_dir)
     done = latest is not None and load_checkpoint(latest)["epoch"] >= config.epochs
+    data, store = _locations(config, out)
     train = TrainConfig(
-        data=str(out / "data"),
-        store=str(out / "saliency.zarr"),
+        data=data,
+        store=store,
         model=config.model,
         strategy="amt",
         mask_ratio=0.45,
@@ -179,17 +198,15 @@ def _stage_inspect(config: DemoConfig, out: Path) -> dict:
     from salient.jobs.inspect import InspectConfig, run_inspect
     from salient.store import SaliencyStore
 
-    store = out / "saliency.zarr"
+    data, store = _locations(config, out)
     published = [
-        g["name"]
-        for g in SaliencyStore.open(str(store)).generations()
-        if g["status"] == "published"
+        g["name"] for g in SaliencyStore.open(store).generations() if g["status"] == "published"
     ]
     compare = published[0] if len(published) > 1 else None
     report = run_inspect(
         InspectConfig(
-            store=str(store),
-            data=str(out / "data"),
+            store=store,
+            data=data,
             out=str(out / "report"),
             n=config.report_images,
             compare=compare,
@@ -245,8 +262,9 @@ def run_demo(config: DemoConfig) -> dict | str:
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     result: dict = {"out": str(out)}
-    result.update(_stage_ingest(config, out / "data"))
-    result["dataset"] = summarize_dataset(out / "data")
+    data, _ = _locations(config, out)
+    result.update(_stage_ingest(config, data))
+    result["dataset"] = summarize_dataset(data)
     result.update(_stage_train(config, out))
     result.update(_stage_inspect(config, out))
     result["seconds"] = round(time.perf_counter() - start, 1)

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from salient import urls
 from salient.jobs.inspect_data import InspectError, demo_hw, read_samples, shard_boxes
 from salient.jobs.inspect_stats import (
     DiffTally,
@@ -92,6 +93,11 @@ class InspectConfig:
         elif not self.out:
             raise InspectError(
                 "inspect needs --out DIR for the report, or --id N for one sample in the terminal"
+            )
+        if self.out and urls.is_remote(self.out):
+            raise InspectError(
+                f"--out {self.out} must be a local folder (the report opens from disk); "
+                "--store and --data may be URLs"
             )
         if self.ids is not None:
             self._check_ids()

@@ -60,7 +60,8 @@ class RefreshError(SalientError):
 @dataclass(frozen=True)
 class RefreshConfig:
     """One refresh job: a teacher over every shard of ``data`` into a new generation of
-    ``store``."""
+    ``store``. ``data`` and ``store`` are local paths or URLs (``s3://``, ``gs://``; ``data``
+    also ``http(s)://``)."""
 
     data: str
     """Dataset directory (or URL) written by `salient ingest`."""
@@ -103,6 +104,8 @@ class RefreshConfig:
     wait_for_other: bool = False
     """When another live refresh is writing the same maps, wait for it and use its generation
     (default: refuse in one line)."""
+    prefetch: bool = True
+    """Read and decode the next batch in a background thread while the teacher computes."""
     shard_delay_s: float = field(default=0.0, metadata={"hidden": True})
     """Testing aid: each worker waits this long before writing a shard."""
 
@@ -264,9 +267,12 @@ class _Pool:
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+        from salient import urls
         from salient.jobs.refresh_worker import RefreshWorker
 
-        self._config, self._group, self._args = config, group, (model_ref, spec)
+        # the storage options travel along with the teacher
+        self._config, self._group = config, group
+        self._args = (model_ref, spec, urls.carry())
         self._cls = ray.remote(RefreshWorker)
         self._options = {
             "num_cpus": config.cpus_per_worker,
@@ -449,10 +455,11 @@ def _count(result: dict, tally: _Tally, bar, start: float) -> None:
 
 def worker_spec(config: RefreshConfig, teacher, spec, generation: str):
     """What every worker needs besides the model (``spec``: the resolved SaliencySpec)."""
+    from salient import urls
     from salient.jobs.refresh_worker import WorkerSpec
 
     return WorkerSpec(
-        store=config.store,
+        store=urls.normalise(config.store),  # actors may run in another directory
         generation=generation,
         kind=spec.kind,
         reduce=spec.reduce,
@@ -465,6 +472,7 @@ def worker_spec(config: RefreshConfig, teacher, spec, generation: str):
         device=config.device,
         threads=max(1, int(config.cpus_per_worker)),
         shard_delay_s=config.shard_delay_s,
+        prefetch=config.prefetch,
     )
 
 

@@ -6,10 +6,12 @@ file = one contiguous id range = one zarr chunk, written whole by one call, so a
 shard rewrites the same bytes and two workers never share a chunk (DESIGN.md, "The saliency
 store").
 
-Decoding: PIL on CPU always works. On a GPU worker JPEGs are decoded by nvjpeg
-(``torchvision.io.decode_jpeg(device="cuda")``) and resized on the GPU; other formats, and
-JPEGs nvjpeg rejects, fall back to PIL. An image neither can decode gets ``valid = 0`` and a
-NaN map row, is counted, and the shard goes on.
+Reading and decoding go through ``salient.pipeline.shards`` (the loader's decode too): PIL on
+the CPU; on a GPU worker JPEGs are decoded by nvjpeg and resized on the GPU, other formats and
+JPEGs nvjpeg rejects fall back to PIL. An image nothing can decode gets ``valid = 0`` and a NaN
+map row, is counted, and the shard goes on. With ``prefetch`` a background thread reads and
+decodes the next batch while the teacher computes the current one (on a GPU worker that is what
+keeps the GPU busy).
 
 Importing this module touches no disk, GPU or Ray.
 """
@@ -17,9 +19,7 @@ Importing this module touches no disk, GPU or Ray.
 from __future__ import annotations
 
 import contextlib
-import io
 import os
-import tarfile
 import time
 import warnings
 from collections.abc import Iterator
@@ -27,21 +27,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
 
-from salient.pipeline.ingest import IMAGE_SUFFIXES
+from salient import urls
+from salient.pipeline import shards
 
-__all__ = [
-    "RefreshWorker",
-    "WorkerSpec",
-    "decode_batch",
-    "decode_image",
-    "read_shard",
-    "shard_maps",
-]
-
-IMAGE_FIELDS = frozenset(suffix[1:] for suffix in IMAGE_SUFFIXES)  # tar field names: jpg, png…
-_JPEG_FIELDS = frozenset({"jpg", "jpeg"})
+__all__ = ["RefreshWorker", "WorkerSpec", "decoded_batches", "shard_maps"]
 
 
 @dataclass(frozen=True)
@@ -61,91 +51,49 @@ class WorkerSpec:
     device: str = "cpu"
     threads: int = 1
     shard_delay_s: float = 0.0
+    prefetch: bool = True
 
 
-# ---------------------------------------------------------------- reading
+# ---------------------------------------------------------------- reading and decoding
 
 
-def read_shard(url: str, first_id: int, count: int) -> list[tuple[str, bytes] | None]:
-    """The image field of every id in ``[first_id, first_id + count)``: ``(ext, bytes)`` or None.
-
-    None marks a sample whose image is missing from the tar. A tar that breaks part-way keeps
-    what was read before the damage (with a warning); the rest are None.
-    """
-    records: list[tuple[str, bytes] | None] = [None] * count
-    try:
-        with tarfile.open(url, mode="r|*") as tar:
-            for member in tar:
-                key, _, field = os.path.basename(member.name).partition(".")
-                offset = int(key) - first_id if key.isdigit() else -1
-                if field in IMAGE_FIELDS and 0 <= offset < count and member.isfile():
-                    records[offset] = (field, tar.extractfile(member).read())
-    except (tarfile.TarError, OSError) as exc:
+def _warn_damaged(url: str):
+    def handler(exc: Exception) -> bool:
         warnings.warn(
             f"shard {url} is damaged ({exc}); its unread samples get valid=0", stacklevel=2
         )
-    return records
+        return False  # stop reading this shard: what was read is kept
+
+    return handler
 
 
-# ---------------------------------------------------------------- decoding
+def decoded_batches(
+    url: str, first_id: int, count: int, batch_size: int, device: torch.device
+) -> Iterator[tuple[int, list[torch.Tensor | None]]]:
+    """``(start, images)`` per batch of the shard's ids in order: ``uint8 [3,H,W]`` tensors on
+    ``device``, None where the image is missing or does not decode. The tar is streamed: a
+    batch is decoded as soon as the tar (in id order, as ingest writes it) moves past it."""
+    batch: list = []
+    start = 0
+    wanted = range(first_id, first_id + count)
+    for sample in shards.iter_samples(url, wanted, {"image"}, _warn_damaged(url)):
+        offset = sample["id"] - first_id
+        while offset >= start + batch_size:
+            yield start, _decoded(batch, batch_size, count - start, device)
+            batch, start = [], start + batch_size
+        field = shards.image_field(sample)
+        if field is not None and offset >= start:
+            batch.append((offset - start, (field, sample[field])))
+    for rest in range(start, count, batch_size):  # the last batch, and any the tar lacks
+        yield rest, _decoded(batch, batch_size, count - rest, device)
+        batch = []
 
 
-def decode_image(data: bytes) -> torch.Tensor | None:
-    """PIL decode to ``uint8 [3,H,W]`` RGB on the CPU; None when the bytes are not an image."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            array = np.asarray(image.convert("RGB"))
-    except Exception:  # PIL raises many types on corrupt or truncated files; none may stop a shard
-        return None
-    if array.ndim != 3 or min(array.shape[:2]) < 1:
-        return None
-    return torch.from_numpy(array.copy()).permute(2, 0, 1)
-
-
-def _decode_jpegs_gpu(datas: list[bytes], device: torch.device) -> list[torch.Tensor | None]:
-    """nvjpeg batch decode; on a batch error, one by one, so one bad file costs only itself."""
-    from torchvision.io import ImageReadMode, decode_jpeg
-
-    encoded = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
-    try:
-        return list(decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device))
-    except RuntimeError:
-        out: list[torch.Tensor | None] = []
-        for data, tensor in zip(datas, encoded):
-            try:
-                out.append(decode_jpeg(tensor, mode=ImageReadMode.RGB, device=device))
-            except RuntimeError:
-                out.append(_to(decode_image(data), device))
-        return out
-
-
-def _to(image: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
-    return None if image is None else image.to(device, non_blocking=True)
-
-
-def decode_batch(
-    records: list[tuple[str, bytes] | None], device: torch.device
-) -> list[torch.Tensor | None]:
-    """Decode a batch of records to ``uint8 [3,H,W]`` tensors on ``device`` (None = invalid).
-
-    On a CUDA device JPEGs go through nvjpeg; everything else (and every image on CPU)
-    through PIL.
-    """
-    images: list[torch.Tensor | None] = [None] * len(records)
-    gpu_jpegs = [
-        i
-        for i, r in enumerate(records)
-        if r is not None and device.type == "cuda" and r[0] in _JPEG_FIELDS
-    ]
-    if gpu_jpegs:
-        decoded = _decode_jpegs_gpu([records[i][1] for i in gpu_jpegs], device)
-        for i, image in zip(gpu_jpegs, decoded):
-            images[i] = image
-    done = set(gpu_jpegs)
-    for i, record in enumerate(records):
-        if record is not None and i not in done:
-            images[i] = _to(decode_image(record[1]), device)
-    return images
+def _decoded(batch: list, batch_size: int, left: int, device: torch.device) -> list:
+    records = [None] * min(batch_size, left)
+    for position, record in batch:
+        records[position] = record
+    return shards.decode_images(records, device)
 
 
 # ---------------------------------------------------------------- maps
@@ -175,29 +123,26 @@ def _batch_maps(
     return maps, None
 
 
-def _batches(records: list, size: int) -> Iterator[tuple[int, list]]:
-    for start in range(0, len(records), size):
-        yield start, records[start : start + size]
-
-
 def shard_maps(
     model: torch.nn.Module,
-    records: list[tuple[str, bytes] | None],
+    batches: Iterator[tuple[int, list[torch.Tensor | None]]],
+    count: int,
     spec: WorkerSpec,
     grid: int,
     heads: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """All maps of one shard: ``maps [n,G,G] float32`` (NaN where invalid), ``valid [n] uint8``,
-    and ``head_maps [n,H,G,G]`` for kind "heads" (else None)."""
+    """All maps of one shard of ``count`` images from its decoded ``batches``: ``maps [n,G,G]
+    float32`` (NaN where invalid), ``valid [n] uint8``, and ``head_maps [n,H,G,G]`` for kind
+    "heads" (else None)."""
     device = torch.device(spec.device)
-    n = len(records)
-    maps = np.full((n, grid, grid), np.nan, dtype=np.float32)
+    maps = np.full((count, grid, grid), np.nan, dtype=np.float32)
     head_maps = (
-        np.full((n, heads, grid, grid), np.nan, dtype=np.float32) if spec.kind == "heads" else None
+        np.full((count, heads, grid, grid), np.nan, dtype=np.float32)
+        if spec.kind == "heads"
+        else None
     )
-    valid = np.zeros(n, dtype=np.uint8)
-    for start, chunk in _batches(records, spec.batch_size):
-        images = decode_batch(chunk, device)
+    valid = np.zeros(count, dtype=np.uint8)
+    for start, images in batches:
         rows = [start + i for i, image in enumerate(images) if image is not None]
         if not rows:
             continue
@@ -221,9 +166,12 @@ class RefreshWorker:
     so every worker, and every restart of one, runs the very same weights).
     """
 
-    def __init__(self, model: torch.nn.Module, spec: WorkerSpec):
+    def __init__(
+        self, model: torch.nn.Module, spec: WorkerSpec, storage: urls.StorageOptions | None = None
+    ):
         from salient.store import SaliencyStore
 
+        urls.adopt(storage)  # the driver's --storage-option values, before any read
         torch.set_num_threads(spec.threads)
         self.spec = spec
         self.device = torch.device(spec.device)
@@ -239,10 +187,13 @@ class RefreshWorker:
     def compute_shard(self, shard: int, url: str, first_id: int, count: int) -> dict:
         """Read, decode, compute and write shard ``shard``; returns its counts."""
         start = time.perf_counter()
-        records = read_shard(url, first_id, count)
-        maps, valid, head_maps = shard_maps(self.model, records, self.spec, self.grid, self.heads)
-        if self.spec.shard_delay_s:
-            time.sleep(self.spec.shard_delay_s)  # a testing aid: widens the window to kill us in
+        spec = self.spec
+        batches = decoded_batches(url, first_id, count, spec.batch_size, self.device)
+        batches = shards.prefetched(batches, depth=1 if spec.prefetch else 0)
+        # now: (start, uint8 [3,H,W] images | None), the next batch decoding meanwhile
+        maps, valid, head_maps = shard_maps(self.model, batches, count, spec, self.grid, self.heads)
+        if spec.shard_delay_s:
+            time.sleep(spec.shard_delay_s)  # a testing aid: widens the window to kill us in
         self.writer.write_shard(shard, maps, valid, head_maps=head_maps)
         return {
             "shard": shard,

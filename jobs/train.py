@@ -23,7 +23,9 @@ Outputs in ``run_dir``: ``config.json`` (the resolved config), ``checkpoint-EEEE
 ``save_every`` epochs with its encoder for timm in ``encoder-EEEEE/`` (the newest
 ``keep_checkpoints`` kept), ``metrics.jsonl`` (rank 0: start, per-epoch records over all ranks,
 refresh records) and ``metrics/rank-R.jsonl`` (each rank's per-step records), ``ray/`` (Ray
-Train's own storage). On a multi-node cluster ``run_dir`` must be a path every node shares.
+Train's own storage). ``data`` and ``store`` may be URLs (``s3://``, ``gs://``); on a
+multi-node cluster ``run_dir`` must be a local path every node shares (checkpoints stay on a
+filesystem).
 
 :class:`TrainConfig` and its checks live in ``salient.jobs.train_config``; this module
 re-exports it and keeps what needs the disk, Ray or the workers.
@@ -36,6 +38,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from salient import urls
 from salient.jobs.train_config import TrainConfig, resolved
 from salient.trainer.loop import TrainError
 
@@ -234,12 +237,13 @@ class RefreshLauncher:
         )
         # A task lost with its node is run again by Ray: the refresh resumes its generation.
         task = ray.remote(_refresh_task).options(num_cpus=0, max_retries=2)
-        return task.remote(config, group)
+        return task.remote(config, group, urls.carry())  # this worker's storage options
 
 
-def _refresh_task(config, group) -> dict:
+def _refresh_task(config, group, storage) -> dict:
     from salient.jobs.refresh import run_refresh
 
+    urls.adopt(storage)
     return run_refresh(config, progress=False, placement=group)
 
 
@@ -287,6 +291,9 @@ def _fit(
             "launch_refresh": _launcher(config, group),
             "progress": progress,
             "run_id": run_id,
+            # Pickled with their values for the workers; Ray Train's run state shows only
+            # str(), which StorageOptions redacts (README, Decisions).
+            "storage": urls.carry(),
         },
         torch_config=TorchConfig(backend="nccl" if config.gpu else "gloo"),
         scaling_config=ScalingConfig(
@@ -336,6 +343,7 @@ def _worker_main(args: dict) -> None:
 
     from salient.jobs.train_worker import train_loop_per_worker
 
+    urls.adopt(args["storage"])  # the driver's --storage-option values, before any read
     try:  # a private module: if a Ray release moves it, the line simply shows again
         from ray.train.v2._internal.execution import context
     except ImportError:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
+from salient import urls
 from salient.trainer.loop import TrainError
 
 __all__ = ["TrainConfig", "resolved"]
@@ -486,14 +487,17 @@ def _check_resources(c: TrainConfig) -> None:
 
 
 def resolved(config: TrainConfig) -> TrainConfig:
-    """Absolute local paths: Ray workers may run in another directory."""
-
-    def absolute(path: str | None) -> str | None:
-        return path if path is None or "://" in path else str(Path(path).resolve())
-
+    """Absolute local paths and checked URLs (``salient.urls``): Ray workers may run in another
+    directory. ``data`` and ``store`` may live on object storage; ``run_dir`` (checkpoints) is
+    a local or shared path."""
+    if urls.is_remote(config.run_dir):
+        raise TrainError(
+            f"--run-dir {config.run_dir} must be a local or shared path (checkpoints are "
+            "written there); put --data and --store on object storage"
+        )
     return replace(
         config,
-        data=absolute(config.data),
-        store=absolute(config.store),
-        run_dir=absolute(config.run_dir),
+        data=urls.normalise(config.data),
+        store=None if config.store is None else urls.normalise(config.store),
+        run_dir=str(Path(config.run_dir).expanduser().resolve()),
     )

@@ -24,8 +24,10 @@ import numbers
 from collections.abc import Sequence
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
+from PIL import Image
 from torch import Tensor
 from torchvision.ops import roi_align
 from torchvision.transforms import InterpolationMode
@@ -33,11 +35,15 @@ from torchvision.transforms import InterpolationMode
 from salient.errors import SalientError
 
 __all__ = [
+    "CROP_DRAWS",
     "INTERPOLATIONS",
     "CropBox",
     "CropError",
+    "crop_box_from",
+    "crop_draws",
     "crop_image",
     "crop_maps",
+    "crop_pil",
     "normalize_weights",
     "sample_crop_box",
     "whole_image_weights",
@@ -48,6 +54,11 @@ INTERPOLATIONS = {  # name -> torchvision mode; MAE: interpolation=3 (PIL bicubi
     "bicubic": InterpolationMode.BICUBIC,
     "bilinear": InterpolationMode.BILINEAR,
 }
+_PIL_FILTERS = {  # the same names for the CPU workers' PIL crops
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+}
+CROP_DRAWS = 4 * _ATTEMPTS + 1  # uniforms one box and its flip consume
 
 
 class CropError(SalientError):
@@ -74,13 +85,28 @@ def sample_crop_box(
 ) -> CropBox:
     """A RandomResizedCrop box (torchvision's law) and a flip, drawn from ``generator``.
 
-    Up to 10 tries of area ``U(scale)·H·W`` and aspect ``exp(U(log ratio))``; a box that fits
-    gets a uniform position, else the central crop clipped to ``ratio`` (torchvision's
-    ``get_params``). All random numbers come from one draw of ``generator``.
+    All random numbers come from one draw of ``generator``; see :func:`crop_box_from`.
     Raises CropError for a bad size, range or flip probability.
     """
+    draws = torch.rand(CROP_DRAWS, generator=generator, device=generator.device).tolist()
+    return crop_box_from(draws, height, width, scale, ratio, flip_p)
+
+
+def crop_box_from(
+    draws: Sequence[float],
+    height: int,
+    width: int,
+    scale: tuple[float, float] = (0.2, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    flip_p: float = 0.5,
+) -> CropBox:
+    """The RandomResizedCrop box and flip that ``CROP_DRAWS`` uniforms in [0, 1) give.
+
+    Up to 10 tries of area ``U(scale)·H·W`` and aspect ``exp(U(log ratio))``; a box that fits
+    gets a uniform position, else the central crop clipped to ``ratio`` (torchvision's
+    ``get_params``); the last uniform decides the flip.
+    """
     _check_box_law(height, width, scale, ratio, flip_p)
-    draws = torch.rand(4 * _ATTEMPTS + 1, generator=generator, device=generator.device).tolist()
     log_low, log_high = math.log(ratio[0]), math.log(ratio[1])
     for attempt in range(_ATTEMPTS):
         u_area, u_ratio, u_top, u_left = draws[4 * attempt : 4 * attempt + 4]
@@ -93,6 +119,21 @@ def sample_crop_box(
             return CropBox(top, left, h, w, draws[-1] < flip_p)
     h, w = _central_fallback(height, width, ratio)
     return CropBox((height - h) // 2, (width - w) // 2, h, w, draws[-1] < flip_p)
+
+
+def crop_draws(key: int, ids: np.ndarray) -> np.ndarray:
+    """``[n, CROP_DRAWS]`` uniforms in [0, 1) for sample ids ``ids`` under ``key``, each a pure
+    function of ``(key, id, k)`` (SplitMix64's finaliser over a Weyl sequence): a whole chunk's
+    boxes in one NumPy call, the same for a sample whichever rank or worker draws it.
+    Hand-written because torch and NumPy generators cost ~10 µs each to seed, per sample."""
+    golden = np.uint64(0x9E3779B97F4A7C15)
+    with np.errstate(over="ignore"):
+        x = np.asarray(ids, dtype=np.uint64)[:, None] * golden + np.uint64(key & (2**64 - 1))
+        x = x + (np.arange(1, CROP_DRAWS + 1, dtype=np.uint64) * golden)[None, :]
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+    return (x >> np.uint64(11)).astype(np.float64) * 2.0**-53  # 53 bits: [0, 1)
 
 
 def _central_fallback(height: int, width: int, ratio: tuple[float, float]) -> tuple[int, int]:
@@ -131,6 +172,25 @@ def crop_image(image: Tensor, box: CropBox, size: int, interpolation: str = "bic
         antialias=True,
     )
     return TF.hflip(out) if box.flip else out
+
+
+def crop_pil(
+    image: Image.Image, box: CropBox, size: int, interpolation: str = "bicubic"
+) -> Image.Image:
+    """The CPU workers' crop: PIL ``image`` cropped to ``box``, resized to ``size × size`` and
+    flipped per box, all in PIL (one resampling pass over the box, antialiased, which
+    torchvision's ``antialias=True`` reproduces up to rounding; ``interpolation`` as in
+    :func:`crop_image`). Per-sample torch ops would pay torch's per-op overhead and its
+    intra-op threads; PIL pays neither."""
+    _check_size(size, "size")
+    _check_inside(box, (image.height, image.width))
+    if interpolation not in _PIL_FILTERS:
+        raise CropError(
+            f"interpolation must be one of {', '.join(_PIL_FILTERS)} (got {interpolation!r})"
+        )
+    region = (box.left, box.top, box.left + box.width, box.top + box.height)
+    out = image.resize((size, size), _PIL_FILTERS[interpolation], box=region)
+    return out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if box.flip else out
 
 
 def crop_maps(

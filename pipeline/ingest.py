@@ -5,10 +5,13 @@ Image bytes are stored as they were read (no re-encode) under the extension of t
 format (PIL's detection, not the file name). Every sample gets a dense id; the webdataset
 key is the zero-padded id.
 
-Safety: a non-empty OUT is refused unless ``overwrite``; even then only files salient wrote
-(shards, manifest) are removed, and a directory holding anything else is refused. Each shard
-is written under a temporary name and renamed; the manifest is written last, so a reader
-never sees a dataset whose manifest promises files that are not there yet.
+OUT is a local directory or a URL (``s3://``, ``gs://``, ``file://``; ``salient.urls``); SRC
+is a local folder. Safety: a non-empty OUT is refused unless ``overwrite``; even then only
+files salient wrote (shards, manifest) are removed, and a directory holding anything else is
+refused. Each shard is written to a local temporary file and, once complete, renamed (local) or
+uploaded once under its final key (object storage: there is no rename); the manifest is
+written last, so a reader never sees a dataset whose manifest promises files that are not
+there yet (README, Decisions).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from salient import urls
 from salient.errors import SalientError
 from salient.pipeline.manifest import (
     MANIFEST_NAME,
@@ -33,10 +37,11 @@ from salient.pipeline.manifest import (
     sample_key,
     shard_name,
 )
+from salient.pipeline.shards import IMAGE_FIELDS
 
 __all__ = ["IMAGE_SUFFIXES", "IngestError", "Sample", "ingest_demo", "ingest_folder"]
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm"}
+IMAGE_SUFFIXES = {f".{field}" for field in IMAGE_FIELDS}  # source files ingest reads
 _FORMAT_EXT = {
     "JPEG": "jpg",
     "PNG": "png",
@@ -67,16 +72,17 @@ class Sample:
 # ---------------------------------------------------------------- output directory
 
 
-def _prepare_out(out: Path, overwrite: bool, src: Path | None = None) -> None:
-    if src is not None and (out == src or src in out.parents):
-        raise IngestError(f"OUT {out} lies inside SRC {src}; choose an output outside the source")
-    if out.exists() and not out.is_dir():
-        raise IngestError(f"OUT {out} exists and is not a directory; choose another path")
-    entries = sorted(out.iterdir()) if out.exists() else []
+def _prepare_out(out: str, overwrite: bool, src: Path | None = None) -> None:
+    """Check OUT (empty, or a dataset salient wrote and ``overwrite``) and clear it."""
+    urls.check_writable(out)
+    if not urls.is_remote(out):
+        _check_local_out(Path(out), src)
+    entries = urls.list_names(out)
     if not entries:
-        out.mkdir(parents=True, exist_ok=True)
+        if not urls.is_remote(out):
+            os.makedirs(out, exist_ok=True)
         return
-    foreign = [e.name for e in entries if not e.name.startswith(_OWN_FILE)]
+    foreign = [e for e in entries if not e.startswith(_OWN_FILE)]
     if not overwrite:
         raise IngestError(
             f"OUT {out} is not empty; pass --overwrite to replace a dataset "
@@ -87,32 +93,39 @@ def _prepare_out(out: Path, overwrite: bool, src: Path | None = None) -> None:
             f"OUT {out} holds files salient did not write ({foreign[0]} …); "
             "refusing to overwrite them — choose an empty directory"
         )
-    (out / MANIFEST_NAME).unlink(missing_ok=True)  # first: the old dataset stops being valid
+    urls.remove(urls.join(out, MANIFEST_NAME))  # first: the old dataset stops being valid
     for entry in entries:
-        entry.unlink(missing_ok=True)
+        urls.remove(urls.join(out, entry))
+
+
+def _check_local_out(out: Path, src: Path | None) -> None:
+    if src is not None and (out == src or src in out.parents):
+        raise IngestError(f"OUT {out} lies inside SRC {src}; choose an output outside the source")
+    if out.exists() and not out.is_dir():
+        raise IngestError(f"OUT {out} exists and is not a directory; choose another path")
 
 
 # ---------------------------------------------------------------- shard writing
 
 
-def _write_shard(out: Path, index: int, first_id: int, samples: list[Sample]) -> ShardInfo:
+def _write_shard(out: str, index: int, first_id: int, samples: list[Sample]) -> ShardInfo:
     import webdataset as wds
 
     name = shard_name(index)
-    tmp = out / f".{name}.partial"
-    # mtime=0: the same input gives byte-identical shards.
-    with open(tmp, "wb") as stream, wds.TarWriter(stream, encoder=False, mtime=0) as writer:
-        for offset, sample in enumerate(samples):
-            record = {"__key__": sample_key(first_id + offset), sample.ext: sample.data}
-            if sample.label is not None:
-                record["cls"] = str(sample.label).encode()
-            record.update(sample.extra or {})
-            writer.write(record)
-    os.replace(tmp, out / name)
-    return ShardInfo(index, name, first_id, len(samples), (out / name).stat().st_size)
+    with urls.staged(urls.join(out, name)) as tmp:  # whole, under its final name, or nothing
+        # mtime=0: the same input gives byte-identical shards.
+        with open(tmp, "wb") as stream, wds.TarWriter(stream, encoder=False, mtime=0) as writer:
+            for offset, sample in enumerate(samples):
+                record = {"__key__": sample_key(first_id + offset), sample.ext: sample.data}
+                if sample.label is not None:
+                    record["cls"] = str(sample.label).encode()
+                record.update(sample.extra or {})
+                writer.write(record)
+        size = os.path.getsize(tmp)
+    return ShardInfo(index, name, first_id, len(samples), size)
 
 
-def _write_shards(out: Path, samples: Iterable[Sample], shard_size: int) -> list[ShardInfo]:
+def _write_shards(out: str, samples: Iterable[Sample], shard_size: int) -> list[ShardInfo]:
     shards: list[ShardInfo] = []
     pending: list[Sample] = []
     next_id = 0
@@ -127,7 +140,7 @@ def _write_shards(out: Path, samples: Iterable[Sample], shard_size: int) -> list
     return shards
 
 
-def _finish(out: Path, shards: list[ShardInfo], shard_size: int, **fields) -> Manifest:
+def _finish(out: str, shards: list[ShardInfo], shard_size: int, **fields) -> Manifest:
     num_samples = sum(s.count for s in shards)
     manifest = Manifest(
         num_samples=num_samples,
@@ -136,9 +149,7 @@ def _finish(out: Path, shards: list[ShardInfo], shard_size: int, **fields) -> Ma
         fingerprint=fingerprint(shards, num_samples),
         **fields,
     )
-    tmp = out / f".{MANIFEST_NAME}.partial"
-    tmp.write_text(manifest.to_json())
-    os.replace(tmp, out / MANIFEST_NAME)
+    urls.write_bytes(urls.join(out, MANIFEST_NAME), manifest.to_json().encode())  # last
     return manifest
 
 
@@ -227,7 +238,9 @@ def ingest_folder(
         IngestError: SRC missing or holding no images, OUT unusable, bad shard size.
     """
     _check_shard_size(shard_size)
-    src, out = Path(src).expanduser().resolve(), Path(out).expanduser().resolve()
+    if urls.is_remote(src):
+        raise IngestError(f"SRC {src} must be a local folder; OUT may be s3://, gs:// or a path")
+    src, out = Path(src).expanduser().resolve(), urls.normalise(out)
     if not src.is_dir():
         raise IngestError(f"SRC {src} is not a directory; give the folder holding your images")
     files, classes, skipped = _scan(src)
@@ -286,7 +299,7 @@ def ingest_demo(
         raise IngestError(f"--n must be at least 1 (got {n})")
     if image_size < 32:
         raise IngestError(f"demo image size must be at least 32 px (got {image_size})")
-    out = Path(out).expanduser().resolve()
+    out = urls.normalise(out)
     _prepare_out(out, overwrite)
     samples = _demo_samples(n, seed, image_size, quality, progress or (lambda k: None))
     shards = _write_shards(out, samples, shard_size)

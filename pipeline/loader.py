@@ -4,11 +4,12 @@ Per sample (DESIGN.md, "Loader"), across the modules in the order a sample meets
 
 - ``epochs.py`` (pure): the ids each (rank, worker) reads this epoch (``epoch_segments``), the
   batches every rank yields (``batches_per_rank``), the epoch's counts (``EpochStats``).
-- ``stages.py`` (DataLoader workers): read the tar shard → join the map row of the bound
-  generation by sample id (one store read per tar segment) → shuffle → decode → **one**
-  RandomResizedCrop box + flip for image and map alike (``crops.py``) → collate into chunks.
+- ``stages.py`` (DataLoader workers): read the tar shard (``shards.py``) → join the map row of
+  the bound generation by sample id (one store read per tar segment), both in a prefetch
+  thread → shuffle → decode → **one** RandomResizedCrop box + flip for image and map alike
+  (``crops.py``) → chunks of columns.
 - this module (main process): ``SalientLoader`` binds the store's current generation once per
-  epoch (one published later is used from the next epoch on), unpacks chunks, normalises
+  epoch (one published later is used from the next epoch on), slices chunks into batches, normalises
   images (ImageNet mean/std), turns each image's cropped map into sampling weights in the
   order its strategy's paper uses (``masking.NORMALIZED_OVER``: the whole image's map for
   AMT, re-normalised over the crop for AttMask and GPA), plans the masks.
@@ -20,29 +21,45 @@ and counted — never replaced by a neighbour, which would misalign ids and map 
 left short by corrupt images reads its slice again (a new pass, fresh crops).
 
 Decoding happens where ``LoaderConfig.decode`` says: ``"worker"`` (workers decode with PIL and
-crop on the CPU; the default off CUDA) or ``"device"`` (workers ship the JPEG bytes, the crop
-box and the cropped map; the main process decodes the batch with ``torchvision.io.decode_jpeg``
-on ``device`` and crops and resizes there; the default on CUDA). Both run on CPU; both crop
-with ``crops.crop_image``.
+crop; the default off CUDA) or ``"device"`` (workers ship the image bytes, the crop box and the
+cropped map; the main process decodes the batch on ``device`` — nvjpeg on CUDA — and crops
+there; the default on CUDA). Both decode through ``salient.pipeline.shards`` (PIL on the CPU,
+the same pixels the refresh's teacher sees); workers crop with PIL (``crops.crop_pil``), the
+device path with ``crops.crop_image`` (torchvision), the same box either way.
+
+The main process handles runs of samples, not samples: chunks arrive as columns (``_Rows``),
+a batch is a few slices of them, and images are normalised straight from the workers' uint8
+arrays into the batch. Workers are persistent across epochs (``stages.PassPlan``).
 
 Importing this module touches no disk, GPU or Ray.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Iterator
-from typing import NamedTuple
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from salient import urls
+from salient.pipeline import shards
 from salient.pipeline.crops import CropBox, crop_image, normalize_weights
 from salient.pipeline.epochs import EpochStats, Segment, batches_per_rank, epoch_segments, mix_seed
 from salient.pipeline.loader_config import LoaderConfig, LoaderError
 from salient.pipeline.manifest import open_dataset
 from salient.pipeline.masking import NEEDS_SALIENCY, NORMALIZED_OVER, MaskPlan, plan_masks
-from salient.pipeline.stages import SampleStream, StreamSpec, decode_pil, init_worker
+from salient.pipeline.stages import (
+    PassPlan,
+    SampleStream,
+    StreamSpec,
+    init_worker,
+    keep_as_is,
+    reuse_freed_memory,
+)
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -61,91 +78,77 @@ __all__ = [
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # MAE / timm defaults: what the teacher is fed too
 IMAGENET_STD = (0.229, 0.224, 0.225)
-JPEG_FIELDS = frozenset({"jpg", "jpeg"})
 
 
-class _Item(NamedTuple):
-    """One sample in the main process, before its batch is assembled."""
+@dataclass(frozen=True)
+class _Rows:
+    """A run of samples in the main process: columns of equal length (views, no copies)."""
 
-    id: int
-    has_map: bool
-    weights: torch.Tensor  # [g²] float32: the whole-image-normalised map under the crop
-    box: CropBox
-    image: torch.Tensor | None  # [3,S,S] uint8 (worker decode)
-    data: torch.Tensor | None  # [bytes] uint8 (device decode)
-    ext: str | None
-    hw: tuple[int, int] | None
+    ids: np.ndarray  # [n] int64
+    has_map: np.ndarray  # [n] bool
+    weights: np.ndarray  # [n, g²] float32: the whole-image-normalised map under the crop
+    boxes: np.ndarray  # [n, 5] int64: top, left, height, width, flip
+    images: torch.Tensor | None  # [n,3,S,S] uint8, cropped (worker decode, or once decoded)
+    data: list | None  # [(field, bytes)] (device decode, before it)
 
+    @classmethod
+    def of(cls, chunk: dict) -> _Rows:
+        columns = ("ids", "has_map", "weights", "boxes")
+        images = chunk.get("images")
+        images = None if images is None else torch.from_numpy(images)
+        return cls(*(chunk[k] for k in columns), images, chunk.get("data"))
 
-def unpack_chunk(chunk: dict) -> Iterator[_Item]:
-    """The samples of one chunk (views into its tensors, no copies)."""
-    for i, sample_id in enumerate(chunk["ids"].tolist()):
-        top, left, height, width, flip = chunk["boxes"][i].tolist()
-        box = CropBox(top, left, height, width, bool(flip))
-        if "images" in chunk:
-            yield _Item(
-                sample_id,
-                bool(chunk["has_map"][i]),
-                chunk["weights"][i],
-                box,
-                chunk["images"][i],
-                None,
-                None,
-                None,
-            )
-        else:
-            a, b = chunk["offsets"][i].item(), chunk["offsets"][i + 1].item()
-            yield _Item(
-                sample_id,
-                bool(chunk["has_map"][i]),
-                chunk["weights"][i],
-                box,
-                None,
-                chunk["data"][a:b],
-                chunk["ext"][i],
-                tuple(chunk["hw"][i].tolist()),
-            )
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def part(self, rows) -> _Rows:
+        """The rows ``rows`` (a slice or a boolean mask) of every column."""
+        data = self.data
+        if data is not None:
+            data = data[rows] if isinstance(rows, slice) else [d for d, k in zip(data, rows) if k]
+        images = None if self.images is None else self.images[rows]
+        return _Rows(
+            self.ids[rows], self.has_map[rows], self.weights[rows], self.boxes[rows], images, data
+        )
 
 
-def decode_on_device(items: list[_Item], device: torch.device) -> list[torch.Tensor | None]:
-    """``uint8 [3,H,W]`` images on ``device``: JPEGs in one ``decode_jpeg`` call (nvjpeg on
-    CUDA, libjpeg-turbo on CPU), other formats with PIL. None for an image that fails."""
-    from torchvision.io import ImageReadMode, decode_jpeg
+def _box(row: np.ndarray) -> CropBox:
+    top, left, height, width, flip = row.tolist()
+    return CropBox(top, left, height, width, bool(flip))
 
-    out: list[torch.Tensor | None] = [None] * len(items)
-    jpegs = [i for i, item in enumerate(items) if item.ext in JPEG_FIELDS]
-    try:
-        if jpegs:
-            decoded = decode_jpeg(
-                [items[i].data for i in jpegs], mode=ImageReadMode.RGB, device=device
-            )
-            for i, image in zip(jpegs, decoded):
-                out[i] = image
-    except RuntimeError:  # one bad file fails the batch call: retry one by one
-        for i in jpegs:
-            out[i] = _decode_one(items[i].data, device)
-    for i, item in enumerate(items):
-        if out[i] is None and i not in jpegs:
-            image = decode_pil(item.data.numpy().tobytes())
-            out[i] = None if image is None else image.to(device)
+
+def decode_and_crop(
+    rows: _Rows, device: torch.device, size: int, interpolation: str
+) -> tuple[_Rows, list[int]]:
+    """Device decode: the rows whose image decodes, cropped on ``device`` (``images`` set),
+    and the ids whose image did not decode."""
+    decoded = shards.decode_images(rows.data, device)
+    keep = np.array([image is not None for image in decoded], dtype=bool)
+    crops = [
+        crop_image(im, _box(b), size, interpolation)
+        for im, b in zip(decoded, rows.boxes)
+        if im is not None
+    ]
+    good = rows.part(keep)
+    images = torch.stack(crops) if crops else torch.empty((0, 3, size, size), dtype=torch.uint8)
+    cropped = _Rows(good.ids, good.has_map, good.weights, good.boxes, images, None)
+    return cropped, rows.ids[~keep].tolist()
+
+
+def normalize_images(pieces: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """uint8 ``[n_i,3,S,S]`` pieces → one float batch on ``device``, ImageNet mean/std (MAE's
+    input normalisation), written straight into the batch (no uint8 batch in between)."""
+    size = pieces[0].shape[-1]
+    out = torch.empty((sum(len(p) for p in pieces), 3, size, size), device=device)
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    scale, shift = 1 / (255.0 * std), mean / std
+    start = 0
+    for piece in pieces:
+        part = out[start : start + len(piece)]
+        part.copy_(piece.to(device, non_blocking=True)).mul_(scale).sub_(shift)  # (x/255-m)/s
+        start += len(piece)
     return out
-
-
-def _decode_one(data: torch.Tensor, device: torch.device) -> torch.Tensor | None:
-    from torchvision.io import ImageReadMode, decode_jpeg
-
-    try:
-        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
-    except RuntimeError:
-        image = decode_pil(data.numpy().tobytes())  # PIL reads some JPEGs nvjpeg rejects
-        return None if image is None else image.to(device)
-
-
-def normalize_images(images: torch.Tensor) -> torch.Tensor:
-    """``uint8 [B,3,S,S]`` → float, ImageNet mean/std (MAE's input normalisation)."""
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
-    return images.float().mul_(1 / (255.0 * std)).sub_(mean / std)  # (x/255 - mean) / std
 
 
 def sampling_weights(strategy: str, weights: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -217,7 +220,8 @@ class SalientLoader:
 
     Raises:
         LoaderError: the dataset holds fewer than ``world_size · batch_size`` samples.
-        DatasetError / StoreError: a bad dataset, or a store made for another dataset.
+        DatasetError / StoreError / StorageError: a bad dataset, a store made for another
+            dataset, a URL that cannot be read.
     """
 
     def __init__(self, config: LoaderConfig):
@@ -237,6 +241,9 @@ class SalientLoader:
         self.stats: EpochStats | None = None
         self._store = None
         self._warned = False
+        self._plan = PassPlan()
+        self._workers = None  # the persistent DataLoader, made on the first pass
+        reuse_freed_memory()  # batches and 0-worker chunks: no page faults on fresh buffers
 
     def __len__(self) -> int:
         return self.batches_per_rank
@@ -310,28 +317,20 @@ class SalientLoader:
             progress = epoch / c.epochs if c.epochs else 0.0
         generation = self.bind_generation()
         self.stats = stats = EpochStats(epoch=epoch, rank=c.rank, generation=generation)
-        items = self._items(epoch, generation, stats)
+        items = _Passes(self, epoch, generation, stats)
         for index in range(self.batches_per_rank):
             ready = self._take_ready(items, stats)
-            # now: batch_size samples with images uint8 [3,S,S] on the device
+            # now: runs of samples whose images are cropped, uint8 [n,3,S,S]
             yield self._batch(ready, epoch, index, generation, progress, stats)
-        for _ in items.remaining():  # the left-over samples: read so the counts are exact
-            pass
+        items.drain()  # the left-over samples: read so the counts are exact
 
-    def _items(self, epoch: int, generation: str | None, stats: EpochStats) -> _Passes:
-        return _Passes(self, epoch, generation, stats)
-
-    def _stream(self, epoch: int, pass_index: int, generation: str | None) -> Iterator[dict]:
+    def _spec(self) -> StreamSpec:
         c = self.config
-        shards = tuple(self.dataset.shards)
-        spec = StreamSpec(
+        return StreamSpec(
             urls=tuple(self.dataset.shard_urls()),
-            shards=shards,
-            store=self._store_url(generation),
-            generation=generation,
+            shards=tuple(self.dataset.shards),
+            store=None if c.store is None else urls.normalise(c.store),
             seed=c.seed,
-            epoch=epoch,
-            pass_index=pass_index,
             rank=c.rank,
             world_size=c.world_size,
             image_size=c.image_size,
@@ -343,65 +342,60 @@ class SalientLoader:
             decode_on=c.decode_on,
             shuffle_buffer=c.shuffle_buffer,
             chunk_size=c.chunk_size,
+            prefetch=c.prefetch,
         )
-        stream = SampleStream(spec)
+
+    def _stream(self, epoch: int, pass_index: int, generation: str | None) -> Iterator[dict]:
+        """The chunks of one pass. Workers persist across passes and epochs: they read which
+        pass to stream from the shared plan when each pass starts."""
+        self._plan.set(epoch, pass_index, generation)
         if self.num_workers == 0:
-            return iter(stream)
-        loader = torch.utils.data.DataLoader(
-            stream,
-            batch_size=None,
-            num_workers=self.num_workers,
-            worker_init_fn=init_worker,
-            pin_memory=self.device.type == "cuda",
-            prefetch_factor=4,
-        )
-        return iter(loader)
+            return iter(SampleStream(self._spec(), self._plan))
+        if self._workers is None:
+            self._workers = torch.utils.data.DataLoader(
+                SampleStream(self._spec(), self._plan),
+                batch_size=None,
+                collate_fn=keep_as_is,
+                num_workers=self.num_workers,
+                worker_init_fn=functools.partial(init_worker, storage=urls.carry()),
+                pin_memory=self.device.type == "cuda",
+                prefetch_factor=4,
+                persistent_workers=True,
+            )
+        return iter(self._workers)
 
-    def _store_url(self, generation: str | None) -> str | None:
-        return None if generation is None else self._store.url
-
-    def _take_ready(self, items: _Passes, stats: EpochStats) -> list[tuple[_Item, torch.Tensor]]:
-        """``batch_size`` samples with their cropped images, skipping any that fail to decode
-        on the device (counted) and taking more in their place."""
-        ready: list[tuple[_Item, torch.Tensor]] = []
-        while len(ready) < self.config.batch_size:
-            want = [items.next() for _ in range(self.config.batch_size - len(ready))]
-            got = self._images_for(want, stats)
-            items.good += len(got)
-            ready += got
+    def _take_ready(self, items: _Passes, stats: EpochStats) -> list[_Rows]:
+        """``batch_size`` samples with cropped images, as runs of rows; samples whose image
+        fails to decode on the device are counted and others taken in their place."""
+        ready, need = [], self.config.batch_size
+        while need:
+            for rows in items.take(need):
+                if rows.images is None:  # device decode
+                    rows, failed = decode_and_crop(
+                        rows, self.device, self.config.image_size, self.config.interpolation
+                    )
+                    stats.corrupt_ids.update(failed)
+                    stats.corrupt = len(stats.corrupt_ids)
+                items.good += len(rows)
+                need -= len(rows)
+                ready.append(rows)
         return ready
-
-    def _images_for(
-        self, items: list[_Item], stats: EpochStats
-    ) -> list[tuple[_Item, torch.Tensor]]:
-        if items[0].image is not None:  # decoded and cropped by the workers
-            return [(item, item.image) for item in items]
-        decoded = decode_on_device(items, self.device)
-        out = []
-        for item, image in zip(items, decoded):
-            if image is None:
-                stats.corrupt_ids.add(item.id)
-                stats.corrupt = len(stats.corrupt_ids)
-                continue
-            crop = crop_image(image, item.box, self.config.image_size, self.config.interpolation)
-            out.append((item, crop))
-        return out
 
     def _batch(
         self,
-        ready: list[tuple[_Item, torch.Tensor]],
+        ready: list[_Rows],
         epoch: int,
         index: int,
         generation: str | None,
         progress: float,
         stats: EpochStats,
     ) -> dict:
-        c, items = self.config, [item for item, _ in ready]
-        images = torch.stack([image for _, image in ready])  # [B,3,S,S]
-        images = normalize_images(images.to(self.device, non_blocking=True))
+        c = self.config
+        images = normalize_images([rows.images for rows in ready], self.device)
         # now: images float [B,3,S,S] normalised, on the device
-        has_map = torch.tensor([item.has_map for item in items], dtype=torch.bool)
-        weights = torch.stack([item.weights for item in items]).to(self.device)  # [B,N]
+        has_map = torch.from_numpy(np.concatenate([rows.has_map for rows in ready]))
+        weights = torch.from_numpy(np.concatenate([rows.weights for rows in ready]))
+        weights = weights.to(self.device)  # [B,N]: whole-image-normalised maps under the crops
         generator = torch.Generator(self.device).manual_seed(mix_seed(c.seed, epoch, c.rank, index))
         plan = plan_batch(
             c.strategy,
@@ -416,7 +410,7 @@ class SalientLoader:
         )
         # now: visible / mask / throw indices [B,V] / [B,M] / [B,T]
         stats.batches += 1
-        stats.samples += len(items)
+        stats.samples += len(has_map)
         if c.strategy in NEEDS_SALIENCY:
             stats.fallback += int((~has_map).sum())
         extra = {}
@@ -428,10 +422,10 @@ class SalientLoader:
             "visible_idx": plan.visible_idx,
             "mask_idx": plan.mask_idx,
             "throw_idx": plan.throw_idx,
-            "ids": torch.tensor([item.id for item in items], dtype=torch.int64),
+            "ids": torch.from_numpy(np.concatenate([rows.ids for rows in ready])),
             "has_saliency": has_map,
             "generation": generation,
-            "crop_boxes": torch.tensor([list(item.box) for item in items], dtype=torch.int64),
+            "crop_boxes": torch.from_numpy(np.concatenate([rows.boxes for rows in ready])),
         }
 
 
@@ -444,20 +438,30 @@ class _Passes:
     ):
         self.loader, self.epoch, self.generation, self.stats = loader, epoch, generation, stats
         self.pass_index, self.good = -1, 0  # good: samples of this pass with a usable image
-        self.pending: Iterator[_Item] = iter(())
+        self.pending: _Rows | None = None
+        self.offset = 0
         self.chunks: Iterator[dict] = iter(())
 
-    def next(self) -> _Item:
-        while True:
-            item = next(self.pending, None)
-            if item is not None:
-                return item
-            chunk = next(self.chunks, None)
-            if chunk is None:
-                self._next_pass()
+    def take(self, n: int) -> list[_Rows]:
+        """The next ``n`` samples as runs of rows (slices of the chunks they arrived in)."""
+        runs = []
+        while n:
+            if self.pending is None or self.offset == len(self.pending):
+                self._next_chunk()
                 continue
-            self.stats.absorb(chunk)
-            self.pending = unpack_chunk(chunk)
+            stop = min(self.offset + n, len(self.pending))
+            runs.append(self.pending.part(slice(self.offset, stop)))
+            n -= stop - self.offset
+            self.offset = stop
+        return runs
+
+    def _next_chunk(self) -> None:
+        chunk = next(self.chunks, None)
+        if chunk is None:
+            self._next_pass()
+            return
+        self.stats.absorb(chunk)
+        self.pending, self.offset = _Rows.of(chunk), 0
 
     def _next_pass(self) -> None:
         if self.pass_index >= 0 and self.good == 0:
@@ -471,9 +475,7 @@ class _Passes:
         self.stats.passes = self.pass_index + 1
         self.chunks = self.loader._stream(self.epoch, self.pass_index, self.generation)
 
-    def remaining(self) -> Iterator[_Item]:
-        """What is left of the current pass (its counts absorbed on the way)."""
-        yield from self.pending
+    def drain(self) -> None:
+        """Read what is left of the current pass, so the epoch's counts are exact."""
         for chunk in self.chunks:
             self.stats.absorb(chunk)
-            yield from unpack_chunk(chunk)

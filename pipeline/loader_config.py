@@ -35,7 +35,8 @@ class LoaderConfig:
     standardised per image (GPA Sec. 3.3, the target of its second loss). ``decode`` is
     ``"auto"`` (``"device"`` on CUDA, ``"worker"`` on CPU), ``"worker"`` or ``"device"``.
     ``shuffle_buffer`` is in samples per worker (0 or 1: no shuffle); ``chunk_size`` is how
-    many samples a worker sends at a time.
+    many samples a worker sends at a time; ``prefetch`` how many samples a background thread
+    of each worker reads ahead of its decoding (0: reads inline).
     """
 
     data: str
@@ -58,6 +59,7 @@ class LoaderConfig:
     decode: str = "auto"
     shuffle_buffer: int = 1000
     chunk_size: int = 32
+    prefetch: int = 64
     epochs: int | None = None
     mask_unit: int | None = None
     interpolation: str = "bicubic"
@@ -102,7 +104,7 @@ def _check_sizes(c: LoaderConfig) -> None:
             f"image_size {c.image_size} is not a multiple of patch_size "
             f"{c.patch_size}; use e.g. {max(1, c.grid) * c.patch_size}"
         )
-    for name in ("num_workers", "shuffle_buffer", "seed"):
+    for name in ("num_workers", "shuffle_buffer", "seed", "prefetch"):
         value = getattr(c, name)
         if not _is_int(value) or value < 0:
             raise LoaderError(f"{name} must be an integer >= 0 (got {value!r})")

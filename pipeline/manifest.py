@@ -5,8 +5,10 @@ A dataset directory written by ``salient ingest`` holds ``shard-000000.tar`` …
 contiguous ids ``[first_id, first_id + count)`` and every shard but the last holds exactly
 ``shard_size`` samples, so shard ``i`` is also zarr chunk ``i`` of the saliency store.
 
-Reading side: :func:`open_dataset` validates the manifest against the files on disk and
-returns a :class:`Dataset` whose shards carry their URLs and id ranges.
+Reading side: :func:`open_dataset` validates the manifest against the shard files (a local
+directory, or a prefix on object storage or behind http(s), see ``salient.urls``) and returns a
+:class:`Dataset` whose shards carry their URLs and id ranges. The shards themselves are read
+through ``salient.pipeline.shards``.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
+from salient import urls
 from salient.errors import SalientError
 
 __all__ = [
@@ -99,9 +101,9 @@ class Manifest:
 
 @dataclass(frozen=True)
 class Dataset:
-    """A validated dataset directory."""
+    """A validated dataset: ``root`` is an absolute local path or a URL."""
 
-    root: Path
+    root: str
     manifest: Manifest
 
     @property
@@ -117,7 +119,7 @@ class Dataset:
         return self.manifest.fingerprint
 
     def shard_url(self, shard: ShardInfo) -> str:
-        return str(self.root / shard.name)
+        return urls.join(self.root, shard.name)
 
     def shard_urls(self) -> list[str]:
         return [self.shard_url(s) for s in self.shards]
@@ -132,17 +134,18 @@ class Dataset:
         return self.shards[sample_id // self.manifest.shard_size]
 
 
-def _read_manifest(root: Path) -> Manifest:
-    path = root / MANIFEST_NAME
-    if not root.is_dir():
+def _read_manifest(root: str) -> Manifest:
+    path = urls.join(root, MANIFEST_NAME)
+    if not urls.is_remote(root) and not os.path.isdir(root):
         raise DatasetError(f"dataset directory {root} does not exist; run `salient ingest` first")
-    if not path.is_file():
+    text = urls.read_bytes(path)
+    if text is None:
         raise DatasetError(
-            f"{root} holds no {MANIFEST_NAME}: it is not a dataset written by `salient ingest`"
+            f"{root} holds no {MANIFEST_NAME}: it is not a dataset written by `salient ingest` "
+            "(or the bucket or prefix does not exist)"
         )
     try:
-        body = json.loads(path.read_text())
-        manifest = Manifest.from_dict(body)
+        manifest = Manifest.from_dict(json.loads(text))
     except (ValueError, TypeError, KeyError) as exc:
         raise DatasetError(
             f"{path} is not a valid salient manifest ({exc}); re-run ingest"
@@ -152,7 +155,7 @@ def _read_manifest(root: Path) -> Manifest:
     return manifest
 
 
-def _check_layout(manifest: Manifest, path: Path) -> None:
+def _check_layout(manifest: Manifest, path: str) -> None:
     expected_first = 0
     for i, shard in enumerate(manifest.shards):
         last = i == len(manifest.shards) - 1
@@ -175,31 +178,33 @@ def _check_layout(manifest: Manifest, path: Path) -> None:
         )
 
 
-def _check_files(root: Path, manifest: Manifest) -> None:
+def _check_files(root: str, manifest: Manifest) -> None:
+    found = urls.sizes(root, [shard.name for shard in manifest.shards])
     for shard in manifest.shards:
-        path = root / shard.name
-        if not path.is_file():
+        size = found[shard.name]
+        if size is None:
             raise DatasetError(
-                f"shard {shard.name} listed in {root / MANIFEST_NAME} is missing; "
+                f"shard {shard.name} listed in {urls.join(root, MANIFEST_NAME)} is missing; "
                 "restore it or re-run `salient ingest`"
             )
-        size = os.path.getsize(path)
         if size != shard.bytes:
             raise DatasetError(
-                f"shard {path} is truncated or altered: {size} bytes on disk, "
-                f"{shard.bytes} in the manifest; re-run `salient ingest`"
+                f"shard {urls.join(root, shard.name)} is truncated or altered: {size} bytes "
+                f"stored, {shard.bytes} in the manifest; re-run `salient ingest`"
             )
 
 
 def open_dataset(root: str | os.PathLike) -> Dataset:
-    """Open and validate a dataset directory written by ``salient ingest``.
+    """Open and validate a dataset written by ``salient ingest``: a local directory, or a URL
+    (``s3://``, ``gs://``, ``http(s)://``, ``file://``).
 
     Raises:
         DatasetError: no such directory, no or invalid manifest, a shard missing or of the
             wrong size (truncated), or an id layout that is not contiguous.
+        StorageError: a URL that cannot be read (no client installed, denied, unreachable).
     """
-    root = Path(root).expanduser().resolve()
+    root = urls.normalise(root)
     manifest = _read_manifest(root)
-    _check_layout(manifest, root / MANIFEST_NAME)
+    _check_layout(manifest, urls.join(root, MANIFEST_NAME))
     _check_files(root, manifest)
     return Dataset(root=root, manifest=manifest)

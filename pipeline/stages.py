@@ -1,109 +1,122 @@
-"""Worker-side stages: one pass of one epoch, from tar bytes to collated chunks.
+"""Worker-side stages: one pass of one epoch, from tar bytes to chunks of cropped samples.
 
-``SampleStream`` (a torch ``IterableDataset``, one per pass) runs, in each DataLoader worker:
-``read_segment`` (the worker's id ranges of a tar shard) → ``attach_rows`` (the map rows of
-the bound generation, one store read per segment, each map normalised over the whole image
-as AMT does before its crop: ``crops.whole_image_weights``) → ``shuffled`` →
-``prepare_sample`` (decode and crop in ``"worker"`` mode, or only read the image size in
-``"device"`` mode; one crop box per sample) → ``chunked`` / ``collate_chunk`` (tensors for
-shared memory, plus the worker's counts since its last chunk). Everything a worker receives
-is module-level and picklable.
+``SampleStream`` (a torch ``IterableDataset``) runs, in each DataLoader worker (or in the main
+process with 0 workers): ``read_segment`` (the worker's id ranges of a tar shard, through
+``salient.pipeline.shards``) → ``attach_rows`` (the map rows of the bound generation, one store
+read per segment, each map normalised over the whole image as AMT does before its crop:
+``crops.whole_image_weights``) — both in a background thread, ``prefetch`` samples ahead —
+→ ``shuffled`` →
+``prepare_chunk`` (decode and crop ``chunk_size`` samples with PIL into one uint8 buffer in
+``"worker"`` mode, or keep their bytes and read the image size in ``"device"`` mode; one crop
+box per sample, the chunk's random numbers in one NumPy call; the map region under each box,
+one batched RoIAlign per chunk).
+
+A chunk is columns, not samples: NumPy arrays of ids, flags, map weights, boxes and the uint8
+images (pickled through the DataLoader's queue), so the main process slices runs of samples
+instead of handling them one by one. Which epoch and pass a
+persistent worker streams comes from the loader's shared :class:`PassPlan`.
 
 Importing this module touches no disk, GPU or Ray.
 """
 
 from __future__ import annotations
 
-import io
+import threading
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
 
+from salient import urls
+from salient.pipeline import shards
 from salient.pipeline.crops import (
     CropBox,
-    crop_image,
+    crop_box_from,
+    crop_draws,
     crop_maps,
-    sample_crop_box,
+    crop_pil,
     whole_image_weights,
 )
 from salient.pipeline.epochs import Segment, epoch_segments, mix_seed
-from salient.pipeline.ingest import IMAGE_SUFFIXES
 from salient.pipeline.manifest import ShardInfo
 
 __all__ = [
-    "IMAGE_FIELDS",
     "CountingHandler",
+    "PassPlan",
     "SampleStream",
     "StreamSpec",
     "attach_rows",
-    "chunked",
-    "collate_chunk",
-    "crop_box_for",
+    "crop_boxes_for",
     "crop_map_rows",
-    "decode_pil",
-    "image_hw",
     "init_worker",
-    "prepare_sample",
+    "keep_as_is",
+    "prepare_chunk",
     "read_segment",
+    "reuse_freed_memory",
     "shuffled",
     "whole_map_weights",
 ]
-
-IMAGE_FIELDS = frozenset(suffix[1:] for suffix in IMAGE_SUFFIXES)  # tar fields: jpg, png, …
 
 
 # ---------------------------------------------------------------- worker counts
 
 
 class _Tally:
-    """A worker's counts since its last chunk; flushed into each chunk it sends."""
+    """A worker's counts since its last chunk (the prefetch thread adds to them too)."""
 
     def __init__(self):
+        self._lock = threading.Lock()
+        self._reset()
+
+    def _reset(self) -> None:
         self.corrupt: list[int] = []
         self.shard_errors = 0
         self.store_reads = 0
 
+    def add(self, name: str, value: int = 1) -> None:
+        with self._lock:
+            if name == "corrupt":
+                self.corrupt.append(value)
+            else:
+                setattr(self, name, getattr(self, name) + value)
+
     def flush(self) -> dict:
-        out = {
-            "corrupt": self.corrupt,
-            "shard_errors": self.shard_errors,
-            "store_reads": self.store_reads,
-        }
-        self.__init__()
+        with self._lock:
+            out = {
+                "corrupt": self.corrupt,
+                "shard_errors": self.shard_errors,
+                "store_reads": self.store_reads,
+            }
+            self._reset()
         return out
 
 
 class CountingHandler:
-    """webdataset error handler: count the error, warn, go on. Never sleeps (PITFALLS.md:
+    """Damaged tar data: count it, warn, go on. Never sleeps (webdataset's
     ``warn_and_continue`` sleeps 0.5 s per error)."""
 
     def __init__(self, tally: _Tally):
         self.tally = tally
 
     def __call__(self, exn: Exception) -> bool:
-        self.tally.shard_errors += 1
+        self.tally.add("shard_errors")
         warnings.warn(f"damaged tar data skipped: {exn!r}", stacklevel=2)
         return True
 
 
-# ---------------------------------------------------------------- worker stages
+# ---------------------------------------------------------------- what a pass streams
 
 
 @dataclass(frozen=True)
 class StreamSpec:
-    """What a worker needs to produce its part of one pass of one epoch; picklable."""
+    """What every pass of one loader needs; picklable. The per-pass part is a PassPlan."""
 
     urls: tuple[str, ...]
     shards: tuple[ShardInfo, ...]
     store: str | None
-    generation: str | None
     seed: int
-    epoch: int
-    pass_index: int
     rank: int
     world_size: int
     image_size: int
@@ -115,51 +128,47 @@ class StreamSpec:
     decode_on: str
     shuffle_buffer: int
     chunk_size: int
+    prefetch: int
 
 
-def _segment_id(fname: str) -> int:
-    key = fname.split(".", 1)[0]
-    return int(key) if key.isdigit() else -1
+class PassPlan:
+    """Epoch, pass and generation of the pass to stream next, in a shared-memory tensor:
+    the main process sets it before each pass; persistent workers read it when they start
+    the pass, so they live across epochs (no process start per epoch)."""
+
+    def __init__(self):
+        self._values = torch.full((3,), -1, dtype=torch.int64).share_memory_()
+
+    def set(self, epoch: int, pass_index: int, generation: str | None) -> None:
+        number = -1 if generation is None else int(generation.rsplit("-", 1)[1])
+        self._values.copy_(torch.tensor([epoch, pass_index, number]))
+
+    def get(self) -> tuple[int, int, str | None]:
+        epoch, pass_index, number = self._values.tolist()
+        return epoch, pass_index, None if number < 0 else f"gen-{number:06d}"
+
+
+# ---------------------------------------------------------------- stages
 
 
 def read_segment(url: str, segment: Segment, handler: CountingHandler) -> Iterator[dict]:
-    """The raw samples of ``segment``: ``{"__key__", "jpg" | "png" | …: bytes, …}``."""
-    import webdataset as wds
-    from webdataset.tariterators import group_by_keys, tar_file_expander
-
-    def wanted(fname: str) -> bool:
-        return segment.start <= _segment_id(fname) < segment.stop
-
-    try:
-        stream = wds.gopen(url)
-    except OSError as exn:
-        handler(exn)
-        return
-    with stream:
-        files = tar_file_expander(
-            [{"url": url, "stream": stream}], handler=handler, select_files=wanted
-        )
-        yield from group_by_keys(files, handler=handler)
+    """The samples of ``segment`` with their image field: ``{"__key__", "id", "jpg": bytes}``."""
+    return shards.iter_samples(url, range(segment.start, segment.stop), {"image"}, handler)
 
 
 def attach_rows(samples: Iterable[dict], segment: Segment, reader, tally: _Tally) -> Iterator[dict]:
-    """Add ``id`` and ``map`` (``float32 [G,G]`` in [0, 1], or None): ONE store read for the
-    segment; each map is normalised over the whole image before any crop (AMT's order;
-    README, "Decisions": strategies that normalise the crop re-normalise after it)."""
-    maps = valid = None
+    """Add ``map`` (``float32 [G,G]`` in [0, 1], or None): ONE store read for the segment;
+    each map is normalised over the whole image before any crop (AMT's order; README,
+    "Decisions": strategies that normalise the crop re-normalise after it)."""
+    maps = ok = None
     if reader is not None:
         maps, valid = reader.read_range(segment.start, segment.stop)  # one read per tar shard
-        tally.store_reads += 1
+        ok = (valid == 1) & np.isfinite(maps).all(axis=(1, 2))
+        tally.add("store_reads")
         maps = whole_map_weights(maps, reader.attrs)
     for sample in samples:
-        sample_id = int(sample["__key__"])
-        row = None
-        if maps is not None:
-            offset = sample_id - segment.start
-            candidate = np.asarray(maps[offset])
-            if valid[offset] == 1 and np.isfinite(candidate).all():
-                row = candidate
-        sample["id"], sample["map"] = sample_id, row
+        offset = sample["id"] - segment.start
+        sample["map"] = maps[offset] if ok is not None and ok[offset] else None
         yield sample
 
 
@@ -175,163 +184,158 @@ def whole_map_weights(maps: np.ndarray, attrs: dict) -> np.ndarray:
 def shuffled(samples: Iterable[dict], size: int, rng: np.random.Generator) -> Iterator[dict]:
     """A shuffle buffer of ``size`` samples (webdataset's ``shuffle``, seeded)."""
     buffer: list[dict] = []
+    draws = iter(())
     for sample in samples:
         if len(buffer) < size:
             buffer.append(sample)
             continue
-        i = int(rng.integers(len(buffer)))
+        i = next(draws, None)
+        if i is None:  # uniform indices below ``size``, drawn 1,024 at a time
+            draws = iter(rng.integers(size, size=1024).tolist())
+            i = next(draws)
         yield buffer[i]
         buffer[i] = sample
     rng.shuffle(buffer)
     yield from buffer
 
 
-def _image_field(sample: dict) -> str | None:
-    found = [k for k in sample if k in IMAGE_FIELDS]
-    return found[0] if len(found) == 1 else None
+def crop_boxes_for(spec: StreamSpec, plan: tuple, ids: list[int]) -> np.ndarray:
+    """The random numbers of the crop boxes of ``ids`` (``[n, CROP_DRAWS]``), seeded by (seed,
+    epoch, pass, id): a sample's box does not depend on which rank or worker reads it."""
+    epoch, pass_index, _ = plan
+    return crop_draws(mix_seed(spec.seed, epoch, pass_index), np.asarray(ids, dtype=np.int64))
 
 
-def decode_pil(data: bytes) -> torch.Tensor | None:
-    """PIL decode to ``uint8 [3,H,W]`` RGB (no EXIF rotation, as the refresh); None if broken."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            array = np.array(image.convert("RGB"))
-    except Exception:  # PIL raises many types on corrupt or truncated bytes; none may stop us
-        return None
-    if array.ndim != 3 or min(array.shape[:2]) < 1:
-        return None
-    return torch.from_numpy(array).permute(2, 0, 1)
-
-
-def image_hw(data: bytes) -> tuple[int, int] | None:
-    """``(H, W)`` from the image header alone (no decode); None when it is unreadable."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            width, height = image.size
-    except Exception:  # as decode_pil
-        return None
-    return (height, width) if min(height, width) >= 1 else None
-
-
-def crop_box_for(spec: StreamSpec, sample_id: int, height: int, width: int) -> CropBox:
-    """The crop box of ``sample_id``: seeded by (seed, epoch, pass, id), so it does not
-    depend on which rank or worker reads the sample."""
-    generator = torch.Generator().manual_seed(
-        mix_seed(spec.seed, spec.epoch, spec.pass_index, sample_id)
-    )
-    return sample_crop_box(
-        height, width, generator, scale=spec.crop_scale, ratio=spec.crop_ratio, flip_p=spec.flip_p
+def _box(spec: StreamSpec, draws: np.ndarray, height: int, width: int) -> CropBox:
+    return crop_box_from(
+        draws.tolist(), height, width, spec.crop_scale, spec.crop_ratio, spec.flip_p
     )
 
 
 def crop_map_rows(
     rows: list[np.ndarray | None], boxes: list[CropBox], hws: list[tuple[int, int]], grid: int
-) -> torch.Tensor:
+) -> np.ndarray:
     """The map region under each sample's box on the output patch grid, ``[n, grid²]`` float32
     (zeros for a sample without a map): one batched RoIAlign (``crops.crop_maps``)."""
-    out = torch.zeros(len(rows), grid * grid)
+    out = np.zeros((len(rows), grid * grid), np.float32)
     have = [i for i, row in enumerate(rows) if row is not None]
     if have:
         maps = torch.from_numpy(np.stack([rows[i] for i in have]).astype(np.float32))  # [k,G,G]
         cropped = crop_maps(maps, [boxes[i] for i in have], [hws[i] for i in have], grid)
-        out[have] = cropped.reshape(len(have), -1)  # [k, grid²]
+        out[have] = cropped.reshape(len(have), -1).numpy()  # [k, grid²]
     return out
 
 
-def prepare_sample(sample: dict, spec: StreamSpec, tally: _Tally) -> dict | None:
-    """Decode and crop (worker mode) or only locate (device mode) the image, and sample its
-    one crop box. None (and counted) when the image is missing or broken."""
-    name = _image_field(sample)
-    data = sample.get(name) if name else None
-    image = hw = None
-    if data is not None:
-        if spec.decode_on == "worker":
-            image = decode_pil(data)
-            hw = None if image is None else tuple(image.shape[1:])
+def _image_buffer(n: int, size: int) -> np.ndarray:
+    """``uint8 [n,3,S,S]``, plain process memory, pickled through the DataLoader's pipe.
+
+    Not shared memory: every chunk would be a new shared-memory file whose pages fault on
+    the worker's first write and again on the main process's first read — at ~8 µs a page on
+    this project's VM, more than a third of the cost of decoding the images. Piped bytes land
+    in heap memory that both processes reuse (``reuse_freed_memory``; BENCHMARKS.md).
+    """
+    return np.empty((n, 3, size, size), dtype=np.uint8)
+
+
+def prepare_chunk(samples: list[dict], spec: StreamSpec, plan: tuple, tally: _Tally) -> dict:
+    """Decode and crop (worker mode) or only locate (device mode) the chunk's images, one crop
+    box each; a missing or broken image is counted and left out."""
+    worker = spec.decode_on == "worker"
+    images = _image_buffer(len(samples), spec.image_size) if worker else None
+    draws = crop_boxes_for(spec, plan, [s["id"] for s in samples])
+    kept, boxes, hws, datas = [], [], [], []
+    for sample, sample_draws in zip(samples, draws):
+        field = shards.image_field(sample)
+        data = sample[field] if field else b""
+        if worker:
+            image = shards.open_rgb(data)
+            hw = None if image is None else (image.height, image.width)
         else:
-            hw = image_hw(data)
-    if hw is None:
-        tally.corrupt.append(sample["id"])
-        return None
-    box = crop_box_for(spec, sample["id"], *hw)
-    out = {"id": sample["id"], "box": box, "hw": hw, "map": sample["map"]}
-    if image is not None:
-        out["image"] = crop_image(image, box, spec.image_size, spec.interpolation)  # [3,S,S]
-    else:
-        out.update(data=data, ext=name)
-    return out
+            hw = shards.image_hw(data)
+        if hw is None:
+            tally.add("corrupt", sample["id"])
+            continue
+        box = _box(spec, sample_draws, *hw)
+        if worker:  # [3,S,S] uint8 into the chunk's buffer: the transpose here, in the worker,
+            # lets the main process normalise with a contiguous cast (BENCHMARKS.md)
+            crop = crop_pil(image, box, spec.image_size, spec.interpolation)
+            images[len(kept)] = np.asarray(crop).transpose(2, 0, 1)
+        else:
+            datas.append((field, data))
+        kept.append(sample)
+        boxes.append(box)
+        hws.append(hw)
+    return _collate(kept, boxes, hws, images, datas, spec, tally)
 
 
-def chunked(items: Iterable[dict], size: int, grid: int, tally: _Tally) -> Iterator[dict]:
-    """Collate prepared samples into chunks of up to ``size`` (tensors travel in shared
-    memory); every chunk carries the worker's counts since the last one."""
-    batch: list[dict] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield collate_chunk(batch, grid, tally)
-            batch = []
-    yield collate_chunk(batch, grid, tally)  # the rest, and the final counts (maybe no samples)
-
-
-def collate_chunk(items: list[dict], grid: int, tally: _Tally) -> dict:
-    """Stack a worker's samples: ids, has_map, cropped map weights, boxes, and images or the
-    image bytes."""
-    n = len(items)
-    rows, boxes = [i["map"] for i in items], [i["box"] for i in items]
+def _collate(kept, boxes, hws, images, datas, spec: StreamSpec, tally: _Tally) -> dict:
+    rows = [s["map"] for s in kept]
     chunk = {
-        "ids": torch.tensor([i["id"] for i in items], dtype=torch.int64),
-        "has_map": torch.tensor([row is not None for row in rows], dtype=torch.bool),
-        "weights": crop_map_rows(rows, boxes, [i["hw"] for i in items], grid),  # [n, g²] raw
-        "boxes": torch.tensor([list(b) for b in boxes], dtype=torch.int64).reshape(n, 5),
-        "hw": torch.tensor([i["hw"] for i in items], dtype=torch.int64).reshape(n, 2),
+        "ids": np.array([s["id"] for s in kept], dtype=np.int64),
+        "has_map": np.array([row is not None for row in rows], dtype=bool),
+        "weights": crop_map_rows(rows, boxes, hws, spec.grid),  # [n, g²] raw
+        "boxes": np.array(boxes, dtype=np.int64).reshape(len(kept), 5),
+        "hw": np.array(hws, dtype=np.int64).reshape(len(kept), 2),
         **tally.flush(),
     }
-    if n and "image" in items[0]:
-        chunk["images"] = torch.stack([i["image"] for i in items])  # [n,3,S,S] uint8
-    elif n:
-        sizes = [len(i["data"]) for i in items]
-        chunk["data"] = torch.frombuffer(
-            bytearray(b"".join(i["data"] for i in items)), dtype=torch.uint8
-        )  # all bytes, one tensor
-        chunk["offsets"] = torch.tensor(np.concatenate([[0], np.cumsum(sizes)]), dtype=torch.int64)
-        chunk["ext"] = [i["ext"] for i in items]
+    if images is not None:
+        chunk["images"] = images[: len(kept)]  # [n,3,S,S] uint8
+    else:
+        chunk["data"] = datas  # [(field, bytes)]
+    return chunk
+
+
+def keep_as_is(chunk: dict) -> dict:
+    """The DataLoader's collate_fn: chunks are collated already (its default would turn the
+    NumPy columns into tensors, each sent through its own shared-memory file)."""
     return chunk
 
 
 class SampleStream(torch.utils.data.IterableDataset):
-    """One pass of one epoch on one rank; each DataLoader worker streams its own segments."""
+    """One loader's passes on one rank; each DataLoader worker streams its own segments of
+    the pass that ``plan`` names when the pass starts."""
 
-    def __init__(self, spec: StreamSpec):
+    def __init__(self, spec: StreamSpec, plan: PassPlan):
         super().__init__()
-        self.spec = spec
+        self.spec, self.plan = spec, plan
 
     def __iter__(self) -> Iterator[dict]:
-        spec, tally = self.spec, _Tally()
+        spec, tally, plan = self.spec, _Tally(), self.plan.get()
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        epoch, pass_index, generation = plan
         segments = epoch_segments(
-            list(spec.shards), spec.seed, spec.epoch, spec.rank, spec.world_size, worker, workers
+            list(spec.shards), spec.seed, epoch, spec.rank, spec.world_size, worker, workers
         )
-        reader = _bind_reader(spec.store, spec.generation)
-        rng = np.random.default_rng(
-            mix_seed(spec.seed, spec.epoch, spec.pass_index, spec.rank, worker)
-        )
-        samples = _joined(spec, segments, reader, tally)
-        # now: {"__key__", "jpg": bytes, …, "id": int, "map": float32 [G,G] in [0, 1] | None}
+        reader = _bind_reader(spec.store, generation)
+        rng = np.random.default_rng(mix_seed(spec.seed, epoch, pass_index, spec.rank, worker))
+        samples = shards.prefetched(_joined(spec, segments, reader, tally), spec.prefetch)
+        # now: {"__key__", "id", "jpg" | "png" | …: bytes, "map": float32 [G,G] in [0, 1] | None}
         samples = shuffled(samples, spec.shuffle_buffer, rng)
         # now: the same samples, mixed within a buffer of shuffle_buffer
-        prepared = (p for s in samples if (p := prepare_sample(s, spec, tally)) is not None)
-        # now: {"id", "box": CropBox, "hw", "map", "image" uint8 [3,S,S] | "data" bytes}
-        yield from chunked(prepared, spec.chunk_size, spec.grid, tally)
-        # now: chunks {"ids" [n], "has_map" [n], "weights" [n,g²], "boxes" [n,5], …, counts}
+        for group in _groups(samples, spec.chunk_size):
+            yield prepare_chunk(group, spec, plan, tally)
+        yield prepare_chunk([], spec, plan, tally)  # the final counts
+        # now: chunks {"ids" [n], "has_map" [n], "weights" [n,g²], "boxes" [n,5], "hw" [n,2],
+        #   "images" uint8 [n,3,S,S] | "data" [(field, bytes)], counts}
+
+
+def _groups(samples: Iterable[dict], size: int) -> Iterator[list[dict]]:
+    group: list[dict] = []
+    for sample in samples:
+        group.append(sample)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group
 
 
 def _joined(spec: StreamSpec, segments: list[Segment], reader, tally: _Tally) -> Iterator[dict]:
     handler = CountingHandler(tally)
     for segment in segments:
         raw = read_segment(spec.urls[segment.shard], segment, handler)
-        # now: {"__key__", "jpg" | "png" | …: bytes, "cls", …} for ids in the segment
+        # now: {"__key__", "id", "jpg" | "png" | …: bytes} for ids in the segment
         yield from attach_rows(raw, segment, reader, tally)
 
 
@@ -344,9 +348,33 @@ def _bind_reader(url: str | None, generation: str | None):
     return SaliencyStore.open(url).bind(generation)
 
 
-def init_worker(worker_id: int) -> None:
-    """DataLoader worker start: one torch thread, and zarr's pools kept small (PITFALLS.md)."""
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+
+
+def reuse_freed_memory() -> None:
+    """Keep freed blocks up to 64 MB in the process's heap for reuse (glibc; elsewhere nothing).
+
+    By default glibc gives such blocks back to the system, so every chunk buffer (5 MB) and
+    every float batch (20 MB at 224 px) is fresh memory that page-faults on its first write:
+    on this project's 2-core VM that cost as much as the normalisation itself (BENCHMARKS.md).
+    The process then keeps up to 256 MB of freed memory instead of returning it.
+    """
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, 64 * 2**20)
+        libc.mallopt(_M_TRIM_THRESHOLD, 256 * 2**20)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def init_worker(worker_id: int, storage: urls.StorageOptions | None = None) -> None:
+    """DataLoader worker start: the driver's storage options, one torch thread, zarr's pools
+    kept small (a worker reads one segment's rows at a time), freed buffers reused."""
     import zarr
 
+    reuse_freed_memory()
+    urls.adopt(storage)
     torch.set_num_threads(1)
     zarr.config.set({"threading.max_workers": 2, "async.concurrency": 4})

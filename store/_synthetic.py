@@ -41,7 +41,7 @@ def synthetic_dataset(num_samples: int, shard_size: int, root: str | Path = ".")
         classes=None,
         fingerprint=fingerprint(shards, num_samples),
     )
-    return Dataset(root=Path(root), manifest=manifest)
+    return Dataset(root=str(root), manifest=manifest)
 
 
 def synthetic_teacher(seed: int) -> dict:

@@ -30,6 +30,7 @@ import zarr
 from zarr.core.sync import sync
 
 from salient.store.errors import GenerationStateError, IdRangeError, LayoutMismatchError
+from salient.urls import on_storage
 
 if TYPE_CHECKING:
     from salient.store.store import SaliencyStore
@@ -37,6 +38,8 @@ if TYPE_CHECKING:
 __all__ = ["GenerationReader", "GenerationWriter", "Layout", "check_arrays", "create_arrays"]
 
 MAPS_DTYPE = np.dtype("float16")
+
+
 FLAG_DTYPE = np.dtype("uint8")
 _ARRAY_DOC = {
     "maps": "raw teacher saliency per sample id (not normalised); NaN = not computed",
@@ -208,17 +211,23 @@ class GenerationWriter:
         self._closed: str | None = None
 
     def __repr__(self) -> str:
-        return f"GenerationWriter({self._owner.url!r}, {self.name!r})"
+        return f"GenerationWriter({self.url!r}, {self.name!r})"
 
     @property
     def store(self) -> SaliencyStore:
         """The store this generation belongs to."""
         return self._owner
 
+    @property
+    def url(self) -> str:
+        return self._owner.url
+
+    @on_storage
     def missing_shards(self) -> list[int]:
         """Indices of the shards whose resume marker is not set, ascending."""
         return np.flatnonzero(self._arrays["shards_done"][:] == 0).tolist()
 
+    @on_storage
     def write_shard(self, shard_index: int, maps, valid, head_maps=None) -> None:
         """Write every row of data shard ``shard_index``, then set its resume marker.
 
@@ -296,16 +305,18 @@ class GenerationReader:
     created, published, …). Every read returns ``(maps float16 [n,G,G], valid uint8 [n])``.
     """
 
-    def __init__(self, group: zarr.Group, layout: Layout):
+    def __init__(self, group: zarr.Group, layout: Layout, url: str = ""):
         self.name = group.basename
         self.attrs = dict(group.attrs)
         self.layout = layout
+        self.url = url  # the store's, for error messages
         arrays = check_arrays(group, layout, self.attrs.get("heads"))
         self._maps, self._valid = arrays["maps"], arrays["valid"]
 
     def __repr__(self) -> str:
         return f"GenerationReader({self.name!r})"
 
+    @on_storage
     def read_range(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         """Rows of ids ``[start, stop)``: one read per array (a shard's ids share one chunk).
 
@@ -317,6 +328,7 @@ class GenerationReader:
         """Every row of data shard ``shard_index`` (one zarr chunk per array)."""
         return self.read_range(*self.layout.shard_range(shard_index))
 
+    @on_storage
     def read_ids(self, ids) -> tuple[np.ndarray, np.ndarray]:
         """Rows of arbitrary ``ids`` (any order, repeats allowed), in the order given.
 

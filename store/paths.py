@@ -1,9 +1,9 @@
 """Where a saliency store lives and how its names and attrs are spelled.
 
-URLs (a local path opens zarr's ``LocalStore``, any other URL its ``FsspecStore``), generation
-names ``gen-NNNNNN``, ISO 8601 UTC time stamps, and the checks on values before they become
-attrs. Module-level helpers of :class:`~salient.store.store.SaliencyStore`; importing this
-module touches no disk.
+URLs (a local path opens zarr's ``LocalStore``, any other URL its ``FsspecStore`` with the
+storage options of ``salient.urls``), generation names ``gen-NNNNNN``, ISO 8601 UTC time
+stamps, and the checks on values before they become attrs. Module-level helpers of
+:class:`~salient.store.store.SaliencyStore`; importing this module touches no disk.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import zarr
 
+from salient import urls
 from salient.store.errors import StoreError
 from salient.store.generation import Layout
 
@@ -44,31 +45,30 @@ GENERATION = re.compile(r"^gen-(\d{6,})$")
 
 
 def normalise(url: str | os.PathLike) -> str:
-    """An absolute local path, or the URL unchanged when it names another filesystem."""
-    url = os.fspath(url)
-    if url.startswith("file://"):
-        url = url.removeprefix("file://")
-    if "://" in url:
-        return url.rstrip("/")
-    return str(Path(url).expanduser().resolve())
+    """An absolute local path, or the URL unchanged (``salient.urls`` decides which)."""
+    return urls.normalise(url)
 
 
-def store_like(url: str) -> Path | str:
-    """What zarr opens: a Path gives LocalStore, a URL string gives FsspecStore."""
-    return url if "://" in url else Path(url)
+def store_like(url: str) -> dict:
+    """What zarr opens, as keywords: a Path gives LocalStore (atomic writes), a URL string
+    FsspecStore with the storage options of ``salient.urls``."""
+    if not urls.is_remote(url):
+        return {"store": Path(url)}
+    return {"store": url, "storage_options": urls.fsspec_options()}
 
 
 def open_root(url: str, mode: str = "r") -> zarr.Group:
-    return zarr.open_group(store_like(url), mode=mode, zarr_format=3, use_consolidated=False)
+    return zarr.open_group(**store_like(url), mode=mode, zarr_format=3, use_consolidated=False)
 
 
 def _root_exists(url: str) -> bool:
-    if "://" not in url:
+    if not urls.is_remote(url):
         return (Path(url) / "zarr.json").is_file()
-    try:
-        open_root(url)
-    except FileNotFoundError:
-        return False
+    with urls.storage_errors(url):
+        try:
+            open_root(url)
+        except FileNotFoundError:
+            return False
     return True
 
 
@@ -76,14 +76,12 @@ def orphan_generations(url: str | os.PathLike) -> list[str]:
     """Generation groups (``gen-*/zarr.json``) below ``url``; with no root ``zarr.json`` beside
     them the store is damaged, not absent."""
     url = normalise(url)
-    if "://" not in url:
+    if not urls.is_remote(url):
         paths = Path(url).glob("gen-*/zarr.json") if Path(url).is_dir() else []
         names = [p.parent.name for p in paths]
     else:
-        from fsspec.core import url_to_fs
-
-        fs, root = url_to_fs(url)
-        names = [p.rstrip("/").split("/")[-2] for p in fs.glob(f"{root}/gen-*/zarr.json")]
+        with urls.storage_errors(url):
+            names = [n for n in urls.list_names(url) if urls.read_bytes(f"{url}/{n}/zarr.json")]
     return sorted(n for n in names if GENERATION.match(n))
 
 
@@ -95,8 +93,8 @@ def store_exists(url: str | os.PathLike) -> bool:
 
 
 def occupied(url: str) -> bool:
-    if "://" in url:
-        return store_exists(url)
+    if urls.is_remote(url):
+        return bool(urls.list_names(url))
     path = Path(url)
     return path.is_file() or (path.is_dir() and any(path.iterdir()))
 

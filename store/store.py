@@ -71,6 +71,7 @@ from collections.abc import Callable
 import zarr
 from zarr.errors import ContainsGroupError
 
+from salient import urls
 from salient.store.errors import (
     FingerprintMismatchError,
     GenerationBusyError,
@@ -102,6 +103,7 @@ from salient.store.paths import (
     store_exists,
     store_like,
 )
+from salient.urls import on_storage
 
 __all__ = ["FORMAT", "SaliencyStore", "store_exists"]  # store_exists: re-exported from paths
 
@@ -157,6 +159,11 @@ class SaliencyStore:
         """
         url = normalise(url)
         layout = dataset_layout(dataset, grid)
+        with urls.storage_errors(url):
+            return cls._create(url, layout, dataset, grid)
+
+    @classmethod
+    def _create(cls, url: str, layout: Layout, dataset, grid: int) -> SaliencyStore:
         if occupied(url):
             raise StoreExistsError(
                 f"{url} already holds something (a store, or other files); open the store "
@@ -174,7 +181,7 @@ class SaliencyStore:
             "replaced": {},
         }
         try:
-            zarr.create_group(store_like(url), zarr_format=3, attributes=attrs)
+            zarr.create_group(**store_like(url), zarr_format=3, attributes=attrs)
         except ContainsGroupError:  # created by another driver since the check above
             raise StoreExistsError(f"{url} was created meanwhile by another driver") from None
         return cls(url, attrs)
@@ -202,19 +209,20 @@ class SaliencyStore:
         (not a salient store), FingerprintMismatchError (made for another dataset).
         """
         url = normalise(url)
-        try:
-            attrs = dict(open_root(url).attrs)
-        except FileNotFoundError:
-            orphans = orphan_generations(url)
-            if orphans:
-                raise StoreDamagedError(
-                    f"the store at {url} is damaged: its root zarr.json is missing but it "
-                    f"holds generations {', '.join(orphans)}; restore zarr.json from a copy, "
-                    "or move the folder aside and refresh into a new store"
+        with urls.storage_errors(url):
+            try:
+                attrs = dict(open_root(url).attrs)
+            except FileNotFoundError:
+                orphans = orphan_generations(url)
+                if orphans:
+                    raise StoreDamagedError(
+                        f"the store at {url} is damaged: its root zarr.json is missing but it "
+                        f"holds generations {', '.join(orphans)}; restore zarr.json from a "
+                        "copy, or move the folder aside and refresh into a new store"
+                    ) from None
+                raise StoreNotFoundError(
+                    f"no saliency store at {url}; `salient refresh` creates one, or check the path"
                 ) from None
-            raise StoreNotFoundError(
-                f"no saliency store at {url}; `salient refresh` creates one, or check the path"
-            ) from None
         if attrs.get("format") != FORMAT:
             raise StoreError(
                 f"{url} is a zarr group but not a salient saliency store (format "
@@ -256,6 +264,7 @@ class SaliencyStore:
             "tries); other drivers are writing the store — retry when they are done"
         )
 
+    @on_storage
     def current(self) -> str | None:
         """The name of the current (last published) generation, read from the store now."""
         return self._root().attrs.get("current")
@@ -283,6 +292,7 @@ class SaliencyStore:
             )
         return root[name]
 
+    @on_storage
     def generations(self) -> list[dict]:
         """Every generation, oldest first: its attrs plus ``name``, ``status``, ``current``,
         ``published`` and ``replaced_at`` (times, ISO 8601 UTC) and ``shards_done`` (count)."""
@@ -342,6 +352,7 @@ class SaliencyStore:
             "heads": heads,
         }
 
+    @on_storage
     def begin_generation(
         self,
         teacher: dict,
@@ -391,6 +402,7 @@ class SaliencyStore:
             "drivers are creating generations — retry when they are done"
         )
 
+    @on_storage
     def resume_generation(self, name: str | None = None) -> GenerationWriter | None:
         """A writer of the unpublished generation ``name``; without a name, of the newest
         unpublished one, or None when there is none.
@@ -418,6 +430,7 @@ class SaliencyStore:
             )
         return GenerationWriter(self, group, self.layout)
 
+    @on_storage
     def open_or_resume(
         self,
         teacher: dict,
@@ -488,6 +501,7 @@ class SaliencyStore:
         writer = self._group(self._root(), name).attrs.get("writer")
         return lease_state(writer), writer
 
+    @on_storage
     def _publish(self, writer: GenerationWriter) -> None:
         """Mark ``writer``'s generation published, then flip ``current`` in one root write."""
         missing = writer.missing_shards()
@@ -520,6 +534,7 @@ class SaliencyStore:
         # the publish: one key, replaced atomically
         self._update_root(flip, done=lambda attrs: writer.name in attrs["published"])
 
+    @on_storage
     def _abandon(self, name: str) -> None:
         root = self._root("r+")
         group = self._group(root, name)
@@ -532,6 +547,7 @@ class SaliencyStore:
 
     # ------------------------------------------------------------ reading
 
+    @on_storage
     def bind(self, name: str | None = None) -> GenerationReader:
         """A reader of the published generation ``name`` (default: ``current`` now).
 
@@ -554,10 +570,11 @@ class SaliencyStore:
             raise NotPublishedError(
                 f"generation {name} is {status}, not published; bind a published one ({published})"
             )
-        return GenerationReader(group, self.layout)
+        return GenerationReader(group, self.layout, self.url)
 
     # ------------------------------------------------------------ garbage collection
 
+    @on_storage
     def gc(self, keep: int = 3, grace_s: float = 3600.0, dry_run: bool = False) -> list[str]:
         """Remove old generations; returns the names removed (or, ``dry_run``, that would be).
 

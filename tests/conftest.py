@@ -1,15 +1,73 @@
-"""Shared fixtures: one local Ray for the whole session, and a small demo dataset."""
+"""Shared fixtures: a local S3 endpoint and one local Ray for the whole session, a demo dataset."""
 
 from __future__ import annotations
 
+import logging
 import os
+import socket
+import time
 
 import pytest
 
+# The S3 environment every client of the session sees, Ray's workers included (they inherit
+# the environment Ray starts with): a local endpoint, no credentials from the developer's
+# machine, and no instance-metadata lookups (botocore would try 169.254.169.254 for keys).
+_S3_ENV = {
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_CONFIG_FILE": os.devnull,
+    "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
+_S3_UNSET = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _wait_for(port: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the moto S3 server did not answer on port {port}") from None
+            time.sleep(0.05)
+
 
 @pytest.fixture(scope="session")
-def ray_session():
-    """One real local Ray (num_cpus=2) for the whole test session (its cold start is 5–20 s)."""
+def s3_endpoint():
+    """A real S3 endpoint on 127.0.0.1 (moto's ThreadedMotoServer) for the whole session.
+
+    Clients reach it only through ``AWS_ENDPOINT_URL``; credentials are up to each test
+    (dummy keys: moto checks none unless a test turns its IAM checks on).
+    """
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    _wait_for(port, timeout_s=30)
+    url = f"http://127.0.0.1:{port}"
+    with pytest.MonkeyPatch.context() as env:
+        for name in _S3_UNSET:
+            env.delenv(name, raising=False)
+        for name, value in {**_S3_ENV, "AWS_ENDPOINT_URL": url}.items():
+            env.setenv(name, value)
+        yield url
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3_endpoint):
+    """One real local Ray (num_cpus=2) for the whole test session (its cold start is 5–20 s).
+
+    It starts after the S3 endpoint: Ray's workers keep the environment Ray starts with."""
     import ray
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")

@@ -1,0 +1,235 @@
+"""The shard access layer and the URL rules: one decode for the loader and the teacher, the
+prefetch thread, the nvjpeg fallback logic (run on the CPU), URLs that are never paths, and a
+dataset read over http(s).
+
+Data: small ImageFolder trees (JPEG and PNG) and the session's demo set, through our own
+ingest. No Ray here (the refresh actor's reading code is called in this process).
+"""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import io
+import json
+import threading
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from salient import urls
+from salient.jobs.refresh_worker import decoded_batches
+from salient.pipeline import shards
+from salient.pipeline.ingest import IngestError, ingest_demo, ingest_folder
+from salient.pipeline.loader import IMAGENET_MEAN, IMAGENET_STD, LoaderConfig, SalientLoader
+from salient.pipeline.manifest import open_dataset
+
+SIDE = 32
+
+
+def _image(seed: int, fmt: str, mode: str) -> bytes:
+    rng = np.random.default_rng(seed)
+    channels = {"RGB": 3, "RGBA": 4}[mode]
+    pixels = rng.integers(0, 255, (SIDE, SIDE, channels), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, mode).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+    """12 images, JPEG (RGB) and PNG (RGBA, converted on decode), in shards of 4."""
+    root = tmp_path_factory.mktemp("mixed")
+    (root / "src" / "a").mkdir(parents=True)
+    for i in range(12):
+        fmt, mode, ext = ("JPEG", "RGB", "jpg") if i % 2 else ("PNG", "RGBA", "png")
+        (root / "src" / "a" / f"{i:02d}.{ext}").write_bytes(_image(i, fmt, mode))
+    ingest_folder(root / "src", root / "data", shard_size=4)
+    return root / "data"
+
+
+def _loader_pixels(data, decode: str) -> dict[int, torch.Tensor]:
+    """The loader's images, un-normalised back to uint8, with a crop that is the whole image
+    (scale 1, ratio 1, no flip, output size = image size): its decoded pixels before a crop."""
+    config = LoaderConfig(
+        data=str(data),
+        image_size=SIDE,
+        patch_size=8,
+        batch_size=12,
+        strategy="random",
+        num_workers=0,
+        crop_scale=(1.0, 1.0),
+        crop_ratio=(1.0, 1.0),
+        flip_p=0.0,
+        decode=decode,
+    )
+    batch = next(SalientLoader(config).epoch(0))
+    std, mean = torch.tensor(IMAGENET_STD).view(3, 1, 1), torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    pixels = ((batch["images"] * std + mean) * 255).round().to(torch.uint8)
+    return dict(zip(batch["ids"].tolist(), pixels))
+
+
+def _refresh_pixels(data) -> dict[int, torch.Tensor]:
+    """What the refresh actor decodes for each id (its own reading code, on the CPU)."""
+    dataset, out = open_dataset(data), {}
+    for shard in dataset.shards:
+        url = dataset.shard_url(shard)
+        for start, images in decoded_batches(url, shard.first_id, shard.count, 3, "cpu"):
+            for offset, image in enumerate(images):
+                out[shard.first_id + start + offset] = image
+    return out
+
+
+@pytest.mark.parametrize("decode", ["worker", "device"])
+def test_loader_and_refresh_decode_the_same_pixels(mixed, decode):
+    fields = {}
+    for sample in shards.iter_samples(open_dataset(mixed).shard_urls()[0]):
+        fields[sample["id"]] = shards.image_field(sample)
+    assert set(fields.values()) == {"jpg", "png"}  # both formats in the first shard
+    loader, refresh = _loader_pixels(mixed, decode), _refresh_pixels(mixed)
+    assert sorted(loader) == sorted(refresh) == list(range(12))
+    for sample_id, image in refresh.items():
+        assert image.shape == (3, SIDE, SIDE) and image.dtype == torch.uint8
+        assert torch.equal(loader[sample_id], image), sample_id
+
+
+def test_iter_samples_reads_only_the_ids_and_fields_asked(demo_data):
+    url = open_dataset(demo_data).shard_urls()[1]  # ids 32..63
+    samples = list(shards.iter_samples(url, range(40, 43), {"box.json"}))
+    assert [s["id"] for s in samples] == [40, 41, 42]
+    assert all(set(s) == {"__key__", "__url__", "id", "box.json"} for s in samples)
+    images = shards.read_images(url, 60, 6)  # the last 2 ids lie in the next shard
+    assert [r is not None for r in images] == [True] * 4 + [False] * 2
+    assert images[0][0] == "jpg" and shards.decode_image(images[0][1]).shape == (96, 96, 3)
+
+
+def test_refresh_batches_follow_the_ids_and_keep_holes(demo_data):
+    url = open_dataset(demo_data).shard_urls()[0]
+    got = list(decoded_batches(url, 0, 32, 10, "cpu"))
+    assert [start for start, _ in got] == [0, 10, 20, 30]
+    assert [len(images) for _, images in got] == [10, 10, 10, 2]
+    tail = list(decoded_batches(url, 28, 8, 3, "cpu"))  # ids 32..35 are not in this tar
+    assert [[im is not None for im in images] for _, images in tail] == [
+        [True, True, True],
+        [True, False, False],
+        [False, False],
+    ]
+
+
+def test_batch_jpeg_decode_falls_back_one_by_one():
+    """The nvjpeg path's logic (torchvision's decode on the CPU): one bad file costs itself."""
+    good = _image(1, "JPEG", "RGB")
+    bad = good[: good.index(b"\xff\xda") + 20]  # header intact, scan cut off
+    out = shards.decode_jpegs([good, bad, good], torch.device("cpu"))
+    assert [o is not None for o in out] == [True, False, True]
+    assert out[0].shape == (3, SIDE, SIDE)
+    assert shards.decode_images([None, ("png", b"junk"), ("jpg", good)])[:2] == [None, None]
+
+
+def test_prefetch_keeps_order_raises_and_stops():
+    assert list(shards.prefetched(iter(range(50)), depth=3)) == list(range(50))
+    assert list(shards.prefetched(iter(range(5)), depth=0)) == list(range(5))
+
+    def failing():
+        yield 1
+        raise ValueError("broken shard")
+
+    with pytest.raises(ValueError, match="broken shard"):
+        list(shards.prefetched(failing(), depth=2))
+    produced = []
+    started = threading.Event()
+
+    def endless():
+        for i in range(10**6):
+            produced.append(i)
+            started.set()
+            yield i
+
+    stream = shards.prefetched(endless(), depth=2)
+    assert next(stream) == 0
+    stream.close()  # the consumer stops: the producer stops at its next item
+    count = len(produced)
+    assert started.wait(5) and count < 10 and len(produced) <= count + 1
+
+
+# ---------------------------------------------------------------- URLs
+
+
+def test_urls_are_never_local_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert urls.normalise("s3://bucket/d/") == "s3://bucket/d"
+    assert urls.normalise("file://" + str(tmp_path / "x")) == str(tmp_path / "x")
+    assert urls.normalise("rel/d") == str(tmp_path / "rel" / "d")
+    assert (
+        urls.is_remote("gs://b/x") and not urls.is_remote("file:///x") and not urls.is_remote("a")
+    )
+    assert urls.join("s3://b/d", "manifest.json") == "s3://b/d/manifest.json"
+    with pytest.raises(urls.StorageError, match="unknown URL scheme 'nope'"):
+        urls.normalise("nope://b/d")
+    with pytest.raises(urls.StorageError, match="read-only"):
+        ingest_demo("http://127.0.0.1:9/d", n=2, image_size=32)
+    with pytest.raises(IngestError, match="SRC s3://b/src must be a local folder"):
+        ingest_folder("s3://b/src", tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []  # no folder named "s3:" or "http:"
+
+
+def test_a_scheme_without_its_client_names_the_extra():
+    try:
+        import gcsfs  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("gcsfs is installed here; the message is for environments without it")
+    with pytest.raises(urls.StorageError, match=r"pip install 'salient\[gcs\]'"):
+        open_dataset("gs://bucket/data")
+
+
+def test_storage_options_parse_and_never_print():
+    options = urls.parse_storage_options(["key=abc", "secret=s3cr3t", "anon=false", "n=3"])
+    assert options == {"key": "abc", "secret": "s3cr3t", "anon": False, "n": 3}
+    with pytest.raises(urls.StorageError, match="KEY=VALUE"):
+        urls.parse_storage_options(["novalue"])
+    carried = urls.StorageOptions(options)
+    for text in (repr(carried), str(carried), json.dumps({"o": carried}, default=str)):
+        assert "s3cr3t" not in text and "abc" not in text and "secret" in text
+    previous = urls.storage_options()
+    try:
+        urls.adopt(carried)
+        assert urls.storage_options() == options
+    finally:
+        urls.set_storage_options(previous)
+
+
+# ---------------------------------------------------------------- http(s), read-only
+
+
+class _Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):  # one line per request otherwise
+        pass
+
+
+@pytest.fixture(scope="module")
+def http_data(demo_data):
+    """The demo set served over http from 127.0.0.1 (a thread; stopped at the end)."""
+    handler = functools.partial(_Quiet, directory=str(demo_data))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    thread.join(timeout=10)
+
+
+def test_a_dataset_over_http_reads_like_a_local_one(http_data, demo_data):
+    remote, local = open_dataset(http_data), open_dataset(demo_data)
+    assert remote.fingerprint == local.fingerprint and remote.root == http_data
+    url = remote.shard_urls()[2]
+    assert url == f"{http_data}/shard-000002.tar"
+    got = shards.read_images(url, 64, 32)
+    assert got == shards.read_images(local.shard_urls()[2], 64, 32)
+    config = LoaderConfig(
+        data=http_data, image_size=32, patch_size=8, batch_size=32, num_workers=0, strategy="random"
+    )
+    assert len(list(SalientLoader(config).epoch(0))) == 3
