@@ -329,7 +329,10 @@ def _main_rate(loader, batches: int) -> float:
     for index, group in enumerate(runs * 2):
         _sync(device)
         start = time.perf_counter()
-        ready = [decode_and_crop(rows, loader.device, IMAGE)[0] for rows in group]
+        ready = [
+            decode_and_crop(rows, loader.device, IMAGE, loader.config.interpolation)[0]
+            for rows in group
+        ]
         loader._batch(ready, 0, index, stats.generation, 0.0, stats)
         _sync(device)
         times.append(time.perf_counter() - start)
