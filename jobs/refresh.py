@@ -6,7 +6,9 @@ creates the store when it is missing, then begins a generation — or resumes th
 one made by the same teacher (sha256), kind and image size — and schedules only the shards it
 still misses. One Ray actor per worker holds the teacher; the unit of work is one shard, which
 the actor reads, decodes, maps and writes as one whole zarr chunk
-(``salient.jobs.refresh_worker``). When every shard is done the driver publishes.
+(``salient.jobs.refresh_worker``; the pool that feeds and replaces the actors,
+``salient.jobs.shard_pool``, is shared with ``salient eval``). When every shard is done the
+driver publishes.
 
 Failures (DESIGN.md, "Failure semantics"): a worker that dies is replaced and its shard
 retried (up to ``max_retries`` times per shard); a driver that dies leaves the generation
@@ -24,7 +26,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -42,7 +43,6 @@ __all__ = [
 
 KINDS = ("cls_attn", "gpa", "heads")
 REDUCES = ("mean", "minmax_mean")
-_IN_FLIGHT = 2  # shards queued per actor: the next one waits in the actor while one computes
 
 
 class RefreshError(SalientError):
@@ -181,48 +181,6 @@ def prepare_refresh(config: RefreshConfig):
 # ---------------------------------------------------------------- the actors
 
 
-def _check_resources(config: RefreshConfig, cpus: float, gpus: float) -> None:
-    if config.gpus_per_worker > gpus:
-        raise RefreshError(
-            f"--gpus-per-worker {config.gpus_per_worker} but the Ray cluster has "
-            f"{gpus:g} GPUs; use --gpus-per-worker 0 to run on CPU"
-        )
-    if config.cpus_per_worker > cpus:
-        raise RefreshError(
-            f"--cpus-per-worker {config.cpus_per_worker} but the Ray cluster has "
-            f"{cpus:g} CPUs; lower it"
-        )
-
-
-class _Pool:
-    """The worker actors; ``replace(i)`` swaps a dead one for a fresh one (same teacher ref)."""
-
-    def __init__(self, config: RefreshConfig, model_ref, spec):
-        import ray
-
-        from salient.jobs.refresh_worker import RefreshWorker
-
-        self._cls = ray.remote(RefreshWorker).options(
-            num_cpus=config.cpus_per_worker, num_gpus=config.gpus_per_worker, max_restarts=0
-        )
-        self._args = (model_ref, spec)
-        self.actors = [self._cls.remote(*self._args) for _ in range(config.workers)]
-        self.incarnation = [0] * config.workers
-
-    def replace(self, index: int) -> None:
-        import ray
-
-        ray.kill(self.actors[index], no_restart=True)
-        self.actors[index] = self._cls.remote(*self._args)
-        self.incarnation[index] += 1
-
-    def shutdown(self) -> None:
-        import ray
-
-        for actor in self.actors:
-            ray.kill(actor, no_restart=True)
-
-
 @dataclass
 class _Tally:
     images: int = 0
@@ -249,57 +207,35 @@ def _progress(total: int, initial: int, enabled: bool):
 def _run_shards(
     config: RefreshConfig,
     dataset,
-    pool: _Pool,
+    pool,
     todo: list[int],
     bar,
     on_shard_done: Callable[[dict], None] | None,
 ) -> _Tally:
     """Keep every actor fed with shards until all are written; retry a dead actor's shards."""
-    import ray
-    from ray.exceptions import RayActorError
+    from salient.jobs.shard_pool import run_shards
 
-    pending, inflight, attempts = deque(todo), {}, Counter()
     tally, start = _Tally(), time.perf_counter()
 
-    def feed(index: int) -> None:
-        while pending and sum(w == index for _, w, _ in inflight.values()) < _IN_FLIGHT:
-            shard = dataset.shards[pending.popleft()]
-            ref = pool.actors[index].compute_shard.remote(
-                shard.index, dataset.shard_url(shard), shard.first_id, shard.count
-            )
-            inflight[ref] = (shard.index, index, pool.incarnation[index])
+    def done(result: dict) -> None:
+        _count(result, tally, bar, start)
+        if on_shard_done is not None:
+            on_shard_done(result)
 
-    for index in range(len(pool.actors)):
-        feed(index)
-    while inflight:
-        [ref], _ = ray.wait(list(inflight), num_returns=1)
-        shard, index, incarnation = inflight.pop(ref)
-        try:
-            result = ray.get(ref)
-        except RayActorError as exc:
-            _retry(config, shard, exc, attempts, pending, tally)
-            if pool.incarnation[index] == incarnation:
-                pool.replace(index)
-        else:
-            _count(result, tally, bar, start)
-            if on_shard_done is not None:
-                on_shard_done(result)
-        feed(index)
+    tasks = []
+    for index in todo:
+        shard = dataset.shards[index]
+        tasks.append((index, (index, dataset.shard_url(shard), shard.first_id, shard.count)))
+    tally.retries = run_shards(pool, tasks, config.max_retries, done, _give_up)
     return tally
 
 
-def _retry(
-    config, shard: int, exc: Exception, attempts: Counter, pending: deque, tally: _Tally
-) -> None:
-    attempts[shard] += 1
-    if attempts[shard] > config.max_retries:
-        raise RefreshError(
-            f"shard {shard} failed {attempts[shard]} times, last because its "
-            f"worker died ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
-            "fix the cause and rerun the same command to resume"
-        ) from None
-    tally.retries += 1
-    pending.appendleft(shard)
+def _give_up(shard: int, attempts: int, exc: Exception) -> RefreshError:
+    return RefreshError(
+        f"shard {shard} failed {attempts} times, last because its "
+        f"worker died ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+        "fix the cause and rerun the same command to resume"
+    )
 
 
 def _count(result: dict, tally: _Tally, bar, start: float) -> None:
@@ -347,10 +283,20 @@ def _compute(
     import ray
 
     from salient.jobs.ray_env import ensure_ray
+    from salient.jobs.refresh_worker import RefreshWorker
+    from salient.jobs.shard_pool import ShardPool, check_resources
 
     info = ensure_ray(config.address)
-    _check_resources(config, info.cpus, info.gpus)
-    pool = _Pool(config, ray.put(teacher.model), worker_spec(config, teacher, spec, writer.name))
+    check_resources(
+        config.cpus_per_worker, config.gpus_per_worker, info.cpus, info.gpus, RefreshError
+    )
+    pool = ShardPool(
+        RefreshWorker,
+        (ray.put(teacher.model), worker_spec(config, teacher, spec, writer.name)),
+        config.workers,
+        config.cpus_per_worker,
+        config.gpus_per_worker,
+    )
     try:
         with _progress(len(dataset.shards), len(dataset.shards) - len(todo), progress) as bar:
             return _run_shards(config, dataset, pool, todo, bar, on_shard_done)

@@ -65,6 +65,11 @@ class TrainConfig:
     refresh_batch_size: int = 64
     log_details: bool = False
     stop_after_epochs: int | None = None
+    val: str | None = None
+    """Held-out dataset with the training set's class list: rank 0 runs the k-NN probe on the
+    current encoder (DINO's, k = 20, T = 0.07) and logs it in metrics.jsonl."""
+    eval_every: int = 0
+    """With --val: the k-NN probe every K epochs, and after the last one (0: the last only)."""
 
     def __post_init__(self):
         _check_types(self)
@@ -131,11 +136,13 @@ def _check_counts(c: TrainConfig) -> None:
     ):
         if getattr(c, name) < 1:
             raise TrainError(f"{_flag(name)} must be >= 1 (got {getattr(c, name)})")
-    for name in ("warmup_epochs", "refresh_every", "loader_workers"):
+    for name in ("warmup_epochs", "refresh_every", "loader_workers", "eval_every"):
         if getattr(c, name) < 0:
             raise TrainError(f"{_flag(name)} must be >= 0 (got {getattr(c, name)})")
     if c.lr_warmup_epochs is not None and c.lr_warmup_epochs < 0:
         raise TrainError(f"--lr-warmup-epochs must be >= 0 (got {c.lr_warmup_epochs})")
+    if c.eval_every and not c.val:
+        raise TrainError("--eval-every needs --val DIR, the held-out set the probe measures")
     if c.stop_after_epochs is not None and not 1 <= c.stop_after_epochs <= c.epochs:
         raise TrainError(f"stop_after_epochs must be in 1..{c.epochs} (got {c.stop_after_epochs})")
 
@@ -212,4 +219,5 @@ def resolved(config: TrainConfig) -> TrainConfig:
         data=absolute(config.data),
         store=absolute(config.store),
         run_dir=absolute(config.run_dir),
+        val=absolute(config.val),
     )

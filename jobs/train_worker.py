@@ -10,8 +10,9 @@ refresh it waited for is seen by all); the epoch's masking follows AMT's schedul
 the warmup ratio until the warmup is over and a generation exists, then the strategy); one
 epoch is trained (``salient.trainer.loop``) and its totals summed over ranks. Rank 0 then
 writes the checkpoint and the epoch record and, when the schedule says so, launches a refresh
-from that checkpoint. Batches are moved with ``ray.train.torch.get_device()``:
-``prepare_data_loader`` cannot wrap the webdataset loader (PITFALLS.md).
+from that checkpoint and runs the k-NN probe (``--val``, ``salient.jobs.eval_online``).
+Batches are moved with ``ray.train.torch.get_device()``: ``prepare_data_loader`` cannot wrap
+the webdataset loader (PITFALLS.md).
 
 Importing this module touches no disk, GPU or Ray.
 """
@@ -28,7 +29,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from salient.trainer.checkpoint import checkpoint_path, load_checkpoint, save_checkpoint
+from salient.jobs.eval_online import OnlineProbe
+from salient.trainer.checkpoint import (
+    checkpoint_path,
+    load_checkpoint,
+    save_checkpoint,
+    unwrap_model,
+)
 from salient.trainer.loop import WarmupCosine, build_optimizer, param_checksum, train_one_epoch
 from salient.trainer.models import build_model
 
@@ -261,6 +268,7 @@ class _Worker:
         self.log = _Log(Path(self.config.run_dir), self.rank)
         self.progress = args["progress"] and self.rank == 0
         self.refresher = _Refresher(args["launch_refresh"], self.config.refresh_wait, self.log)
+        self.probe = OnlineProbe.for_config(self.config) if self.rank == 0 else None
 
     def _restore(self, path: str | None) -> _State:
         if path is None:
@@ -358,6 +366,11 @@ class _Worker:
             self.refresher.start(path, state.epochs_done)
         else:
             self.refresher.poll()
+        if self.probe is not None and self.probe.due(state.epochs_done):
+            # After a refresh starts, so the two overlap; the other ranks wait at the next
+            # collective meanwhile (README, Decisions: the probe during training).
+            encoder = unwrap_model(self.model).encoder
+            self.log.event(self.probe.run(encoder, self.device, state.epochs_done))
 
     def _resume_refresh(self) -> None:
         """Relaunch the refresh due after the resumed checkpoint if it never published."""
