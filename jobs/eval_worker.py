@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tarfile
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,15 +55,26 @@ class FeatureSpec:
 
 
 def _read_labels(url: str, first_id: int, count: int) -> np.ndarray:
-    """The ``cls`` field of every id of the shard, -1 where a sample has none (webdataset)."""
+    """The ``cls`` field of every id of the shard, -1 where a sample has none (webdataset,
+    reading the ``.cls`` members only; no node or worker split: the caller holds one shard)."""
     import webdataset as wds
 
     labels = np.full(count, -1, dtype=np.int64)
-    with contextlib.suppress(Exception):  # a damaged tar: its images are invalid anyway
-        for sample in wds.WebDataset(url, shardshuffle=False):
+    samples = wds.WebDataset(
+        url,
+        shardshuffle=False,
+        nodesplitter=None,
+        workersplitter=None,
+        select_files=lambda name: name.endswith(".cls"),
+        empty_check=False,
+    )
+    try:
+        for sample in samples:
             offset = int(sample["__key__"]) - first_id
-            if "cls" in sample and 0 <= offset < count:
+            if 0 <= offset < count:
                 labels[offset] = int(sample["cls"])
+    except (tarfile.TarError, OSError, ValueError) as exc:
+        warnings.warn(f"shard {url}: labels unreadable past a damage ({exc})", stacklevel=2)
     return labels
 
 
