@@ -34,6 +34,7 @@ __all__ = [
     "encode",
     "eval_view",
     "read_shard_images",
+    "read_shard_labels",
     "shard_features",
 ]
 
@@ -54,7 +55,7 @@ class FeatureSpec:
 # ---------------------------------------------------------------- reading
 
 
-def _read_labels(url: str, first_id: int, count: int) -> np.ndarray:
+def read_shard_labels(url: str, first_id: int, count: int) -> np.ndarray:
     """The ``cls`` field of every id of the shard, -1 where a sample has none (webdataset,
     reading the ``.cls`` members only; no node or worker split: the caller holds one shard)."""
     import webdataset as wds
@@ -90,7 +91,7 @@ def read_shard_images(
     from salient.jobs.refresh_worker import decode_batch, read_shard
 
     images = decode_batch(read_shard(url, first_id, count), device)
-    return images, _read_labels(url, first_id, count)
+    return images, read_shard_labels(url, first_id, count)
 
 
 # ---------------------------------------------------------------- the view and the features
