@@ -1,4 +1,4 @@
-"""``salient bench WHAT``: throughput benchmarks that print one JSON object.
+"""``salient bench WHAT``: benchmarks that print one JSON object.
 
 Each benchmark lives in ``jobs/bench_<what>.py`` as ``bench_<what>(quick, device) -> dict``;
 this module only dispatches and stamps the result with the device, versions and date, so a
@@ -21,6 +21,7 @@ BENCHES = {
     "loader": "bench_loader",
     "refresh": "bench_refresh",
     "train": "bench_train",
+    "quality": "bench_quality",
 }
 
 
@@ -49,14 +50,26 @@ def _cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
-def run_bench(what: str, quick: bool = False, device: str = "auto") -> dict:
-    """Run benchmark ``what`` and return its figures plus the device, versions and date."""
+def run_bench(what: str, quick: bool = False, device: str = "auto", **options) -> dict:
+    """Run benchmark ``what`` and return its figures plus the device, versions and date.
+
+    ``options`` (None values are left out) go to benchmarks that take them (``quality``:
+    ``epochs``, ``n``, ``image_size``, ``label_teacher``, ``keep``); others refuse them.
+    """
+    from salient.errors import SalientError
+
     module = importlib.import_module(f"salient.jobs.{BENCHES[what]}")
     fn = getattr(module, f"bench_{what}")
     info = device_info(device)
-    kwargs = {"quick": quick}
-    if "device" in inspect.signature(fn).parameters:
+    accepted = inspect.signature(fn).parameters
+    options = {k: v for k, v in options.items() if v is not None and v is not False}
+    unknown = sorted(set(options) - set(accepted) - {"quick", "device"})
+    if unknown:
+        flags = ", ".join("--" + k.replace("_", "-") for k in unknown)
+        raise SalientError(f"salient bench {what} takes no {flags}; drop it")
+    kwargs = {"quick": quick, **options}
+    if "device" in accepted:
         kwargs["device"] = info["device"]
     result = fn(**kwargs)
     stamp = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
-    return {"bench": what, "quick": quick, **info, "date": stamp, **result}
+    return {"bench": what, "quick": quick, **info, "date": stamp, **options, **result}

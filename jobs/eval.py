@@ -183,14 +183,15 @@ def _checkpoint_image_size(checkpoint: str) -> int:
         return 224
 
 
-def _load_encoder(config: EvalConfig, checkpoint: str, image_size: int):
-    """The encoder as a teacher (timm ViT, eval mode, on the driver's CPU)."""
+def _load_encoder(config: EvalConfig, checkpoint: str, image_size: int, baseline: bool):
+    """The encoder as a teacher (timm ViT, eval mode, on the driver's CPU); the baseline of a
+    ``timm:NAME`` checkpoint is that model with random (seeded) weights."""
     from salient.trainer.teacher_load import load_teacher
 
     teacher = load_teacher(
         checkpoint,
-        weights=config.weights if checkpoint == config.checkpoint else None,
-        allow_random=config.allow_random or checkpoint.startswith("timm:"),
+        weights=None if baseline else config.weights,
+        allow_random=baseline or config.allow_random,
         image_size=image_size,
         device="cpu",
     )
@@ -213,7 +214,6 @@ def initial_checkpoint(checkpoint: str, out: str | Path) -> str:
 
     from salient.trainer.checkpoint import load_checkpoint, save_checkpoint
     from salient.trainer.models import MODELS, build_model
-    from salient.trainer.teacher_load import _sha256
 
     if checkpoint.startswith("timm:"):
         return checkpoint
@@ -223,11 +223,13 @@ def initial_checkpoint(checkpoint: str, out: str | Path) -> str:
             f"--baseline needs a salient training checkpoint; {checkpoint} records model "
             f"{config.get('model')!r}"
         )
-    path = Path(out) / "baseline" / f"init-{_sha256(Path(checkpoint))[:16]}.pt"
+    seed = config.get("seed", 0)
+    name = f"init-{config['model']}-{config['image_size']}px-p{config['patch_size']}-seed{seed}"
+    path = Path(out) / "baseline" / f"{name}.pt"  # what the init depends on, nothing else
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config.get("seed", 0))  # as salient.jobs.train_worker builds it
+            torch.manual_seed(seed)  # as salient.jobs.train_worker builds it
             model = build_model(
                 config["model"],
                 config["image_size"],
@@ -319,13 +321,15 @@ def _compute_features(config: EvalConfig, teacher, spec, caches: dict, datasets:
     return computed
 
 
-def _features(config: EvalConfig, checkpoint: str, datasets: dict, image_size: int) -> dict:
+def _features(
+    config: EvalConfig, checkpoint: str, datasets: dict, image_size: int, baseline: bool
+) -> dict:
     """Features, labels and validity of both splits for one encoder, from the cache (filled
     first where shards are missing); plus the counts of shards computed and reused."""
     from salient.jobs.eval_cache import FeatureCache, cache_url
     from salient.jobs.eval_worker import FeatureSpec
 
-    teacher = _load_encoder(config, checkpoint, image_size)
+    teacher = _load_encoder(config, checkpoint, image_size, baseline)
     caches = {}
     for split, dataset in datasets.items():
         key = _cache_key(teacher, dataset, image_size, config.crop_ratio)
@@ -421,8 +425,10 @@ def _run_probes(config: EvalConfig, arrays: dict, num_classes: int) -> dict:
     return result
 
 
-def _evaluate(config: EvalConfig, checkpoint: str, datasets: dict, classes, size: int) -> dict:
-    features = _features(config, checkpoint, datasets, size)
+def _evaluate(
+    config: EvalConfig, checkpoint: str, datasets: dict, classes, size: int, baseline=False
+) -> dict:
+    features = _features(config, checkpoint, datasets, size, baseline)
     probes = _run_probes(config, features["arrays"], len(classes))
     return {
         "checkpoint": checkpoint,
@@ -467,7 +473,7 @@ def run_eval(config: EvalConfig) -> dict:
     baseline = None
     if config.baseline:
         init = initial_checkpoint(config.checkpoint, out)
-        baseline = _evaluate(config, init, datasets, classes, size)
+        baseline = _evaluate(config, init, datasets, classes, size, baseline=True)
         baseline.pop("chance")
     summary = {
         **result,

@@ -41,7 +41,7 @@ from salient.jobs.inspect_stats import (
     usable,
 )
 
-__all__ = ["InspectConfig", "InspectError", "print_sample", "run_inspect"]
+__all__ = ["InspectConfig", "InspectError", "generation_stats", "print_sample", "run_inspect"]
 
 SHADES = " ░▒▓█"  # text heat map: five levels of the min-max normalised map
 MAX_HISTORY = 10  # generations side by side in a panel: the first and the 9 newest
@@ -197,6 +197,19 @@ def _scan_store(readers: list, dataset, grid: int) -> tuple[list[dict], dict | N
         diff.summary() if len(readers) == 2 else None,
         per_class.summary(grid, classes) if classes else None,
     )
+
+
+def generation_stats(store_url: str, data: str, names: list[str] | None = None) -> dict:
+    """``{generation: statistics}`` (``stats.json``'s, without the histogram) of the named
+    published generations of a store, all of them by default; one pass over the shards."""
+    from salient.pipeline.manifest import open_dataset
+
+    dataset = open_dataset(data)
+    store = _open_store(store_url, dataset)
+    names = names or [g["name"] for g in store.generations() if g.get("status") == "published"]
+    readers = [store.bind(_resolve_generation(store, name)) for name in names]
+    stats, _, _ = _scan_store(readers, dataset, store.grid)
+    return {n: {k: v for k, v in s.items() if k != "histogram"} for n, s in zip(names, stats)}
 
 
 def _history(store) -> list[str]:
