@@ -22,8 +22,10 @@ on. And the amt arm's accuracy at the time the random arm took (``train_s``): th
 of the last amt epoch that ended by then (all of them when amt was faster, marked
 ``amt_finished_first``: it then had time left).
 
-Default: 2,000 demo scenes (held out: 500), MAE-Tiny, 64 px crops, 8 px patches, sized to end
-within 30 minutes on a 2-core machine; ``epochs``, ``n``, ``image_size`` scale it up.
+Default: 2,000 demo scenes (held out: 500), MAE-Tiny, 64 px crops, 8 px patches, 8 epochs,
+sized from ``make demo``'s timings (~25 s an epoch on a quiet 2-core machine) to end well
+within 30 minutes there (BENCHMARKS.md has the measured run); ``epochs``, ``n``,
+``image_size`` scale it up.
 ``quick``: the micro model on 96 scenes for a smoke run.
 """
 

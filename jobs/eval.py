@@ -463,6 +463,11 @@ def run_eval(config: EvalConfig) -> dict:
 
     start = time.perf_counter()
     datasets = {"train": open_dataset(config.data), "val": open_dataset(config.val)}
+    if datasets["train"].manifest == datasets["val"].manifest:
+        raise EvalError(
+            f"--val {config.val} is the training set itself; probe on a held-out split "
+            "(salient ingest --demo --split val, or a folder with --classes-from)"
+        )
     classes = check_class_lists(datasets["train"], datasets["val"])
     size = config.image_size or _checkpoint_image_size(config.checkpoint)
     out = Path(config.out)

@@ -208,6 +208,8 @@ def test_class_list_mismatch_is_one_line(colour_data, checkpoint, tmp_path):
     config = config_for(checkpoint, colour_data["train"], tmp_path / "val3", tmp_path / "out")
     with pytest.raises(EvalError, match="different class lists .4 vs 3 classes.*--classes-from"):
         run_eval(config)
+    with pytest.raises(EvalError, match="is the training set itself"):
+        run_eval(replace(config, val=config.data))
     assert not (tmp_path / "out").exists()
 
 
