@@ -1,4 +1,4 @@
-"""``salient bench WHAT``: throughput benchmarks that print one JSON object.
+"""``salient bench WHAT``: benchmarks that print one JSON object.
 
 Each benchmark lives in ``jobs/bench_<what>.py`` as ``bench_<what>(quick, device) -> dict``;
 this module only dispatches and stamps the result with the device, versions and date, so a
@@ -26,6 +26,7 @@ BENCHES = {
     "refresh": "bench_refresh",
     "train": "bench_train",
     "gpu": "bench_gpu",
+    "quality": "bench_quality",
 }
 
 
@@ -68,6 +69,17 @@ class BenchConfig:
     """Also append the JSON line to this file; gpu: the directory its figure lines go to."""
     data: str | None = None
     """loader, refresh: benchmark this dataset (path or URL) instead of a generated demo set."""
+    epochs: int | None = None
+    """quality: training epochs of each arm (default: 8 on the CPU, 40 on CUDA; --quick 2)."""
+    n: int | None = None
+    """quality: demo training scenes (default: 2000 on the CPU, 20000 on CUDA); the held-out
+    split is a quarter of it."""
+    image_size: int | None = None
+    """quality: training crop side in pixels (default: 64 on the CPU, 224 on CUDA)."""
+    label_teacher: bool = False
+    """quality: add a third arm, AMT on the fixed maps of a ViT trained on the demo labels."""
+    keep: str | None = None
+    """quality: keep the runs, stores and features in this directory (default: removed)."""
 
     def __post_init__(self):
         if self.what not in BENCHES:
@@ -81,7 +93,9 @@ class BenchConfig:
 def run_bench_job(config: BenchConfig) -> dict:
     """The ``salient bench`` job: run the benchmark; append its JSON line to ``out`` if given
     (a benchmark that writes its own files, such as gpu, takes ``out`` as its directory)."""
-    options = {"data": config.data} if config.data is not None else {}
+    # only what was given: a benchmark refuses options it does not take
+    names = ("data", "epochs", "n", "image_size", "label_teacher", "keep")
+    options = {k: getattr(config, k) for k in names if getattr(config, k) not in (None, False)}
     writes_own = "out" in inspect.signature(_bench_fn(config.what)).parameters
     if writes_own:
         options["out"] = config.out
@@ -111,10 +125,10 @@ def run_bench(what: str, quick: bool = False, device: str = "auto", **options) -
     unknown = sorted(set(options) - set(params))
     if unknown:
         flags = ", ".join("--" + name.replace("_", "-") for name in unknown)
-        raise SalientError(f"bench {what} does not take {flags}")
+        raise SalientError(f"salient bench {what} takes no {flags}; drop it")
     kwargs = {"quick": quick, **options}
     if "device" in params:
         kwargs["device"] = info["device"]
     result = fn(**kwargs)
     stamp = stamp_now()
-    return {"bench": what, "quick": quick, **info, "date": stamp, **result}
+    return {"bench": what, "quick": quick, **info, "date": stamp, **options, **result}

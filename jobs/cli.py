@@ -76,6 +76,13 @@ COMMANDS: dict[str, Command] = {
         "the demo set, train an MAE with warmup epochs of random masking, refresh saliency from "
         "its own checkpoint, train on AMT masks, and write an inspection report. Resumes where "
         "it stopped."),
+    "eval": Command(
+        "eval", "EvalConfig", "run_eval",
+        "k-NN and linear probes of a frozen encoder",
+        "Probe a checkpoint's frozen encoder (or timm:NAME --weights FILE): features of every "
+        "image of --data and --val on Ray (MAE's evaluation view, cached under --out by "
+        "checkpoint, dataset and view), then DINO's weighted k-NN and MAE's linear probe; "
+        "--baseline adds the same model at its random initialisation."),
     "gc": Command(
         "gc", "GcConfig", "run_gc",
         "list a store's generations and remove old ones",

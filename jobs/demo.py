@@ -10,7 +10,11 @@ Stages, in order; each one is skipped or resumed when its output already exists,
    40 % thrown), refreshing again every ``refresh_every`` epochs — the model being trained is
    its own teacher (AMT);
 3. **inspect** the store: stats of the newest generation, a diff against the first one, and
-   an HTML report in ``OUT/report/index.html``.
+   an HTML report in ``OUT/report/index.html``, with the loss curve of the run;
+4. **eval**: the k-NN probe (``salient eval``) of the final checkpoint on a held-out demo
+   split (``OUT/val``: the same classes, scenes the training split never holds), beside the
+   same encoder at its random initialisation — the baseline to beat, since random ViT
+   features already carry colour and texture.
 
 It ends with a short summary for people (what ran, the headline numbers, where the report is)
 and writes every figure to ``OUT/summary.json``; ``--json`` prints that instead.
@@ -70,6 +74,9 @@ class DemoConfig:
     """Images per step on each worker."""
     report_images: int = 12
     """Panels in the inspection report."""
+    val_n: int = 500
+    """Held-out scenes (the val split: the same classes, never a training scene) that the
+    final checkpoint's k-NN probe is measured on."""
     fresh: bool = False
     """Start over: remove OUT first."""
     json: bool = False
@@ -80,8 +87,11 @@ class DemoConfig:
     """Where the saliency store lives (a path or s3:// / gs:// URL); default OUT/saliency.zarr."""
 
     def __post_init__(self):
-        if self.n < 16:
-            raise SalientError(f"the demo needs at least 16 scenes (got --n {self.n})")
+        if self.n < 16 or self.val_n < 16:
+            raise SalientError(
+                f"the demo needs at least 16 scenes in each split (got --n {self.n}, "
+                f"--val-n {self.val_n})"
+            )
         if urls.is_remote(self.out):
             raise SalientError(
                 f"--out {self.out} must be a local folder (the run's checkpoints and the report); "
@@ -121,35 +131,47 @@ def summarize_dataset(data: str | Path) -> dict:
     }
 
 
-def _locations(config: DemoConfig, out: Path) -> tuple[str, str]:
-    """The dataset and store URLs: ``--data`` / ``--store``, else inside OUT."""
-    return config.data or str(out / "data"), config.store or str(out / "saliency.zarr")
+def _locations(config: DemoConfig, out: Path) -> tuple[str, str, str]:
+    """The dataset, held-out split and store URLs: ``--data`` (its split beside it, as
+    ``DATA-val``) / ``--store``, else inside OUT."""
+    if config.data:
+        data, val = config.data, config.data.rstrip("/") + "-val"
+    else:
+        data, val = str(out / "data"), str(out / "val")
+    return data, val, config.store or str(out / "saliency.zarr")
 
 
-def _stage_ingest(config: DemoConfig, data: str) -> dict:
+def _stage_ingest(config: DemoConfig, data: str, split: str = "train") -> dict:
     from salient.jobs.progress import progress_bar
     from salient.pipeline.ingest import ingest_demo
     from salient.pipeline.manifest import DatasetError, open_dataset
 
+    n = config.n if split == "train" else config.val_n
+    stage = "ingest" if split == "train" else "ingest_val"
     try:
         dataset = open_dataset(data)
         demo = dataset.manifest.demo or {}
-        if dataset.num_samples == config.n and demo.get("seed") == config.seed:
-            return {"ingest": "reused"}
+        if (dataset.num_samples, demo.get("seed"), demo.get("split", "train")) == (
+            n,
+            config.seed,
+            split,
+        ):
+            return {stage: "reused"}
     except DatasetError:
         pass
     start = time.perf_counter()
-    with progress_bar(config.n, "demo scenes") as bar:
+    with progress_bar(n, f"demo {split} scenes") as bar:
         ingest_demo(
             data,
-            n=config.n,
+            n=n,
             seed=config.seed,
             shard_size=config.shard_size,
             image_size=config.image_size,
             overwrite=True,
             progress=bar,
+            split=split,
         )
-    return {"ingest": "written", "ingest_seconds": round(time.perf_counter() - start, 2)}
+    return {stage: "written", f"{stage}_seconds": round(time.perf_counter() - start, 2)}
 
 
 def _train_config(config: DemoConfig, out: Path):
@@ -159,7 +181,7 @@ def _train_config(config: DemoConfig, out: Path):
     run_dir = out / "run"
     latest = latest_checkpoint(run_dir)
     done = latest is not None and load_checkpoint(latest)["epoch"] >= config.epochs
-    data, store = _locations(config, out)
+    data, _, store = _locations(config, out)
     train = TrainConfig(
         data=data,
         store=store,
@@ -198,7 +220,7 @@ def _stage_inspect(config: DemoConfig, out: Path) -> dict:
     from salient.jobs.inspect import InspectConfig, run_inspect
     from salient.store import SaliencyStore
 
-    data, store = _locations(config, out)
+    data, _, store = _locations(config, out)
     published = [
         g["name"] for g in SaliencyStore.open(store).generations() if g["status"] == "published"
     ]
@@ -211,6 +233,7 @@ def _stage_inspect(config: DemoConfig, out: Path) -> dict:
             n=config.report_images,
             compare=compare,
             seed=config.seed,
+            run_dir=str(out / "run"),
         )
     )
     return {"inspect": report}
@@ -239,6 +262,14 @@ def _saliency_line(inspect: dict) -> str:
     return line
 
 
+def _knn_line(evaluation: dict) -> str:
+    return (
+        f"top-1 {evaluation['knn_top1']:.3f} on {evaluation['images']['val']} held-out scenes "
+        f"(the same encoder at its random init {evaluation['baseline_knn_top1']:.3f}, chance "
+        f"{evaluation['chance']:.3f})"
+    )
+
+
 def human_summary(result: dict, summary_file: Path) -> str:
     """A few lines for people: what ran, the headline numbers, where the report is."""
     dataset = result["dataset"]
@@ -246,11 +277,45 @@ def human_summary(result: dict, summary_file: Path) -> str:
         ("data", f"{dataset['images']} scenes in {dataset['shards']} shards ({result['ingest']})"),
         ("training", _training_line(result["train"])),
         ("saliency", _saliency_line(result["inspect"])),
+        ("k-NN", _knn_line(result["eval"])),
         ("report", result["inspect"]["index"]),
         ("figures", f"{summary_file} (salient demo --json prints them)"),
     ]
     head = f"salient demo: the whole loop ran in {result['seconds']:.0f} s, in {result['out']}"
     return "\n".join([head, *(f"  {name:<9} {text}" for name, text in rows)])
+
+
+def _stage_eval(config: DemoConfig, out: Path) -> dict:
+    """k-NN of the final checkpoint and of its run's random init on the held-out split."""
+    from salient.jobs.eval import EvalConfig, run_eval
+    from salient.trainer.checkpoint import latest_checkpoint
+
+    data, val, _ = _locations(config, out)
+    result = run_eval(
+        EvalConfig(
+            checkpoint=str(latest_checkpoint(out / "run")),
+            data=data,
+            val=val,
+            out=str(out / "eval"),
+            knn=True,
+            baseline=True,
+            image_size=config.train_size,
+            batch_size=128,
+            workers=config.workers,
+        )
+    )
+    return {
+        "eval": {
+            "knn_top1": result["knn"]["cls"]["top1"],
+            "baseline_knn_top1": result["baseline"]["knn"]["cls"]["top1"],
+            "chance": result["chance"]["uniform"],
+            "knn": result["knn"],
+            "baseline_knn": result["baseline"]["knn"],
+            "images": result["images"],
+            "seconds": result["seconds"],
+            "report": str(out / "eval" / "eval.json"),
+        }
+    }
 
 
 def run_demo(config: DemoConfig) -> dict | str:
@@ -262,11 +327,13 @@ def run_demo(config: DemoConfig) -> dict | str:
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     result: dict = {"out": str(out)}
-    data, _ = _locations(config, out)
+    data, val, _ = _locations(config, out)
     result.update(_stage_ingest(config, data))
+    result.update(_stage_ingest(config, val, split="val"))
     result["dataset"] = summarize_dataset(data)
     result.update(_stage_train(config, out))
     result.update(_stage_inspect(config, out))
+    result.update(_stage_eval(config, out))
     result["seconds"] = round(time.perf_counter() - start, 1)
     summary_file = out / "summary.json"
     summary_file.write_text(json.dumps(result, indent=2, sort_keys=True, default=str))

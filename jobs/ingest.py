@@ -13,6 +13,12 @@ from salient.pipeline.ingest import IngestError
 __all__ = ["IngestConfig", "run_ingest"]
 
 
+def _demo_splits() -> tuple[str, ...]:
+    from salient.pipeline.demo import DEMO_SPLITS
+
+    return tuple(DEMO_SPLITS)
+
+
 @dataclass(frozen=True)
 class IngestConfig:
     """One ingest. ``salient ingest SRC OUT`` for a folder, ``salient ingest --demo OUT``."""
@@ -31,6 +37,12 @@ class IngestConfig:
     """Demo: seed of the scenes (the same seed gives byte-identical shards)."""
     image_size: int = 192
     """Demo: side of each scene in pixels."""
+    split: str = field(default="train", metadata={"choices": lambda: _demo_splits()})
+    """Demo: train, or val for held-out scenes (the same classes, scenes that never occur in
+    the train split) to probe an encoder on."""
+    classes_from: str | None = None
+    """Folder ingest: a dataset (e.g. the training split) whose class list and indices the
+    labels keep, so this one can be its held-out set; its class folders must match."""
     shard_size: int | None = None
     """Samples per shard (every shard but the last holds exactly this many); default 1000,
     500 with --demo."""
@@ -48,6 +60,10 @@ class IngestConfig:
             raise IngestError("ingest needs SRC and OUT (or --demo OUT)")
         if not self.demo and self.src is None:
             raise IngestError("ingest needs SRC and OUT (or --demo OUT)")
+        if self.classes_from is not None and self.demo:
+            raise IngestError("--classes-from is for folder ingests; --demo splits share classes")
+        if self.split != "train" and not self.demo:
+            raise IngestError("--split is for --demo; a folder's split is the folder you give")
         if self.shard_size is None:
             object.__setattr__(self, "shard_size", 500 if self.demo else 1000)
 
@@ -68,6 +84,7 @@ def run_ingest(config: IngestConfig) -> dict:
                 shard_size=config.shard_size,
                 image_size=config.image_size,
                 progress=bar,
+                split=config.split,
             )
     else:
         with progress_bar(None, "images") as bar:
@@ -77,6 +94,7 @@ def run_ingest(config: IngestConfig) -> dict:
                 shard_size=config.shard_size,
                 overwrite=config.overwrite,
                 progress=bar,
+                classes_from=config.classes_from,
             )
     return {
         "out": config.out,

@@ -3,10 +3,12 @@
 Two views of a published generation of the saliency store:
 
 - :func:`run_inspect` writes a static report into ``OUT``: ``stats.json``, one PNG panel per
-  sample (image, map as a heat overlay, one sampled mask plan — AMT Figure 3), with
-  ``--compare`` the same images side by side across two generations (AMT Figure 2), and
-  ``index.html`` (relative links, no script; written last, so an ``index.html`` on disk
-  always points at finished files).
+  sample (image, map as a heat overlay with a colour bar, one sampled mask plan — AMT
+  Figure 3), the same images side by side in every published generation (AMT Figure 2; the
+  first and the newest ones, at most :data:`MAX_HISTORY`), the statistics per class on
+  labelled datasets, with ``--compare`` a diff of two generations, with ``--run-dir`` the
+  run's loss curve and k-NN probe accuracies over epochs, and ``index.html`` (relative links,
+  no script; written last, so an ``index.html`` on disk always points at finished files).
 - :func:`print_sample` renders one sample's map as a text heat map with its statistics.
 
 The numbers in ``stats.json`` (min-max normalised maps as distributions: entropy, top-25% mass,
@@ -30,6 +32,7 @@ import numpy as np
 from salient import urls
 from salient.jobs.inspect_data import InspectError, demo_hw, read_samples, shard_boxes
 from salient.jobs.inspect_stats import (
+    ClassTally,
     DiffTally,
     GenerationTally,
     mask_plan_grid,
@@ -39,9 +42,10 @@ from salient.jobs.inspect_stats import (
     usable,
 )
 
-__all__ = ["InspectConfig", "InspectError", "print_sample", "run_inspect"]
+__all__ = ["InspectConfig", "InspectError", "generation_stats", "print_sample", "run_inspect"]
 
 SHADES = " ░▒▓█"  # text heat map: five levels of the min-max normalised map
+MAX_HISTORY = 10  # generations side by side in a panel: the first and the 9 newest
 
 
 # ---------------------------------------------------------------- config
@@ -83,6 +87,9 @@ class InspectConfig:
     """A second generation to diff against (panels side by side, drift statistics)."""
     seed: int = 0
     """Seed of the drawn ids and mask plans."""
+    run_dir: str | None = None
+    """A training run directory (salient train --run-dir): its loss curve and k-NN probe
+    accuracies over epochs, from metrics.jsonl, join the report."""
 
     def __post_init__(self):
         if not self.store or not self.data:
@@ -199,22 +206,78 @@ def _generation_info(store, name: str) -> dict:
 # ---------------------------------------------------------------- the job
 
 
-def _scan_store(readers: list, dataset, grid: int) -> tuple[list[dict], dict | None]:
-    """Statistics of each bound generation, and their diff when two: one shard at a time."""
+def _scan_store(readers: list, dataset, grid: int) -> tuple[list[dict], dict | None, dict | None]:
+    """Statistics of each bound generation, their diff when two, and the first one's
+    statistics per class on a labelled dataset: one shard at a time."""
     from salient.jobs.progress import progress_bar
+    from salient.pipeline.shards import read_labels
 
-    image_hw = demo_hw(dataset)
-    tallies, diff = [GenerationTally() for _ in readers], DiffTally()
+    image_hw, classes = demo_hw(dataset), dataset.manifest.classes
+    tallies, diff, per_class = [GenerationTally() for _ in readers], DiffTally(), ClassTally()
     with progress_bar(len(dataset.shards), "shards") as advance:
         for shard in dataset.shards:
             boxes = shard_boxes(dataset, shard) if image_hw else None
-            rows = [reader.read_shard(shard.index) for reader in readers]
+            rows = [tuple(map(np.asarray, reader.read_shard(shard.index))) for reader in readers]
             for tally, (maps, valid) in zip(tallies, rows):
-                tally.add(np.asarray(maps), np.asarray(valid), boxes, image_hw)
+                tally.add(maps, valid, boxes, image_hw)
+            if classes:
+                labels = read_labels(dataset.shard_url(shard), shard.first_id, shard.count)
+                per_class.add(*rows[0], boxes, image_hw, labels)
             if len(rows) == 2:
-                diff.add(*map(np.asarray, rows[0]), *map(np.asarray, rows[1]))
+                diff.add(*rows[0], *rows[1])
             advance(1)
-    return [t.summary(grid) for t in tallies], diff.summary() if len(readers) == 2 else None
+    return (
+        [t.summary(grid) for t in tallies],
+        diff.summary() if len(readers) == 2 else None,
+        per_class.summary(grid, classes) if classes else None,
+    )
+
+
+def generation_stats(store_url: str, data: str, names: list[str] | None = None) -> dict:
+    """``{generation: statistics}`` (``stats.json``'s, without the histogram) of the named
+    published generations of a store, all of them by default; one pass over the shards."""
+    from salient.pipeline.manifest import open_dataset
+
+    dataset = open_dataset(data)
+    store = _open_store(store_url, dataset)
+    names = names or [g["name"] for g in store.generations() if g.get("status") == "published"]
+    readers = [store.bind(_resolve_generation(store, name)) for name in names]
+    stats, _, _ = _scan_store(readers, dataset, store.grid)
+    return {n: {k: v for k, v in s.items() if k != "histogram"} for n, s in zip(names, stats)}
+
+
+def _history(store) -> list[str]:
+    """Published generations, oldest first: the first and the newest, ``MAX_HISTORY`` at most."""
+    published = sorted(g["name"] for g in store.generations() if g.get("status") == "published")
+    if len(published) <= MAX_HISTORY:
+        return published
+    return [published[0], *published[-(MAX_HISTORY - 1) :]]
+
+
+def _training(run_dir: str) -> dict:
+    """Per-epoch loss, strategy and generation, and the k-NN probes, from ``metrics.jsonl``."""
+    path = Path(run_dir).expanduser() / "metrics.jsonl"
+    if not path.is_file():
+        raise InspectError(
+            f"--run-dir {run_dir} holds no metrics.jsonl; give the --run-dir of a salient train run"
+        )
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    epochs = {r["epochs_done"]: r for r in records if r.get("kind") == "epoch"}  # last wins
+    probes = {r["epochs_done"]: r for r in records if r.get("kind") == "eval"}
+    return {
+        "run_dir": str(path.parent),
+        "epochs": [
+            {
+                "epochs_done": e,
+                "loss": r.get("loss"),
+                "strategy": r.get("strategy"),
+                "generation": r.get("generation"),
+                "knn_cls": probes[e]["knn"]["cls"]["top1"] if e in probes else None,
+                "knn_mean": probes[e]["knn"]["mean"]["top1"] if e in probes else None,
+            }
+            for e, r in sorted(epochs.items())
+        ],
+    }
 
 
 def _prepare_out(out: str) -> Path:
@@ -246,19 +309,22 @@ def _panel_maps(readers: list, ids: list[int]) -> list[dict[int, np.ndarray | No
 def _render_panels(
     config: InspectConfig,
     out: Path,
-    names: list[str],
+    name: str,
     grid: int,
     samples: dict,
-    maps: list[dict],
+    maps: dict,
+    history: dict[str, dict],
     classes: list[str] | None,
 ) -> list[dict]:
+    """One panel per sample (the inspected generation ``name``), and its maps in every
+    generation of ``history`` (name -> maps by id, oldest first) when there are two or more."""
     from salient.jobs import inspect_report as report
     from salient.jobs.progress import progress_bar
 
     panels = []
     with progress_bar(len(samples), "panels") as advance:
         for sample_id, sample in samples.items():
-            raw = maps[0][sample_id]
+            raw = maps[sample_id]
             state, used = mask_plan_grid(
                 raw,
                 grid,
@@ -268,15 +334,10 @@ def _render_panels(
                 sample_generator(config.seed, sample_id),
             )
             label = _label_name(sample.label, classes)
-            panel = report.render_sample(out, sample, names[0], raw, state, used, label)
-            if len(names) == 2:
-                order = sorted(range(2), key=names.__getitem__)  # gen-NNNNNN: oldest first
+            panel = report.render_sample(out, sample, name, raw, state, used, label)
+            if len(history) >= 2:
                 panel["compare"] = report.render_compare(
-                    out,
-                    sample,
-                    [names[k] for k in order],
-                    [maps[k][sample_id] for k in order],
-                    label,
+                    out, sample, list(history), [m[sample_id] for m in history.values()], label
                 )
             panels.append(panel)
             advance(1)
@@ -315,12 +376,22 @@ def run_inspect(config: InspectConfig) -> dict | str:
                 f"{names[0]}; compare with another one"
             )
     ids = _select_ids(config, dataset.num_samples)
+    training = _training(config.run_dir) if config.run_dir else None
     out = _prepare_out(config.out)
     readers = [store.bind(name) for name in names]
-    stats, diff = _scan_store(readers, dataset, store.grid)
+    stats, diff, per_class = _scan_store(readers, dataset, store.grid)
     samples = read_samples(dataset, ids)
+    history = _history(store)
+    history_maps = _panel_maps([store.bind(n) for n in history], ids) if len(history) > 1 else []
     panels = _render_panels(
-        config, out, names, store.grid, samples, _panel_maps(readers, ids), dataset.manifest.classes
+        config,
+        out,
+        names[0],
+        store.grid,
+        samples,
+        _panel_maps(readers[:1], ids)[0],
+        dict(zip(history, history_maps)),
+        dataset.manifest.classes,
     )
     body = {
         "store": str(config.store),
@@ -330,11 +401,16 @@ def run_inspect(config: InspectConfig) -> dict | str:
             n: {"info": _generation_info(store, n), "stats": s} for n, s in zip(names, stats)
         },
         "compare": None if diff is None else {"from": names[0], "to": names[1], **diff},
+        "per_class": per_class,
+        "history": history if len(history) > 1 else [],
+        "training": training,
         "ids": ids,
         "config": asdict(config),
         "mass": "min-max normalised maps as distributions (see salient.jobs.inspect_stats)",
     }
     report.render_histogram(out, {n: s["histogram"] for n, s in zip(names, stats)})
+    if training is not None:
+        report.render_training(out, training)
     _write_json(out / "stats.json", body)
     index = report.write_index(out, body, panels)  # last: it links the files above
     return {
@@ -343,6 +419,9 @@ def run_inspect(config: InspectConfig) -> dict | str:
         "generation": names[0],
         "compare": names[1] if len(names) == 2 else None,
         "panels": len(panels),
+        "history": body["history"],
+        "per_class": per_class,
+        "training": None if training is None else training["epochs"],
         "stats": {
             n: {k: v for k, v in s.items() if k != "histogram"} for n, s in zip(names, stats)
         },

@@ -19,7 +19,14 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["PLAN_COLOURS", "render_compare", "render_histogram", "render_sample", "write_index"]
+__all__ = [
+    "PLAN_COLOURS",
+    "render_compare",
+    "render_histogram",
+    "render_sample",
+    "render_training",
+    "write_index",
+]
 
 # RGBA per plan state (0 visible, 1 masked, 2 thrown); AMT Figure 3's colours.
 PLAN_COLOURS = np.array([[0.0, 0.0, 0.0, 0.0], [0.62, 0.62, 0.62, 1.0], [0.0, 0.0, 0.0, 1.0]])
@@ -77,7 +84,7 @@ def _draw_heat(ax, image, raw: np.ndarray | None) -> None:
         return
     grid = raw.shape[-1]
     p = normalize_maps(raw[None])[0].reshape(grid, grid)
-    ax.imshow(
+    heat = ax.imshow(
         p,
         cmap="jet",
         alpha=_HEAT_ALPHA,
@@ -86,6 +93,9 @@ def _draw_heat(ax, image, raw: np.ndarray | None) -> None:
         interpolation="bilinear",
         extent=(0, image.width, image.height, 0),
     )
+    # the scale of the min-max normalised map (0 = least, 1 = most salient cell of the image)
+    bar = ax.figure.colorbar(heat, ax=ax, fraction=0.046, pad=0.02, ticks=[0.0, 0.5, 1.0])
+    bar.ax.tick_params(labelsize=7, pad=1)
 
 
 def _draw_plan(ax, image, state: np.ndarray) -> None:
@@ -130,7 +140,7 @@ def render_sample(
     _draw_plan(axes[2], sample.image, state)
     axes[2].set_title(f"{strategy} plan", fontsize=9)
     _plan_legend(fig, state)
-    fig.subplots_adjust(left=0.01, right=0.99, top=0.9, bottom=0.1, wspace=0.04)
+    fig.subplots_adjust(left=0.01, right=0.99, top=0.9, bottom=0.1, wspace=0.12)
     rel = f"panels/{sample.sample_id:09d}.png"
     _save(fig, out / rel)
     return {
@@ -151,7 +161,7 @@ def render_compare(out: Path, sample, generations: list[str], raws: list, label:
     for ax, name, raw in zip(axes[1:], generations, raws):
         _draw_heat(ax, sample.image, raw)
         ax.set_title(name, fontsize=9)
-    fig.subplots_adjust(left=0.01, right=0.99, top=0.9, bottom=0.02, wspace=0.04)
+    fig.subplots_adjust(left=0.01, right=0.97, top=0.9, bottom=0.02, wspace=0.12)
     rel = f"panels/{sample.sample_id:09d}-compare.png"
     _save(fig, out / rel)
     return rel
@@ -175,6 +185,31 @@ def render_histogram(out: Path, histograms: dict[str, dict]) -> str:
     fig.tight_layout()
     _save(fig, out / "histogram.png")
     return "histogram.png"
+
+
+def render_training(out: Path, training: dict) -> str:
+    """``training.png``: the run's loss per epoch and, where probed, its k-NN top-1 per epoch."""
+    from matplotlib.figure import Figure
+
+    epochs = training["epochs"]
+    fig = Figure(figsize=(8.0, 2.8), dpi=_DPI)
+    loss_ax, knn_ax = fig.subplots(1, 2)
+    loss_ax.plot([e["epochs_done"] for e in epochs], [e["loss"] for e in epochs], marker=".")
+    loss_ax.set_xlabel("epochs done")
+    loss_ax.set_ylabel("training loss")
+    for key, label in (("knn_cls", "CLS token"), ("knn_mean", "mean patch token")):
+        points = [(e["epochs_done"], e[key]) for e in epochs if e[key] is not None]
+        if points:
+            knn_ax.plot(*zip(*points), marker="o", label=label)
+    knn_ax.set_xlabel("epochs done")
+    knn_ax.set_ylabel("k-NN top-1 (held-out)")
+    if knn_ax.lines:
+        knn_ax.legend(fontsize=8, frameon=False)
+    else:
+        knn_ax.text(0.5, 0.5, "no probe (train --val)", ha="center", transform=knn_ax.transAxes)
+    fig.tight_layout()
+    _save(fig, out / "training.png")
+    return "training.png"
 
 
 # ---------------------------------------------------------------- index.html
@@ -242,6 +277,45 @@ def _compare_table(diff: dict) -> str:
     return f"<table>{body}</table>"
 
 
+_CLASS_COLUMNS = [  # (heading, path into a class's stats, format)
+    ("images", ("samples",), "{:d}"),
+    ("usable maps", ("usable",), "{:d}"),
+    ("entropy / ln G²", ("entropy_norm_mean",), "{:.4f}"),
+    ("top-25 % mass", ("top25_mass_mean",), "{:.4f}"),
+    ("box lift", ("box", "lift_mean"), "{:.3f}"),
+    ("box hit share", ("box", "hit_share"), "{:.3f}"),
+]
+
+
+def _class_table(per_class: dict) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h, _, _ in _CLASS_COLUMNS)
+    rows = [
+        f"<tr><td>{html.escape(name)}</td>"
+        + "".join(f"<td>{_cell(stats, path, fmt)}</td>" for _, path, fmt in _CLASS_COLUMNS)
+        + "</tr>"
+        for name, stats in per_class.items()
+    ]
+    return f"<table><tr><th>class</th>{head}</tr>{''.join(rows)}</table>"
+
+
+def _training_table(training: dict) -> str:
+    def fmt(value, spec: str) -> str:
+        return "–" if value is None else format(value, spec)
+
+    rows = [
+        f"<tr><td>{e['epochs_done']}</td><td>{html.escape(str(e['strategy']))}</td>"
+        f"<td>{fmt(e['loss'], '.4f')}</td><td>{fmt(e['knn_cls'], '.3f')}</td>"
+        f"<td>{fmt(e['knn_mean'], '.3f')}</td><td>{html.escape(str(e['generation'] or '–'))}</td>"
+        "</tr>"
+        for e in training["epochs"]
+    ]
+    head = (
+        "<tr><th>epochs done</th><th>masking</th><th>loss</th><th>k-NN top-1 (CLS)</th>"
+        "<th>k-NN top-1 (mean)</th><th>generation</th></tr>"
+    )
+    return f"<table>{head}{''.join(rows)}</table>"
+
+
 def _figures(panels: list[dict], key: str) -> str:
     items = []
     for panel in panels:
@@ -273,21 +347,34 @@ def write_index(out: Path, body: dict, panels: list[dict]) -> Path:
         "<code>salient.jobs.inspect_stats</code>).</p>",
         '<img src="histogram.png" alt="histogram of normalised saliency">',
     ]
+    if body.get("per_class"):
+        parts += [f"<h2>Per class · {html.escape(names[0])}</h2>", _class_table(body["per_class"])]
     if body["compare"] is not None:
         diff = body["compare"]
         parts += [
             f"<h2>Change: {html.escape(diff['from'])} vs {html.escape(diff['to'])}</h2>",
             _compare_table(diff),
         ]
+    if body.get("training"):
+        parts += [
+            f"<h2>Training · <code>{html.escape(body['training']['run_dir'])}</code></h2>",
+            '<img src="training.png" alt="loss and k-NN probe over epochs">',
+            _training_table(body["training"]),
+        ]
     parts += [
         f"<h2>Samples · {html.escape(config['strategy'])} plan, mask "
         f"{config['mask_ratio']}, throw {config['throw_ratio']}, seed {config['seed']}</h2>",
-        "<p>Object box dashed; masked cells grey, thrown black, visible untouched "
-        "(AMT Figure 3). Plans are drawn on the whole image at the teacher grid.</p>",
+        "<p>Object box dashed; heat maps min-max normalised per image (colour bar: 0 = the "
+        "image's least, 1 = its most salient cell); masked cells grey, thrown black, visible "
+        "untouched (AMT Figure 3). Plans are drawn on the whole image at the teacher grid.</p>",
         _figures(panels, "png"),
     ]
-    if body["compare"] is not None:
-        parts += ["<h2>Across generations</h2>", _figures(panels, "compare")]
+    if body.get("history"):
+        shown = ", ".join(body["history"])
+        parts += [
+            f"<h2>Across generations</h2><p>Oldest first: {html.escape(shown)}.</p>",
+            _figures(panels, "compare"),
+        ]
     parts.append("</body></html>\n")
     path = out / "index.html"
     tmp = out / ".index.html.partial"

@@ -19,6 +19,7 @@ distribution:
   (partial cells count by area); ``box_mass = sum(q · c)`` and
   ``box_area = (x1 - x0)(y1 - y0) / S²``; ``box_lift = box_mass / box_area`` (1 = no better
   than uniform); ``box_hit_share`` = share of images whose box_mass exceeds box_area.
+- Per class (datasets with labels): the same numbers over the rows of each class label.
 - Every per-image number is averaged over the *usable* rows: ``valid == 1`` and all values
   finite. ``valid_share`` is the share of rows with ``valid == 1``.
 - ``--compare``: over the rows usable in both generations, ``mean_abs_change`` = mean over
@@ -40,6 +41,7 @@ import numpy as np
 __all__ = [
     "HIST_BINS",
     "TOP_FRACTION",
+    "ClassTally",
     "DiffTally",
     "GenerationTally",
     "box_coverage",
@@ -200,6 +202,28 @@ class GenerationTally:
                 "lift_mean": _mean(mass / area),
                 "hit_share": _mean((mass > area).astype(np.float64)),
             }
+        return out
+
+
+@dataclass
+class ClassTally:
+    """The statistics of one generation per class label (``labels [n]`` beside each shard's
+    rows; -1 = no label, left out)."""
+
+    tallies: dict = field(default_factory=dict)  # label -> GenerationTally
+
+    def add(self, maps, valid, boxes, image_hw, labels: np.ndarray) -> None:
+        for label in np.unique(labels[labels >= 0]):
+            rows = labels == label
+            tally = self.tallies.setdefault(int(label), GenerationTally())
+            tally.add(maps[rows], valid[rows], None if boxes is None else boxes[rows], image_hw)
+
+    def summary(self, grid: int, classes: list[str] | None) -> dict[str, dict]:
+        """``{class name: GenerationTally.summary without the histogram}``, in label order."""
+        out = {}
+        for label, tally in sorted(self.tallies.items()):
+            name = classes[label] if classes and label < len(classes) else str(label)
+            out[name] = {k: v for k, v in tally.summary(grid).items() if k != "histogram"}
         return out
 
 

@@ -6,7 +6,9 @@ creates the store when it is missing, then begins a generation — or resumes th
 one made by the same teacher (sha256), kind and image size — and schedules only the shards it
 still misses. One Ray actor per worker holds the teacher; the unit of work is one shard, which
 the actor reads, decodes, maps and writes as one whole zarr chunk
-(``salient.jobs.refresh_worker``). When every shard is done the driver publishes.
+(``salient.jobs.refresh_worker``; the pool that feeds and replaces the actors,
+``salient.jobs.shard_pool``, is shared with ``salient eval``). When every shard is done the
+driver publishes.
 
 Failures (DESIGN.md, "Failure semantics"): a worker that dies is replaced and its shard
 retried (up to ``max_retries`` times per shard); a driver that dies leaves the generation
@@ -32,7 +34,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -50,7 +51,6 @@ __all__ = [
 
 KINDS = ("cls_attn", "gpa", "heads")
 REDUCES = ("mean", "minmax_mean")
-_IN_FLIGHT = 2  # shards queued per actor: the next one waits in the actor while one computes
 
 
 class RefreshError(SalientError):
@@ -255,76 +255,6 @@ def prepare_refresh(config: RefreshConfig):
 # ---------------------------------------------------------------- the actors
 
 
-class _Pool:
-    """The worker actors, actor ``i`` in bundle ``i`` of the placement group ``group``.
-
-    ``replace(i)`` swaps a dead actor for a fresh one in the same bundle (same teacher ref);
-    Ray moves a bundle whose node died to another node. ``check_placed`` stops the job when
-    an actor waits longer than ``timeout_s`` for its bundle.
-    """
-
-    def __init__(self, config: RefreshConfig, model_ref, spec, group):
-        import ray
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-        from salient import urls
-        from salient.jobs.refresh_worker import RefreshWorker
-
-        # the storage options travel along with the teacher
-        self._config, self._group = config, group
-        self._args = (model_ref, spec, urls.carry())
-        self._cls = ray.remote(RefreshWorker)
-        self._options = {
-            "num_cpus": config.cpus_per_worker,
-            "num_gpus": config.gpus_per_worker,
-            "max_restarts": 0,
-        }
-        self._strategy = lambda i: PlacementGroupSchedulingStrategy(
-            group, placement_group_bundle_index=i % len(group.bundle_specs)
-        )
-        self.actors, self.incarnation, self._waiting = [], [0] * config.workers, {}
-        for index in range(config.workers):
-            self.actors.append(None)
-            self._start(index)
-
-    def _start(self, index: int) -> None:
-        options = {**self._options, "scheduling_strategy": self._strategy(index)}
-        actor = self._cls.options(**options).remote(*self._args)
-        self.actors[index] = actor
-        self._waiting[index] = (actor.pid.remote(), time.monotonic())
-
-    def replace(self, index: int) -> None:
-        import ray
-
-        ray.kill(self.actors[index], no_restart=True)
-        self._start(index)
-        self.incarnation[index] += 1
-
-    def check_placed(self) -> None:
-        """PlacementError for an actor Ray has not started within the timeout."""
-        import ray
-
-        from salient.jobs.placement import PlacementError, cluster_nodes, describe
-
-        for index, (ref, since) in list(self._waiting.items()):
-            if ray.wait([ref], timeout=0)[0]:
-                del self._waiting[index]
-            elif time.monotonic() - since > self._config.placement_timeout_s:
-                raise PlacementError(
-                    f"refresh actor {index} ({describe(self._config.ask().bundle)}) was not "
-                    f"started within {self._config.placement_timeout_s:g} s (nodes: "
-                    f"{', '.join(n.name for n in cluster_nodes())}); a node was lost with no "
-                    "room elsewhere — add capacity or lower the refresh's workers, then rerun "
-                    "to resume"
-                )
-
-    def shutdown(self) -> None:
-        import ray
-
-        for actor in self.actors:
-            ray.kill(actor, no_restart=True)
-
-
 @dataclass
 class _Tally:
     images: int = 0
@@ -372,73 +302,37 @@ class _Report:
 def _run_shards(
     config: RefreshConfig,
     dataset,
-    pool: _Pool,
+    pool,
     todo: list[int],
     bar,
     on_shard_done: Callable[[dict], None] | None,
     report: _Report,
 ) -> _Tally:
     """Keep every actor fed with shards until all are written; retry a dead actor's shards."""
-    import ray
-    from ray.exceptions import RayActorError
+    from salient.jobs.shard_pool import run_shards
 
-    pending, inflight, attempts = deque(todo), {}, Counter()
     tally, start = _Tally(), time.perf_counter()
 
-    def feed(index: int) -> None:
-        while pending and sum(w == index for _, w, _ in inflight.values()) < _IN_FLIGHT:
-            shard = dataset.shards[pending.popleft()]
-            ref = pool.actors[index].compute_shard.remote(
-                shard.index, dataset.shard_url(shard), shard.first_id, shard.count
-            )
-            inflight[ref] = (shard.index, index, pool.incarnation[index])
+    def done(result: dict) -> None:
+        _count(result, tally, bar, start)
+        report.shard_done(tally, start)
+        if on_shard_done is not None:
+            on_shard_done(result)
 
-    for index in range(len(pool.actors)):
-        feed(index)
-    while inflight:
-        done, _ = ray.wait(list(inflight), num_returns=1, timeout=_POLL_S)
-        if not done:
-            pool.check_placed()
-            continue
-        shard, index, incarnation = inflight.pop(done[0])
-        try:
-            result = ray.get(done[0])
-        except RayActorError as exc:
-            _check_started(exc)
-            _retry(config, shard, exc, attempts, pending, tally)
-            if pool.incarnation[index] == incarnation:
-                pool.replace(index)
-        else:
-            _count(result, tally, bar, start)
-            report.shard_done(tally, start)
-            if on_shard_done is not None:
-                on_shard_done(result)
-        feed(index)
+    tasks = []
+    for index in todo:
+        shard = dataset.shards[index]
+        tasks.append((index, (index, dataset.shard_url(shard), shard.first_id, shard.count)))
+    tally.retries = run_shards(pool, tasks, config.max_retries, done, _give_up)
     return tally
 
 
-def _check_started(exc: Exception) -> None:
-    """An actor whose ``__init__`` raised is no lost worker: its last line is the error
-    (Ray keeps only the text of a creation failure)."""
-    if getattr(exc, "actor_init_failed", False):
-        lines = [line for line in str(exc).splitlines() if line.strip()]
-        raise RefreshError(
-            f"a refresh actor could not start: {lines[-1].strip() if lines else exc!r}"
-        ) from None
-
-
-def _retry(
-    config, shard: int, exc: Exception, attempts: Counter, pending: deque, tally: _Tally
-) -> None:
-    attempts[shard] += 1
-    if attempts[shard] > config.max_retries:
-        raise RefreshError(
-            f"shard {shard} failed {attempts[shard]} times, last because its "
-            f"worker died ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
-            "fix the cause and rerun the same command to resume"
-        ) from None
-    tally.retries += 1
-    pending.appendleft(shard)
+def _give_up(shard: int, attempts: int, exc: Exception) -> RefreshError:
+    return RefreshError(
+        f"shard {shard} failed {attempts} times, last because its "
+        f"worker died ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+        "fix the cause and rerun the same command to resume"
+    )
 
 
 def _count(result: dict, tally: _Tally, bar, start: float) -> None:
@@ -487,8 +381,11 @@ def _compute(
     on_shard_done,
     placement,
 ) -> _Tally:
+    from salient import urls
     from salient.jobs.placement import check_refresh, cluster_nodes, reserve
     from salient.jobs.ray_env import ensure_ray
+    from salient.jobs.refresh_worker import RefreshWorker
+    from salient.jobs.shard_pool import ShardPool
 
     ensure_ray(config.address)  # before Ray is imported: it reads its auth mode then
     import ray
@@ -498,11 +395,14 @@ def _compute(
         check_refresh(cluster_nodes(), config.ask())
         placement = reserve(config.ask(), config.placement_timeout_s)
     try:
-        pool = _Pool(
-            config,
-            ray.put(teacher.model),
-            worker_spec(config, teacher, spec, writer.name),
+        args = (ray.put(teacher.model), worker_spec(config, teacher, spec, writer.name))
+        # the storage options travel along with the teacher
+        pool = ShardPool(
+            RefreshWorker,
+            (*args, urls.carry()),
+            config.ask(),
             placement,
+            config.placement_timeout_s,
         )
         total, done = len(dataset.shards), len(dataset.shards) - len(todo)
         report = _Report(total, done, writer.name, progress)

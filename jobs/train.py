@@ -19,11 +19,14 @@ generation exists, then ``strategy``. After every ``refresh_every`` epochs past 
 teacher, in a Ray task beside the training (``refresh_wait`` makes training wait for it); the
 loader switches to the newest published generation at the next epoch boundary.
 
+With ``val``, rank 0 runs the k-NN probe (``salient.jobs.eval_online``) on the current encoder
+every ``eval_every`` epochs and after the last one, and logs it in ``metrics.jsonl``.
+
 Outputs in ``run_dir``: ``config.json`` (the resolved config), ``checkpoint-EEEEE.pt`` every
 ``save_every`` epochs with its encoder for timm in ``encoder-EEEEE/`` (the newest
 ``keep_checkpoints`` kept), ``metrics.jsonl`` (rank 0: start, per-epoch records over all ranks,
-refresh records) and ``metrics/rank-R.jsonl`` (each rank's per-step records), ``ray/`` (Ray
-Train's own storage). ``data`` and ``store`` may be URLs (``s3://``, ``gs://``); on a
+refresh and probe records) and ``metrics/rank-R.jsonl`` (each rank's per-step records),
+``ray/`` (Ray Train's own storage). ``data`` and ``store`` may be URLs (``s3://``, ``gs://``); on a
 multi-node cluster ``run_dir`` must be a local path every node shares (checkpoints stay on a
 filesystem).
 
@@ -130,6 +133,11 @@ def _check_inputs(config: TrainConfig) -> tuple[str | None, int]:
     _check_steps(config, loader)  # LoaderError (too few samples for the batch)
     resume_from = _check_run_dir(config)  # first: a --resume mismatch is the root cause
     _check_store(config, loader.dataset)
+    if config.val:  # the k-NN probe needs both sets labelled with one class list
+        from salient.jobs.eval import check_class_lists
+        from salient.pipeline.manifest import open_dataset
+
+        check_class_lists(loader.dataset, open_dataset(config.val))
     return resume_from, len(loader)
 
 
@@ -374,6 +382,7 @@ def _summary(config: TrainConfig, resume_from: str | None, seconds: float, run_i
         "img_per_s": last.get("img_per_s"),
         "generation": last.get("generation"),
         "refreshes": [r["generation"] for r in records if r["kind"] == "refresh"],
+        "knn": {r["epochs_done"]: r["knn"]["cls"]["top1"] for r in records if r["kind"] == "eval"},
         "checkpoint": str(latest_checkpoint(config.run_dir)),
         "resumed_from": resume_from,
         "restarts": max(
@@ -391,7 +400,8 @@ def run_train(config: TrainConfig, progress: bool | None = None) -> dict:
 
     Summary: ``epochs_done``, ``steps`` (global optimiser steps), ``loss`` and ``img_per_s``
     of the last epoch, ``generation`` it used, ``refreshes`` (generations this run's refreshes
-    published), ``checkpoint`` (the latest), ``resumed_from``, ``restarts`` (after lost
+    published), ``knn`` (epochs done -> k-NN top-1 of the CLS token, with ``val``),
+    ``checkpoint`` (the latest), ``resumed_from``, ``restarts`` (after lost
     workers), ``seconds``.
 
     Raises:

@@ -177,6 +177,11 @@ class TrainConfig:
     the per-rank JSONL."""
     stop_after_epochs: int | None = field(default=None, metadata={"hidden": True})
     """Testing aid: end the run right after this epoch's checkpoint, as a kill there would."""
+    val: str | None = None
+    """Held-out dataset (or URL) with the training set's class list: rank 0 runs the k-NN
+    probe on the current encoder (DINO's, k = 20, T = 0.07) and logs it in metrics.jsonl."""
+    eval_every: int = 0
+    """With --val: the k-NN probe every K epochs, and after the last one (0: the last only)."""
 
     def __post_init__(self):
         _check_types(self)
@@ -349,11 +354,14 @@ def _check_counts(c: TrainConfig) -> None:
         "max_failures",
         "keep_checkpoints",
         "keep_generations",
+        "eval_every",
     ):
         if getattr(c, name) < 0:
             raise TrainError(f"{_flag(name)} must be >= 0 (got {getattr(c, name)})")
     if c.lr_warmup_epochs is not None and c.lr_warmup_epochs < 0:
         raise TrainError(f"--lr-warmup-epochs must be >= 0 (got {c.lr_warmup_epochs})")
+    if c.eval_every and not c.val:
+        raise TrainError("--eval-every needs --val DIR, the held-out set the probe measures")
     if c.stop_after_epochs is not None and not 1 <= c.stop_after_epochs <= c.epochs:
         raise TrainError(f"stop_after_epochs must be in 1..{c.epochs} (got {c.stop_after_epochs})")
 
@@ -500,4 +508,5 @@ def resolved(config: TrainConfig) -> TrainConfig:
         data=urls.normalise(config.data),
         store=None if config.store is None else urls.normalise(config.store),
         run_dir=str(Path(config.run_dir).expanduser().resolve()),
+        val=None if config.val is None else urls.normalise(config.val),
     )

@@ -19,9 +19,9 @@ epoch is trained (``salient.trainer.loop``) and its totals summed over ranks. Ra
 writes the checkpoint when due (``save_every``, with its encoder exported for timm, the oldest
 beyond ``keep_checkpoints`` deleted) and the epoch record and, when the schedule says so,
 launches a refresh from that checkpoint; after each refresh publishes, it collects the store's
-old generations (``keep_generations``). Batches are moved with
-``ray.train.torch.get_device()``: ``prepare_data_loader`` cannot wrap the webdataset loader
-(PITFALLS.md).
+old generations (``keep_generations``). When due, rank 0 also runs the k-NN probe (``--val``,
+``salient.jobs.eval_online``). Batches are moved with ``ray.train.torch.get_device()``:
+``prepare_data_loader`` cannot wrap the webdataset loader (README, "Decisions").
 
 Importing this module touches no disk, GPU or Ray.
 """
@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
+from salient.jobs.eval_online import OnlineProbe
 from salient.trainer.checkpoint import (
     checkpoint_path,
     export_encoder,
@@ -46,6 +47,7 @@ from salient.trainer.checkpoint import (
     load_checkpoint,
     prune_checkpoints,
     save_checkpoint,
+    unwrap_model,
 )
 from salient.trainer.loop import WarmupCosine, build_optimizer, param_checksum, train_one_epoch
 from salient.trainer.models import build_model
@@ -323,6 +325,7 @@ class _Worker:
         self.refresher = _Refresher(
             launch, self.config.refresh_wait, self.log, self.config.keep_generations
         )
+        self.probe = OnlineProbe.for_config(self.config) if self.rank == 0 else None
 
     def _restore(self, path: str | None) -> _State:
         if path is None:
@@ -423,6 +426,11 @@ class _Worker:
         if path is not None:
             protect = [self.refresher.teacher] if self.refresher.teacher else []
             prune_checkpoints(config.run_dir, config.keep_checkpoints, protect)
+        if self.probe is not None and self.probe.due(state.epochs_done):
+            # After a refresh starts, so the two overlap; the other ranks wait at the next
+            # collective meanwhile (README, Decisions: the probe during training).
+            encoder = unwrap_model(self.model).encoder
+            self.log.event(self.probe.run(encoder, self.device, state.epochs_done))
 
     def _save(self) -> Path:
         """The checkpoint of the epochs done, and its encoder exported for timm."""

@@ -6,7 +6,9 @@ gravel, …). The object's box is known exactly, so saliency quality can be meas
 much of a teacher's saliency mass falls inside the box (DESIGN.md, "Data model").
 
 Nothing is downloaded: only ``skimage.data`` images that are part of the wheel are used.
-A scene is a pure function of ``(seed, index, image_size)``.
+A scene is a pure function of ``(seed, index, image_size, split)``. The ``val`` split draws
+from another random stream than ``train`` (the seed sequence gains a split word), so a held-out
+set has the same classes and never a training scene, whatever ``n`` each split has.
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageEnhance
 
-__all__ = ["DEMO_BACKGROUNDS", "DEMO_OBJECTS", "DemoScene", "make_scene"]
+__all__ = ["DEMO_BACKGROUNDS", "DEMO_OBJECTS", "DEMO_SPLITS", "DemoScene", "make_scene"]
 
 # Class names in label order. Each maps to a skimage.data loader; all ship in the wheel.
 DEMO_OBJECTS = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle", "clock", "colorwheel")
 DEMO_BACKGROUNDS = ("brick", "grass", "gravel", "moon")
 _LOADER = {"motorcycle": "stereo_motorcycle"}
+# Split -> extra word of the seed sequence; train has none, so its scenes are those of before.
+DEMO_SPLITS = {"train": (), "val": (1,)}
 _SOURCE_MAX_SIDE = 384  # sources are downscaled once; scenes are at most a few hundred px
 
 
@@ -66,13 +70,15 @@ def _jitter(image: Image.Image, rng: np.random.Generator) -> Image.Image:
     return image
 
 
-def make_scene(seed: int, index: int, image_size: int = 192) -> DemoScene:
-    """Compose scene ``index`` of the demo set for ``seed``; deterministic.
+def make_scene(seed: int, index: int, image_size: int = 192, split: str = "train") -> DemoScene:
+    """Compose scene ``index`` of the demo set's ``split`` for ``seed``; deterministic.
 
     The object covers 30–65 % of the image side, lies fully inside the image, and is
-    flipped horizontally with probability 1/2.
+    flipped horizontally with probability 1/2. Raises ValueError for an unknown split.
     """
-    rng = np.random.default_rng([seed, index])
+    if split not in DEMO_SPLITS:
+        raise ValueError(f"unknown demo split {split!r}; use one of {', '.join(DEMO_SPLITS)}")
+    rng = np.random.default_rng([seed, index, *DEMO_SPLITS[split]])
     label = int(rng.integers(len(DEMO_OBJECTS)))
     canvas = _background(rng, image_size)
     obj = _source(DEMO_OBJECTS[label]).convert("RGB")

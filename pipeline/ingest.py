@@ -221,21 +221,50 @@ def _decoded(
             yield Sample(data, ext_or_reason, label, {"path.txt": rel.encode()})
 
 
+def _match_classes(
+    files: list[tuple[Path, int | None]], classes: list[str] | None, src: Path, classes_from
+) -> tuple[list[tuple[Path, int | None]], list[str]]:
+    """Relabel ``files`` with the class indices of the dataset at ``classes_from``.
+
+    Raises IngestError when SRC is flat, the dataset has no classes, or the class folders are
+    not exactly its classes (a held-out split must be labelled as its training set).
+    """
+    from salient.pipeline.manifest import open_dataset
+
+    wanted = open_dataset(classes_from).manifest.classes
+    if not wanted:
+        raise IngestError(f"--classes-from {classes_from} is a dataset without classes")
+    if classes is None:
+        raise IngestError(f"SRC {src} has no class sub-folders, so --classes-from cannot apply")
+    missing, extra = sorted(set(wanted) - set(classes)), sorted(set(classes) - set(wanted))
+    if missing or extra:
+        raise IngestError(
+            f"the class folders of {src} are not the classes of {classes_from}: missing "
+            f"{missing[:5] or 'none'}, extra {extra[:5] or 'none'}; give SRC the same class "
+            "folders as the training set"
+        )
+    index = {name: wanted.index(name) for name in classes}
+    return [(p, None if lab is None else index[classes[lab]]) for p, lab in files], list(wanted)
+
+
 def ingest_folder(
     src: str | os.PathLike,
     out: str | os.PathLike,
     shard_size: int = 1000,
     overwrite: bool = False,
     progress: Callable[[int], None] | None = None,
+    classes_from: str | os.PathLike | None = None,
 ) -> Manifest:
     """Ingest an ImageFolder tree (class sub-folders) or a flat folder of images.
 
     Files whose suffix is not an image suffix, and images that do not decode, are skipped,
     warned about and listed in the manifest with a reason. ``progress(n)`` is called as
-    files are processed.
+    files are processed. ``classes_from``: a dataset (e.g. the training split) whose class
+    list and indices the labels must keep, so a held-out split can be probed against it.
 
     Raises:
-        IngestError: SRC missing or holding no images, OUT unusable, bad shard size.
+        IngestError: SRC missing or holding no images, OUT unusable, bad shard size, class
+            folders that differ from ``classes_from``'s classes.
     """
     _check_shard_size(shard_size)
     if urls.is_remote(src):
@@ -244,6 +273,8 @@ def ingest_folder(
     if not src.is_dir():
         raise IngestError(f"SRC {src} is not a directory; give the folder holding your images")
     files, classes, skipped = _scan(src)
+    if classes_from is not None:
+        files, classes = _match_classes(files, classes, src, classes_from)
     images = [(p, lab) for p, lab in files if p.suffix.lower() in IMAGE_SUFFIXES]
     for path, _ in files:
         if path.suffix.lower() not in IMAGE_SUFFIXES:
@@ -264,12 +295,12 @@ def ingest_folder(
 
 
 def _demo_samples(
-    n: int, seed: int, image_size: int, quality: int, progress: Callable[[int], None]
+    n: int, seed: int, image_size: int, quality: int, split: str, progress: Callable[[int], None]
 ) -> Iterator[Sample]:
     from salient.pipeline.demo import make_scene
 
     for index in range(n):
-        scene = make_scene(seed, index, image_size)
+        scene = make_scene(seed, index, image_size, split)
         buffer = io.BytesIO()
         scene.image.save(buffer, format="JPEG", quality=quality)
         box = dict(zip(("x0", "y0", "x1", "y1"), scene.box))
@@ -286,24 +317,30 @@ def ingest_demo(
     overwrite: bool = False,
     quality: int = 90,
     progress: Callable[[int], None] | None = None,
+    split: str = "train",
 ) -> Manifest:
     """Write the bundled demo dataset (no network): ``n`` scenes, deterministic for ``seed``.
 
+    ``split="val"`` writes held-out scenes: the same classes, drawn from another random
+    stream, so none of them is a scene of the ``train`` split (``pipeline.demo``).
+
     Raises:
-        IngestError: OUT unusable, n < 1, image_size < 32, bad shard size.
+        IngestError: OUT unusable, n < 1, image_size < 32, bad shard size, unknown split.
     """
-    from salient.pipeline.demo import DEMO_OBJECTS
+    from salient.pipeline.demo import DEMO_OBJECTS, DEMO_SPLITS
 
     _check_shard_size(shard_size)
+    if split not in DEMO_SPLITS:
+        raise IngestError(f"--split must be one of {', '.join(DEMO_SPLITS)} (got {split!r})")
     if n < 1:
         raise IngestError(f"--n must be at least 1 (got {n})")
     if image_size < 32:
         raise IngestError(f"demo image size must be at least 32 px (got {image_size})")
     out = urls.normalise(out)
     _prepare_out(out, overwrite)
-    samples = _demo_samples(n, seed, image_size, quality, progress or (lambda k: None))
+    samples = _demo_samples(n, seed, image_size, quality, split, progress or (lambda k: None))
     shards = _write_shards(out, samples, shard_size)
-    demo = {"seed": seed, "image_size": image_size, "quality": quality}
+    demo = {"seed": seed, "image_size": image_size, "quality": quality, "split": split}
     return _finish(
         out, shards, shard_size, classes=list(DEMO_OBJECTS), skipped=[], source="demo", demo=demo
     )

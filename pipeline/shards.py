@@ -45,6 +45,7 @@ __all__ = [
     "open_rgb",
     "prefetched",
     "read_images",
+    "read_labels",
 ]
 
 IMAGE_FIELDS = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm"})
@@ -128,6 +129,16 @@ def read_images(
         if field is not None:
             records[sample["id"] - first_id] = (field, sample[field])
     return records
+
+
+def read_labels(url: str, first_id: int, count: int, handler: Handler | None = None) -> np.ndarray:
+    """The integer ``cls`` field of every id in ``[first_id, first_id + count)``, -1 where a
+    sample has none; only the ``.cls`` members are read."""
+    labels = np.full(count, -1, dtype=np.int64)
+    for sample in iter_samples(url, range(first_id, first_id + count), {"cls"}, handler):
+        if "cls" in sample:
+            labels[sample["id"] - first_id] = int(sample["cls"])
+    return labels
 
 
 # ---------------------------------------------------------------- decoding

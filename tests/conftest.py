@@ -91,3 +91,13 @@ def demo_data(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "data"
     ingest_demo(out, n=96, seed=0, shard_size=32, image_size=96)
     return out
+
+
+@pytest.fixture(scope="session")
+def demo_val(tmp_path_factory):
+    """The held-out demo split beside ``demo_data``: 48 scenes in 2 shards (image size 96)."""
+    from salient.pipeline.ingest import ingest_demo
+
+    out = tmp_path_factory.mktemp("demo-val") / "data"
+    ingest_demo(out, n=48, seed=0, shard_size=32, image_size=96, split="val")
+    return out

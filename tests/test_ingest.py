@@ -11,7 +11,7 @@ import webdataset as wds
 from PIL import Image
 
 from salient.jobs.cli import main
-from salient.pipeline.demo import make_scene
+from salient.pipeline.demo import DEMO_OBJECTS, make_scene
 from salient.pipeline.ingest import IngestError, ingest_demo, ingest_folder
 from salient.pipeline.manifest import DatasetError, open_dataset, sample_key
 
@@ -177,3 +177,49 @@ def test_overwrite_replaces_own_dataset(tmp_path):
         "shard-000001.tar",
     ]
     assert open_dataset(out).num_samples == manifest.num_samples == 6
+
+
+# ---------------------------------------------------------------- held-out splits
+
+
+def test_demo_val_split_has_the_classes_and_none_of_the_training_scenes(tmp_path):
+    train = [np.asarray(make_scene(0, i, 48).image) for i in range(60)]
+    val = [make_scene(0, i, 48, split="val") for i in range(60)]
+    assert not any(np.array_equal(v.image, t) for v in val for t in train)
+    assert {v.label for v in val} == set(range(len(DEMO_OBJECTS)))
+    assert np.array_equal(np.asarray(make_scene(0, 3, 48, split="train").image), train[3])
+    manifest = ingest_demo(tmp_path / "val", n=8, shard_size=4, image_size=48, split="val")
+    assert manifest.demo["split"] == "val" and manifest.classes == list(DEMO_OBJECTS)
+    with pytest.raises(IngestError, match="--split must be one of train, val"):
+        ingest_demo(tmp_path / "test", n=8, split="test")
+
+
+def _class_tree(root, names, per_class: int = 1):
+    for k, name in enumerate(names):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            (root / name / f"{i}.png").write_bytes(_image_bytes(100 * k + i, "PNG"))
+    return root
+
+
+def test_classes_from_keeps_the_training_sets_class_indices(demo_data, tmp_path):
+    src = _class_tree(tmp_path / "val", DEMO_OBJECTS)  # folders sort otherwise than the demo
+    manifest = ingest_folder(src, tmp_path / "out", classes_from=demo_data)
+    assert manifest.classes == list(DEMO_OBJECTS) != sorted(DEMO_OBJECTS)
+    rows = wds.WebDataset(open_dataset(tmp_path / "out").shard_urls(), shardshuffle=False)
+    by_folder = {r["path.txt"].decode().split("/")[0]: int(r["cls"]) for r in rows}
+    assert by_folder == {name: k for k, name in enumerate(DEMO_OBJECTS)}
+
+
+@pytest.mark.parametrize(
+    ("names", "match"),
+    [
+        (DEMO_OBJECTS[:-1], r"missing \['colorwheel'\], extra none"),
+        ((*DEMO_OBJECTS, "zebra"), r"missing none, extra \['zebra'\]"),
+    ],
+)
+def test_classes_from_refuses_other_class_folders(demo_data, tmp_path, names, match):
+    src = _class_tree(tmp_path / "val", names)
+    with pytest.raises(IngestError, match=match):
+        ingest_folder(src, tmp_path / "out", classes_from=demo_data)
+    assert not (tmp_path / "out").exists()  # refused before anything was written

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -134,11 +135,11 @@ def _plain_zarr(url: str, name: str) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(group[name]["maps"][:], dtype=np.float64), np.asarray(group[name]["valid"][:])
 
 
-def _expected_stats(url, name, boxes, size) -> dict:
+def _expected_stats(url, name, boxes, size, rows=None) -> dict:
     maps, valid = _plain_zarr(url, name)
     entropy, top, mass, area, cells = [], [], [], [], []
     for i in range(len(maps)):
-        if valid[i] != 1:
+        if valid[i] != 1 or (rows is not None and i not in rows):
             continue
         m = maps[i]
         p = np.ones_like(m) if m.max() == m.min() else (m - m.min()) / (m.max() - m.min())
@@ -260,10 +261,12 @@ def test_n_draws_ids_with_the_seed_and_invalid_rows_fall_back_to_random(
     ids = json.loads((tmp_path / "a/stats.json").read_text())["ids"]
     assert ids == json.loads((tmp_path / "b/stats.json").read_text())["ids"]
     assert len(set(ids)) == 6 and first["panels"] == again["panels"] == 6
-    assert first["compare"] is None
-    assert "Across generations" not in (tmp_path / "a/index.html").read_text()
+    assert first["compare"] is None and first["diff"] is None
+    # every published generation is shown beside each panel, --compare or not
+    assert first["history"] == [demo_store["first"], demo_store["second"]]
+    assert "Across generations" in (tmp_path / "a/index.html").read_text()
     panels = sorted(p.name for p in (tmp_path / "a/panels").iterdir())
-    assert panels == [f"{i:09d}.png" for i in ids]
+    assert panels == sorted(f"{i:09d}{end}.png" for i in ids for end in ("", "-compare"))
 
     invalid = run_inspect(
         InspectConfig(out=str(tmp_path / "c"), **{**config, "n": 32}, ids=INVALID_A)
@@ -439,3 +442,63 @@ def test_print_sample_text_heat_map_and_stats(demo_data, demo_store):
         demo_store["url"], str(demo_data), INVALID_A[0], generation=demo_store["first"]
     )
     assert "no saliency map (valid=0)" in missing and SHADES[-1] not in missing
+
+
+# ---------------------------------------------------------------- per class, training curves
+
+
+def read_labels(data) -> dict[int, int]:
+    """Labels straight from the tars through webdataset."""
+    import webdataset as wds
+
+    from salient.pipeline.manifest import open_dataset
+
+    rows = wds.WebDataset(open_dataset(data).shard_urls(), shardshuffle=False)
+    return {int(r["__key__"]): int(r["cls"]) for r in rows}
+
+
+def test_per_class_statistics_match_plain_zarr(demo_data, demo_store, tmp_path):
+    from salient.pipeline.demo import DEMO_OBJECTS
+
+    run_inspect(_config(demo_data, demo_store["url"], tmp_path / "r", ids=(0,)))
+    per_class = json.loads((tmp_path / "r/stats.json").read_text())["per_class"]
+    labels = read_labels(demo_data)
+    assert sorted(per_class) == sorted(DEMO_OBJECTS[k] for k in set(labels.values()))
+    assert sum(c["samples"] for c in per_class.values()) == 96
+    for name, got in per_class.items():
+        rows = {i for i, label in labels.items() if label == DEMO_OBJECTS.index(name)}
+        want = _expected_stats(
+            demo_store["url"], demo_store["second"], demo_store["boxes"], demo_store["size"], rows
+        )
+        assert got["samples"] == len(rows) and got["usable"] == want["usable"]
+        assert got["entropy_mean"] == pytest.approx(want["entropy"], rel=1e-9)
+        assert got["box"]["lift_mean"] == pytest.approx(want["lift"], rel=1e-9)
+        assert got["box"]["hit_share"] == pytest.approx(want["hit"], abs=1e-12)
+    assert "Per class" in (tmp_path / "r/index.html").read_text()
+
+
+def test_run_dir_adds_the_loss_curve_and_probe_accuracies(demo_data, demo_store, tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    records = [
+        {"kind": "epoch", "epochs_done": 1, "loss": 0.9, "strategy": "random", "generation": None},
+        {"kind": "epoch", "epochs_done": 2, "loss": 0.7, "strategy": "amt", "generation": "g1"},
+        {"kind": "refresh", "epochs_done": 2, "generation": "gen-000002"},
+        {"kind": "eval", "epochs_done": 2, "knn": {"cls": {"top1": 0.4}, "mean": {"top1": 0.5}}},
+    ]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    config = _config(demo_data, demo_store["url"], tmp_path / "r", ids=(0,), run_dir=str(run_dir))
+    summary = run_inspect(config)
+    assert [
+        (e["epochs_done"], e["loss"], e["knn_cls"], e["knn_mean"]) for e in summary["training"]
+    ] == [
+        (1, 0.9, None, None),
+        (2, 0.7, 0.4, 0.5),
+    ]
+    index = (tmp_path / "r/index.html").read_text()
+    assert 'src="training.png"' in index and "<td>0.400</td><td>0.500</td>" in index
+    with Image.open(tmp_path / "r/training.png") as image:
+        assert image.format == "PNG"
+    with pytest.raises(InspectError, match="holds no metrics.jsonl"):
+        run_inspect(replace(config, out=str(tmp_path / "x"), run_dir=str(tmp_path)))
+    assert not (tmp_path / "x").exists()  # refused before the report was started

@@ -8,6 +8,10 @@ Three real runs share the session's local Ray (each ``TorchTrainer.fit`` costs ~
 - ``straight``: the same 3 epochs uninterrupted, with its own run dir and store: the
   reference the resumed run must match step for step.
 
+The stopped and resumed runs also run the k-NN probe on the held-out demo split (``--val``,
+every 2 epochs and after the last); the straight run does not, so matching it step for step
+also shows the probe leaves training alone.
+
 Checks read the JSONL logs, the checkpoints (``torch.load``) and the store through plain
 zarr, not through the trainer's own code.
 """
@@ -22,9 +26,12 @@ from pathlib import Path
 import pytest
 import torch
 import zarr
+from PIL import Image
 
+from salient.jobs.eval import EvalError
 from salient.jobs.train import TrainConfig, TrainError, run_train
 from salient.jobs.train_worker import refresh_due, uses_warmup_masking
+from salient.pipeline.ingest import ingest_folder
 from salient.pipeline.manifest import DatasetError
 from salient.trainer.checkpoint import CheckpointError
 from salient.trainer.loop import WarmupCosine, build_optimizer, train_one_epoch
@@ -77,10 +84,10 @@ def store_root(store: str):
 
 
 @pytest.fixture(scope="module")
-def runs(ray_session, demo_data, tmp_path_factory) -> dict:
+def runs(ray_session, demo_data, demo_val, tmp_path_factory) -> dict:
     """The stopped, resumed and straight runs (see the module docstring)."""
     root = tmp_path_factory.mktemp("train")
-    config = config_for(demo_data, root / "a")
+    config = config_for(demo_data, root / "a", val=str(demo_val), eval_every=2)
     stopped = run_train(replace(config, stop_after_epochs=2), progress=False)
     after_stop = {
         "checkpoints": sorted(p.name for p in Path(config.run_dir).glob("*.pt")),
@@ -158,6 +165,18 @@ def test_scheduled_refresh_publishes_a_generation_the_next_epoch_uses(runs):
         assert all(r["generation"] == generation and r["with_saliency"] == BATCH for r in epoch1)
 
 
+def test_knn_probe_is_logged_after_its_epochs(runs):
+    config = runs["config"]
+    probes = events(Path(config.run_dir), "eval")
+    assert [p["epochs_done"] for p in probes] == [2, 3]  # every 2 epochs, and after the last
+    for probe in probes:
+        assert probe["images"] == {"train": 96, "val": 48} and probe["k"] == 20
+        for kind in ("cls", "mean"):
+            assert 0.0 <= probe["knn"][kind]["top1"] <= probe["knn"][kind]["top5"] <= 1.0
+    assert runs["resumed"]["knn"] == {p["epochs_done"]: p["knn"]["cls"]["top1"] for p in probes}
+    assert runs["straight"]["knn"] == {}
+
+
 # ---------------------------------------------------------------- resume
 
 
@@ -222,6 +241,15 @@ def test_config_errors_are_clear(demo_data, tmp_path):
         config_for(demo_data, tmp_path, mask_unit=12)
     with pytest.raises(TrainError, match="--strategy-option: mask strategy 'amt' takes throw"):
         config_for(demo_data, tmp_path, strategy_options={"hint": 0.1})
+    with pytest.raises(TrainError, match="--eval-every needs --val"):
+        config_for(demo_data, tmp_path, eval_every=2)
+    other = tmp_path / "two-classes"
+    for name in ("a", "b"):
+        (other / name).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(other / name / "0.png")
+    ingest_folder(other, tmp_path / "val")
+    with pytest.raises(EvalError, match=r"different class lists \(7 vs 2 classes"):
+        run_train(config_for(demo_data, tmp_path, val=str(tmp_path / "val")), progress=False)
     assert not (tmp_path / "run").exists()  # nothing was started
 
 

@@ -1,0 +1,518 @@
+"""``salient eval``: did the pretraining help? Frozen-encoder features → k-NN and linear probes.
+
+The driver checks everything before any work (both datasets open and carry the same class
+list, the checkpoint loads as a ViT with a class token), then computes the features of every
+image of the training set (``data``) and the held-out set (``val``) on Ray the way refresh
+computes maps: one actor per worker holds the encoder, one shard per task
+(``salient.jobs.shard_pool``, ``salient.jobs.eval_worker``), each shard written as one chunk of
+a feature cache under ``OUT/features`` (``salient.jobs.eval_cache``), keyed by the checkpoint's
+sha256, the dataset (fingerprint and manifest) and the view — so a second run with other probe
+settings computes nothing. Then, on the driver, for both the CLS token and the mean patch token:
+
+- weighted k-NN on cosine similarity, DINO's (k = 20, T = 0.07), top-1 / top-5;
+- MAE's linear probe (BatchNorm without affine parameters + one Linear) on the cached
+  features, top-1 / top-5 (``salient.trainer.probes`` says how and why).
+
+``baseline`` also probes the same architecture at its random initialisation (a salient
+checkpoint: the very init of its run, rebuilt from its config and seed): random ViT features
+carry colour and texture, so that is the figure to beat, not chance. The summary is printed
+and written to ``OUT/eval.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from salient.errors import SalientError
+
+__all__ = [
+    "EVAL_CROP_RATIO",
+    "EvalConfig",
+    "EvalError",
+    "check_class_lists",
+    "initial_checkpoint",
+    "run_eval",
+]
+
+FEATURES = ("cls", "mean")
+EVAL_CROP_RATIO = 0.875  # MAE main_linprobe.py (from DeiT): Resize(256) + CenterCrop(224)
+_PROBE_DEVICES = ("auto", "cpu", "cuda")
+
+
+class EvalError(SalientError):
+    """An eval that cannot start: datasets of other classes, an encoder that is not a ViT, …"""
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """One ``salient eval`` run; checks itself when built (raises EvalError)."""
+
+    checkpoint: str
+    """A salient checkpoint file, or timm:NAME with --weights FILE (loaded as refresh loads
+    teachers; nothing is downloaded)."""
+    data: str
+    """Training dataset (written by ingest): the k-NN memory and the linear probe's train set."""
+    val: str
+    """Held-out dataset with the same class list (`salient ingest --demo --split val`, or a
+    folder ingested with --classes-from DATA)."""
+    out: str = "eval"
+    """Local directory for eval.json and the feature cache (features/), reused by later runs."""
+    weights: str | None = None
+    """Local weights file for timm:NAME (.safetensors or .pth)."""
+    allow_random: bool = False
+    """Accept timm:NAME without --weights (random weights, seeded)."""
+    baseline: bool = False
+    """Also probe the same architecture at its random initialisation (a salient checkpoint: the
+    init of its own run, from its config and seed): the baseline a trained encoder must beat."""
+    knn: bool = False
+    """Run the weighted k-NN probe (neither --knn nor --linear: both)."""
+    linear: bool = False
+    """Run the linear probe (neither --knn nor --linear: both)."""
+    k: int = 20
+    """Neighbours that vote in the k-NN probe (DINO eval_knn: 20)."""
+    temperature: float = 0.07
+    """k-NN vote weight exp(cosine / T) (DINO eval_knn: 0.07)."""
+    linear_epochs: int = 90
+    """Epochs of the linear probe (MAE linear probing: 90, 10 of them warmup)."""
+    linear_lr: float | None = None
+    """Peak learning rate of the linear probe (default: MAE's rule, 0.1 × batch / 256)."""
+    linear_batch: int = 256
+    """Batch size of the linear probe."""
+    seed: int = 0
+    """Seed of the linear probe's init and batch order."""
+    image_size: int | None = None
+    """Side S of the evaluation view (default: the checkpoint's training size; timm: 224)."""
+    crop_ratio: float = EVAL_CROP_RATIO
+    """Centre-crop ratio of the view: resize the shorter side to S / ratio, crop S × S (MAE
+    linear probing: Resize(256) + CenterCrop(224), 0.875; 1 keeps the whole shorter side)."""
+    batch_size: int = 64
+    """Images per forward in a worker."""
+    workers: int = 1
+    """Feature actors (one shard per task)."""
+    gpus_per_worker: float = 0.0
+    """GPUs per actor (> 0: nvjpeg decode and bf16 autocast)."""
+    cpus_per_worker: float = 0.5
+    """Ray CPU reservation of one actor (fractions are fine)."""
+    address: str | None = None
+    """Ray cluster address (default: an embedded local Ray, or RAY_ADDRESS)."""
+    max_retries: int = 3
+    """Retries of a shard whose worker died."""
+    placement_timeout_s: float = 60.0
+    """Seconds to wait for Ray to place the feature actors before stopping with what is
+    missing."""
+    probe_device: str = field(default="auto", metadata={"choices": lambda: _PROBE_DEVICES})
+    """Where the probes run on the driver: auto (cuda when the driver has one), cpu, cuda."""
+
+    def __post_init__(self):
+        for name in ("checkpoint", "data", "val", "out"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise EvalError(f"eval needs --{name} (got {getattr(self, name)!r})")
+        from salient import urls
+
+        if urls.is_remote(self.out):
+            raise EvalError(
+                f"--out {self.out} must be a local folder (eval.json and the feature cache); "
+                "--data and --val may be URLs"
+            )
+        for name in ("k", "linear_epochs", "linear_batch", "batch_size", "workers"):
+            _check_positive_int(name, getattr(self, name))
+        if self.image_size is not None:
+            _check_positive_int("image_size", self.image_size)
+        if not self.temperature > 0 or not 0 < self.crop_ratio <= 1:
+            raise EvalError(
+                f"--temperature must be > 0 and --crop-ratio in (0, 1] (got "
+                f"{self.temperature}, {self.crop_ratio})"
+            )
+        if self.linear_lr is not None and not self.linear_lr > 0:
+            raise EvalError(f"--linear-lr must be > 0 (got {self.linear_lr}); unset: MAE's rule")
+        if self.gpus_per_worker < 0 or not self.cpus_per_worker > 0 or self.max_retries < 0:
+            raise EvalError(
+                "--gpus-per-worker and --max-retries must be >= 0 and --cpus-per-worker > 0 "
+                f"(got {self.gpus_per_worker}, {self.max_retries}, {self.cpus_per_worker})"
+            )
+        if not self.placement_timeout_s > 0:
+            raise EvalError(f"--placement-timeout-s must be > 0 (got {self.placement_timeout_s})")
+        if self.probe_device not in _PROBE_DEVICES:
+            raise EvalError(
+                f"--probe-device must be one of {', '.join(_PROBE_DEVICES)} "
+                f"(got {self.probe_device!r})"
+            )
+
+    @property
+    def probes(self) -> tuple[str, ...]:
+        """The probes to run: those asked for, or both when neither is."""
+        asked = tuple(p for p in ("knn", "linear") if getattr(self, p))
+        return asked or ("knn", "linear")
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.gpus_per_worker > 0 else "cpu"
+
+
+def _check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise EvalError(f"--{name.replace('_', '-')} must be a positive integer (got {value!r})")
+
+
+# ---------------------------------------------------------------- checks before any work
+
+
+def check_class_lists(train, val) -> list[str]:
+    """The class list both datasets share; EvalError when either has none or they differ."""
+    classes = {name: ds.manifest.classes for name, ds in (("data", train), ("val", val))}
+    for name, found in classes.items():
+        if not found:
+            raise EvalError(
+                f"--{name} {(train if name == 'data' else val).root} has no class "
+                "labels; probes need an ImageFolder tree or the demo set"
+            )
+    if classes["data"] != classes["val"]:
+        a, b = classes["data"], classes["val"]
+        where = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        raise EvalError(
+            f"--data and --val have different class lists ({len(a)} vs {len(b)} classes, first "
+            f"difference at index {where}: {a[where] if where < len(a) else '–'!r} vs "
+            f"{b[where] if where < len(b) else '–'!r}); ingest the held-out folder with "
+            "--classes-from DATA"
+        )
+    return list(classes["data"])
+
+
+def _checkpoint_image_size(checkpoint: str) -> int:
+    """The training image size a salient checkpoint records; 224 for anything else."""
+    import torch
+
+    if checkpoint.startswith("timm:") or not Path(checkpoint).is_file():
+        return 224
+    try:
+        ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True, mmap=True)
+        return int(ckpt["encoder_kwargs"]["img_size"])
+    except Exception:  # not ours: load_teacher names the problem in one line
+        return 224
+
+
+def _load_encoder(config: EvalConfig, checkpoint: str, image_size: int, baseline: bool):
+    """The encoder as a teacher (timm ViT, eval mode, on the driver's CPU); the baseline of a
+    ``timm:NAME`` checkpoint is that model with random (seeded) weights."""
+    from salient.trainer.teacher_load import load_teacher
+
+    teacher = load_teacher(
+        checkpoint,
+        weights=None if baseline else config.weights,
+        allow_random=baseline or config.allow_random,
+        image_size=image_size,
+        device="cpu",
+    )
+    if getattr(teacher.model, "cls_token", None) is None:
+        raise EvalError(
+            f"{checkpoint} is a ViT without a class token; the probes read the CLS token"
+        )
+    return teacher
+
+
+def initial_checkpoint(checkpoint: str, out: str | Path) -> str:
+    """The random initialisation of a salient checkpoint's run, saved once under ``out``.
+
+    Rebuilt as the trainer builds it (``build_model`` after seeding with the run's seed), so
+    it is the very encoder the run started from. ``timm:NAME`` specs give ``timm:NAME``
+    (random weights, seeded, by ``load_teacher``). Raises EvalError for a checkpoint that
+    does not record a salient model.
+    """
+    import torch
+
+    from salient.trainer.checkpoint import load_checkpoint, save_checkpoint
+    from salient.trainer.models import MODELS, build_model
+
+    if checkpoint.startswith("timm:"):
+        return checkpoint
+    config = load_checkpoint(checkpoint)["config"]
+    if config.get("model") not in MODELS:
+        raise EvalError(
+            f"--baseline needs a salient training checkpoint; {checkpoint} records model "
+            f"{config.get('model')!r}"
+        )
+    seed = config.get("seed", 0)
+    name = f"init-{config['model']}-{config['image_size']}px-p{config['patch_size']}-seed{seed}"
+    path = Path(out) / "baseline" / f"{name}.pt"  # what the init depends on, nothing else
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # as salient.jobs.train_worker builds it
+            model = build_model(
+                config["model"],
+                config["image_size"],
+                config["patch_size"],
+                norm_pix_loss=config.get("norm_pix_loss", False),
+            )
+        save_checkpoint(path, model, None, None, 0, 0, None, config)
+    return str(path)
+
+
+# ---------------------------------------------------------------- features on Ray
+
+
+def _cache_key(teacher, dataset, image_size: int, crop_ratio: float) -> dict:
+    """What the features depend on. The fingerprint covers the shard layout only, so two
+    datasets of equal layout (a train and a val split of one size, a relabelled copy) would
+    share it: the manifest's hash (source, classes, shard sizes in bytes, demo seed and split)
+    tells them apart without reading the shards."""
+    import hashlib
+
+    return {
+        "checkpoint_sha256": teacher.meta["sha256"],
+        "checkpoint_name": teacher.meta["name"],
+        "fingerprint": dataset.fingerprint,
+        "manifest_sha256": hashlib.sha256(dataset.manifest.to_json().encode()).hexdigest(),
+        "image_size": image_size,
+        "crop_ratio": crop_ratio,
+        "dim": int(teacher.model.embed_dim),
+        "num_samples": dataset.num_samples,
+        "shard_size": dataset.manifest.shard_size,
+    }
+
+
+def _tasks(caches: dict, datasets: dict) -> list[tuple[tuple[str, int], tuple]]:
+    tasks = []
+    for split, cache in caches.items():
+        dataset = datasets[split]
+        for index in cache.missing_shards():
+            shard = dataset.shards[index]
+            args = (split, index, dataset.shard_url(shard), shard.first_id, shard.count)
+            tasks.append(((split, index), args))
+    return tasks
+
+
+def _give_up(key: tuple[str, int], attempts: int, exc: Exception) -> EvalError:
+    split, shard = key
+    return EvalError(
+        f"{split} shard {shard} failed {attempts} times, last because its worker died "
+        f"({type(exc).__name__}: {str(exc).splitlines()[0]}); fix the cause and rerun the "
+        "same command: finished shards are kept"
+    )
+
+
+def _compute_features(config: EvalConfig, teacher, spec, caches: dict, datasets: dict) -> dict:
+    """Fill every missing shard of the caches on Ray; returns shards computed per split."""
+    from salient import urls
+    from salient.jobs.eval_worker import FeatureWorker
+    from salient.jobs.placement import Ask, check_refresh, cluster_nodes, reserve
+    from salient.jobs.progress import progress_bar
+    from salient.jobs.ray_env import ensure_ray
+    from salient.jobs.shard_pool import ShardPool, run_shards
+
+    tasks = _tasks(caches, datasets)
+    computed = dict.fromkeys(caches, 0)
+    if not tasks:
+        return computed
+    ensure_ray(config.address)  # before Ray is imported: it reads its auth mode then
+    import ray
+
+    bundle = {"CPU": config.cpus_per_worker}
+    if config.gpus_per_worker:
+        bundle["GPU"] = config.gpus_per_worker
+    flags = "--workers, --cpus-per-worker or --gpus-per-worker"
+    ask = Ask("feature actor", min(config.workers, len(tasks)), bundle, flags)
+    check_refresh(cluster_nodes(), ask)  # per node first: one line, no wait
+    group = reserve(ask, config.placement_timeout_s)
+    caches_at = {split: cache.url for split, cache in caches.items()}
+    try:
+        args = (ray.put(teacher.model), spec, caches_at, urls.carry())
+        pool = ShardPool(FeatureWorker, args, ask, group, config.placement_timeout_s)
+        try:
+            with progress_bar(len(tasks), "feature shards") as advance:
+
+                def done(result: dict) -> None:
+                    computed[result["split"]] += 1
+                    advance(1)
+
+                run_shards(pool, tasks, config.max_retries, done, _give_up)
+        finally:
+            pool.shutdown()
+    finally:
+        ray.util.remove_placement_group(group)
+    return computed
+
+
+def _features(
+    config: EvalConfig, checkpoint: str, datasets: dict, image_size: int, baseline: bool
+) -> dict:
+    """Features, labels and validity of both splits for one encoder, from the cache (filled
+    first where shards are missing); plus the counts of shards computed and reused."""
+    from salient.jobs.eval_cache import FeatureCache, cache_url
+    from salient.jobs.eval_worker import FeatureSpec
+
+    teacher = _load_encoder(config, checkpoint, image_size, baseline)
+    caches = {}
+    for split, dataset in datasets.items():
+        key = _cache_key(teacher, dataset, image_size, config.crop_ratio)
+        caches[split] = FeatureCache.open_or_create(cache_url(config.out, key), key)
+    spec = FeatureSpec(
+        image_size=image_size,
+        crop_ratio=config.crop_ratio,
+        batch_size=config.batch_size,
+        mean=teacher.mean,
+        std=teacher.std,
+        device=config.device,
+        threads=max(1, int(config.cpus_per_worker)),
+    )
+    computed = _compute_features(config, teacher, spec, caches, datasets)
+    for cache in caches.values():
+        cache.mark_complete()
+    return {
+        "arrays": {split: cache.read() for split, cache in caches.items()},
+        "computed": computed,
+        "reused": {s: len(datasets[s].shards) - computed[s] for s in datasets},
+        "sha256": teacher.meta["sha256"],
+        "caches": {split: cache.url for split, cache in caches.items()},
+    }
+
+
+# ---------------------------------------------------------------- the probes
+
+
+def _usable(arrays: dict) -> dict:
+    """Rows with a decoded image and a label, as tensors: features per kind, labels."""
+    import numpy as np
+    import torch
+
+    keep = (arrays["valid"] == 1) & (arrays["labels"] >= 0)
+    return {
+        "labels": torch.from_numpy(arrays["labels"][keep]),
+        "excluded": int((~keep).sum()),
+        **{kind: torch.from_numpy(np.ascontiguousarray(arrays[kind][keep])) for kind in FEATURES},
+    }
+
+
+def _probe_device(config: EvalConfig) -> str:
+    import torch
+
+    if config.probe_device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if config.probe_device == "cuda" and not torch.cuda.is_available():
+        raise EvalError("--probe-device cuda but this driver sees no GPU; use auto or cpu")
+    return config.probe_device
+
+
+def _run_probes(config: EvalConfig, arrays: dict, num_classes: int) -> dict:
+    """Top-1 / top-5 of each probe asked for, on each feature kind."""
+    import numpy as np
+
+    from salient.trainer.probes import knn_probe, linear_probe
+
+    train, val = _usable(arrays["train"]), _usable(arrays["val"])
+    if len(train["labels"]) < 2 or len(val["labels"]) < 1:
+        raise EvalError(
+            f"too few usable images to probe ({len(train['labels'])} train, "
+            f"{len(val['labels'])} val with an image and a label)"
+        )
+    device = _probe_device(config)
+    result: dict = {}
+    for kind in FEATURES:
+        if "knn" in config.probes:
+            result.setdefault("knn", {})[kind] = knn_probe(
+                train[kind].to(device),
+                train["labels"].to(device),
+                val[kind].to(device),
+                val["labels"].to(device),
+                num_classes,
+                config.k,
+                config.temperature,
+            )
+        if "linear" in config.probes:
+            result.setdefault("linear", {})[kind] = linear_probe(
+                train[kind],
+                train["labels"],
+                val[kind],
+                val["labels"],
+                num_classes,
+                epochs=config.linear_epochs,
+                lr=config.linear_lr,
+                batch_size=config.linear_batch,
+                seed=config.seed,
+                device=device,
+            )
+    result["excluded"] = {"train": train["excluded"], "val": val["excluded"]}
+    counts = np.bincount(val["labels"].numpy(), minlength=num_classes)
+    result["chance"] = {"uniform": 1 / num_classes, "majority": float(counts.max() / counts.sum())}
+    return result
+
+
+def _evaluate(
+    config: EvalConfig, checkpoint: str, datasets: dict, classes, size: int, baseline=False
+) -> dict:
+    features = _features(config, checkpoint, datasets, size, baseline)
+    probes = _run_probes(config, features["arrays"], len(classes))
+    return {
+        "checkpoint": checkpoint,
+        "sha256": features["sha256"],
+        **probes,
+        "shards_computed": features["computed"],
+        "shards_reused": features["reused"],
+        "caches": features["caches"],
+    }
+
+
+def _write_json(path: Path, body: dict) -> None:
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(json.dumps(body, indent=1, sort_keys=True, default=str))
+    os.replace(tmp, path)
+
+
+def run_eval(config: EvalConfig) -> dict:
+    """Probe the frozen encoder of ``config.checkpoint``; returns the JSON summary (also
+    written to ``OUT/eval.json``).
+
+    Summary: ``knn`` / ``linear`` → ``{"cls": {"top1", "top5"}, "mean": {...}}``; ``chance``
+    (uniform 1/C and the majority class's share of the held-out set); ``shards_computed`` /
+    ``shards_reused`` per split (features taken from the cache); ``excluded`` rows (no image or
+    no label); ``baseline`` (the same for the random init) when asked; the view and settings.
+
+    Raises:
+        DatasetError, TeacherError, CheckpointError, EvalError: before any work when the
+            inputs do not fit together; EvalError when a shard keeps failing.
+    """
+    from salient.pipeline.manifest import open_dataset
+
+    start = time.perf_counter()
+    datasets = {"train": open_dataset(config.data), "val": open_dataset(config.val)}
+    if datasets["train"].manifest == datasets["val"].manifest:
+        raise EvalError(
+            f"--val {config.val} is the training set itself; probe on a held-out split "
+            "(salient ingest --demo --split val, or a folder with --classes-from)"
+        )
+    classes = check_class_lists(datasets["train"], datasets["val"])
+    size = config.image_size or _checkpoint_image_size(config.checkpoint)
+    out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        raise EvalError(f"--out {out} exists and is not a directory; choose another path")
+    out.mkdir(parents=True, exist_ok=True)
+    result = _evaluate(config, config.checkpoint, datasets, classes, size)
+    baseline = None
+    if config.baseline:
+        init = initial_checkpoint(config.checkpoint, out)
+        baseline = _evaluate(config, init, datasets, classes, size, baseline=True)
+        baseline.pop("chance")
+    summary = {
+        **result,
+        "data": str(datasets["train"].root),
+        "val": str(datasets["val"].root),
+        "images": {split: ds.num_samples for split, ds in datasets.items()},
+        "classes": len(classes),
+        "view": {
+            "image_size": size,
+            "crop_ratio": config.crop_ratio,
+            "resize_shorter_to": int(size / config.crop_ratio),
+            "interpolation": "bicubic",
+        },
+        "settings": {
+            k: v for k, v in asdict(config).items() if k not in ("checkpoint", "data", "val")
+        },
+        "baseline": baseline,
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+    _write_json(out / "eval.json", summary)
+    return summary

@@ -1,0 +1,192 @@
+"""What one eval worker runs: read a shard, decode it, take MAE's evaluation view, encode, write.
+
+``salient.jobs.eval`` runs :class:`FeatureWorker` as Ray actors through
+``salient.jobs.shard_pool`` (the pool refresh uses); shards are read and decoded by
+``salient.pipeline.shards`` (as refresh and the loader read them). The unit of work is one
+shard of the training or the held-out dataset, whose features are written as one whole zarr
+chunk of the feature cache (``salient.jobs.eval_cache``). The same functions compute
+features in-process for the probe during training (``salient.jobs.eval_online``).
+
+The evaluation view is MAE's (``main_linprobe.py``, from DeiT): resize the shorter side to
+``int(S / crop_ratio)`` (bicubic, antialiased), then a centre crop of ``S × S`` — 256 → 224 at
+S = 224 with ``salient.jobs.eval.EVAL_CROP_RATIO`` (0.875). ``crop_ratio = 1`` resizes the
+shorter side to S and crops the centre square.
+Features, from the encoder's final norm (timm ``forward_features``): the CLS token, and the
+mean of the patch tokens (register tokens excluded).
+
+Importing this module touches no disk, GPU or Ray.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+__all__ = [
+    "FeatureSpec",
+    "FeatureWorker",
+    "encode",
+    "eval_view",
+    "read_shard_images",
+    "shard_features",
+]
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """Everything a feature worker needs besides the model; picklable."""
+
+    image_size: int
+    crop_ratio: float
+    batch_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    device: str = "cpu"
+    threads: int = 1
+
+
+# ---------------------------------------------------------------- reading
+
+
+def _warn_damaged(url: str):
+    def handler(exc: Exception) -> bool:
+        warnings.warn(
+            f"shard {url} is damaged ({exc}); its unread samples are left out", stacklevel=2
+        )
+        return False  # stop reading this shard: what was read is kept
+
+    return handler
+
+
+def read_shard_images(
+    url: str, first_id: int, count: int, device: torch.device
+) -> tuple[list[torch.Tensor | None], np.ndarray]:
+    """One shard's images decoded on ``device`` (``uint8 [3,H,W]``, None = unreadable) and its
+    labels ``[count]`` (-1 = none), in one pass over the tar.
+
+    Read and decoded by ``salient.pipeline.shards``, the layer refresh and the loader use (PIL,
+    or nvjpeg on a GPU worker): the probe sees the pixels the teacher sees.
+    """
+    from salient.pipeline import shards
+
+    records: list[tuple[str, bytes] | None] = [None] * count
+    labels = np.full(count, -1, dtype=np.int64)
+    ids = range(first_id, first_id + count)
+    for sample in shards.iter_samples(url, ids, {"image", "cls"}, _warn_damaged(url)):
+        offset = sample["id"] - first_id
+        field = shards.image_field(sample)
+        if field is not None:
+            records[offset] = (field, sample[field])
+        if "cls" in sample:
+            labels[offset] = int(sample["cls"])
+    return shards.decode_images(records, device), labels
+
+
+# ---------------------------------------------------------------- the view and the features
+
+
+def eval_view(images: list[torch.Tensor], spec: FeatureSpec) -> torch.Tensor:
+    """MAE's evaluation view of each ``uint8 [3,H,W]`` image -> ``[B,3,S,S]`` float, normalised."""
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as F
+
+    size = spec.image_size
+    shorter = int(size / spec.crop_ratio)  # 224 / 0.875 = 256
+    views = []
+    for image in images:
+        image = F.resize(image, [shorter], InterpolationMode.BICUBIC, antialias=True)
+        views.append(F.center_crop(image, [size, size]))
+    x = torch.stack(views).float() / 255  # [B,3,S,S] in [0, 1]
+    mean = torch.tensor(spec.mean, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def _autocast(device: torch.device):
+    """bf16 autocast on CUDA; off on CPU, so CPU features are exact fp32."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.inference_mode()
+def encode(model, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x [B,3,S,S]`` -> ``(cls [B,D], mean [B,D])`` float32: the CLS token and the mean patch
+    token after the encoder's final norm (timm ``forward_features``)."""
+    with _autocast(x.device):
+        tokens = model.forward_features(x)  # [B, prefix + N, D], normed
+    cls = tokens[:, 0]
+    patches = tokens[:, model.num_prefix_tokens :]  # [B, N, D]
+    return cls.float(), patches.float().mean(1)
+
+
+def shard_features(
+    model, images: list[torch.Tensor | None], spec: FeatureSpec
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(cls [n,D], mean [n,D]) float32`` (NaN rows where the image is unreadable) and
+    ``valid [n] uint8`` for one shard's decoded images, in batches of ``spec.batch_size``."""
+    n, dim = len(images), model.embed_dim
+    cls = np.full((n, dim), np.nan, dtype=np.float32)
+    mean = np.full((n, dim), np.nan, dtype=np.float32)
+    valid = np.zeros(n, dtype=np.uint8)
+    for start in range(0, n, spec.batch_size):
+        rows = [
+            start + i
+            for i, image in enumerate(images[start : start + spec.batch_size])
+            if image is not None
+        ]
+        if not rows:
+            continue
+        batch_cls, batch_mean = encode(model, eval_view([images[r] for r in rows], spec))
+        cls[rows], mean[rows] = batch_cls.cpu().numpy(), batch_mean.cpu().numpy()
+        valid[rows] = 1
+    return cls, mean, valid
+
+
+# ---------------------------------------------------------------- the actor
+
+
+class FeatureWorker:
+    """Holds the encoder (loaded once); computes and caches one shard's features per call.
+
+    ``caches`` maps a split name ("train", "val") to its feature cache URL; ``model`` is the
+    encoder as the driver loaded it (Ray ships it through the object store).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        spec: FeatureSpec,
+        caches: dict[str, str],
+        storage=None,
+    ):
+        from salient import urls
+        from salient.jobs.eval_cache import FeatureCache
+
+        urls.adopt(storage)  # the driver's --storage-option values, before any read
+        torch.set_num_threads(spec.threads)
+        self.spec = spec
+        self.device = torch.device(spec.device)
+        self.model = model.to(self.device).eval()
+        self.caches = {split: FeatureCache.open(url) for split, url in caches.items()}
+
+    def compute_shard(self, split: str, shard: int, url: str, first_id: int, count: int) -> dict:
+        """Read, decode, encode and cache shard ``shard`` of ``split``; returns its counts."""
+        start = time.perf_counter()
+        images, labels = read_shard_images(url, first_id, count, self.device)
+        cls, mean, valid = shard_features(self.model, images, self.spec)
+        self.caches[split].write_shard(shard, cls, mean, labels, valid)
+        return {
+            "split": split,
+            "shard": shard,
+            "images": count,
+            "invalid": int(count - valid.sum()),
+            "seconds": time.perf_counter() - start,
+            "pid": os.getpid(),
+        }
