@@ -38,8 +38,9 @@ def test_an_actor_methods_error_is_ours(ray_session):
 def test_an_actor_that_cannot_start_is_one_line(ray_session, tmp_path):
     from timm.models.vision_transformer import VisionTransformer
 
-    from salient.jobs.refresh import RefreshError, _check_started
+    from salient.errors import SalientError
     from salient.jobs.refresh_worker import RefreshWorker, WorkerSpec
+    from salient.jobs.shard_pool import _check_started
 
     ray = ray_session
     spec = WorkerSpec(
@@ -58,9 +59,11 @@ def test_an_actor_that_cannot_start_is_one_line(ray_session, tmp_path):
     actor = ray.remote(RefreshWorker).options(num_cpus=0).remote(model, spec)
     with pytest.raises(ray.exceptions.RayActorError) as info:
         ray.get(actor.pid.remote())
-    with pytest.raises(RefreshError) as error:
-        _check_started(info.value)
-    assert "\n" not in str(error.value) and "no saliency store at" in str(error.value)
+    with pytest.raises(SalientError) as error:
+        _check_started(info.value, "refresh actor")
+    message = str(error.value)
+    assert "\n" not in message and "no saliency store at" in message
+    assert message.startswith("a refresh actor could not start:")
 
 
 def test_a_train_workers_store_error_is_one_line_without_retries(

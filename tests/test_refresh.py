@@ -353,7 +353,7 @@ def test_a_second_driver_refuses_or_waits_for_the_first(
 
     store = tmp_path / "saliency.zarr"
     slow = config_for(
-        demo_data, store, teacher_file, workers=1, shard_delay_s=2.0, address=ray_address()
+        demo_data, store, teacher_file, workers=1, shard_delay_s=5.0, address=ray_address()
     )
     driver = _refresh_in_subprocess(slow, tmp_path / "driver.log")
     try:
