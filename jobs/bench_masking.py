@@ -1,6 +1,6 @@
 """``salient bench masking``: mask-planning time per batch of 256 at N=196, every strategy.
 
-The target is ≤ 1 ms per batch for planning (issue 5), so that masks never bound a loader
+The target is ≤ 1 ms per batch for planning, so that masks never bound a loader
 worker. CPU figures use one torch thread, as inside a DataLoader worker. Also timed: the
 per-batch weights path in front of planning (``crop_maps`` of 256 maps onto the 14×14
 grid, ``normalize_weights``) and one ``sample_crop_box``.

@@ -14,7 +14,8 @@ Two ways to drive the actors are measured on the same data:
   other (what the overlap buys).
 - ``ray_data`` — Ray Data: ``read_webdataset`` → ``map_batches`` on an actor pool (same decode
   and maps code) → rows streamed back to the driver, re-blocked by shard (Ray Data neither
-  keeps order nor follows chunk boundaries, PITFALLS.md) and written there.
+  keeps order nor follows chunk boundaries: docs/LIBRARY-NOTES.md, "Ray Data batches ignore
+  chunk borders") and written there.
 """
 
 from __future__ import annotations
@@ -126,8 +127,9 @@ def _ray_data_refresh(config) -> dict:
     dataset, teacher, saliency_spec, writer = prepare_refresh(config)
     spec = worker_spec(config, teacher, saliency_spec, writer.name)
     size = dataset.manifest.shard_size
-    # PITFALLS.md: an actor pool that reserves every CPU starves Ray Data's read tasks and
-    # hangs; leave one CPU of the cluster to the reads.
+    # An actor pool that reserves every CPU starves Ray Data's read tasks and hangs; leave
+    # one CPU of the cluster to the reads (docs/LIBRARY-NOTES.md, "Ray Data actor pools can
+    # starve their reads").
     spare = (ray.cluster_resources().get("CPU", 1.0) - 1.0) / config.workers
     num_cpus = max(0.25, min(config.cpus_per_worker, spare))
     rows = ray.data.read_webdataset(dataset.shard_urls(), decoder=None).map_batches(

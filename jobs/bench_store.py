@@ -10,7 +10,7 @@ parent; default the system temp dir). Measured:
 - ``*_read_ms``: latency of a bound reader's ``read_shard`` (1,000 rows), ``read_ids`` (256
   random ids, one read per chunk touched) and one row, as median and 90th percentile.
 
-Targets (issue 3): >= 200,000 rows/s written; a shard's rows in <= 5 ms.
+Targets: >= 200,000 rows/s written; a shard's rows in <= 5 ms.
 """
 
 from __future__ import annotations

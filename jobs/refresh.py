@@ -10,7 +10,7 @@ the actor reads, decodes, maps and writes as one whole zarr chunk
 ``salient.jobs.shard_pool``, is shared with ``salient eval``). When every shard is done the
 driver publishes.
 
-Failures (DESIGN.md, "Failure semantics"): a worker that dies is replaced and its shard
+Failures (docs/DESIGN.md, "Failure semantics"): a worker that dies is replaced and its shard
 retried (up to ``max_retries`` times per shard); a driver that dies leaves the generation
 unpublished, and rerunning the same command resumes it, redoing only missing shards. A
 retried shard rewrites the same chunk, so the result is identical to an uninterrupted run.
@@ -25,9 +25,9 @@ the other's generation.
 
 Why plain actors and not Ray Data: a shard = a chunk = one write is the natural unit for
 actors, while Ray Data's ``map_batches`` re-blocks rows by its own batch size and does not
-keep order (PITFALLS.md), so the rows would have to be gathered and re-blocked per chunk
-again before a write — and writing from inside a UDF could tear chunks. ``bench_refresh``
-measures both on the same data (see BENCHMARKS.md).
+keep order (docs/LIBRARY-NOTES.md, "Ray Data batches ignore chunk borders"), so the rows would
+have to be gathered and re-blocked per chunk again before a write — and writing from inside a
+UDF could tear chunks. ``bench_refresh`` measures both on the same data (see BENCHMARKS.md).
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """What one refresh worker runs: read a tar shard, decode it, compute the teacher's maps, write.
 
 ``salient.jobs.refresh`` wraps :class:`RefreshWorker` in a Ray actor (the class lives in the
-package so Ray workers can import it, PITFALLS.md). The unit of work is one shard: one tar
-file = one contiguous id range = one zarr chunk, written whole by one call, so a retried
-shard rewrites the same bytes and two workers never share a chunk (DESIGN.md, "The saliency
-store").
+package so Ray workers can import it: docs/LIBRARY-NOTES.md, "Remote code lives in the
+package"). The unit of work is one shard: one tar file = one contiguous id range = one zarr
+chunk, written whole by one call, so a retried shard rewrites the same bytes and two workers
+never share a chunk (docs/DESIGN.md, "The saliency store").
 
 Reading and decoding go through ``salient.pipeline.shards`` (the loader's decode too): PIL on
 the CPU; on a GPU worker JPEGs are decoded by nvjpeg and resized on the GPU, other formats and

@@ -1,8 +1,9 @@
 """What every Ray Train worker runs: the epochs of one DDP training run (``salient train``).
 
 ``salient.jobs.train`` hands :func:`train_loop_per_worker` to Ray Train's ``TorchTrainer``
-(the function lives in the package so Ray workers can import it, PITFALLS.md). Ray has set up
-the process group (gloo on CPU, nccl on GPU) before it runs.
+(the function lives in the package so Ray workers can import it: docs/LIBRARY-NOTES.md, "Remote
+code lives in the package"). Ray has set up the process group (gloo on CPU, nccl on GPU)
+before it runs.
 
 At start every rank restores the run directory's latest checkpoint (rank 0 picks it, all agree):
 a ``--resume`` and a restart by Ray Train after a lost worker are the same path, so a restarted
@@ -21,7 +22,8 @@ beyond ``keep_checkpoints`` deleted) and the epoch record and, when the schedule
 launches a refresh from that checkpoint; after each refresh publishes, it collects the store's
 old generations (``keep_generations``). When due, rank 0 also runs the k-NN probe (``--val``,
 ``salient.jobs.eval_online``). Batches are moved with ``ray.train.torch.get_device()``:
-``prepare_data_loader`` cannot wrap the webdataset loader (README, "Decisions").
+``prepare_data_loader`` cannot wrap the loader (docs/LIBRARY-NOTES.md, "Ray Train needs no
+prepare_data_loader here").
 
 Importing this module touches no disk, GPU or Ray.
 """

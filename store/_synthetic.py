@@ -1,7 +1,8 @@
 """Synthetic datasets and maps, and child-process entry points, for the store's tests and bench.
 
 Not part of the store's API. The entry points run in processes started with the ``spawn``
-context (test modules cannot be imported there, PITFALLS.md), so they live in the package.
+context (test modules cannot be imported there: docs/LIBRARY-NOTES.md, "Remote code lives in
+the package"), so they live in the package.
 Every map row is a pure function of ``(seed, shard, row)``, so any process, in any order,
 writes the same bytes.
 """

@@ -8,9 +8,10 @@ A generation is a zarr group ``gen-NNNNNN`` holding
 - ``head_maps (N, H, G, G) float16`` when per-head maps were asked for.
 
 No sharding codec anywhere: writers in different processes never share a key
-(PITFALLS.md: two writers inside one zarr shard lose updates). :meth:`GenerationWriter.write_shard`
-writes whole chunks only: maps, head_maps and valid together, then the marker, so a shard
-whose marker is set is complete, and a rewrite of a shard is idempotent.
+(docs/LIBRARY-NOTES.md, "Two writers in one zarr shard lose updates").
+:meth:`GenerationWriter.write_shard` writes whole chunks only: maps, head_maps and valid
+together, then the marker, so a shard whose marker is set is complete, and a rewrite of a
+shard is idempotent.
 
 Publishing and abandoning change the root of the store, which only the driver writes; the
 writer hands those to the :class:`~salient.store.store.SaliencyStore` that made it.

@@ -1,6 +1,6 @@
 """The Zarr v3 saliency store: generations of teacher maps, atomic publish, resumable writes.
 
-Layout (DESIGN.md, "The saliency store")::
+Layout (docs/DESIGN.md, "The saliency store")::
 
     saliency.zarr/              root attrs: format, fingerprint, grid, num_samples, shard_size,
                                 num_shards, current, published {name: time}, replaced {name: time}
@@ -33,7 +33,8 @@ Guarantees:
   generation's own ``status`` attr is a descriptive copy; the root decides.
 - **Readers never tear.** Published generations are immutable; a reader binds one and keeps
   reading it while newer ones are published. ``current()`` re-opens the root every call
-  (``use_consolidated=False``; the root is never consolidated, PITFALLS.md).
+  (``use_consolidated=False``; the root is never consolidated: docs/LIBRARY-NOTES.md,
+  "Re-open the root, never consolidate").
 - **Writers never share a key.** Data shard ``i`` is zarr chunk ``i`` of every array and no
   sharding codec is used, so processes writing different shards cannot lose updates. A shard's
   resume marker is written after its rows: a killed refresh resumes with ``missing_shards()``

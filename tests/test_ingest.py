@@ -1,4 +1,4 @@
-"""Ingest, manifest validation, the demo set and the CLI's error lines (issue 2)."""
+"""Ingest, manifest validation, the demo set and the CLI's error lines."""
 
 from __future__ import annotations
 
