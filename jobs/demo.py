@@ -22,9 +22,10 @@ and writes every figure to ``OUT/summary.json``; ``--json`` prints that instead.
 ``data`` and ``store`` put the dataset and the store elsewhere, e.g. on ``s3://`` (the run
 directory and the report stay in OUT, a local folder); ``--fresh`` removes OUT only.
 
-Sizes are chosen to run in about five minutes on 2 CPU cores: 64 px crops, 8 px patches (an
-8×8 grid), ViT-Tiny encoder; one MAE-Tiny step on 2 cores trains ~20 img/s at 96 px, where
-the decoder over 145 tokens dominates, so larger crops would not fit the 10-minute budget.
+Sizes are chosen to run in 3-8 minutes on 2 CPU cores (BENCHMARKS.md, "The two commands on
+a fresh clone"): 64 px crops, 8 px patches (an 8×8 grid), ViT-Tiny encoder; one MAE-Tiny step
+on 2 cores trains ~20 img/s at 96 px, where the decoder over 145 tokens dominates, so larger
+crops would not fit a 10-minute budget.
 """
 
 from __future__ import annotations
