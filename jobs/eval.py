@@ -311,11 +311,9 @@ def _compute_features(config: EvalConfig, teacher, spec, caches: dict, datasets:
     ensure_ray(config.address)  # before Ray is imported: it reads its auth mode then
     import ray
 
-    bundle = {"CPU": config.cpus_per_worker}
-    if config.gpus_per_worker:
-        bundle["GPU"] = config.gpus_per_worker
     flags = "--workers, --cpus-per-worker or --gpus-per-worker"
-    ask = Ask("feature actor", min(config.workers, len(tasks)), bundle, flags)
+    count = min(config.workers, len(tasks))
+    ask = Ask.of("feature actor", count, config.cpus_per_worker, config.gpus_per_worker, flags)
     check_refresh(cluster_nodes(), ask)  # per node first: one line, no wait
     group = reserve(ask, config.placement_timeout_s)
     caches_at = {split: cache.url for split, cache in caches.items()}

@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,16 +53,6 @@ class FeatureSpec:
 # ---------------------------------------------------------------- reading
 
 
-def _warn_damaged(url: str):
-    def handler(exc: Exception) -> bool:
-        warnings.warn(
-            f"shard {url} is damaged ({exc}); its unread samples are left out", stacklevel=2
-        )
-        return False  # stop reading this shard: what was read is kept
-
-    return handler
-
-
 def read_shard_images(
     url: str, first_id: int, count: int, device: torch.device
 ) -> tuple[list[torch.Tensor | None], np.ndarray]:
@@ -78,7 +67,9 @@ def read_shard_images(
     records: list[tuple[str, bytes] | None] = [None] * count
     labels = np.full(count, -1, dtype=np.int64)
     ids = range(first_id, first_id + count)
-    for sample in shards.iter_samples(url, ids, {"image", "cls"}, _warn_damaged(url)):
+    for sample in shards.iter_samples(
+        url, ids, {"image", "cls"}, shards.warn_damaged(url, "its unread samples are left out")
+    ):
         offset = sample["id"] - first_id
         field = shards.image_field(sample)
         if field is not None:

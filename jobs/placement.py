@@ -65,6 +65,12 @@ class Ask:
     bundle: dict
     flags: str
 
+    @classmethod
+    def of(cls, what: str, count: int, cpus: float, gpus: float, flags: str) -> Ask:
+        """``count`` bundles of ``cpus`` CPUs and, when > 0, ``gpus`` GPUs."""
+        bundle = {"CPU": cpus, "GPU": gpus} if gpus else {"CPU": cpus}
+        return cls(what, count, bundle, flags)
+
 
 @dataclass(frozen=True)
 class TrainPlan:

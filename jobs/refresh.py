@@ -152,11 +152,10 @@ class RefreshConfig:
         """The actors' resources as a placement request."""
         from salient.jobs.placement import Ask
 
-        bundle = {"CPU": self.cpus_per_worker}
-        if self.gpus_per_worker:
-            bundle["GPU"] = self.gpus_per_worker
         flags = "--workers, --cpus-per-worker or --gpus-per-worker"
-        return Ask("refresh actor", self.workers, bundle, flags)
+        return Ask.of(
+            "refresh actor", self.workers, self.cpus_per_worker, self.gpus_per_worker, flags
+        )
 
 
 # ---------------------------------------------------------------- checks before any work

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -57,16 +56,6 @@ class WorkerSpec:
 # ---------------------------------------------------------------- reading and decoding
 
 
-def _warn_damaged(url: str):
-    def handler(exc: Exception) -> bool:
-        warnings.warn(
-            f"shard {url} is damaged ({exc}); its unread samples get valid=0", stacklevel=2
-        )
-        return False  # stop reading this shard: what was read is kept
-
-    return handler
-
-
 def decoded_batches(
     url: str, first_id: int, count: int, batch_size: int, device: torch.device
 ) -> Iterator[tuple[int, list[torch.Tensor | None]]]:
@@ -76,7 +65,9 @@ def decoded_batches(
     batch: list = []
     start = 0
     wanted = range(first_id, first_id + count)
-    for sample in shards.iter_samples(url, wanted, {"image"}, _warn_damaged(url)):
+    for sample in shards.iter_samples(
+        url, wanted, {"image"}, shards.warn_damaged(url, "its unread samples get valid=0")
+    ):
         offset = sample["id"] - first_id
         while offset >= start + batch_size:
             yield start, _decoded(batch, batch_size, count - start, device)

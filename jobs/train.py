@@ -147,11 +147,9 @@ def _refresh_ask(config: TrainConfig):
 
     if not config.refreshes:
         return None
-    bundle = {"CPU": config.refresh_cpus}
-    if config.refresh_gpu_share:
-        bundle["GPU"] = config.refresh_gpu_share
     flags = "--refresh-workers, --refresh-cpus or --refresh-gpus"
-    return Ask("refresh actor", config.refresh_actors, bundle, flags)
+    cpus, gpus = config.refresh_cpus, config.refresh_gpu_share
+    return Ask.of("refresh actor", config.refresh_actors, cpus, gpus, flags)
 
 
 def _plan(config: TrainConfig) -> dict:
@@ -204,9 +202,8 @@ class RefreshLauncher:
     def ask(self):
         from salient.jobs.placement import Ask
 
-        bundle = {"CPU": self.cpus, **({"GPU": self.gpus} if self.gpus else {})}
         flags = "--refresh-workers, --refresh-cpus or --refresh-gpus"
-        return Ask("refresh actor", self.workers, bundle, flags)
+        return Ask.of("refresh actor", self.workers, self.cpus, self.gpus, flags)
 
     def reserve(self):
         """The run's refresh placement group, ready (PlacementError after the timeout)."""

@@ -46,6 +46,7 @@ __all__ = [
     "prefetched",
     "read_images",
     "read_labels",
+    "warn_damaged",
 ]
 
 IMAGE_FIELDS = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm"})
@@ -96,6 +97,17 @@ def iter_samples(
             key = sample["__key__"]
             sample["id"] = int(key) if key.isdigit() else -1
             yield sample
+
+
+def warn_damaged(url: str, consequence: str) -> Handler:
+    """A handler that warns once that the shard at ``url`` is damaged (``consequence``: what
+    happens to its unread samples) and stops reading it; what was read is kept."""
+
+    def handler(exc: Exception) -> bool:
+        warnings.warn(f"shard {url} is damaged ({exc}); {consequence}", stacklevel=2)
+        return False
+
+    return handler
 
 
 def _storage_first(url: str, handler: Handler) -> Handler:
