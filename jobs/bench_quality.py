@@ -106,6 +106,8 @@ def _train_config(root: Path, setup: _Setup, data: str, arm: str):
         seed=0,
         loader_workers=1,
         refresh_batch_size=128,
+        keep_checkpoints=0,  # every epoch's checkpoint: the equal-time probe picks one
+        keep_generations=0,  # every generation: their box lifts are reported
     )
     if arm == "random":
         return TrainConfig(strategy="random", mask_ratio=0.75, throw_ratio=0.0, **shared)
