@@ -1,9 +1,10 @@
 """``salient bench loader``: img/s of the streaming loader beside a bare decode, and mask planning.
 
-- ``bare_img_s`` (per row): a bare single-process PIL decode + ``RandomResizedCrop(224)`` +
-  flip (torchvision transforms on PIL images, uint8 tensors out) over the same shards, their
-  bytes read beforehand — the least any loader must do per image — measured right before and
-  right after the row, so a change of load on the shared machine skews both alike.
+- ``bare_img_s`` (per row): a bare single-process PIL decode + ``RandomResizedCrop(224)`` (with
+  the loader's interpolation, bicubic by default as in MAE) + flip (torchvision transforms on
+  PIL images, uint8 tensors out) over the same shards, their bytes read beforehand — the
+  least any loader must do per image — measured right before and right after the row, so a
+  change of load on the shared machine skews both alike.
 - ``cpu``: the CPU path (DataLoader workers decode with PIL and crop; ``decode="worker"``,
   ``device="cpu"``) at 224 px / patch 16 (N = 196), AMT 45 / 40 masking, with 0, 1 and 2
   DataLoader workers, and with 0 and 2 workers without read prefetching, with one torch
@@ -234,15 +235,29 @@ def _epochs_rate(loader, epochs: int) -> dict:
     }
 
 
+def _loader_interpolation() -> str:
+    from dataclasses import fields
+
+    from salient.pipeline.loader_config import LoaderConfig
+
+    return next(f.default for f in fields(LoaderConfig) if f.name == "interpolation")
+
+
 def _bare_rate(datas: list[bytes]) -> dict:
     """img/s of a bare single-process PIL decode + RandomResizedCrop(224) + flip, uint8 tensors
     out (torchvision's transforms), over image bytes read beforehand; and images per CPU
-    second (what it would do on a core of its own)."""
+    second (what it would do on a core of its own). The crop resamples as the loader does
+    (bicubic by default, MAE's ``RandomResizedCrop(224, interpolation=3)``)."""
     import torchvision.transforms.v2 as T
     from PIL import Image
 
+    mode = T.InterpolationMode[_loader_interpolation().upper()]
     crop = T.Compose(
-        [T.RandomResizedCrop(IMAGE, antialias=True), T.RandomHorizontalFlip(), T.PILToTensor()]
+        [
+            T.RandomResizedCrop(IMAGE, interpolation=mode, antialias=True),
+            T.RandomHorizontalFlip(),
+            T.PILToTensor(),
+        ]
     )
     start, cpu = time.perf_counter(), time.process_time()
     for data_bytes in datas:
