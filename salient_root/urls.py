@@ -189,11 +189,27 @@ def _cause(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"
 
 
+def _rejected_option(exc: BaseException) -> str | None:
+    """The storage option a client refused (``TypeError: … unexpected keyword argument 'x'``,
+    raised when the client first connects), or None."""
+    if not isinstance(exc, TypeError):
+        return None
+    match = re.search(r"unexpected keyword argument '([^']+)'", str(exc))
+    return match.group(1) if match and match.group(1) in _options else None
+
+
 def as_storage_error(url: str, exc: BaseException) -> StorageError | None:
     """``exc`` as one StorageError naming ``url`` when it is a failure of the storage (OSError,
     botocore / aiohttp / google errors); None for anything else."""
     if isinstance(exc, SalientError):
         return None
+    option = _rejected_option(exc)
+    if option is not None:
+        return StorageError(
+            f"{url}: --storage-option {option} is not an option of the {scheme(url)}:// client "
+            f"({str(exc).splitlines()[0][:200]}); see its filesystem's arguments "
+            "(s3fs.S3FileSystem, gcsfs.GCSFileSystem; e.g. config_kwargs={...} for botocore)"
+        )
     module = type(exc).__module__.split(".")[0]
     if isinstance(exc, OSError) or module in {"botocore", "aiobotocore", "aiohttp", "google"}:
         return StorageError(f"{url}: {_cause(exc)}")

@@ -341,6 +341,16 @@ def test_an_unreachable_endpoint_is_one_line(s3, capsys, fresh_clients, monkeypa
     assert f"{s3}/unreachable" in err and "endpoint cannot be reached" in err
 
 
+def test_a_storage_option_the_client_refuses_is_one_line(s3, capsys, fresh_clients):
+    urls.set_storage_options({**OPTIONS, "connect_timeout": 2})  # a botocore name, not s3fs's
+    try:
+        err = _one_line(capsys, _ingest(f"{s3}/badoption"))
+    finally:
+        urls.set_storage_options(OPTIONS)
+    assert f"{s3}/badoption" in err
+    assert "--storage-option connect_timeout is not an option of the s3:// client" in err
+
+
 def socket_closed_port():
     """A port on 127.0.0.1 that nothing listens on (bound, never accepting)."""
     import contextlib
