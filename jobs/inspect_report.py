@@ -5,7 +5,7 @@ no display). Every file is written under a temporary name in ``OUT`` and renamed
 ``index.html`` is written last by the caller, so a report on disk never links a half-written
 image. The page uses relative links and no script: it opens from disk without a server.
 
-The map covers the whole image linearly (docs/DESIGN.md, "Saliency maps"): it is drawn with
+The map covers the whole image linearly (docs/ARCHITECTURE.md, "Saliency maps"): it is drawn with
 ``extent=(0, W, H, 0)`` so cell (u, v) lies over pixels ``[u·W/G, (u+1)·W/G) × [v·H/G,
 (v+1)·H/G)``; the heat overlay is that grid upsampled bilinearly, the mask plan the same grid
 drawn cell by cell (AMT Figure 3: masked grey, thrown black, visible untouched).

@@ -103,7 +103,7 @@ def _axis_overlap(lo: np.ndarray, hi: np.ndarray, size: float, grid: int) -> np.
 def box_coverage(boxes: np.ndarray, image_hw: tuple[int, int], grid: int) -> np.ndarray:
     """Fraction of each map cell inside the box: ``boxes [B, 4]`` (x0, y0, x1, y1 px) ->
     ``c [B, G, G]`` indexed ``[row v, column u]``; cell (u, v) ↔ ``[u·W/G, (u+1)·W/G) ×
-    [v·H/G, (v+1)·H/G)`` (docs/DESIGN.md, "Saliency maps")."""
+    [v·H/G, (v+1)·H/G)`` (docs/ARCHITECTURE.md, "Saliency maps")."""
     height, width = image_hw
     boxes = np.asarray(boxes, dtype=np.float64)
     cover_x = _axis_overlap(boxes[:, 0], boxes[:, 2], width, grid)  # [B, G] over columns u

@@ -10,7 +10,7 @@ the actor reads, decodes, maps and writes as one whole zarr chunk
 ``salient.jobs.shard_pool``, is shared with ``salient eval``). When every shard is done the
 driver publishes.
 
-Failures (docs/DESIGN.md, "Failure semantics"): a worker that dies is replaced and its shard
+Failures (docs/ARCHITECTURE.md, "Failure semantics"): a worker that dies is replaced and its shard
 retried (up to ``max_retries`` times per shard); a driver that dies leaves the generation
 unpublished, and rerunning the same command resumes it, redoing only missing shards. A
 retried shard rewrites the same chunk, so the result is identical to an uninterrupted run.

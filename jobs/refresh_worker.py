@@ -4,7 +4,7 @@
 package so Ray workers can import it: docs/LIBRARY-NOTES.md, "Remote code lives in the
 package"). The unit of work is one shard: one tar file = one contiguous id range = one zarr
 chunk, written whole by one call, so a retried shard rewrites the same bytes and two workers
-never share a chunk (docs/DESIGN.md, "The saliency store").
+never share a chunk (docs/ARCHITECTURE.md, "The saliency store").
 
 Reading and decoding go through ``salient.pipeline.shards`` (the loader's decode too): PIL on
 the CPU; on a GPU worker JPEGs are decoded by nvjpeg and resized on the GPU, other formats and

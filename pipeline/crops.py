@@ -7,7 +7,7 @@ squashed to S×S): map cell ``(u, v)`` is the image region ``[u·W/G, (u+1)·W/G
 onto the output patch grid: each output patch is the mean of bilinear samples of the map
 spread evenly over the patch (area-averaged), and the result is flipped with the image.
 This is the step AMT's official code gets wrong (it slices the map with pixel indices
-divided by the image size, so it always reads the top-left cells; docs/DESIGN.md, "Loader").
+divided by the image size, so it always reads the top-left cells; docs/ARCHITECTURE.md, "Loader").
 
 Images are resampled bicubic by default, as MAE's ``RandomResizedCrop(..., interpolation=3)``
 (SimMIM keeps torchvision's bilinear default): ``INTERPOLATIONS``. Sampling weights are

@@ -3,7 +3,7 @@
 Each scene pastes one object photo (astronaut, chelsea, coffee, …) at a random position,
 scale and flip, with a mild colour jitter, onto a texture background (brick, grass,
 gravel, …). The object's box is known exactly, so saliency quality can be measured: how
-much of a teacher's saliency mass falls inside the box (docs/DESIGN.md, "Data model").
+much of a teacher's saliency mass falls inside the box (docs/ARCHITECTURE.md, "Data model").
 
 Nothing is downloaded: only ``skimage.data`` images that are part of the wheel are used.
 A scene is a pure function of ``(seed, index, image_size, split)``. The ``val`` split draws

@@ -1,6 +1,6 @@
 """The streaming loader: webdataset shards → joint crops of image and map → masks → batches.
 
-Per sample (docs/DESIGN.md, "Loader"), across the modules in the order a sample meets them:
+Per sample (docs/ARCHITECTURE.md, "Loader"), across the modules in the order a sample meets them:
 
 - ``epochs.py`` (pure): the ids each (rank, worker) reads this epoch (``epoch_segments``), the
   batches every rank yields (``batches_per_rank``), the epoch's counts (``EpochStats``).

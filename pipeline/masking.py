@@ -7,7 +7,7 @@ min-max normalised) and an explicit :class:`torch.Generator`, registered in
 ``M = int(N·r)`` masked, ``T = int(N·(r+t)) − M`` thrown, ``V = N − M − T`` visible
 (N=196, r=0.45, t=0.40 → 88 / 78 / 30). The three index sets partition ``0..N−1``.
 
-Strategies (docs/DESIGN.md, "Mask strategies"):
+Strategies (docs/ARCHITECTURE.md, "Mask strategies"):
 
 - ``random`` (MAE): a uniform permutation; the first M are masked.
 - ``block`` (BEiT): rectangles of ``U(min_patches, M)`` patches and log-uniform aspect

@@ -1,6 +1,6 @@
 """The Zarr v3 saliency store: generations of teacher maps, atomic publish, resumable writes.
 
-Layout (docs/DESIGN.md, "The saliency store")::
+Layout (docs/ARCHITECTURE.md, "The saliency store")::
 
     saliency.zarr/              root attrs: format, fingerprint, grid, num_samples, shard_size,
                                 num_shards, current, published {name: time}, replaced {name: time}

@@ -196,7 +196,7 @@ def test_batch_fields_shapes_and_counts(demo_data, box_store):
     batches = run_epoch(loader)
     v, m, t = mask_counts(N, 0.45, 0.40)
     assert (v, m, t) == (10, 28, 26)
-    assert mask_counts(196, 0.45, 0.40) == (30, 88, 78)  # docs/DESIGN.md, "Loader": ViT-B/16
+    assert mask_counts(196, 0.45, 0.40) == (30, 88, 78)  # docs/ARCHITECTURE.md, "Loader": ViT-B/16
     assert len(batches) == len(loader) == 96 // 16
     for b in batches:
         assert b["images"].shape == (16, 3, IMAGE, IMAGE) and b["images"].dtype == torch.float32

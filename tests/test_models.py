@@ -1,4 +1,4 @@
-"""MAE / SimMIM with thrown tokens, and trainer checkpoints (docs/DESIGN.md, "Trainer").
+"""MAE / SimMIM with thrown tokens, and trainer checkpoints (docs/ARCHITECTURE.md, "Trainer").
 
 Micro models (depth 2, embed 32) on 32 px images with 8 px patches: N = 16 patches.
 """

@@ -159,7 +159,7 @@ def train_one_epoch(
     accum_iter: int = 1,
     on_step: Callable[[dict, dict], None] | None = None,
 ) -> dict:
-    """Train on every batch of ``batches`` (loader batches: docs/DESIGN.md, "Loader").
+    """Train on every batch of ``batches`` (loader batches: docs/ARCHITECTURE.md, "Loader").
 
     ``step`` is the global optimiser-step count before this epoch; it indexes the learning
     rate. One step per ``accum_iter`` batches (module docstring). ``on_step(record, batch)``

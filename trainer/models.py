@@ -7,7 +7,7 @@ they are not encoded, not decoded and carry no loss.
 
 The encoder **is** a timm ``VisionTransformer`` (class token, no head) stored as
 ``model.encoder``; ``model.encoder_kwargs`` rebuilds it, so every trainer checkpoint is a
-teacher for the next refresh (docs/DESIGN.md, "Trainer"). Position embeddings are fixed 2-D
+teacher for the next refresh (docs/ARCHITECTURE.md, "Trainer"). Position embeddings are fixed 2-D
 sin-cos, as in MAE (He et al. 2022, and AMT's "absolute position embedding is used in all
 experiments"), for the decoder too; the class token's position is zero. They are frozen
 ``pos_embed`` parameters of the timm encoder, so a plain ``VisionTransformer`` loads them.

@@ -1,7 +1,7 @@
 """Teacher saliency: per-image maps from one attention block of a timm ViT.
 
 The teacher sees the whole image resized to S×S (:func:`preprocess`), so map cell (u, v)
-covers image region (u·W/G, v·H/G) and crops of image and map stay aligned (docs/DESIGN.md,
+covers image region (u·W/G, v·H/G) and crops of image and map stay aligned (docs/ARCHITECTURE.md,
 "Saliency maps"). Kinds, all computed in one block ``b`` (default: the last):
 
 - ``cls_attn`` — AMT eq. 3–4: the softmax row of the CLS query over all keys, prefix (CLS and
@@ -244,7 +244,7 @@ def preprocess(
 
     ``images``: uint8 (0–255) or float (0–1), ``[B,3,H,W]``, ``[3,H,W]`` or a list of ``[3,H,W]``
     of any sizes. Each image is resized whole to S×S (aspect squashed, antialiased bilinear),
-    so the teacher's G×G map covers the image linearly (docs/DESIGN.md, "Saliency maps").
+    so the teacher's G×G map covers the image linearly (docs/ARCHITECTURE.md, "Saliency maps").
     Works on CPU and CUDA.
     """
     if isinstance(images, (list, tuple)):
