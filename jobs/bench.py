@@ -12,7 +12,7 @@ import importlib
 import inspect
 import json
 import platform
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from salient.errors import SalientError
 
@@ -90,12 +90,15 @@ class BenchConfig:
             raise SalientError(f"--device must be auto, cpu or cuda[:N] (got {self.device!r})")
 
 
+_COMMON = ("what", "quick", "device", "out")  # BenchConfig fields that are not options
+
+
 def run_bench_job(config: BenchConfig) -> dict:
     """The ``salient bench`` job: run the benchmark; append its JSON line to ``out`` if given
     (a benchmark that writes its own files, such as gpu, takes ``out`` as its directory)."""
-    # only what was given: a benchmark refuses options it does not take
-    names = ("data", "epochs", "n", "image_size", "label_teacher", "keep")
-    options = {k: getattr(config, k) for k in names if getattr(config, k) not in (None, False)}
+    # every option field given (a benchmark refuses options it does not take)
+    given = {f.name: getattr(config, f.name) for f in fields(config) if f.name not in _COMMON}
+    options = {k: v for k, v in given.items() if v not in (None, False)}
     writes_own = "out" in inspect.signature(_bench_fn(config.what)).parameters
     if writes_own:
         options["out"] = config.out

@@ -235,14 +235,6 @@ def _epochs_rate(loader, epochs: int) -> dict:
     }
 
 
-def _loader_interpolation() -> str:
-    from dataclasses import fields
-
-    from salient.pipeline.loader_config import LoaderConfig
-
-    return next(f.default for f in fields(LoaderConfig) if f.name == "interpolation")
-
-
 def _bare_rate(datas: list[bytes]) -> dict:
     """img/s of a bare single-process PIL decode + RandomResizedCrop(224) + flip, uint8 tensors
     out (torchvision's transforms), over image bytes read beforehand; and images per CPU
@@ -251,7 +243,9 @@ def _bare_rate(datas: list[bytes]) -> dict:
     import torchvision.transforms.v2 as T
     from PIL import Image
 
-    mode = T.InterpolationMode[_loader_interpolation().upper()]
+    from salient.pipeline.loader_config import LoaderConfig
+
+    mode = T.InterpolationMode[LoaderConfig.interpolation.upper()]  # the loader's default
     crop = T.Compose(
         [
             T.RandomResizedCrop(IMAGE, interpolation=mode, antialias=True),

@@ -299,10 +299,10 @@ def _compute_features(config: EvalConfig, teacher, spec, caches: dict, datasets:
     """Fill every missing shard of the caches on Ray; returns shards computed per split."""
     from salient import urls
     from salient.jobs.eval_worker import FeatureWorker
-    from salient.jobs.placement import Ask, check_refresh, cluster_nodes, reserve
+    from salient.jobs.placement import Ask
     from salient.jobs.progress import progress_bar
     from salient.jobs.ray_env import ensure_ray
-    from salient.jobs.shard_pool import ShardPool, run_shards
+    from salient.jobs.shard_pool import run_shards, started_pool
 
     tasks = _tasks(caches, datasets)
     computed = dict.fromkeys(caches, 0)
@@ -314,24 +314,18 @@ def _compute_features(config: EvalConfig, teacher, spec, caches: dict, datasets:
     flags = "--workers, --cpus-per-worker or --gpus-per-worker"
     count = min(config.workers, len(tasks))
     ask = Ask.of("feature actor", count, config.cpus_per_worker, config.gpus_per_worker, flags)
-    check_refresh(cluster_nodes(), ask)  # per node first: one line, no wait
-    group = reserve(ask, config.placement_timeout_s)
     caches_at = {split: cache.url for split, cache in caches.items()}
-    try:
-        args = (ray.put(teacher.model), spec, caches_at, urls.carry())
-        pool = ShardPool(FeatureWorker, args, ask, group, config.placement_timeout_s)
-        try:
-            with progress_bar(len(tasks), "feature shards") as advance:
+    args = (ray.put(teacher.model), spec, caches_at, urls.carry())
+    with (
+        started_pool(FeatureWorker, args, ask, config.placement_timeout_s) as pool,
+        progress_bar(len(tasks), "feature shards") as advance,
+    ):
 
-                def done(result: dict) -> None:
-                    computed[result["split"]] += 1
-                    advance(1)
+        def done(result: dict) -> None:
+            computed[result["split"]] += 1
+            advance(1)
 
-                run_shards(pool, tasks, config.max_retries, done, _give_up)
-        finally:
-            pool.shutdown()
-    finally:
-        ray.util.remove_placement_group(group)
+        run_shards(pool, tasks, config.max_retries, done, _give_up)
     return computed
 
 

@@ -7,8 +7,9 @@ free on some node". A plan computed from cluster totals can leave an actor pendi
 - :func:`pack` is a pure bin-packing of bundles (``{"CPU": c, "GPU": g}``) onto nodes, with
   Ray's GPU rules: a fraction of a GPU must fit on one device, a whole number takes whole
   devices. :func:`plan_train` sizes the train workers beside the refresh actors with it;
-  :func:`check_refresh` checks a refresh's actors. Both raise one :class:`PlacementError`
-  line saying what is missing and which flag changes it. No Ray: tested with made-up nodes.
+  :func:`check_refresh` checks a job's actors (refresh, eval). Both raise one
+  :class:`PlacementError` line saying what is missing and which flag changes it. No Ray:
+  tested with made-up nodes.
 - :func:`cluster_nodes` reads the live nodes from Ray; :func:`reserve` reserves bundles in a
   Ray placement group and waits for them a bounded time; :func:`probe` checks that bundles
   can be placed now and gives them back (Ray Train makes its own group for the workers, and
@@ -160,7 +161,8 @@ def _refuse(ask: Ask, nodes: Sequence[NodeFree], beside: str = "") -> PlacementE
 
 
 def check_refresh(nodes: Sequence[NodeFree], ask: Ask) -> list[int]:
-    """The node of each refresh actor (spread), or PlacementError naming ``ask.flags``."""
+    """The node of each of a job's actors (spread; refresh and eval actors alike), or
+    PlacementError naming ``ask.flags``."""
     placed = pack(nodes, [ask.bundle] * ask.count, spread=True)
     if placed is None:
         raise _refuse(ask, nodes)

@@ -381,38 +381,23 @@ def _compute(
     placement,
 ) -> _Tally:
     from salient import urls
-    from salient.jobs.placement import check_refresh, cluster_nodes, reserve
     from salient.jobs.ray_env import ensure_ray
     from salient.jobs.refresh_worker import RefreshWorker
-    from salient.jobs.shard_pool import ShardPool
+    from salient.jobs.shard_pool import started_pool
 
     ensure_ray(config.address)  # before Ray is imported: it reads its auth mode then
     import ray
 
-    own = placement is None
-    if own:  # per node first (one line, no wait), then Ray's reservation (a bounded wait)
-        check_refresh(cluster_nodes(), config.ask())
-        placement = reserve(config.ask(), config.placement_timeout_s)
-    try:
-        args = (ray.put(teacher.model), worker_spec(config, teacher, spec, writer.name))
-        # the storage options travel along with the teacher
-        pool = ShardPool(
-            RefreshWorker,
-            (*args, urls.carry()),
-            config.ask(),
-            placement,
-            config.placement_timeout_s,
-        )
-        total, done = len(dataset.shards), len(dataset.shards) - len(todo)
-        report = _Report(total, done, writer.name, progress)
-        try:
-            with _progress(total, done, progress) as bar:
-                return _run_shards(config, dataset, pool, todo, bar, on_shard_done, report)
-        finally:
-            pool.shutdown()
-    finally:
-        if own:
-            ray.util.remove_placement_group(placement)
+    # the storage options travel along with the teacher
+    args = (ray.put(teacher.model), worker_spec(config, teacher, spec, writer.name), urls.carry())
+    ask, timeout_s = config.ask(), config.placement_timeout_s
+    total, done = len(dataset.shards), len(dataset.shards) - len(todo)
+    report = _Report(total, done, writer.name, progress)
+    with (
+        started_pool(RefreshWorker, args, ask, timeout_s, placement) as pool,
+        _progress(total, done, progress) as bar,
+    ):
+        return _run_shards(config, dataset, pool, todo, bar, on_shard_done, report)
 
 
 def run_refresh(

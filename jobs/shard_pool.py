@@ -17,13 +17,14 @@ Importing this module touches no Ray.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 
 from salient.errors import SalientError
 
-__all__ = ["IN_FLIGHT", "ShardPool", "run_shards"]
+__all__ = ["IN_FLIGHT", "ShardPool", "run_shards", "started_pool"]
 
 IN_FLIGHT = 2  # shards queued per actor: the next one waits in the actor while one computes
 _POLL_S = 2.0  # how often the driver checks that every actor was placed
@@ -42,7 +43,6 @@ class ShardPool:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         self._ask, self._timeout_s, self._args = ask, timeout_s, args
-        self.what = ask.what
         self._cls = ray.remote(worker_cls)
         self._options = {
             "num_cpus": ask.bundle.get("CPU", 0),
@@ -62,6 +62,10 @@ class ShardPool:
         actor = self._cls.options(**options).remote(*self._args)
         self.actors[index] = actor
         self._waiting[index] = (actor.__ray_ready__.remote(), time.monotonic())
+
+    @property
+    def what(self) -> str:
+        return self._ask.what
 
     def replace(self, index: int) -> None:
         import ray
@@ -93,6 +97,32 @@ class ShardPool:
 
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
+
+
+@contextlib.contextmanager
+def started_pool(
+    worker_cls: type, args: tuple, ask, timeout_s: float, group=None
+) -> Iterator[ShardPool]:
+    """A :class:`ShardPool` in ``group``, shut down on exit. Without a ``group`` the job gets
+    its own: ``ask`` checked against each node first (one line, no wait), then reserved
+    within ``timeout_s`` (``salient.jobs.placement``), and removed on exit."""
+    import ray
+
+    from salient.jobs.placement import check_refresh, cluster_nodes, reserve
+
+    own = group is None
+    if own:
+        check_refresh(cluster_nodes(), ask)
+        group = reserve(ask, timeout_s)
+    try:
+        pool = ShardPool(worker_cls, args, ask, group, timeout_s)
+        try:
+            yield pool
+        finally:
+            pool.shutdown()
+    finally:
+        if own:
+            ray.util.remove_placement_group(group)
 
 
 def run_shards(
