@@ -6,7 +6,8 @@ float, bool, None), so ``torch.load(path, weights_only=True)`` reads it (docs/IN
 
     {"format": "salient-checkpoint/1", "config": {..., "model": "mae-tiny"},
      "encoder_kwargs": {...}, "encoder": encoder state_dict, "decoder_kwargs": {...},
-     "model": full state_dict, "optimizer", "scheduler", "epoch", "step", "generation"}
+     "model": full state_dict, "optimizer", "scheduler", "epoch", "step", "generation",
+     "hooks": the family's step-hook state (a side optimiser's)}
 
 ``encoder_kwargs`` + ``encoder`` rebuild the timm ``VisionTransformer`` without importing the
 trainer, so every checkpoint is a teacher for the next refresh. Writes go to
@@ -154,8 +155,12 @@ def save_checkpoint(
     step: int,
     generation: str | None,
     config: dict[str, Any],
+    hooks: dict[str, Any] | None = None,
 ) -> Path:
     """Write a checkpoint atomically (``.partial`` then ``os.replace``); returns ``path``.
+
+    ``hooks`` is what the family's step hooks keep (``StepHooks.state_dict``: a side
+    optimiser's state), restored on resume.
 
     ``model`` may be wrapped in DDP or ``torch.compile``; it must carry ``name``,
     ``encoder_kwargs``, ``decoder_kwargs`` and ``encoder`` (``salient.trainer.models``).
@@ -175,6 +180,7 @@ def save_checkpoint(
         "epoch": int(epoch),
         "step": int(step),
         "generation": generation,
+        "hooks": hooks or {},
     }
     path = Path(path)
     partial = path.with_name(path.name + ".partial")

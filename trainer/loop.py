@@ -33,15 +33,13 @@ from timm.optim import param_groups_weight_decay
 from torch import nn
 
 from salient.errors import SalientError
-from salient.pipeline.masking import MaskPlan
+from salient.trainer.family import FAMILIES, Family, Progress, StepHooks
 
 __all__ = [
     "TrainError",
     "WarmupCosine",
     "autocast_for",
     "build_optimizer",
-    "loss_targets",
-    "move_batch",
     "param_checksum",
     "train_one_epoch",
 ]
@@ -113,25 +111,6 @@ def autocast_for(device: torch.device, bf16: bool) -> AbstractContextManager:
     return nullcontext()
 
 
-def move_batch(batch: dict, device: torch.device) -> tuple[torch.Tensor, MaskPlan]:
-    """A loader batch -> ``images [B,3,S,S]`` and its ``MaskPlan`` on ``device``."""
-    put = lambda t: t.to(device, non_blocking=True)  # noqa: E731 - one use, four tensors
-    plan = MaskPlan(put(batch["visible_idx"]), put(batch["mask_idx"]), put(batch["throw_idx"]))
-    return put(batch["images"]), plan
-
-
-def loss_targets(batch: dict, device: torch.device) -> dict:
-    """The model's extra loss targets of a batch on ``device``: GPA's ``gpa_target [B, N]``
-    with ``gpa_valid [B]`` (samples that have a map) when the loader made them."""
-    if "gpa_target" not in batch:
-        return {}
-    valid = torch.as_tensor(batch["has_saliency"])
-    return {
-        "gpa_target": batch["gpa_target"].to(device, non_blocking=True),
-        "gpa_valid": valid.to(device, non_blocking=True),
-    }
-
-
 def param_checksum(model: nn.Module) -> float:
     """The sum of every parameter in float64: equal on every DDP rank after each step."""
     with torch.no_grad():
@@ -158,22 +137,29 @@ def train_one_epoch(
     clip_grad: float | None = None,
     accum_iter: int = 1,
     on_step: Callable[[dict, dict], None] | None = None,
+    family: Family = FAMILIES["mae"],
+    hooks: StepHooks | None = None,
+    steps_per_epoch: int = 0,
 ) -> dict:
     """Train on every batch of ``batches`` (loader batches: docs/ARCHITECTURE.md, "Loader").
 
     ``step`` is the global optimiser-step count before this epoch; it indexes the learning
-    rate. One step per ``accum_iter`` batches (module docstring). ``on_step(record, batch)``
-    gets each step's metrics (``step``, ``lr``, ``loss``, ``grad_norm``, ``images``,
-    ``img_per_s``, ``with_saliency``, ``generation``) after the optimiser step, with the
-    step's ``ids`` / ``has_saliency`` / ``generation`` as ``batch``. Returns this process's
-    epoch totals: ``epoch``, ``steps``, ``step`` (the global count after the epoch),
-    ``images``, ``loss_sum`` (per-batch losses × batch size), ``with_saliency``, ``seconds``,
+    rate. One step per ``accum_iter`` batches (module docstring). ``family`` runs the model on
+    a batch (``salient.trainer.family``; MAE's and SimMIM's by default) and ``hooks`` are its
+    per-step work (schedules, an EMA update, a side optimiser; ``steps_per_epoch`` tells them
+    where a step stands). ``on_step(record, batch)`` gets each step's metrics (``step``,
+    ``lr``, ``loss``, ``grad_norm``, ``images``, ``img_per_s``, ``with_saliency``,
+    ``generation``, and the family's own scalars) after the optimiser step, with the step's
+    ``ids`` / ``has_saliency`` / ``generation`` as ``batch``. Returns this process's epoch
+    totals: ``epoch``, ``steps``, ``step`` (the global count after the epoch), ``images``,
+    ``loss_sum`` (per-batch losses × batch size), ``with_saliency``, ``seconds``,
     ``generation`` (of the last batch); dropped batches (after the last full step) are not
     counted.
 
     Raises:
         TrainError: a loss that is not finite (lower the learning rate, check the data).
     """
+    hooks = hooks or StepHooks()
     model.train()
     totals = {
         "epoch": epoch,
@@ -184,23 +170,28 @@ def train_one_epoch(
         "generation": None,
     }
     optimizer.zero_grad(set_to_none=True)
-    group: list[tuple[dict, float]] = []  # (batch, loss) of the step being accumulated
+    group: list[tuple[dict, float, dict]] = []  # (batch, loss, metrics) of the step
     start = tick = time.perf_counter()
     for batch in batches:
+        progress = Progress(step, schedule.total_steps, steps_per_epoch, epoch)
         if not group:
             lr = schedule.apply(optimizer, step)  # lr (MAE: at the first batch of a step)
-        images, plan = move_batch(batch, device)
+            hooks.before_step(optimizer, progress)
         last = len(group) + 1 == accum_iter
+        side = hooks.side_step(batch, last, progress)
         with _sync_if(model, last):  # DDP all-reduces in the last batch's backward only
             with autocast_for(device, bf16):
-                loss, _ = model(images, plan, **loss_targets(batch, device))  # forward
+                loss, metrics = family.forward(model, batch, device)  # forward
             (loss / accum_iter if accum_iter > 1 else loss).backward()  # backward
-        group.append((batch, _finite(loss.item(), step + 1, epoch)))
+        scalars = {**side, **{k: float(v) for k, v in metrics.items()}}
+        group.append((batch, _finite(loss.item(), step + 1, epoch), scalars))
         if not last:
             continue
         grad_norm = _clip(model, clip_grad)  # clip
+        hooks.before_optimizer_step(progress)
         optimizer.step()  # step
         optimizer.zero_grad(set_to_none=True)
+        hooks.after_step(progress)
         step += 1
         now = time.perf_counter()  # log
         record, merged = _step_record(group, step, lr, grad_norm, now - tick)
@@ -228,10 +219,10 @@ def _finite(loss: float, step: int, epoch: int) -> float:
 
 
 def _step_record(
-    group: list[tuple[dict, float]], step: int, lr: float, grad_norm: float, seconds: float
+    group: list[tuple[dict, float, dict]], step: int, lr: float, grad_norm: float, seconds: float
 ) -> tuple[dict, dict]:
     """The step's record, and its batches merged (ids, has_saliency, generation)."""
-    batches = [batch for batch, _ in group]
+    batches = [batch for batch, _, _ in group]
     sizes = [len(batch["ids"]) for batch in batches]
     images = sum(sizes)
     has_saliency = torch.cat([torch.as_tensor(b["has_saliency"]).cpu() for b in batches])
@@ -243,7 +234,7 @@ def _step_record(
     if len(group) == 1:
         loss = group[0][1]  # exactly the batch's loss
     else:
-        loss = sum(n * value for n, (_, value) in zip(sizes, group)) / images
+        loss = sum(n * value for n, (_, value, _) in zip(sizes, group)) / images
     record = {
         "step": step,
         "lr": lr,
@@ -254,12 +245,14 @@ def _step_record(
         "with_saliency": int(has_saliency.sum()),
         "generation": merged["generation"],
     }
+    for key in group[0][2]:  # the family's scalars, weighted by batch size like the loss
+        record[key] = sum(n * scalars[key] for n, (_, _, scalars) in zip(sizes, group)) / images
     return record, merged
 
 
-def _accumulate(totals: dict, record: dict, group: list[tuple[dict, float]]) -> None:
+def _accumulate(totals: dict, record: dict, group: list[tuple[dict, float, dict]]) -> None:
     totals["steps"] += 1
     totals["images"] += record["images"]
-    totals["loss_sum"] += sum(len(batch["ids"]) * loss for batch, loss in group)
+    totals["loss_sum"] += sum(len(batch["ids"]) * loss for batch, loss, _ in group)
     totals["with_saliency"] += record["with_saliency"]
     totals["generation"] = record["generation"]
