@@ -10,7 +10,7 @@ kept out of the config); ``train`` takes ``--recipe NAME``.
 A job module is imported only when its sub-command runs (or shows its help), so ``salient
 --help`` stays fast. A :class:`~salient.errors.SalientError` is printed as one line (what is
 wrong, what to do) with exit code 2, also when Ray wrapped it (raised in a task, an actor or a
-train worker: ``salient.jobs.ray_env.user_error``); anything else is a bug and keeps its
+train worker: ``salient.jobs.runtime.ray_env.user_error``); anything else is a bug and keeps its
 traceback. A run
 function's result is printed as one JSON line (a dict) or as text (a str).
 """
@@ -23,8 +23,10 @@ import json
 import sys
 from dataclasses import dataclass
 
-from salient import __version__
+from salient import __version__, urls
 from salient.errors import SalientError
+from salient.jobs.flags import add_config_flags, build_config, config_dict
+from salient.jobs.runtime.ray_env import user_error
 
 __all__ = ["COMMANDS", "build_parser", "entry", "main"]
 
@@ -62,7 +64,7 @@ COMMANDS: dict[str, Command] = {
         "the warmup epochs and until a generation exists; then the strategy. Every "
         "--refresh-every epochs a refresh from the latest checkpoint writes a new generation, "
         "used from the next epoch boundary. --recipe NAME starts from a paper's settings.",
-        presets="recipes:RECIPES"),
+        presets="train.recipes:RECIPES"),
     "inspect": Command(
         "inspect", "InspectConfig", "run_inspect",
         "stats, overlays, mask plans and an HTML report of the maps",
@@ -134,7 +136,6 @@ def _presets(command: Command) -> dict | None:
 
 def build_parser(name: str) -> argparse.ArgumentParser:
     """The parser of sub-command ``name``: one flag per config field, plus the config flags."""
-    from salient.jobs.flags import add_config_flags
 
     command = COMMANDS[name]
     parser = _Parser(prog=f"salient {name}", description=command.description)
@@ -177,7 +178,6 @@ _CONTROL = ("config", "print_config", "recipe", "storage_option")
 
 
 def _run(name: str, argv: list[str]) -> int:
-    from salient.jobs.flags import build_config, config_dict
 
     command = COMMANDS[name]
     args = vars(build_parser(name).parse_args(argv))
@@ -189,8 +189,6 @@ def _run(name: str, argv: list[str]) -> int:
         print(json.dumps(config_dict(config), indent=2))
         return 0
     if args["storage_option"]:  # process-wide, carried to the job's workers (salient.urls)
-        from salient import urls
-
         urls.set_storage_options(urls.parse_storage_options(args["storage_option"]))
     run = getattr(importlib.import_module(f"salient.jobs.{command.module}"), command.run)
     result = run(config)
@@ -211,8 +209,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(top.command, top.args)
     except Exception as exc:  # ours, or ours inside Ray's wrappers: one line, exit 2
-        from salient.jobs.ray_env import user_error
-
         error = user_error(exc)
         if error is None:
             raise  # a bug: its traceback is the report

@@ -39,6 +39,15 @@ from pathlib import Path
 
 from salient import urls
 from salient.errors import SalientError
+from salient.jobs.eval.driver import EvalConfig, run_eval
+from salient.jobs.inspect.driver import InspectConfig, run_inspect
+from salient.jobs.runtime.progress import progress_bar
+from salient.jobs.train.driver import TrainConfig, run_train
+from salient.pipeline.ingest import ingest_demo
+from salient.pipeline.manifest import DatasetError, open_dataset
+from salient.pipeline.shards import iter_samples
+from salient.store import SaliencyStore
+from salient.trainer.checkpoint import latest_checkpoint, load_checkpoint
 
 __all__ = ["DemoConfig", "human_summary", "run_demo", "summarize_dataset"]
 
@@ -107,8 +116,6 @@ class DemoConfig:
 
 def summarize_dataset(data: str | Path) -> dict:
     """Classes and object-box statistics of a demo dataset, read back from its shards."""
-    from salient.pipeline.manifest import open_dataset
-    from salient.pipeline.shards import iter_samples
 
     dataset = open_dataset(data)
     labels: Counter[int] = Counter()
@@ -143,9 +150,6 @@ def _locations(config: DemoConfig, out: Path) -> tuple[str, str, str]:
 
 
 def _stage_ingest(config: DemoConfig, data: str, split: str = "train") -> dict:
-    from salient.jobs.progress import progress_bar
-    from salient.pipeline.ingest import ingest_demo
-    from salient.pipeline.manifest import DatasetError, open_dataset
 
     n = config.n if split == "train" else config.val_n
     stage = "ingest" if split == "train" else "ingest_val"
@@ -176,8 +180,6 @@ def _stage_ingest(config: DemoConfig, data: str, split: str = "train") -> dict:
 
 
 def _train_config(config: DemoConfig, out: Path):
-    from salient.jobs.train import TrainConfig
-    from salient.trainer.checkpoint import latest_checkpoint, load_checkpoint
 
     run_dir = out / "run"
     latest = latest_checkpoint(run_dir)
@@ -208,7 +210,6 @@ def _train_config(config: DemoConfig, out: Path):
 
 
 def _stage_train(config: DemoConfig, out: Path) -> dict:
-    from salient.jobs.train import run_train
 
     train, done = _train_config(config, out)
     if done:
@@ -218,8 +219,6 @@ def _stage_train(config: DemoConfig, out: Path) -> dict:
 
 
 def _stage_inspect(config: DemoConfig, out: Path) -> dict:
-    from salient.jobs.inspect import InspectConfig, run_inspect
-    from salient.store import SaliencyStore
 
     data, _, store = _locations(config, out)
     published = [
@@ -288,8 +287,6 @@ def human_summary(result: dict, summary_file: Path) -> str:
 
 def _stage_eval(config: DemoConfig, out: Path) -> dict:
     """k-NN of the final checkpoint and of its run's random init on the held-out split."""
-    from salient.jobs.eval import EvalConfig, run_eval
-    from salient.trainer.checkpoint import latest_checkpoint
 
     data, val, _ = _locations(config, out)
     result = run_eval(

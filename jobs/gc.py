@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from salient.errors import SalientError
+from salient.store import SaliencyStore
 
 __all__ = ["GcConfig", "run_gc"]
 
@@ -45,7 +46,6 @@ def run_gc(config: GcConfig) -> str:
 
     Raises StoreNotFoundError, StoreDamagedError, StoreError.
     """
-    from salient.store import SaliencyStore
 
     store = SaliencyStore.open(config.store)
     plan = store.gc_plan(config.keep, config.grace_s)

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from salient.pipeline.ingest import IngestError
+from salient.jobs.runtime.progress import progress_bar
+from salient.pipeline.demo import DEMO_SPLITS
+from salient.pipeline.ingest import IngestError, ingest_demo, ingest_folder
 
 __all__ = ["IngestConfig", "run_ingest"]
 
 
 def _demo_splits() -> tuple[str, ...]:
-    from salient.pipeline.demo import DEMO_SPLITS
 
     return tuple(DEMO_SPLITS)
 
@@ -71,8 +72,6 @@ class IngestConfig:
 def run_ingest(config: IngestConfig) -> dict:
     """Run the ingest; returns the JSON summary (out, images, shards, skipped, classes,
     fingerprint). Raises IngestError for bad input (see :mod:`salient.pipeline.ingest`)."""
-    from salient.jobs.progress import progress_bar
-    from salient.pipeline.ingest import ingest_demo, ingest_folder
 
     if config.demo:
         with progress_bar(config.n, "demo scenes") as bar:

@@ -29,11 +29,13 @@ from PIL import Image
 
 from salient import urls
 from salient.errors import SalientError
+from salient.pipeline.demo import DEMO_OBJECTS, DEMO_SPLITS, make_scene
 from salient.pipeline.manifest import (
     MANIFEST_NAME,
     Manifest,
     ShardInfo,
     fingerprint,
+    open_dataset,
     sample_key,
     shard_name,
 )
@@ -229,7 +231,6 @@ def _match_classes(
     Raises IngestError when SRC is flat, the dataset has no classes, or the class folders are
     not exactly its classes (a held-out split must be labelled as its training set).
     """
-    from salient.pipeline.manifest import open_dataset
 
     wanted = open_dataset(classes_from).manifest.classes
     if not wanted:
@@ -297,7 +298,6 @@ def ingest_folder(
 def _demo_samples(
     n: int, seed: int, image_size: int, quality: int, split: str, progress: Callable[[int], None]
 ) -> Iterator[Sample]:
-    from salient.pipeline.demo import make_scene
 
     for index in range(n):
         scene = make_scene(seed, index, image_size, split)
@@ -327,7 +327,6 @@ def ingest_demo(
     Raises:
         IngestError: OUT unusable, n < 1, image_size < 32, bad shard size, unknown split.
     """
-    from salient.pipeline.demo import DEMO_OBJECTS, DEMO_SPLITS
 
     _check_shard_size(shard_size)
     if split not in DEMO_SPLITS:

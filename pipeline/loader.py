@@ -60,6 +60,7 @@ from salient.pipeline.stages import (
     keep_as_is,
     reuse_freed_memory,
 )
+from salient.store import SaliencyStore, store_exists
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -252,7 +253,7 @@ class SalientLoader:
         """No more DataLoader workers than shards' worth of samples on this rank: beyond that
         workers would stream the same tar for a handful of samples each."""
         per_rank = self.dataset.num_samples // self.config.world_size
-        shards_worth = max(1, math.ceil(per_rank / self.dataset.manifest.shard_size))
+        shards_worth = max(1, math.ceil(per_rank / self.dataset.shard_size))
         return min(self.config.num_workers, shards_worth)
 
     # ------------------------------------------------------------ the generation
@@ -297,7 +298,6 @@ class SalientLoader:
         url = self.config.store
         if self._store is not None or url is None:
             return self._store
-        from salient.store import SaliencyStore, store_exists
 
         if not store_exists(url):
             return None  # not created yet: the first refresh creates it

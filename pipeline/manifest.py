@@ -115,6 +115,10 @@ class Dataset:
         return self.manifest.num_samples
 
     @property
+    def shard_size(self) -> int:
+        return self.manifest.shard_size
+
+    @property
     def fingerprint(self) -> str:
         return self.manifest.fingerprint
 
@@ -131,7 +135,7 @@ class Dataset:
                 f"sample id {sample_id} is out of range: the dataset at {self.root} "
                 f"holds ids 0..{self.num_samples - 1}"
             )
-        return self.shards[sample_id // self.manifest.shard_size]
+        return self.shards[sample_id // self.shard_size]
 
 
 def _read_manifest(root: str) -> Manifest:

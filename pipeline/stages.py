@@ -41,6 +41,7 @@ from salient.pipeline.crops import (
 )
 from salient.pipeline.epochs import Segment, epoch_segments, mix_seed
 from salient.pipeline.manifest import ShardInfo
+from salient.store import SaliencyStore
 
 __all__ = [
     "CountingHandler",
@@ -343,7 +344,6 @@ def _bind_reader(url: str | None, generation: str | None):
     """A reader of ``generation`` opened in this process (workers do not share handles)."""
     if url is None or generation is None:
         return None
-    from salient.store import SaliencyStore
 
     return SaliencyStore.open(url).bind(generation)
 

@@ -12,8 +12,10 @@ import json
 import os
 import re
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Protocol
 
 import zarr
 
@@ -134,11 +136,39 @@ def positive_int(value, what: str) -> int:
 # ---------------------------------------------------------------- checks against a store
 
 
-def dataset_layout(dataset, grid: int) -> Layout:
+class StoredShard(Protocol):
+    """What the store reads of a shard: its id range."""
+
+    first_id: int
+
+    @property
+    def stop_id(self) -> int: ...
+
+
+class StoredDataset(Protocol):
+    """What the store reads of a dataset (``salient.pipeline.manifest.Dataset`` is one;
+    ``salient.store.testing.SyntheticDataset`` another)."""
+
+    root: str
+
+    @property
+    def num_samples(self) -> int: ...
+
+    @property
+    def shard_size(self) -> int: ...
+
+    @property
+    def fingerprint(self) -> str: ...
+
+    @property
+    def shards(self) -> Sequence[StoredShard]: ...
+
+
+def dataset_layout(dataset: StoredDataset, grid: int) -> Layout:
     """The store layout of ``dataset``; StoreError when its shards are not contiguous."""
     layout = Layout(
         dataset.num_samples,
-        positive_int(dataset.manifest.shard_size, "shard_size"),
+        positive_int(dataset.shard_size, "shard_size"),
         positive_int(grid, "grid"),
     )
     found = [(s.first_id, s.stop_id) for s in dataset.shards]

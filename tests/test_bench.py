@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 
 from salient.errors import SalientError
-from salient.jobs.bench import BENCHES, run_bench
-from salient.jobs.bench_quality import _setup, equal_time_epoch
+from salient.jobs.bench.driver import BENCHES, run_bench
+from salient.jobs.bench.quality import _setup, equal_time_epoch
 
 
 def test_equal_time_epoch_counts_the_epochs_ended_within_the_budget():

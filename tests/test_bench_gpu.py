@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from salient.jobs.bench_gpu import FIGURES_FILE
+from salient.jobs.bench.gpu import FIGURES_FILE
 from salient.jobs.cli import main
 
 LIMITED = {  # figure -> the limit it is measured against

@@ -186,7 +186,7 @@ def maps_of(store: Path) -> np.ndarray:
 def test_refresh_spreads_over_both_nodes_survives_a_killed_actor_and_matches_one_node(
     cluster, ray_session, demo_data, teacher, tmp_path
 ):
-    from salient.jobs.refresh import RefreshConfig, run_refresh
+    from salient.jobs.refresh.driver import RefreshConfig, run_refresh
 
     common = {"data": str(demo_data), "teacher": str(teacher), "image_size": 32, "batch_size": 32}
     run_refresh(

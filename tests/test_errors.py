@@ -10,7 +10,7 @@ import pytest
 import zarr
 
 from salient.jobs.cli import main
-from salient.jobs.ray_env import user_error
+from salient.jobs.runtime.ray_env import user_error
 from salient.store import SaliencyStore, StoreError
 
 
@@ -39,8 +39,8 @@ def test_an_actor_that_cannot_start_is_one_line(ray_session, tmp_path):
     from timm.models.vision_transformer import VisionTransformer
 
     from salient.errors import SalientError
-    from salient.jobs.refresh_worker import RefreshWorker, WorkerSpec
-    from salient.jobs.shard_pool import _check_started
+    from salient.jobs.refresh.worker import RefreshWorker, WorkerSpec
+    from salient.jobs.runtime.shard_pool import _check_started
 
     ray = ray_session
     spec = WorkerSpec(

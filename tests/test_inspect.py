@@ -18,8 +18,14 @@ import zarr
 from PIL import Image
 
 from salient.errors import SalientError
-from salient.jobs.inspect import SHADES, InspectConfig, InspectError, print_sample, run_inspect
-from salient.jobs.inspect_stats import (
+from salient.jobs.inspect.driver import (
+    SHADES,
+    InspectConfig,
+    InspectError,
+    print_sample,
+    run_inspect,
+)
+from salient.jobs.inspect.stats import (
     HIST_BINS,
     box_coverage,
     map_entropy,

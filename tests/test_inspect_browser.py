@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from salient.jobs.inspect import InspectConfig, run_inspect
+from salient.jobs.inspect.driver import InspectConfig, run_inspect
 
 CHROMIUM, DRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"

@@ -25,9 +25,9 @@ from timm.models.vision_transformer import VisionTransformer
 
 from salient import urls
 from salient.jobs.cli import main
-from salient.jobs.inspect import InspectConfig, run_inspect
-from salient.jobs.refresh import RefreshConfig, run_refresh
-from salient.jobs.train import TrainConfig, run_train
+from salient.jobs.inspect.driver import InspectConfig, run_inspect
+from salient.jobs.refresh.driver import RefreshConfig, run_refresh
+from salient.jobs.train.driver import TrainConfig, run_train
 from salient.pipeline.ingest import ingest_demo
 from salient.pipeline.loader import LoaderConfig, SalientLoader
 from salient.pipeline.manifest import open_dataset
@@ -206,7 +206,7 @@ def test_dataloader_workers_read_s3_like_local_disk(flows):
 def _driver(config: RefreshConfig, log: Path) -> subprocess.Popen:
     code = (
         "import json, os, sys\nfrom salient import urls\n"
-        "from salient.jobs.refresh import RefreshConfig, run_refresh\n"
+        "from salient.jobs.refresh.driver import RefreshConfig, run_refresh\n"
         "urls.set_storage_options(json.loads(os.environ['SALIENT_TEST_OPTIONS']))\n"
         "run_refresh(RefreshConfig(**json.loads(sys.argv[1])), progress=False)\n"
     )

@@ -9,8 +9,15 @@ from __future__ import annotations
 
 import pytest
 
-from salient.jobs.placement import Ask, NodeFree, PlacementError, check_refresh, pack, plan_train
-from salient.jobs.train_config import TrainConfig
+from salient.jobs.runtime.placement import (
+    Ask,
+    NodeFree,
+    PlacementError,
+    check_refresh,
+    pack,
+    plan_train,
+)
+from salient.jobs.train.config import TrainConfig
 
 TWO_SMALL = [NodeFree("a", 1.0), NodeFree("b", 1.0)]
 

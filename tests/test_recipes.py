@@ -1,6 +1,6 @@
 """Recipes: each resolves to its paper's numbers, and each trains one tiny epoch.
 
-The paper table below is written from the sources, not from ``jobs/recipes.py``. The tiny runs
+The paper table below is written from the sources, not from ``jobs/train/recipes.py``. The tiny runs
 shrink every recipe (micro model, 64 px images of 8 px patches, 8 images per worker, one
 epoch, no refresh, two batches accumulated per step) and run all six through the real worker
 loop (``train_worker.train_loop_per_worker``: loaders, DDP over gloo on 2 Ray Train workers,
@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 import torch
 
-from salient.jobs.recipes import RECIPES, recipe_config, recipe_names, resolve_recipe
-from salient.jobs.train import TrainError
+from salient.jobs.train.driver import TrainError
+from salient.jobs.train.recipes import RECIPES, recipe_config, recipe_names, resolve_recipe
 from salient.pipeline.manifest import open_dataset
 from salient.store import SaliencyStore
 
@@ -210,7 +210,7 @@ def tiny(name: str, data: Path, root: Path, stores: dict):
 
 def _run_all(args: dict) -> None:
     """Each Ray Train worker: every tiny recipe run, one after the other (shipped by value)."""
-    from salient.jobs.train_worker import train_loop_per_worker
+    from salient.jobs.train.worker import train_loop_per_worker
 
     for run in args["runs"]:
         train_loop_per_worker(run)
@@ -222,8 +222,8 @@ def tiny_runs(ray_session, demo_data, tmp_path_factory) -> dict:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from salient.jobs.train import _check_inputs
-    from salient.jobs.train_config import resolved
+    from salient.jobs.train.config import resolved
+    from salient.jobs.train.driver import _check_inputs
 
     root = tmp_path_factory.mktemp("recipes")
     stores = {kind: root / f"{kind}.zarr" for kind in ("cls_attn", "gpa")}

@@ -27,7 +27,7 @@ import zarr
 from timm.models.vision_transformer import VisionTransformer
 
 from salient.errors import SalientError
-from salient.jobs.refresh import RefreshConfig, RefreshError, run_refresh
+from salient.jobs.refresh.driver import RefreshConfig, RefreshError, run_refresh
 from salient.pipeline.ingest import ingest_demo
 from salient.pipeline.manifest import open_dataset
 from salient.trainer.teacher import preprocess, saliency
@@ -184,7 +184,7 @@ def test_killed_worker_is_replaced_and_the_result_is_identical(
 
 def _refresh_in_subprocess(config: RefreshConfig, log: Path) -> subprocess.Popen:
     code = (
-        "import json, sys\nfrom salient.jobs.refresh import RefreshConfig, run_refresh\n"
+        "import json, sys\nfrom salient.jobs.refresh.driver import RefreshConfig, run_refresh\n"
         "run_refresh(RefreshConfig(**json.loads(sys.argv[1])), progress=False)\n"
     )
     fields = {k: getattr(config, k) for k in config.__dataclass_fields__}

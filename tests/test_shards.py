@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from salient import urls
-from salient.jobs.refresh_worker import decoded_batches
+from salient.jobs.refresh.worker import decoded_batches
 from salient.pipeline import shards
 from salient.pipeline.ingest import IngestError, ingest_demo, ingest_folder
 from salient.pipeline.loader import IMAGENET_MEAN, IMAGENET_STD, LoaderConfig, SalientLoader

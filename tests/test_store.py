@@ -2,7 +2,7 @@
 
 Results are checked through an independent path: plain ``zarr.open_group`` / ``open_array``
 and the raw chunk files, against maps recomputed from their seeds
-(``salient.store._synthetic``: every row is a pure function of seed, shard and row). Child
+(``salient.store.testing``: every row is a pure function of seed, shard and row). Child
 processes use the ``spawn`` context and entry points from the package.
 """
 
@@ -32,7 +32,7 @@ from salient.store import (
     StoreExistsError,
     StoreNotFoundError,
 )
-from salient.store._synthetic import (
+from salient.store.testing import (
     publish_generations,
     synthetic_dataset,
     synthetic_shard,

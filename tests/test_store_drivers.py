@@ -20,13 +20,13 @@ from salient.store import (
     StoreDamagedError,
     store_exists,
 )
-from salient.store._synthetic import (
+from salient.store.lease import lease_state
+from salient.store.testing import (
     hold_generation,
     open_or_create,
     synthetic_dataset,
     synthetic_teacher,
 )
-from salient.store.lease import lease_state
 
 N, SHARD, GRID = 300, 100, 4  # 3 shards
 SPAWN = multiprocessing.get_context("spawn")
@@ -41,7 +41,7 @@ def open_or_resume(store: SaliencyStore, seed: int):
 
 
 def publish(store: SaliencyStore, seed: int) -> str:
-    from salient.store._synthetic import _write
+    from salient.store.testing import _write
 
     writer = open_or_resume(store, seed)
     for shard in range(store.num_shards):
@@ -153,7 +153,7 @@ def test_a_store_without_its_root_is_called_damaged(tmp_path, demo_data, capsys)
 
 
 def test_progress_lines_are_throttled(capsys):
-    from salient.jobs.progress import ProgressLines
+    from salient.jobs.runtime.progress import ProgressLines
 
     lines = ProgressLines("refresh", every_s=3600)
     assert not lines.update(shard="1/3")  # too soon after the start

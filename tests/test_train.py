@@ -28,9 +28,9 @@ import torch
 import zarr
 from PIL import Image
 
-from salient.jobs.eval import EvalError
-from salient.jobs.train import TrainConfig, TrainError, run_train
-from salient.jobs.train_worker import refresh_due, uses_warmup_masking
+from salient.jobs.eval.driver import EvalError
+from salient.jobs.train.driver import TrainConfig, TrainError, run_train
+from salient.jobs.train.worker import refresh_due, uses_warmup_masking
 from salient.pipeline.ingest import ingest_folder
 from salient.pipeline.manifest import DatasetError
 from salient.trainer.checkpoint import CheckpointError

@@ -1,7 +1,7 @@
 """The training loop: the optimiser, the per-step learning rate, and one epoch of steps.
 
-Plain PyTorch, no Ray: ``salient.jobs.train_worker`` runs it inside Ray Train's workers
-(DDP over gloo on CPU, nccl on GPU), and ``salient.jobs.bench_train`` times it in one
+Plain PyTorch, no Ray: ``salient.jobs.train.worker`` runs it inside Ray Train's workers
+(DDP over gloo on CPU, nccl on GPU), and ``salient.jobs.bench.train`` times it in one
 process. A step is written in the order the hardware runs it (nanoGPT's shape, MAE's
 ``engine_pretrain.train_one_epoch``): lr, forward, backward, clip, step, log.
 

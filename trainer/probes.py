@@ -27,6 +27,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from salient.trainer.loop import WarmupCosine
+
 __all__ = [
     "KNN_K",
     "KNN_TEMPERATURE",
@@ -135,7 +137,6 @@ def linear_probe(
 
 def _fit(head, x, y, epochs: int, lr: float | None, batch_size: int, generator) -> None:
     """MAE's linear-probe schedule over fixed features, SGD with momentum (module docstring)."""
-    from salient.trainer.loop import WarmupCosine
 
     steps = math.ceil(len(x) / batch_size)
     base_lr = LINEAR_BLR * batch_size / 256 if lr is None else lr

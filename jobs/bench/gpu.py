@@ -28,6 +28,12 @@ from pathlib import Path
 
 import torch
 
+from salient.jobs.bench.driver import device_info, stamp_now
+from salient.jobs.bench.loader import _demo, _tiled, device_path_rates, image_bytes, random_store
+from salient.jobs.bench.masking import bench_masking
+from salient.jobs.bench.refresh import bench_refresh
+from salient.jobs.bench.train import bench_train
+
 __all__ = ["FIGURES_FILE", "bench_gpu"]
 
 FIGURES_FILE = "gpu-figures.jsonl"
@@ -119,7 +125,6 @@ class _Figures:
 
 def _dataset(work: Path, sizes: _Sizes) -> tuple[Path, str]:
     """Demo scenes tiled into ``distinct × copies`` samples, and a store of random maps."""
-    from salient.jobs.bench_loader import _demo, _tiled, random_store
 
     distinct = _demo(work / "distinct", sizes.distinct, sizes.scene, sizes.distinct)
     data = _tiled(distinct, work / "data", sizes.copies, sizes.shard_size)
@@ -130,7 +135,6 @@ def _dataset(work: Path, sizes: _Sizes) -> tuple[Path, str]:
 
 
 def _masking(figures: _Figures, device: str, quick: bool) -> None:
-    from salient.jobs.bench_masking import bench_masking
 
     plan_ms = bench_masking(quick=quick, device=device)["plan_ms"]
     for strategy, by_ratio in plan_ms.items():
@@ -147,8 +151,6 @@ def _masking(figures: _Figures, device: str, quick: bool) -> None:
 
 def _refresh(figures: _Figures, data: Path, device: str, sizes: _Sizes) -> None:
     import ray
-
-    from salient.jobs.bench_refresh import bench_refresh
 
     started = not ray.is_initialized()
     if started:
@@ -192,8 +194,6 @@ def _bare_decode_rate(data: Path, device: str, batch: int, batches: int) -> floa
     (demo sets are all JPEG)."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    from salient.jobs.bench_loader import image_bytes
-
     encoded = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in image_bytes(str(data))]
     groups = [encoded[i : i + batch] for i in range(0, len(encoded) - batch + 1, batch)]
     groups = (groups * (batches // max(len(groups), 1) + 1))[: batches + 1]
@@ -207,7 +207,6 @@ def _bare_decode_rate(data: Path, device: str, batch: int, batches: int) -> floa
 
 
 def _loader(figures: _Figures, data: Path, store: str, device: str, sizes: _Sizes) -> None:
-    from salient.jobs.bench_loader import device_path_rates
 
     rates = device_path_rates(data, store, device, sizes.loader_batch, sizes.loader_workers)
     bare = _bare_decode_rate(data, device, sizes.loader_batch, sizes.decode_batches)
@@ -226,7 +225,6 @@ def _loader(figures: _Figures, data: Path, store: str, device: str, sizes: _Size
 
 
 def _train(figures: _Figures, data: Path, device: str, quick: bool) -> None:
-    from salient.jobs.bench_train import bench_train
 
     result = bench_train(quick=quick, device=device, data=str(data))
     for model, ratios in result["amt_vs_random"].items():
@@ -260,7 +258,6 @@ def _sync(device: str) -> None:
 
 def bench_gpu(quick: bool = False, device: str = "auto", out: str | None = None) -> dict:
     """Every GPU figure in one call; returns them (also appended to ``out/gpu-figures.jsonl``)."""
-    from salient.jobs.bench import device_info, stamp_now
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -28,6 +28,13 @@ from pathlib import Path
 
 import torch
 
+from salient.jobs.bench.loader import random_store
+from salient.pipeline.ingest import ingest_demo
+from salient.pipeline.loader import LoaderConfig, SalientLoader
+from salient.pipeline.masking import plan_masks
+from salient.trainer.loop import WarmupCosine, build_optimizer, train_one_epoch
+from salient.trainer.models import build_model
+
 __all__ = ["CASES", "bench_train"]
 
 # name -> (model kind, strategy, mask ratio, throw ratio)
@@ -77,7 +84,6 @@ def _synthetic(
     count: int = 4,
 ) -> list[dict]:
     """``count`` batches of random images and plans (random weights for AMT), on ``device``."""
-    from salient.pipeline.masking import plan_masks
 
     generator = torch.Generator(device).manual_seed(0)
     n, b = setup.grid**2, setup.batch_size
@@ -103,8 +109,6 @@ def _synthetic(
 
 def _write_inputs(root: Path, setup: _Setup, data: str | None = None) -> tuple[str, str]:
     """A demo dataset (or ``data``) and a store with one published generation of random maps."""
-    from salient.jobs.bench_loader import random_store
-    from salient.pipeline.ingest import ingest_demo
 
     if data is None:
         data = root / "data"
@@ -129,7 +133,6 @@ def _loader_batches(
     device: torch.device,
 ) -> Iterator[dict]:
     """The real loader's batches, epoch after epoch."""
-    from salient.pipeline.loader import LoaderConfig, SalientLoader
 
     loader = SalientLoader(
         LoaderConfig(
@@ -153,8 +156,6 @@ def _loader_batches(
 
 def _step_rate(setup: _Setup, kind: str, batches: Iterator[dict], device: torch.device) -> float:
     """Images per second of the train step, over ``steps`` steps after ``warmup_steps``."""
-    from salient.trainer.loop import WarmupCosine, build_optimizer, train_one_epoch
-    from salient.trainer.models import build_model
 
     torch.manual_seed(0)
     model = build_model(f"{kind}-{setup.size}", setup.image_size, setup.patch_size).to(device)

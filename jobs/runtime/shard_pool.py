@@ -1,7 +1,7 @@
 """Actors that hold a model, fed one shard per task: what refresh and eval share.
 
 A job puts its model in the object store once, reserves a placement group for its actors
-(``salient.jobs.placement``) and starts one actor of its worker class in each bundle (each
+(``salient.jobs.runtime.placement``) and starts one actor of its worker class in each bundle (each
 loads the model once); every task is one shard, handed to an actor's ``compute_shard(*args)``,
 whose result the driver gets back. Each actor keeps ``IN_FLIGHT`` shards queued, so the next
 one is already waiting in the actor while one computes. An actor that dies is replaced by a
@@ -23,6 +23,13 @@ from collections import Counter, deque
 from collections.abc import Callable, Hashable, Iterator, Sequence
 
 from salient.errors import SalientError
+from salient.jobs.runtime.placement import (
+    PlacementError,
+    check_refresh,
+    cluster_nodes,
+    describe,
+    reserve,
+)
 
 __all__ = ["IN_FLIGHT", "ShardPool", "run_shards", "started_pool"]
 
@@ -78,8 +85,6 @@ class ShardPool:
         """PlacementError for an actor Ray has not started within the timeout."""
         import ray
 
-        from salient.jobs.placement import PlacementError, cluster_nodes, describe
-
         for index, (ref, since) in list(self._waiting.items()):
             if ray.wait([ref], timeout=0)[0]:
                 del self._waiting[index]
@@ -105,10 +110,8 @@ def started_pool(
 ) -> Iterator[ShardPool]:
     """A :class:`ShardPool` in ``group``, shut down on exit. Without a ``group`` the job gets
     its own: ``ask`` checked against each node first (one line, no wait), then reserved
-    within ``timeout_s`` (``salient.jobs.placement``), and removed on exit."""
+    within ``timeout_s`` (``salient.jobs.runtime.placement``), and removed on exit."""
     import ray
-
-    from salient.jobs.placement import check_refresh, cluster_nodes, reserve
 
     own = group is None
     if own:

@@ -19,14 +19,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from salient.jobs.eval.worker import read_shard_images
+from salient.pipeline.manifest import open_dataset
+from salient.trainer.loop import WarmupCosine
+from salient.trainer.models import MODELS, encoder_kwargs_for
+from salient.trainer.teacher import preprocess
+
 __all__ = ["train_label_teacher"]
 
 
 def _images(data: str, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Every decoded, labelled image of a dataset, squashed to S×S and normalised."""
-    from salient.jobs.eval_worker import read_shard_images
-    from salient.pipeline.manifest import open_dataset
-    from salient.trainer.teacher import preprocess
 
     dataset = open_dataset(data)
     xs, ys = [], []
@@ -66,10 +69,6 @@ def train_label_teacher(
 ) -> dict:
     """Train the teacher, save it at ``path``; returns its held-out top-1, epochs and seconds."""
     from timm.models.vision_transformer import VisionTransformer
-
-    from salient.pipeline.manifest import open_dataset
-    from salient.trainer.loop import WarmupCosine
-    from salient.trainer.models import MODELS, encoder_kwargs_for
 
     start = time.perf_counter()
     classes = len(open_dataset(data).manifest.classes)

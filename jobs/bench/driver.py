@@ -20,13 +20,13 @@ __all__ = ["BENCHES", "BenchConfig", "device_info", "run_bench", "run_bench_job"
 
 # name -> module under salient.jobs holding `bench_<name>`
 BENCHES = {
-    "store": "bench_store",
-    "masking": "bench_masking",
-    "loader": "bench_loader",
-    "refresh": "bench_refresh",
-    "train": "bench_train",
-    "gpu": "bench_gpu",
-    "quality": "bench_quality",
+    "store": "bench.store",
+    "masking": "bench.masking",
+    "loader": "bench.loader",
+    "refresh": "bench.refresh",
+    "train": "bench.train",
+    "gpu": "bench.gpu",
+    "quality": "bench.quality",
 }
 
 

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from salient.jobs.inspect.stats import normalize_maps
+
 __all__ = [
     "PLAN_COLOURS",
     "render_compare",
@@ -66,7 +68,6 @@ def _draw_image(ax, image, box=None) -> None:
 
 def _draw_heat(ax, image, raw: np.ndarray | None) -> None:
     """The image with its min-max normalised map upsampled bilinearly over it."""
-    from salient.jobs.inspect_stats import normalize_maps
 
     ax.imshow(np.asarray(image))
     if raw is None:
@@ -344,7 +345,7 @@ def write_index(out: Path, body: dict, panels: list[dict]) -> Path:
         _stats_table(body["generations"]),
         "<p>Each map is min-max normalised per image and read as a distribution over its "
         "cells (details in <code>stats.json</code> and "
-        "<code>salient.jobs.inspect_stats</code>).</p>",
+        "<code>salient.jobs.inspect.stats</code>).</p>",
         '<img src="histogram.png" alt="histogram of normalised saliency">',
     ]
     if body.get("per_class"):

@@ -1,7 +1,7 @@
 """``TrainConfig``: one ``salient train`` run's settings, checked when built.
 
 Every check here needs no disk, Ray or GPU, so a bad flag fails before any work; the checks
-that read the dataset, the store and the run directory live in ``salient.jobs.train``.
+that read the dataset, the store and the run directory live in ``salient.jobs.train.driver``.
 Ray Train pickles the config to every worker, so it stays a module-level frozen dataclass.
 """
 
@@ -11,19 +11,28 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from salient import urls
+from salient.jobs.refresh.driver import KINDS
+from salient.pipeline.crops import INTERPOLATIONS
+from salient.pipeline.masking import (
+    NEEDS_SALIENCY,
+    STRATEGIES,
+    MaskError,
+    check_options,
+    default_ratios,
+)
 from salient.trainer.loop import TrainError
+from salient.trainer.models import MODELS
+from salient.trainer.teacher import REDUCES
 
 __all__ = ["TrainConfig", "resolved"]
 
 
 def _strategies() -> list[str]:
-    from salient.pipeline.masking import STRATEGIES
 
     return list(STRATEGIES)
 
 
 def _models() -> list[str]:
-    from salient.trainer.models import MODELS
 
     return list(MODELS)
 
@@ -33,13 +42,11 @@ def _map_kinds() -> list[str]:
 
 
 def _reduces() -> tuple[str, ...]:
-    from salient.trainer.teacher import REDUCES
 
     return REDUCES
 
 
 def _interpolations() -> tuple[str, ...]:
-    from salient.pipeline.crops import INTERPOLATIONS
 
     return tuple(INTERPOLATIONS)
 
@@ -50,7 +57,7 @@ class TrainConfig:
 
     ``mask_ratio`` / ``throw_ratio`` ``None`` resolve to the strategy's paper values when the
     config is built (``masking.default_ratios``), so ``config.json`` shows the values used.
-    Named recipes of the papers' runs: ``salient.jobs.recipes``.
+    Named recipes of the papers' runs: ``salient.jobs.train.recipes``.
     """
 
     data: str
@@ -196,7 +203,6 @@ class TrainConfig:
     @property
     def framework(self) -> str:
         """``"mae"`` or ``"simmim"``: the model's kind."""
-        from salient.trainer.models import MODELS
 
         return MODELS[self.model].kind
 
@@ -207,7 +213,6 @@ class TrainConfig:
 
     @property
     def needs_saliency(self) -> bool:
-        from salient.pipeline.masking import NEEDS_SALIENCY
 
         return self.strategy in NEEDS_SALIENCY
 
@@ -290,7 +295,6 @@ def _check_types(c: TrainConfig) -> None:
 def _resolve(c: TrainConfig) -> None:
     """Fill unset ratios with the strategy's paper values; tuples for pairs given as lists
     (a JSON config gives lists). The config is frozen: ``object.__setattr__``."""
-    from salient.pipeline.masking import STRATEGIES, default_ratios
 
     if c.strategy not in STRATEGIES:
         raise TrainError(
@@ -391,7 +395,6 @@ def _check_ratios(c: TrainConfig) -> None:
 
 
 def _check_model(c: TrainConfig) -> None:
-    from salient.trainer.models import MODELS
 
     if c.model not in MODELS:
         raise TrainError(f"unknown --model {c.model!r}; choose one of {', '.join(sorted(MODELS))}")
@@ -405,7 +408,6 @@ def _check_model(c: TrainConfig) -> None:
 
 
 def _check_strategy(c: TrainConfig) -> None:
-    from salient.jobs.refresh import KINDS
 
     if c.needs_saliency and not c.store:
         raise TrainError(
@@ -423,7 +425,6 @@ def _check_strategy(c: TrainConfig) -> None:
 
 def _check_options(c: TrainConfig) -> None:
     """One plan of the strategy with its options on the run's (unit) grid."""
-    from salient.pipeline.masking import MaskError, check_options
 
     if not isinstance(c.strategy_options, dict):
         raise TrainError(
@@ -438,7 +439,6 @@ def _check_options(c: TrainConfig) -> None:
 
 
 def _check_training(c: TrainConfig) -> None:
-    from salient.pipeline.crops import INTERPOLATIONS
 
     lo, hi = c.crop_scale
     if not 0 < lo <= hi <= 1:

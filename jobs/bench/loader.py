@@ -41,6 +41,29 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from salient import urls
+from salient.pipeline import shards
+from salient.pipeline.ingest import ingest_demo
+from salient.pipeline.loader import (
+    EpochStats,
+    SalientLoader,
+    _Passes,
+    decode_and_crop,
+    plan_batch,
+)
+from salient.pipeline.loader_config import LoaderConfig
+from salient.pipeline.manifest import (
+    MANIFEST_NAME,
+    Manifest,
+    ShardInfo,
+    fingerprint,
+    open_dataset,
+    sample_key,
+    shard_name,
+)
+from salient.pipeline.masking import plan_masks
+from salient.store import SaliencyStore
+
 __all__ = ["bench_loader", "device_path_rates", "image_bytes", "random_store"]
 
 IMAGE, PATCH, MASK, THROW = 224, 16, 0.45, 0.40
@@ -76,7 +99,6 @@ def _cpus() -> int:
 
 
 def _demo(out: Path, n: int, scene: int, shard_size: int) -> Path:
-    from salient.pipeline.ingest import ingest_demo
 
     ingest_demo(out, n=n, seed=0, shard_size=shard_size, image_size=scene)
     return out
@@ -86,8 +108,6 @@ def _tiled(src: Path, out: Path, copies: int, shard_size: int) -> Path:
     """``copies`` × the samples of ``src`` under fresh ids: a large set without re-rendering
     scenes (decode cost per image is what a throughput figure needs, not distinct content)."""
     import webdataset as wds
-
-    from salient.pipeline.manifest import Manifest, ShardInfo, fingerprint, sample_key, shard_name
 
     records, shards = image_bytes(str(src)) * copies, []
     out.mkdir(parents=True)
@@ -115,8 +135,6 @@ def _tiled(src: Path, out: Path, copies: int, shard_size: int) -> Path:
 
 def image_bytes(data: str) -> list[bytes]:
     """Every image's bytes, in id order (the shard access layer reads them)."""
-    from salient.pipeline import shards
-    from salient.pipeline.manifest import open_dataset
 
     out = []
     for url in open_dataset(data).shard_urls():
@@ -127,8 +145,6 @@ def image_bytes(data: str) -> list[bytes]:
 
 def _local_copy(url: str, out: Path) -> str:
     """The dataset at ``url`` copied to ``out`` (shards, then the manifest)."""
-    from salient import urls
-    from salient.pipeline.manifest import MANIFEST_NAME, open_dataset
 
     out.mkdir(parents=True)
     dataset = open_dataset(url)
@@ -142,8 +158,6 @@ def random_store(
     data: Path | str, url: Path | str, grid: int = IMAGE // PATCH, patch_size: int = PATCH
 ) -> str:
     """A store with one published generation of random ``grid x grid`` maps for ``data``."""
-    from salient.pipeline.manifest import open_dataset
-    from salient.store import SaliencyStore
 
     dataset = open_dataset(data)
     store = SaliencyStore.create(str(url), dataset, grid=grid)
@@ -173,7 +187,6 @@ def _loader(
     decode: str,
     prefetch: int = 64,
 ):
-    from salient.pipeline.loader import LoaderConfig, SalientLoader
 
     return SalientLoader(
         LoaderConfig(
@@ -243,8 +256,6 @@ def _bare_rate(datas: list[bytes]) -> dict:
     import torchvision.transforms.v2 as T
     from PIL import Image
 
-    from salient.pipeline.loader_config import LoaderConfig
-
     mode = T.InterpolationMode[LoaderConfig.interpolation.upper()]  # the loader's default
     crop = T.Compose(
         [
@@ -300,8 +311,6 @@ def _cpu_row(data, store: str, settings: dict, datas: list[bytes], workers: int,
 def _planning_ms(device: str, reps: int) -> dict:
     """Median ms per ``[256, 196]`` batch: ``plan_masks("amt")`` alone, and the loader's
     ``plan_batch`` (per-image normalisation + amt + random masking for one fallback row)."""
-    from salient.pipeline.loader import plan_batch
-    from salient.pipeline.masking import plan_masks
 
     dev = torch.device(device)
     gen = torch.Generator(dev).manual_seed(0)
@@ -328,7 +337,6 @@ def _median_ms(call, reps: int, device: torch.device) -> float:
 def _main_rate(loader, batches: int) -> float:
     """img/s of the main process alone on prepared samples: decode + crop + normalise + plan
     (the device path's ceiling; the workers only read tars and parse headers)."""
-    from salient.pipeline.loader import EpochStats, _Passes, decode_and_crop
 
     stats = EpochStats(epoch=0, rank=0, generation=None)
     passes = _Passes(loader, 0, loader.bind_generation(), stats)
@@ -391,7 +399,6 @@ def bench_loader(quick: bool = False, device: str = "auto", data: str | None = N
     ``cpu_local_copy``; ``planning_ms_cpu`` (and ``planning_ms_cuda``: ``{"plan_masks_amt",
     "plan_batch"}``), ``gpu`` on CUDA, and the sizes used.
     """
-    from salient import urls
 
     cuda = (device == "auto" and torch.cuda.is_available()) or device.startswith("cuda")
     settings = _settings(quick, cuda)

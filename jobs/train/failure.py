@@ -20,6 +20,10 @@ import os
 from pathlib import Path
 
 from salient.errors import SalientError
+from salient.jobs.runtime.placement import PlacementError
+from salient.jobs.runtime.ray_env import user_error
+from salient.trainer.checkpoint import latest_checkpoint
+from salient.trainer.loop import TrainError
 
 __all__ = [
     "clear_failure",
@@ -87,10 +91,6 @@ def raise_failure(run_dir: str | os.PathLike, exc: BaseException | None, config)
     """After ``fit``: raise the error a worker recorded, else our error inside ``exc``, else
     one line for lost or unplaceable workers; returns when ``exc`` is none of those (a bug:
     the caller re-raises it with its traceback)."""
-    from salient.jobs.placement import PlacementError
-    from salient.jobs.ray_env import user_error
-    from salient.trainer.checkpoint import latest_checkpoint
-    from salient.trainer.loop import TrainError
 
     recorded = recorded_error(run_dir)
     if recorded is not None:

@@ -38,6 +38,14 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from salient.jobs.bench.label_teacher import train_label_teacher
+from salient.jobs.eval.driver import EvalConfig, run_eval
+from salient.jobs.inspect.driver import generation_stats
+from salient.jobs.refresh.driver import RefreshConfig, run_refresh
+from salient.jobs.train.driver import TrainConfig, run_train
+from salient.pipeline.ingest import ingest_demo
+from salient.trainer.checkpoint import checkpoint_path
+
 __all__ = ["bench_quality", "equal_time_epoch"]
 
 
@@ -74,7 +82,6 @@ def _setup(device: str, quick: bool, epochs, n, image_size) -> _Setup:
 
 
 def _ingest(root: Path, setup: _Setup) -> tuple[str, str]:
-    from salient.pipeline.ingest import ingest_demo
 
     for split, n in (("train", setup.n), ("val", setup.val_n)):
         ingest_demo(
@@ -90,7 +97,6 @@ def _ingest(root: Path, setup: _Setup) -> tuple[str, str]:
 
 def _train_config(root: Path, setup: _Setup, data: str, arm: str):
     """One arm's TrainConfig: everything but the masks is shared."""
-    from salient.jobs.train import TrainConfig
 
     shared = dict(
         data=data,
@@ -126,7 +132,6 @@ def _train_config(root: Path, setup: _Setup, data: str, arm: str):
 
 def _train(config) -> dict:
     """Run one arm; its summary, wall time and the wall time at each epoch's end."""
-    from salient.jobs.train import run_train
 
     start = time.time()
     summary = run_train(config, progress=False)
@@ -163,7 +168,6 @@ def equal_time_epoch(epoch_end_s: list[float], budget_s: float) -> tuple[int, bo
 
 
 def _probe(root: Path, setup: _Setup, data: str, val: str, checkpoint: str, baseline=False):
-    from salient.jobs.eval import EvalConfig, run_eval
 
     result = run_eval(
         EvalConfig(
@@ -200,8 +204,6 @@ def _round(value, digits: int = 4):
 
 def _final_maps(root: Path, setup: _Setup, data: str, arm: str, checkpoint: str) -> dict:
     """Box lift and hit share of the CLS-attention maps of ``checkpoint``'s encoder."""
-    from salient.jobs.inspect import generation_stats
-    from salient.jobs.refresh import RefreshConfig, run_refresh
 
     store = str(root / arm / "final.zarr")
     run_refresh(
@@ -231,8 +233,6 @@ def _measure(root, setup, data, val, arm: str, run: dict) -> dict:
         "loss": run["loss"],
     }
     if arm != "random":
-        from salient.jobs.inspect import generation_stats
-
         store = str(root / arm / "s.zarr")
         out["generations"] = {
             name: _box(stats) for name, stats in generation_stats(store, data).items()
@@ -246,8 +246,6 @@ def _measure(root, setup, data, val, arm: str, run: dict) -> dict:
 def _label_teacher(root: Path, setup: _Setup, data: str, val: str) -> dict:
     """A ViT trained on the demo labels (whole image squashed to S×S, as refresh shows it),
     saved as a checkpoint refresh loads, and its maps refreshed once into the arm's store."""
-    from salient.jobs.bench_teacher import train_label_teacher
-    from salient.jobs.refresh import RefreshConfig, run_refresh
 
     path = root / "teacher" / "checkpoint-label.pt"
     teacher = train_label_teacher(data, val, path, setup.model, setup.image_size, setup.patch_size)
@@ -310,7 +308,6 @@ def bench_quality(
 def _equal_time(root, setup, data, val, runs: dict) -> dict:
     """The amt arm's probes at the checkpoint of the last epoch it ended within random's wall
     time."""
-    from salient.trainer.checkpoint import checkpoint_path
 
     amt, budget = runs["amt"], runs["random"]["train_s"]
     epoch, finished = equal_time_epoch(amt["epoch_end_s"], budget)

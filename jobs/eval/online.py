@@ -21,6 +21,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from salient.jobs.eval.driver import EVAL_CROP_RATIO
+from salient.jobs.eval.worker import FeatureSpec, read_shard_images, shard_features
+from salient.pipeline.manifest import open_dataset
+from salient.trainer.probes import KNN_K, KNN_TEMPERATURE, knn_probe
+
 __all__ = ["OnlineProbe"]
 
 
@@ -55,8 +60,6 @@ class OnlineProbe:
 
     def run(self, encoder: torch.nn.Module, device: torch.device, epochs_done: int) -> dict:
         """The probe's ``metrics.jsonl`` record for ``encoder`` (a timm ViT, left as found)."""
-        from salient.pipeline.manifest import open_dataset
-        from salient.trainer.probes import KNN_K, KNN_TEMPERATURE, knn_probe
 
         start = time.perf_counter()
         was_training = encoder.training
@@ -83,10 +86,6 @@ class OnlineProbe:
     def _features(self, encoder, url: str, device: torch.device) -> dict:
         """Features of every usable image (decoded and labelled) of the dataset at ``url``."""
         from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-
-        from salient.jobs.eval import EVAL_CROP_RATIO
-        from salient.jobs.eval_worker import FeatureSpec, read_shard_images, shard_features
-        from salient.pipeline.manifest import open_dataset
 
         spec = FeatureSpec(
             self.image_size,

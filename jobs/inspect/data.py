@@ -1,12 +1,13 @@
 """The dataset side of ``salient inspect``: samples and demo boxes read back from tar shards
 (through ``salient.pipeline.shards``, so a dataset on object storage works as a local one).
 
-:mod:`salient.jobs.inspect` pairs these with the store's maps. Each function makes one pass
+:mod:`salient.jobs.inspect.driver` pairs these with the store's maps. Each function makes one pass
 over a shard and keeps only the ids and fields asked for, so statistics over a whole dataset
 never hold more than one shard's boxes.
 
 :class:`InspectError` lives here, the lowest layer of the job, so that this module and
-:mod:`salient.jobs.inspect` (which re-exports it) raise the same class without an import cycle.
+:mod:`salient.jobs.inspect.driver` (which re-exports it) raise the same class without an
+import cycle.
 """
 
 from __future__ import annotations

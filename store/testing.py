@@ -1,6 +1,8 @@
 """Synthetic datasets and maps, and child-process entry points, for the store's tests and bench.
 
-Not part of the store's API. The entry points run in processes started with the ``spawn``
+Like ``zarr.testing``: helpers for tests, not the store's API. A synthetic dataset is only
+what the store reads of one (``salient.store.paths.StoredDataset``), so the store is tested
+without the data pipeline above it. The entry points run in processes started with the ``spawn``
 context (test modules cannot be imported there: docs/LIBRARY-NOTES.md, "Remote code lives in
 the package"), so they live in the package.
 Every map row is a pure function of ``(seed, shard, row)``, so any process, in any order,
@@ -9,15 +11,18 @@ writes the same bytes.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from salient.pipeline.manifest import Dataset, Manifest, ShardInfo, fingerprint, shard_name
 from salient.store.store import SaliencyStore
 
 __all__ = [
+    "SyntheticDataset",
     "hold_generation",
     "open_or_create",
     "publish_generations",
@@ -29,20 +34,42 @@ __all__ = [
 ]
 
 
-def synthetic_dataset(num_samples: int, shard_size: int, root: str | Path = ".") -> Dataset:
-    """A manifest-only Dataset (no tar files): all the store needs."""
-    shards = [
-        ShardInfo(i, shard_name(i), start, min(shard_size, num_samples - start), 0)
-        for i, start in enumerate(range(0, num_samples, shard_size))
-    ]
-    manifest = Manifest(
-        num_samples=num_samples,
-        shard_size=shard_size,
-        shards=shards,
-        classes=None,
-        fingerprint=fingerprint(shards, num_samples),
-    )
-    return Dataset(root=str(root), manifest=manifest)
+@dataclass(frozen=True)
+class SyntheticShard:
+    """A shard's id range, as the store reads it."""
+
+    first_id: int
+    count: int
+
+    @property
+    def stop_id(self) -> int:
+        return self.first_id + self.count
+
+
+@dataclass(frozen=True)
+class SyntheticDataset:
+    """A dataset without tar files: ``num_samples`` ids in shards of ``shard_size``."""
+
+    root: str
+    num_samples: int
+    shard_size: int
+
+    @property
+    def shards(self) -> list[SyntheticShard]:
+        starts = range(0, self.num_samples, self.shard_size)
+        return [SyntheticShard(s, min(self.shard_size, self.num_samples - s)) for s in starts]
+
+    @property
+    def fingerprint(self) -> str:
+        ranges = [[s.first_id, s.count] for s in self.shards]
+        return hashlib.sha256(json.dumps(ranges).encode()).hexdigest()
+
+
+def synthetic_dataset(
+    num_samples: int, shard_size: int, root: str | Path = "."
+) -> SyntheticDataset:
+    """A dataset of ``num_samples`` ids in shards of ``shard_size`` (no tar files)."""
+    return SyntheticDataset(str(root), num_samples, shard_size)
 
 
 def synthetic_teacher(seed: int) -> dict:

@@ -1,6 +1,6 @@
 """What every Ray Train worker runs: the epochs of one DDP training run (``salient train``).
 
-``salient.jobs.train`` hands :func:`train_loop_per_worker` to Ray Train's ``TorchTrainer``
+``salient.jobs.train.driver`` hands :func:`train_loop_per_worker` to Ray Train's ``TorchTrainer``
 (the function lives in the package so Ray workers can import it: docs/LIBRARY-NOTES.md, "Remote
 code lives in the package"). Ray has set up the process group (gloo on CPU, nccl on GPU)
 before it runs.
@@ -9,7 +9,7 @@ At start every rank restores the run directory's latest checkpoint (rank 0 picks
 a ``--resume`` and a restart by Ray Train after a lost worker are the same path, so a restarted
 run ends with the same steps as an uninterrupted one. Rank 0 reserves the refreshes' placement
 group once the workers run (``RefreshLauncher.reserve``). A worker that stops on one of our
-errors records it for the driver (``salient.jobs.train_failure``); the workers of a restart
+errors records it for the driver (``salient.jobs.train.failure``); the workers of a restart
 find it and return at once.
 
 Per epoch, on every rank: rank 0 reads the store's current generation and broadcasts it (the
@@ -21,7 +21,7 @@ writes the checkpoint when due (``save_every``, with its encoder exported for ti
 beyond ``keep_checkpoints`` deleted) and the epoch record and, when the schedule says so,
 launches a refresh from that checkpoint; after each refresh publishes, it collects the store's
 old generations (``keep_generations``). When due, rank 0 also runs the k-NN probe (``--val``,
-``salient.jobs.eval_online``). Batches are moved with ``ray.train.torch.get_device()``:
+``salient.jobs.eval.online``). Batches are moved with ``ray.train.torch.get_device()``:
 ``prepare_data_loader`` cannot wrap the loader (docs/LIBRARY-NOTES.md, "Ray Train needs no
 prepare_data_loader here").
 
@@ -41,7 +41,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from salient.jobs.eval_online import OnlineProbe
+from salient.errors import SalientError
+from salient.jobs.eval.online import OnlineProbe
+from salient.jobs.runtime.ray_env import user_error
+from salient.jobs.train.failure import failure_recorded, record_failure
+from salient.pipeline.loader import LoaderConfig, SalientLoader
+from salient.store import SaliencyStore, store_exists
 from salient.trainer.checkpoint import (
     checkpoint_path,
     export_encoder,
@@ -55,7 +60,7 @@ from salient.trainer.loop import WarmupCosine, build_optimizer, param_checksum, 
 from salient.trainer.models import build_model
 
 if TYPE_CHECKING:
-    from salient.jobs.train import TrainConfig
+    from salient.jobs.train.driver import TrainConfig
 
 __all__ = ["loader_configs", "refresh_due", "train_loop_per_worker", "uses_warmup_masking"]
 
@@ -166,14 +171,12 @@ class _Refresher:
         """Old generations removed after a publish (README, Decisions, "Bounded disk")."""
         if not self._keep:
             return []
-        from salient.store import SaliencyStore
 
         return SaliencyStore.open(url).gc(keep=self._keep)
 
 
 def _open_store(url: str | None):
     """The store at ``url``, or None when it does not exist yet (the first refresh makes it)."""
-    from salient.store import SaliencyStore, store_exists
 
     return SaliencyStore.open(url) if url and store_exists(url) else None
 
@@ -201,7 +204,6 @@ class _State:
 def loader_configs(config: TrainConfig, rank: int, world: int, device: str = "cpu"):
     """The ``LoaderConfig`` of the warmup epochs (random masking at the warmup ratio, no
     store, the same mask units) and the main one (the strategy), for ``rank`` of ``world``."""
-    from salient.pipeline.loader import LoaderConfig
 
     main = LoaderConfig(
         data=config.data,
@@ -309,7 +311,6 @@ class _Worker:
         self.config: TrainConfig = args["config"]
         self.rank, world = dist.get_rank(), dist.get_world_size()
         self.device = ray.train.torch.get_device()
-        from salient.pipeline.loader import SalientLoader
 
         configs = loader_configs(self.config, self.rank, world, str(self.device))
         self.warmup_loader, self.loader = (SalientLoader(c) for c in configs)
@@ -484,11 +485,8 @@ def train_loop_per_worker(args: dict) -> None:
     run, to tell a restart from a start).
 
     Our errors are recorded before they are raised, and a restart after one returns at once
-    (``salient.jobs.train_failure``).
+    (``salient.jobs.train.failure``).
     """
-    from salient.errors import SalientError
-    from salient.jobs.ray_env import user_error
-    from salient.jobs.train_failure import failure_recorded, record_failure
 
     run_dir = args["config"].run_dir
     if failure_recorded(run_dir):

@@ -28,7 +28,7 @@ distribution:
   either map is constant have no rank correlation and are counted in ``constant``).
 
 Also here: one seeded mask plan on the whole image for a panel. No disk, store or Ray access;
-:mod:`salient.jobs.inspect_data` reads the shards; :mod:`salient.jobs.inspect` feeds them in.
+:mod:`salient.jobs.inspect.data` reads the shards; :mod:`salient.jobs.inspect.driver` feeds them in.
 """
 
 from __future__ import annotations
@@ -37,6 +37,9 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from salient.pipeline.crops import normalize_weights
+from salient.pipeline.masking import NEEDS_SALIENCY, plan_masks
 
 __all__ = [
     "HIST_BINS",
@@ -314,9 +317,6 @@ def mask_plan_grid(
     0 = visible, 1 = masked, 2 = thrown; cells in the map's row-major patch order.
     """
     import torch
-
-    from salient.pipeline.crops import normalize_weights
-    from salient.pipeline.masking import NEEDS_SALIENCY, plan_masks
 
     if saliency_map is None:
         weights = torch.ones(1, grid * grid)

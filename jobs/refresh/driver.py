@@ -6,8 +6,8 @@ creates the store when it is missing, then begins a generation — or resumes th
 one made by the same teacher (sha256), kind and image size — and schedules only the shards it
 still misses. One Ray actor per worker holds the teacher; the unit of work is one shard, which
 the actor reads, decodes, maps and writes as one whole zarr chunk
-(``salient.jobs.refresh_worker``; the pool that feeds and replaces the actors,
-``salient.jobs.shard_pool``, is shared with ``salient eval``). When every shard is done the
+(``salient.jobs.refresh.worker``; the pool that feeds and replaces the actors,
+``salient.jobs.runtime.shard_pool``, is shared with ``salient eval``). When every shard is done the
 driver publishes.
 
 Failures (docs/ARCHITECTURE.md, "Failure semantics"): a worker that dies is replaced and its shard
@@ -15,7 +15,7 @@ retried (up to ``max_retries`` times per shard); a driver that dies leaves the g
 unpublished, and rerunning the same command resumes it, redoing only missing shards. A
 retried shard rewrites the same chunk, so the result is identical to an uninterrupted run.
 
-Placement (``salient.jobs.placement``): the actors' resources are checked per node, then
+Placement (``salient.jobs.runtime.placement``): the actors' resources are checked per node, then
 reserved in a Ray placement group (spread over the nodes) within ``placement_timeout_s``, and
 each actor — and its replacement after a death, on whichever node Ray moves the bundle to —
 runs in its own bundle; an actor that Ray cannot place in time ends the job with one line.
@@ -37,7 +37,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from salient import urls
 from salient.errors import SalientError
+from salient.jobs.refresh.worker import RefreshWorker, WorkerSpec
+from salient.jobs.runtime.placement import Ask
+from salient.jobs.runtime.progress import progress_lines, progress_wanted
+from salient.jobs.runtime.ray_env import ensure_ray
+from salient.jobs.runtime.shard_pool import run_shards, started_pool
+from salient.pipeline.manifest import open_dataset
+from salient.store import GenerationBusyError, SaliencyStore, store_exists
+from salient.trainer.teacher import SaliencySpec
+from salient.trainer.teacher_load import load_teacher
 
 __all__ = [
     "KINDS",
@@ -150,7 +160,6 @@ class RefreshConfig:
 
     def ask(self):
         """The actors' resources as a placement request."""
-        from salient.jobs.placement import Ask
 
         flags = "--workers, --cpus-per-worker or --gpus-per-worker"
         return Ask.of(
@@ -163,8 +172,6 @@ class RefreshConfig:
 
 def _load_teacher(config: RefreshConfig):
     """The teacher on the driver's CPU, and the resolved map spec (absolute block / head)."""
-    from salient.trainer.teacher import SaliencySpec
-    from salient.trainer.teacher_load import load_teacher
 
     teacher = load_teacher(
         config.teacher,
@@ -180,7 +187,6 @@ def _load_teacher(config: RefreshConfig):
 def _open_store(config: RefreshConfig, dataset):
     """The store at ``config.store`` checked against the dataset, or None when there is none
     (StoreDamagedError when only its generations are left)."""
-    from salient.store import SaliencyStore, store_exists
 
     if not store_exists(config.store):
         return None
@@ -194,7 +200,6 @@ def _begin(config: RefreshConfig, store, begin: Callable[[], object]):
     """``begin()`` (the store's ``open_or_resume``); when another live driver writes the same
     maps, refuse (GenerationBusyError) or, with ``wait_for_other``, wait until it publishes
     (returns the published generation's name) or stops (then resume its generation)."""
-    from salient.store import GenerationBusyError
 
     while True:
         try:
@@ -226,8 +231,6 @@ def prepare_refresh(config: RefreshConfig):
     check has passed. ``writer`` is the name of a generation another driver published
     meanwhile when ``wait_for_other`` waited for it.
     """
-    from salient.pipeline.manifest import open_dataset
-    from salient.store import SaliencyStore
 
     dataset = open_dataset(config.data)
     store = _open_store(config, dataset)
@@ -266,8 +269,6 @@ class _Tally:
 def _progress(total: int, initial: int, enabled: bool):
     from tqdm import tqdm
 
-    from salient.jobs.progress import progress_wanted
-
     return tqdm(
         total=total,
         initial=initial,
@@ -282,7 +283,6 @@ class _Report:
     """Progress lines without a terminal: shards done of all, img/s, the generation."""
 
     def __init__(self, total: int, done: int, generation: str, enabled: bool) -> None:
-        from salient.jobs.progress import progress_lines
 
         self.total, self.done, self.generation = total, done, generation
         self.lines = progress_lines("refresh", enabled)
@@ -308,7 +308,6 @@ def _run_shards(
     report: _Report,
 ) -> _Tally:
     """Keep every actor fed with shards until all are written; retry a dead actor's shards."""
-    from salient.jobs.shard_pool import run_shards
 
     tally, start = _Tally(), time.perf_counter()
 
@@ -348,8 +347,6 @@ def _count(result: dict, tally: _Tally, bar, start: float) -> None:
 
 def worker_spec(config: RefreshConfig, teacher, spec, generation: str):
     """What every worker needs besides the model (``spec``: the resolved SaliencySpec)."""
-    from salient import urls
-    from salient.jobs.refresh_worker import WorkerSpec
 
     return WorkerSpec(
         store=urls.normalise(config.store),  # actors may run in another directory
@@ -380,10 +377,6 @@ def _compute(
     on_shard_done,
     placement,
 ) -> _Tally:
-    from salient import urls
-    from salient.jobs.ray_env import ensure_ray
-    from salient.jobs.refresh_worker import RefreshWorker
-    from salient.jobs.shard_pool import started_pool
 
     ensure_ray(config.address)  # before Ray is imported: it reads its auth mode then
     import ray

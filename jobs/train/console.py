@@ -3,7 +3,7 @@
 The driver waits in ``TorchTrainer.fit`` while rank 0 writes ``metrics/rank-0.jsonl`` (a line
 per step) and ``metrics.jsonl`` (starts, epochs, refreshes) into the run directory, which every
 node shares. :class:`TrainConsole` follows both files in a thread and prints through
-:class:`~salient.jobs.progress.ProgressLines`: epoch and step, img/s over all workers, loss,
+:class:`~salient.jobs.runtime.progress.ProgressLines`: epoch and step, img/s over all workers, loss,
 generation, at most every few seconds; each finished epoch, refresh and restart at once. The
 workers print nothing themselves, so ``ray job submit`` logs read as the driver's own lines.
 """
@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import threading
 from pathlib import Path
+
+from salient.jobs.runtime.progress import ProgressLines
 
 __all__ = ["TrainConsole"]
 
@@ -40,7 +42,6 @@ class TrainConsole:
     """``with TrainConsole(config, steps_per_epoch, enabled):`` around ``fit``."""
 
     def __init__(self, config, steps_per_epoch: int, enabled: bool) -> None:
-        from salient.jobs.progress import ProgressLines
 
         self.config, self.steps = config, steps_per_epoch
         run_dir = Path(config.run_dir)

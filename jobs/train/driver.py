@@ -3,8 +3,8 @@
 The driver checks everything before any work (the config, the dataset, the store and its grid,
 the run directory, a ``--resume`` checkpoint's model), connects to Ray (embedded local Ray by
 default, a cluster with ``--address``), plans the workers per node so a refresh fits beside
-them (``salient.jobs.placement``: one line when nothing fits, a bounded wait when Ray must
-make room), and runs ``salient.jobs.train_worker.train_loop_per_worker`` under Ray Train's
+them (``salient.jobs.runtime.placement``: one line when nothing fits, a bounded wait when Ray must
+make room), and runs ``salient.jobs.train.worker.train_loop_per_worker`` under Ray Train's
 ``TorchTrainer`` (gloo on CPU; nccl and bf16 autocast with ``gpu``).
 
 Failures: Ray Train restarts lost workers up to ``max_failures`` times, and every attempt
@@ -19,7 +19,7 @@ generation exists, then ``strategy``. After every ``refresh_every`` epochs past 
 teacher, in a Ray task beside the training (``refresh_wait`` makes training wait for it); the
 loader switches to the newest published generation at the next epoch boundary.
 
-With ``val``, rank 0 runs the k-NN probe (``salient.jobs.eval_online``) on the current encoder
+With ``val``, rank 0 runs the k-NN probe (``salient.jobs.eval.online``) on the current encoder
 every ``eval_every`` epochs and after the last one, and logs it in ``metrics.jsonl``.
 
 Outputs in ``run_dir``: ``config.json`` (the resolved config), ``checkpoint-EEEEE.pt`` every
@@ -30,7 +30,7 @@ refresh and probe records) and ``metrics/rank-R.jsonl`` (each rank's per-step re
 multi-node cluster ``run_dir`` must be a local path every node shares (checkpoints stay on a
 filesystem).
 
-:class:`TrainConfig` and its checks live in ``salient.jobs.train_config``; this module
+:class:`TrainConfig` and its checks live in ``salient.jobs.train.config``; this module
 re-exports it and keeps what needs the disk, Ray or the workers.
 """
 
@@ -42,7 +42,26 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from salient import urls
-from salient.jobs.train_config import TrainConfig, resolved
+from salient.jobs.eval.driver import check_class_lists
+from salient.jobs.refresh.driver import RefreshConfig, run_refresh
+from salient.jobs.runtime.placement import (
+    Ask,
+    cluster_nodes,
+    plan_train,
+    probe,
+    reserve,
+    wait_ready,
+)
+from salient.jobs.runtime.progress import progress_mode
+from salient.jobs.runtime.ray_env import ensure_ray
+from salient.jobs.train.config import TrainConfig, resolved
+from salient.jobs.train.console import TrainConsole
+from salient.jobs.train.failure import clear_failure, raise_failure
+from salient.jobs.train.worker import loader_configs, train_loop_per_worker
+from salient.pipeline.loader import SalientLoader
+from salient.pipeline.manifest import open_dataset
+from salient.store import SaliencyStore, store_exists
+from salient.trainer.checkpoint import latest_checkpoint, load_checkpoint
 from salient.trainer.loop import TrainError
 
 __all__ = ["RefreshLauncher", "TrainConfig", "TrainError", "run_train"]
@@ -53,7 +72,6 @@ __all__ = ["RefreshLauncher", "TrainConfig", "TrainError", "run_train"]
 
 def _check_run_dir(config: TrainConfig) -> str | None:
     """The checkpoint to resume from (``--resume``), or None for a fresh run; refuses mix-ups."""
-    from salient.trainer.checkpoint import latest_checkpoint, load_checkpoint
 
     latest = latest_checkpoint(config.run_dir)
     if not config.resume:
@@ -80,7 +98,6 @@ def _check_store(config: TrainConfig, dataset) -> None:
     """The store fits the dataset and, when refreshes write to it, the model's patch grid."""
     if not config.needs_saliency:
         return
-    from salient.store import SaliencyStore, store_exists
 
     grid = config.image_size // config.patch_size
     if not store_exists(config.store):
@@ -126,24 +143,18 @@ def _check_steps(config: TrainConfig, loader) -> None:
 def _check_inputs(config: TrainConfig) -> tuple[str | None, int]:
     """Every check that needs the disk; returns the checkpoint to resume from and the
     steps of an epoch."""
-    from salient.jobs.train_worker import loader_configs
-    from salient.pipeline.loader import SalientLoader
 
     loader = SalientLoader(loader_configs(config, 0, config.workers)[1])  # DatasetError,
     _check_steps(config, loader)  # LoaderError (too few samples for the batch)
     resume_from = _check_run_dir(config)  # first: a --resume mismatch is the root cause
     _check_store(config, loader.dataset)
     if config.val:  # the k-NN probe needs both sets labelled with one class list
-        from salient.jobs.eval import check_class_lists
-        from salient.pipeline.manifest import open_dataset
-
         check_class_lists(loader.dataset, open_dataset(config.val))
     return resume_from, len(loader)
 
 
 def _refresh_ask(config: TrainConfig):
     """What each refresh's actors ask of Ray, or None when the run launches no refresh."""
-    from salient.jobs.placement import Ask
 
     if not config.refreshes:
         return None
@@ -155,7 +166,6 @@ def _refresh_ask(config: TrainConfig):
 def _plan(config: TrainConfig) -> dict:
     """Ray resources of one train worker, planned per node beside the refresh; Ray places
     them within ``placement_timeout_s`` or the job stops with what is missing."""
-    from salient.jobs.placement import Ask, cluster_nodes, plan_train, probe
 
     plan = plan_train(
         cluster_nodes(),
@@ -200,7 +210,6 @@ class RefreshLauncher:
     placement_timeout_s: float = 60.0
 
     def ask(self):
-        from salient.jobs.placement import Ask
 
         flags = "--refresh-workers, --refresh-cpus or --refresh-gpus"
         return Ask.of("refresh actor", self.workers, self.cpus, self.gpus, flags)
@@ -208,8 +217,6 @@ class RefreshLauncher:
     def reserve(self):
         """The run's refresh placement group, ready (PlacementError after the timeout)."""
         from ray.util import get_placement_group
-
-        from salient.jobs.placement import reserve, wait_ready
 
         try:
             group = get_placement_group(self.group)
@@ -221,8 +228,6 @@ class RefreshLauncher:
 
     def __call__(self, teacher: str, group):
         import ray
-
-        from salient.jobs.refresh import RefreshConfig
 
         config = RefreshConfig(
             data=self.data,
@@ -246,7 +251,6 @@ class RefreshLauncher:
 
 
 def _refresh_task(config, group, storage) -> dict:
-    from salient.jobs.refresh import run_refresh
 
     urls.adopt(storage)
     return run_refresh(config, progress=False, placement=group)
@@ -281,8 +285,6 @@ def _fit(
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
-
-    from salient.jobs.train_failure import clear_failure, raise_failure
 
     run_dir = Path(config.run_dir)
     group = f"salient-refresh-{run_id}"
@@ -346,8 +348,6 @@ def _worker_main(args: dict) -> None:
     """
     import logging
 
-    from salient.jobs.train_worker import train_loop_per_worker
-
     urls.adopt(args["storage"])  # the driver's --storage-option values, before any read
     try:  # a private module: if a Ray release moves it, the line simply shows again
         from ray.train.v2._internal.execution import context
@@ -359,7 +359,6 @@ def _worker_main(args: dict) -> None:
 
 
 def _summary(config: TrainConfig, resume_from: str | None, seconds: float, run_id: str) -> dict:
-    from salient.trainer.checkpoint import latest_checkpoint
 
     records = [
         json.loads(line)
@@ -393,7 +392,7 @@ def run_train(config: TrainConfig, progress: bool | None = None) -> dict:
     """Run (or ``resume``) training; returns a JSON summary of the run.
 
     ``progress``: False shows nothing; by default rank 0's step bar on a terminal (or with
-    SALIENT_PROGRESS=1) and, without one, a line every few seconds (``jobs.progress``).
+    SALIENT_PROGRESS=1) and, without one, a line every few seconds (``jobs.runtime.progress``).
 
     Summary: ``epochs_done``, ``steps`` (global optimiser steps), ``loss`` and ``img_per_s``
     of the last epoch, ``generation`` it used, ``refreshes`` (generations this run's refreshes
@@ -410,10 +409,6 @@ def run_train(config: TrainConfig, progress: bool | None = None) -> dict:
     """
     import time
     import uuid
-
-    from salient.jobs.progress import progress_mode
-    from salient.jobs.ray_env import ensure_ray
-    from salient.jobs.train_console import TrainConsole
 
     start = time.perf_counter()
     config = resolved(config)

@@ -22,6 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
+from salient.store import SaliencyStore
+from salient.store.testing import synthetic_dataset, synthetic_shard, timed_write
+
 __all__ = ["bench_store"]
 
 GRID = 14
@@ -41,7 +44,6 @@ def _begin(store):
 
 def _write_one(store) -> float:
     """Rows/s of one in-process writer."""
-    from salient.store._synthetic import synthetic_shard
 
     writer = _begin(store)
     rows = []
@@ -59,7 +61,6 @@ def _write_one(store) -> float:
 
 def _write_many(store, workers: int) -> float:
     """Rows/s of ``workers`` writer processes, each writing every ``workers``-th shard."""
-    from salient.store._synthetic import timed_write
 
     ctx = multiprocessing.get_context("spawn")
     writer = _begin(store)
@@ -122,9 +123,6 @@ def _reads(store, repeats: int) -> dict:
 def bench_store(quick: bool = False, path: str | None = None) -> dict:
     """Write and read figures of the store (see the module docstring); ``quick``: 20,000 rows."""
     import zarr
-
-    from salient.store import SaliencyStore
-    from salient.store._synthetic import synthetic_dataset
 
     rows, repeats = (20_000, 10) if quick else (200_000, 50)
     with tempfile.TemporaryDirectory(prefix="bench-store-", dir=path) as tmp:

@@ -4,8 +4,9 @@ The driver checks everything before any work (both datasets open and carry the s
 list, the checkpoint loads as a ViT with a class token), then computes the features of every
 image of the training set (``data``) and the held-out set (``val``) on Ray the way refresh
 computes maps: one actor per worker holds the encoder, one shard per task
-(``salient.jobs.shard_pool``, ``salient.jobs.eval_worker``), each shard written as one chunk of
-a feature cache under ``OUT/features`` (``salient.jobs.eval_cache``), keyed by the checkpoint's
+(``salient.jobs.runtime.shard_pool``, ``salient.jobs.eval.worker``), each shard written as one
+chunk of a feature cache under ``OUT/features`` (``salient.jobs.eval.cache``), keyed by the
+checkpoint's
 sha256, the dataset (fingerprint and manifest) and the view — so a second run with other probe
 settings computes nothing. Then, on the driver, for both the CLS token and the mean patch token:
 
@@ -27,7 +28,19 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from salient import urls
 from salient.errors import SalientError
+from salient.jobs.eval.cache import FeatureCache, cache_url
+from salient.jobs.eval.worker import FeatureSpec, FeatureWorker
+from salient.jobs.runtime.placement import Ask
+from salient.jobs.runtime.progress import progress_bar
+from salient.jobs.runtime.ray_env import ensure_ray
+from salient.jobs.runtime.shard_pool import run_shards, started_pool
+from salient.pipeline.manifest import open_dataset
+from salient.trainer.checkpoint import load_checkpoint, save_checkpoint
+from salient.trainer.models import MODELS, build_model
+from salient.trainer.probes import knn_probe, linear_probe
+from salient.trainer.teacher_load import load_teacher
 
 __all__ = [
     "EVAL_CROP_RATIO",
@@ -111,7 +124,6 @@ class EvalConfig:
         for name in ("checkpoint", "data", "val", "out"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise EvalError(f"eval needs --{name} (got {getattr(self, name)!r})")
-        from salient import urls
 
         if urls.is_remote(self.out):
             raise EvalError(
@@ -198,7 +210,6 @@ def _checkpoint_image_size(checkpoint: str) -> int:
 def _load_encoder(config: EvalConfig, checkpoint: str, image_size: int, baseline: bool):
     """The encoder as a teacher (timm ViT, eval mode, on the driver's CPU); the baseline of a
     ``timm:NAME`` checkpoint is that model with random (seeded) weights."""
-    from salient.trainer.teacher_load import load_teacher
 
     teacher = load_teacher(
         checkpoint,
@@ -224,9 +235,6 @@ def initial_checkpoint(checkpoint: str, out: str | Path) -> str:
     """
     import torch
 
-    from salient.trainer.checkpoint import load_checkpoint, save_checkpoint
-    from salient.trainer.models import MODELS, build_model
-
     if checkpoint.startswith("timm:"):
         return checkpoint
     config = load_checkpoint(checkpoint)["config"]
@@ -241,7 +249,7 @@ def initial_checkpoint(checkpoint: str, out: str | Path) -> str:
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)  # as salient.jobs.train_worker builds it
+            torch.manual_seed(seed)  # as salient.jobs.train.worker builds it
             model = build_model(
                 config["model"],
                 config["image_size"],
@@ -271,7 +279,7 @@ def _cache_key(teacher, dataset, image_size: int, crop_ratio: float) -> dict:
         "crop_ratio": crop_ratio,
         "dim": int(teacher.model.embed_dim),
         "num_samples": dataset.num_samples,
-        "shard_size": dataset.manifest.shard_size,
+        "shard_size": dataset.shard_size,
     }
 
 
@@ -297,12 +305,6 @@ def _give_up(key: tuple[str, int], attempts: int, exc: Exception) -> EvalError:
 
 def _compute_features(config: EvalConfig, teacher, spec, caches: dict, datasets: dict) -> dict:
     """Fill every missing shard of the caches on Ray; returns shards computed per split."""
-    from salient import urls
-    from salient.jobs.eval_worker import FeatureWorker
-    from salient.jobs.placement import Ask
-    from salient.jobs.progress import progress_bar
-    from salient.jobs.ray_env import ensure_ray
-    from salient.jobs.shard_pool import run_shards, started_pool
 
     tasks = _tasks(caches, datasets)
     computed = dict.fromkeys(caches, 0)
@@ -334,8 +336,6 @@ def _features(
 ) -> dict:
     """Features, labels and validity of both splits for one encoder, from the cache (filled
     first where shards are missing); plus the counts of shards computed and reused."""
-    from salient.jobs.eval_cache import FeatureCache, cache_url
-    from salient.jobs.eval_worker import FeatureSpec
 
     teacher = _load_encoder(config, checkpoint, image_size, baseline)
     caches = {}
@@ -392,8 +392,6 @@ def _probe_device(config: EvalConfig) -> str:
 def _run_probes(config: EvalConfig, arrays: dict, num_classes: int) -> dict:
     """Top-1 / top-5 of each probe asked for, on each feature kind."""
     import numpy as np
-
-    from salient.trainer.probes import knn_probe, linear_probe
 
     train, val = _usable(arrays["train"]), _usable(arrays["val"])
     if len(train["labels"]) < 2 or len(val["labels"]) < 1:
@@ -467,7 +465,6 @@ def run_eval(config: EvalConfig) -> dict:
         DatasetError, TeacherError, CheckpointError, EvalError: before any work when the
             inputs do not fit together; EvalError when a shard keeps failing.
     """
-    from salient.pipeline.manifest import open_dataset
 
     start = time.perf_counter()
     datasets = {"train": open_dataset(config.data), "val": open_dataset(config.val)}

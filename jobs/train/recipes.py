@@ -1,6 +1,6 @@
 """The papers' pretraining runs by name: ``salient train --recipe NAME``.
 
-A recipe is a dict of :class:`~salient.jobs.train_config.TrainConfig` field values; every value
+A recipe is a dict of :class:`~salient.jobs.train.config.TrainConfig` field values; every value
 says where it comes from (paper table / section, or the authors' code where the paper is
 silent). Flags given beside ``--recipe`` override its values. Sizes follow the papers
 (ViT-B/16 at 224 px, ImageNet-1K batch sizes): the effective batch is fixed with
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 
+from salient.jobs.train.config import TrainConfig
 from salient.trainer.loop import TrainError
 
 __all__ = ["RECIPES", "recipe_config", "recipe_names", "resolve_recipe"]
@@ -184,6 +185,5 @@ def resolve_recipe(name: str) -> dict:
 def recipe_config(name: str, **fields):
     """The ``TrainConfig`` of recipe ``name`` with ``fields`` (``data``, ``store``, overrides)
     on top, as ``salient train --recipe NAME`` builds it."""
-    from salient.jobs.train_config import TrainConfig
 
     return TrainConfig(**{**resolve_recipe(name), **fields})

@@ -7,8 +7,9 @@ ceiling), and the ratio between them.
 
 Two ways to drive the actors are measured on the same data:
 
-- ``actors`` — the job as shipped (``salient.jobs.refresh``): plain actors, one shard per call,
-  each shard written as one whole zarr chunk by the actor that computed it; the next batch is
+- ``actors`` — the job as shipped (``salient.jobs.refresh.driver``): plain actors, one shard
+  per call, each shard written as one whole zarr chunk by the actor that computed it; the
+  next batch is
   read and decoded in a background thread while the teacher computes the current one.
 - ``actors_serial`` — the same with ``prefetch=False``: read, decode, compute one after the
   other (what the overlap buys).
@@ -25,6 +26,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from salient.jobs.refresh.driver import RefreshConfig, prepare_refresh, run_refresh, worker_spec
+from salient.jobs.refresh.worker import _autocast, shard_maps
+from salient.jobs.runtime.ray_env import ensure_ray
+from salient.pipeline.ingest import ingest_demo
+from salient.pipeline.shards import decode_images, image_field
+from salient.trainer.teacher_load import load_teacher
 
 __all__ = ["RayDataMaps", "bench_refresh"]
 
@@ -55,9 +63,6 @@ def _forward_rate(model: str, device: str, batch_size: int, threads: int) -> flo
     """img/s of the bare forward (``forward_features``) under the job's precision and threads."""
     import torch
 
-    from salient.jobs.refresh_worker import _autocast
-    from salient.trainer.teacher_load import load_teacher
-
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -77,7 +82,6 @@ def _forward_rate(model: str, device: str, batch_size: int, threads: int) -> flo
 
 
 def _config(data: str, store: Path, settings: dict, workers: int, prefetch: bool = True):
-    from salient.jobs.refresh import RefreshConfig
 
     return RefreshConfig(
         data=str(data),
@@ -107,8 +111,6 @@ class RayDataMaps:
         self.spec = spec
 
     def __call__(self, batch: dict) -> dict:
-        from salient.jobs.refresh_worker import shard_maps
-        from salient.pipeline.shards import decode_images, image_field
 
         field = image_field(batch)
         images = decode_images([(field, bytes(b)) for b in batch[field]], self.spec.device)
@@ -121,12 +123,10 @@ def _ray_data_refresh(config) -> dict:
     """The same job with Ray Data doing read + map; the driver re-blocks rows and writes."""
     import ray
 
-    from salient.jobs.refresh import prepare_refresh, worker_spec
-
     start = time.perf_counter()
     dataset, teacher, saliency_spec, writer = prepare_refresh(config)
     spec = worker_spec(config, teacher, saliency_spec, writer.name)
-    size = dataset.manifest.shard_size
+    size = dataset.shard_size
     # An actor pool that reserves every CPU starves Ray Data's read tasks and hangs; leave
     # one CPU of the cluster to the reads (docs/LIBRARY-NOTES.md, "Ray Data actor pools can
     # starve their reads").
@@ -165,7 +165,6 @@ def _ray_data_refresh(config) -> dict:
 def _data(data: str | None, settings: dict, work: Path) -> str:
     if data is not None:
         return data  # a path or a URL
-    from salient.pipeline.ingest import ingest_demo
 
     ingest_demo(
         work / "data",
@@ -178,7 +177,6 @@ def _data(data: str | None, settings: dict, work: Path) -> str:
 
 
 def _one(variant: str, data: str, work: Path, settings: dict, workers: int, forward: float) -> dict:
-    from salient.jobs.refresh import run_refresh
 
     serial = variant == "actors_serial"
     config = _config(data, work / f"{variant}-{workers}.zarr", settings, workers, not serial)
@@ -213,8 +211,6 @@ def bench_refresh(
     ``batch_size`` and ``cpus_per_worker`` override the device's defaults.
     """
     import torch
-
-    from salient.jobs.ray_env import ensure_ray
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,6 +1,6 @@
 """What one refresh worker runs: read a tar shard, decode it, compute the teacher's maps, write.
 
-``salient.jobs.refresh`` wraps :class:`RefreshWorker` in a Ray actor (the class lives in the
+``salient.jobs.refresh.driver`` wraps :class:`RefreshWorker` in a Ray actor (the class lives in the
 package so Ray workers can import it: docs/LIBRARY-NOTES.md, "Remote code lives in the
 package"). The unit of work is one shard: one tar file = one contiguous id range = one zarr
 chunk, written whole by one call, so a retried shard rewrites the same bytes and two workers
@@ -29,6 +29,8 @@ import torch
 
 from salient import urls
 from salient.pipeline import shards
+from salient.store import SaliencyStore
+from salient.trainer.teacher import preprocess, saliency
 
 __all__ = ["RefreshWorker", "WorkerSpec", "decoded_batches", "shard_maps"]
 
@@ -102,7 +104,6 @@ def _batch_maps(
     model: torch.nn.Module, images: list[torch.Tensor], spec: WorkerSpec, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Maps of decoded images: ``maps [b,G,G]`` and, for kind "heads", ``head_maps [b,H,G,G]``."""
-    from salient.trainer.teacher import preprocess, saliency
 
     x = preprocess(images, spec.image_size, spec.mean, spec.std)  # [b,3,S,S] normalised
     with _autocast(device):
@@ -160,7 +161,6 @@ class RefreshWorker:
     def __init__(
         self, model: torch.nn.Module, spec: WorkerSpec, storage: urls.StorageOptions | None = None
     ):
-        from salient.store import SaliencyStore
 
         urls.adopt(storage)  # the driver's --storage-option values, before any read
         torch.set_num_threads(spec.threads)

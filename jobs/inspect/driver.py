@@ -13,8 +13,8 @@ Two views of a published generation of the saliency store:
 
 The numbers in ``stats.json`` (min-max normalised maps as distributions: entropy, top-25% mass,
 histogram, box lift on demo datasets, drift between generations) are computed in
-:mod:`salient.jobs.inspect_stats`, whose docstring defines each one; this module reads the
-store, takes samples from :mod:`salient.jobs.inspect_data`, and writes the report.
+:mod:`salient.jobs.inspect.stats`, whose docstring defines each one; this module reads the
+store, takes samples from :mod:`salient.jobs.inspect.data`, and writes the report.
 
 Statistics cover every sample of the store, read one shard (= one zarr chunk) at a time;
 panels cover the selected ids only.
@@ -30,8 +30,9 @@ from pathlib import Path
 import numpy as np
 
 from salient import urls
-from salient.jobs.inspect_data import InspectError, demo_hw, read_samples, shard_boxes
-from salient.jobs.inspect_stats import (
+from salient.jobs.inspect import report
+from salient.jobs.inspect.data import InspectError, demo_hw, read_samples, shard_boxes
+from salient.jobs.inspect.stats import (
     ClassTally,
     DiffTally,
     GenerationTally,
@@ -41,6 +42,11 @@ from salient.jobs.inspect_stats import (
     sample_stats,
     usable,
 )
+from salient.jobs.runtime.progress import progress_bar
+from salient.pipeline.manifest import open_dataset
+from salient.pipeline.masking import STRATEGIES
+from salient.pipeline.shards import read_labels
+from salient.store import SaliencyStore
 
 __all__ = ["InspectConfig", "InspectError", "generation_stats", "print_sample", "run_inspect"]
 
@@ -52,7 +58,6 @@ MAX_HISTORY = 10  # generations side by side in a panel: the first and the 9 new
 
 
 def _strategies() -> list[str]:
-    from salient.pipeline.masking import STRATEGIES
 
     return list(STRATEGIES)
 
@@ -122,7 +127,6 @@ class InspectConfig:
         object.__setattr__(self, "ids", tuple(dict.fromkeys(int(i) for i in ids)))
 
     def _check_masking(self) -> None:
-        from salient.pipeline.masking import STRATEGIES
 
         if self.strategy not in STRATEGIES:
             raise InspectError(
@@ -146,7 +150,6 @@ class InspectConfig:
 
 def _open_store(url: str, dataset):
     """The store at ``url``, checked against ``dataset`` (StoreError on another dataset)."""
-    from salient.store import SaliencyStore
 
     return SaliencyStore.open(url, dataset)
 
@@ -209,8 +212,6 @@ def _generation_info(store, name: str) -> dict:
 def _scan_store(readers: list, dataset, grid: int) -> tuple[list[dict], dict | None, dict | None]:
     """Statistics of each bound generation, their diff when two, and the first one's
     statistics per class on a labelled dataset: one shard at a time."""
-    from salient.jobs.progress import progress_bar
-    from salient.pipeline.shards import read_labels
 
     image_hw, classes = demo_hw(dataset), dataset.manifest.classes
     tallies, diff, per_class = [GenerationTally() for _ in readers], DiffTally(), ClassTally()
@@ -236,7 +237,6 @@ def _scan_store(readers: list, dataset, grid: int) -> tuple[list[dict], dict | N
 def generation_stats(store_url: str, data: str, names: list[str] | None = None) -> dict:
     """``{generation: statistics}`` (``stats.json``'s, without the histogram) of the named
     published generations of a store, all of them by default; one pass over the shards."""
-    from salient.pipeline.manifest import open_dataset
 
     dataset = open_dataset(data)
     store = _open_store(store_url, dataset)
@@ -318,8 +318,6 @@ def _render_panels(
 ) -> list[dict]:
     """One panel per sample (the inspected generation ``name``), and its maps in every
     generation of ``history`` (name -> maps by id, oldest first) when there are two or more."""
-    from salient.jobs import inspect_report as report
-    from salient.jobs.progress import progress_bar
 
     panels = []
     with progress_bar(len(samples), "panels") as advance:
@@ -360,8 +358,6 @@ def run_inspect(config: InspectConfig) -> dict | str:
         StoreError: no store at the URL, or a store of another dataset.
         DatasetError: the dataset directory is missing or damaged.
     """
-    from salient.jobs import inspect_report as report
-    from salient.pipeline.manifest import open_dataset
 
     if config.id is not None:
         return print_sample(config.store, config.data, config.id, config.generation)
@@ -406,7 +402,7 @@ def run_inspect(config: InspectConfig) -> dict | str:
         "training": training,
         "ids": ids,
         "config": asdict(config),
-        "mass": "min-max normalised maps as distributions (see salient.jobs.inspect_stats)",
+        "mass": "min-max normalised maps as distributions (see salient.jobs.inspect.stats)",
     }
     report.render_histogram(out, {n: s["histogram"] for n, s in zip(names, stats)})
     if training is not None:
@@ -446,7 +442,6 @@ def print_sample(store_url: str, data: str, sample_id: int, generation: str | No
         InspectError: unknown / unpublished generation, empty store, id out of range.
         StoreError: no store at the URL, or a store of another dataset.
     """
-    from salient.pipeline.manifest import open_dataset
 
     dataset = open_dataset(data)
     store = _open_store(store_url, dataset)

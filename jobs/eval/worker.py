@@ -1,15 +1,15 @@
 """What one eval worker runs: read a shard, decode it, take MAE's evaluation view, encode, write.
 
-``salient.jobs.eval`` runs :class:`FeatureWorker` as Ray actors through
-``salient.jobs.shard_pool`` (the pool refresh uses); shards are read and decoded by
+``salient.jobs.eval.driver`` runs :class:`FeatureWorker` as Ray actors through
+``salient.jobs.runtime.shard_pool`` (the pool refresh uses); shards are read and decoded by
 ``salient.pipeline.shards`` (as refresh and the loader read them). The unit of work is one
 shard of the training or the held-out dataset, whose features are written as one whole zarr
-chunk of the feature cache (``salient.jobs.eval_cache``). The same functions compute
-features in-process for the probe during training (``salient.jobs.eval_online``).
+chunk of the feature cache (``salient.jobs.eval.cache``). The same functions compute
+features in-process for the probe during training (``salient.jobs.eval.online``).
 
 The evaluation view is MAE's (``main_linprobe.py``, from DeiT): resize the shorter side to
 ``int(S / crop_ratio)`` (bicubic, antialiased), then a centre crop of ``S × S`` — 256 → 224 at
-S = 224 with ``salient.jobs.eval.EVAL_CROP_RATIO`` (0.875). ``crop_ratio = 1`` resizes the
+S = 224 with ``salient.jobs.eval.driver.EVAL_CROP_RATIO`` (0.875). ``crop_ratio = 1`` resizes the
 shorter side to S and crops the centre square.
 Features, from the encoder's final norm (timm ``forward_features``): the CLS token, and the
 mean of the patch tokens (register tokens excluded).
@@ -26,6 +26,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from salient import urls
+from salient.jobs.eval.cache import FeatureCache
+from salient.pipeline import shards
 
 __all__ = [
     "FeatureSpec",
@@ -62,7 +66,6 @@ def read_shard_images(
     Read and decoded by ``salient.pipeline.shards``, the layer refresh and the loader use (PIL,
     or nvjpeg on a GPU worker): the probe sees the pixels the teacher sees.
     """
-    from salient.pipeline import shards
 
     records: list[tuple[str, bytes] | None] = [None] * count
     labels = np.full(count, -1, dtype=np.int64)
@@ -157,8 +160,6 @@ class FeatureWorker:
         caches: dict[str, str],
         storage=None,
     ):
-        from salient import urls
-        from salient.jobs.eval_cache import FeatureCache
 
         urls.adopt(storage)  # the driver's --storage-option values, before any read
         torch.set_num_threads(spec.threads)

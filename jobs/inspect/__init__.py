@@ -1,0 +1,5 @@
+"""``salient inspect``: samples and maps read back, their statistics, and the HTML report."""
+
+from salient.jobs.inspect.driver import InspectConfig, InspectError, generation_stats, run_inspect
+
+__all__ = ["InspectConfig", "InspectError", "generation_stats", "run_inspect"]

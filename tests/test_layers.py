@@ -1,0 +1,191 @@
+"""The layers are a rule, not a convention (docs/ARCHITECTURE.md, "Code layout").
+
+Every first-party import of every module, at module top or inside a function, is read with
+``ast``: ``salient`` root < ``store`` < ``pipeline`` < ``trainer`` < ``jobs``, a module imports
+only from its own layer or below, ``jobs/runtime`` imports no job, and the module graph has no
+cycle. Each rule is also run on a small planted tree, so the checks are shown to fail.
+"""
+
+from __future__ import annotations
+
+import ast
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# folder -> (package, layer); the root package lives in salient_root/
+FOLDERS = {
+    "salient_root": ("salient", 0),
+    "store": ("salient.store", 1),
+    "pipeline": ("salient.pipeline", 2),
+    "trainer": ("salient.trainer", 3),
+    "jobs": ("salient.jobs", 4),
+}
+
+
+def _modules(root: Path) -> dict[str, Path]:
+    """``{dotted module name: file}`` of every first-party module under ``root``."""
+    found = {}
+    for folder, (package, _) in FOLDERS.items():
+        for path in sorted((root / folder).rglob("*.py")):
+            parts = path.relative_to(root / folder).with_suffix("").parts
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            found[".".join([package, *parts])] = path
+    return found
+
+
+def _imports(path: Path) -> list[tuple[str, int, str]]:
+    """``(module, line, where)`` of every import in ``path``, ``where`` being ``top``,
+    ``typing`` (under a module-level ``if TYPE_CHECKING:``, never run) or ``lazy``; a
+    ``from X import Y`` counts as ``X.Y`` when that is a module, else ``X`` (see _resolve)."""
+    tree = ast.parse(path.read_text())
+    where = {id(node): "top" for node in tree.body}
+    for node in tree.body:
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            where.update({id(child): "typing" for child in node.body})
+    out = []
+    for node in ast.walk(tree):
+        kind = where.get(id(node), "lazy")
+        if isinstance(node, ast.Import):
+            out += [(alias.name, node.lineno, kind) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            out += [(f"{node.module}.{a.name}", node.lineno, kind) for a in node.names]
+    return out
+
+
+def _resolve(name: str, modules: dict[str, Path]) -> str | None:
+    """The first-party module ``name`` refers to (itself or the nearest enclosing one)."""
+    while name:
+        if name in modules:
+            return name
+        name = name.rpartition(".")[0]
+    return None
+
+
+def _layer(module: str) -> int:
+    return max(layer for package, layer in FOLDERS.values() if _within(module, package))
+
+
+def _within(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def _graph(root: Path) -> tuple[dict[str, set[str]], list[str]]:
+    """The first-party import graph and the rule breaks found while building it."""
+    modules = _modules(root)
+    graph: dict[str, set[str]] = {name: set() for name in modules}
+    problems: list[str] = []
+    for name, path in modules.items():
+        for imported, line, kind in _imports(path):
+            target = _resolve(imported, modules)
+            where = f"{path.relative_to(root)}:{line}"
+            if target is None or target == name:  # third-party: lazy ones (ray) are fine
+                continue
+            if kind == "lazy":
+                problems.append(f"{where}: first-party import of {target} inside a function")
+            if _layer(target) > _layer(name):
+                problems.append(f"{where}: {name} imports {target}, a higher layer")
+            runtime = "salient.jobs.runtime"
+            if (
+                _within(name, runtime)
+                and _within(target, "salient.jobs")
+                and not _within(target, runtime)
+            ):
+                problems.append(f"{where}: {name} (shared Ray plumbing) imports the job {target}")
+            if kind != "typing" and not _is_package_of(target, name):
+                graph[name].add(target)
+    return graph, list(dict.fromkeys(problems))
+
+
+def _is_package_of(package: str, module: str) -> bool:
+    """Importing a module runs its packages' ``__init__``: that edge is not a cycle."""
+    return module.startswith(package + ".")
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every strongly connected component of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in sorted(graph[node]):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def _check(root: Path) -> list[str]:
+    graph, problems = _graph(root)
+    problems += [f"import cycle: {' <-> '.join(cycle)}" for cycle in _cycles(graph)]
+    return problems
+
+
+def test_the_project_keeps_its_layers_and_has_no_cycle():
+    problems = _check(ROOT)
+    assert not problems, "\n".join(problems)
+
+
+def _plant(tmp_path: Path, files: dict[str, str]) -> Path:
+    for folder in FOLDERS:
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "__init__.py").write_text("")
+    for name, text in files.items():
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(textwrap.dedent(text))
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("files", "expected"),
+    [
+        ({"store/a.py": "from salient.pipeline.b import x\n", "pipeline/b.py": "x = 1\n"},
+         "a higher layer"),
+        ({"trainer/a.py": "def f():\n    from salient.jobs.b import x\n", "jobs/b.py": "x = 1\n"},
+         "a higher layer"),
+        ({"pipeline/a.py": "def f():\n    from salient.store.b import x\n", "store/b.py": "x = 1\n"},
+         "inside a function"),
+        ({"jobs/runtime/__init__.py": "", "jobs/runtime/a.py": "import salient.jobs.train\n",
+          "jobs/train.py": "x = 1\n"}, "shared Ray plumbing"),
+        ({"jobs/a.py": "from salient.jobs.b import x\ny = 1\n", "jobs/b.py": "from salient.jobs.a import y\nx = 1\n"},
+         "import cycle"),
+    ],
+)  # fmt: skip
+def test_each_rule_catches_its_break(tmp_path, files, expected):
+    problems = _check(_plant(tmp_path, files))
+    assert any(expected in problem for problem in problems), problems
+
+
+def test_a_clean_planted_tree_passes(tmp_path):
+    files = {
+        "store/a.py": "from salient.errors import E\n",
+        "salient_root/errors.py": "E = 1\n",
+        "jobs/b.py": "from salient.store.a import E\n\ndef f():\n    import ray\n",
+    }
+    assert _check(_plant(tmp_path, files)) == []
