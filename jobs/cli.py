@@ -178,7 +178,6 @@ _CONTROL = ("config", "print_config", "recipe", "storage_option")
 
 
 def _run(name: str, argv: list[str]) -> int:
-
     command = COMMANDS[name]
     args = vars(build_parser(name).parse_args(argv))
     recipe = args.get("recipe")

@@ -150,7 +150,6 @@ def _locations(config: DemoConfig, out: Path) -> tuple[str, str, str]:
 
 
 def _stage_ingest(config: DemoConfig, data: str, split: str = "train") -> dict:
-
     n = config.n if split == "train" else config.val_n
     stage = "ingest" if split == "train" else "ingest_val"
     try:
@@ -180,7 +179,6 @@ def _stage_ingest(config: DemoConfig, data: str, split: str = "train") -> dict:
 
 
 def _train_config(config: DemoConfig, out: Path):
-
     run_dir = out / "run"
     latest = latest_checkpoint(run_dir)
     done = latest is not None and load_checkpoint(latest)["epoch"] >= config.epochs
@@ -210,7 +208,6 @@ def _train_config(config: DemoConfig, out: Path):
 
 
 def _stage_train(config: DemoConfig, out: Path) -> dict:
-
     train, done = _train_config(config, out)
     if done:
         return {"train": "reused", "run_dir": train.run_dir}
@@ -219,7 +216,6 @@ def _stage_train(config: DemoConfig, out: Path) -> dict:
 
 
 def _stage_inspect(config: DemoConfig, out: Path) -> dict:
-
     data, _, store = _locations(config, out)
     published = [
         g["name"] for g in SaliencyStore.open(store).generations() if g["status"] == "published"

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from salient.errors import SalientError
+from salient.settings import flag_name
 
 __all__ = [
     "ConfigFileError",
@@ -51,10 +52,6 @@ __all__ = [
 
 class ConfigFileError(SalientError):
     """A ``--config`` file that cannot be read, or that names settings the job does not have."""
-
-
-def flag_name(field: dataclasses.Field) -> str:
-    return field.metadata.get("flag") or "--" + field.name.replace("_", "-")
 
 
 # ---------------------------------------------------------------- help from the source
@@ -151,10 +148,12 @@ def _default_text(field: dataclasses.Field) -> str:
     return f"default: {value}"
 
 
-def _help(field: dataclasses.Field, doc: str | None) -> str:
+def _help(field: dataclasses.Field, doc: str | None, hint: Any) -> str:
     if field.metadata.get("hidden"):
         return argparse.SUPPRESS
     notes = [_default_text(field)]
+    if "range" in field.metadata:
+        notes.insert(0, field.metadata["range"].describe(_unwrap_optional(hint) is int))
     if "choices" in field.metadata:
         notes.insert(0, "one of " + ", ".join(sorted(field.metadata["choices"]())))
     notes = "; ".join(n for n in notes if n)
@@ -167,7 +166,10 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
     ``SUPPRESS`` so the namespace holds exactly the flags given."""
     docs, hints = field_docs(cls), typing.get_type_hints(cls)
     for field in dataclasses.fields(cls):
-        kwargs = {**_argument(field, hints[field.name]), "help": _help(field, docs.get(field.name))}
+        kwargs = {
+            **_argument(field, hints[field.name]),
+            "help": _help(field, docs.get(field.name), hints[field.name]),
+        }
         kwargs["default"] = argparse.SUPPRESS
         if field.metadata.get("positional"):
             # argparse checks an omitted positional's SUPPRESS default against its choices:

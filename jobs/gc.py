@@ -10,9 +10,10 @@ collection after each refresh (``--keep-generations``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from salient.errors import SalientError
+from salient.settings import check_fields, ranged
 from salient.store import SaliencyStore
 
 __all__ = ["GcConfig", "run_gc"]
@@ -24,9 +25,9 @@ class GcConfig:
 
     store: str
     """Saliency store path or URL."""
-    keep: int = 3
+    keep: int = field(default=3, metadata=ranged(ge=1))
     """Newest published generations kept (the current one always is)."""
-    grace_s: float = 3600.0
+    grace_s: float = field(default=3600.0, metadata=ranged(ge=0))
     """Seconds a replaced generation, or one whose driver stopped, is kept for readers still
     bound to it."""
     dry_run: bool = False
@@ -35,10 +36,7 @@ class GcConfig:
     def __post_init__(self):
         if not isinstance(self.store, str) or not self.store:
             raise SalientError(f"gc needs --store URL (got {self.store!r})")
-        if isinstance(self.keep, bool) or not isinstance(self.keep, int) or self.keep < 1:
-            raise SalientError(f"--keep must be an integer >= 1 (got {self.keep!r})")
-        if not self.grace_s >= 0:
-            raise SalientError(f"--grace-s must be >= 0 seconds (got {self.grace_s})")
+        check_fields(self, SalientError)  # types and ranges, declared with the fields
 
 
 def run_gc(config: GcConfig) -> str:

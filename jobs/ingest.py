@@ -11,13 +11,9 @@ from dataclasses import dataclass, field
 from salient.jobs.runtime.progress import progress_bar
 from salient.pipeline.demo import DEMO_SPLITS
 from salient.pipeline.ingest import IngestError, ingest_demo, ingest_folder
+from salient.settings import check_fields, ranged
 
 __all__ = ["IngestConfig", "run_ingest"]
-
-
-def _demo_splits() -> tuple[str, ...]:
-
-    return tuple(DEMO_SPLITS)
 
 
 @dataclass(frozen=True)
@@ -32,25 +28,26 @@ class IngestConfig:
     demo: bool = False
     """Write the bundled demo dataset (scenes composed from scikit-image photos, with object
     boxes) instead of reading SRC."""
-    n: int = 2000
+    n: int = field(default=2000, metadata=ranged(ge=1))
     """Demo: number of scenes."""
     seed: int = 0
     """Demo: seed of the scenes (the same seed gives byte-identical shards)."""
-    image_size: int = 192
+    image_size: int = field(default=192, metadata=ranged(ge=1))
     """Demo: side of each scene in pixels."""
-    split: str = field(default="train", metadata={"choices": lambda: _demo_splits()})
+    split: str = field(default="train", metadata={"choices": lambda: DEMO_SPLITS})
     """Demo: train, or val for held-out scenes (the same classes, scenes that never occur in
     the train split) to probe an encoder on."""
     classes_from: str | None = None
     """Folder ingest: a dataset (e.g. the training split) whose class list and indices the
     labels keep, so this one can be its held-out set; its class folders must match."""
-    shard_size: int | None = None
+    shard_size: int | None = field(default=None, metadata=ranged(ge=1))
     """Samples per shard (every shard but the last holds exactly this many); default 1000,
     500 with --demo."""
     overwrite: bool = False
     """Replace a dataset that salient wrote before in OUT (nothing else is ever removed)."""
 
     def __post_init__(self):
+        check_fields(self, IngestError)  # types, ranges and choices, declared with the fields
         if self.demo and self.out is None and self.src is not None:
             # `salient ingest --demo OUT`: the one positional given is OUT.
             object.__setattr__(self, "out", self.src)

@@ -298,7 +298,6 @@ def ingest_folder(
 def _demo_samples(
     n: int, seed: int, image_size: int, quality: int, split: str, progress: Callable[[int], None]
 ) -> Iterator[Sample]:
-
     for index in range(n):
         scene = make_scene(seed, index, image_size, split)
         buffer = io.BytesIO()

@@ -13,8 +13,11 @@ from dataclasses import dataclass, field
 from salient.errors import SalientError
 from salient.pipeline.crops import INTERPOLATIONS
 from salient.pipeline.masking import STRATEGIES, mask_counts
+from salient.settings import check_fields, field_name, ranged
 
-__all__ = ["LoaderConfig", "LoaderError"]
+__all__ = ["DECODE_ON", "LoaderConfig", "LoaderError"]
+
+DECODE_ON = ("auto", "worker", "device")  # where images are decoded (``LoaderConfig.decode``)
 
 
 class LoaderError(SalientError):
@@ -41,31 +44,34 @@ class LoaderConfig:
 
     data: str
     store: str | None = None
-    image_size: int = 224
-    patch_size: int = 16
-    batch_size: int = 64
-    strategy: str = "amt"
-    mask_ratio: float = 0.45
-    throw_ratio: float = 0.40
+    image_size: int = field(default=224, metadata=ranged(ge=1))
+    patch_size: int = field(default=16, metadata=ranged(ge=1))
+    batch_size: int = field(default=64, metadata=ranged(ge=1))
+    strategy: str = field(default="amt", metadata={"choices": lambda: STRATEGIES})
+    mask_ratio: float = field(default=0.45, metadata=ranged(ge=0, lt=1))
+    throw_ratio: float = field(default=0.40, metadata=ranged(ge=0, lt=1))
     strategy_options: dict = field(default_factory=dict)
     crop_scale: tuple[float, float] = (0.2, 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    flip_p: float = 0.5
-    seed: int = 0
-    num_workers: int = 2
-    rank: int = 0
-    world_size: int = 1
+    flip_p: float = field(default=0.5, metadata=ranged(ge=0, le=1))
+    seed: int = field(default=0, metadata=ranged(ge=0))
+    num_workers: int = field(default=2, metadata=ranged(ge=0))
+    rank: int = field(default=0, metadata=ranged(ge=0))
+    world_size: int = field(default=1, metadata=ranged(ge=1))
     device: str = "cpu"
-    decode: str = "auto"
-    shuffle_buffer: int = 1000
-    chunk_size: int = 32
-    prefetch: int = 64
-    epochs: int | None = None
-    mask_unit: int | None = None
-    interpolation: str = "bicubic"
+    decode: str = field(default="auto", metadata={"choices": lambda: DECODE_ON})
+    shuffle_buffer: int = field(default=1000, metadata=ranged(ge=0))
+    chunk_size: int = field(default=32, metadata=ranged(ge=1))
+    prefetch: int = field(default=64, metadata=ranged(ge=0))
+    epochs: int | None = field(default=None, metadata=ranged(ge=1))
+    mask_unit: int | None = field(default=None, metadata=ranged(ge=1))
+    interpolation: str = field(default="bicubic", metadata={"choices": lambda: INTERPOLATIONS})
     gpa_target: bool = False
 
     def __post_init__(self):
+        if not isinstance(self.data, str | os.PathLike) or not str(self.data):
+            raise LoaderError(f"the loader needs a dataset directory (got data={self.data!r})")
+        check_fields(self, LoaderError, field_name)  # types, ranges, choices (with the fields)
         _check_sizes(self)
         _check_masking(self)
         _check_crop(self)
@@ -88,39 +94,15 @@ class LoaderConfig:
         return "device" if self.device.startswith("cuda") else "worker"
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _check_sizes(c: LoaderConfig) -> None:
-    if not isinstance(c.data, (str, os.PathLike)) or not str(c.data):
-        raise LoaderError(f"the loader needs a dataset directory (got data={c.data!r})")
-    for name in ("image_size", "patch_size", "batch_size", "chunk_size"):
-        value = getattr(c, name)
-        if not _is_int(value) or value < 1:
-            raise LoaderError(f"{name} must be a positive integer (got {value!r})")
     if c.image_size % c.patch_size:
         raise LoaderError(
             f"image_size {c.image_size} is not a multiple of patch_size "
             f"{c.patch_size}; use e.g. {max(1, c.grid) * c.patch_size}"
         )
-    for name in ("num_workers", "shuffle_buffer", "seed", "prefetch"):
-        value = getattr(c, name)
-        if not _is_int(value) or value < 0:
-            raise LoaderError(f"{name} must be an integer >= 0 (got {value!r})")
-    if c.epochs is not None and (not _is_int(c.epochs) or c.epochs < 1):
-        raise LoaderError(f"epochs must be a positive integer or None (got {c.epochs!r})")
 
 
 def _check_masking(c: LoaderConfig) -> None:
-    if c.strategy not in STRATEGIES:
-        raise LoaderError(
-            f"unknown strategy {c.strategy!r}; choose one of {', '.join(sorted(STRATEGIES))}"
-        )
-    if not 0 <= c.mask_ratio < 1 or not 0 <= c.throw_ratio < 1:
-        raise LoaderError(
-            f"mask_ratio and throw_ratio must lie in [0, 1) (got {c.mask_ratio}, {c.throw_ratio})"
-        )
     if c.mask_ratio + c.throw_ratio >= 1:
         raise LoaderError(
             f"mask_ratio + throw_ratio must be < 1 (got {c.mask_ratio} + "
@@ -132,10 +114,7 @@ def _check_masking(c: LoaderConfig) -> None:
             f"(got {type(c.strategy_options).__name__})"
         )
     if c.mask_unit is not None and (
-        not _is_int(c.mask_unit)
-        or c.mask_unit < c.patch_size
-        or c.mask_unit % c.patch_size
-        or c.image_size % c.mask_unit
+        c.mask_unit < c.patch_size or c.mask_unit % c.patch_size or c.image_size % c.mask_unit
     ):
         raise LoaderError(
             f"mask_unit must be a multiple of patch_size {c.patch_size} that divides "
@@ -154,20 +133,10 @@ def _check_crop(c: LoaderConfig) -> None:
         raise LoaderError(
             f"crop_ratio must satisfy 0 < min <= max (got {c.crop_ratio}); the usual is (3/4, 4/3)"
         )
-    if not 0 <= c.flip_p <= 1:
-        raise LoaderError(f"flip_p must lie in [0, 1] (got {c.flip_p})")
-    if c.interpolation not in INTERPOLATIONS:
-        raise LoaderError(
-            f"interpolation must be one of {', '.join(INTERPOLATIONS)} (got {c.interpolation!r})"
-        )
 
 
 def _check_topology(c: LoaderConfig) -> None:
-    if not _is_int(c.world_size) or c.world_size < 1:
-        raise LoaderError(f"world_size must be a positive integer (got {c.world_size!r})")
-    if not _is_int(c.rank) or not 0 <= c.rank < c.world_size:
+    if not c.rank < c.world_size:
         raise LoaderError(f"rank must lie in 0..{c.world_size - 1} (got {c.rank!r})")
     if c.device != "cpu" and not c.device.startswith("cuda"):
         raise LoaderError(f"device must be 'cpu' or 'cuda[:N]' (got {c.device!r})")
-    if c.decode not in ("auto", "worker", "device"):
-        raise LoaderError(f"decode must be 'auto', 'worker' or 'device' (got {c.decode!r})")

@@ -10,7 +10,7 @@ import pytest
 
 from salient.errors import SalientError
 from salient.jobs.bench.driver import BENCHES, run_bench
-from salient.jobs.bench.quality import _setup, equal_time_epoch
+from salient.jobs.bench.quality import _setup, bench_quality, equal_time_epoch
 
 
 def test_equal_time_epoch_counts_the_epochs_ended_within_the_budget():
@@ -36,6 +36,6 @@ def test_quality_setup_scales_with_its_options():
 
 
 def test_run_bench_refuses_options_a_bench_does_not_take():
-    assert BENCHES["quality"] == "bench_quality"
+    assert BENCHES["quality"] is bench_quality
     with pytest.raises(SalientError, match="salient bench masking takes no --epochs, --n"):
         run_bench("masking", quick=True, epochs=3, n=10)

@@ -225,7 +225,7 @@ def test_a_checkpoint_that_is_not_a_vit_is_one_line(colour_data, tmp_path):
 def test_config_errors_are_clear():
     with pytest.raises(EvalError, match="--k must be a positive integer"):
         EvalConfig(checkpoint="c", data="d", val="v", k=0)
-    with pytest.raises(EvalError, match="--crop-ratio in"):
+    with pytest.raises(EvalError, match="--crop-ratio must be in"):
         EvalConfig(checkpoint="c", data="d", val="v", crop_ratio=1.5)
     with pytest.raises(EvalError, match="eval needs --val"):
         EvalConfig(checkpoint="c", data="d", val="")

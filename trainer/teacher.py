@@ -36,6 +36,7 @@ from salient.errors import SalientError
 
 __all__ = [
     "KINDS",
+    "MAP_KINDS",
     "REDUCES",
     "SaliencySpec",
     "TeacherError",
@@ -43,7 +44,9 @@ __all__ = [
     "saliency",
 ]
 
+# The one registry of saliency kinds and head reductions (refresh, train and inspect read it).
 KINDS = ("cls_attn", "gpa", "heads")
+MAP_KINDS = ("cls_attn", "gpa")  # one map per image: what a mask strategy reads
 REDUCES = ("mean", "minmax_mean")
 
 # The input of `blk.attn` for each supported timm block: pre-norm Block vs post-norm ResPostBlock.

@@ -1,58 +1,38 @@
 """``salient bench WHAT``: benchmarks that print one JSON object.
 
-Each benchmark lives in ``jobs/bench_<what>.py`` as ``bench_<what>(quick, device) -> dict``;
+Each benchmark lives in ``jobs/bench/<what>.py`` as ``bench_<what>(quick, device) -> dict``;
 this module only dispatches and stamps the result with the device, versions and date, so a
 figure in BENCHMARKS.md always says where and when it was measured.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
-import importlib
 import inspect
 import json
-import platform
 from dataclasses import dataclass, field, fields
 
 from salient.errors import SalientError
+from salient.jobs.bench.gpu import bench_gpu
+from salient.jobs.bench.loader import bench_loader
+from salient.jobs.bench.masking import bench_masking
+from salient.jobs.bench.quality import bench_quality
+from salient.jobs.bench.refresh import bench_refresh
+from salient.jobs.bench.stamp import device_info, stamp_now
+from salient.jobs.bench.store import bench_store
+from salient.jobs.bench.train import bench_train
 
-__all__ = ["BENCHES", "BenchConfig", "device_info", "run_bench", "run_bench_job", "stamp_now"]
+__all__ = ["BENCHES", "BenchConfig", "run_bench", "run_bench_job"]
 
-# name -> module under salient.jobs holding `bench_<name>`
+# name -> the benchmark's function, ``bench_<name>(quick, ...) -> dict``
 BENCHES = {
-    "store": "bench.store",
-    "masking": "bench.masking",
-    "loader": "bench.loader",
-    "refresh": "bench.refresh",
-    "train": "bench.train",
-    "gpu": "bench.gpu",
-    "quality": "bench.quality",
+    "store": bench_store,
+    "masking": bench_masking,
+    "loader": bench_loader,
+    "refresh": bench_refresh,
+    "train": bench_train,
+    "gpu": bench_gpu,
+    "quality": bench_quality,
 }
-
-
-def device_info(device: str = "auto") -> dict:
-    """The resolved device and a description of the machine it is on."""
-    import torch
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    info = {
-        "device": device,
-        "host_cpus": _cpu_count(),
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-    }
-    if device.startswith("cuda"):
-        info["gpu"] = torch.cuda.get_device_name(0)
-    else:
-        info["cpu"] = platform.processor() or platform.machine()
-    return info
-
-
-def _cpu_count() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 @dataclass(frozen=True)
@@ -99,7 +79,7 @@ def run_bench_job(config: BenchConfig) -> dict:
     # every option field given (a benchmark refuses options it does not take)
     given = {f.name: getattr(config, f.name) for f in fields(config) if f.name not in _COMMON}
     options = {k: v for k, v in given.items() if v not in (None, False)}
-    writes_own = "out" in inspect.signature(_bench_fn(config.what)).parameters
+    writes_own = "out" in inspect.signature(BENCHES[config.what]).parameters
     if writes_own:
         options["out"] = config.out
     result = run_bench(config.what, quick=config.quick, device=config.device, **options)
@@ -109,20 +89,11 @@ def run_bench_job(config: BenchConfig) -> dict:
     return result
 
 
-def _bench_fn(what: str):
-    return getattr(importlib.import_module(f"salient.jobs.{BENCHES[what]}"), f"bench_{what}")
-
-
-def stamp_now() -> str:
-    """The time now, ISO 8601 UTC to the second: the date every figure carries."""
-    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
-
-
 def run_bench(what: str, quick: bool = False, device: str = "auto", **options) -> dict:
     """Run benchmark ``what`` and return its figures plus the device, versions and date.
 
     ``options`` go to the benchmark function; one it does not take is a SalientError."""
-    fn = _bench_fn(what)
+    fn = BENCHES[what]
     info = device_info(device)
     params = inspect.signature(fn).parameters
     unknown = sorted(set(options) - set(params))

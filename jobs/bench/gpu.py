@@ -28,10 +28,10 @@ from pathlib import Path
 
 import torch
 
-from salient.jobs.bench.driver import device_info, stamp_now
 from salient.jobs.bench.loader import _demo, _tiled, device_path_rates, image_bytes, random_store
 from salient.jobs.bench.masking import bench_masking
 from salient.jobs.bench.refresh import bench_refresh
+from salient.jobs.bench.stamp import device_info, stamp_now
 from salient.jobs.bench.train import bench_train
 
 __all__ = ["FIGURES_FILE", "bench_gpu"]
@@ -135,7 +135,6 @@ def _dataset(work: Path, sizes: _Sizes) -> tuple[Path, str]:
 
 
 def _masking(figures: _Figures, device: str, quick: bool) -> None:
-
     plan_ms = bench_masking(quick=quick, device=device)["plan_ms"]
     for strategy, by_ratio in plan_ms.items():
         figures.add(
@@ -207,7 +206,6 @@ def _bare_decode_rate(data: Path, device: str, batch: int, batches: int) -> floa
 
 
 def _loader(figures: _Figures, data: Path, store: str, device: str, sizes: _Sizes) -> None:
-
     rates = device_path_rates(data, store, device, sizes.loader_batch, sizes.loader_workers)
     bare = _bare_decode_rate(data, device, sizes.loader_batch, sizes.decode_batches)
     target = 5000 if device != "cpu" else None
@@ -225,7 +223,6 @@ def _loader(figures: _Figures, data: Path, store: str, device: str, sizes: _Size
 
 
 def _train(figures: _Figures, data: Path, device: str, quick: bool) -> None:
-
     result = bench_train(quick=quick, device=device, data=str(data))
     for model, ratios in result["amt_vs_random"].items():
         figures.add(

@@ -99,7 +99,6 @@ def _cpus() -> int:
 
 
 def _demo(out: Path, n: int, scene: int, shard_size: int) -> Path:
-
     ingest_demo(out, n=n, seed=0, shard_size=shard_size, image_size=scene)
     return out
 
@@ -187,7 +186,6 @@ def _loader(
     decode: str,
     prefetch: int = 64,
 ):
-
     return SalientLoader(
         LoaderConfig(
             data=str(data),

@@ -82,7 +82,6 @@ def _setup(device: str, quick: bool, epochs, n, image_size) -> _Setup:
 
 
 def _ingest(root: Path, setup: _Setup) -> tuple[str, str]:
-
     for split, n in (("train", setup.n), ("val", setup.val_n)):
         ingest_demo(
             root / split,
@@ -168,7 +167,6 @@ def equal_time_epoch(epoch_end_s: list[float], budget_s: float) -> tuple[int, bo
 
 
 def _probe(root: Path, setup: _Setup, data: str, val: str, checkpoint: str, baseline=False):
-
     result = run_eval(
         EvalConfig(
             checkpoint=checkpoint,

@@ -82,7 +82,6 @@ def _forward_rate(model: str, device: str, batch_size: int, threads: int) -> flo
 
 
 def _config(data: str, store: Path, settings: dict, workers: int, prefetch: bool = True):
-
     return RefreshConfig(
         data=str(data),
         store=str(store),
@@ -111,7 +110,6 @@ class RayDataMaps:
         self.spec = spec
 
     def __call__(self, batch: dict) -> dict:
-
         field = image_field(batch)
         images = decode_images([(field, bytes(b)) for b in batch[field]], self.spec.device)
         grid = self.spec.image_size // self.model.patch_embed.patch_size[0]
@@ -177,7 +175,6 @@ def _data(data: str | None, settings: dict, work: Path) -> str:
 
 
 def _one(variant: str, data: str, work: Path, settings: dict, workers: int, forward: float) -> dict:
-
     serial = variant == "actors_serial"
     config = _config(data, work / f"{variant}-{workers}.zarr", settings, workers, not serial)
     result = (

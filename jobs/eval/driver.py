@@ -37,6 +37,7 @@ from salient.jobs.runtime.progress import progress_bar
 from salient.jobs.runtime.ray_env import ensure_ray
 from salient.jobs.runtime.shard_pool import run_shards, started_pool
 from salient.pipeline.manifest import open_dataset
+from salient.settings import check_fields, ranged
 from salient.trainer.checkpoint import load_checkpoint, save_checkpoint
 from salient.trainer.models import MODELS, build_model
 from salient.trainer.probes import knn_probe, linear_probe
@@ -85,36 +86,36 @@ class EvalConfig:
     """Run the weighted k-NN probe (neither --knn nor --linear: both)."""
     linear: bool = False
     """Run the linear probe (neither --knn nor --linear: both)."""
-    k: int = 20
+    k: int = field(default=20, metadata=ranged(ge=1))
     """Neighbours that vote in the k-NN probe (DINO eval_knn: 20)."""
-    temperature: float = 0.07
+    temperature: float = field(default=0.07, metadata=ranged(gt=0))
     """k-NN vote weight exp(cosine / T) (DINO eval_knn: 0.07)."""
-    linear_epochs: int = 90
+    linear_epochs: int = field(default=90, metadata=ranged(ge=1))
     """Epochs of the linear probe (MAE linear probing: 90, 10 of them warmup)."""
-    linear_lr: float | None = None
+    linear_lr: float | None = field(default=None, metadata=ranged(gt=0))
     """Peak learning rate of the linear probe (default: MAE's rule, 0.1 × batch / 256)."""
-    linear_batch: int = 256
+    linear_batch: int = field(default=256, metadata=ranged(ge=1))
     """Batch size of the linear probe."""
     seed: int = 0
     """Seed of the linear probe's init and batch order."""
-    image_size: int | None = None
+    image_size: int | None = field(default=None, metadata=ranged(ge=1))
     """Side S of the evaluation view (default: the checkpoint's training size; timm: 224)."""
-    crop_ratio: float = EVAL_CROP_RATIO
+    crop_ratio: float = field(default=EVAL_CROP_RATIO, metadata=ranged(gt=0, le=1))
     """Centre-crop ratio of the view: resize the shorter side to S / ratio, crop S × S (MAE
     linear probing: Resize(256) + CenterCrop(224), 0.875; 1 keeps the whole shorter side)."""
-    batch_size: int = 64
+    batch_size: int = field(default=64, metadata=ranged(ge=1))
     """Images per forward in a worker."""
-    workers: int = 1
+    workers: int = field(default=1, metadata=ranged(ge=1))
     """Feature actors (one shard per task)."""
-    gpus_per_worker: float = 0.0
+    gpus_per_worker: float = field(default=0.0, metadata=ranged(ge=0))
     """GPUs per actor (> 0: nvjpeg decode and bf16 autocast)."""
-    cpus_per_worker: float = 0.5
+    cpus_per_worker: float = field(default=0.5, metadata=ranged(gt=0))
     """Ray CPU reservation of one actor (fractions are fine)."""
     address: str | None = None
     """Ray cluster address (default: an embedded local Ray, or RAY_ADDRESS)."""
-    max_retries: int = 3
+    max_retries: int = field(default=3, metadata=ranged(ge=0))
     """Retries of a shard whose worker died."""
-    placement_timeout_s: float = 60.0
+    placement_timeout_s: float = field(default=60.0, metadata=ranged(gt=0))
     """Seconds to wait for Ray to place the feature actors before stopping with what is
     missing."""
     probe_device: str = field(default="auto", metadata={"choices": lambda: _PROBE_DEVICES})
@@ -124,35 +125,12 @@ class EvalConfig:
         for name in ("checkpoint", "data", "val", "out"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise EvalError(f"eval needs --{name} (got {getattr(self, name)!r})")
-
         if urls.is_remote(self.out):
             raise EvalError(
                 f"--out {self.out} must be a local folder (eval.json and the feature cache); "
                 "--data and --val may be URLs"
             )
-        for name in ("k", "linear_epochs", "linear_batch", "batch_size", "workers"):
-            _check_positive_int(name, getattr(self, name))
-        if self.image_size is not None:
-            _check_positive_int("image_size", self.image_size)
-        if not self.temperature > 0 or not 0 < self.crop_ratio <= 1:
-            raise EvalError(
-                f"--temperature must be > 0 and --crop-ratio in (0, 1] (got "
-                f"{self.temperature}, {self.crop_ratio})"
-            )
-        if self.linear_lr is not None and not self.linear_lr > 0:
-            raise EvalError(f"--linear-lr must be > 0 (got {self.linear_lr}); unset: MAE's rule")
-        if self.gpus_per_worker < 0 or not self.cpus_per_worker > 0 or self.max_retries < 0:
-            raise EvalError(
-                "--gpus-per-worker and --max-retries must be >= 0 and --cpus-per-worker > 0 "
-                f"(got {self.gpus_per_worker}, {self.max_retries}, {self.cpus_per_worker})"
-            )
-        if not self.placement_timeout_s > 0:
-            raise EvalError(f"--placement-timeout-s must be > 0 (got {self.placement_timeout_s})")
-        if self.probe_device not in _PROBE_DEVICES:
-            raise EvalError(
-                f"--probe-device must be one of {', '.join(_PROBE_DEVICES)} "
-                f"(got {self.probe_device!r})"
-            )
+        check_fields(self, EvalError)  # types, ranges and choices, declared with the fields
 
     @property
     def probes(self) -> tuple[str, ...]:
@@ -163,11 +141,6 @@ class EvalConfig:
     @property
     def device(self) -> str:
         return "cuda" if self.gpus_per_worker > 0 else "cpu"
-
-
-def _check_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise EvalError(f"--{name.replace('_', '-')} must be a positive integer (got {value!r})")
 
 
 # ---------------------------------------------------------------- checks before any work

@@ -160,7 +160,6 @@ class FeatureWorker:
         caches: dict[str, str],
         storage=None,
     ):
-
         urls.adopt(storage)  # the driver's --storage-option values, before any read
         torch.set_num_threads(spec.threads)
         self.spec = spec

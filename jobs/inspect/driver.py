@@ -46,6 +46,7 @@ from salient.jobs.runtime.progress import progress_bar
 from salient.pipeline.manifest import open_dataset
 from salient.pipeline.masking import STRATEGIES
 from salient.pipeline.shards import read_labels
+from salient.settings import check_fields, ranged
 from salient.store import SaliencyStore
 
 __all__ = ["InspectConfig", "InspectError", "generation_stats", "print_sample", "run_inspect"]
@@ -55,11 +56,6 @@ MAX_HISTORY = 10  # generations side by side in a panel: the first and the 9 new
 
 
 # ---------------------------------------------------------------- config
-
-
-def _strategies() -> list[str]:
-
-    return list(STRATEGIES)
 
 
 @dataclass(frozen=True)
@@ -78,15 +74,15 @@ class InspectConfig:
     """Generation to inspect (default: the current one)."""
     ids: tuple[int, ...] | None = None
     """Sample ids to draw panels for, e.g. 1,5,9 (default: --n ids drawn with --seed)."""
-    n: int = 32
+    n: int = field(default=32, metadata=ranged(ge=1))
     """Number of sample ids drawn at random when --ids is not given."""
-    id: int | None = None
+    id: int | None = field(default=None, metadata=ranged(ge=0))
     """Print one sample's map as a text heat map with its statistics (no report)."""
-    strategy: str = field(default="amt", metadata={"choices": _strategies})
+    strategy: str = field(default="amt", metadata={"choices": lambda: STRATEGIES})
     """Mask strategy drawn on the panels."""
-    mask_ratio: float = 0.45
+    mask_ratio: float = field(default=0.45, metadata=ranged(gt=0, lt=1))
     """Share of patches masked in the drawn plan."""
-    throw_ratio: float = 0.40
+    throw_ratio: float = field(default=0.40, metadata=ranged(ge=0, lt=1))
     """Share of patches thrown in the drawn plan."""
     compare: str | None = None
     """A second generation to diff against (panels side by side, drift statistics)."""
@@ -99,10 +95,10 @@ class InspectConfig:
     def __post_init__(self):
         if not self.store or not self.data:
             raise InspectError("inspect needs --store URL and --data DIR")
-        if self.id is not None:
-            if not isinstance(self.id, (int, np.integer)) or self.id < 0:
-                raise InspectError(f"--id must be a non-negative integer (got {self.id!r})")
-        elif not self.out:
+        if isinstance(self.id, np.integer):
+            object.__setattr__(self, "id", int(self.id))
+        check_fields(self, InspectError)  # types, ranges and choices, declared with the fields
+        if self.id is None and not self.out:
             raise InspectError(
                 "inspect needs --out DIR for the report, or --id N for one sample in the terminal"
             )
@@ -113,9 +109,11 @@ class InspectConfig:
             )
         if self.ids is not None:
             self._check_ids()
-        if not isinstance(self.n, int) or self.n < 1:
-            raise InspectError(f"--n must be a positive integer (got {self.n!r})")
-        self._check_masking()
+        if self.mask_ratio + self.throw_ratio >= 1.0:
+            raise InspectError(
+                f"mask_ratio + throw_ratio must be < 1 (got {self.mask_ratio} "
+                f"+ {self.throw_ratio}); lower one so some patches stay visible"
+            )
 
     def _check_ids(self) -> None:
         ids = tuple(self.ids)
@@ -125,24 +123,6 @@ class InspectConfig:
         if bad:
             raise InspectError(f"--ids must be non-negative integers (got {bad[0]!r})")
         object.__setattr__(self, "ids", tuple(dict.fromkeys(int(i) for i in ids)))
-
-    def _check_masking(self) -> None:
-
-        if self.strategy not in STRATEGIES:
-            raise InspectError(
-                f"unknown --strategy {self.strategy!r}; choose one of "
-                f"{', '.join(sorted(STRATEGIES))}"
-            )
-        if not 0.0 < self.mask_ratio < 1.0 or not 0.0 <= self.throw_ratio < 1.0:
-            raise InspectError(
-                f"--mask-ratio must be in (0, 1) and --throw-ratio in [0, 1) "
-                f"(got {self.mask_ratio} and {self.throw_ratio})"
-            )
-        if self.mask_ratio + self.throw_ratio >= 1.0:
-            raise InspectError(
-                f"mask_ratio + throw_ratio must be < 1 (got {self.mask_ratio} "
-                f"+ {self.throw_ratio}); lower one so some patches stay visible"
-            )
 
 
 # ---------------------------------------------------------------- store access

@@ -45,22 +45,18 @@ from salient.jobs.runtime.progress import progress_lines, progress_wanted
 from salient.jobs.runtime.ray_env import ensure_ray
 from salient.jobs.runtime.shard_pool import run_shards, started_pool
 from salient.pipeline.manifest import open_dataset
+from salient.settings import check_fields, ranged
 from salient.store import GenerationBusyError, SaliencyStore, store_exists
-from salient.trainer.teacher import SaliencySpec
+from salient.trainer.teacher import KINDS, REDUCES, SaliencySpec
 from salient.trainer.teacher_load import load_teacher
 
 __all__ = [
-    "KINDS",
-    "REDUCES",
     "RefreshConfig",
     "RefreshError",
     "prepare_refresh",
     "run_refresh",
     "worker_spec",
 ]
-
-KINDS = ("cls_attn", "gpa", "heads")
-REDUCES = ("mean", "minmax_mean")
 
 
 class RefreshError(SalientError):
@@ -94,65 +90,36 @@ class RefreshConfig:
     """Block whose attention is read (negative counts from the end; -1 = the last)."""
     head: int | None = None
     """Read one head instead of combining them (negative counts from the end)."""
-    image_size: int = 224
+    image_size: int = field(default=224, metadata=ranged(ge=1))
     """Side S the teacher sees: each whole image is resized to S x S (maps are S/P cells wide)."""
-    batch_size: int = 64
+    batch_size: int = field(default=64, metadata=ranged(ge=1))
     """Images per teacher forward."""
-    workers: int = 1
+    workers: int = field(default=1, metadata=ranged(ge=1))
     """Teacher actors (each holds the teacher and computes one shard at a time)."""
-    gpus_per_worker: float = 0.0
+    gpus_per_worker: float = field(default=0.0, metadata=ranged(ge=0))
     """GPUs per actor; > 0 decodes JPEGs with nvjpeg and runs the teacher in bf16."""
-    cpus_per_worker: float = 0.5
+    cpus_per_worker: float = field(default=0.5, metadata=ranged(gt=0))
     """Ray CPUs reserved per actor (fractions are fine; torch threads = max(1, int(this)))."""
     address: str | None = None
     """Ray cluster address (e.g. 10.0.0.5:6379 or auto); default: RAY_ADDRESS, else an embedded
     local Ray."""
-    max_retries: int = 3
+    max_retries: int = field(default=3, metadata=ranged(ge=0))
     """Retries of a shard whose worker died before the job gives up."""
-    placement_timeout_s: float = 60.0
+    placement_timeout_s: float = field(default=60.0, metadata=ranged(gt=0))
     """Seconds to wait for Ray to place the actors before stopping with what is missing."""
     wait_for_other: bool = False
     """When another live refresh is writing the same maps, wait for it and use its generation
     (default: refuse in one line)."""
     prefetch: bool = True
     """Read and decode the next batch in a background thread while the teacher computes."""
-    shard_delay_s: float = field(default=0.0, metadata={"hidden": True})
+    shard_delay_s: float = field(default=0.0, metadata=ranged(ge=0, hidden=True))
     """Testing aid: each worker waits this long before writing a shard."""
 
     def __post_init__(self):
         for name in ("data", "store", "teacher"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise RefreshError(f"refresh needs --{name} (got {getattr(self, name)!r})")
-        if self.kind not in KINDS:
-            raise RefreshError(f"--kind must be one of {', '.join(KINDS)} (got {self.kind!r})")
-        if self.reduce is not None and self.reduce not in REDUCES:
-            raise RefreshError(
-                f"--reduce must be one of {', '.join(REDUCES)} (got {self.reduce!r})"
-            )
-        self._check_positive("image_size", "batch_size", "workers")
-        if self.gpus_per_worker < 0:
-            raise RefreshError(f"--gpus-per-worker must be >= 0 (got {self.gpus_per_worker})")
-        if not self.cpus_per_worker > 0:
-            raise RefreshError(
-                f"--cpus-per-worker must be > 0 (got {self.cpus_per_worker}); "
-                "fractions such as 0.5 are fine"
-            )
-        if self.max_retries < 0 or self.shard_delay_s < 0:
-            raise RefreshError(
-                "--max-retries and shard_delay_s must be >= 0 "
-                f"(got {self.max_retries}, {self.shard_delay_s})"
-            )
-        if not self.placement_timeout_s > 0:
-            raise RefreshError(
-                f"--placement-timeout-s must be > 0 (got {self.placement_timeout_s})"
-            )
-
-    def _check_positive(self, *names: str) -> None:
-        for name in names:
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                flag = "--" + name.replace("_", "-")
-                raise RefreshError(f"{flag} must be a positive integer (got {value!r})")
+        check_fields(self, RefreshError)  # types, ranges and choices, declared with the fields
 
     @property
     def device(self) -> str:
@@ -283,7 +250,6 @@ class _Report:
     """Progress lines without a terminal: shards done of all, img/s, the generation."""
 
     def __init__(self, total: int, done: int, generation: str, enabled: bool) -> None:
-
         self.total, self.done, self.generation = total, done, generation
         self.lines = progress_lines("refresh", enabled)
 
@@ -377,7 +343,6 @@ def _compute(
     on_shard_done,
     placement,
 ) -> _Tally:
-
     ensure_ray(config.address)  # before Ray is imported: it reads its auth mode then
     import ray
 

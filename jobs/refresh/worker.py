@@ -161,7 +161,6 @@ class RefreshWorker:
     def __init__(
         self, model: torch.nn.Module, spec: WorkerSpec, storage: urls.StorageOptions | None = None
     ):
-
         urls.adopt(storage)  # the driver's --storage-option values, before any read
         torch.set_num_threads(spec.threads)
         self.spec = spec

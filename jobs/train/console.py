@@ -42,7 +42,6 @@ class TrainConsole:
     """``with TrainConsole(config, steps_per_epoch, enabled):`` around ``fit``."""
 
     def __init__(self, config, steps_per_epoch: int, enabled: bool) -> None:
-
         self.config, self.steps = config, steps_per_epoch
         run_dir = Path(config.run_dir)
         self._steps = _Follow(run_dir / "metrics" / "rank-0.jsonl")

@@ -210,7 +210,6 @@ class RefreshLauncher:
     placement_timeout_s: float = 60.0
 
     def ask(self):
-
         flags = "--refresh-workers, --refresh-cpus or --refresh-gpus"
         return Ask.of("refresh actor", self.workers, self.cpus, self.gpus, flags)
 
@@ -251,7 +250,6 @@ class RefreshLauncher:
 
 
 def _refresh_task(config, group, storage) -> dict:
-
     urls.adopt(storage)
     return run_refresh(config, progress=False, placement=group)
 
@@ -359,7 +357,6 @@ def _worker_main(args: dict) -> None:
 
 
 def _summary(config: TrainConfig, resume_from: str | None, seconds: float, run_id: str) -> dict:
-
     records = [
         json.loads(line)
         for line in (Path(config.run_dir) / "metrics.jsonl").read_text().splitlines()
