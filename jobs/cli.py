@@ -41,6 +41,7 @@ class Command:
     help: str
     description: str
     presets: str | None = None  # "module:NAME" of a {name: settings} dict, offered as --recipe
+    render: str | None = None  # "module:NAME" of summary -> text for people; --json skips it
 
 
 COMMANDS: dict[str, Command] = {
@@ -70,7 +71,8 @@ COMMANDS: dict[str, Command] = {
         "stats, overlays, mask plans and an HTML report of the maps",
         "Inspect a saliency store: per-generation stats, per-image panels (image, heat overlay, "
         "one mask plan), a generation diff with --compare, and a static HTML report with --out; "
-        "or one sample's map in the terminal with --id."),
+        "or one sample's map in the terminal with --id.",
+        render="inspect:render_inspect"),
     "demo": Command(
         "demo", "DemoConfig", "run_demo",
         "the whole flow on the bundled demo data, local Ray",
@@ -127,11 +129,14 @@ def _config_class(command: Command) -> type:
     return getattr(importlib.import_module(f"salient.jobs.{command.module}"), command.config)
 
 
-def _presets(command: Command) -> dict | None:
-    if command.presets is None:
-        return None
-    module, name = command.presets.split(":")
+def _named(spec: str):
+    """The object ``NAME`` of ``salient.jobs.MODULE`` for ``"MODULE:NAME"``."""
+    module, name = spec.split(":")
     return getattr(importlib.import_module(f"salient.jobs.{module}"), name)
+
+
+def _presets(command: Command) -> dict | None:
+    return None if command.presets is None else _named(command.presets)
 
 
 def build_parser(name: str) -> argparse.ArgumentParser:
@@ -161,6 +166,10 @@ def build_parser(name: str) -> argparse.ArgumentParser:
         action="store_true",
         help="print the resolved settings as JSON and exit without running",
     )
+    if command.render is not None:
+        control.add_argument(
+            "--json", action="store_true", help="print the summary as one JSON line"
+        )
     presets = _presets(command)
     if presets is not None:
         control.add_argument(
@@ -174,7 +183,7 @@ def build_parser(name: str) -> argparse.ArgumentParser:
     return parser
 
 
-_CONTROL = ("config", "print_config", "recipe", "storage_option")
+_CONTROL = ("config", "print_config", "recipe", "storage_option", "json")
 
 
 def _run(name: str, argv: list[str]) -> int:
@@ -191,6 +200,8 @@ def _run(name: str, argv: list[str]) -> int:
         urls.set_storage_options(urls.parse_storage_options(args["storage_option"]))
     run = getattr(importlib.import_module(f"salient.jobs.{command.module}"), command.run)
     result = run(config)
+    if command.render is not None and not args.get("json"):
+        result = _named(command.render)(result)
     if isinstance(result, str):
         print(result, end="" if result.endswith("\n") else "\n")
     else:

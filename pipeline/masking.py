@@ -439,6 +439,8 @@ def plan_masks(
         mask_ratio = _batch_ratio(mask_ratio, ratio_var, generator)
         counts = mask_counts(weights.shape[1], mask_ratio, throw_ratio)
     weights = _checked_weights(weights, strategy in NEEDS_SALIENCY)
+    if strategy == "attmask_hint":
+        _check_hint_types(options)
     if strategy == "attmask_hint" and options.get("hint") is None:
         # AttMask's show_ratio = show_max · pred_ratio, as many as stay visible at most
         tied = options.get("hint_pool", 0.10) * mask_ratio
@@ -458,7 +460,8 @@ def check_options(
     unit: int = 1,
 ) -> None:
     """Plan one batch of uniform weights with ``options``; raises MaskError naming the
-    strategy, the options and what is wrong (a value of the wrong type included)."""
+    strategy, the options and what is wrong (each strategy checks its options' types and
+    values; anything else it raises is a bug and propagates as itself)."""
     if not isinstance(options, dict):
         raise MaskError(f"strategy options must be a dict (got {type(options).__name__})")
     try:
@@ -471,7 +474,7 @@ def check_options(
             unit=unit,
             **options,
         )
-    except (TypeError, ValueError, KeyError, IndexError) as exc:
+    except MaskError as exc:
         raise MaskError(
             f"bad option value for mask strategy {strategy!r} (options {options}): {exc}; "
             f"it takes {', '.join(_OPTIONS[strategy]) or 'no options'}"
@@ -637,9 +640,22 @@ def _check_block_options(min_patches: int, aspect, candidates: int) -> None:
         )
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _check_hint_types(options: dict) -> None:
+    """attmask_hint's ``hint`` (None or a share) and ``hint_pool`` (a share) are numbers."""
+    hint, pool = options.get("hint"), options.get("hint_pool", 0.10)
+    if not _is_number(pool) or not (hint is None or _is_number(hint)):
+        raise MaskError(f"hint and hint_pool must be numbers (got {hint!r}, {pool!r})")
+
+
 def _hint_counts(n: int, counts: MaskCounts, hint: float, hint_pool: float) -> tuple[int, int]:
     """``(H, pool)`` for attmask_hint; raises MaskError when they cannot fit."""
-    if not 0.0 <= hint < 1.0 or not 0.0 < hint_pool <= 1.0:
+    if not (_is_number(hint) and _is_number(hint_pool)) or not (
+        0.0 <= hint < 1.0 and 0.0 < hint_pool <= 1.0
+    ):
         raise MaskError(f"hint must be in [0, 1) and hint_pool in (0, 1] (got {hint}, {hint_pool})")
     hints = int(n * hint)
     pool = min(max(int(n * hint_pool), 1), counts.mask + hints)  # revealed among masked top
@@ -658,7 +674,11 @@ def _hint_counts(n: int, counts: MaskCounts, hint: float, hint_pool: float) -> t
 
 def _check_gpa_shares(hard, soft) -> None:
     for name, pair in (("hard", hard), ("soft", soft)):
-        if len(pair) != 2 or not all(0.0 <= a <= 1.0 for a in pair):
+        if (
+            not isinstance(pair, tuple | list)
+            or len(pair) != 2
+            or not all(_is_number(a) and 0.0 <= a <= 1.0 for a in pair)
+        ):
             raise MaskError(f"gpa {name} must be (start, end) shares in [0, 1] (got {pair!r})")
     for end in (0, 1):  # linear schedules: checking both ends covers every progress
         if hard[end] + soft[end] > 1.0 + 1e-9:

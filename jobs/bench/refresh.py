@@ -122,8 +122,9 @@ def _ray_data_refresh(config) -> dict:
     import ray
 
     start = time.perf_counter()
-    dataset, teacher, saliency_spec, writer = prepare_refresh(config)
-    spec = worker_spec(config, teacher, saliency_spec, writer.name)
+    prepared = prepare_refresh(config)
+    dataset, teacher, writer = prepared.dataset, prepared.teacher, prepared.writer
+    spec = worker_spec(config, teacher, prepared.spec, writer.name)
     size = dataset.shard_size
     # An actor pool that reserves every CPU starves Ray Data's read tasks and hangs; leave
     # one CPU of the cluster to the reads (docs/LIBRARY-NOTES.md, "Ray Data actor pools can

@@ -29,8 +29,9 @@ from pathlib import Path
 import torch
 
 from salient.jobs.bench.loader import random_store
+from salient.jobs.train.config import TrainConfig
 from salient.pipeline.ingest import ingest_demo
-from salient.pipeline.loader import LoaderConfig, SalientLoader
+from salient.pipeline.loader import SalientLoader
 from salient.pipeline.masking import plan_masks
 from salient.trainer.loop import WarmupCosine, build_optimizer, train_one_epoch
 from salient.trainer.models import build_model
@@ -124,30 +125,24 @@ def _write_inputs(root: Path, setup: _Setup, data: str | None = None) -> tuple[s
 
 
 def _loader_batches(
-    setup: _Setup,
-    data: str,
-    store: str,
-    strategy: str,
-    mask_ratio: float,
-    throw_ratio: float,
-    device: torch.device,
+    setup: _Setup, name: str, data: str, store: str, device: torch.device
 ) -> Iterator[dict]:
-    """The real loader's batches, epoch after epoch."""
-
-    loader = SalientLoader(
-        LoaderConfig(
-            data=data,
-            store=store if strategy != "random" else None,
-            image_size=setup.image_size,
-            patch_size=setup.patch_size,
-            batch_size=setup.batch_size,
-            strategy=strategy,
-            mask_ratio=mask_ratio,
-            throw_ratio=throw_ratio,
-            num_workers=setup.loader_workers,
-            device=str(device),
-        )
+    """The real loader's batches of case ``name``, epoch after epoch, configured as a
+    training run of that case configures it."""
+    kind, strategy, mask_ratio, throw_ratio = CASES[name]
+    run = TrainConfig(
+        data=data,
+        store=store,
+        model=f"{kind}-{setup.size}",
+        strategy=strategy,
+        mask_ratio=mask_ratio,
+        throw_ratio=throw_ratio,
+        image_size=setup.image_size,
+        patch_size=setup.patch_size,
+        batch_size=setup.batch_size,
+        loader_workers=setup.loader_workers,
     )
+    loader = SalientLoader(run.loader_config(device=str(device)))
     return itertools.chain.from_iterable(loader.epoch(e) for e in itertools.count())
 
 
@@ -182,7 +177,7 @@ def _case(setup: _Setup, name: str, device: torch.device, data: str, store: str)
     kind, strategy, mask_ratio, throw_ratio = CASES[name]
     synthetic = _synthetic(setup, strategy, mask_ratio, throw_ratio, device)
     synthetic_rate = _step_rate(setup, kind, itertools.cycle(synthetic), device)
-    loader = _loader_batches(setup, data, store, strategy, mask_ratio, throw_ratio, device)
+    loader = _loader_batches(setup, name, data, store, device)
     loader_rate = _step_rate(setup, kind, loader, device)
     return {
         "synthetic_img_s": round(synthetic_rate, 1),

@@ -35,7 +35,7 @@ from salient.jobs.eval.worker import FeatureSpec, FeatureWorker
 from salient.jobs.runtime.placement import Ask
 from salient.jobs.runtime.progress import progress_bar
 from salient.jobs.runtime.ray_env import ensure_ray
-from salient.jobs.runtime.shard_pool import run_shards, started_pool
+from salient.jobs.runtime.shard_pool import actor_inputs, run_shards, started_pool
 from salient.pipeline.manifest import open_dataset
 from salient.settings import check_fields, ranged
 from salient.trainer.checkpoint import load_checkpoint, save_checkpoint
@@ -137,10 +137,6 @@ class EvalConfig:
         """The probes to run: those asked for, or both when neither is."""
         asked = tuple(p for p in ("knn", "linear") if getattr(self, p))
         return asked or ("knn", "linear")
-
-    @property
-    def device(self) -> str:
-        return "cuda" if self.gpus_per_worker > 0 else "cpu"
 
 
 # ---------------------------------------------------------------- checks before any work
@@ -316,13 +312,10 @@ def _features(
         key = _cache_key(teacher, dataset, image_size, config.crop_ratio)
         caches[split] = FeatureCache.open_or_create(cache_url(config.out, key), key)
     spec = FeatureSpec(
-        image_size=image_size,
         crop_ratio=config.crop_ratio,
-        batch_size=config.batch_size,
-        mean=teacher.mean,
-        std=teacher.std,
-        device=config.device,
-        threads=max(1, int(config.cpus_per_worker)),
+        **actor_inputs(
+            teacher, image_size, config.batch_size, config.gpus_per_worker, config.cpus_per_worker
+        ),
     )
     computed = _compute_features(config, teacher, spec, caches, datasets)
     for cache in caches.values():

@@ -49,7 +49,14 @@ from salient.pipeline.shards import read_labels
 from salient.settings import check_fields, ranged
 from salient.store import SaliencyStore
 
-__all__ = ["InspectConfig", "InspectError", "generation_stats", "print_sample", "run_inspect"]
+__all__ = [
+    "InspectConfig",
+    "InspectError",
+    "generation_stats",
+    "print_sample",
+    "render_inspect",
+    "run_inspect",
+]
 
 SHADES = " ░▒▓█"  # text heat map: five levels of the min-max normalised map
 MAX_HISTORY = 10  # generations side by side in a panel: the first and the 9 newest
@@ -328,9 +335,10 @@ def _label_name(label: int | None, classes: list[str] | None) -> str | None:
     return classes[label] if classes and 0 <= label < len(classes) else str(label)
 
 
-def run_inspect(config: InspectConfig) -> dict | str:
+def run_inspect(config: InspectConfig) -> dict:
     """Write the inspection report into ``config.out``; return a JSON-able summary. With
-    ``config.id``: one sample's text heat map instead (:func:`print_sample`).
+    ``config.id``: ``{"id", "text"}``, one sample's text heat map (:func:`print_sample`),
+    which :func:`render_inspect` shows as it is.
 
     Raises:
         InspectError: unknown / unpublished generation, empty store, ids out of range,
@@ -340,7 +348,8 @@ def run_inspect(config: InspectConfig) -> dict | str:
     """
 
     if config.id is not None:
-        return print_sample(config.store, config.data, config.id, config.generation)
+        text = print_sample(config.store, config.data, config.id, config.generation)
+        return {"id": config.id, "text": text}
     dataset = open_dataset(config.data)
     store = _open_store(config.store, dataset)
     names = [_resolve_generation(store, config.generation)]
@@ -455,3 +464,11 @@ def print_sample(store_url: str, data: str, sample_id: int, generation: str | No
             f"(lift ×{stats['box_mass'] / stats['box_area']:.2f})"
         )
     return "\n".join(lines) + "\n"
+
+
+def render_inspect(summary: dict) -> str:
+    """What ``salient inspect`` prints: one sample's heat map (``--id``), else the summary as
+    one JSON line."""
+    if "text" in summary:
+        return summary["text"]
+    return json.dumps(summary, sort_keys=True, default=str)

@@ -36,6 +36,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from salient import urls
 from salient.errors import SalientError
@@ -43,14 +44,15 @@ from salient.jobs.refresh.worker import RefreshWorker, WorkerSpec
 from salient.jobs.runtime.placement import Ask
 from salient.jobs.runtime.progress import progress_lines, progress_wanted
 from salient.jobs.runtime.ray_env import ensure_ray
-from salient.jobs.runtime.shard_pool import run_shards, started_pool
+from salient.jobs.runtime.shard_pool import actor_inputs, run_shards, started_pool
 from salient.pipeline.manifest import open_dataset
 from salient.settings import check_fields, ranged
-from salient.store import GenerationBusyError, SaliencyStore, store_exists
+from salient.store import GenerationBusyError, GenerationWriter, SaliencyStore, store_exists
 from salient.trainer.teacher import KINDS, REDUCES, SaliencySpec
 from salient.trainer.teacher_load import load_teacher
 
 __all__ = [
+    "PreparedRefresh",
     "RefreshConfig",
     "RefreshError",
     "prepare_refresh",
@@ -121,10 +123,6 @@ class RefreshConfig:
                 raise RefreshError(f"refresh needs --{name} (got {getattr(self, name)!r})")
         check_fields(self, RefreshError)  # types, ranges and choices, declared with the fields
 
-    @property
-    def device(self) -> str:
-        return "cuda" if self.gpus_per_worker > 0 else "cpu"
-
     def ask(self):
         """The actors' resources as a placement request."""
 
@@ -163,14 +161,15 @@ def _open_store(config: RefreshConfig, dataset):
 _POLL_S = 2.0  # how often a driver waiting for another one looks again
 
 
-def _begin(config: RefreshConfig, store, begin: Callable[[], object]):
-    """``begin()`` (the store's ``open_or_resume``); when another live driver writes the same
-    maps, refuse (GenerationBusyError) or, with ``wait_for_other``, wait until it publishes
-    (returns the published generation's name) or stops (then resume its generation)."""
-
+def _begin(
+    config: RefreshConfig, store, begin: Callable[[], GenerationWriter]
+) -> tuple[GenerationWriter | None, str | None]:
+    """``(begin(), None)`` (the store's ``open_or_resume``); when another live driver writes
+    the same maps, refuse (GenerationBusyError) or, with ``wait_for_other``, wait until it
+    publishes (``(None, its generation's name)``) or stops (then resume its generation)."""
     while True:
         try:
-            return begin()
+            return begin(), None
         except GenerationBusyError as busy:
             if not config.wait_for_other:
                 raise
@@ -178,7 +177,7 @@ def _begin(config: RefreshConfig, store, begin: Callable[[], object]):
         while store.writer_state(name)[0] == "live":
             time.sleep(_POLL_S)
         if any(g["name"] == name and g["status"] == "published" for g in store.generations()):
-            return name
+            return None, name
 
 
 def _check_grid(config: RefreshConfig, store, teacher) -> None:
@@ -191,13 +190,22 @@ def _check_grid(config: RefreshConfig, store, teacher) -> None:
         )
 
 
-def prepare_refresh(config: RefreshConfig):
-    """Check everything, create the store when missing, begin or resume the generation.
+@dataclass(frozen=True)
+class PreparedRefresh:
+    """A checked refresh: the dataset, the teacher, the resolved map spec and the writer of
+    its generation; or, when ``wait_for_other`` waited for another driver writing the same
+    maps, no writer and the generation that driver published (``joined``)."""
 
-    Returns ``(dataset, teacher, saliency_spec, writer)``; nothing is written before every
-    check has passed. ``writer`` is the name of a generation another driver published
-    meanwhile when ``wait_for_other`` waited for it.
-    """
+    dataset: Any
+    teacher: Any
+    spec: SaliencySpec
+    writer: GenerationWriter | None
+    joined: str | None = None
+
+
+def prepare_refresh(config: RefreshConfig) -> PreparedRefresh:
+    """Check everything, create the store when missing, begin or resume the generation;
+    nothing is written before every check has passed."""
 
     dataset = open_dataset(config.data)
     store = _open_store(config, dataset)
@@ -206,7 +214,7 @@ def prepare_refresh(config: RefreshConfig):
         store = SaliencyStore.open_or_create(config.store, dataset, grid=teacher.grid)
     _check_grid(config, store, teacher)
     heads = teacher.model.blocks[0].attn.num_heads if spec.kind == "heads" else None
-    writer = _begin(
+    writer, joined = _begin(
         config,
         store,
         lambda: store.open_or_resume(
@@ -218,7 +226,7 @@ def prepare_refresh(config: RefreshConfig):
             heads=heads,
         ),
     )
-    return dataset, teacher, spec, writer
+    return PreparedRefresh(dataset, teacher, spec, writer, joined)
 
 
 # ---------------------------------------------------------------- the actors
@@ -321,12 +329,13 @@ def worker_spec(config: RefreshConfig, teacher, spec, generation: str):
         reduce=spec.reduce,
         block=spec.block,
         head=spec.head,
-        image_size=config.image_size,
-        batch_size=config.batch_size,
-        mean=teacher.mean,
-        std=teacher.std,
-        device=config.device,
-        threads=max(1, int(config.cpus_per_worker)),
+        **actor_inputs(
+            teacher,
+            config.image_size,
+            config.batch_size,
+            config.gpus_per_worker,
+            config.cpus_per_worker,
+        ),
         shard_delay_s=config.shard_delay_s,
         prefetch=config.prefetch,
     )
@@ -382,17 +391,17 @@ def run_refresh(
             RefreshError when a shard keeps failing.
     """
     start = time.perf_counter()
-    dataset, teacher, spec, writer = prepare_refresh(config)
-    if isinstance(writer, str):  # another driver published it while this one waited
-        return _summary(
-            config,
-            _Tally(),
-            time.perf_counter() - start,
-            writer,
-            len(dataset.shards),
-            0,
-            joined=True,
-        )
+    prepared = prepare_refresh(config)
+    dataset, teacher, spec, writer = (
+        prepared.dataset,
+        prepared.teacher,
+        prepared.spec,
+        prepared.writer,
+    )
+    if writer is None:  # another driver published the same maps while this one waited
+        seconds = time.perf_counter() - start
+        shards = len(dataset.shards)
+        return _summary(config, _Tally(), seconds, prepared.joined, shards, 0, joined=True)
     todo = writer.missing_shards()
     lease = writer.store.keep_alive(writer)
     try:

@@ -31,10 +31,27 @@ from salient.jobs.runtime.placement import (
     reserve,
 )
 
-__all__ = ["IN_FLIGHT", "ShardPool", "run_shards", "started_pool"]
+__all__ = ["IN_FLIGHT", "ShardPool", "actor_inputs", "run_shards", "started_pool"]
 
 IN_FLIGHT = 2  # shards queued per actor: the next one waits in the actor while one computes
 _POLL_S = 2.0  # how often the driver checks that every actor was placed
+
+
+def actor_inputs(
+    teacher, image_size: int, batch_size: int, gpus_per_actor: float, cpus_per_actor: float
+) -> dict:
+    """How every actor of a job feeds its model (refresh's teacher, eval's encoder): the input
+    side, images per forward, the model's normalisation, the device (CUDA when the actor holds
+    a GPU share) and torch threads (its whole CPUs, at least one). The ``WorkerSpec`` and
+    ``FeatureSpec`` fields of the same names."""
+    return {
+        "image_size": image_size,
+        "batch_size": batch_size,
+        "mean": teacher.mean,
+        "std": teacher.std,
+        "device": "cuda" if gpus_per_actor > 0 else "cpu",
+        "threads": max(1, int(cpus_per_actor)),
+    }
 
 
 class ShardPool:

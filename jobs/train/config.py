@@ -11,7 +11,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from salient import urls
+from salient.jobs.refresh.driver import RefreshConfig
 from salient.pipeline.crops import INTERPOLATIONS
+from salient.pipeline.loader_config import LoaderConfig
 from salient.pipeline.masking import (
     NEEDS_SALIENCY,
     STRATEGIES,
@@ -250,6 +252,66 @@ class TrainConfig:
     def as_dict(self) -> dict:
         """Plain JSON values (what ``config.json`` and every checkpoint hold)."""
         return asdict(self)
+
+    def loader_config(
+        self, rank: int = 0, world: int = 1, device: str = "cpu", warmup: bool = False
+    ) -> LoaderConfig:
+        """The loader of ``rank`` of ``world``: the strategy's, or with ``warmup`` the warmup
+        epochs' (random masking at ``warmup_mask_ratio``, no store, the same mask units)."""
+        main = LoaderConfig(
+            data=self.data,
+            store=self.store if self.needs_saliency else None,
+            image_size=self.image_size,
+            patch_size=self.patch_size,
+            batch_size=self.batch_size,
+            strategy=self.strategy,
+            mask_ratio=self.mask_ratio,
+            throw_ratio=self.throw_ratio,
+            strategy_options=dict(self.strategy_options),
+            crop_scale=tuple(self.crop_scale),
+            interpolation=self.interpolation,
+            mask_unit=self.mask_unit,
+            gpa_target=self.gpa_loss_weight > 0,
+            seed=self.seed,
+            num_workers=self.loader_workers,
+            rank=rank,
+            world_size=world,
+            device=device,
+            epochs=self.epochs,
+        )
+        if not warmup:
+            return main
+        return replace(
+            main,
+            store=None,
+            strategy="random",
+            mask_ratio=self.warmup_mask_ratio,
+            throw_ratio=0.0,
+            strategy_options={},
+            gpa_target=False,
+        )
+
+    def refresh_config(self, teacher: str) -> RefreshConfig:
+        """The refresh this run launches from the checkpoint ``teacher``: its map kind,
+        reduction, block and head (``saliency_*``) and its actors (``refresh_*``). It waits
+        for a refresh of the same maps still running from before a restart instead of
+        failing beside it (``wait_for_other``)."""
+        return RefreshConfig(
+            data=self.data,
+            store=self.store,
+            teacher=teacher,
+            kind=self.saliency_kind,
+            reduce=self.saliency_reduce,
+            block=self.saliency_block,
+            head=self.saliency_head,
+            image_size=self.image_size,
+            batch_size=self.refresh_batch_size,
+            workers=self.refresh_actors,
+            cpus_per_worker=self.refresh_cpus,
+            gpus_per_worker=self.refresh_gpu_share,
+            placement_timeout_s=self.placement_timeout_s,
+            wait_for_other=True,
+        )
 
 
 def _resolve(c: TrainConfig) -> None:

@@ -40,10 +40,11 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from salient import urls
 from salient.jobs.eval.driver import check_class_lists
-from salient.jobs.refresh.driver import RefreshConfig, run_refresh
+from salient.jobs.refresh.driver import run_refresh
 from salient.jobs.runtime.placement import (
     Ask,
     cluster_nodes,
@@ -57,14 +58,14 @@ from salient.jobs.runtime.ray_env import ensure_ray
 from salient.jobs.train.config import TrainConfig, resolved
 from salient.jobs.train.console import TrainConsole
 from salient.jobs.train.failure import clear_failure, raise_failure
-from salient.jobs.train.worker import loader_configs, train_loop_per_worker
+from salient.jobs.train.worker import train_loop_per_worker
 from salient.pipeline.loader import SalientLoader
 from salient.pipeline.manifest import open_dataset
 from salient.store import SaliencyStore, store_exists
 from salient.trainer.checkpoint import latest_checkpoint, load_checkpoint
 from salient.trainer.loop import TrainError
 
-__all__ = ["RefreshLauncher", "TrainConfig", "TrainError", "run_train"]
+__all__ = ["PendingRefresh", "RefreshLauncher", "TrainConfig", "TrainError", "run_train"]
 
 
 # ---------------------------------------------------------------- checks before any work
@@ -144,7 +145,7 @@ def _check_inputs(config: TrainConfig) -> tuple[str | None, int]:
     """Every check that needs the disk; returns the checkpoint to resume from and the
     steps of an epoch."""
 
-    loader = SalientLoader(loader_configs(config, 0, config.workers)[1])  # DatasetError,
+    loader = SalientLoader(config.loader_config(0, config.workers))  # DatasetError,
     _check_steps(config, loader)  # LoaderError (too few samples for the batch)
     resume_from = _check_run_dir(config)  # first: a --resume mismatch is the root cause
     _check_store(config, loader.dataset)
@@ -153,26 +154,17 @@ def _check_inputs(config: TrainConfig) -> tuple[str | None, int]:
     return resume_from, len(loader)
 
 
-def _refresh_ask(config: TrainConfig):
-    """What each refresh's actors ask of Ray, or None when the run launches no refresh."""
-
-    if not config.refreshes:
-        return None
-    flags = "--refresh-workers, --refresh-cpus or --refresh-gpus"
-    cpus, gpus = config.refresh_cpus, config.refresh_gpu_share
-    return Ask.of("refresh actor", config.refresh_actors, cpus, gpus, flags)
-
-
 def _plan(config: TrainConfig) -> dict:
     """Ray resources of one train worker, planned per node beside the refresh; Ray places
     them within ``placement_timeout_s`` or the job stops with what is missing."""
 
+    refresh = _launcher(config, "")  # only its ask: the group is named when the run starts
     plan = plan_train(
         cluster_nodes(),
         config.workers,
         config.cpus_per_worker,
         config.worker_gpus,
-        _refresh_ask(config),
+        None if refresh is None else refresh.ask(),
     )
     flags = "--workers or --cpus-per-worker" + (" (or drop --gpu)" if config.gpu else "")
     probe(Ask("train worker", config.workers, plan.worker, flags), config.placement_timeout_s)
@@ -185,68 +177,58 @@ def _plan(config: TrainConfig) -> dict:
 @dataclass(frozen=True)
 class RefreshLauncher:
     """Rank 0's refreshes: ``reserve()`` the actors' placement group once the train workers
-    run, then ``launcher(teacher, group)`` starts ``run_refresh`` from that checkpoint in a
-    Ray task, its actors in the group's bundles, with the run's map kind, head reduction,
-    block and head (``saliency_*``).
+    run, then ``launcher(teacher, group)`` starts ``run_refresh`` with
+    ``config.refresh_config(teacher)`` in a Ray task, its actors in the group's bundles, and
+    returns a :class:`PendingRefresh`.
 
-    The task holds no CPU (it waits on its actors). Returns the task's ObjectRef, whose value
-    is ``run_refresh``'s summary. The group is named, so a restarted rank 0 finds it again;
-    the driver removes it when the run ends. A refresh relaunched after a restart waits for
-    one still running from before (``wait_for_other``) instead of failing beside it.
+    The task holds no CPU (it waits on its actors). The group is named, so a restarted rank 0
+    finds it again; the driver removes it when the run ends.
     """
 
-    data: str
-    store: str
-    kind: str
-    image_size: int
-    batch_size: int
-    workers: int
-    cpus: float
-    gpus: float
-    reduce: str | None = None
-    block: int = -1
-    head: int | None = None
+    config: TrainConfig
     group: str = "salient-refresh"
-    placement_timeout_s: float = 60.0
 
-    def ask(self):
-        flags = "--refresh-workers, --refresh-cpus or --refresh-gpus"
-        return Ask.of("refresh actor", self.workers, self.cpus, self.gpus, flags)
+    def ask(self) -> Ask:
+        c, flags = self.config, "--refresh-workers, --refresh-cpus or --refresh-gpus"
+        return Ask.of("refresh actor", c.refresh_actors, c.refresh_cpus, c.refresh_gpu_share, flags)
 
     def reserve(self):
         """The run's refresh placement group, ready (PlacementError after the timeout)."""
-        from ray.util import get_placement_group
+        from ray.util import get_placement_group  # Ray's environment is set by the driver first
 
+        timeout = self.config.placement_timeout_s
         try:
             group = get_placement_group(self.group)
         except ValueError:  # not reserved yet: this is the run's first start
-            beside = " beside the train workers"
-            return reserve(self.ask(), self.placement_timeout_s, self.group, beside)
-        wait_ready(group, self.ask(), self.placement_timeout_s)
+            return reserve(self.ask(), timeout, self.group, " beside the train workers")
+        wait_ready(group, self.ask(), timeout)
         return group
 
-    def __call__(self, teacher: str, group):
+    def __call__(self, teacher: str, group) -> PendingRefresh:
         import ray
 
-        config = RefreshConfig(
-            data=self.data,
-            store=self.store,
-            teacher=teacher,
-            kind=self.kind,
-            reduce=self.reduce,
-            block=self.block,
-            head=self.head,
-            image_size=self.image_size,
-            batch_size=self.batch_size,
-            workers=self.workers,
-            cpus_per_worker=self.cpus,
-            gpus_per_worker=self.gpus,
-            placement_timeout_s=self.placement_timeout_s,
-            wait_for_other=True,
-        )
         # A task lost with its node is run again by Ray: the refresh resumes its generation.
         task = ray.remote(_refresh_task).options(num_cpus=0, max_retries=2)
-        return task.remote(config, group, urls.carry())  # this worker's storage options
+        config = self.config.refresh_config(teacher)
+        return PendingRefresh(task.remote(config, group, urls.carry()))  # this worker's options
+
+
+@dataclass(frozen=True)
+class PendingRefresh:
+    """A refresh running as a Ray task: ``done()`` without waiting, ``result()`` its summary
+    (raises the refresh's error)."""
+
+    ref: Any
+
+    def done(self) -> bool:
+        import ray
+
+        return bool(ray.wait([self.ref], timeout=0)[0])
+
+    def result(self) -> dict:
+        import ray
+
+        return ray.get(self.ref)
 
 
 def _refresh_task(config, group, storage) -> dict:
@@ -255,23 +237,7 @@ def _refresh_task(config, group, storage) -> dict:
 
 
 def _launcher(config: TrainConfig, group: str) -> RefreshLauncher | None:
-    if not config.refreshes:
-        return None
-    return RefreshLauncher(
-        data=config.data,
-        store=config.store,
-        kind=config.saliency_kind,
-        reduce=config.saliency_reduce,
-        block=config.saliency_block,
-        head=config.saliency_head,
-        image_size=config.image_size,
-        batch_size=config.refresh_batch_size,
-        workers=config.refresh_actors,
-        cpus=config.refresh_cpus,
-        gpus=config.refresh_gpu_share,
-        group=group,
-        placement_timeout_s=config.placement_timeout_s,
-    )
+    return RefreshLauncher(config, group) if config.refreshes else None
 
 
 # ---------------------------------------------------------------- the job

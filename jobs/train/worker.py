@@ -34,9 +34,9 @@ import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -44,8 +44,9 @@ import torch.distributed as dist
 from salient.errors import SalientError
 from salient.jobs.eval.online import OnlineProbe
 from salient.jobs.runtime.ray_env import user_error
+from salient.jobs.train.config import TrainConfig
 from salient.jobs.train.failure import failure_recorded, record_failure
-from salient.pipeline.loader import LoaderConfig, SalientLoader
+from salient.pipeline.loader import SalientLoader
 from salient.store import SaliencyStore, store_exists
 from salient.trainer.checkpoint import (
     checkpoint_path,
@@ -56,13 +57,10 @@ from salient.trainer.checkpoint import (
     save_checkpoint,
     unwrap_model,
 )
+from salient.trainer.family import FAMILIES
 from salient.trainer.loop import WarmupCosine, build_optimizer, param_checksum, train_one_epoch
-from salient.trainer.models import build_model
 
-if TYPE_CHECKING:
-    from salient.jobs.train.driver import TrainConfig
-
-__all__ = ["loader_configs", "refresh_due", "train_loop_per_worker", "uses_warmup_masking"]
+__all__ = ["refresh_due", "train_loop_per_worker", "uses_warmup_masking"]
 
 
 def uses_warmup_masking(config: TrainConfig, epoch: int, generation: str | None) -> bool:
@@ -116,7 +114,8 @@ class _Log:
 
 class _Refresher:
     """At most one refresh in flight, started by ``launch(checkpoint_path, group)`` (a Ray task
-    whose actors run in the placement group ``launch.reserve()`` gave, once per start).
+    whose actors run in the placement group ``launch.reserve()`` gave, once per start), which
+    returns a pending refresh (``done()``, ``result()``: ``salient.jobs.train.driver``).
 
     ``finish`` waits for it, logs its summary and collects old generations. A refresh that
     failed raises there, so the run stops with the refresh's error; the checkpoints stay and
@@ -144,18 +143,14 @@ class _Refresher:
 
     def poll(self) -> None:
         """Log a refresh that has finished meanwhile (raises if it failed)."""
-        import ray
-
-        if self._pending is not None and ray.wait([self._pending[0]], timeout=0)[0]:
+        if self._pending is not None and self._pending[0].done():
             self.finish()
 
     def finish(self) -> None:
-        import ray
-
         if self._pending is not None:
-            ref, about = self._pending
+            pending, about = self._pending
             self._pending = None
-            summary = ray.get(ref)  # run_refresh's summary; its "kind" is the map kind
+            summary = pending.result()  # run_refresh's summary; its "kind" is the map kind
             collected = self._collect(summary["store"])
             self._log.event(
                 {
@@ -201,56 +196,19 @@ class _State:
     generation: str | None = None
 
 
-def loader_configs(config: TrainConfig, rank: int, world: int, device: str = "cpu"):
-    """The ``LoaderConfig`` of the warmup epochs (random masking at the warmup ratio, no
-    store, the same mask units) and the main one (the strategy), for ``rank`` of ``world``."""
-
-    main = LoaderConfig(
-        data=config.data,
-        store=config.store if config.needs_saliency else None,
+def _build(config: TrainConfig, device: torch.device, steps_per_epoch: int):
+    """The family's model under DDP (identically initialised on every rank), AdamW, the lr
+    schedule, and the family's step hooks."""
+    family = FAMILIES[config.framework]
+    torch.manual_seed(config.seed)
+    model = family.build(
+        name=config.model,
         image_size=config.image_size,
         patch_size=config.patch_size,
-        batch_size=config.batch_size,
-        strategy=config.strategy,
-        mask_ratio=config.mask_ratio,
-        throw_ratio=config.throw_ratio,
-        strategy_options=dict(config.strategy_options),
-        crop_scale=tuple(config.crop_scale),
-        interpolation=config.interpolation,
-        mask_unit=config.mask_unit,
-        gpa_target=config.gpa_loss_weight > 0,
-        seed=config.seed,
-        num_workers=config.loader_workers,
-        rank=rank,
-        world_size=world,
-        device=device,
-        epochs=config.epochs,
-    )
-    warmup = replace(
-        main,
-        store=None,
-        strategy="random",
-        mask_ratio=config.warmup_mask_ratio,
-        throw_ratio=0.0,
-        strategy_options={},
-        gpa_target=False,
-    )
-    return warmup, main
-
-
-def _build(config: TrainConfig, device: torch.device, batches_per_epoch: int):
-    """The DDP model (identically initialised on every rank), AdamW, the lr schedule (one
-    step per ``accum_iter`` batches)."""
-    torch.manual_seed(config.seed)
-    model = build_model(
-        config.model,
-        config.image_size,
-        config.patch_size,
         norm_pix_loss=config.norm_pix_loss,
         gpa_loss_weight=config.gpa_loss_weight,
     ).to(device)
     optimizer = build_optimizer(model, config.base_lr, config.weight_decay, config.betas)
-    steps_per_epoch = batches_per_epoch // config.accum_steps
     ddp = torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None
     )
@@ -260,7 +218,7 @@ def _build(config: TrainConfig, device: torch.device, batches_per_epoch: int):
         config.lr_warmup * steps_per_epoch,
         config.min_lr,
     )
-    return ddp, optimizer, schedule
+    return family, ddp, optimizer, schedule, family.hooks(ddp, optimizer)
 
 
 def _sum_over_ranks(totals: dict, device: torch.device) -> dict:
@@ -303,19 +261,30 @@ def _progress_bar(enabled: bool, total: int, epoch: int):
 
 
 class _Worker:
-    """One rank of the run: its loaders, the DDP model and optimiser, the run's state."""
+    """One rank of the run: its loaders, the DDP model and optimiser, the run's state.
 
-    def __init__(self, args: dict) -> None:
-        import ray.train.torch
+    ``rank`` of ``world`` on ``device`` in an initialised process group; ``report(record)``
+    hands each epoch's figures to the launcher (Ray Train's ``report``; a test passes its
+    own, so a one-process gloo group runs the schedule without Ray).
+    """
 
+    def __init__(
+        self,
+        args: dict,
+        rank: int,
+        world: int,
+        device: torch.device,
+        report: Callable[[dict], None],
+    ) -> None:
         self.config: TrainConfig = args["config"]
-        self.rank, world = dist.get_rank(), dist.get_world_size()
-        self.device = ray.train.torch.get_device()
-
-        configs = loader_configs(self.config, self.rank, world, str(self.device))
-        self.warmup_loader, self.loader = (SalientLoader(c) for c in configs)
-        self.model, self.optimizer, self.schedule = _build(
-            self.config, self.device, len(self.loader)
+        self.rank, self.device, self.report = rank, device, report
+        self.warmup_loader, self.loader = (
+            SalientLoader(self.config.loader_config(rank, world, str(device), warmup))
+            for warmup in (True, False)
+        )
+        self.steps_per_epoch = len(self.loader) // self.config.accum_steps
+        self.family, self.model, self.optimizer, self.schedule, self.hooks = _build(
+            self.config, self.device, self.steps_per_epoch
         )
         # a --resume and a restart after a lost worker alike: the latest checkpoint, on all ranks
         latest = latest_checkpoint(self.config.run_dir) if self.rank == 0 else None
@@ -336,11 +305,10 @@ class _Worker:
         ckpt = load_checkpoint(
             path, self.model, self.optimizer, self.schedule, config=self.config.as_dict()
         )
+        self.hooks.load_state_dict(ckpt.get("hooks") or {})
         return _State(ckpt["epoch"], ckpt["step"], ckpt["generation"])
 
     def run(self) -> None:
-        import ray.train
-
         config = self.config
         if self.rank == 0:
             self._log_start()
@@ -350,7 +318,7 @@ class _Worker:
             record = self._train_epoch(epoch)
             if self.rank == 0:
                 self._end_of_epoch(record)
-            ray.train.report({k: v for k, v in record.items() if k != "kind"})
+            self.report({k: v for k, v in record.items() if k != "kind"})
             if config.stop_after_epochs == self.state.epochs_done:
                 return  # as if killed right after this checkpoint: no refresh, no wait
         if self.rank == 0:
@@ -374,6 +342,9 @@ class _Worker:
             clip_grad=self.config.clip_grad or None,
             accum_iter=self.config.accum_steps,
             on_step=self._step_logger(epoch, bar),
+            family=self.family,
+            hooks=self.hooks,
+            steps_per_epoch=self.steps_per_epoch,
         )
         if bar is not None:
             bar.close()
@@ -447,6 +418,7 @@ class _Worker:
             state.step,
             state.generation,
             config.as_dict(),
+            self.hooks.state_dict(),
         )
         export_encoder(path)
         return path
@@ -491,9 +463,13 @@ def train_loop_per_worker(args: dict) -> None:
     run_dir = args["config"].run_dir
     if failure_recorded(run_dir):
         return  # an earlier attempt stopped on an error a restart would only repeat
+    import ray.train.torch  # lazily, as everywhere: Ray's environment is set before its import
+
     worker = None
     try:
-        worker = _Worker(args)
+        device = ray.train.torch.get_device()
+        world = (dist.get_rank(), dist.get_world_size())
+        worker = _Worker(args, *world, device, ray.train.report)
         worker.run()
     except SalientError as exc:  # also a RayTaskError wrapping one (a failed refresh)
         record_failure(run_dir, user_error(exc) or exc)
