@@ -464,6 +464,7 @@ def check_options(
     values; anything else it raises is a bug and propagates as itself)."""
     if not isinstance(options, dict):
         raise MaskError(f"strategy options must be a dict (got {type(options).__name__})")
+    _strategy(strategy, options)  # an unknown strategy or option name: its own message
     try:
         plan_masks(
             strategy,

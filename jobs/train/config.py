@@ -174,6 +174,7 @@ class TrainConfig:
         check_fields(self, TrainError)  # types, ranges and choices, declared with the fields
         _resolve(self)
         check_fields(self, TrainError)  # the ratios just resolved
+        _check_counts(self)
         _check_model(self)
         _check_ratios(self)
         _check_strategy(self)
