@@ -1,76 +1,19 @@
 """Mask strategies: which patches are masked, thrown or visible, from patch weights.
 
-Every strategy is a pure function of the patch weights ``w [B, N]`` (a crop's saliency,
-min-max normalised) and an explicit :class:`torch.Generator`, registered in
-:data:`STRATEGIES`. :func:`plan_masks` checks the inputs and dispatches; it returns a
-:class:`MaskPlan` of index tensors with fixed counts per batch, as in AMT's code:
-``M = int(N·r)`` masked, ``T = int(N·(r+t)) − M`` thrown, ``V = N − M − T`` visible
-(N=196, r=0.45, t=0.40 → 88 / 78 / 30). The three index sets partition ``0..N−1``.
+Contract (the rules of each strategy, their sources and the sampling law:
+docs/ARCHITECTURE.md, "Mask strategies"):
 
-Strategies (docs/ARCHITECTURE.md, "Mask strategies"):
-
-- ``random`` (MAE): a uniform permutation; the first M are masked.
-- ``block`` (BEiT): rectangles of ``U(min_patches, M)`` patches and log-uniform aspect
-  ``aspect`` at random positions, drawn ``candidates`` at a time for the whole batch.
-  Patches are taken in the order of the first rectangle covering them (raster order
-  inside it), then uniformly at random, so exactly M are masked: BEiT's generator
-  rejects a rectangle that overshoots and may stop short of M; here the last rectangle
-  is cut along its rows instead.
-- ``amt`` (AMT Alg. 1, eq. 5–6): all N indices drawn without replacement with
-  probability ∝ w; the first M drawn are masked. ``throw`` picks the thrown T:
-  ``middle`` (the next T drawn; AMT's default), ``low`` (the last T drawn) or
-  ``random`` (T uniform among the unmasked) — the ablations of AMT Table 4.
-- ``attmask_high`` / ``attmask_low`` (AttMask): the M highest / lowest weights.
-- ``attmask_hint`` (AttMask-Hint): the top ``M + H`` patches, ``H = int(N·hint)``, with
-  H of them revealed, chosen uniformly among the ``int(N·hint_pool)`` most attended
-  (AttMask's ``show_max``; clipped to the masked top ``M + H``), so exactly M stay
-  masked. The revealed hints are always visible, never thrown. ``hint`` defaults to
-  ``hint_pool × r`` (AttMask's code: ``show_ratio = show_max · pred_ratio``), so the hint
-  count follows the batch's ratio.
-- AttMask's schedule, options of the three ``attmask_*`` strategies (AttMask's code,
-  ``main_attmask.py``): ``ratio_var`` draws the batch's ratio from ``U(r − var, r + var)``
-  once per batch (its ``pred_ratio 0.3``, ``pred_ratio_var 0.2``: U(0.1, 0.5), "the same
-  masking ratio for each sample in the batch"), and ``mask_prob`` keeps the strategy's plan
-  for each image with that probability (its ``masking_prob 0.5``); the other images are
-  masked at random with the same counts, because an MAE image needs masked patches for its
-  loss and the index tensors are ``[B, M]`` (README, "Decisions").
-- ``gpa`` (GPA eq. 6): at progress ``p`` the hard share ``α_h`` and the soft share ``α_s``
-  move linearly from their start to their end value (paper defaults: hard 0 → 0.5,
-  soft 0.5 → 0). Masked = the top ``int(α_h·M)`` by weight ∪ ``int(α_s·M)`` drawn by
-  weighted sampling ∪ a uniform random fill up to exactly M (a soft draw that hits a
-  hard patch is topped up by the fill).
-
-Mask units (SimMIM's and AMT-SimMIM's 32 px masks on a 16 px ViT): with ``unit=k`` the
-``[B, N]`` patch weights (a square grid) are area-averaged over ``k×k`` blocks, the plan is
-made on that unit grid, and every unit index is expanded to its ``k²`` patch indices, so
-the ratios count units and each set holds whole units.
-
-Throwing with any strategy but ``amt``: the T thrown patches are drawn uniformly among
-the N − M unmasked ones (AMT Table 4's "random T"), so ``random`` with a throw ratio is
-that ablation. Within each set the indices come in the strategy's order (for ``amt``
-the draw order), not sorted.
-
-Weighted sampling without replacement (the sequential law: draw one index at a time
-with probability ∝ the remaining weights) is one batched sort of ``w / E``, ``E ~ Exp(1)``
-(an exponential race: the same order as Gumbel-top-k, ``log w + Gumbel``). A zero-weight
-patch is drawn only after every positive one (uniformly among the zeros); an all-zero row
-is sampled uniformly. Negative, NaN or infinite weights raise :class:`MaskError`. The
-weights of ``random`` and ``block`` are only used for their shape and device (a sample
-without a saliency map can still be planned). Sorting by weight (``attmask_*``, the hard
-part of ``gpa``) breaks exact ties by position, so a constant row masks a fixed set: plan
-samples without a map with ``random``.
-
-The sorts, random keys and thresholds behind every strategy are in
-:mod:`salient.pipeline.sampling`. Figures: ``salient bench masking``, BENCHMARKS.md.
-
-:data:`DEFAULT_RATIOS` holds each strategy's paper ratios (:func:`default_ratios`), and
-:data:`NORMALIZED_OVER` where its map is min-max normalised: ``"image"`` (the whole-image
-map, then the crop: AMT) or ``"crop"`` (the crop's own map: the teacher of AttMask and GPA
-sees the crop). README, "Decisions".
-
-Each function in :data:`STRATEGIES` takes ``(weights, counts, *, generator, progress,
-**options)`` with weights already checked (float32, zero rows made uniform) and
-``counts`` from :func:`mask_counts`; call it through :func:`plan_masks`.
+- A strategy in :data:`STRATEGIES` is a pure function ``(weights [B, N], counts, *,
+  generator, progress, **options) -> MaskPlan``; call it through :func:`plan_masks`, which
+  checks the inputs (negative or non-finite weights raise :class:`MaskError`, zero rows
+  become uniform), applies AttMask's schedule options and mask units, and dispatches.
+- A :class:`MaskPlan`'s ``visible_idx``, ``mask_idx`` and ``throw_idx`` partition
+  ``0..N−1`` with counts fixed per batch (:func:`mask_counts`: ``M = int(N·r)``,
+  ``T = int(N·(r+t)) − M``); within a set, indices come in the strategy's order.
+- The same weights, generator state and options give the same plan. ``random`` and
+  ``block`` read only the weights' shape and device.
+- :data:`DEFAULT_RATIOS` holds each strategy's paper ratios, :data:`NORMALIZED_OVER`
+  whether its map is normalised over the whole image or over the crop.
 """
 
 from __future__ import annotations

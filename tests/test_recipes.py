@@ -3,7 +3,7 @@
 The paper table below is written from the sources, not from ``jobs/train/recipes.py``. The tiny runs
 shrink every recipe (micro model, 64 px images of 8 px patches, 8 images per worker, one
 epoch, no refresh, two batches accumulated per step) and run all six through the real worker
-loop (``train_worker.train_loop_per_worker``: loaders, DDP over gloo on 2 Ray Train workers,
+loop (``salient.jobs.train.worker.train_loop_per_worker``: loaders, DDP over gloo on 2 Ray Train workers,
 checkpoints, JSONL logs) inside ONE ``TorchTrainer.fit`` (each fit costs ~20 s here): the
 test's runner is shipped to the workers by value (``register_pickle_by_value``), and the
 driver's own checks (``train._check_inputs``) run for each config first.

@@ -16,8 +16,7 @@ slices of ``attn.qkv`` run, for the rows needed; nothing after ``b`` runs. GPA n
 matrix: ``Σ_{i≠m} q_i·k_m = (Σ_i q_i − q_m)·k_m``.
 
 Loading (:func:`load_teacher`: a salient training checkpoint's encoder or a timm ViT from a
-local weights file; nothing is ever downloaded) lives in :mod:`salient.trainer.teacher_load`,
-the speed benchmark (:func:`bench_saliency`) in :mod:`salient.trainer.teacher_bench`.
+local weights file; nothing is ever downloaded) lives in :mod:`salient.trainer.teacher_load`.
 """
 
 from __future__ import annotations
