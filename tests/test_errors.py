@@ -40,7 +40,7 @@ def test_an_actor_that_cannot_start_is_one_line(ray_session, tmp_path):
 
     from salient.errors import SalientError
     from salient.jobs.refresh.worker import RefreshWorker, WorkerSpec
-    from salient.jobs.runtime.shard_pool import _check_started
+    from salient.jobs.runtime.shard_pool import ActorInputs, _check_started
 
     ray = ray_session
     spec = WorkerSpec(
@@ -50,10 +50,7 @@ def test_an_actor_that_cannot_start_is_one_line(ray_session, tmp_path):
         None,
         -1,
         None,
-        32,
-        8,
-        (0.5,) * 3,
-        (0.5,) * 3,
+        ActorInputs(32, 8, (0.5,) * 3, (0.5,) * 3),
     )
     model = VisionTransformer(img_size=32, patch_size=8, embed_dim=16, depth=1, num_heads=2)
     actor = ray.remote(RefreshWorker).options(num_cpus=0).remote(model, spec)

@@ -105,14 +105,14 @@ class RayDataMaps:
         import ray
         import torch
 
-        torch.set_num_threads(spec.threads)
-        self.model = ray.get(model_ref).to(spec.device).eval()  # Ray Data passes refs as is
+        torch.set_num_threads(spec.inputs.threads)
+        self.model = ray.get(model_ref).to(spec.inputs.device).eval()  # Ray Data passes refs as is
         self.spec = spec
 
     def __call__(self, batch: dict) -> dict:
         field = image_field(batch)
-        images = decode_images([(field, bytes(b)) for b in batch[field]], self.spec.device)
-        grid = self.spec.image_size // self.model.patch_embed.patch_size[0]
+        images = decode_images([(field, bytes(b)) for b in batch[field]], self.spec.inputs.device)
+        grid = self.spec.inputs.image_size // self.model.patch_embed.patch_size[0]
         maps, valid, _ = shard_maps(self.model, [(0, images)], len(images), self.spec, grid)
         return {"id": np.array([int(k) for k in batch["__key__"]]), "maps": maps, "valid": valid}
 

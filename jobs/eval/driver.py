@@ -35,7 +35,7 @@ from salient.jobs.eval.worker import FeatureSpec, FeatureWorker
 from salient.jobs.runtime.placement import Ask
 from salient.jobs.runtime.progress import progress_bar
 from salient.jobs.runtime.ray_env import ensure_ray
-from salient.jobs.runtime.shard_pool import actor_inputs, run_shards, started_pool
+from salient.jobs.runtime.shard_pool import ActorInputs, run_shards, started_pool
 from salient.pipeline.manifest import open_dataset
 from salient.settings import check_fields, ranged
 from salient.trainer.checkpoint import load_checkpoint, save_checkpoint
@@ -313,7 +313,7 @@ def _features(
         caches[split] = FeatureCache.open_or_create(cache_url(config.out, key), key)
     spec = FeatureSpec(
         crop_ratio=config.crop_ratio,
-        **actor_inputs(
+        inputs=ActorInputs.of(
             teacher, image_size, config.batch_size, config.gpus_per_worker, config.cpus_per_worker
         ),
     )

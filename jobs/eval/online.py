@@ -20,9 +20,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from salient.jobs.eval.driver import EVAL_CROP_RATIO
 from salient.jobs.eval.worker import FeatureSpec, read_shard_images, shard_features
+from salient.jobs.runtime.shard_pool import ActorInputs
 from salient.pipeline.manifest import open_dataset
 from salient.trainer.probes import KNN_K, KNN_TEMPERATURE, knn_probe
 
@@ -85,16 +87,14 @@ class OnlineProbe:
 
     def _features(self, encoder, url: str, device: torch.device) -> dict:
         """Features of every usable image (decoded and labelled) of the dataset at ``url``."""
-        from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-
-        spec = FeatureSpec(
+        inputs = ActorInputs(
             self.image_size,
-            EVAL_CROP_RATIO,
             self.batch_size,
             IMAGENET_DEFAULT_MEAN,  # the loader's normalisation (pipeline.loader)
             IMAGENET_DEFAULT_STD,
             device=str(device),
         )
+        spec = FeatureSpec(inputs, EVAL_CROP_RATIO)
         dataset = open_dataset(url)
         parts: dict[str, list] = {"cls": [], "mean": [], "labels": []}
         for shard in dataset.shards:

@@ -29,6 +29,7 @@ import torch
 
 from salient import urls
 from salient.jobs.eval.cache import FeatureCache
+from salient.jobs.runtime.shard_pool import ActorInputs
 from salient.pipeline import shards
 
 __all__ = [
@@ -45,13 +46,8 @@ __all__ = [
 class FeatureSpec:
     """Everything a feature worker needs besides the model; picklable."""
 
-    image_size: int
+    inputs: ActorInputs
     crop_ratio: float
-    batch_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    device: str = "cpu"
-    threads: int = 1
 
 
 # ---------------------------------------------------------------- reading
@@ -90,15 +86,15 @@ def eval_view(images: list[torch.Tensor], spec: FeatureSpec) -> torch.Tensor:
     from torchvision.transforms.v2 import InterpolationMode
     from torchvision.transforms.v2 import functional as F
 
-    size = spec.image_size
+    size = spec.inputs.image_size
     shorter = int(size / spec.crop_ratio)  # 224 / 0.875 = 256
     views = []
     for image in images:
         image = F.resize(image, [shorter], InterpolationMode.BICUBIC, antialias=True)
         views.append(F.center_crop(image, [size, size]))
     x = torch.stack(views).float() / 255  # [B,3,S,S] in [0, 1]
-    mean = torch.tensor(spec.mean, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(spec.std, device=x.device).view(1, 3, 1, 1)
+    mean = torch.tensor(spec.inputs.mean, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(spec.inputs.std, device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std
 
 
@@ -124,15 +120,15 @@ def shard_features(
     model, images: list[torch.Tensor | None], spec: FeatureSpec
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(cls [n,D], mean [n,D]) float32`` (NaN rows where the image is unreadable) and
-    ``valid [n] uint8`` for one shard's decoded images, in batches of ``spec.batch_size``."""
+    ``valid [n] uint8`` for one shard's decoded images, in batches of ``spec.inputs.batch_size``."""
     n, dim = len(images), model.embed_dim
     cls = np.full((n, dim), np.nan, dtype=np.float32)
     mean = np.full((n, dim), np.nan, dtype=np.float32)
     valid = np.zeros(n, dtype=np.uint8)
-    for start in range(0, n, spec.batch_size):
+    for start in range(0, n, spec.inputs.batch_size):
         rows = [
             start + i
-            for i, image in enumerate(images[start : start + spec.batch_size])
+            for i, image in enumerate(images[start : start + spec.inputs.batch_size])
             if image is not None
         ]
         if not rows:
@@ -161,9 +157,9 @@ class FeatureWorker:
         storage=None,
     ):
         urls.adopt(storage)  # the driver's --storage-option values, before any read
-        torch.set_num_threads(spec.threads)
+        torch.set_num_threads(spec.inputs.threads)
         self.spec = spec
-        self.device = torch.device(spec.device)
+        self.device = torch.device(spec.inputs.device)
         self.model = model.to(self.device).eval()
         self.caches = {split: FeatureCache.open(url) for split, url in caches.items()}
 

@@ -44,7 +44,7 @@ from salient.jobs.refresh.worker import RefreshWorker, WorkerSpec
 from salient.jobs.runtime.placement import Ask
 from salient.jobs.runtime.progress import progress_lines, progress_wanted
 from salient.jobs.runtime.ray_env import ensure_ray
-from salient.jobs.runtime.shard_pool import actor_inputs, run_shards, started_pool
+from salient.jobs.runtime.shard_pool import ActorInputs, run_shards, started_pool
 from salient.pipeline.manifest import open_dataset
 from salient.settings import check_fields, ranged
 from salient.store import GenerationBusyError, GenerationWriter, SaliencyStore, store_exists
@@ -329,7 +329,7 @@ def worker_spec(config: RefreshConfig, teacher, spec, generation: str):
         reduce=spec.reduce,
         block=spec.block,
         head=spec.head,
-        **actor_inputs(
+        inputs=ActorInputs.of(
             teacher,
             config.image_size,
             config.batch_size,

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from salient import urls
+from salient.jobs.runtime.shard_pool import ActorInputs
 from salient.pipeline import shards
 from salient.store import SaliencyStore
 from salient.trainer.teacher import preprocess, saliency
@@ -45,12 +46,7 @@ class WorkerSpec:
     reduce: str | None
     block: int
     head: int | None
-    image_size: int
-    batch_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    device: str = "cpu"
-    threads: int = 1
+    inputs: ActorInputs
     shard_delay_s: float = 0.0
     prefetch: bool = True
 
@@ -105,7 +101,9 @@ def _batch_maps(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Maps of decoded images: ``maps [b,G,G]`` and, for kind "heads", ``head_maps [b,H,G,G]``."""
 
-    x = preprocess(images, spec.image_size, spec.mean, spec.std)  # [b,3,S,S] normalised
+    x = preprocess(
+        images, spec.inputs.image_size, spec.inputs.mean, spec.inputs.std
+    )  # [b,3,S,S] normalised
     with _autocast(device):
         maps = saliency(
             model, x, kind=spec.kind, block=spec.block, head=spec.head, reduce=spec.reduce
@@ -126,7 +124,7 @@ def shard_maps(
     """All maps of one shard of ``count`` images from its decoded ``batches``: ``maps [n,G,G]
     float32`` (NaN where invalid), ``valid [n] uint8``, and ``head_maps [n,H,G,G]`` for kind
     "heads" (else None)."""
-    device = torch.device(spec.device)
+    device = torch.device(spec.inputs.device)
     maps = np.full((count, grid, grid), np.nan, dtype=np.float32)
     head_maps = (
         np.full((count, heads, grid, grid), np.nan, dtype=np.float32)
@@ -162,9 +160,9 @@ class RefreshWorker:
         self, model: torch.nn.Module, spec: WorkerSpec, storage: urls.StorageOptions | None = None
     ):
         urls.adopt(storage)  # the driver's --storage-option values, before any read
-        torch.set_num_threads(spec.threads)
+        torch.set_num_threads(spec.inputs.threads)
         self.spec = spec
-        self.device = torch.device(spec.device)
+        self.device = torch.device(spec.inputs.device)
         self.model = model.to(self.device).eval()
         store = SaliencyStore.open(spec.store)
         self.grid = store.grid
@@ -178,7 +176,7 @@ class RefreshWorker:
         """Read, decode, compute and write shard ``shard``; returns its counts."""
         start = time.perf_counter()
         spec = self.spec
-        batches = decoded_batches(url, first_id, count, spec.batch_size, self.device)
+        batches = decoded_batches(url, first_id, count, spec.inputs.batch_size, self.device)
         batches = shards.prefetched(batches, depth=1 if spec.prefetch else 0)
         # now: (start, uint8 [3,H,W] images | None), the next batch decoding meanwhile
         maps, valid, head_maps = shard_maps(self.model, batches, count, spec, self.grid, self.heads)

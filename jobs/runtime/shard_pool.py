@@ -21,6 +21,7 @@ import contextlib
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Hashable, Iterator, Sequence
+from dataclasses import dataclass
 
 from salient.errors import SalientError
 from salient.jobs.runtime.placement import (
@@ -31,27 +32,34 @@ from salient.jobs.runtime.placement import (
     reserve,
 )
 
-__all__ = ["IN_FLIGHT", "ShardPool", "actor_inputs", "run_shards", "started_pool"]
+__all__ = ["IN_FLIGHT", "ActorInputs", "ShardPool", "run_shards", "started_pool"]
 
 IN_FLIGHT = 2  # shards queued per actor: the next one waits in the actor while one computes
 _POLL_S = 2.0  # how often the driver checks that every actor was placed
 
 
-def actor_inputs(
-    teacher, image_size: int, batch_size: int, gpus_per_actor: float, cpus_per_actor: float
-) -> dict:
-    """How every actor of a job feeds its model (refresh's teacher, eval's encoder): the input
-    side, images per forward, the model's normalisation, the device (CUDA when the actor holds
-    a GPU share) and torch threads (its whole CPUs, at least one). The ``WorkerSpec`` and
-    ``FeatureSpec`` fields of the same names."""
-    return {
-        "image_size": image_size,
-        "batch_size": batch_size,
-        "mean": teacher.mean,
-        "std": teacher.std,
-        "device": "cuda" if gpus_per_actor > 0 else "cpu",
-        "threads": max(1, int(cpus_per_actor)),
-    }
+@dataclass(frozen=True)
+class ActorInputs:
+    """How an actor of a job feeds its model (refresh's teacher, eval's encoder): the input
+    side, images per forward, the model's normalisation, its device and torch threads."""
+
+    image_size: int
+    batch_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    device: str = "cpu"
+    threads: int = 1
+
+    @classmethod
+    def of(
+        cls, model, image_size: int, batch_size: int, gpus_per_actor: float, cpus_per_actor: float
+    ) -> ActorInputs:
+        """For ``model`` (a loaded teacher: its ``mean`` and ``std``) on an actor holding
+        ``gpus_per_actor`` (CUDA when more than 0) and ``cpus_per_actor`` (its whole CPUs
+        are its torch threads, at least one)."""
+        device = "cuda" if gpus_per_actor > 0 else "cpu"
+        threads = max(1, int(cpus_per_actor))
+        return cls(image_size, batch_size, tuple(model.mean), tuple(model.std), device, threads)
 
 
 class ShardPool:
