@@ -100,10 +100,8 @@ def _batch_maps(
     model: torch.nn.Module, images: list[torch.Tensor], spec: WorkerSpec, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Maps of decoded images: ``maps [b,G,G]`` and, for kind "heads", ``head_maps [b,H,G,G]``."""
-
-    x = preprocess(
-        images, spec.inputs.image_size, spec.inputs.mean, spec.inputs.std
-    )  # [b,3,S,S] normalised
+    inputs = spec.inputs
+    x = preprocess(images, inputs.image_size, inputs.mean, inputs.std)  # [b,3,S,S] normalised
     with _autocast(device):
         maps = saliency(
             model, x, kind=spec.kind, block=spec.block, head=spec.head, reduce=spec.reduce
