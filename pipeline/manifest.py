@@ -235,8 +235,7 @@ def check_shard_name(name: object) -> str:
 
 _MANIFEST_FIELDS = {f.name for f in fields(Manifest)}
 _SHARD_FIELDS = {f.name for f in fields(ShardInfo)}
-_V1_FIELDS = _MANIFEST_FIELDS - {"root", "image", "label_key", "id_map"}
-_V1_SHARD_FIELDS = _SHARD_FIELDS - {"sha256", "head_sha256"}
+_REQUIRED_SHARD_FIELDS = {"index", "name", "first_id", "count", "bytes"}  # digests: since /2
 
 
 def _integer(value: object, what: str, low: int = 0) -> int:
@@ -272,10 +271,10 @@ _EXPECTED = {
 }
 
 
-def _check_shard(body: object, position: int, v1: bool) -> ShardInfo:
+def _check_shard(body: object, position: int) -> ShardInfo:
     what = f"shard {position}"
-    body = _known(body, _V1_SHARD_FIELDS if v1 else _SHARD_FIELDS, what)
-    missing = sorted(_V1_SHARD_FIELDS - set(body))
+    body = _known(body, _SHARD_FIELDS, what)
+    missing = sorted(_REQUIRED_SHARD_FIELDS - set(body))
     if missing:
         raise DatasetError(f"{what} lacks {missing}")
     name = check_shard_name(body["name"])
@@ -329,8 +328,6 @@ def check_manifest(body: object) -> Manifest:
     form = body.get("format")
     if form not in READ_FORMATS:
         raise DatasetError(f"format {str(form)[:40]!r} is not one of {', '.join(READ_FORMATS)}")
-    v1 = form != FORMAT
-    _known(body, _V1_FIELDS if v1 else _MANIFEST_FIELDS, f"a {form} manifest")
     for name in ("num_samples", "shard_size", "shards", "fingerprint"):
         if name not in body:
             raise DatasetError(f"the manifest lacks {name!r}")
@@ -338,7 +335,7 @@ def check_manifest(body: object) -> Manifest:
     shard_size = _integer(body["shard_size"], "shard_size", low=1)
     if not isinstance(body["shards"], list) or not body["shards"]:
         raise DatasetError("the manifest lists no shards")
-    shards = [_check_shard(s, i, v1) for i, s in enumerate(body["shards"])]
+    shards = [_check_shard(s, i) for i, s in enumerate(body["shards"])]
     _check_layout(shards, shard_size, num_samples)
     classes = body.get("classes")
     if classes is not None and (
