@@ -130,6 +130,11 @@ class _Positions:
     def take(self, key: str) -> int:
         return self._pending.pop(key)
 
+    def unread(self) -> list[tuple[int, str]]:
+        """``(position, key)`` of the samples never taken (none of their members was read)."""
+        kept = self._pending.items()
+        return sorted((p, k) for k, p in kept if self.limit is None or p < self.limit)
+
 
 class _CheckedStream:
     """A shard's byte stream that hashes what it serves: its first ``HEAD_BYTES`` are read
@@ -193,7 +198,9 @@ def iter_samples(
     ``source``: a dataset's :class:`ShardSource` (``Dataset.source(shard)``): ids by position,
     the shard checked against its manifest (:class:`ShardChangedError`: a head that differs
     before any sample; more samples than recorded, or a size or sha256 that differs, once the
-    tar is read to its end). A bare URL: ids from numeric keys (-1 for others), no checks.
+    tar is read to its end); an asked-for sample that holds none of the asked-for fields comes
+    last, with its key and id only, so a reader counts it. A bare URL: ids from numeric keys
+    (-1 for others), no checks.
     ``ids`` (a range or set) and ``fields`` (``"image"`` stands for the sample's image field)
     limit what is read; the rest of the tar is skipped unread. ``handler(exc)`` sees damaged
     tar data (True: go on); by default it raises. A failure of the storage itself (missing,
@@ -225,6 +232,9 @@ def iter_samples(
             f"shard {url} holds more than the {shard.count} samples its manifest recorded; "
             "restore it, or re-run `salient ingest` / `salient index`"
         )
+    for position, key in positions.unread():  # asked for, but holding none of the fields
+        if ids is None or shard.first_id + position in ids:
+            yield {"__key__": key, "__url__": url, "id": shard.first_id + position}
 
 
 def _bare_samples(url: str, ids, fields, handler: Handler | None) -> Iterator[dict]:
@@ -244,8 +254,9 @@ def _bare_samples(url: str, ids, fields, handler: Handler | None) -> Iterator[di
             yield sample
 
 
-def scan_shard(url: str, fields: Container[str], handler: Handler | None = None):
-    """Every sample of the tar at ``url`` (``fields`` of each) with its position as ``"id"``,
+def scan_shard(url: str, fields: Container[str] | None = None, handler: Handler | None = None):
+    """Every sample of the tar at ``url`` (``fields`` of each; a sample none of whose fields is
+    asked for is not yielded) with its position as ``"id"``,
     then, as the generator's return value, ``(bytes, sha256, head_sha256)`` of the file: what
     a manifest records of a shard it adopts (``pipeline/adopt.py``)."""
     handle = _storage_first(url, handler or _reraise)

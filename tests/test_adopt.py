@@ -177,6 +177,40 @@ def test_a_key_twice_in_one_shard_is_refused(tmp_path):
     assert sorted(p.name for p in folder.iterdir()) == ["a.tar"]
 
 
+def _png(n: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(_jpeg(n))).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_samples_without_a_usable_image_keep_their_ids_and_read_as_corrupt(tmp_path):
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    with wds.TarWriter(str(folder / "odd-0.tar")) as writer:
+        writer.write({"__key__": "a_1", "jpg": _jpeg(1), "cls": 0})
+        writer.write({"__key__": "a_2", "txt": "a caption, no image"})  # nothing to decode
+        writer.write({"__key__": "a_3", "jpg": _jpeg(3), "png": _png(3), "cls": 1})  # two
+        writer.write({"__key__": "a_4", "jpg": b"not a jpeg", "cls": 1})  # no header
+        writer.write({"__key__": "a_5", "jpg": _jpeg(5), "cls": 0})
+    manifest = index_shards(folder)
+    assert manifest.shards[0].count == 5  # every sample keeps its position
+    reasons = {p["id"]: p["reason"] for p in manifest.skipped}
+    assert sorted(reasons) == [1, 2, 3] and "several" in reasons[2]
+    assert "unreadable image" in reasons[3]
+    assert [line.split("\t")[2] for line in (folder / "ids.tsv").read_text().splitlines()] == (
+        _tar_keys(folder / "odd-0.tar")
+    )
+    config = LoaderConfig(
+        data=str(folder), image_size=32, patch_size=8, batch_size=2, strategy="random",
+        num_workers=0,
+    )  # fmt: skip
+    loader = SalientLoader(config)
+    seen = {i for batch in loader.epoch(0) for i in batch["ids"].tolist()}
+    assert seen == {0, 4} and loader.stats.corrupt_ids == {1, 2, 3}
+    chosen = index_shards(folder, tmp_path / "png", image="PNG")  # the field named, any case
+    assert chosen.image == "png" and {p["id"] for p in chosen.skipped} == {0, 1, 3, 4}
+
+
 # ---------------------------------------------------------------- read by id: store, loader
 
 
