@@ -2,9 +2,10 @@
 
 Epochs, ranks and workers (deterministic for ``(seed, epoch, rank)`` and the worker count):
 
-- The shard order is permuted with ``(seed, epoch)``, the same on every rank. The ids in that
-  order are cut into ``world_size`` contiguous slices of ``N // W`` or ``N // W + 1`` samples;
-  rank ``r`` reads slice ``r`` only, so the ranks see disjoint ids that cover the dataset.
+- The shard order is permuted with ``(seed, epoch)``, the same on every rank. The samples in
+  that order are cut into ``world_size`` contiguous slices of ``N // W`` or ``N // W + 1``
+  samples; rank ``r`` reads slice ``r`` only, so the ranks see disjoint ids that cover the
+  dataset (shards may hold unequal counts; the ids after a short shard are in no slice).
   Each rank's slice is cut again, equally, among its DataLoader workers (a slice border may
   fall inside a tar: both sides stream it and keep their own ids).
 - An **epoch** is ``batches_per_rank = N // (W · B)`` batches on every rank, so no rank

@@ -25,13 +25,12 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image
-
 from salient import urls
 from salient.errors import SalientError
 from salient.pipeline.demo import DEMO_OBJECTS, DEMO_SPLITS, make_scene
 from salient.pipeline.manifest import (
     MANIFEST_NAME,
+    MAX_SHARD_SIZE,
     Manifest,
     ShardInfo,
     fingerprint,
@@ -39,7 +38,7 @@ from salient.pipeline.manifest import (
     sample_key,
     shard_name,
 )
-from salient.pipeline.shards import IMAGE_FIELDS
+from salient.pipeline.shards import IMAGE_FIELDS, ImageRejected, file_digests, open_image
 
 __all__ = ["IMAGE_SUFFIXES", "IngestError", "Sample", "ingest_demo", "ingest_folder"]
 
@@ -123,8 +122,8 @@ def _write_shard(out: str, index: int, first_id: int, samples: list[Sample]) -> 
                     record["cls"] = str(sample.label).encode()
                 record.update(sample.extra or {})
                 writer.write(record)
-        size = os.path.getsize(tmp)
-    return ShardInfo(index, name, first_id, len(samples), size)
+        size, sha256, head_sha256 = file_digests(tmp)  # what readers check it against
+    return ShardInfo(index, name, first_id, len(samples), size, sha256, head_sha256)
 
 
 def _write_shards(out: str, samples: Iterable[Sample], shard_size: int) -> list[ShardInfo]:
@@ -156,10 +155,12 @@ def _finish(out: str, shards: list[ShardInfo], shard_size: int, **fields) -> Man
 
 
 def _check_shard_size(shard_size: int) -> None:
-    if not isinstance(shard_size, int) or shard_size < 1:
+    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
         raise IngestError(
             f"--shard-size must be a positive integer (got {shard_size}); 1000 is a good default"
         )
+    if shard_size > MAX_SHARD_SIZE:
+        raise IngestError(f"--shard-size must be at most {MAX_SHARD_SIZE:,} (got {shard_size:,})")
 
 
 # ---------------------------------------------------------------- folder ingest
@@ -186,14 +187,15 @@ def _scan(src: Path) -> tuple[list[tuple[Path, int | None]], list[str] | None, l
 
 
 def _load(path: Path) -> tuple[bytes | None, str]:
-    """Read and fully decode one file: (bytes, ext) or (None, reason). Runs in a pool."""
+    """Read and fully decode one file, within the pixel budget readers use (``shards``):
+    (bytes, ext) or (None, reason). Runs in a pool."""
     try:
         data = path.read_bytes()
-        with Image.open(io.BytesIO(data)) as image:
+        with open_image(data) as image:
             fmt = image.format
             image.load()  # a full decode: catches truncated and corrupt files, not just headers
-            if min(image.size) < 1:
-                return None, "empty image"
+    except ImageRejected as exc:
+        return None, str(exc)
     except OSError as exc:
         return None, f"unreadable image: {exc}"
     except Exception as exc:  # PIL raises many types on hostile files; none may stop ingest
@@ -231,7 +233,6 @@ def _match_classes(
     Raises IngestError when SRC is flat, the dataset has no classes, or the class folders are
     not exactly its classes (a held-out split must be labelled as its training set).
     """
-
     wanted = open_dataset(classes_from).manifest.classes
     if not wanted:
         raise IngestError(f"--classes-from {classes_from} is a dataset without classes")

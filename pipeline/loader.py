@@ -37,7 +37,6 @@ Importing this module touches no disk, GPU or Ray.
 from __future__ import annotations
 
 import functools
-import math
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -252,8 +251,9 @@ class SalientLoader:
     def _clamped_workers(self) -> int:
         """No more DataLoader workers than shards' worth of samples on this rank: beyond that
         workers would stream the same tar for a handful of samples each."""
-        per_rank = self.dataset.num_samples // self.config.world_size
-        shards_worth = max(1, math.ceil(per_rank / self.dataset.shard_size))
+        n, shards = self.dataset.num_samples, len(self.dataset.shards)  # shards may be unequal
+        per_rank = n // self.config.world_size
+        shards_worth = max(1, -(-per_rank * shards // n))  # ceil(per_rank / mean shard count)
         return min(self.config.num_workers, shards_worth)
 
     # ------------------------------------------------------------ the generation
@@ -327,7 +327,7 @@ class SalientLoader:
     def _spec(self) -> StreamSpec:
         c = self.config
         return StreamSpec(
-            urls=tuple(self.dataset.shard_urls()),
+            sources=tuple(self.dataset.sources()),
             shards=tuple(self.dataset.shards),
             store=None if c.store is None else urls.normalise(c.store),
             seed=c.seed,
@@ -460,6 +460,7 @@ class _Passes:
         if chunk is None:
             self._next_pass()
             return
+        _raise_error(chunk)
         self.stats.absorb(chunk)
         self.pending, self.offset = _Rows.of(chunk), 0
 
@@ -478,4 +479,11 @@ class _Passes:
     def drain(self) -> None:
         """Read what is left of the current pass, so the epoch's counts are exact."""
         for chunk in self.chunks:
+            _raise_error(chunk)
             self.stats.absorb(chunk)
+
+
+def _raise_error(chunk: dict) -> None:
+    """A worker's SalientError (a changed shard, a storage failure), raised here as itself."""
+    if "error" in chunk:
+        raise chunk["error"]

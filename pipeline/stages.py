@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from salient import urls
+from salient.errors import SalientError
 from salient.pipeline import shards
 from salient.pipeline.crops import (
     CropBox,
@@ -40,7 +41,7 @@ from salient.pipeline.crops import (
     whole_image_weights,
 )
 from salient.pipeline.epochs import Segment, epoch_segments, mix_seed
-from salient.pipeline.manifest import ShardInfo
+from salient.pipeline.manifest import ShardInfo, ShardSource
 from salient.store import SaliencyStore
 
 __all__ = [
@@ -114,7 +115,7 @@ class CountingHandler:
 class StreamSpec:
     """What every pass of one loader needs; picklable. The per-pass part is a PassPlan."""
 
-    urls: tuple[str, ...]
+    sources: tuple[ShardSource, ...]  # one per shard: where, its ids, what to check
     shards: tuple[ShardInfo, ...]
     store: str | None
     seed: int
@@ -152,9 +153,9 @@ class PassPlan:
 # ---------------------------------------------------------------- stages
 
 
-def read_segment(url: str, segment: Segment, handler: CountingHandler) -> Iterator[dict]:
+def read_segment(source: ShardSource, segment: Segment, handler: CountingHandler) -> Iterator[dict]:
     """The samples of ``segment`` with their image field: ``{"__key__", "id", "jpg": bytes}``."""
-    return shards.iter_samples(url, range(segment.start, segment.stop), {"image"}, handler)
+    return shards.iter_samples(source, range(segment.start, segment.stop), {"image"}, handler)
 
 
 def attach_rows(samples: Iterable[dict], segment: Segment, reader, tally: _Tally) -> Iterator[dict]:
@@ -314,11 +315,15 @@ class SampleStream(torch.utils.data.IterableDataset):
         # now: {"__key__", "id", "jpg" | "png" | …: bytes, "map": float32 [G,G] in [0, 1] | None}
         samples = shuffled(samples, spec.shuffle_buffer, rng)
         # now: the same samples, mixed within a buffer of shuffle_buffer
-        for group in _groups(samples, spec.chunk_size):
-            yield prepare_chunk(group, spec, plan, tally)
+        try:
+            for group in _groups(samples, spec.chunk_size):
+                yield prepare_chunk(group, spec, plan, tally)
+        except SalientError as exc:  # sent whole: the DataLoader would wrap it in a traceback
+            yield {"error": exc}
+            return
         yield prepare_chunk([], spec, plan, tally)  # the final counts
         # now: chunks {"ids" [n], "has_map" [n], "weights" [n,g²], "boxes" [n,5], "hw" [n,2],
-        #   "images" uint8 [n,3,S,S] | "data" [(field, bytes)], counts}
+        #   "images" uint8 [n,3,S,S] | "data" [(field, bytes)], counts} | {"error": SalientError}
 
 
 def _groups(samples: Iterable[dict], size: int) -> Iterator[list[dict]]:
@@ -335,7 +340,7 @@ def _groups(samples: Iterable[dict], size: int) -> Iterator[list[dict]]:
 def _joined(spec: StreamSpec, segments: list[Segment], reader, tally: _Tally) -> Iterator[dict]:
     handler = CountingHandler(tally)
     for segment in segments:
-        raw = read_segment(spec.urls[segment.shard], segment, handler)
+        raw = read_segment(spec.sources[segment.shard], segment, handler)
         # now: {"__key__", "id", "jpg" | "png" | …: bytes} for ids in the segment
         yield from attach_rows(raw, segment, reader, tally)
 
@@ -371,9 +376,12 @@ def reuse_freed_memory() -> None:
 
 def init_worker(worker_id: int, storage: urls.StorageOptions | None = None) -> None:
     """DataLoader worker start: the driver's storage options, one torch thread, zarr's pools
-    kept small (a worker reads one segment's rows at a time), freed buffers reused."""
+    kept small (a worker reads one segment's rows at a time), freed buffers reused, and PIL's
+    decompression-bomb warning off (the pixel budget refuses those images and counts them)."""
     import zarr
+    from PIL import Image
 
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
     reuse_freed_memory()
     urls.adopt(storage)
     torch.set_num_threads(1)

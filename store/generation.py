@@ -52,18 +52,27 @@ _ARRAY_DOC = {
 
 @dataclass(frozen=True)
 class Layout:
-    """Sample ids ``0..num_samples-1`` in shards of ``shard_size``; ``grid x grid`` maps."""
+    """Sample ids ``0..num_samples-1`` in chunks of ``shard_size``; ``grid x grid`` maps.
+
+    Data shard ``i`` is chunk ``i``. ``counts``: each shard's sample count when some shard but
+    the last is short (an adopted dataset's shards keep their own sizes), None when every
+    shard but the last is full; shard ``i`` then holds ids ``[i·shard_size, i·shard_size +
+    counts[i])`` and the ids after it, up to the next chunk, are unused (NaN, valid 0).
+    ``num_samples`` is the arrays' length: one past the last shard's last id.
+    """
 
     num_samples: int
     shard_size: int
     grid: int
+    counts: tuple[int, ...] | None = None
 
     @property
     def num_shards(self) -> int:
         return -(-self.num_samples // self.shard_size)
 
-    def shard_range(self, shard: int) -> tuple[int, int]:
-        """The ids ``[start, stop)`` of data shard ``shard`` (= zarr chunk ``shard``)."""
+    def chunk_range(self, shard: int) -> tuple[int, int]:
+        """The rows ``[start, stop)`` of chunk ``shard``: the shard's ids and the unused ones
+        after them."""
         if not 0 <= shard < self.num_shards:
             raise IdRangeError(
                 f"shard index {shard} is out of range: the dataset has shards "
@@ -72,11 +81,25 @@ class Layout:
         start = shard * self.shard_size
         return start, min(start + self.shard_size, self.num_samples)
 
+    def shard_range(self, shard: int) -> tuple[int, int]:
+        """The ids ``[start, stop)`` of data shard ``shard`` (= zarr chunk ``shard``)."""
+        start, stop = self.chunk_range(shard)
+        return start, stop if self.counts is None else start + self.counts[shard]
+
     def check_range(self, start: int, stop: int) -> None:
         if not 0 <= start <= stop <= self.num_samples:
             raise IdRangeError(
                 f"id range [{start}, {stop}) is outside the dataset's ids 0..{self.num_samples - 1}"
             )
+
+
+def _padded(rows: dict[str, np.ndarray], length: int) -> dict[str, np.ndarray]:
+    """A short shard's rows filled up to its whole chunk: maps NaN, valid 0 (unused ids)."""
+    out = {}
+    for name, array in rows.items():
+        fill = np.full((length - len(array), *array.shape[1:]), 0 if name == "valid" else np.nan)
+        out[name] = np.concatenate([array, fill.astype(array.dtype)])
+    return out
 
 
 # ---------------------------------------------------------------- arrays
@@ -245,6 +268,9 @@ class GenerationWriter:
         self._check_open()
         start, stop = self._layout.shard_range(int(shard_index))
         rows = self._checked_rows(stop - start, maps, valid, head_maps)
+        start, stop = self._layout.chunk_range(int(shard_index))
+        if stop - start > len(rows["valid"]):  # a short shard: its chunk is written whole
+            rows = _padded(rows, stop - start)
         sync(self._write(rows, slice(start, stop), int(shard_index)))
 
     async def _write(self, rows: dict[str, np.ndarray], ids: slice, shard_index: int) -> None:

@@ -140,6 +140,7 @@ class StoredShard(Protocol):
     """What the store reads of a shard: its id range."""
 
     first_id: int
+    count: int
 
     @property
     def stop_id(self) -> int: ...
@@ -165,18 +166,19 @@ class StoredDataset(Protocol):
 
 
 def dataset_layout(dataset: StoredDataset, grid: int) -> Layout:
-    """The store layout of ``dataset``; StoreError when its shards are not contiguous."""
-    layout = Layout(
-        dataset.num_samples,
-        positive_int(dataset.shard_size, "shard_size"),
-        positive_int(grid, "grid"),
-    )
-    found = [(s.first_id, s.stop_id) for s in dataset.shards]
-    expected = [layout.shard_range(i) for i in range(layout.num_shards)]
-    if not dataset.fingerprint or found != expected:
+    """The store layout of ``dataset``: shard ``i`` holds ids from ``i · shard_size``, at most
+    ``shard_size`` of them; StoreError when it does not (or has no fingerprint)."""
+    size = positive_int(dataset.shard_size, "shard_size")
+    shards = dataset.shards
+    counts = tuple(s.count for s in shards)
+    dense = all(c == size for c in counts[:-1])
+    layout = Layout(shards[-1].stop_id, size, positive_int(grid, "grid"), None if dense else counts)
+    found = [(s.first_id, s.stop_id) for s in shards]
+    expected = [layout.shard_range(i) for i in range(len(shards))]
+    if not dataset.fingerprint or layout.num_shards != len(shards) or found != expected:
         raise StoreError(
-            f"the dataset at {dataset.root} does not have contiguous shards of "
-            f"{layout.shard_size} ids and a fingerprint; open it with "
+            f"the dataset at {dataset.root} does not have shards at multiples of "
+            f"{size} ids and a fingerprint; open it with "
             "salient.pipeline.manifest.open_dataset (re-run ingest if that fails)"
         )
     return layout

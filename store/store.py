@@ -125,7 +125,13 @@ class SaliencyStore:
 
     def __init__(self, url: str, attrs: dict):
         self.url = url
-        self.layout = Layout(attrs["num_samples"], attrs["shard_size"], attrs["grid"])
+        counts = attrs.get("shard_counts")  # only when a shard but the last is short
+        self.layout = Layout(
+            attrs["num_samples"],
+            attrs["shard_size"],
+            attrs["grid"],
+            None if counts is None else tuple(counts),
+        )
         self.fingerprint: str = attrs["fingerprint"]
 
     def __repr__(self) -> str:
@@ -177,6 +183,7 @@ class SaliencyStore:
             "num_samples": layout.num_samples,
             "shard_size": layout.shard_size,
             "num_shards": layout.num_shards,
+            **({} if layout.counts is None else {"shard_counts": list(layout.counts)}),
             "current": None,
             "published": {},
             "replaced": {},

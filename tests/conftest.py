@@ -101,3 +101,25 @@ def demo_val(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo-val") / "data"
     ingest_demo(out, n=48, seed=0, shard_size=32, image_size=96, split="val")
     return out
+
+
+@pytest.fixture(scope="session")
+def huge_png(tmp_path_factory):
+    """A 13000 × 13000 RGB PNG of ~0.5 MB (one black row, compressed 13000 times): 507 MB once
+    decoded. Written chunk by chunk, so making it never holds the pixels."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        )
+
+    side = 13000
+    header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)  # 8-bit RGB, no interlace
+    packer, row = zlib.compressobj(9), bytes(1 + 3 * side)  # filter byte + a black row
+    pixels = b"".join(packer.compress(row) for _ in range(side)) + packer.flush()
+    data = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels)
+    path = tmp_path_factory.mktemp("huge") / "huge.png"
+    path.write_bytes(data + chunk(b"IEND", b""))
+    return path

@@ -12,7 +12,12 @@ import functools
 import http.server
 import io
 import json
+import os
+import shutil
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,11 +25,12 @@ import torch
 from PIL import Image
 
 from salient import urls
+from salient.errors import SalientError
 from salient.jobs.refresh.worker import decoded_batches
 from salient.pipeline import shards
 from salient.pipeline.ingest import IngestError, ingest_demo, ingest_folder
 from salient.pipeline.loader import IMAGENET_MEAN, IMAGENET_STD, LoaderConfig, SalientLoader
-from salient.pipeline.manifest import open_dataset
+from salient.pipeline.manifest import ShardInfo, fingerprint, open_dataset
 
 SIDE = 32
 
@@ -233,3 +239,121 @@ def test_a_dataset_over_http_reads_like_a_local_one(http_data, demo_data):
         data=http_data, image_size=32, patch_size=8, batch_size=32, num_workers=0, strategy="random"
     )
     assert len(list(SalientLoader(config).epoch(0))) == 3
+
+
+# ---------------------------------------------------------------- the pixel budget
+
+MEMORY_PROBE = """
+import json, resource, sys
+from salient.pipeline import shards
+from salient.pipeline.manifest import DatasetError, open_dataset
+
+def peak() -> int:  # bytes (ru_maxrss is KiB on Linux)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+image, dataset, readers = open(sys.argv[1], "rb").read(), sys.argv[2], sys.argv[3].split(",")
+calls = {  # every reader's decode: loader workers, the loader's device path, refresh / eval, inspect
+    "open_rgb": lambda data: shards.open_rgb(data),
+    "image_hw": lambda data: shards.image_hw(data),
+    "decode_images": lambda data: shards.decode_images([("png", data)])[0],
+    "decode_image": lambda data: shards.decode_image(data),
+}
+small = open(sys.argv[4], "rb").read()
+for name in readers:  # warm: lazy imports and PIL's plugins load before the measure
+    calls[name](small)
+before, decoded, error = peak(), {}, None
+try:
+    open_dataset(dataset)
+except DatasetError as exc:
+    error = str(exc)
+for name in readers:
+    decoded[name] = calls[name](image) is not None
+print(json.dumps({"grew": peak() - before, "decoded": decoded, "error": error}))
+"""
+
+
+def _probe(huge: Path, dataset: Path, small: Path, readers: str, **env) -> dict:
+    """Peak memory growth of a fresh process while it opens ``dataset`` and decodes ``huge``
+    through ``readers`` (measured with getrusage: the high-water mark of its resident memory)."""
+    run = subprocess.run(
+        [sys.executable, "-c", MEMORY_PROBE, str(huge), str(dataset), readers, str(small)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    return json.loads(run.stdout.splitlines()[-1])
+
+
+def test_a_huge_png_and_a_5e7_manifest_stay_within_the_documented_memory_bound(
+    huge_png, demo_data, tmp_path
+):
+    hostile = tmp_path / "hostile"
+    shutil.copytree(demo_data, hostile)
+    body = json.loads((hostile / "manifest.json").read_text())
+    body["shards"][2]["count"] = body["shard_size"] = 50_000_000  # in a ~250 KB shard
+    body["num_samples"] = 64 + 50_000_000
+    infos = [ShardInfo(**s) for s in body["shards"]]
+    body["fingerprint"] = fingerprint(infos, body["num_samples"])
+    (hostile / "manifest.json").write_text(json.dumps(body))
+    small = tmp_path / "small.png"
+    small.write_bytes(_image(0, "PNG", "RGB"))
+    bound = 8 * shards.MAX_PIXELS  # the documented bound of one decode (pipeline/shards.py)
+    assert bound < 13000 * 13000 * 3  # decoding the PNG whole would break it
+    readers = "open_rgb,image_hw,decode_images,decode_image"
+    got = _probe(huge_png, hostile, small, readers)
+    assert got["decoded"] == dict.fromkeys(readers.split(","), False)  # refused: corrupt
+    assert "claims 50000000 samples in" in got["error"]
+    assert got["grew"] < bound, got
+    # the same measure sees a decode that the budget lets through: the bound can fail
+    raised = _probe(huge_png, demo_data, small, "open_rgb", SALIENT_MAX_PIXELS="200000000")
+    assert raised["decoded"] == {"open_rgb": True} and raised["error"] is None
+    assert raised["grew"] > bound, raised
+
+
+def _gradient_jpeg(width: int, height: int) -> bytes:
+    x = np.linspace(0, 255, width)[None, :, None]
+    y = np.linspace(0, 255, height)[:, None, None]
+    pixels = np.concatenate([x + 0 * y, y + 0 * x, (x + y) / 2], axis=2).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=95)
+    return buffer.getvalue()
+
+
+def test_a_jpeg_over_the_budget_decodes_at_a_reduced_scale_in_every_reader(monkeypatch):
+    jpeg = _gradient_jpeg(1200, 1000)
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(jpeg)).save(buffer, format="PNG")
+    png = buffer.getvalue()
+    whole = shards.decode_image(jpeg)  # the default budget: decoded whole
+    assert whole.shape == (1000, 1200, 3)
+    monkeypatch.setenv("SALIENT_MAX_PIXELS", "500000")  # 1.2 M pixels: 1/2 scale fits
+    image = shards.open_rgb(jpeg)
+    assert image.size == (600, 500) and shards.image_hw(jpeg) == (500, 600)
+    pixels = shards.decode_image(jpeg)
+    halved = np.asarray(Image.fromarray(whole).reduce(2), dtype=np.float32)  # an independent 1/2
+    assert pixels.shape == (500, 600, 3) and np.abs(pixels - halved).mean() < 2.0
+    assert torch.equal(shards.decode_images([("jpg", jpeg)])[0], shards.as_tensor(pixels))
+    for reader in (shards.open_rgb, shards.image_hw, shards.decode_image):
+        assert reader(png) is None  # no draft for a PNG: refused
+    with pytest.raises(shards.ImageRejected, match="1200×1000 = 1,200,000 pixels is over"):
+        shards.open_image(png)
+    monkeypatch.setenv("SALIENT_MAX_PIXELS", "10000")  # even 1/8 (150 × 125) is over
+    assert shards.open_rgb(jpeg) is None and shards.decode_images([("jpg", jpeg)]) == [None]
+    monkeypatch.setenv("SALIENT_MAX_PIXELS", "lots")
+    with pytest.raises(SalientError, match="SALIENT_MAX_PIXELS='lots' must be a positive"):
+        shards.open_rgb(jpeg)
+
+
+def test_ingest_skips_an_image_over_the_budget_with_its_reason(huge_png, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(huge_png, src / "huge.png")
+    (src / "small.jpg").write_bytes(_image(1, "JPEG", "RGB"))
+    with pytest.warns(UserWarning, match="huge.png"):
+        manifest = ingest_folder(src, tmp_path / "out")
+    assert manifest.num_samples == 1
+    (skipped,) = manifest.skipped
+    assert skipped["path"] == "huge.png"
+    assert "13000×13000 = 169,000,000 pixels is over the pixel budget" in skipped["reason"]
