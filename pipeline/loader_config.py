@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from salient.errors import SalientError
 from salient.pipeline.crops import INTERPOLATIONS
 from salient.pipeline.masking import STRATEGIES, mask_counts
+from salient.pipeline.views import MultiCrop
 
 __all__ = ["LoaderConfig", "LoaderError"]
 
@@ -36,7 +37,11 @@ class LoaderConfig:
     ``"auto"`` (``"device"`` on CUDA, ``"worker"`` on CPU), ``"worker"`` or ``"device"``.
     ``shuffle_buffer`` is in samples per worker (0 or 1: no shuffle); ``chunk_size`` is how
     many samples a worker sends at a time; ``prefetch`` how many samples a background thread
-    of each worker reads ahead of its decoding (0: reads inline).
+    of each worker reads ahead of its decoding (0: reads inline). ``views`` (a
+    ``views.MultiCrop``) turns on multi-crop batches (iBOT's): global crops of ``image_size``
+    at ``crop_scale``, local crops, DINO's colour augmentations, the map cropped with each
+    global view and masks planned per global view (``plan_mask_flags``); it decodes in the
+    workers and takes no throw ratio, mask unit or GPA target.
     """
 
     data: str
@@ -64,12 +69,14 @@ class LoaderConfig:
     mask_unit: int | None = None
     interpolation: str = "bicubic"
     gpa_target: bool = False
+    views: MultiCrop | None = None
 
     def __post_init__(self):
         _check_sizes(self)
         _check_masking(self)
         _check_crop(self)
         _check_topology(self)
+        _check_views(self)
 
     @property
     def grid(self) -> int:
@@ -85,6 +92,8 @@ class LoaderConfig:
         """Where images are decoded: ``"worker"`` or ``"device"``."""
         if self.decode != "auto":
             return self.decode
+        if self.views is not None:  # DINO's augmentations are PIL ops in the workers
+            return "worker"
         return "device" if self.device.startswith("cuda") else "worker"
 
 
@@ -171,3 +180,34 @@ def _check_topology(c: LoaderConfig) -> None:
         raise LoaderError(f"device must be 'cpu' or 'cuda[:N]' (got {c.device!r})")
     if c.decode not in ("auto", "worker", "device"):
         raise LoaderError(f"decode must be 'auto', 'worker' or 'device' (got {c.decode!r})")
+
+
+def _check_views(c: LoaderConfig) -> None:
+    v = c.views
+    if v is None:
+        return
+    if not isinstance(v, MultiCrop):
+        raise LoaderError(f"views must be a views.MultiCrop (got {type(v).__name__})")
+    if not _is_int(v.global_crops) or v.global_crops < 1:
+        raise LoaderError(f"views.global_crops must be an int >= 1 (got {v.global_crops!r})")
+    if not _is_int(v.local_crops) or v.local_crops < 0:
+        raise LoaderError(f"views.local_crops must be an int >= 0 (got {v.local_crops!r})")
+    if not _is_int(v.local_size) or v.local_size < c.patch_size or v.local_size % c.patch_size:
+        raise LoaderError(
+            f"views.local_size must be a multiple of patch_size {c.patch_size} "
+            f"(got {v.local_size!r}); iBOT uses 96 with 16 px patches"
+        )
+    if len(v.local_scale) != 2 or not 0 < v.local_scale[0] <= v.local_scale[1] <= 1:
+        raise LoaderError(
+            f"views.local_scale must satisfy 0 < min <= max <= 1 (got {v.local_scale}); "
+            "iBOT uses (0.05, 0.25)"
+        )
+    if c.throw_ratio or c.mask_unit is not None or c.gpa_target:
+        raise LoaderError(
+            "multi-crop views mask tokens only (iBOT): set throw_ratio 0, no mask_unit and "
+            f"no gpa_target (got {c.throw_ratio}, {c.mask_unit}, {c.gpa_target})"
+        )
+    if c.decode == "device":
+        raise LoaderError(
+            "multi-crop views decode in the workers (PIL augmentations); set decode='worker'"
+        )
