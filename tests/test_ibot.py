@@ -434,3 +434,30 @@ def test_loader_fields_ask_for_multi_crop_views():
     assert not stored["views"].masks_online
     block = IBOT.loader_fields({"strategy": "block", "local_crops": 6, "local_scale": [0.05, 0.4]})
     assert block["views"] == MultiCrop(local_crops=6, local_scale=(0.05, 0.4))
+
+
+@pytest.mark.parametrize("strategy", ["attmask_hint", "block"])
+def test_an_epoch_from_the_multi_crop_loader(demo_data, strategy):
+    """The loader's views (online AttMask: no masks in the batch; block: the loader's) through
+    ``train_one_epoch`` with the family's loader fields and hooks."""
+    from salient.pipeline.loader import LoaderConfig, SalientLoader
+
+    fields = IBOT.loader_fields({"strategy": strategy, "local_crops": 2, "local_size": 16})
+    loader = SalientLoader(
+        LoaderConfig(
+            data=str(demo_data), image_size=32, patch_size=8, batch_size=16, strategy=strategy,
+            mask_ratio=0.3, throw_ratio=0.0, strategy_options={"mask_prob": 0.5, "ratio_var": 0.2},
+            num_workers=0, shuffle_buffer=16, chunk_size=8, crop_scale=(0.25, 1.0), **fields,
+        )
+    )  # fmt: skip
+    model = micro(seed=5, strategy=strategy)
+    optimizer = build_optimizer(model, 5e-4, 0.04, (0.9, 0.999))
+    records = []
+    totals = train_one_epoch(
+        model, optimizer, WarmupCosine(5e-4, 2 * len(loader), len(loader), 1e-6),
+        loader.epoch(0), epoch=0, step=0, device=CPU, clip_grad=3.0, family=IBOT,
+        hooks=IBOT.hooks(model, optimizer), steps_per_epoch=len(loader),
+        on_step=lambda record, merged: records.append(record),
+    )  # fmt: skip
+    assert totals["steps"] == len(loader) == 6 and totals["images"] == 96
+    assert all(math.isfinite(r["loss"]) and 0 < r["masked"] < 0.5 for r in records)
