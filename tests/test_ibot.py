@@ -22,12 +22,13 @@ from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_
 from salient.errors import SalientError
 from salient.trainer.checkpoint import export_encoder, load_checkpoint, save_checkpoint
 from salient.trainer.family import FAMILIES, Progress
-from salient.trainer.ibot import IBOTSettings, build_ibot, clip_per_parameter
+from salient.trainer.ibot import IBOTSettings, build_ibot
 from salient.trainer.ibot_loss import (
     cls_distillation,
     masked_patch_distillation,
     teacher_temperature,
 )
+from salient.trainer.ibot_step import clip_per_parameter
 from salient.trainer.loop import WarmupCosine, build_optimizer, train_one_epoch
 from salient.trainer.teacher_load import load_teacher
 

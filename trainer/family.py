@@ -35,8 +35,8 @@ import torch
 from torch import nn
 
 from salient.pipeline.masking import MaskPlan
-from salient.trainer.ibot import (
-    build_ibot,
+from salient.trainer.ibot import build_ibot
+from salient.trainer.ibot_step import (
     clip_per_parameter,
     ibot_forward,
     ibot_hooks,
