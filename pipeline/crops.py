@@ -121,19 +121,26 @@ def crop_box_from(
     return CropBox((height - h) // 2, (width - w) // 2, h, w, draws[-1] < flip_p)
 
 
-def crop_draws(key: int, ids: np.ndarray) -> np.ndarray:
-    """``[n, CROP_DRAWS]`` uniforms in [0, 1) for sample ids ``ids`` under ``key``, each a pure
-    function of ``(key, id, k)`` (SplitMix64's finaliser over a Weyl sequence): a whole chunk's
-    boxes in one NumPy call, the same for a sample whichever rank or worker draws it.
-    Hand-written because torch and NumPy generators cost ~10 µs each to seed, per sample."""
+def crop_draws(key: int, ids: np.ndarray, count: int = CROP_DRAWS) -> np.ndarray:
+    """``[n, count]`` uniforms in [0, 1) for sample ids ``ids`` under ``key``, each a pure
+    function of ``(key, id, k)``: a whole chunk's boxes in one NumPy call, the same for a
+    sample whichever rank or worker draws it. SplitMix64: each id's state is the finaliser of
+    ``id·φ + key``, and its k-th draw the finaliser of ``state + k·φ`` (hashing the id first
+    keeps neighbouring ids' draws unrelated; ``(id + k)·φ`` would make id + 1's draws id's,
+    shifted by one). Hand-written because torch and NumPy generators cost ~10 µs each to
+    seed, per sample."""
     golden = np.uint64(0x9E3779B97F4A7C15)
     with np.errstate(over="ignore"):
-        x = np.asarray(ids, dtype=np.uint64)[:, None] * golden + np.uint64(key & (2**64 - 1))
-        x = x + (np.arange(1, CROP_DRAWS + 1, dtype=np.uint64) * golden)[None, :]
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        x = x ^ (x >> np.uint64(31))
+        state = _splitmix(np.asarray(ids, dtype=np.uint64) * golden + np.uint64(key & (2**64 - 1)))
+        x = _splitmix(state[:, None] + np.arange(1, count + 1, dtype=np.uint64) * golden)
     return (x >> np.uint64(11)).astype(np.float64) * 2.0**-53  # 53 bits: [0, 1)
+
+
+def _splitmix(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's output function (uint64, wrapping)."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
 
 
 def _central_fallback(height: int, width: int, ratio: tuple[float, float]) -> tuple[int, int]:

@@ -50,7 +50,14 @@ from salient.pipeline.crops import CropBox, crop_image, normalize_weights
 from salient.pipeline.epochs import EpochStats, Segment, batches_per_rank, epoch_segments, mix_seed
 from salient.pipeline.loader_config import LoaderConfig, LoaderError
 from salient.pipeline.manifest import open_dataset
-from salient.pipeline.masking import NEEDS_SALIENCY, NORMALIZED_OVER, MaskPlan, plan_masks
+from salient.pipeline.masking import (
+    NEEDS_SALIENCY,
+    NORMALIZED_OVER,
+    SCHEDULE_OPTIONS,
+    MaskPlan,
+    plan_mask_flags,
+    plan_masks,
+)
 from salient.pipeline.stages import (
     PassPlan,
     SampleStream,
@@ -73,6 +80,7 @@ __all__ = [
     "epoch_segments",
     "gpa_targets",
     "plan_batch",
+    "plan_view_masks",
     "sampling_weights",
 ]
 
@@ -90,13 +98,16 @@ class _Rows:
     boxes: np.ndarray  # [n, 5] int64: top, left, height, width, flip
     images: torch.Tensor | None  # [n,3,S,S] uint8, cropped (worker decode, or once decoded)
     data: list | None  # [(field, bytes)] (device decode, before it)
+    locals: torch.Tensor | None = None  # [n,L,3,s,s] uint8: multi-crop's local views
+    # With views: weights [n,G,g²], boxes [n,G,5], images [n,G,3,S,S] (the global views).
 
     @classmethod
     def of(cls, chunk: dict) -> _Rows:
         columns = ("ids", "has_map", "weights", "boxes")
-        images = chunk.get("images")
+        images, locals_ = (chunk.get(k) for k in ("images", "locals"))
         images = None if images is None else torch.from_numpy(images)
-        return cls(*(chunk[k] for k in columns), images, chunk.get("data"))
+        locals_ = None if locals_ is None else torch.from_numpy(locals_)
+        return cls(*(chunk[k] for k in columns), images, chunk.get("data"), locals_)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -107,8 +118,15 @@ class _Rows:
         if data is not None:
             data = data[rows] if isinstance(rows, slice) else [d for d, k in zip(data, rows) if k]
         images = None if self.images is None else self.images[rows]
+        locals_ = None if self.locals is None else self.locals[rows]
         return _Rows(
-            self.ids[rows], self.has_map[rows], self.weights[rows], self.boxes[rows], images, data
+            self.ids[rows],
+            self.has_map[rows],
+            self.weights[rows],
+            self.boxes[rows],
+            images,
+            data,
+            locals_,
         )
 
 
@@ -136,18 +154,22 @@ def decode_and_crop(
 
 
 def normalize_images(pieces: list[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """uint8 ``[n_i,3,S,S]`` pieces → one float batch on ``device``, ImageNet mean/std (MAE's
-    input normalisation), written straight into the batch (no uint8 batch in between)."""
+    """uint8 ``[n_i,3,S,S]`` pieces → one float batch ``[B,3,S,S]`` on ``device``, ImageNet
+    mean/std (MAE's input normalisation), written straight into the batch (no uint8 batch in
+    between). Multi-crop pieces ``[n_i,V,3,S,S]`` give ``[V,B,3,S,S]`` (view-major)."""
+    lead = len(pieces[0].shape) - 4  # 1 with views
     size = pieces[0].shape[-1]
-    out = torch.empty((sum(len(p) for p in pieces), 3, size, size), device=device)
+    total = sum(len(p) for p in pieces)
+    out = torch.empty((*pieces[0].shape[1 : 1 + lead], total, 3, size, size), device=device)
     std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
     mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
     scale, shift = 1 / (255.0 * std), mean / std
     start = 0
     for piece in pieces:
-        part = out[start : start + len(piece)]
-        part.copy_(piece.to(device, non_blocking=True)).mul_(scale).sub_(shift)  # (x/255-m)/s
+        part = out[..., start : start + len(piece), :, :, :]
         start += len(piece)
+        part.copy_(piece.to(device, non_blocking=True).movedim(0, lead))
+        part.mul_(scale).sub_(shift)  # (x/255-m)/s
     return out
 
 
@@ -203,6 +225,43 @@ def plan_batch(
         random_rows=None if bool(has_map.all()) else ~has_map,
         **options,
     )
+
+
+def plan_view_masks(
+    strategy: str,
+    weights: torch.Tensor,
+    has_map: torch.Tensor,
+    mask_ratio: float,
+    generator: torch.Generator,
+    progress: float,
+    options: dict,
+) -> torch.Tensor:
+    """Multi-crop masks, bool ``[V, B, N]`` (True = masked), planned per global view with
+    ``plan_mask_flags`` over the ``V·B`` rows at once (one ratio for the batch, as AttMask
+    plans both global views of a batch together): ``strategy`` on the rows with a map,
+    ``random`` on the others; ``weights [V, B, N]`` as in :func:`plan_batch`."""
+    views, batch, n = weights.shape
+    has = has_map.repeat(views)  # [V·B]: row v·B + b is sample b
+    flat = weights.reshape(views * batch, n)
+    random_rows = None
+    if strategy in NEEDS_SALIENCY and not bool(has.any()):
+        strategy = "random"  # the batch's counts, the schedule kept
+        options = {k: v for k, v in options.items() if k in SCHEDULE_OPTIONS}
+    if strategy in NEEDS_SALIENCY:
+        flat = sampling_weights(strategy, flat)
+        random_rows = None if bool(has.all()) else ~has
+    else:
+        flat = torch.ones_like(flat)
+    flags = plan_mask_flags(
+        strategy,
+        flat,
+        mask_ratio,
+        generator=generator,
+        progress=progress,
+        random_rows=random_rows,
+        **options,
+    )
+    return flags.view(views, batch, n)
 
 
 def gpa_targets(weights: torch.Tensor, has_map: torch.Tensor) -> torch.Tensor:
@@ -263,7 +322,7 @@ class SalientLoader:
         store or no published generation yet. Strategies without maps read no store (unless
         the batches carry GPA's target). A ``gpa_target`` loader refuses a generation whose
         maps are not of kind ``gpa``."""
-        if self.config.strategy not in NEEDS_SALIENCY and not self.config.gpa_target:
+        if not self._reads_maps():
             return None
         store = self._open_store()
         generation = store.current() if store is not None else None
@@ -284,6 +343,13 @@ class SalientLoader:
         if generation is not None and self.config.gpa_target:
             self._check_target_kind(store, generation)
         return generation
+
+    def _reads_maps(self) -> bool:
+        """Whether batches need the store's maps: a strategy that reads them (unless the
+        trainer plans multi-crop masks itself), or GPA's target."""
+        c = self.config
+        online = c.views is not None and c.views.masks_online
+        return (c.strategy in NEEDS_SALIENCY and not online) or c.gpa_target
 
     def _check_target_kind(self, store, generation: str) -> None:
         kind = store.bind(generation).attrs.get("kind")
@@ -320,8 +386,9 @@ class SalientLoader:
         items = _Passes(self, epoch, generation, stats)
         for index in range(self.batches_per_rank):
             ready = self._take_ready(items, stats)
-            # now: runs of samples whose images are cropped, uint8 [n,3,S,S]
-            yield self._batch(ready, epoch, index, generation, progress, stats)
+            # now: runs of samples whose images are cropped, uint8 [n,3,S,S] (or views)
+            make = self._batch if c.views is None else self._views_batch
+            yield make(ready, epoch, index, generation, progress, stats)
         items.drain()  # the left-over samples: read so the counts are exact
 
     def _spec(self) -> StreamSpec:
@@ -343,6 +410,7 @@ class SalientLoader:
             shuffle_buffer=c.shuffle_buffer,
             chunk_size=c.chunk_size,
             prefetch=c.prefetch,
+            views=c.views,
         )
 
     def _stream(self, epoch: int, pass_index: int, generation: str | None) -> Iterator[dict]:
@@ -427,6 +495,54 @@ class SalientLoader:
             "generation": generation,
             "crop_boxes": torch.from_numpy(np.concatenate([rows.boxes for rows in ready])),
         }
+
+    def _views_batch(
+        self,
+        ready: list[_Rows],
+        epoch: int,
+        index: int,
+        generation: str | None,
+        progress: float,
+        stats: EpochStats,
+    ) -> dict:
+        """A multi-crop batch (docs/ARCHITECTURE.md, "Loader", "Multi-crop views")."""
+        c = self.config
+        images = normalize_images([rows.images for rows in ready], self.device)
+        local = normalize_images([rows.locals for rows in ready], self.device)
+        # now: global views [G,B,3,S,S] and local views [L,B,3,s,s], normalised
+        has_map = torch.from_numpy(np.concatenate([rows.has_map for rows in ready]))
+        seed = mix_seed(c.seed, epoch, c.rank, index)
+        batch = {
+            "global_images": images,
+            "local_images": local,
+            "mask_seed": seed,  # the trainer's own mask draws (online masks)
+            "ids": torch.from_numpy(np.concatenate([rows.ids for rows in ready])),
+            "has_saliency": has_map,
+            "generation": generation,
+            "crop_boxes": torch.from_numpy(np.concatenate([rows.boxes for rows in ready])),
+        }
+        stats.batches += 1
+        stats.samples += len(has_map)
+        if c.views.masks_online:
+            return batch
+        weights = np.concatenate([rows.weights for rows in ready])  # [B, G, N]
+        weights = torch.from_numpy(weights).to(self.device).transpose(0, 1)  # [G, B, N]
+        generator = torch.Generator(self.device).manual_seed(seed)
+        batch["masks"] = plan_view_masks(
+            c.strategy,
+            weights,
+            has_map.to(self.device),
+            c.mask_ratio,
+            generator,
+            progress,
+            c.strategy_options,
+        )
+        # now: masks [G,B,N], True = masked, per global view
+        if generation is not None:
+            batch["view_maps"] = weights  # the whole-image-normalised map under each view
+        if c.strategy in NEEDS_SALIENCY:
+            stats.fallback += int((~has_map).sum())
+        return batch
 
 
 class _Passes:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from salient.errors import SalientError
 from salient.pipeline.crops import INTERPOLATIONS
 from salient.pipeline.masking import STRATEGIES, mask_counts
+from salient.pipeline.views import MultiCrop
 from salient.settings import check_fields, field_name, ranged
 
 __all__ = ["DECODE_ON", "LoaderConfig", "LoaderError"]
@@ -39,7 +40,11 @@ class LoaderConfig:
     ``"auto"`` (``"device"`` on CUDA, ``"worker"`` on CPU), ``"worker"`` or ``"device"``.
     ``shuffle_buffer`` is in samples per worker (0 or 1: no shuffle); ``chunk_size`` is how
     many samples a worker sends at a time; ``prefetch`` how many samples a background thread
-    of each worker reads ahead of its decoding (0: reads inline).
+    of each worker reads ahead of its decoding (0: reads inline). ``views`` (a
+    ``views.MultiCrop``) turns on multi-crop batches (iBOT's): global crops of ``image_size``
+    at ``crop_scale``, local crops, DINO's colour augmentations, the map cropped with each
+    global view and masks planned per global view (``plan_mask_flags``); it decodes in the
+    workers and takes no throw ratio, mask unit or GPA target.
     """
 
     data: str
@@ -67,6 +72,7 @@ class LoaderConfig:
     mask_unit: int | None = field(default=None, metadata=ranged(ge=1))
     interpolation: str = field(default="bicubic", metadata={"choices": lambda: INTERPOLATIONS})
     gpa_target: bool = False
+    views: MultiCrop | None = None
 
     def __post_init__(self):
         if not isinstance(self.data, str | os.PathLike) or not str(self.data):
@@ -76,6 +82,7 @@ class LoaderConfig:
         _check_masking(self)
         _check_crop(self)
         _check_topology(self)
+        _check_views(self)
 
     @property
     def grid(self) -> int:
@@ -91,6 +98,8 @@ class LoaderConfig:
         """Where images are decoded: ``"worker"`` or ``"device"``."""
         if self.decode != "auto":
             return self.decode
+        if self.views is not None:  # DINO's augmentations are PIL ops in the workers
+            return "worker"
         return "device" if self.device.startswith("cuda") else "worker"
 
 
@@ -140,3 +149,31 @@ def _check_topology(c: LoaderConfig) -> None:
         raise LoaderError(f"rank must lie in 0..{c.world_size - 1} (got {c.rank!r})")
     if c.device != "cpu" and not c.device.startswith("cuda"):
         raise LoaderError(f"device must be 'cpu' or 'cuda[:N]' (got {c.device!r})")
+
+
+def _check_views(c: LoaderConfig) -> None:
+    v = c.views
+    if v is None:
+        return
+    if not isinstance(v, MultiCrop):
+        raise LoaderError(f"views must be a views.MultiCrop (got {type(v).__name__})")
+    check_fields(v, LoaderError, lambda f: f"views.{f.name}")
+    if v.local_size < c.patch_size or v.local_size % c.patch_size:
+        raise LoaderError(
+            f"views.local_size must be a multiple of patch_size {c.patch_size} "
+            f"(got {v.local_size!r}); iBOT uses 96 with 16 px patches"
+        )
+    if len(v.local_scale) != 2 or not 0 < v.local_scale[0] <= v.local_scale[1] <= 1:
+        raise LoaderError(
+            f"views.local_scale must satisfy 0 < min <= max <= 1 (got {v.local_scale}); "
+            "iBOT uses (0.05, 0.25)"
+        )
+    if c.throw_ratio or c.mask_unit is not None or c.gpa_target:
+        raise LoaderError(
+            "multi-crop views mask tokens only (iBOT): set throw_ratio 0, no mask_unit and "
+            f"no gpa_target (got {c.throw_ratio}, {c.mask_unit}, {c.gpa_target})"
+        )
+    if c.decode == "device":
+        raise LoaderError(
+            "multi-crop views decode in the workers (PIL augmentations); set decode='worker'"
+        )

@@ -60,6 +60,7 @@ __all__ = [
     "check_options",
     "default_ratios",
     "mask_counts",
+    "plan_mask_flags",
     "plan_masks",
     "strategy_names",
 ]
@@ -217,7 +218,8 @@ def attmask_hint(
     hint: float | None = None,
     hint_pool: float = 0.10,
 ) -> MaskPlan:
-    """AttMask-Hint: mask the top M + H, then reveal H drawn among the most attended.
+    """AttMask-Hint: mask the top M, then reveal H of them drawn among the most attended,
+    so ``M − H`` stay masked (AttMask's ``attmask.py``: ``get_mask`` then ``show_hints``).
 
     ``hint`` None: ``hint_pool × r`` (AttMask's ``show_max · pred_ratio``); ``plan_masks``
     passes the batch's exact ratio, a direct call uses ``r = M / N``.
@@ -233,9 +235,10 @@ def attmask_hint(
     revealed = torch.zeros((batch, pool), dtype=torch.int64, device=weights.device)
     revealed.scatter_(1, chosen, 1)  # [B, pool] over the first positions of `order`
     top = order[:, :pool].gather(1, column_order(revealed))  # kept, then revealed, by rank
-    # The revealed hints go last: always visible.
+    # The revealed hints go last: always visible. The first M − H are the masked.
     order = torch.cat([top[:, : pool - hints], order[:, pool:], top[:, pool - hints :]], dim=1)
-    return _split_throw_random(order, counts, generator, keep_last=hints)
+    shown = MaskCounts(counts.visible + hints, counts.mask - hints, counts.throw)
+    return _split_throw_random(order, shown, generator, keep_last=hints)
 
 
 def gpa_masking(
@@ -385,13 +388,55 @@ def plan_masks(
     if strategy == "attmask_hint":
         _check_hint_types(options)
     if strategy == "attmask_hint" and options.get("hint") is None:
-        # AttMask's show_ratio = show_max · pred_ratio, as many as stay visible at most
-        tied = options.get("hint_pool", 0.10) * mask_ratio
-        options["hint"] = min(tied, counts.visible / weights.shape[1])
+        options["hint"] = options.get("hint_pool", 0.10) * mask_ratio  # AttMask's show_ratio
     plan = fn(weights, counts, generator=generator, progress=float(progress), **options)
     if mask_prob < 1.0 or random_rows is not None:
-        plan = _mix_random(plan, counts, mask_prob, generator, weights, random_rows)
+        plan = _mix_random(plan, mask_prob, generator, weights, random_rows)
     return _expand_units(plan, side, unit)
+
+
+def plan_mask_flags(
+    strategy: str,
+    weights: Tensor,
+    mask_ratio: float,
+    *,
+    generator: torch.Generator,
+    mask_prob: float = 1.0,
+    ratio_var: float = 0.0,
+    progress: float = 0.0,
+    random_rows: Tensor | None = None,
+    **options,
+) -> Tensor:
+    """iBOT's masks: bool ``[B, N]``, True where a patch token is replaced by the mask token.
+
+    One ratio for the batch, drawn from ``U(r − ratio_var, r + ratio_var)`` (AttMask's
+    ``main_attmask.py``: one ``get_pred_ratio()`` per batch); ``strategy`` plans every row
+    through :func:`plan_masks` (nothing thrown; ``options`` as there, ``random_rows`` planned
+    uniformly at random); then each row keeps its plan with probability ``mask_prob`` and is
+    otherwise left unmasked (AttMask's ``masking_prob``; iBOT's ``--pred_ratio 0 0.3``
+    picks ratio 0 for half the images). Unlike MAE's schedule (``plan_masks``'s
+    ``mask_prob``), a row that is not picked has no masked patch: iBOT still trains it
+    through its [CLS] loss. Raises MaskError as :func:`plan_masks`.
+    """
+    mask_counts(_num_patches(weights), mask_ratio)  # the ratio's own checks first
+    _check_schedule(mask_prob, ratio_var, mask_ratio, 0.0)
+    _check_generator(generator, weights)
+    if ratio_var:
+        mask_ratio = _batch_ratio(mask_ratio, ratio_var, generator)
+    plan = plan_masks(
+        strategy,
+        weights,
+        mask_ratio,
+        generator=generator,
+        progress=progress,
+        random_rows=random_rows,
+        **options,
+    )
+    flags = torch.zeros(weights.shape, dtype=torch.bool, device=weights.device)
+    flags.scatter_(1, plan.mask_idx, True)  # [B, N]
+    if mask_prob < 1.0:
+        flags &= uniform((weights.shape[0], 1), generator, weights.device) < mask_prob
+    return flags
 
 
 def check_options(
@@ -501,14 +546,15 @@ def _batch_ratio(mask_ratio: float, ratio_var: float, generator: torch.Generator
 
 def _mix_random(
     plan: MaskPlan,
-    counts: MaskCounts,
     mask_prob: float,
     generator,
     weights: Tensor,
     random_rows: Tensor | None,
 ) -> MaskPlan:
     """Each row keeps ``plan`` with probability ``mask_prob`` (AttMask's ``masking_prob``)
-    unless it is one of ``random_rows``; the others get a uniform random plan, same counts."""
+    unless it is one of ``random_rows``; the others get a uniform random plan with the
+    plan's counts (``attmask_hint`` masks ``M − H``)."""
+    counts = MaskCounts(*(idx.shape[1] for idx in plan))  # both (visible, mask, throw)
     batch = weights.shape[0]
     keep = torch.ones((batch, 1), dtype=torch.bool, device=weights.device)
     if mask_prob < 1.0:
@@ -596,22 +642,20 @@ def _check_hint_types(options: dict) -> None:
 
 
 def _hint_counts(n: int, counts: MaskCounts, hint: float, hint_pool: float) -> tuple[int, int]:
-    """``(H, pool)`` for attmask_hint; raises MaskError when they cannot fit."""
+    """``(H, pool)`` for attmask_hint: ``H = int(N·hint)`` revealed among the ``int(N·hint_pool)``
+    most attended (AttMask's ``show_hints``), the pool clipped to the masked top M. Raises
+    MaskError when they cannot fit."""
     if not (_is_number(hint) and _is_number(hint_pool)) or not (
         0.0 <= hint < 1.0 and 0.0 < hint_pool <= 1.0
     ):
         raise MaskError(f"hint must be in [0, 1) and hint_pool in (0, 1] (got {hint}, {hint_pool})")
     hints = int(n * hint)
-    pool = min(max(int(n * hint_pool), 1), counts.mask + hints)  # revealed among masked top
+    pool = min(max(int(n * hint_pool), 1), counts.mask)  # revealed among the masked top M
     if hints > pool:
         raise MaskError(
             f"attmask_hint reveals {hints} patches but its pool holds {pool} "
-            f"(hint={hint}, hint_pool={hint_pool}, N={n}); lower hint or raise hint_pool"
-        )
-    if hints > counts.visible:
-        raise MaskError(
-            f"attmask_hint reveals {hints} patches but only {counts.visible} stay visible; "
-            "lower hint or the mask / throw ratios"
+            f"(hint={hint}, hint_pool={hint_pool}, N={n}, {counts.mask} masked); "
+            "lower hint or raise hint_pool or the mask ratio"
         )
     return hints, pool
 

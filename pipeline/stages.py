@@ -33,6 +33,7 @@ from salient import urls
 from salient.errors import SalientError
 from salient.pipeline import shards
 from salient.pipeline.crops import (
+    CROP_DRAWS,
     CropBox,
     crop_box_from,
     crop_draws,
@@ -42,6 +43,7 @@ from salient.pipeline.crops import (
 )
 from salient.pipeline.epochs import Segment, epoch_segments, mix_seed
 from salient.pipeline.manifest import ShardInfo, ShardSource
+from salient.pipeline.views import VIEW_DRAWS, MultiCrop, augment_view, view_augment
 from salient.store import SaliencyStore
 
 __all__ = [
@@ -55,9 +57,11 @@ __all__ = [
     "init_worker",
     "keep_as_is",
     "prepare_chunk",
+    "prepare_views_chunk",
     "read_segment",
     "reuse_freed_memory",
     "shuffled",
+    "view_draws",
     "whole_map_weights",
 ]
 
@@ -131,6 +135,7 @@ class StreamSpec:
     shuffle_buffer: int
     chunk_size: int
     prefetch: int
+    views: MultiCrop | None = None
 
 
 class PassPlan:
@@ -208,6 +213,16 @@ def crop_boxes_for(spec: StreamSpec, plan: tuple, ids: list[int]) -> np.ndarray:
     return crop_draws(mix_seed(spec.seed, epoch, pass_index), np.asarray(ids, dtype=np.int64))
 
 
+def view_draws(spec: StreamSpec, plan: tuple, ids: list[int]) -> np.ndarray:
+    """``[n, views, VIEW_DRAWS]`` uniforms of the multi-crop views of ``ids`` (each view's crop
+    box, then its augmentations), seeded like :func:`crop_boxes_for`."""
+    epoch, pass_index, _ = plan
+    views = spec.views.views
+    ids = np.asarray(ids, dtype=np.int64)
+    draws = crop_draws(mix_seed(spec.seed, epoch, pass_index), ids, views * VIEW_DRAWS)
+    return draws.reshape(len(ids), views, VIEW_DRAWS)
+
+
 def _box(spec: StreamSpec, draws: np.ndarray, height: int, width: int) -> CropBox:
     return crop_box_from(
         draws.tolist(), height, width, spec.crop_scale, spec.crop_ratio, spec.flip_p
@@ -242,6 +257,8 @@ def _image_buffer(n: int, size: int) -> np.ndarray:
 def prepare_chunk(samples: list[dict], spec: StreamSpec, plan: tuple, tally: _Tally) -> dict:
     """Decode and crop (worker mode) or only locate (device mode) the chunk's images, one crop
     box each; a missing or broken image is counted and left out."""
+    if spec.views is not None:
+        return prepare_views_chunk(samples, spec, plan, tally)
     worker = spec.decode_on == "worker"
     images = _image_buffer(len(samples), spec.image_size) if worker else None
     draws = crop_boxes_for(spec, plan, [s["id"] for s in samples])
@@ -287,6 +304,53 @@ def _collate(kept, boxes, hws, images, datas, spec: StreamSpec, tally: _Tally) -
     return chunk
 
 
+def prepare_views_chunk(samples: list[dict], spec: StreamSpec, plan: tuple, tally: _Tally) -> dict:
+    """Multi-crop chunks (``views.MultiCrop``): each image decoded once, cropped and
+    augmented into its global and local views; the map cropped with each global view's box.
+    Columns: ``images`` uint8 ``[n, G, 3, S, S]``, ``locals`` uint8 ``[n, L, 3, s, s]``,
+    ``weights [n, G, g²]``, ``boxes [n, G, 5]`` (the global views')."""
+    views, size = spec.views, spec.image_size
+    g = views.global_crops
+    images = np.empty((len(samples), g, 3, size, size), dtype=np.uint8)
+    local = views.local_size
+    locals_ = np.empty((len(samples), views.local_crops, 3, local, local), dtype=np.uint8)
+    draws = view_draws(spec, plan, [s["id"] for s in samples])  # [n, G + L, VIEW_DRAWS]
+    kept, boxes, hws = [], [], []
+    for sample, sample_draws in zip(samples, draws):
+        field = shards.image_field(sample)
+        image = shards.open_rgb(sample[field] if field else b"")
+        if image is None:
+            tally.add("corrupt", sample["id"])
+            continue
+        hw = (image.height, image.width)
+        global_boxes = []
+        for v, d in enumerate(sample_draws):
+            scale, out = (spec.crop_scale, size) if v < g else (views.local_scale, local)
+            box = crop_box_from(d[:CROP_DRAWS].tolist(), *hw, scale, spec.crop_ratio, spec.flip_p)
+            crop = crop_pil(image, box, out, spec.interpolation)
+            if views.augment:  # pixels only: the box (and the map's crop) is already drawn
+                crop = augment_view(crop, d[CROP_DRAWS:].tolist(), view_augment(v, g))
+            target = images[len(kept), v] if v < g else locals_[len(kept), v - g]
+            target[:] = np.asarray(crop).transpose(2, 0, 1)
+            if v < g:
+                global_boxes.append(box)
+        kept.append(sample)
+        boxes.append(global_boxes)
+        hws.append(hw)
+    rows = [s["map"] for s in kept]
+    weights = [crop_map_rows(rows, [b[v] for b in boxes], hws, spec.grid) for v in range(g)]
+    return {
+        "ids": np.array([s["id"] for s in kept], dtype=np.int64),
+        "has_map": np.array([row is not None for row in rows], dtype=bool),
+        "weights": np.stack(weights, axis=1),  # [n, G, g²] raw
+        "boxes": np.array(boxes, dtype=np.int64).reshape(len(kept), g, 5),
+        "hw": np.array(hws, dtype=np.int64).reshape(len(kept), 2),
+        "images": images[: len(kept)],
+        "locals": locals_[: len(kept)],
+        **tally.flush(),
+    }
+
+
 def keep_as_is(chunk: dict) -> dict:
     """The DataLoader's collate_fn: chunks are collated already (its default would turn the
     NumPy columns into tensors, each sent through its own shared-memory file)."""
@@ -323,7 +387,8 @@ class SampleStream(torch.utils.data.IterableDataset):
             return
         yield prepare_chunk([], spec, plan, tally)  # the final counts
         # now: chunks {"ids" [n], "has_map" [n], "weights" [n,g²], "boxes" [n,5], "hw" [n,2],
-        #   "images" uint8 [n,3,S,S] | "data" [(field, bytes)], counts} | {"error": SalientError}
+        #   "images" uint8 [n,3,S,S] | "data" [(field, bytes)], counts}; with views:
+        #   "weights" [n,G,g²], "boxes" [n,G,5], "images" [n,G,3,S,S], "locals" [n,L,3,s,s]
 
 
 def _groups(samples: Iterable[dict], size: int) -> Iterator[list[dict]]:

@@ -282,3 +282,24 @@ def test_bad_crop_inputs_raise(call, match):
     with pytest.raises(CropError, match=match):
         call()
     assert issubclass(CropError, SalientError)
+
+
+def test_crop_draws_of_neighbouring_ids_are_unrelated():
+    """Each sample's draws are a pure function of (key, id, k), and id + 1's are not id's
+    shifted by one column (a Weyl sequence in id + k would make them so)."""
+    from salient.pipeline.crops import CROP_DRAWS, crop_draws
+
+    ids = np.arange(4000)
+    draws = crop_draws(7, ids, 50)
+    assert draws.shape == (4000, 50) and draws.min() >= 0 and draws.max() < 1
+    assert np.array_equal(crop_draws(7, ids), draws[:, :CROP_DRAWS])  # count only appends
+    assert np.array_equal(crop_draws(7, ids[::-1]), draws[::-1, :CROP_DRAWS])  # per id
+    assert not (draws[1:, :-1] == draws[:-1, 1:]).any()  # the old law: all equal
+    bound = 4.5 / np.sqrt(draws[1:].size)  # correlations of independent uniforms
+    for a, b in (
+        (draws[1:, :-1], draws[:-1, 1:]),
+        (draws[1:], draws[:-1]),
+        (draws[:, 1:], draws[:, :-1]),
+    ):
+        assert abs(np.corrcoef(a.ravel(), b.ravel())[0, 1]) < bound
+    assert not (crop_draws(8, ids, 50) == draws).any()  # another key, other draws

@@ -24,6 +24,7 @@ from salient.pipeline.masking import (
     check_options,
     default_ratios,
     mask_counts,
+    plan_mask_flags,
     plan_masks,
 )
 
@@ -120,12 +121,13 @@ def test_every_strategy_partitions_the_patches(strategy):
     for batch, n in SHAPES:
         for r, t in RATIOS:
             counts = mask_counts(n, r, t)
+            hints = int(n * 0.1 * r) if strategy == "attmask_hint" else 0  # revealed (AttMask)
             for seed in range(3):
                 w = weights_for(batch, n, seed)
                 plan = plan_masks(strategy, w, r, t, generator=gen(seed), progress=seed / 2)
                 assert [x.shape for x in plan] == [
-                    (batch, counts.visible),
-                    (batch, counts.mask),
+                    (batch, counts.visible + hints),
+                    (batch, counts.mask - hints),
                     (batch, counts.throw),
                 ]
                 assert all(x.dtype == torch.int64 for x in plan)
@@ -243,19 +245,33 @@ def test_attmask_high_and_low_mask_exactly_the_extreme_weights(r, t):
 
 
 def test_attmask_hint_reveals_hints_among_the_most_attended():
-    batch, n, r = 4000, 100, 0.4  # M=40, H=int(100*0.05)=5, pool=int(100*0.1)=10
+    batch, n, r = 4000, 100, 0.4  # M=40, H=int(100*0.05)=5 revealed, pool=int(100*0.1)=10
     w = distinct_weights(batch, n, 1)
     plan = plan_masks("attmask_hint", w, r, 0.3, generator=gen(5), hint=0.05, hint_pool=0.1)
     rank = w.argsort(1, descending=True).argsort(1)  # [B, N] 0 = most attended
     mask_rank = rank.gather(1, plan.mask_idx)
-    assert (mask_rank < 45).all()  # masked ⊂ top M + H
-    shown = (rank < 45) & (membership(plan, n) == 2)  # top M + H left visible = the hints
+    assert plan.mask_idx.shape[1] == 35  # AttMask's attmask.py: top M masked, then H revealed
+    assert (mask_rank < 40).all()  # masked ⊂ top M
+    shown = (rank < 40) & (membership(plan, n) == 2)  # top M left visible = the hints
     assert (shown.sum(1) == 5).all()
     assert (rank[shown] < 10).all()  # hints come from the pool of the top 10 %
-    assert (rank.gather(1, plan.throw_idx) >= 45).all()  # hints are never thrown
+    assert (rank.gather(1, plan.throw_idx) >= 40).all()  # hints are never thrown
     per_rank = torch.zeros(10)
     per_rank.index_add_(0, rank[shown], torch.ones(int(shown.sum())))
     assert np.abs(z_one(per_rank.numpy() / batch, np.full(10, 0.5), batch)).max() < Z_MAX
+
+
+def test_attmask_hint_keeps_53_of_196_masked_at_ratio_03_as_attmask_counts():
+    """AttMask's attmask.py at N = 196, r = 0.3, show_max 0.1: int(0.3·196) = 58 masked,
+    then int(0.1·0.3·196) = 5 of them revealed from the top int(0.1·196) = 19: 53 masked."""
+    w = distinct_weights(64, 196, 2)
+    plan = plan_masks("attmask_hint", w, 0.3, generator=gen(0))
+    rank = w.argsort(1, descending=True).argsort(1)
+    masked = torch.zeros(64, 196, dtype=torch.bool).scatter_(1, plan.mask_idx, True)
+    revealed = (rank < 58) & ~masked
+    assert plan.mask_idx.shape == (64, 53) and (revealed.sum(1) == 5).all()
+    assert (rank[revealed] < 19).all()
+    assert (masked | revealed).sum(1).eq(58).all() and (rank[masked] < 58).all()
 
 
 # ---------------------------------------------------------------- gpa
@@ -407,7 +423,7 @@ def test_bad_weights_raise(bad):
         (lambda: plan_masks("gpa", torch.ones(2, 4), 0.5, generator=gen(0), progress=1.5), "progress"),
         (lambda: plan_masks("gpa", torch.ones(2, 4), 0.5, generator=gen(0), hard=(0.6, 0.6)), "exceed 1"),
         (lambda: plan_masks("attmask_hint", torch.ones(2, 100), 0.5, generator=gen(0), hint=0.2), "pool"),
-        (lambda: plan_masks("attmask_hint", torch.ones(2, 100), 0.5, 0.45, generator=gen(0), hint=0.08), "visible"),
+        (lambda: plan_masks("attmask_hint", torch.ones(2, 100), 0.05, generator=gen(0), hint=0.08), "pool holds 5"),
         (lambda: plan_masks("block", torch.ones(2, 16), 0.5, generator=gen(0), candidates=40), "candidates"),
     ],
 )  # fmt: skip
@@ -504,9 +520,9 @@ def test_attmask_hint_count_follows_the_batch_ratio():
         plan = plan_masks("attmask_hint", w, r, generator=gen(1))
         rank = w.argsort(1, descending=True).argsort(1)
         masked, hints = int(n * r), int(n * 0.1 * r)  # AttMask: show_max · pred_ratio
-        top = rank < masked + hints  # the top M + H by attention
+        top = rank < masked  # the top M by attention
         revealed = (top & (membership(plan, n) != 0)).sum(1)  # of them, not masked
-        assert plan.mask_idx.shape[1] == masked and (revealed == hints).all()
+        assert plan.mask_idx.shape[1] == masked - hints and (revealed == hints).all()
 
 
 def test_random_rows_are_planned_uniformly():
@@ -530,7 +546,9 @@ def test_mask_units_cover_whole_units(strategy):
     w = weights_for(5, n, 2)
     plan = plan_masks(strategy, w, 0.44, 0.26, generator=gen(0), unit=unit, progress=0.5)
     counts = mask_counts(units, 0.44, 0.26)  # ratios count units: 21 / 13 / 15 of 49
-    assert [x.shape[1] for x in plan] == [4 * counts.visible, 4 * counts.mask, 4 * counts.throw]
+    hints = int(units * 0.1 * 0.44) if strategy == "attmask_hint" else 0  # revealed units
+    shapes = [counts.visible + hints, counts.mask - hints, counts.throw]
+    assert [x.shape[1] for x in plan] == [4 * k for k in shapes]
     every = torch.cat(list(plan), dim=1).sort(1).values
     assert torch.equal(every, torch.arange(n).expand(5, n))
     rows, cols = plan.mask_idx // side, plan.mask_idx % side
@@ -559,3 +577,35 @@ def test_cuda_plans_are_partitions_on_the_device(strategy):
     assert torch.equal(every, torch.arange(196, device="cuda").expand(32, 196))
     with pytest.raises(MaskError, match="generator is on cpu"):
         plan_masks(strategy, w, 0.45, generator=gen(0))
+
+
+# ---------------------------------------------------------------- iBOT's masks (flags)
+
+
+def test_mask_flags_mask_the_plan_of_picked_rows_and_leave_the_others_unmasked():
+    batch, n = 400, 196
+    w = distinct_weights(batch, n, 3)
+    flags = plan_mask_flags("attmask_high", w, 0.3, generator=gen(4), mask_prob=0.5)
+    counts = flags.sum(1)
+    picked = counts > 0
+    assert set(counts.tolist()) == {0, 58}  # iBOT: an image not picked has no masked patch
+    assert abs(picked.double().mean().item() - 0.5) < Z_MAX * 0.5 / math.sqrt(batch)
+    top = torch.zeros(batch, n, dtype=torch.bool).scatter_(1, w.topk(58, 1).indices, True)
+    assert torch.equal(flags[picked], top[picked])
+
+
+@pytest.mark.parametrize("strategy", ["random", "block", "attmask_high", "attmask_hint"])
+def test_mask_flags_draw_one_ratio_per_batch(strategy):
+    n, seen = 196, set()
+    for seed in range(40):
+        w = distinct_weights(6, n, seed)
+        flags = plan_mask_flags(strategy, w, 0.3, generator=gen(seed), ratio_var=0.2)
+        counts = set(flags.sum(1).tolist())
+        assert len(counts) == 1  # every row of the batch: one ratio (mask_prob 1)
+        (count,) = counts
+        hints = int(n * 0.1 * count / n) if strategy == "attmask_hint" else 0
+        assert int(n * 0.1) - 5 <= count <= int(n * 0.5)  # U(0.1, 0.5), hints aside
+        seen.add(count + hints)
+    assert len(seen) > 10
+    with pytest.raises(MaskError, match="ratio_var must lie"):
+        plan_mask_flags(strategy, torch.ones(2, n), 0.3, generator=gen(0), ratio_var=0.4)

@@ -15,6 +15,12 @@ eval and the console are shared: a new method is one :class:`Family` in :data:`F
   (a discriminator's) and the state these keep in the checkpoint.
 - ``loader_fields(settings)``: the ``LoaderConfig`` fields the family's batches need beyond
   the masked-image batch (multi-crop views, per-head maps), or ``{}``.
+- ``clip(model, max_norm) -> norm``: how the loop clips gradients at ``--clip-grad``
+  (None: the global norm, torch's ``clip_grad_norm_``; iBOT clips each parameter on its own);
+  returns the norm before clipping for the step's record.
+
+``Progress`` and ``StepHooks`` are defined in ``salient.trainer.steps`` (so a family module
+can subclass them without importing this registry).
 
 Importing this module touches no disk, GPU or Ray.
 """
@@ -29,72 +35,23 @@ import torch
 from torch import nn
 
 from salient.pipeline.masking import MaskPlan
+from salient.trainer.ibot import build_ibot
+from salient.trainer.ibot_step import (
+    clip_per_parameter,
+    ibot_forward,
+    ibot_hooks,
+    ibot_loader_fields,
+)
 from salient.trainer.models import build_model
+from salient.trainer.steps import StepHooks
 
 __all__ = [
     "FAMILIES",
     "Family",
-    "Progress",
-    "StepHooks",
     "loss_targets",
     "masked_image_forward",
     "move_batch",
-    "move_tensors",
 ]
-
-
-@dataclass(frozen=True)
-class Progress:
-    """Where an optimiser step stands in the run: ``step`` is the global step about to run."""
-
-    step: int
-    total_steps: int
-    steps_per_epoch: int
-    epoch: int
-
-    @property
-    def fraction(self) -> float:
-        """The share of the run's steps done before this one, in [0, 1]."""
-        return min(self.step / max(self.total_steps, 1), 1.0)
-
-
-class StepHooks:
-    """Per-step work a family adds around the optimiser step. The base does nothing, so the
-    masked-image families (MAE, SimMIM) train exactly as the plain loop."""
-
-    def before_step(self, optimizer: torch.optim.Optimizer, progress: Progress) -> None:
-        """At a step's first batch, after the lr is set (schedules of weight decay, …)."""
-
-    def side_step(self, batch: dict, sync: bool, progress: Progress) -> dict[str, float]:
-        """Before the model's forward on each batch: a side network's own update (a
-        discriminator's), all-reduced only when ``sync``. Returns its scalars."""
-        return {}
-
-    def before_optimizer_step(self, progress: Progress) -> None:
-        """After backward and clipping, before the optimiser steps (freezing a layer's grads)."""
-
-    def after_step(self, progress: Progress) -> None:
-        """After the optimiser step (an EMA teacher's update)."""
-
-    def state_dict(self) -> dict[str, Any]:
-        """What a checkpoint keeps of the hooks (a side optimiser's state); plain values."""
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`'s values on resume."""
-
-
-def move_tensors(batch: dict, device: torch.device) -> dict:
-    """The batch with every tensor (also inside lists) on ``device``; other values as they are."""
-
-    def put(value: Any) -> Any:
-        if isinstance(value, torch.Tensor):
-            return value.to(device, non_blocking=True)
-        if isinstance(value, list | tuple):
-            return type(value)(put(v) for v in value)
-        return value
-
-    return {key: put(value) for key, value in batch.items()}
 
 
 def move_batch(batch: dict, device: torch.device) -> tuple[torch.Tensor, MaskPlan]:
@@ -144,9 +101,18 @@ class Family:
     )
     hooks: Callable[[nn.Module, torch.optim.Optimizer], StepHooks] = field(default=_no_hooks)
     loader_fields: Callable[[Any], dict] = field(default=_no_fields)
+    clip: Callable[[nn.Module, float | None], float] | None = None  # None: the global norm
 
 
 FAMILIES: dict[str, Family] = {
     "mae": Family("mae", build_model),
     "simmim": Family("simmim", build_model),
+    "ibot": Family(
+        "ibot",
+        build_ibot,
+        forward=ibot_forward,
+        hooks=ibot_hooks,
+        loader_fields=ibot_loader_fields,
+        clip=clip_per_parameter,
+    ),
 }

@@ -33,7 +33,8 @@ from timm.optim import param_groups_weight_decay
 from torch import nn
 
 from salient.errors import SalientError
-from salient.trainer.family import FAMILIES, Family, Progress, StepHooks
+from salient.trainer.family import FAMILIES, Family
+from salient.trainer.steps import Progress, StepHooks, half_cosine
 
 __all__ = [
     "TrainError",
@@ -67,10 +68,7 @@ class WarmupCosine:
         if step < self.warmup_steps:
             return self.base_lr * (step + 1) / self.warmup_steps
         span = max(self.total_steps - self.warmup_steps, 1)
-        progress = min((step - self.warmup_steps) / span, 1.0)
-        return self.min_lr + (self.base_lr - self.min_lr) * 0.5 * (
-            1.0 + math.cos(math.pi * progress)
-        )
+        return half_cosine(self.base_lr, self.min_lr, min((step - self.warmup_steps) / span, 1.0))
 
     def apply(self, optimizer: torch.optim.Optimizer, step: int) -> float:
         """Set every parameter group's rate for ``step``; returns it."""
@@ -187,7 +185,7 @@ def train_one_epoch(
         group.append((batch, _finite(loss.item(), step + 1, epoch), scalars))
         if not last:
             continue
-        grad_norm = _clip(model, clip_grad)  # clip
+        grad_norm = (family.clip or _clip)(model, clip_grad)  # clip
         hooks.before_optimizer_step(progress)
         optimizer.step()  # step
         optimizer.zero_grad(set_to_none=True)

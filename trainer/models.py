@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from salient.pipeline.masking import MaskPlan
 
 __all__ = [
+    "ENCODER_SIZES",
     "MAE",
     "MODELS",
     "ModelError",
@@ -314,6 +315,9 @@ _SIZES = {
     "tiny": (192, 12, 3, 256, 4, 8),
     "small": (384, 12, 6, 256, 4, 8),
     "base": (768, 12, 12, 512, 8, 16),
+}
+ENCODER_SIZES: dict[str, tuple[int, int, int]] = {  # size -> (embed_dim, depth, num_heads)
+    size: dims[:3] for size, dims in _SIZES.items()
 }
 MODELS: dict[str, ModelSpec] = {
     **{f"mae-{size}": ModelSpec("mae", *dims) for size, dims in _SIZES.items()},

@@ -39,6 +39,7 @@ __all__ = [
     "REDUCES",
     "SaliencySpec",
     "TeacherError",
+    "cls_attention",
     "preprocess",
     "saliency",
 ]
@@ -144,6 +145,21 @@ def saliency(
             per_head = _READERS[spec.kind](blk.attn, x.float(), model.num_prefix_tokens)  # [B,H,N]
             maps = _reduce(per_head, spec)  # [B, N] or [B, H, N]
     return maps.unflatten(-1, grid).contiguous()
+
+
+def cls_attention(block: nn.Module, x: Tensor, num_prefix: int = 1) -> Tensor:
+    """The CLS row of ``block``'s attention over the patch keys, per head: ``[B, H, N]`` fp32.
+
+    ``x [B, T, C]`` is the block's input (the tokens before its norm), so a model that runs
+    its blocks anyway reads the map from the same forward: only the CLS query and the keys
+    of this block are projected again (AMT eq. 3, as :func:`saliency` computes ``cls_attn``).
+    ``block`` is a timm ``Block`` or ``ResPostBlock`` with the standard ``Attention``.
+    """
+    if type(block) not in _ATTN_INPUT or not isinstance(block.attn, Attention):
+        raise TeacherError(f"cls_attention reads timm Block / ResPostBlock, not {type(block)}")
+    x = _ATTN_INPUT[type(block)](block, x)
+    with torch.autocast(x.device.type, enabled=False):  # the read block in fp32
+        return _cls_attn_heads(block.attn, x.float(), num_prefix)
 
 
 def _check_model(model: nn.Module) -> None:
