@@ -34,7 +34,7 @@ from torch import nn
 
 from salient.errors import SalientError
 from salient.trainer.family import FAMILIES, Family
-from salient.trainer.steps import Progress, StepHooks, half_cosine
+from salient.trainer.steps import Progress, StepHooks, half_cosine, sync_if
 
 __all__ = [
     "TrainError",
@@ -177,7 +177,7 @@ def train_one_epoch(
             hooks.before_step(optimizer, progress)
         last = len(group) + 1 == accum_iter
         side = hooks.side_step(batch, last, progress)
-        with _sync_if(model, last):  # DDP all-reduces in the last batch's backward only
+        with sync_if(model, last):  # DDP all-reduces in the last batch's backward only
             with autocast_for(device, bf16):
                 loss, metrics = family.forward(model, batch, device)  # forward
             (loss / accum_iter if accum_iter > 1 else loss).backward()  # backward
@@ -198,13 +198,6 @@ def train_one_epoch(
         if on_step is not None:
             on_step(record, merged)
     return {**totals, "step": step, "seconds": time.perf_counter() - start}
-
-
-def _sync_if(model: nn.Module, sync: bool) -> AbstractContextManager:
-    """DDP's ``no_sync`` for a batch that does not end a step (no all-reduce)."""
-    if sync or not hasattr(model, "no_sync"):
-        return nullcontext()
-    return model.no_sync()
 
 
 def _finite(loss: float, step: int, epoch: int) -> float:

@@ -12,12 +12,14 @@ Importing this module touches no disk, GPU or Ray.
 from __future__ import annotations
 
 import math
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
-__all__ = ["Progress", "StepHooks", "half_cosine"]
+__all__ = ["Progress", "StepHooks", "half_cosine", "sync_if"]
 
 
 @dataclass(frozen=True)
@@ -65,3 +67,12 @@ class StepHooks:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`'s values on resume."""
+
+
+def sync_if(model: nn.Module, sync: bool) -> AbstractContextManager:
+    """DDP's ``no_sync`` for a batch that does not end a step (no all-reduce); a plain module
+    (or ``sync``) runs as it is. The loop wraps the model's backward in it, and a family's
+    side network (a discriminator) its own."""
+    if sync or not hasattr(model, "no_sync"):
+        return nullcontext()
+    return model.no_sync()
