@@ -72,6 +72,7 @@ __all__ = [
     "batches_per_rank",
     "epoch_segments",
     "gpa_targets",
+    "head_map_batch",
     "plan_batch",
     "sampling_weights",
 ]
@@ -90,13 +91,14 @@ class _Rows:
     boxes: np.ndarray  # [n, 5] int64: top, left, height, width, flip
     images: torch.Tensor | None  # [n,3,S,S] uint8, cropped (worker decode, or once decoded)
     data: list | None  # [(field, bytes)] (device decode, before it)
+    heads: np.ndarray | None = None  # [n, H, g²] float32: per-head maps under the crop
 
     @classmethod
     def of(cls, chunk: dict) -> _Rows:
         columns = ("ids", "has_map", "weights", "boxes")
         images = chunk.get("images")
         images = None if images is None else torch.from_numpy(images)
-        return cls(*(chunk[k] for k in columns), images, chunk.get("data"))
+        return cls(*(chunk[k] for k in columns), images, chunk.get("data"), chunk.get("heads"))
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -107,8 +109,15 @@ class _Rows:
         if data is not None:
             data = data[rows] if isinstance(rows, slice) else [d for d, k in zip(data, rows) if k]
         images = None if self.images is None else self.images[rows]
+        heads = None if self.heads is None else self.heads[rows]
         return _Rows(
-            self.ids[rows], self.has_map[rows], self.weights[rows], self.boxes[rows], images, data
+            self.ids[rows],
+            self.has_map[rows],
+            self.weights[rows],
+            self.boxes[rows],
+            images,
+            data,
+            heads,
         )
 
 
@@ -131,7 +140,7 @@ def decode_and_crop(
     ]
     good = rows.part(keep)
     images = torch.stack(crops) if crops else torch.empty((0, 3, size, size), dtype=torch.uint8)
-    cropped = _Rows(good.ids, good.has_map, good.weights, good.boxes, images, None)
+    cropped = _Rows(good.ids, good.has_map, good.weights, good.boxes, images, None, good.heads)
     return cropped, rows.ids[~keep].tolist()
 
 
@@ -205,6 +214,14 @@ def plan_batch(
     )
 
 
+def head_map_batch(ready: list[_Rows], heads: int, grid: int, device: torch.device) -> torch.Tensor:
+    """The batch's per-head maps ``[B, H, g, g]`` on ``device``: each head cropped with its
+    image and summing over the crop to its whole-image sum (raw attention, AutoMAE's
+    generator input); zeros for samples without a map (``has_saliency`` False)."""
+    flat = torch.from_numpy(np.concatenate([rows.heads for rows in ready]))  # [B, H, g²]
+    return flat.view(-1, heads, grid, grid).to(device, non_blocking=True)
+
+
 def gpa_targets(weights: torch.Tensor, has_map: torch.Tensor) -> torch.Tensor:
     """GPA's reconstruction target ``[B, N]``: each cropped map standardised over the crop's
     patches (GPA's code, ``forward_atten_loss``: ``(t − mean) / sqrt(var + 1e-6)``, invariant
@@ -260,9 +277,11 @@ class SalientLoader:
     def bind_generation(self) -> str | None:
         """The store's current generation, or None (one warning per loader) when there is no
         store or no published generation yet. Strategies without maps read no store (unless
-        the batches carry GPA's target). A ``gpa_target`` loader refuses a generation whose
-        maps are not of kind ``gpa``."""
-        if self.config.strategy not in NEEDS_SALIENCY and not self.config.gpa_target:
+        the batches carry GPA's target or per-head maps). A ``gpa_target`` loader refuses a
+        generation whose maps are not of kind ``gpa``; a ``head_maps`` loader one without
+        per-head maps of that many heads."""
+        c = self.config
+        if c.strategy not in NEEDS_SALIENCY and not c.gpa_target and c.head_maps is None:
             return None
         store = self._open_store()
         generation = store.current() if store is not None else None
@@ -282,7 +301,19 @@ class SalientLoader:
             )
         if generation is not None and self.config.gpa_target:
             self._check_target_kind(store, generation)
+        if generation is not None and self.config.head_maps is not None:
+            self._check_heads(store, generation)
         return generation
+
+    def _check_heads(self, store, generation: str) -> None:
+        attrs = store.bind(generation).attrs
+        if attrs.get("heads") != self.config.head_maps:
+            raise LoaderError(
+                f"the batches need per-head maps of {self.config.head_maps} heads, but "
+                f"generation {generation} of {self.config.store} holds kind {attrs.get('kind')} "
+                f"with heads={attrs.get('heads')}; refresh with --kind heads from a teacher "
+                f"of {self.config.head_maps} heads"
+            )
 
     def _check_target_kind(self, store, generation: str) -> None:
         kind = store.bind(generation).attrs.get("kind")
@@ -343,6 +374,7 @@ class SalientLoader:
             shuffle_buffer=c.shuffle_buffer,
             chunk_size=c.chunk_size,
             prefetch=c.prefetch,
+            heads=c.head_maps,
         )
 
     def _stream(self, epoch: int, pass_index: int, generation: str | None) -> Iterator[dict]:
@@ -411,11 +443,13 @@ class SalientLoader:
         # now: visible / mask / throw indices [B,V] / [B,M] / [B,T]
         stats.batches += 1
         stats.samples += len(has_map)
-        if c.strategy in NEEDS_SALIENCY:
+        if c.strategy in NEEDS_SALIENCY or c.head_maps is not None:
             stats.fallback += int((~has_map).sum())
         extra = {}
         if c.gpa_target:
             extra["gpa_target"] = gpa_targets(weights, has_map.to(self.device))  # [B, N]
+        if c.head_maps is not None:
+            extra["head_maps"] = head_map_batch(ready, c.head_maps, c.grid, self.device)
         return {
             **extra,
             "images": images,

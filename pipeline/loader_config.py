@@ -32,7 +32,12 @@ class LoaderConfig:
     (SimMIM: 32 px on a 16 px ViT). ``interpolation`` resamples image crops (``"bicubic"``,
     MAE's; ``"bilinear"``, SimMIM's). ``gpa_target`` adds ``gpa_target [B, N]`` to every
     batch: the bound generation's map (it must be of kind ``gpa``) under the crop,
-    standardised per image (GPA Sec. 3.3, the target of its second loss). ``decode`` is
+    standardised per image (GPA Sec. 3.3, the target of its second loss). ``head_maps``
+    (None, or the number of heads H) adds ``head_maps [B, H, g, g]`` to every batch: the bound
+    generation's per-head maps (it must hold H heads: ``refresh --kind heads``), cropped
+    with the image, each head rescaled to its whole-image sum over the crop (AutoMAE's
+    generator input); samples without a map carry zeros and ``has_saliency`` False, and
+    are counted as fallbacks. ``decode`` is
     ``"auto"`` (``"device"`` on CUDA, ``"worker"`` on CPU), ``"worker"`` or ``"device"``.
     ``shuffle_buffer`` is in samples per worker (0 or 1: no shuffle); ``chunk_size`` is how
     many samples a worker sends at a time; ``prefetch`` how many samples a background thread
@@ -64,6 +69,7 @@ class LoaderConfig:
     mask_unit: int | None = None
     interpolation: str = "bicubic"
     gpa_target: bool = False
+    head_maps: int | None = None
 
     def __post_init__(self):
         _check_sizes(self)
@@ -142,6 +148,15 @@ def _check_masking(c: LoaderConfig) -> None:
             f"image_size {c.image_size} (got {c.mask_unit!r}); SimMIM uses 32 with 16 px patches"
         )
     mask_counts((c.grid // c.unit) ** 2, c.mask_ratio, c.throw_ratio)  # masking's own checks
+    if c.head_maps is not None and (not _is_int(c.head_maps) or c.head_maps < 1):
+        raise LoaderError(
+            f"head_maps must be None or the teacher's number of heads (got {c.head_maps!r})"
+        )
+    if c.head_maps is not None and c.gpa_target:
+        raise LoaderError(
+            "gpa_target needs a gpa generation and head_maps a heads generation; "
+            "turn one of them off"
+        )
 
 
 def _check_crop(c: LoaderConfig) -> None:
