@@ -12,7 +12,9 @@ eval and the console are shared: a new method is one :class:`Family` in :data:`F
   scalars (``loss_rec``, ``loss_g``, …), which the loop averages into each step's record.
 - ``hooks(model, optimizer)`` makes the :class:`StepHooks` of one run: schedules set before a
   step, gradient edits before the optimiser step, an EMA update after it, a side optimiser
-  (a discriminator's) and the state these keep in the checkpoint.
+  (a discriminator's) and the state these keep in the checkpoint. ``StepHooks`` and
+  ``Progress`` live in :mod:`salient.trainer.step_hooks` (re-exported here), so a family's
+  own module can subclass them while this module imports it to register it.
 - ``loader_fields(settings)``: the ``LoaderConfig`` fields the family's batches need beyond
   the masked-image batch (multi-crop views, per-head maps), or ``{}``.
 
@@ -29,7 +31,14 @@ import torch
 from torch import nn
 
 from salient.pipeline.masking import MaskPlan
+from salient.trainer.automae import (
+    AutoMAEHooks,
+    automae_forward,
+    automae_loader_fields,
+    build_automae,
+)
 from salient.trainer.models import build_model
+from salient.trainer.step_hooks import Progress, StepHooks
 
 __all__ = [
     "FAMILIES",
@@ -41,47 +50,6 @@ __all__ = [
     "move_batch",
     "move_tensors",
 ]
-
-
-@dataclass(frozen=True)
-class Progress:
-    """Where an optimiser step stands in the run: ``step`` is the global step about to run."""
-
-    step: int
-    total_steps: int
-    steps_per_epoch: int
-    epoch: int
-
-    @property
-    def fraction(self) -> float:
-        """The share of the run's steps done before this one, in [0, 1]."""
-        return min(self.step / max(self.total_steps, 1), 1.0)
-
-
-class StepHooks:
-    """Per-step work a family adds around the optimiser step. The base does nothing, so the
-    masked-image families (MAE, SimMIM) train exactly as the plain loop."""
-
-    def before_step(self, optimizer: torch.optim.Optimizer, progress: Progress) -> None:
-        """At a step's first batch, after the lr is set (schedules of weight decay, …)."""
-
-    def side_step(self, batch: dict, sync: bool, progress: Progress) -> dict[str, float]:
-        """Before the model's forward on each batch: a side network's own update (a
-        discriminator's), all-reduced only when ``sync``. Returns its scalars."""
-        return {}
-
-    def before_optimizer_step(self, progress: Progress) -> None:
-        """After backward and clipping, before the optimiser steps (freezing a layer's grads)."""
-
-    def after_step(self, progress: Progress) -> None:
-        """After the optimiser step (an EMA teacher's update)."""
-
-    def state_dict(self) -> dict[str, Any]:
-        """What a checkpoint keeps of the hooks (a side optimiser's state); plain values."""
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`'s values on resume."""
 
 
 def move_tensors(batch: dict, device: torch.device) -> dict:
@@ -149,4 +117,7 @@ class Family:
 FAMILIES: dict[str, Family] = {
     "mae": Family("mae", build_model),
     "simmim": Family("simmim", build_model),
+    "automae": Family(
+        "automae", build_automae, automae_forward, AutoMAEHooks, automae_loader_fields
+    ),
 }

@@ -33,7 +33,8 @@ from timm.optim import param_groups_weight_decay
 from torch import nn
 
 from salient.errors import SalientError
-from salient.trainer.family import FAMILIES, Family, Progress, StepHooks
+from salient.trainer.family import FAMILIES, Family
+from salient.trainer.step_hooks import Progress, StepHooks, sync_if
 
 __all__ = [
     "TrainError",
@@ -179,7 +180,7 @@ def train_one_epoch(
             hooks.before_step(optimizer, progress)
         last = len(group) + 1 == accum_iter
         side = hooks.side_step(batch, last, progress)
-        with _sync_if(model, last):  # DDP all-reduces in the last batch's backward only
+        with sync_if(model, last):  # DDP all-reduces in the last batch's backward only
             with autocast_for(device, bf16):
                 loss, metrics = family.forward(model, batch, device)  # forward
             (loss / accum_iter if accum_iter > 1 else loss).backward()  # backward
@@ -200,13 +201,6 @@ def train_one_epoch(
         if on_step is not None:
             on_step(record, merged)
     return {**totals, "step": step, "seconds": time.perf_counter() - start}
-
-
-def _sync_if(model: nn.Module, sync: bool) -> AbstractContextManager:
-    """DDP's ``no_sync`` for a batch that does not end a step (no all-reduce)."""
-    if sync or not hasattr(model, "no_sync"):
-        return nullcontext()
-    return model.no_sync()
 
 
 def _finite(loss: float, step: int, epoch: int) -> float:
