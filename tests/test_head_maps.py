@@ -1,4 +1,5 @@
-"""Per-head maps through the store and the loader: every head cropped with its image.
+"""Per-head maps through the store and the loader: every head cropped with its image, and
+the batches an AutoMAE trains on.
 
 Data: the 96-image demo set (3 shards of 32, 96 px, fixture ``demo_data``). Heads written
 through the store API on a 12×12 grid, read back through plain zarr for the expectations:
@@ -21,6 +22,9 @@ from salient.pipeline.crops import CropBox, CropError, crop_head_maps, crop_maps
 from salient.pipeline.loader import LoaderConfig, LoaderError, SalientLoader
 from salient.pipeline.manifest import open_dataset
 from salient.store import LayoutMismatchError, SaliencyStore
+from salient.trainer.automae import automae_loader_fields, build_automae
+from salient.trainer.family import FAMILIES
+from salient.trainer.loop import WarmupCosine, build_optimizer, train_one_epoch
 
 CELLS, IMAGE, PATCH, SOURCE, HEADS = 12, 64, 8, 96, 4
 GRID = IMAGE // PATCH
@@ -248,3 +252,35 @@ def test_store_reader_returns_the_stored_head_rows(heads_store):
 def test_config_refuses_bad_head_settings(demo_data, bad, words):
     with pytest.raises(LoaderError, match=words):
         _config(demo_data, "s.zarr", **bad)
+
+
+def test_loader_batches_train_an_automae_through_the_loop(demo_data, heads_store):
+    """The contract between the two: what the loader's head_maps batches carry is what the
+    AutoMAE family reads (``automae_loader_fields`` names the loader field)."""
+    store, generation = heads_store
+    settings = {"name": "mae-micro", "image_size": IMAGE, "patch_size": PATCH, "heads": HEADS}
+    fields = automae_loader_fields(settings)
+    loader = SalientLoader(_config(demo_data, store, **fields))
+    torch.manual_seed(0)
+    model = build_automae(**settings)
+    optimizer = build_optimizer(model, 1e-3)
+    records = []
+    totals = train_one_epoch(
+        model,
+        optimizer,
+        WarmupCosine(1e-3, 3),
+        loader.epoch(0),
+        epoch=0,
+        step=0,
+        device=torch.device("cpu"),
+        accum_iter=2,
+        family=FAMILIES["automae"],
+        hooks=FAMILIES["automae"].hooks(model, optimizer),
+        steps_per_epoch=3,
+        on_step=lambda record, merged: records.append(record),
+    )
+    assert totals["steps"] == 3 and totals["with_saliency"] == 96
+    assert all(r["generation"] == generation and r["loss_g"] > 0 for r in records)
+    assert all(
+        np.isfinite([r["loss_rec"], r["loss_d_real"], r["loss_d_fake"]]).all() for r in records
+    )
