@@ -35,7 +35,7 @@ from salient.trainer.automae import (
 from salient.trainer.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from salient.trainer.family import FAMILIES
 from salient.trainer.loop import WarmupCosine, build_optimizer, train_one_epoch
-from salient.trainer.models import ModelError, gather_tokens
+from salient.trainer.models import ModelError, build_model, gather_tokens
 from salient.trainer.step_hooks import Progress
 from salient.trainer.teacher import saliency
 
@@ -140,6 +140,19 @@ def test_reconstruction_gradient_reaches_the_generator_by_the_stop_gradient_tric
     torch.testing.assert_close(out.mask_prob.grad, expected, rtol=1e-4, atol=1e-12)
     masked = torch.zeros(4, N, dtype=torch.bool).scatter_(1, out.plan.mask_idx, True)
     assert (out.mask_prob.grad[masked] == 0).all() and (expected[~masked].abs() > 0).any()
+
+
+def test_the_encoder_starts_as_a_plain_maes_of_the_same_seed():
+    """The generator and discriminator are built after the MAE, so eval's baseline (a plain
+    MAE rebuilt from the run's seed) is the very initialisation of an AutoMAE run."""
+    torch.manual_seed(4)
+    plain = build_model("mae-micro", SIZE, PATCH)
+    auto = _model(seed=4)
+    for (key, a), b in zip(plain.state_dict().items(), auto.state_dict().values()):
+        assert torch.equal(a, b), key
+    assert auto.encoder is not None and auto.encoder.state_dict().keys() == (
+        plain.encoder.state_dict().keys()
+    )
 
 
 def test_generator_inputs_of_another_head_count_are_refused():
