@@ -41,6 +41,7 @@ __all__ = [
     "CropError",
     "crop_box_from",
     "crop_draws",
+    "crop_head_maps",
     "crop_image",
     "crop_maps",
     "crop_pil",
@@ -209,7 +210,9 @@ def crop_maps(
     """The map region under each crop box, resampled to ``[B, grid, grid]`` and flipped.
 
     maps: ``[B, G, G]`` covering the whole image ``image_hw[b]`` each (any float dtype; the
-    result is float32 on the maps' device). One batched RoIAlign (``aligned=True``): each
+    result is float32 on the maps' device), or ``[B, C, G, G]`` (per-head maps): every
+    channel is cropped with its sample's box, the same law, in the same call
+    (``[B, C, grid, grid]``). One batched RoIAlign (``aligned=True``): each
     output patch averages ``s×s`` bilinear samples of the map spread over the patch, with
     ``s`` large enough for at least 2 samples per map cell. NaN rows stay NaN.
     Raises CropError for mismatched lengths, a non-square map or a box outside its image.
@@ -224,16 +227,40 @@ def crop_maps(
         rois.append((b, x0, y0, x0 + box.width * sx, y0 + box.height * sy))
     rois_t = torch.tensor(rois, dtype=torch.float32, device=maps.device)  # [B, 5]
     bin_cells = max(max(r[3] - r[1], r[4] - r[2]) for r in rois) / grid  # widest patch, cells
+    channels = maps.float() if maps.ndim == 4 else maps.float().unsqueeze(1)  # [B, C, G, G]
     out = roi_align(
-        maps.float().unsqueeze(1),  # [B, 1, G, G]
+        channels,
         rois_t,
         output_size=grid,
         spatial_scale=1.0,
         sampling_ratio=max(2, 2 * math.ceil(bin_cells)),
         aligned=True,  # pixel (cell) i spans [i, i + 1): no half-cell shift
-    )[:, 0]  # [B, grid, grid]
+    )  # [B, C, grid, grid]
     flip = torch.tensor([box.flip for box in boxes], device=maps.device)
-    return torch.where(flip[:, None, None], out.flip(-1), out)
+    out = torch.where(flip[:, None, None, None], out.flip(-1), out)
+    return out if maps.ndim == 4 else out[:, 0]
+
+
+def crop_head_maps(
+    head_maps: Tensor,
+    boxes: Sequence[CropBox],
+    image_hw: Sequence[tuple[int, int]],
+    grid: int,
+) -> Tensor:
+    """Per-head CLS-attention maps ``[B, H, G, G]`` under each crop box: ``[B, H, grid, grid]``
+    float32, each head rescaled so its crop sums to what it summed over the whole image.
+
+    Every head is cropped exactly as a single map (:func:`crop_maps`, one call); the rescale
+    keeps each head a softmax row over the view's patches, as the teacher's attention on the
+    crop itself is (AutoMAE feeds its mask generator the raw attention rows of the augmented
+    image; README, "Decisions", "AutoMAE's maps from the store"). A head whose crop sums to
+    zero stays zero; NaN rows stay NaN.
+    """
+    cropped = crop_maps(head_maps, boxes, image_hw, grid)  # [B, H, grid, grid]
+    whole = head_maps.float().sum((-2, -1), keepdim=True)  # [B, H, 1, 1]
+    part = cropped.sum((-2, -1), keepdim=True)
+    scale = torch.where(part > 0, whole / part.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
+    return cropped * scale
 
 
 def normalize_weights(w: Tensor, eps: float = 1e-6) -> Tensor:
@@ -302,9 +329,10 @@ def _check_inside(box: CropBox, image_hw: tuple[int, int]) -> None:
 
 
 def _check_maps(maps, boxes, image_hw) -> int:
-    """The map side G; raises CropError unless maps is ``[B, G, G]`` with B boxes and sizes."""
-    if not isinstance(maps, Tensor) or maps.ndim != 3 or maps.shape[1] != maps.shape[2]:
-        raise CropError(f"maps must be a [B, G, G] tensor (got {_shape(maps)})")
+    """The map side G; raises CropError unless maps is ``[B, G, G]`` or ``[B, C, G, G]`` with
+    B boxes and sizes."""
+    if not isinstance(maps, Tensor) or maps.ndim not in (3, 4) or maps.shape[-1] != maps.shape[-2]:
+        raise CropError(f"maps must be a [B, G, G] or [B, C, G, G] tensor (got {_shape(maps)})")
     if not maps.is_floating_point():
         raise CropError(f"maps must be floating point (got {maps.dtype})")
     if not len(boxes) == len(image_hw) == maps.shape[0]:
@@ -314,4 +342,4 @@ def _check_maps(maps, boxes, image_hw) -> int:
         )
     if maps.shape[0] == 0:
         raise CropError("crop_maps needs at least one map")
-    return maps.shape[1]
+    return maps.shape[-1]

@@ -39,7 +39,7 @@ from __future__ import annotations
 import functools
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -79,6 +79,7 @@ __all__ = [
     "batches_per_rank",
     "epoch_segments",
     "gpa_targets",
+    "head_map_batch",
     "plan_batch",
     "plan_view_masks",
     "sampling_weights",
@@ -100,6 +101,7 @@ class _Rows:
     data: list | None  # [(field, bytes)] (device decode, before it)
     locals: torch.Tensor | None = None  # [n,L,3,s,s] uint8: multi-crop's local views
     # With views: weights [n,G,g²], boxes [n,G,5], images [n,G,3,S,S] (the global views).
+    heads: np.ndarray | None = None  # [n, H, g²] float32: per-head maps under the crop
 
     @classmethod
     def of(cls, chunk: dict) -> _Rows:
@@ -107,7 +109,8 @@ class _Rows:
         images, locals_ = (chunk.get(k) for k in ("images", "locals"))
         images = None if images is None else torch.from_numpy(images)
         locals_ = None if locals_ is None else torch.from_numpy(locals_)
-        return cls(*(chunk[k] for k in columns), images, chunk.get("data"), locals_)
+        heads = chunk.get("heads")
+        return cls(*(chunk[k] for k in columns), images, chunk.get("data"), locals_, heads)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -119,6 +122,7 @@ class _Rows:
             data = data[rows] if isinstance(rows, slice) else [d for d, k in zip(data, rows) if k]
         images = None if self.images is None else self.images[rows]
         locals_ = None if self.locals is None else self.locals[rows]
+        heads = None if self.heads is None else self.heads[rows]
         return _Rows(
             self.ids[rows],
             self.has_map[rows],
@@ -127,6 +131,7 @@ class _Rows:
             images,
             data,
             locals_,
+            heads,
         )
 
 
@@ -149,7 +154,7 @@ def decode_and_crop(
     ]
     good = rows.part(keep)
     images = torch.stack(crops) if crops else torch.empty((0, 3, size, size), dtype=torch.uint8)
-    cropped = _Rows(good.ids, good.has_map, good.weights, good.boxes, images, None)
+    cropped = replace(good, images=images, data=None)
     return cropped, rows.ids[~keep].tolist()
 
 
@@ -264,6 +269,14 @@ def plan_view_masks(
     return flags.view(views, batch, n)
 
 
+def head_map_batch(ready: list[_Rows], heads: int, grid: int, device: torch.device) -> torch.Tensor:
+    """The batch's per-head maps ``[B, H, g, g]`` on ``device``: each head cropped with its
+    image and summing over the crop to its whole-image sum (raw attention, AutoMAE's
+    generator input); zeros for samples without a map (``has_saliency`` False)."""
+    flat = torch.from_numpy(np.concatenate([rows.heads for rows in ready]))  # [B, H, g²]
+    return flat.view(-1, heads, grid, grid).to(device, non_blocking=True)
+
+
 def gpa_targets(weights: torch.Tensor, has_map: torch.Tensor) -> torch.Tensor:
     """GPA's reconstruction target ``[B, N]``: each cropped map standardised over the crop's
     patches (GPA's code, ``forward_atten_loss``: ``(t − mean) / sqrt(var + 1e-6)``, invariant
@@ -320,8 +333,9 @@ class SalientLoader:
     def bind_generation(self) -> str | None:
         """The store's current generation, or None (one warning per loader) when there is no
         store or no published generation yet. Strategies without maps read no store (unless
-        the batches carry GPA's target). A ``gpa_target`` loader refuses a generation whose
-        maps are not of kind ``gpa``."""
+        the batches carry GPA's target or per-head maps). A ``gpa_target`` loader refuses a
+        generation whose maps are not of kind ``gpa``; a ``head_maps`` loader one without
+        per-head maps of that many heads."""
         if not self._reads_maps():
             return None
         store = self._open_store()
@@ -342,14 +356,26 @@ class SalientLoader:
             )
         if generation is not None and self.config.gpa_target:
             self._check_target_kind(store, generation)
+        if generation is not None and self.config.head_maps is not None:
+            self._check_heads(store, generation)
         return generation
 
     def _reads_maps(self) -> bool:
         """Whether batches need the store's maps: a strategy that reads them (unless the
-        trainer plans multi-crop masks itself), or GPA's target."""
+        trainer plans multi-crop masks itself), GPA's target, or per-head maps."""
         c = self.config
         online = c.views is not None and c.views.masks_online
-        return (c.strategy in NEEDS_SALIENCY and not online) or c.gpa_target
+        return (c.strategy in NEEDS_SALIENCY and not online) or c.gpa_target or bool(c.head_maps)
+
+    def _check_heads(self, store, generation: str) -> None:
+        attrs = store.bind(generation).attrs
+        if attrs.get("heads") != self.config.head_maps:
+            raise LoaderError(
+                f"the batches need per-head maps of {self.config.head_maps} heads, but "
+                f"generation {generation} of {self.config.store} holds kind {attrs.get('kind')} "
+                f"with heads={attrs.get('heads')}; refresh with --kind heads from a teacher "
+                f"of {self.config.head_maps} heads"
+            )
 
     def _check_target_kind(self, store, generation: str) -> None:
         kind = store.bind(generation).attrs.get("kind")
@@ -411,6 +437,7 @@ class SalientLoader:
             chunk_size=c.chunk_size,
             prefetch=c.prefetch,
             views=c.views,
+            heads=c.head_maps,
         )
 
     def _stream(self, epoch: int, pass_index: int, generation: str | None) -> Iterator[dict]:
@@ -479,11 +506,13 @@ class SalientLoader:
         # now: visible / mask / throw indices [B,V] / [B,M] / [B,T]
         stats.batches += 1
         stats.samples += len(has_map)
-        if c.strategy in NEEDS_SALIENCY:
+        if c.strategy in NEEDS_SALIENCY or c.head_maps is not None:
             stats.fallback += int((~has_map).sum())
         extra = {}
         if c.gpa_target:
             extra["gpa_target"] = gpa_targets(weights, has_map.to(self.device))  # [B, N]
+        if c.head_maps is not None:
+            extra["head_maps"] = head_map_batch(ready, c.head_maps, c.grid, self.device)
         return {
             **extra,
             "images": images,

@@ -36,7 +36,12 @@ class LoaderConfig:
     (SimMIM: 32 px on a 16 px ViT). ``interpolation`` resamples image crops (``"bicubic"``,
     MAE's; ``"bilinear"``, SimMIM's). ``gpa_target`` adds ``gpa_target [B, N]`` to every
     batch: the bound generation's map (it must be of kind ``gpa``) under the crop,
-    standardised per image (GPA Sec. 3.3, the target of its second loss). ``decode`` is
+    standardised per image (GPA Sec. 3.3, the target of its second loss). ``head_maps``
+    (None, or the number of heads H) adds ``head_maps [B, H, g, g]`` to every batch: the bound
+    generation's per-head maps (it must hold H heads: ``refresh --kind heads``), cropped
+    with the image, each head rescaled to its whole-image sum over the crop (AutoMAE's
+    generator input); samples without a map carry zeros and ``has_saliency`` False, and
+    are counted as fallbacks. ``decode`` is
     ``"auto"`` (``"device"`` on CUDA, ``"worker"`` on CPU), ``"worker"`` or ``"device"``.
     ``shuffle_buffer`` is in samples per worker (0 or 1: no shuffle); ``chunk_size`` is how
     many samples a worker sends at a time; ``prefetch`` how many samples a background thread
@@ -73,6 +78,7 @@ class LoaderConfig:
     interpolation: str = field(default="bicubic", metadata={"choices": lambda: INTERPOLATIONS})
     gpa_target: bool = False
     views: MultiCrop | None = None
+    head_maps: int | None = field(default=None, metadata=ranged(ge=1))
 
     def __post_init__(self):
         if not isinstance(self.data, str | os.PathLike) or not str(self.data):
@@ -130,6 +136,11 @@ def _check_masking(c: LoaderConfig) -> None:
             f"image_size {c.image_size} (got {c.mask_unit!r}); SimMIM uses 32 with 16 px patches"
         )
     mask_counts((c.grid // c.unit) ** 2, c.mask_ratio, c.throw_ratio)  # masking's own checks
+    if c.head_maps is not None and c.gpa_target:
+        raise LoaderError(
+            "gpa_target needs a gpa generation and head_maps a heads generation; "
+            "turn one of them off"
+        )
 
 
 def _check_crop(c: LoaderConfig) -> None:
@@ -158,6 +169,8 @@ def _check_views(c: LoaderConfig) -> None:
     if not isinstance(v, MultiCrop):
         raise LoaderError(f"views must be a views.MultiCrop (got {type(v).__name__})")
     check_fields(v, LoaderError, lambda f: f"views.{f.name}")
+    if c.head_maps is not None:
+        raise LoaderError("multi-crop views carry no per-head maps; set views or head_maps")
     if v.local_size < c.patch_size or v.local_size % c.patch_size:
         raise LoaderError(
             f"views.local_size must be a multiple of patch_size {c.patch_size} "

@@ -4,16 +4,16 @@
 process with 0 workers): ``read_segment`` (the worker's id ranges of a tar shard, through
 ``salient.pipeline.shards``) → ``attach_rows`` (the map rows of the bound generation, one store
 read per segment, each map normalised over the whole image as AMT does before its crop:
-``crops.whole_image_weights``) — both in a background thread, ``prefetch`` samples ahead —
-→ ``shuffled`` →
+``crops.whole_image_weights``; with ``heads``, also the raw per-head maps) — both in a
+background thread, ``prefetch`` samples ahead — → ``shuffled`` →
 ``prepare_chunk`` (decode and crop ``chunk_size`` samples with PIL into one uint8 buffer in
 ``"worker"`` mode, or keep their bytes and read the image size in ``"device"`` mode; one crop
 box per sample, the chunk's random numbers in one NumPy call; the map region under each box,
-one batched RoIAlign per chunk).
+one batched RoIAlign per chunk, and one for all the heads of the chunk).
 
-A chunk is columns, not samples: NumPy arrays of ids, flags, map weights, boxes and the uint8
-images (pickled through the DataLoader's queue), so the main process slices runs of samples
-instead of handling them one by one. Which epoch and pass a
+A chunk is columns, not samples: NumPy arrays of ids, flags, map weights, per-head maps,
+boxes and the uint8 images (pickled through the DataLoader's queue), so the main process
+slices runs of samples instead of handling them one by one. Which epoch and pass a
 persistent worker streams comes from the loader's shared :class:`PassPlan`.
 
 Importing this module touches no disk, GPU or Ray.
@@ -37,6 +37,7 @@ from salient.pipeline.crops import (
     CropBox,
     crop_box_from,
     crop_draws,
+    crop_head_maps,
     crop_maps,
     crop_pil,
     whole_image_weights,
@@ -53,6 +54,7 @@ __all__ = [
     "StreamSpec",
     "attach_rows",
     "crop_boxes_for",
+    "crop_head_rows",
     "crop_map_rows",
     "init_worker",
     "keep_as_is",
@@ -136,6 +138,7 @@ class StreamSpec:
     chunk_size: int
     prefetch: int
     views: MultiCrop | None = None
+    heads: int | None = None  # per-head maps of H heads travel with each sample (AutoMAE)
 
 
 class PassPlan:
@@ -163,19 +166,29 @@ def read_segment(source: ShardSource, segment: Segment, handler: CountingHandler
     return shards.iter_samples(source, range(segment.start, segment.stop), {"image"}, handler)
 
 
-def attach_rows(samples: Iterable[dict], segment: Segment, reader, tally: _Tally) -> Iterator[dict]:
+def attach_rows(
+    samples: Iterable[dict], segment: Segment, reader, tally: _Tally, heads: bool = False
+) -> Iterator[dict]:
     """Add ``map`` (``float32 [G,G]`` in [0, 1], or None): ONE store read for the segment;
     each map is normalised over the whole image before any crop (AMT's order; README,
-    "Decisions": strategies that normalise the crop re-normalise after it)."""
-    maps = ok = None
+    "Decisions": strategies that normalise the crop re-normalise after it). With ``heads``,
+    also ``heads`` (``float32 [H,G,G]``, the raw per-head maps, or None; one more read): a
+    sample has a map only when its map and every head are finite."""
+    maps = ok = head_maps = None
     if reader is not None:
         maps, valid = reader.read_range(segment.start, segment.stop)  # one read per tar shard
         ok = (valid == 1) & np.isfinite(maps).all(axis=(1, 2))
+        if heads:
+            head_maps = reader.read_head_maps(segment.start, segment.stop).astype(np.float32)
+            ok &= np.isfinite(head_maps).all(axis=(1, 2, 3))
         tally.add("store_reads")
         maps = whole_map_weights(maps, reader.attrs)
     for sample in samples:
         offset = sample["id"] - segment.start
-        sample["map"] = maps[offset] if ok is not None and ok[offset] else None
+        good = ok is not None and ok[offset]
+        sample["map"] = maps[offset] if good else None
+        if heads:
+            sample["heads"] = head_maps[offset] if good else None
         yield sample
 
 
@@ -243,6 +256,25 @@ def crop_map_rows(
     return out
 
 
+def crop_head_rows(
+    rows: list[np.ndarray | None],
+    boxes: list[CropBox],
+    hws: list[tuple[int, int]],
+    grid: int,
+    heads: int,
+) -> np.ndarray:
+    """Each sample's per-head maps under its box, ``[n, heads, grid²]`` float32, each head's
+    crop summing to its whole-image sum (``crops.crop_head_maps``; zeros for a sample without
+    maps): one batched RoIAlign over every head of the chunk."""
+    out = np.zeros((len(rows), heads, grid * grid), np.float32)
+    have = [i for i, row in enumerate(rows) if row is not None]
+    if have:
+        maps = torch.from_numpy(np.stack([rows[i] for i in have]))  # [k, H, G, G]
+        cropped = crop_head_maps(maps, [boxes[i] for i in have], [hws[i] for i in have], grid)
+        out[have] = cropped.reshape(len(have), heads, -1).numpy()  # [k, H, grid²]
+    return out
+
+
 def _image_buffer(n: int, size: int) -> np.ndarray:
     """``uint8 [n,3,S,S]``, plain process memory, pickled through the DataLoader's pipe.
 
@@ -297,6 +329,9 @@ def _collate(kept, boxes, hws, images, datas, spec: StreamSpec, tally: _Tally) -
         "hw": np.array(hws, dtype=np.int64).reshape(len(kept), 2),
         **tally.flush(),
     }
+    if spec.heads is not None:  # [n, H, g²]: raw attention rows, the same box as the image
+        heads = [s.get("heads") for s in kept]
+        chunk["heads"] = crop_head_rows(heads, boxes, hws, spec.grid, spec.heads)
     if images is not None:
         chunk["images"] = images[: len(kept)]  # [n,3,S,S] uint8
     else:
@@ -376,7 +411,8 @@ class SampleStream(torch.utils.data.IterableDataset):
         reader = _bind_reader(spec.store, generation)
         rng = np.random.default_rng(mix_seed(spec.seed, epoch, pass_index, spec.rank, worker))
         samples = shards.prefetched(_joined(spec, segments, reader, tally), spec.prefetch)
-        # now: {"__key__", "id", "jpg" | "png" | …: bytes, "map": float32 [G,G] in [0, 1] | None}
+        # now: {"__key__", "id", "jpg" | "png" | …: bytes, "map": float32 [G,G] in [0, 1] | None,
+        #   with heads: "heads": float32 [H,G,G] raw | None}
         samples = shuffled(samples, spec.shuffle_buffer, rng)
         # now: the same samples, mixed within a buffer of shuffle_buffer
         try:
@@ -407,7 +443,7 @@ def _joined(spec: StreamSpec, segments: list[Segment], reader, tally: _Tally) ->
     for segment in segments:
         raw = read_segment(spec.sources[segment.shard], segment, handler)
         # now: {"__key__", "id", "jpg" | "png" | …: bytes} for ids in the segment
-        yield from attach_rows(raw, segment, reader, tally)
+        yield from attach_rows(raw, segment, reader, tally, spec.heads is not None)
 
 
 def _bind_reader(url: str | None, generation: str | None):

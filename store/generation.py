@@ -329,7 +329,8 @@ class GenerationReader:
     """Reads one published (immutable) generation; binding it keeps an epoch consistent.
 
     ``attrs``: the generation's metadata (teacher, kind, image_size, patch_size, grid, epoch,
-    created, published, …). Every read returns ``(maps float16 [n,G,G], valid uint8 [n])``.
+    created, published, …). Every read returns ``(maps float16 [n,G,G], valid uint8 [n])``;
+    :meth:`read_head_maps` reads the per-head maps of a generation begun with ``heads``.
     """
 
     def __init__(self, group: zarr.Group, layout: Layout, url: str = ""):
@@ -339,9 +340,29 @@ class GenerationReader:
         self.url = url  # the store's, for error messages
         arrays = check_arrays(group, layout, self.attrs.get("heads"))
         self._maps, self._valid = arrays["maps"], arrays["valid"]
+        self._head_maps = arrays.get("head_maps")
 
     def __repr__(self) -> str:
         return f"GenerationReader({self.name!r})"
+
+    @property
+    def heads(self) -> int | None:
+        """How many per-head maps each row holds (``None``: the generation has none)."""
+        return self.attrs.get("heads")
+
+    @on_storage
+    def read_head_maps(self, start: int, stop: int) -> np.ndarray:
+        """Per-head rows of ids ``[start, stop)``: ``float16 [n, H, G, G]``, raw (one read).
+
+        Raises IdRangeError outside ``0..num_samples``; LayoutMismatchError when the
+        generation holds no per-head maps (it was not refreshed with ``--kind heads``)."""
+        if self._head_maps is None:
+            raise LayoutMismatchError(
+                f"generation {self.name} of {self.url or 'the store'} holds no per-head maps "
+                f"(kind {self.attrs.get('kind')}); refresh with --kind heads"
+            )
+        self.layout.check_range(start, stop)
+        return self._head_maps[start:stop]
 
     @on_storage
     def read_range(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:

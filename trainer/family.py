@@ -35,6 +35,12 @@ import torch
 from torch import nn
 
 from salient.pipeline.masking import MaskPlan
+from salient.trainer.automae import (
+    AutoMAEHooks,
+    automae_forward,
+    automae_loader_fields,
+    build_automae,
+)
 from salient.trainer.ibot import build_ibot
 from salient.trainer.ibot_step import (
     clip_per_parameter,
@@ -114,5 +120,12 @@ FAMILIES: dict[str, Family] = {
         hooks=ibot_hooks,
         loader_fields=ibot_loader_fields,
         clip=clip_per_parameter,
+    ),
+    "automae": Family(
+        "automae",
+        build_automae,
+        forward=automae_forward,
+        hooks=AutoMAEHooks,
+        loader_fields=automae_loader_fields,
     ),
 }

@@ -49,6 +49,7 @@ __all__ = [
     "build_model",
     "encoder_kwargs_for",
     "gather_tokens",
+    "model_spec",
     "sincos_pos_embed",
 ]
 
@@ -102,10 +103,13 @@ class _MaskedImageModel(nn.Module):
         x = images.reshape(b, c, h // p, p, w // p, p)
         return torch.einsum("bchpwq->bhwpqc", x).reshape(b, (h // p) * (w // p), p * p * c)
 
+    def _tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """Patch embeddings plus position of every patch: ``[B, N, D]``."""
+        return self.encoder.patch_embed(images) + self.encoder.pos_embed[:, 1:]
+
     def _embed(self, images: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """Patch embeddings plus position for the patches in ``idx [B, K]`` -> ``[B, K, D]``."""
-        x = self.encoder.patch_embed(images) + self.encoder.pos_embed[:, 1:]  # [B, N, D]
-        return gather_tokens(x, idx)
+        return gather_tokens(self._tokens(images), idx)
 
     def _encode(self, tokens: torch.Tensor) -> torch.Tensor:
         """Prepend CLS (+ its position) and run the timm blocks and final norm."""
@@ -341,6 +345,22 @@ def encoder_kwargs_for(spec: ModelSpec, image_size: int, patch_size: int) -> dic
     }
 
 
+def model_spec(name: str, image_size: int, patch_size: int) -> tuple[ModelSpec, dict[str, Any]]:
+    """A named size (``MODELS``) and its encoder's keyword arguments at this image / patch size.
+
+    Raises :class:`ModelError` for an unknown name or an image size that is not a multiple of
+    the patch size.
+    """
+    if name not in MODELS:
+        raise ModelError(f"unknown model {name!r}; choose one of {', '.join(sorted(MODELS))}")
+    if patch_size <= 0 or image_size < patch_size or image_size % patch_size:
+        raise ModelError(
+            f"image size {image_size} is not a multiple of patch size {patch_size}; change one"
+        )
+    spec = MODELS[name]
+    return spec, encoder_kwargs_for(spec, image_size, patch_size)
+
+
 def build_model(
     name: str,
     image_size: int = 224,
@@ -354,14 +374,7 @@ def build_model(
     Raises :class:`ModelError` for an unknown name, an image size that is not a multiple of
     the patch size, or ``norm_pix_loss`` / ``gpa_loss_weight`` on SimMIM.
     """
-    if name not in MODELS:
-        raise ModelError(f"unknown model {name!r}; choose one of {', '.join(sorted(MODELS))}")
-    if patch_size <= 0 or image_size < patch_size or image_size % patch_size:
-        raise ModelError(
-            f"image size {image_size} is not a multiple of patch size {patch_size}; change one"
-        )
-    spec = MODELS[name]
-    encoder_kwargs = encoder_kwargs_for(spec, image_size, patch_size)
+    spec, encoder_kwargs = model_spec(name, image_size, patch_size)
     if spec.kind == "simmim":
         if norm_pix_loss:
             raise ModelError("norm_pix_loss is an MAE option; SimMIM regresses raw pixels (L1)")
