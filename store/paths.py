@@ -54,7 +54,7 @@ def store_like(url: str) -> dict:
     FsspecStore with the storage options of ``salient.urls``."""
     if not urls.is_remote(url):
         return {"store": Path(url)}
-    return {"store": url, "storage_options": urls.fsspec_options()}
+    return {"store": url, "storage_options": urls.fsspec_options(url)}
 
 
 def open_root(url: str, mode: str = "r") -> zarr.Group:
