@@ -406,9 +406,14 @@ def as_storage_error(url: str, exc: BaseException) -> StorageError | None:
 def storage_errors(url: str) -> Iterator[None]:
     """Storage failures inside the block become one StorageError naming ``url``; a heartbeat
     is reported while the block waits (:func:`on_wait`)."""
+    with _converted(url), _waiting(url):
+        yield
+
+
+@contextlib.contextmanager
+def _converted(url: str) -> Iterator[None]:
     try:
-        with _waiting(url):
-            yield
+        yield
     except Exception as exc:
         error = as_storage_error(url, exc)
         if error is None:
@@ -550,7 +555,8 @@ def _http_size(fs, url: str) -> int | None:
 def staged(url: str) -> Iterator[str]:
     """A local file path to write ``url``'s content into; when the block ends without error the
     file becomes ``url`` in one step (a rename locally, one upload under the final key on
-    object storage). On error nothing appears at ``url``."""
+    object storage). On error nothing appears at ``url``: a failure to write the file (a full
+    disk) is a StorageError naming ``url``, and a failure to remove it then is a note on it."""
     check_writable(url)
     if is_remote(url):
         handle, tmp = tempfile.mkstemp(prefix="salient-", suffix=".partial")
@@ -559,7 +565,8 @@ def staged(url: str) -> Iterator[str]:
         head, name = os.path.split(url)
         tmp = os.path.join(head, f".{name}.partial")
     try:
-        yield tmp
+        with _converted(url):  # writing the staged file: its storage failures are url's
+            yield tmp
         with storage_errors(url):
             if is_remote(url):
                 _upload(tmp, url)

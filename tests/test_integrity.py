@@ -329,16 +329,18 @@ def test_gc_names_a_dead_driver_dead(three):
 # ---------------------------------------------------------------- failure paths
 
 
-def test_a_failed_staged_write_keeps_its_error_when_the_cleanup_fails_too(tmp_path):
+def test_a_full_disk_while_staging_is_one_line_and_a_failed_cleanup_only_a_note(tmp_path):
     url = str(tmp_path / "shard-000000.tar")
-    first = OSError(errno.ENOSPC, "No space left on device")
-    with pytest.raises(OSError) as raised, urls.staged(url) as tmp:
+    with pytest.raises(urls.StorageError) as raised, urls.staged(url) as tmp:
         Path(tmp).write_bytes(b"half a shard")
         os.unlink(tmp)
         os.mkdir(tmp)  # the temporary name now holds a folder: its removal fails
         (Path(tmp) / "x").write_bytes(b"")
-        raise first
-    assert raised.value is first  # not the cleanup's IsADirectoryError
+        raise OSError(errno.ENOSPC, "No space left on device")  # what the write raised
+    assert str(raised.value) == (
+        f"{url}: the disk is full ([Errno 28] No space left on device); free space or write "
+        "elsewhere, then rerun"
+    )  # not the cleanup's IsADirectoryError
     (note,) = raised.value.__notes__
     assert note.startswith(f"removing the staged file {tmp} failed too: StorageError")
     assert not Path(url).exists()
