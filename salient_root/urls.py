@@ -81,10 +81,13 @@ _DEFAULTS = {"use_listings_cache": False}
 # pause for more than READ_S (a stall, not a slow transfer: large objects stream at any pace).
 CONNECT_S, READ_S = 10, 15  # s3fs's own read timeout is 15 s; its connect timeout 5 s
 # s3: botocore's "standard" retries (transient 5xx, throttling, timeouts) with 2 attempts, inside
-# s3fs's own 5 tries on timeouts: a stalled endpoint fails a request after 5 × 2 × 15 s plus
-# backoff (155 s measured; botocore's default 5 attempts made it 375 s). gs: gcsfs tries 6
-# times, backing off 1, 2, 4, 8, 16 s: 6 × 15 s + 31 s. http(s): no retries. All within:
+# s3fs's own tries (2 here, 5 by default), which nest twice for a streamed read: a stalled
+# endpoint fails a streamed read after 2 × 2 × 2 × 15 s plus backoff (124 s measured), a zarr
+# read or a HEAD after half that (61 s); with the libraries' defaults, 5 × 5 × 15 s and more.
+# gs: gcsfs tries 6 times, backing off 1, 2, 4, 8, 16 s: 6 × 15 s + 31 s. http(s): no retries.
+# All within:
 S3_ATTEMPTS = 2
+S3FS_TRIES = 2
 PATIENCE_S = 180.0
 # An upload is cancelled after patience + size / this: a writer blocked on an endpoint that
 # stopped reading waits in a socket write no client timeout covers (it never ended, measured).
@@ -459,13 +462,21 @@ def _protocol_class(url: str):
 _CHATTY = ("botocore.credentials", "aiobotocore.credentials", "botocore.configprovider")
 
 
-def filesystem(url: str):
-    """``(fs, path)`` for a remote ``url``, opened with the storage options."""
+def filesystem(url: str, asynchronous: bool = False):
+    """``(fs, path)`` for a remote ``url``, opened with the storage options and salient's retry
+    budget (``asynchronous``: a filesystem for an event loop, as zarr's FsspecStore takes)."""
     import fsspec
 
     _protocol_class(url)
+    extra = {"asynchronous": True} if asynchronous else {}
     with storage_errors(url):
-        return fsspec.core.url_to_fs(url, **fsspec_options(url))
+        fs, path = fsspec.core.url_to_fs(url, **fsspec_options(url), **extra)
+    if "s3" in ((fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol):
+        # s3fs wraps each call in `retries` tries (a class attribute, not an option), twice
+        # over for a GET: its default 5 makes 25 tries of botocore's attempts (docs/
+        # LIBRARY-NOTES.md, "Object storage clients retry inside each other").
+        fs.retries = S3FS_TRIES
+    return fs, path
 
 
 def fsspec_options(url: str | None = None) -> dict:

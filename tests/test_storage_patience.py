@@ -21,6 +21,7 @@ import pytest
 from salient import urls
 from salient.store import SaliencyStore
 from salient.store._synthetic import synthetic_dataset, synthetic_teacher
+from salient.store.paths import store_like
 
 BUCKET = "salient-patience"
 FAST = {"config_kwargs": {"read_timeout": 1, "retries": {"total_max_attempts": 1}}}
@@ -87,6 +88,9 @@ def test_every_remote_client_has_timeouts_that_storage_options_override(s3_endpo
         config = fs.s3.meta.config
         assert (config.connect_timeout, config.read_timeout) == (urls.CONNECT_S, urls.READ_S)
         assert config.retries == {"total_max_attempts": urls.S3_ATTEMPTS, "mode": "standard"}
+        assert fs.retries == urls.S3FS_TRIES  # s3fs's own tries around each call
+        zarr_fs = store_like("s3://any-bucket/s.zarr")["store"].fs  # what the store opens
+        assert zarr_fs.asynchronous and zarr_fs.retries == urls.S3FS_TRIES
 
         urls.set_storage_options({"key": "k", "secret": "s", **FAST})  # --storage-option
         fs, _ = urls.filesystem("s3://any-bucket")
@@ -154,3 +158,18 @@ def test_an_endpoint_gone_keeps_the_first_error_when_the_lease_cannot_be_release
     assert "\n" not in message
     (note,) = gone.value.__notes__  # the release failed too: a note, not the error
     assert note.startswith(f"releasing the writer lease of {writer.name} failed too")
+
+
+def test_a_stream_read_that_stalls_heartbeats_and_ends(endpoint):
+    bucket, server = endpoint
+    url = f"{bucket}/shard-000000.tar"
+    urls.write_bytes(url, b"x" * 1000)
+    beats: list[str] = []
+    urls.on_wait(lambda waited_url, seconds: beats.append(waited_url), every_s=0.5)
+    with urls.open_read(url) as stream:  # opened while the endpoint answers
+        server.send_signal(signal.SIGSTOP)
+        with pytest.raises(Exception) as stalled:  # the client's own error type
+            stream.read()
+    error = urls.as_storage_error(url, stalled.value)  # what shards.iter_samples raises
+    assert error is not None and "the endpoint stopped answering" in str(error)
+    assert beats and set(beats) == {url}
