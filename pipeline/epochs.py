@@ -88,8 +88,11 @@ def epoch_segments(
 @dataclass
 class EpochStats:
     """What one rank's epoch did. ``corrupt`` counts distinct ids whose image did not decode;
-    ``fallback`` counts batch samples masked at random for want of a valid map;
-    ``store_reads`` is one per tar segment a worker read rows for."""
+    ``corrupt_maps`` distinct ids whose map row sits in a damaged store chunk (it failed its
+    checksum or did not decode: read as no map), ``damaged_chunks`` those chunks (the store's
+    ``DamagedChunk``, each once); ``fallback`` counts batch samples masked at random for want
+    of a valid map (damaged rows among them); ``store_reads`` is one per tar segment a worker
+    read rows for."""
 
     epoch: int
     rank: int
@@ -98,18 +101,44 @@ class EpochStats:
     samples: int = 0
     fallback: int = 0
     corrupt: int = 0
+    corrupt_maps: int = 0
     shard_errors: int = 0
     store_reads: int = 0
     passes: int = 0
     corrupt_ids: set = field(default_factory=set)
+    corrupt_map_ranges: set = field(default_factory=set)
+    damaged_chunks: list = field(default_factory=list)
 
-    def absorb(self, chunk: dict) -> None:
+    def absorb(self, chunk: dict) -> list:
+        """Add a worker chunk's counts; returns the damaged store chunks new to this epoch."""
         self.corrupt_ids.update(chunk["corrupt"])
         self.corrupt = len(self.corrupt_ids)
+        self.corrupt_map_ranges.update(chunk["corrupt_maps"])
+        self.corrupt_maps = _covered(self.corrupt_map_ranges)
         self.shard_errors += chunk["shard_errors"]
         self.store_reads += chunk["store_reads"]
+        known = {(d.generation, d.array, d.chunk) for d in self.damaged_chunks}
+        new = [d for d in chunk["damaged"] if (d.generation, d.array, d.chunk) not in known]
+        new = list({(d.generation, d.array, d.chunk): d for d in new}.values())
+        self.damaged_chunks.extend(new)
+        return new
 
     def as_dict(self) -> dict:
         body = asdict(self)
         body["corrupt_ids"] = sorted(self.corrupt_ids)
+        body["corrupt_map_ranges"] = sorted(self.corrupt_map_ranges)
+        body["damaged_chunks"] = [str(d) for d in self.damaged_chunks]
         return body
+
+
+def _covered(ranges: set[tuple[int, int]]) -> int:
+    """How many ids the ``[start, stop)`` ranges cover together (a rank re-reading its slice in
+    a second pass meets the same ranges again)."""
+    total, reach = 0, None
+    for start, stop in sorted(ranges):
+        if reach is not None and start < reach:
+            start = reach
+        if stop > start:
+            total += stop - start
+        reach = stop if reach is None else max(reach, stop)
+    return total

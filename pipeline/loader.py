@@ -15,9 +15,11 @@ Per sample (docs/ARCHITECTURE.md, "Loader"), across the modules in the order a s
   AMT, re-normalised over the crop for AttMask and GPA), plans the masks.
 - ``loader_config.py``: ``LoaderConfig`` checks itself; ``LoaderError``.
 
-A sample without a valid map (no store, no generation yet, ``valid = 0``, a NaN row) is masked
-at random and counted (``has_saliency = False``); one whose image does not decode is skipped
-and counted — never replaced by a neighbour, which would misalign ids and map rows. A rank
+A sample without a valid map (no store, no generation yet, ``valid = 0``, a NaN row, a row of
+a store chunk that fails its checksum or does not decode) is masked at random and counted
+(``has_saliency = False``; damaged chunks also in ``stats.corrupt_maps``, with one warning per
+chunk); one whose image does not decode is skipped and counted — never replaced by a
+neighbour, which would misalign ids and map rows. A rank
 left short by corrupt images reads its slice again (a new pass, fresh crops).
 
 Decoding happens where ``LoaderConfig.decode`` says: ``"worker"`` (workers decode with PIL and
@@ -313,6 +315,7 @@ class SalientLoader:
         self.stats: EpochStats | None = None
         self._store = None
         self._warned = False
+        self._reported: set[tuple] = set()  # damaged store chunks already warned about
         self._plan = PassPlan()
         self._workers = None  # the persistent DataLoader, made on the first pass
         reuse_freed_memory()  # batches and 0-worker chunks: no page faults on fresh buffers
@@ -385,6 +388,20 @@ class SalientLoader:
                 f"{generation} of {self.config.store} holds {kind} maps; refresh with "
                 "--kind gpa (in training: --saliency-kind gpa), or turn the target off"
             )
+
+    def report_damage(self, chunks: list) -> None:
+        """One warning per damaged store chunk (the store's ``DamagedChunk``) for the life of
+        the loader: its rows were read as no map and counted in ``stats.corrupt_maps``."""
+        for chunk in chunks:
+            key = (chunk.generation, chunk.array, chunk.chunk)
+            if key not in self._reported:
+                self._reported.add(key)
+                warnings.warn(
+                    f"damaged map chunk in the store at {self.config.store}, generation "
+                    f"{chunk}: its rows read as no map (masked at random, counted as "
+                    "corrupt_maps); the next refresh writes a whole new generation",
+                    stacklevel=2,
+                )
 
     def _open_store(self):
         url = self.config.store
@@ -606,7 +623,7 @@ class _Passes:
             self._next_pass()
             return
         _raise_error(chunk)
-        self.stats.absorb(chunk)
+        self.loader.report_damage(self.stats.absorb(chunk))
         self.pending, self.offset = _Rows.of(chunk), 0
 
     def _next_pass(self) -> None:
@@ -625,7 +642,7 @@ class _Passes:
         """Read what is left of the current pass, so the epoch's counts are exact."""
         for chunk in self.chunks:
             _raise_error(chunk)
-            self.stats.absorb(chunk)
+            self.loader.report_damage(self.stats.absorb(chunk))
 
 
 def _raise_error(chunk: dict) -> None:

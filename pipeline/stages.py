@@ -80,13 +80,15 @@ class _Tally:
 
     def _reset(self) -> None:
         self.corrupt: list[int] = []
+        self.corrupt_maps: list[tuple[int, int]] = []  # id ranges read as no map: damaged chunk
+        self.damaged: list = []  # the store's DamagedChunk records behind them
         self.shard_errors = 0
         self.store_reads = 0
 
-    def add(self, name: str, value: int = 1) -> None:
+    def add(self, name: str, value=1) -> None:
         with self._lock:
-            if name == "corrupt":
-                self.corrupt.append(value)
+            if name in ("corrupt", "corrupt_maps", "damaged"):
+                getattr(self, name).append(value)
             else:
                 setattr(self, name, getattr(self, name) + value)
 
@@ -94,6 +96,8 @@ class _Tally:
         with self._lock:
             out = {
                 "corrupt": self.corrupt,
+                "corrupt_maps": self.corrupt_maps,
+                "damaged": self.damaged,
                 "shard_errors": self.shard_errors,
                 "store_reads": self.store_reads,
             }
@@ -173,7 +177,8 @@ def attach_rows(
     each map is normalised over the whole image before any crop (AMT's order; README,
     "Decisions": strategies that normalise the crop re-normalise after it). With ``heads``,
     also ``heads`` (``float32 [H,G,G]``, the raw per-head maps, or None; one more read): a
-    sample has a map only when its map and every head are finite."""
+    sample has a map only when its map and every head are finite. Rows of a damaged store
+    chunk come back as no map; their ids and the chunk are counted."""
     maps = ok = head_maps = None
     if reader is not None:
         maps, valid = reader.read_range(segment.start, segment.stop)  # one read per tar shard
@@ -182,6 +187,11 @@ def attach_rows(
             head_maps = reader.read_head_maps(segment.start, segment.stop).astype(np.float32)
             ok &= np.isfinite(head_maps).all(axis=(1, 2, 3))
         tally.add("store_reads")
+        for chunk in reader.damaged_between(segment.start, segment.stop):
+            tally.add("damaged", chunk)
+            tally.add(
+                "corrupt_maps", (max(chunk.start, segment.start), min(chunk.stop, segment.stop))
+            )
         maps = whole_map_weights(maps, reader.attrs)
     for sample in samples:
         offset = sample["id"] - segment.start

@@ -18,11 +18,19 @@ from salient.store.errors import (
     StoreExistsError,
     StoreNotFoundError,
 )
-from salient.store.generation import GenerationReader, GenerationWriter, Layout
+from salient.store.generation import (
+    DamagedChunk,
+    GenerationReader,
+    GenerationWriter,
+    Layout,
+    Verification,
+)
+from salient.store.lease import Lease
 from salient.store.store import FORMAT, SaliencyStore, store_exists
 
 __all__ = [
     "FORMAT",
+    "DamagedChunk",
     "FingerprintMismatchError",
     "GenerationBusyError",
     "GenerationNotFoundError",
@@ -33,11 +41,13 @@ __all__ = [
     "IncompleteGenerationError",
     "Layout",
     "LayoutMismatchError",
+    "Lease",
     "NotPublishedError",
     "SaliencyStore",
     "StoreDamagedError",
     "StoreError",
     "StoreExistsError",
     "StoreNotFoundError",
+    "Verification",
     "store_exists",
 ]

@@ -13,6 +13,13 @@ No sharding codec anywhere: writers in different processes never share a key
 together, then the marker, so a shard whose marker is set is complete, and a rewrite of a
 shard is idempotent.
 
+Every chunk carries a CRC-32C of its stored bytes (zarr v3's standard ``crc32c`` codec, last
+in each array's codec chain), so plain zarr and tensorstore verify it on every read. A chunk
+that fails its checksum or does not decode reads as "no map" for its rows (NaN, ``valid``
+0) and is recorded in :attr:`GenerationReader.damaged` — never raised into a loader;
+:func:`verify_generation` checks every chunk of a generation. Generations written before the
+checksum read as they always did (a chunk that does not decode is still caught).
+
 Publishing and abandoning change the root of the store, which only the driver writes; the
 writer hands those to the :class:`~salient.store.store.SaliencyStore` that made it.
 """
@@ -20,25 +27,41 @@ writer hands those to the :class:`~salient.store.store.SaliencyStore` that made 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 import zarr
+from zarr.codecs import Crc32cCodec, ZstdCodec
 
 # zarr's own IO loop, the one its synchronous API runs on: AsyncArray calls must run there
 # (remote stores keep loop-bound sessions). zarr 3.1 has no public name for it.
 from zarr.core.sync import sync
 
+from salient import urls
 from salient.store.errors import GenerationStateError, IdRangeError, LayoutMismatchError
 from salient.urls import on_storage
 
 if TYPE_CHECKING:
     from salient.store.store import SaliencyStore
 
-__all__ = ["GenerationReader", "GenerationWriter", "Layout", "check_arrays", "create_arrays"]
+__all__ = [
+    "DamagedChunk",
+    "GenerationReader",
+    "GenerationWriter",
+    "Layout",
+    "Verification",
+    "check_arrays",
+    "create_arrays",
+    "verify_generation",
+]
 
 MAPS_DTYPE = np.dtype("float16")
+# What zarr's codecs raise for a chunk whose bytes are wrong: ValueError (a CRC-32C mismatch,
+# or decoded bytes that do not fill the chunk), RuntimeError (numcodecs' zstd: "Zstd
+# decompression error"). Storage failures are OSError / client errors, never these.
+DECODE_ERRORS = (ValueError, RuntimeError)
 
 
 FLAG_DTYPE = np.dtype("uint8")
@@ -126,20 +149,25 @@ _DIMENSIONS = {
 }
 
 
+def _compressors(maps: bool) -> tuple:
+    """Bytes-to-bytes codecs of an array: the CRC-32C of the stored bytes last, so a read
+    verifies exactly what storage returned. Maps keep zarr's default compressor (zstd, level
+    0, no zstd checksum); flags are a few hundred bytes a chunk: zstd saves nothing there and
+    costs a thread hop per write (~0.25 ms of a shard's ~4 here)."""
+    return (ZstdCodec(level=0, checksum=False), Crc32cCodec()) if maps else (Crc32cCodec(),)
+
+
 def create_arrays(group: zarr.Group, layout: Layout, describe: dict, heads: int | None) -> None:
     """The empty arrays of a new generation; ``describe`` goes into every array's attrs."""
     for name, (shape, chunks, dtype) in _expected(layout, heads).items():
         maps = dtype == MAPS_DTYPE
-        # Flags are a few hundred bytes a chunk: zstd saves nothing there and costs a thread
-        # hop per write (~0.25 ms of a shard's ~4 here). Maps keep zarr's default codec.
-        codecs = {} if maps else {"compressors": None}
         group.create_array(
             name,
             shape=shape,
             chunks=chunks,
             dtype=dtype,
             fill_value=np.nan if maps else 0,
-            **codecs,
+            compressors=_compressors(maps),
             dimension_names=_DIMENSIONS[name],
             attributes={**describe, "array": name, "description": _ARRAY_DOC[name]},
         )
@@ -209,6 +237,85 @@ def _as_valid(valid, count: int) -> np.ndarray:
     return array.astype(FLAG_DTYPE)
 
 
+# ---------------------------------------------------------------- damaged chunks
+
+
+@dataclass(frozen=True)
+class DamagedChunk:
+    """A chunk of a generation whose stored bytes fail their checksum, do not decode, or are
+    missing; it holds the rows (ids, or for ``shards_done`` the shard) ``[start, stop)``."""
+
+    generation: str
+    array: str
+    chunk: int
+    start: int
+    stop: int
+    reason: str
+
+    def __str__(self) -> str:
+        rows = (
+            f"the marker of shard {self.start}"
+            if self.array == "shards_done"
+            else f"ids {self.start}..{self.stop - 1}"
+        )
+        return f"{self.generation}: chunk {self.chunk} of {self.array} ({rows}) {self.reason}"
+
+
+def _reason(error: Exception) -> str:
+    text = (str(error).splitlines() or [""])[0]
+    if "checksum" in text:  # zarr's crc32c codec: "Stored and computed checksum do not match"
+        return "fails its CRC-32C checksum"
+    return f"does not decode ({type(error).__name__}: {text[:120]})"
+
+
+def _chunk_rows(array: zarr.Array, chunk: int) -> tuple[int, int]:
+    size = array.chunks[0]
+    return chunk * size, min((chunk + 1) * size, array.shape[0])
+
+
+def _by_chunk(array: zarr.Array, rows: slice | np.ndarray) -> list[tuple[int, slice | np.ndarray]]:
+    """``rows`` (a slice, or sorted unique ids) cut at ``array``'s chunk borders."""
+    size = array.chunks[0]
+    if isinstance(rows, slice):
+        first, last = rows.start // size, (rows.stop - 1) // size
+        return [
+            (k, slice(max(rows.start, k * size), min(rows.stop, (k + 1) * size)))
+            for k in range(first, last + 1)
+        ]
+    chunks = rows // size
+    cuts = np.flatnonzero(np.diff(chunks)) + 1
+    return [(int(part[0] // size), part) for part in np.split(rows, cuts)]
+
+
+def _select(array: zarr.Array, rows: slice | np.ndarray) -> np.ndarray:
+    return array[rows] if isinstance(rows, slice) else array.oindex[rows]
+
+
+def guarded_rows(array: zarr.Array, rows: slice | np.ndarray, damaged: Callable) -> np.ndarray:
+    """``array``'s ``rows`` (a non-empty slice, or sorted unique ids) in one read; when a chunk
+    does not verify or decode, read chunk by chunk: a damaged chunk's rows are the fill value
+    (NaN maps, 0 flags) and ``damaged(chunk, error)`` is told."""
+    try:
+        return _select(array, rows)
+    except DECODE_ERRORS:
+        pass  # some chunk is damaged: find which
+    parts = []
+    for chunk, part in _by_chunk(array, rows):
+        try:
+            parts.append(_select(array, part))
+        except DECODE_ERRORS as error:
+            damaged(chunk, error)
+            count = part.stop - part.start if isinstance(part, slice) else len(part)
+            parts.append(np.full((count, *array.shape[1:]), array.fill_value, array.dtype))
+    return np.concatenate(parts)
+
+
+def read_markers(array: zarr.Array) -> np.ndarray:
+    """The resume markers ``shards_done`` (uint8 [num_shards]); a damaged marker reads 0, so
+    its shard is written again."""
+    return guarded_rows(array, slice(0, array.shape[0]), lambda chunk, error: None)
+
+
 # ---------------------------------------------------------------- writer
 
 
@@ -249,7 +356,7 @@ class GenerationWriter:
     @on_storage
     def missing_shards(self) -> list[int]:
         """Indices of the shards whose resume marker is not set, ascending."""
-        return np.flatnonzero(self._arrays["shards_done"][:] == 0).tolist()
+        return np.flatnonzero(read_markers(self._arrays["shards_done"]) == 0).tolist()
 
     @on_storage
     def write_shard(self, shard_index: int, maps, valid, head_maps=None) -> None:
@@ -271,7 +378,12 @@ class GenerationWriter:
         start, stop = self._layout.chunk_range(int(shard_index))
         if stop - start > len(rows["valid"]):  # a short shard: its chunk is written whole
             rows = _padded(rows, stop - start)
-        sync(self._write(rows, slice(start, stop), int(shard_index)))
+        write = self._write(rows, slice(start, stop), int(shard_index))
+        if urls.is_remote(self.url):  # an endpoint that stops reading blocks a write for good
+            write = asyncio.wait_for(
+                write, urls.upload_limit_s(sum(r.nbytes for r in rows.values()))
+            )
+        sync(write)
 
     async def _write(self, rows: dict[str, np.ndarray], ids: slice, shard_index: int) -> None:
         # The data chunks concurrently, then the marker, in one trip to zarr's IO loop (the
@@ -331,6 +443,8 @@ class GenerationReader:
     ``attrs``: the generation's metadata (teacher, kind, image_size, patch_size, grid, epoch,
     created, published, …). Every read returns ``(maps float16 [n,G,G], valid uint8 [n])``;
     :meth:`read_head_maps` reads the per-head maps of a generation begun with ``heads``.
+    The rows of a chunk that fails its checksum or does not decode (of ``maps`` or ``valid``)
+    read as "no map" (NaN, ``valid`` 0); :attr:`damaged` lists those chunks.
     """
 
     def __init__(self, group: zarr.Group, layout: Layout, url: str = ""):
@@ -341,6 +455,7 @@ class GenerationReader:
         arrays = check_arrays(group, layout, self.attrs.get("heads"))
         self._maps, self._valid = arrays["maps"], arrays["valid"]
         self._head_maps = arrays.get("head_maps")
+        self._damaged: dict[tuple[str, int], DamagedChunk] = {}
 
     def __repr__(self) -> str:
         return f"GenerationReader({self.name!r})"
@@ -352,7 +467,8 @@ class GenerationReader:
 
     @on_storage
     def read_head_maps(self, start: int, stop: int) -> np.ndarray:
-        """Per-head rows of ids ``[start, stop)``: ``float16 [n, H, G, G]``, raw (one read).
+        """Per-head rows of ids ``[start, stop)``: ``float16 [n, H, G, G]``, raw (one read);
+        the rows of a damaged chunk read as NaN and the chunk joins :attr:`damaged`.
 
         Raises IdRangeError outside ``0..num_samples``; LayoutMismatchError when the
         generation holds no per-head maps (it was not refreshed with ``--kind heads``)."""
@@ -362,7 +478,19 @@ class GenerationReader:
                 f"(kind {self.attrs.get('kind')}); refresh with --kind heads"
             )
         self.layout.check_range(start, stop)
-        return self._head_maps[start:stop]
+        if start == stop:
+            return self._head_maps[0:0]
+        record = self._recorder("head_maps", self._head_maps)  # a damaged chunk: NaN rows
+        return guarded_rows(self._head_maps, slice(start, stop), record)
+
+    @property
+    def damaged(self) -> list[DamagedChunk]:
+        """Every damaged chunk this reader has met, in the order met."""
+        return list(self._damaged.values())
+
+    def damaged_between(self, start: int, stop: int) -> list[DamagedChunk]:
+        """The damaged chunks met so far that hold any of the ids ``[start, stop)``."""
+        return [d for d in self._damaged.values() if d.start < stop and start < d.stop]
 
     @on_storage
     def read_range(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
@@ -370,7 +498,9 @@ class GenerationReader:
 
         Raises IdRangeError outside ``0..num_samples``."""
         self.layout.check_range(start, stop)
-        return self._maps[start:stop], self._valid[start:stop]
+        if start == stop:
+            return self._maps[0:0], self._valid[0:0]
+        return self._rows(slice(start, stop), np.arange(start, stop))
 
     def read_shard(self, shard_index: int) -> tuple[np.ndarray, np.ndarray]:
         """Every row of data shard ``shard_index`` (one zarr chunk per array)."""
@@ -393,7 +523,104 @@ class GenerationReader:
                 f"ids {bad[:5].tolist()} are outside the dataset's ids "
                 f"0..{self.layout.num_samples - 1}"
             )
+        if not ids.size:
+            return self._maps[0:0], self._valid[0:0]
         unique, inverse = np.unique(ids.astype(np.int64), return_inverse=True)
-        maps = self._maps.oindex[unique] if unique.size else self._maps[0:0]
-        valid = self._valid.oindex[unique] if unique.size else self._valid[0:0]
+        maps, valid = self._rows(unique, unique)
         return maps[inverse], valid[inverse]
+
+    def _rows(self, rows: slice | np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Maps and flags of ``rows`` (sorted ``ids``); rows of a damaged chunk of either
+        array read as no map."""
+        maps = guarded_rows(self._maps, rows, self._recorder("maps", self._maps))
+        valid = guarded_rows(self._valid, rows, self._recorder("valid", self._valid))
+        for chunk in self.damaged_between(int(ids[0]), int(ids[-1]) + 1):
+            bad = (ids >= chunk.start) & (ids < chunk.stop)
+            maps[bad], valid[bad] = np.nan, 0
+        return maps, valid
+
+    def _recorder(self, name: str, array: zarr.Array) -> Callable[[int, Exception], None]:
+        def record(chunk: int, error: Exception) -> None:
+            start, stop = _chunk_rows(array, chunk)
+            self._damaged.setdefault(
+                (name, chunk), DamagedChunk(self.name, name, chunk, start, stop, _reason(error))
+            )
+
+        return record
+
+
+# ---------------------------------------------------------------- verification
+
+
+@dataclass(frozen=True)
+class Verification:
+    """What :func:`verify_generation` found: ``chunks`` checked, the ``damaged`` ones, and
+    whether the generation carries checksums at all (older ones do not: only chunks that fail
+    to decode are caught there)."""
+
+    generation: str
+    checksummed: bool
+    chunks: int
+    damaged: tuple[DamagedChunk, ...]
+
+    @property
+    def ok(self) -> bool:
+        return not self.damaged
+
+
+_VERIFY_CONCURRENCY = 16  # chunk reads in flight: enough to hide object-storage latency
+
+
+def verify_generation(
+    group: zarr.Group, layout: Layout, published: bool, concurrency: int = _VERIFY_CONCURRENCY
+) -> Verification:
+    """Read every chunk of the generation ``group`` and report the damaged ones.
+
+    A published generation must hold every chunk of every array; an unpublished one, the
+    chunks of the shards whose marker is set. A chunk that is missing where it must be, fails
+    its CRC-32C or does not decode is damaged. Storage failures raise (they are not damage).
+    """
+    arrays = check_arrays(group, layout, dict(group.attrs).get("heads"))
+    markers = arrays.pop("shards_done")
+    done = range(layout.num_shards) if published else np.flatnonzero(read_markers(markers))
+    # (array, chunk, must exist): an unpublished generation's unset markers are not written
+    wanted = [(markers, k, published) for k in range(layout.num_shards)]
+    wanted += [(array, int(k), True) for array in arrays.values() for k in done]
+    found = []
+    for (array, chunk, _), problem in zip(wanted, sync(_check_chunks(wanted, concurrency))):
+        if problem is not None:
+            start, stop = _chunk_rows(array, chunk)
+            found.append(DamagedChunk(group.basename, array.basename, chunk, start, stop, problem))
+    checksummed = all(
+        any(isinstance(codec, Crc32cCodec) for codec in array.metadata.codecs)
+        for array in (markers, *arrays.values())
+    )
+    return Verification(group.basename, checksummed, len(wanted), tuple(found))
+
+
+def _chunk_key(array: zarr.Array, chunk: int) -> str:
+    """The store key of chunk ``chunk`` along the first axis (the others are whole)."""
+    coords = (chunk,) + (0,) * (array.ndim - 1)
+    return f"{array.store_path.path}/{array.metadata.encode_chunk_key(coords)}"
+
+
+async def _check_chunks(wanted: list[tuple[zarr.Array, int, bool]], concurrency: int) -> list:
+    """For each ``(array, chunk, must exist)``: None (whole or rightly absent) or why it is
+    damaged. One listing per array, then the chunks read ``concurrency`` at a time."""
+    stored = {}
+    for array in {id(a): a for a, _, _ in wanted}.values():
+        path = array.store_path
+        stored[id(array)] = {key async for key in path.store.list_prefix(f"{path.path}/")}
+    gate = asyncio.Semaphore(concurrency)
+
+    async def check(array: zarr.Array, chunk: int, required: bool) -> str | None:
+        if _chunk_key(array, chunk) not in stored[id(array)]:
+            return "is missing" if required else None
+        async with gate:
+            try:
+                await array.async_array.getitem(slice(*_chunk_rows(array, chunk)))
+            except DECODE_ERRORS as error:
+                return _reason(error)
+        return None
+
+    return await asyncio.gather(*(check(*item) for item in wanted))

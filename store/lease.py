@@ -1,17 +1,26 @@
-"""Who is writing a generation: a driver's lease, renewed while it runs, stale when it stops.
+"""Who is writing or reading a generation: leases, renewed while their process runs, stale
+when it stops.
 
-An unpublished generation carries the attribute ``writer``: ``{"host", "pid", "token",
-"renewed"}``, set by the driver that begins or resumes it and renewed every ``RENEW_S``
-seconds by a thread of that driver (:class:`Lease`). Other drivers read it:
+A lease is a record ``{"host", "pid", "token", "renewed", …}`` that its process renews every
+``RENEW_S`` seconds from a thread (:class:`Lease`). Two kinds share this mechanism:
 
-- **live** (renewed less than ``STALE_S`` ago, and on this host its process still runs): the
-  generation is someone else's; a second driver with the same teacher waits or refuses
-  (``GenerationBusyError``), never writes beside it;
-- **stale** or absent: its driver is gone; the next refresh with the same teacher resumes it,
-  and ``gc`` collects it once it is older than the grace period.
+- **writer**: an unpublished generation's attribute ``writer``, set by the driver that begins
+  or resumes it. Only drivers write it (actors write array chunks only), so it never races a
+  publish.
+- **reader**: a record of its own (``readers/<token>`` in the store, with ``generation`` and
+  ``holder``: who reads, e.g. a training run), made by ``SaliencyStore.hold``; ``gc`` keeps
+  every generation a live reader holds.
 
-Only drivers write this attribute (actors write array chunks only), so it never races a
-publish. Importing this module touches no disk.
+Other processes read a lease's state:
+
+- **live** (renewed less than ``STALE_S`` ago, and on this host its process still runs): a
+  second driver with the same teacher waits or refuses (``GenerationBusyError``), and ``gc``
+  keeps the generation;
+- **stale** or absent: its process is gone (``dead``: on this host its pid no longer runs) or
+  stopped renewing; the next refresh with the same teacher resumes a writer's generation, and
+  ``gc`` collects it once it is older than the grace period.
+
+Importing this module touches no disk.
 """
 
 from __future__ import annotations
@@ -23,17 +32,28 @@ import threading
 import uuid
 from collections.abc import Callable
 
+from salient.errors import cleanup_after
 from salient.store.paths import age_s, now
 
-__all__ = ["RENEW_S", "STALE_S", "Lease", "describe_writer", "holder", "lease_state"]
+__all__ = [
+    "RENEW_S",
+    "STALE_S",
+    "Lease",
+    "describe_writer",
+    "gone",
+    "holder",
+    "lease_state",
+]
 
 STALE_S = 60.0  # a lease not renewed for this long is stale: its driver stopped
 RENEW_S = 10.0  # how often a live driver renews it
 
 
-def holder() -> dict:
-    """A new lease record for this process."""
+def holder(**extra) -> dict:
+    """A new lease record for this process (``extra``: more fields, e.g. a reader's
+    ``generation`` and ``holder``)."""
     return {
+        **extra,
         "host": socket.gethostname(),
         "pid": os.getpid(),
         "token": uuid.uuid4().hex,
@@ -70,11 +90,24 @@ def lease_state(writer: dict | None, stale_s: float = STALE_S) -> str:
 
 
 def describe_writer(writer: dict) -> str:
-    """``pid 123 on host h, renewed 4 s ago`` for messages."""
+    """``pid 123 on host h, renewed 4 s ago`` for messages (any lease record)."""
     return (
         f"pid {writer.get('pid')} on host {writer.get('host')}, renewed "
         f"{age_s(writer['renewed']):.0f} s ago"
     )
+
+
+def gone(record: dict | None) -> str:
+    """Why a lease that is not live holds nothing, for messages: ``dead`` (its process no
+    longer runs on this host), ``silent`` (no renewal for ``STALE_S``) or ``none``."""
+    if not isinstance(record, dict) or "renewed" not in record:
+        return "none"
+    pid = record.get("pid")
+    if record.get("host") == socket.gethostname() and (
+        not isinstance(pid, int) or _process_gone(pid)
+    ):
+        return "dead"
+    return "silent"
 
 
 class Lease:
@@ -82,6 +115,9 @@ class Lease:
 
     ``stop()`` ends the renewals (call it before the driver's last attribute writes, the
     publish, so no renewal races them); ``release`` clears the lease through ``clear()``.
+    As a context manager: leaving the block releases the lease, unless ``stop()`` was called
+    in it (the holder finished with it: a publish clears a writer's lease itself). When the
+    block raises, a failing release never replaces that error; it is noted on it.
     """
 
     def __init__(
@@ -90,8 +126,10 @@ class Lease:
         write: Callable[[dict], None],
         clear: Callable[[], None],
         renew_s: float = RENEW_S,
+        name: str = "the lease",
     ) -> None:
         self.record, self._write, self._clear, self._renew_s = record, write, clear, renew_s
+        self.name = name  # for messages: "the writer lease of gen-000003"
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="salient-lease", daemon=True)
         self._thread.start()
@@ -100,7 +138,8 @@ class Lease:
         while not self._stopped.wait(self._renew_s):
             self.record = {**self.record, "renewed": now()}
             # a failed renewal is retried next time; a lapse only lets another driver take
-            # over, which resumes the same shards
+            # over a writer's generation (it resumes the same shards) or gc collect a reader's
+            # once the grace period is over
             with contextlib.suppress(Exception):
                 self._write(self.record)
 
@@ -112,3 +151,11 @@ class Lease:
         """Stop renewing and clear the lease (the generation is free for the next driver)."""
         self.stop()
         self._clear()
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if error is None and self._stopped.is_set():
+            return
+        cleanup_after(error, self.release, f"releasing {self.name}")

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Protocol
 
 import zarr
+from zarr.storage import FsspecStore
 
 from salient import urls
 from salient.store.errors import StoreError
@@ -52,11 +53,15 @@ def normalise(url: str | os.PathLike) -> str:
 
 
 def store_like(url: str) -> dict:
-    """What zarr opens, as keywords: a Path gives LocalStore (atomic writes), a URL string
-    FsspecStore with the storage options of ``salient.urls``."""
+    """What zarr opens, as keywords: a Path gives LocalStore (atomic writes), a URL zarr's
+    FsspecStore on the filesystem of ``salient.urls`` (its storage options, timeouts and retry
+    budget; a filesystem without an async API, e.g. ``memory://``, as zarr wraps it)."""
     if not urls.is_remote(url):
         return {"store": Path(url)}
-    return {"store": url, "storage_options": urls.fsspec_options()}
+    fs, path = urls.filesystem(url, asynchronous=True)
+    if not fs.async_impl:
+        return {"store": url, "storage_options": urls.fsspec_options(url)}
+    return {"store": FsspecStore(fs, path=path)}
 
 
 def open_root(url: str, mode: str = "r") -> zarr.Group:

@@ -10,9 +10,11 @@ Layout (docs/ARCHITECTURE.md, "The saliency store")::
         valid       (N,) uint8, chunks (shard_size,)
         shards_done (num_shards,) uint8, chunks (1,)
         head_maps   (N, H, G, G) float16      (only when begun with ``heads``)
+      readers/<token>/          attrs: a reader's lease (generation, holder, host, pid, renewed)
 
 Every array carries self-describing attrs (generation, kind, grid, image_size, patch_size,
-teacher, epoch) and opens with plain ``zarr.open_array(f"{url}/{gen}/maps")``.
+teacher, epoch), a CRC-32C of every chunk (zarr's ``crc32c`` codec) and opens with plain
+``zarr.open_array(f"{url}/{gen}/maps")``.
 
 Use::
 
@@ -23,6 +25,9 @@ Use::
     w.publish()                                          # refuses unless every shard is done
     r = store.bind()                                     # reader of `current`, for one epoch
     maps, valid = r.read_shard(i)                        # or read_range / read_ids
+    r.damaged                                            # chunks that read as no map
+    with store.hold(r.name, "train run runs/amt"): ...   # gc keeps what a live reader holds
+    store.verify(name)                                   # every chunk read: the damaged ones
     store.gc(keep=3, grace_s=3600)
 
 Guarantees:
@@ -39,16 +44,20 @@ Guarantees:
   sharding codec is used, so processes writing different shards cannot lose updates. A shard's
   resume marker is written after its rows: a killed refresh resumes with ``missing_shards()``
   and produces the same bytes as an uninterrupted run.
-- **Deleted data cannot pass for maps.** ``gc`` never removes ``current``, a generation being
-  written, one of the ``keep`` newest published ones, or one replaced less than ``grace_s``
-  ago (readers may still be bound to it); a chunk that vanished anyway reads back NaN.
+- **Deleted or damaged data cannot pass for maps.** ``gc`` never removes ``current``, a
+  generation being written, one of the ``keep`` newest published ones, one a live reader holds
+  (:meth:`SaliencyStore.hold`), or one replaced less than ``grace_s`` ago (a reader without a
+  lease may still be bound to it); a chunk that vanished anyway reads back NaN. A chunk that
+  fails its checksum or does not decode reads as no map (NaN, ``valid`` 0) and is listed by
+  the reader (``damaged``) and by :meth:`SaliencyStore.verify`; it never raises into a loader.
 - Checks before any write: dataset fingerprint (``open(url, dataset)``), grid
   (``begin_generation``), row shapes, dtypes and id ranges (``write_shard``, reads).
 - **Drivers say who writes.** The driver that begins or resumes a generation holds its lease
   (the ``writer`` attr, :mod:`salient.store.lease`) and renews it while it runs; a second
   driver with the same maps gets :class:`GenerationBusyError` naming the generation instead of
   writing beside it, and a generation whose driver died is resumed by the next driver with
-  the same maps, or collected by ``gc`` after the grace period. A store missing its root but
+  the same maps, or collected by ``gc`` after the grace period (which names a dead driver
+  dead). Readers hold leases of the same kind (``hold``). A store missing its root but
   holding generations is reported damaged (:class:`StoreDamagedError`), never taken for
   absent; two drivers creating one store at once both open it (``open_or_create``).
 
@@ -86,8 +95,16 @@ from salient.store.errors import (
     StoreExistsError,
     StoreNotFoundError,
 )
-from salient.store.generation import GenerationReader, GenerationWriter, Layout, create_arrays
-from salient.store.lease import Lease, describe_writer, holder, lease_state
+from salient.store.generation import (
+    GenerationReader,
+    GenerationWriter,
+    Layout,
+    Verification,
+    create_arrays,
+    read_markers,
+    verify_generation,
+)
+from salient.store.lease import Lease, describe_writer, gone, holder, lease_state
 from salient.store.paths import (
     GENERATION,
     age_s,
@@ -106,9 +123,10 @@ from salient.store.paths import (
 )
 from salient.urls import on_storage
 
-__all__ = ["FORMAT", "SaliencyStore", "store_exists"]  # store_exists: re-exported from paths
+__all__ = ["FORMAT", "READERS", "SaliencyStore", "store_exists"]  # store_exists: from paths
 
 FORMAT = "salient-store/1"
+READERS = "readers"  # the group of readers' lease records, one child group per reader
 
 
 # ---------------------------------------------------------------- the store
@@ -313,7 +331,7 @@ class SaliencyStore:
         if status == "published":
             done = self.num_shards
         else:  # a generation whose creation was interrupted may lack its arrays
-            done = int(group["shards_done"][:].sum()) if "shards_done" in group else 0
+            done = int(read_markers(group["shards_done"]).sum()) if "shards_done" in group else 0
         return {
             **group.attrs,
             "name": name,
@@ -502,6 +520,7 @@ class SaliencyStore:
             writer.holder,
             write=lambda record: self._set_writer(writer.name, record),
             clear=lambda: self._set_writer(writer.name, None),
+            name=f"the writer lease of {writer.name}",
         )
 
     def writer_state(self, name: str) -> tuple[str, dict | None]:
@@ -580,21 +599,99 @@ class SaliencyStore:
             )
         return GenerationReader(group, self.layout, self.url)
 
+    # ------------------------------------------------------------ readers' leases
+
+    @on_storage
+    def hold(self, name: str, holder_name: str) -> Lease:
+        """A reader's lease on the published generation ``name``: ``gc`` keeps ``name`` while
+        the lease is live and names ``holder_name`` (who reads, e.g. ``"train run
+        runs/amt"``) when it refuses.
+
+        The lease is renewed from a thread every ``RENEW_S`` seconds and goes stale like a
+        writer's (``STALE_S`` without renewal, or at once when its process is gone on this
+        host). Release it with ``release()`` or by leaving ``with store.hold(...):``. A reader
+        that binds another generation holds the new one first, then releases the old one.
+
+        Raises NotPublishedError / GenerationNotFoundError as :meth:`bind` does, also when
+        ``gc`` removed the generation while the lease was being taken.
+        """
+        self.bind(name)  # a reader holds only what it can read
+        record = holder(generation=name, holder=str(holder_name))
+        self._root("r+").require_group(READERS)  # the parent of every reader's own record
+        group = zarr.open_group(**self._reader_node(record["token"]), mode="w", attributes=record)
+        lease = Lease(
+            record,
+            write=group.update_attributes,
+            clear=lambda: self._drop_readers([record["token"]]),
+            name=f"the reader lease on {name}",
+        )
+        if name not in self._root().attrs["published"]:  # gc removed it meanwhile
+            lease.release()
+            self.bind(name)  # raises, naming what the store holds now
+        return lease
+
+    def readers(self) -> list[dict]:
+        """Every reader's lease record (``generation``, ``holder``, ``host``, ``pid``, ``token``,
+        ``renewed``), live or stale, read now."""
+        root = self._root()
+        if READERS not in root:
+            return []
+        return [dict(group.attrs) for _, group in root[READERS].groups()]
+
+    def _reader_node(self, token: str) -> dict:
+        return {
+            **store_like(self.url),
+            "path": f"{READERS}/{token}",
+            "zarr_format": 3,
+            "use_consolidated": False,
+        }
+
+    def _drop_readers(self, tokens: list[str]) -> None:
+        readers = self._root("r+")[READERS]
+        for token in tokens:
+            if token in readers:
+                del readers[token]
+
+    # ------------------------------------------------------------ verification
+
+    @on_storage
+    def verify(self, name: str) -> Verification:
+        """Read every chunk of generation ``name`` and list the damaged ones (missing where a
+        chunk must be, failing its CRC-32C, or not decoding): :class:`Verification`.
+
+        Reads only. Raises GenerationNotFoundError; storage failures raise StorageError.
+        """
+        root = self._root()
+        group = self._group(root, name)
+        published = self._status(name, dict(group.attrs), dict(root.attrs)) == "published"
+        return verify_generation(group, self.layout, published)
+
     # ------------------------------------------------------------ garbage collection
 
     @on_storage
     def gc(self, keep: int = 3, grace_s: float = 3600.0, dry_run: bool = False) -> list[str]:
         """Remove old generations; returns the names removed (or, ``dry_run``, that would be).
 
-        Kept: ``current``; the ``keep`` newest published; every published generation
-        replaced less than ``grace_s`` seconds ago (a reader may still be bound to it); every
-        generation a live driver is writing. Removed: older published ones, abandoned ones,
-        and unpublished ones whose driver stopped (no renewed lease) more than ``grace_s`` ago.
-        :meth:`gc_plan` says why for each generation.
+        Kept: ``current``; the ``keep`` newest published; every generation a live reader
+        holds (:meth:`hold`); every published generation replaced less than ``grace_s``
+        seconds ago (a reader that holds no lease may still be bound to it); every generation
+        a live driver is writing. Removed: older published ones, abandoned ones, and
+        unpublished ones whose driver stopped (no renewed lease) more than ``grace_s`` ago;
+        also the lease records of readers that stopped. :meth:`gc_plan` says why for each
+        generation.
         """
         plan = self.gc_plan(keep, grace_s)
         victims = [p["name"] for p in plan if p["remove"]]
-        if dry_run or not victims:
+        if dry_run:
+            return victims
+        gone_readers = [
+            r["token"]
+            for r in self.readers()
+            if lease_state(r) not in ("live", "mine") or r.get("generation") in victims
+        ]
+        if gone_readers:  # the records of readers that stopped: nothing holds them any more
+            self._drop_readers(gone_readers)
+        if not victims:
             return victims
         root = self._root("r+")
         for name in victims:
@@ -619,21 +716,36 @@ class SaliencyStore:
         root_attrs = dict(root.attrs)
         published = root_attrs["published"]
         kept = set(sorted(published, key=lambda n: (published[n], n))[-keep:])
+        bound: dict[str, dict] = {}  # generation -> a live reader's lease
+        for record in self.readers():
+            if lease_state(record) in ("live", "mine"):
+                bound.setdefault(record.get("generation"), record)
         plan = []
         for name in self._names(root):
             attrs = dict(root[name].attrs)
             status = self._status(name, attrs, root_attrs)
-            remove, reason = self._verdict(name, status, attrs, root_attrs, kept, grace_s)
+            remove, reason = self._verdict(
+                name, status, attrs, root_attrs, kept, bound.get(name), grace_s
+            )
             plan.append({"name": name, "status": status, "remove": remove, "reason": reason})
         return plan
 
     def _verdict(
-        self, name: str, status: str, attrs: dict, root_attrs: dict, kept: set, grace_s: float
+        self,
+        name: str,
+        status: str,
+        attrs: dict,
+        root_attrs: dict,
+        kept: set,
+        reader: dict | None,
+        grace_s: float,
     ) -> tuple[bool, str]:
         if name == root_attrs.get("current"):
             return False, "current"
         if name in kept:
             return False, f"among the {len(kept)} newest published"
+        if reader is not None:
+            return False, f"held by a reader: {reader.get('holder')} ({describe_writer(reader)})"
         if status == "published":
             replaced = root_attrs["replaced"].get(name)
             if replaced is None or age_s(replaced) < grace_s:
@@ -641,10 +753,25 @@ class SaliencyStore:
             return True, f"replaced {age_s(replaced):.0f} s ago"
         if status == "abandoned":
             return True, "abandoned"
+        return self._unpublished_verdict(status, attrs, grace_s)
+
+    @staticmethod
+    def _unpublished_verdict(status: str, attrs: dict, grace_s: float) -> tuple[bool, str]:
+        """A generation being written is kept; one whose driver is gone (dead, silent, or
+        none holds it) is kept ``grace_s`` after the driver's last renewal, for resuming."""
         writer = attrs.get("writer")
         if lease_state(writer) in ("live", "mine"):
             return False, f"being written ({describe_writer(writer)})"
+        driver = {
+            "dead": f"its driver (pid {(writer or {}).get('pid')}) is dead",
+            "silent": f"its driver (pid {(writer or {}).get('pid')} on host "
+            f"{(writer or {}).get('host')}) stopped renewing its lease",
+            "none": "no driver holds it",
+        }[gone(writer)]
         last = (writer or {}).get("renewed") or attrs.get("created")
         if last is None or age_s(last) < grace_s:
-            return False, f"{status}, its driver seen less than {grace_s:g} s ago"
-        return True, f"{status}, its driver gone for {age_s(last):.0f} s"
+            return False, (
+                f"{status}, {driver}; kept for a resuming refresh until {grace_s:g} s after "
+                "its last renewal"
+            )
+        return True, f"{status}, {driver}, last renewed {age_s(last):.0f} s ago"

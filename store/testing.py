@@ -24,6 +24,7 @@ from salient.store.store import SaliencyStore
 __all__ = [
     "SyntheticDataset",
     "hold_generation",
+    "hold_reader",
     "open_or_create",
     "publish_generations",
     "synthetic_dataset",
@@ -162,6 +163,14 @@ def hold_generation(url: str, seed: int, shards: list[int], ready) -> None:
     store.keep_alive(writer)
     for shard in shards:
         _write(writer, store, shard, seed)
+    ready.set()
+    time.sleep(3600)
+
+
+def hold_reader(url: str, generation: str, holder: str, ready) -> None:
+    """Child process (a reader that stays, e.g. a training run): hold a reader's lease on
+    ``generation``, set ``ready``, then wait to be killed."""
+    SaliencyStore.open(url).hold(generation, holder)
     ready.set()
     time.sleep(3600)
 

@@ -247,7 +247,10 @@ def test_store_reader_returns_the_stored_head_rows(heads_store):
 
 @pytest.mark.parametrize(
     "bad, words",
-    [({"head_maps": 0}, "head_maps must be a positive integer"), ({"gpa_target": True}, "turn one of")],
+    [
+        ({"head_maps": 0}, "head_maps must be a positive integer"),
+        ({"gpa_target": True}, "turn one of"),
+    ],
 )
 def test_config_refuses_bad_head_settings(demo_data, bad, words):
     with pytest.raises(LoaderError, match=words):

@@ -460,8 +460,11 @@ def test_device_decode_path_on_cpu_matches_the_worker_path(demo_data, box_store)
 
 def test_stats_are_a_plain_record():
     stats = EpochStats(epoch=1, rank=0, generation=None)
-    stats.absorb({"corrupt": [4, 4, 7], "shard_errors": 1, "store_reads": 2})
+    chunk = {"corrupt": [4, 4, 7], "shard_errors": 1, "store_reads": 2}
+    stats.absorb({**chunk, "corrupt_maps": [(0, 10), (20, 30)], "damaged": []})
+    stats.absorb({**chunk, "corrupt_maps": [(20, 30), (25, 32)], "damaged": []})  # a 2nd pass
     assert stats.as_dict()["corrupt_ids"] == [4, 7] and stats.corrupt == 2
+    assert stats.corrupt_maps == 22  # ids 0..9 and 20..31, each once
     json.dumps(stats.as_dict())
 
 

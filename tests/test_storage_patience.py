@@ -1,0 +1,175 @@
+"""Storage with finite patience, against a real S3 endpoint that stalls or goes away.
+
+The endpoint is moto's server in a child process of its own (``python -m moto.server``), so a
+test can stop it (SIGSTOP: it accepts connections and never answers) or kill it. Clients reach
+it only through the storage options (``endpoint_url``), with a read timeout of 1 s and one
+attempt per request so a stall ends within seconds; the defaults are checked separately.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from salient import urls
+from salient.store import SaliencyStore
+from salient.store.testing import synthetic_dataset, synthetic_teacher
+from salient.store.paths import store_like
+
+BUCKET = "salient-patience"
+FAST = {"config_kwargs": {"read_timeout": 1, "retries": {"total_max_attempts": 1}}}
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def endpoint(s3_endpoint, tmp_path):
+    """``(s3://salient-patience, the moto server's process)``; this process's storage options
+    point at it. Everything is put back afterwards, the server continued and killed."""
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    previous = urls.storage_options()
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("moto's server did not start") from None
+                time.sleep(0.1)
+        urls.set_storage_options(
+            {"key": "k", "secret": "s", "endpoint_url": f"http://127.0.0.1:{port}", **FAST}
+        )
+        urls.filesystem(f"s3://{BUCKET}")[0].mkdir(BUCKET)
+        yield f"s3://{BUCKET}", server
+    finally:
+        urls.on_wait(None)
+        urls.set_patience(urls.PATIENCE_S)
+        urls.set_storage_options(previous)
+        if server.poll() is None:
+            server.send_signal(signal.SIGCONT)
+            server.kill()
+        server.wait(30)
+
+
+def new_store(url: str) -> tuple[SaliencyStore, str]:
+    """A store of 3 shards of 10 on S3 with one published generation."""
+    store = SaliencyStore.create(url, synthetic_dataset(30, 10), grid=4)
+    writer = store.begin_generation(synthetic_teacher(1), "cls_attn", 32, 8)
+    for shard in range(3):
+        writer.write_shard(shard, np.ones((10, 4, 4), np.float16), np.ones(10, np.uint8))
+    writer.publish()
+    return store, writer.name
+
+
+def test_every_remote_client_has_timeouts_that_storage_options_override(s3_endpoint):
+    previous = urls.storage_options()
+    try:
+        urls.set_storage_options({"key": "k", "secret": "s"})
+        fs, _ = urls.filesystem("s3://any-bucket")
+        fs.connect()  # builds the botocore client; no request
+        config = fs.s3.meta.config
+        assert (config.connect_timeout, config.read_timeout) == (urls.CONNECT_S, urls.READ_S)
+        assert config.retries == {"total_max_attempts": urls.S3_ATTEMPTS, "mode": "standard"}
+        assert fs.retries == urls.S3FS_TRIES  # s3fs's own tries around each call
+        zarr_fs = store_like("s3://any-bucket/s.zarr")["store"].fs  # what the store opens
+        assert zarr_fs.asynchronous and zarr_fs.retries == urls.S3FS_TRIES
+
+        urls.set_storage_options({"key": "k", "secret": "s", **FAST})  # --storage-option
+        fs, _ = urls.filesystem("s3://any-bucket")
+        fs.connect()
+        config = fs.s3.meta.config
+        assert (config.connect_timeout, config.read_timeout) == (urls.CONNECT_S, 1)
+        assert config.retries == {"total_max_attempts": 1, "mode": "standard"}  # merged
+    finally:
+        urls.set_storage_options(previous)
+    http, _ = urls.filesystem("http://127.0.0.1:9/data")
+    timeout = http.client_kwargs["timeout"]
+    assert (timeout.sock_connect, timeout.sock_read, timeout.total) == (10, 15, None)
+    gcs = urls.fsspec_options("gs://bucket/d")["requests_timeout"]  # gcsfs: per request
+    assert (gcs.sock_connect, gcs.sock_read, gcs.total) == (10, 15, None)
+    assert "config_kwargs" not in urls.fsspec_options("memory://x")
+
+
+def test_a_stalled_endpoint_heartbeats_then_ends_in_one_line_and_a_rerun_goes_on(endpoint):
+    bucket, server = endpoint
+    store, name = new_store(f"{bucket}/s.zarr")
+    beats: list[tuple[str, float]] = []
+    urls.on_wait(lambda url, seconds: beats.append((url, seconds)), every_s=0.5)
+    server.send_signal(signal.SIGSTOP)  # accepts connections, never answers
+    with pytest.raises(urls.StorageError) as stalled:
+        store.current()
+    message = str(stalled.value)
+    assert message.startswith(f"{store.url}: the endpoint stopped answering (Read timeout")
+    assert "rerun when it answers" in message and "\n" not in message and len(message) < 400
+    assert beats and {url for url, _ in beats} == {store.url}  # the heartbeat named the store
+    assert [s for _, s in beats] == [0.5 * (i + 1) for i in range(len(beats))]
+
+    server.send_signal(signal.SIGCONT)
+    assert store.current() == name  # nothing was lost: the same call now succeeds
+
+
+def test_a_stalled_upload_is_cancelled_after_its_limit(endpoint):
+    bucket, server = endpoint
+    url = f"{bucket}/big.tar"
+    urls.set_patience(1)
+    data = os.urandom(8 * 2**20)  # more than the socket buffers hold: the write itself blocks
+    server.send_signal(signal.SIGSTOP)
+    with pytest.raises(urls.StorageError) as stalled:
+        urls.write_bytes(url, data)
+    limit = urls.upload_limit_s(len(data))
+    assert str(stalled.value) == (
+        f"{url}: the endpoint stopped answering: an upload of {len(data)} bytes did not finish "
+        f"within {limit:.0f} s; nothing was written under that name — rerun when it answers"
+    )
+    server.send_signal(signal.SIGCONT)
+    assert urls.read_bytes(url) is None  # no half object under the final name
+    urls.write_bytes(url, data)  # the rerun
+    assert urls.read_bytes(url) == data
+
+
+def test_an_endpoint_gone_keeps_the_first_error_when_the_lease_cannot_be_released(endpoint):
+    bucket, server = endpoint
+    store, _ = new_store(f"{bucket}/s.zarr")
+    writer = store.begin_generation(synthetic_teacher(2), "cls_attn", 32, 8)
+    with pytest.raises(urls.StorageError) as gone, store.keep_alive(writer):
+        server.kill()
+        server.wait(30)
+        writer.write_shard(0, np.ones((10, 4, 4), np.float16), np.ones(10, np.uint8))
+    message = str(gone.value)
+    assert message.startswith(f"{store.url}: the endpoint cannot be reached")
+    assert "\n" not in message
+    (note,) = gone.value.__notes__  # the release failed too: a note, not the error
+    assert note.startswith(f"releasing the writer lease of {writer.name} failed too")
+
+
+def test_a_stream_read_that_stalls_heartbeats_and_ends(endpoint):
+    bucket, server = endpoint
+    url = f"{bucket}/shard-000000.tar"
+    urls.write_bytes(url, b"x" * 1000)
+    beats: list[str] = []
+    urls.on_wait(lambda waited_url, seconds: beats.append(waited_url), every_s=0.5)
+    with urls.open_read(url) as stream:  # opened while the endpoint answers
+        server.send_signal(signal.SIGSTOP)
+        with pytest.raises(Exception) as stalled:  # the client's own error type
+            stream.read()
+    error = urls.as_storage_error(url, stalled.value)  # what shards.iter_samples raises
+    assert error is not None and "the endpoint stopped answering" in str(error)
+    assert beats and set(beats) == {url}
