@@ -95,14 +95,18 @@ def _graph(root: Path) -> tuple[dict[str, set[str]], list[str]]:
                 and not _within(target, runtime)
             ):
                 problems.append(f"{where}: {name} (shared Ray plumbing) imports the job {target}")
-            if kind != "typing" and not _is_package_of(target, name):
-                graph[name].add(target)
+            if kind != "typing":
+                graph[name].update(_run_by_import(target, name, modules))
     return graph, list(dict.fromkeys(problems))
 
 
-def _is_package_of(package: str, module: str) -> bool:
-    """Importing a module runs its packages' ``__init__``: that edge is not a cycle."""
-    return module.startswith(package + ".")
+def _run_by_import(target: str, importer: str, modules: dict[str, Path]) -> set[str]:
+    """What importing ``target`` from ``importer`` runs: ``target`` and every package above it
+    (each package's ``__init__`` runs first), except the packages ``importer`` is inside
+    (theirs ran before it did)."""
+    parts = target.split(".")
+    chain = {".".join(parts[:i]) for i in range(2, len(parts) + 1)} & set(modules)
+    return {m for m in chain if not importer.startswith(m + ".") and m != importer}
 
 
 def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -174,6 +178,9 @@ def _plant(tmp_path: Path, files: dict[str, str]) -> Path:
         ({"jobs/runtime/__init__.py": "", "jobs/runtime/a.py": "import salient.jobs.train\n",
           "jobs/train.py": "x = 1\n"}, "shared Ray plumbing"),
         ({"jobs/a.py": "from salient.jobs.b import x\ny = 1\n", "jobs/b.py": "from salient.jobs.a import y\nx = 1\n"},
+         "import cycle"),
+        ({"jobs/t/__init__.py": "from salient.jobs.t.d import r\n", "jobs/t/d.py": "from salient.jobs.e import f\nr = 1\n",
+          "jobs/t/c.py": "c = 1\n", "jobs/e.py": "from salient.jobs.t.c import c\nf = 1\n"},
          "import cycle"),
     ],
 )  # fmt: skip

@@ -20,8 +20,8 @@ import pytest
 
 from salient import urls
 from salient.store import SaliencyStore
-from salient.store.testing import synthetic_dataset, synthetic_teacher
 from salient.store.paths import store_like
+from salient.store.testing import synthetic_dataset, synthetic_teacher
 
 BUCKET = "salient-patience"
 FAST = {"config_kwargs": {"read_timeout": 1, "retries": {"total_max_attempts": 1}}}

@@ -15,6 +15,7 @@ eval and the console are shared: a new method is one :class:`Family` in :data:`F
   (a discriminator's) and the state these keep in the checkpoint.
 - ``loader_fields(settings)``: the ``LoaderConfig`` fields the family's batches need beyond
   the masked-image batch (multi-crop views, per-head maps), or ``{}``.
+- ``settings(run) -> dict``: ``build``'s keywords from a run's settings (``TrainConfig``).
 - ``clip(model, max_norm) -> norm``: how the loop clips gradients at ``--clip-grad``
   (None: the global norm, torch's ``clip_grad_norm_``; iBOT clips each parameter on its own);
   returns the norm before clipping for the step's record.
@@ -41,21 +42,24 @@ from salient.trainer.automae import (
     automae_loader_fields,
     build_automae,
 )
-from salient.trainer.ibot import build_ibot
+from salient.trainer.ibot import IBOT_MODELS, build_ibot
 from salient.trainer.ibot_step import (
     clip_per_parameter,
     ibot_forward,
     ibot_hooks,
     ibot_loader_fields,
 )
-from salient.trainer.models import build_model
+from salient.trainer.models import MODELS, build_model
 from salient.trainer.steps import StepHooks
 
 __all__ = [
     "FAMILIES",
+    "MODEL_FAMILIES",
     "Family",
+    "family_of",
     "loss_targets",
     "masked_image_forward",
+    "masked_image_settings",
     "move_batch",
 ]
 
@@ -88,6 +92,18 @@ def masked_image_forward(
     return loss, {}
 
 
+def masked_image_settings(run: Any) -> dict:
+    """MAE's and SimMIM's ``build`` keywords from a run's settings (a ``TrainConfig``, or a
+    checkpoint's config, where an older run may lack the optional ones: their defaults)."""
+    return {
+        "name": run.model,
+        "image_size": run.image_size,
+        "patch_size": run.patch_size,
+        "norm_pix_loss": getattr(run, "norm_pix_loss", False),
+        "gpa_loss_weight": getattr(run, "gpa_loss_weight", 0.0),
+    }
+
+
 def _no_hooks(model: nn.Module, optimizer: torch.optim.Optimizer) -> StepHooks:
     return StepHooks()
 
@@ -108,6 +124,7 @@ class Family:
     hooks: Callable[[nn.Module, torch.optim.Optimizer], StepHooks] = field(default=_no_hooks)
     loader_fields: Callable[[Any], dict] = field(default=_no_fields)
     clip: Callable[[nn.Module, float | None], float] | None = None  # None: the global norm
+    settings: Callable[[Any], dict] = field(default=masked_image_settings)
 
 
 FAMILIES: dict[str, Family] = {
@@ -129,3 +146,15 @@ FAMILIES: dict[str, Family] = {
         loader_fields=automae_loader_fields,
     ),
 }
+
+# Every model name a run can ask for, and the family it belongs to by default (AutoMAE trains
+# the mae-* models, so it is chosen by the family, not the name).
+MODEL_FAMILIES: dict[str, str] = {
+    **{name: spec.kind for name, spec in MODELS.items()},
+    **dict.fromkeys(IBOT_MODELS, "ibot"),
+}
+
+
+def family_of(model: str, family: str | None = None) -> str:
+    """The family a run trains: ``family`` when given, else the model's own."""
+    return family or MODEL_FAMILIES[model]

@@ -27,6 +27,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 from salient import urls
 from salient.errors import SalientError
@@ -39,7 +40,7 @@ from salient.jobs.runtime.shard_pool import ActorInputs, run_shards, started_poo
 from salient.pipeline.manifest import open_dataset
 from salient.settings import check_fields, ranged
 from salient.trainer.checkpoint import load_checkpoint, save_checkpoint
-from salient.trainer.models import MODELS, build_model
+from salient.trainer.family import FAMILIES, MODEL_FAMILIES, family_of
 from salient.trainer.probes import knn_probe, linear_probe
 from salient.trainer.teacher_load import load_teacher
 
@@ -197,8 +198,8 @@ def _load_encoder(config: EvalConfig, checkpoint: str, image_size: int, baseline
 def initial_checkpoint(checkpoint: str, out: str | Path) -> str:
     """The random initialisation of a salient checkpoint's run, saved once under ``out``.
 
-    Rebuilt as the trainer builds it (``build_model`` after seeding with the run's seed), so
-    it is the very encoder the run started from. ``timm:NAME`` specs give ``timm:NAME``
+    Rebuilt as the trainer builds it (the run's family and model after seeding with the run's
+    seed), so it is the very encoder the run started from. ``timm:NAME`` specs give ``timm:NAME``
     (random weights, seeded, by ``load_teacher``). Raises EvalError for a checkpoint that
     does not record a salient model.
     """
@@ -207,11 +208,12 @@ def initial_checkpoint(checkpoint: str, out: str | Path) -> str:
     if checkpoint.startswith("timm:"):
         return checkpoint
     config = load_checkpoint(checkpoint)["config"]
-    if config.get("model") not in MODELS:
+    if config.get("model") not in MODEL_FAMILIES:
         raise EvalError(
             f"--baseline needs a salient training checkpoint; {checkpoint} records model "
             f"{config.get('model')!r}"
         )
+    run = SimpleNamespace(**config)  # the run's settings, as its family's builder reads them
     seed = config.get("seed", 0)
     name = f"init-{config['model']}-{config['image_size']}px-p{config['patch_size']}-seed{seed}"
     path = Path(out) / "baseline" / f"{name}.pt"  # what the init depends on, nothing else
@@ -219,12 +221,8 @@ def initial_checkpoint(checkpoint: str, out: str | Path) -> str:
         path.parent.mkdir(parents=True, exist_ok=True)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # as salient.jobs.train.worker builds it
-            model = build_model(
-                config["model"],
-                config["image_size"],
-                config["patch_size"],
-                norm_pix_loss=config.get("norm_pix_loss", False),
-            )
+            family = FAMILIES[family_of(run.model, config.get("family"))]
+            model = family.build(**family.settings(run))
         save_checkpoint(path, model, None, None, 0, 0, None, config)
     return str(path)
 

@@ -22,8 +22,8 @@ from salient.pipeline.masking import (
     default_ratios,
 )
 from salient.settings import check_fields, flag_of, ranged
+from salient.trainer.family import FAMILIES, MODEL_FAMILIES, family_of
 from salient.trainer.loop import TrainError
-from salient.trainer.models import MODELS
 from salient.trainer.teacher import MAP_KINDS, REDUCES
 
 __all__ = ["TrainConfig", "resolved"]
@@ -43,8 +43,11 @@ class TrainConfig:
     store: str | None = None
     """Saliency store path or URL the strategy reads and the refreshes write (created by the
     first refresh)."""
-    model: str = field(default="mae-tiny", metadata={"choices": lambda: MODELS})
-    """Model: MAE or SimMIM with a ViT-Ti / S / B encoder (micro: tests only)."""
+    model: str = field(default="mae-tiny", metadata={"choices": lambda: MODEL_FAMILIES})
+    """Model: MAE, SimMIM or iBOT with a ViT-Ti / S / B encoder (micro: tests only)."""
+    family: str | None = field(default=None, metadata={"choices": lambda: FAMILIES})
+    """Pretraining method (mae, simmim, ibot, automae); unset: the model's own (mae-* trains
+    MAE; AutoMAE trains an mae-* model with its learned masks)."""
     strategy: str = field(default="amt", metadata={"choices": lambda: STRATEGIES})
     """Mask strategy after the warmup (README, "Mask strategies")."""
     mask_ratio: float | None = field(default=None, metadata=ranged(gt=0, lt=1))
@@ -152,7 +155,7 @@ class TrainConfig:
     training GPU), else 1."""
     refresh_cpus: float = field(default=0.5, metadata=ranged(gt=0))
     """Ray CPUs per refresh actor."""
-    refresh_gpus: float | None = field(default=None, metadata=ranged(ge=0))
+    refresh_gpus: float | None = None
     """GPUs per refresh actor: a fraction shares a training GPU (each train worker leaves it
     free), a whole number takes dedicated GPUs; unset = 0.25 with --gpu, else 0."""
     refresh_batch_size: int = field(default=64, metadata=ranged(ge=1))
@@ -183,9 +186,8 @@ class TrainConfig:
 
     @property
     def framework(self) -> str:
-        """``"mae"`` or ``"simmim"``: the model's kind."""
-
-        return MODELS[self.model].kind
+        """The pretraining family (``trainer.family.FAMILIES``): ``family``, else the model's."""
+        return family_of(self.model, self.family)
 
     @property
     def unit(self) -> int:
@@ -375,7 +377,7 @@ def _check_model(c: TrainConfig) -> None:
             f"--image-size {c.image_size} is not a multiple of --patch-size "
             f"{c.patch_size}; use e.g. {max(1, c.image_size // c.patch_size) * c.patch_size}"
         )
-    if c.norm_pix_loss and MODELS[c.model].kind != "mae":
+    if c.norm_pix_loss and c.framework not in ("mae", "automae"):
         raise TrainError("--norm-pix-loss is an MAE option; SimMIM regresses raw pixels (L1)")
 
 

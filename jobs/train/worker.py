@@ -201,13 +201,7 @@ def _build(config: TrainConfig, device: torch.device, steps_per_epoch: int):
     schedule, and the family's step hooks."""
     family = FAMILIES[config.framework]
     torch.manual_seed(config.seed)
-    model = family.build(
-        name=config.model,
-        image_size=config.image_size,
-        patch_size=config.patch_size,
-        norm_pix_loss=config.norm_pix_loss,
-        gpa_loss_weight=config.gpa_loss_weight,
-    ).to(device)
+    model = family.build(**family.settings(config)).to(device)
     optimizer = build_optimizer(model, config.base_lr, config.weight_decay, config.betas)
     ddp = torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None
