@@ -45,10 +45,19 @@ class Cluster:
     procs: list
 
 
+_TAKEN: set[int] = set()  # ports handed out in this session: never the same one twice
+
+
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now and not handed out before (the OS may offer a just-released one
+    again, and Ray refuses two of its components on one port)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _TAKEN:
+            _TAKEN.add(port)
+            return port
 
 
 def _node_args() -> list[str]:
