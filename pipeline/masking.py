@@ -419,7 +419,7 @@ def plan_mask_flags(
     ``main_attmask.py``: one ``get_pred_ratio()`` per batch); ``strategy`` plans every row
     through :func:`plan_masks` (nothing thrown; ``options`` as there, ``random_rows`` planned
     uniformly at random); then each row keeps its plan with probability ``mask_prob`` and is
-    otherwise left unmasked (AttMask's ``masking_prob``; iBOT's ``--pred_ratio 0 0.3``
+    otherwise left unmasked (AttMask's ``masking_prob``; iBOT's ``pred_ratio`` of (0, 0.3)
     picks ratio 0 for half the images). Unlike MAE's schedule (``plan_masks``'s
     ``mask_prob``), a row that is not picked has no masked patch: iBOT still trains it
     through its [CLS] loss. Raises MaskError as :func:`plan_masks`.

@@ -147,9 +147,9 @@ class TrainConfig:
     momentum_teacher: float = field(
         default=IBOTSettings.momentum_teacher, metadata=ranged(ge=0, le=1)
     )
-    """iBOT: EMA momentum of the teacher, on a cosine to 1 (README: --momentum_teacher 0.996)."""
+    """iBOT: EMA momentum of the teacher, a cosine to 1 (AttMask README: momentum_teacher 0.996)."""
     teacher_temp: float = field(default=IBOTSettings.teacher_temp, metadata=ranged(gt=0))
-    """iBOT: teacher temperature of the [CLS] after the warm-up (README: --teacher_temp 0.07)."""
+    """iBOT: [CLS] teacher temperature after its warm-up (AttMask README: teacher_temp 0.07)."""
     warmup_teacher_temp: float = field(
         default=IBOTSettings.warmup_teacher_temp, metadata=ranged(gt=0)
     )
@@ -161,33 +161,33 @@ class TrainConfig:
     warmup_teacher_patch_temp: float = field(
         default=IBOTSettings.warmup_teacher_patch_temp, metadata=ranged(gt=0)
     )
-    """iBOT: patch temperature at epoch 0 (main_ibot.py --warmup_teacher_patch_temp 0.04)."""
+    """iBOT: patch temperature at epoch 0 (main_ibot.py warmup_teacher_patch_temp 0.04)."""
     warmup_teacher_temp_epochs: int = field(
         default=IBOTSettings.warmup_teacher_temp_epochs, metadata=ranged(ge=1)
     )
-    """iBOT: epochs of the temperatures' warm-up (README: --warmup_teacher_temp_epochs 30)."""
+    """iBOT: epochs of the temperatures' warm-up (AttMask README: warmup_teacher_temp_epochs 30)."""
     norm_last_layer: bool = IBOTSettings.norm_last_layer
-    """iBOT: freeze the head's last-layer norm at 1 (README ViT-S: --norm_last_layer False)."""
+    """iBOT: freeze the head's last-layer norm at 1 (AttMask README: norm_last_layer False)."""
     out_dim: int | None = field(default=None, metadata=ranged(ge=1))
-    """iBOT: head output dimension; unset: 8192 (README: --out_dim 8192; micro: 64)."""
+    """iBOT: head output dimension; unset: 8192 (AttMask README: out_dim 8192; micro: 64)."""
     drop_path: float = field(default=IBOTSettings.drop_path, metadata=ranged(ge=0, lt=1))
-    """iBOT: stochastic depth of the student (main_ibot.py --drop_path 0.1)."""
+    """iBOT: stochastic depth of the student (main_ibot.py drop_path 0.1)."""
     lambda1: float = field(default=IBOTSettings.lambda1, metadata=ranged(ge=0))
-    """iBOT: weight of the [CLS] distillation loss (main_ibot.py --lambda1 1.0)."""
+    """iBOT: weight of the [CLS] distillation loss (main_ibot.py lambda1 1.0)."""
     lambda2: float = field(default=IBOTSettings.lambda2, metadata=ranged(ge=0))
-    """iBOT: weight of the masked-patch loss (main_ibot.py --lambda2 1.0)."""
+    """iBOT: weight of the masked-patch loss (main_ibot.py lambda2 1.0)."""
     weight_decay_end: float = field(default=IBOTSettings.weight_decay_end, metadata=ranged(ge=0))
     """iBOT: weight decay at the end, a cosine per step from --weight-decay (main_ibot.py
-    --weight_decay 0.04 --weight_decay_end 0.4)."""
+    weight_decay 0.04, weight_decay_end 0.4)."""
     freeze_last_layer: int = field(default=IBOTSettings.freeze_last_layer, metadata=ranged(ge=0))
-    """iBOT: epochs the head's last layer is frozen (main_ibot.py --freeze_last_layer 1)."""
+    """iBOT: epochs the head's last layer is frozen (main_ibot.py freeze_last_layer 1)."""
     local_crops: int = field(default=MultiCrop.local_crops, metadata=ranged(ge=0))
-    """iBOT: local crops per image beside the 2 global ones (README: --local_crops_number 10)."""
+    """iBOT: local crops per image beside 2 global ones (AttMask README: local_crops_number 10)."""
     local_size: int = field(default=MultiCrop.local_size, metadata=ranged(ge=1))
     """iBOT: side of the local crops in pixels (DataAugmentationiBOT: 96 beside 224)."""
     local_scale: tuple[float, float] = MultiCrop.local_scale
-    """iBOT: area range of the local crops (README: --local_crops_scale 0.05 0.25); the
-    global crops take --crop-scale (README: --global_crops_scale 0.25 1)."""
+    """iBOT: area range of the local crops (AttMask README: local_crops_scale 0.05 0.25); the
+    global crops take --crop-scale (AttMask README: global_crops_scale 0.25 1)."""
     seed: int = 0
     """Seed of the model, crops and masks (a run is reproducible for a seed)."""
     loader_workers: int = field(default=2, metadata=ranged(ge=0))
