@@ -60,11 +60,13 @@ COMMANDS: dict[str, Command] = {
         "unfinished shards."),
     "train": Command(
         "train", "TrainConfig", "run_train",
-        "MAE / SimMIM on Ray Train with periodic saliency refresh",
-        "Train MAE or SimMIM with DDP on Ray Train. Random masking at --warmup-mask-ratio for "
-        "the warmup epochs and until a generation exists; then the strategy. Every "
-        "--refresh-every epochs a refresh from the latest checkpoint writes a new generation, "
-        "used from the next epoch boundary. --recipe NAME starts from a paper's settings.",
+        "MAE / SimMIM / iBOT on Ray Train with periodic saliency refresh",
+        "Train MAE, SimMIM or iBOT (--model ibot-*) with DDP on Ray Train. Random masking at "
+        "--warmup-mask-ratio for the warmup epochs and until a generation exists; then the "
+        "strategy. Every --refresh-every epochs a refresh from the latest checkpoint writes a "
+        "new generation, used from the next epoch boundary. iBOT masks on its own schedule from "
+        "the first step, by default from its EMA teacher's attention in the step "
+        "(--saliency-source online). --recipe NAME starts from a paper's settings.",
         presets="train.recipes:RECIPES"),
     "inspect": Command(
         "inspect", "InspectConfig", "run_inspect",

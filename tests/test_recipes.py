@@ -2,7 +2,8 @@
 
 The paper table below is written from the sources, not from ``jobs/train/recipes.py``. The tiny runs
 shrink every recipe (micro model, 64 px images of 8 px patches, 8 images per worker, one
-epoch, no refresh, two batches accumulated per step) and run all six through the real worker
+epoch, no refresh, two batches accumulated per step; iBOT: 2 local crops of 16 px, a 64-d
+head) and run all of them through the real worker
 loop (``salient.jobs.train.worker.train_loop_per_worker``: loaders, DDP over gloo on 2 Ray Train workers,
 checkpoints, JSONL logs) inside ONE ``TorchTrainer.fit`` (each fit costs ~20 s here): the
 test's runner is shipped to the workers by value (``register_pickle_by_value``), and the
@@ -25,6 +26,42 @@ from salient.jobs.train.driver import TrainError
 from salient.jobs.train.recipes import RECIPES, recipe_config, recipe_names, resolve_recipe
 from salient.pipeline.manifest import open_dataset
 from salient.store import SaliencyStore
+
+# AttMask's README "Full ImageNet-1k pre-training", ViT-S/16 100 epochs, and the defaults of
+# its main_attmask.py where the command is silent
+IBOT_100 = {
+    "model": ("ibot-small", "AttMask README: --arch vit_small, patch 16"),
+    "epochs": (100, "AttMask README: --epochs 100"),
+    "effective_batch": (240, "AttMask README: --nproc_per_node=4 --batch_size_per_gpu 60"),
+    "batch_size": (60, "AttMask README: --batch_size_per_gpu 60"),
+    "blr": (5e-4, "main_attmask.py --lr 0.0005, scaled by batch / 256"),
+    "min_lr": (1e-6, "main_attmask.py --min_lr 1e-6"),
+    "lr_warmup_epochs": (10, "main_attmask.py --warmup_epochs 10"),
+    "warmup_epochs": (0, "main_attmask.py --pred_start_epoch 0"),
+    "weight_decay": (0.04, "main_attmask.py --weight_decay 0.04"),
+    "weight_decay_end": (0.4, "main_attmask.py --weight_decay_end 0.4"),
+    "betas": ((0.9, 0.999), "main_attmask.py: torch.optim.AdamW defaults"),
+    "clip_grad": (3.0, "main_attmask.py --clip_grad 3.0"),
+    "freeze_last_layer": (1, "main_attmask.py --freeze_last_layer 1"),
+    "drop_path": (0.1, "main_attmask.py --drop_path 0.1"),
+    "norm_last_layer": (False, "AttMask README: --norm_last_layer False"),
+    "momentum_teacher": (0.996, "AttMask README: --momentum_teacher 0.996"),
+    "teacher_temp": (0.07, "AttMask README: --teacher_temp 0.07"),
+    "warmup_teacher_temp": (0.04, "main_attmask.py --warmup_teacher_temp 0.04"),
+    "warmup_teacher_temp_epochs": (30, "AttMask README: --warmup_teacher_temp_epochs 30"),
+    "teacher_patch_temp": (0.07, "main_attmask.py --teacher_patch_temp 0.07"),
+    "warmup_teacher_patch_temp": (0.04, "main_attmask.py --warmup_teacher_patch_temp 0.04"),
+    "lambda1": (1.0, "main_attmask.py --lambda1 1.0"),
+    "lambda2": (1.0, "main_attmask.py --lambda2 1.0"),
+    "out_dim": (8192, "AttMask README: --out_dim 8192"),
+    "crop_scale": ((0.25, 1.0), "AttMask README: --global_crops_scale 0.25 1"),
+    "local_crops": (10, "AttMask README: --local_crops_number 10"),
+    "local_size": (96, "main_attmask.py: RandomResizedCrop(96, ...)"),
+    "local_scale": ((0.05, 0.25), "AttMask README: --local_crops_scale 0.05 0.25"),
+    "image_size": (224, "main_attmask.py: RandomResizedCrop(224, ...)"),
+    "mask_ratio": (0.3, "AttMask README: --pred_ratio 0.3"),
+    "throw_ratio": (0.0, "iBOT encodes every token"),
+}
 
 # recipe -> {field: (value, source)}: the papers' numbers
 PAPERS = {
@@ -93,6 +130,33 @@ PAPERS = {
         "saliency_reduce": ("mean", "AttMask code: CLS attention .mean(1) over heads"),
         "warmup_epochs": (0, "AttMask code: pred_start_epoch 0"),
     },
+    "ibot": {
+        **IBOT_100,
+        "strategy": ("block", "iBOT main_ibot.py --pred_shape block (its default)"),
+        "strategy_options": (
+            {"mask_prob": 0.5, "ratio_var": 0.2},
+            "iBOT README ViT-S: --pred_ratio 0 0.3 --pred_ratio_var 0 0.2 (half the images)",
+        ),
+    },
+    "attmask-ibot-high": {
+        **IBOT_100,
+        "strategy": ("attmask_high", "AttMask README: --pred_shape attmask_high"),
+        "strategy_options": (
+            {"mask_prob": 0.5, "ratio_var": 0.2},
+            "AttMask README: --masking_prob 0.5 --pred_ratio_var 0.2",
+        ),
+        "saliency_source": ("online", "AttMask main_attmask.py: the teacher's attention"),
+        "saliency_reduce": ("mean", "AttMask main_attmask.py: [:, :, 0, 1:].mean(1)"),
+    },
+    "attmask-ibot-hint": {
+        **IBOT_100,
+        "strategy": ("attmask_hint", "AttMask README: --pred_shape attmask_hint"),
+        "strategy_options": (
+            {"mask_prob": 0.5, "ratio_var": 0.2, "hint_pool": 0.1},
+            "AttMask README: --masking_prob 0.5 --pred_ratio_var 0.2 --show_max 0.1",
+        ),
+        "saliency_source": ("online", "AttMask main_attmask.py: the teacher's attention"),
+    },
     "gpa-mae": {
         "strategy": ("gpa", "GPA Sec. 3.2"),
         "mask_ratio": (0.75, "GPA Sec. 4.1: alpha = 0.75"),
@@ -131,6 +195,9 @@ def test_recipes_resolve_on_the_papers_hardware():
     assert gpa.accum_steps == 16  # its README: --batch_size 128 --accum_iter 16
     simmim = recipe_config("amt-simmim", data="d", store="s", workers=16)
     assert simmim.unit == 2 and simmim.accum_steps == 1 and simmim.base_lr == pytest.approx(4e-4)
+    attmask = recipe_config("attmask-ibot-hint", data="d", workers=4)  # AttMask: 4 GPUs
+    assert (attmask.batch_size, attmask.accum_steps, attmask.global_batch) == (60, 1, 240)
+    assert attmask.base_lr == pytest.approx(5e-4 * 240 / 256)  # main_attmask.py's rule
     with pytest.raises(TrainError, match="--effective-batch 4096 is not a multiple"):
         recipe_config("mae", data="d", workers=3)
     with pytest.raises(TrainError, match="--accum-iter 2 gives 256 images per step"):
@@ -185,13 +252,15 @@ def make_store(path: Path, data: Path, kind: str) -> str:
 def tiny(name: str, data: Path, root: Path, stores: dict):
     recipe = resolve_recipe(name)
     kind = "gpa" if recipe.get("gpa_loss_weight") else "cls_attn"
-    needs_store = recipe["strategy"] != "random"
+    reads_store = recipe["strategy"] not in ("random", "block")
+    needs_store = reads_store and recipe.get("saliency_source") != "online"
+    ibot = {"local_crops": 2, "local_size": 16, "out_dim": 64} if "local_crops" in recipe else {}
     return recipe_config(
         name,
         data=str(data),
         store=str(stores[kind]) if needs_store else None,
         run_dir=str(root / name),
-        model=recipe["model"].replace("-base", "-micro"),
+        model=recipe["model"].replace("-base", "-micro").replace("-small", "-micro"),
         image_size=64,
         patch_size=8,
         mask_unit=16 if recipe["mask_unit"] else None,  # 2 x 2 patches, as SimMIM's 32 / 16
@@ -205,6 +274,7 @@ def tiny(name: str, data: Path, root: Path, stores: dict):
         refresh_every=0,
         loader_workers=0,
         log_details=True,
+        **ibot,  # iBOT: 2 local crops of 16 px beside the 64 px global ones, a 64-d head
     )
 
 
@@ -258,6 +328,7 @@ def test_each_recipe_trains_one_tiny_epoch(tiny_runs, name):
     assert epoch["epochs_done"] == 1 and epoch["step"] == 3  # 6 batches, 2 per step
     assert epoch["strategy"] == config.strategy and math.isfinite(epoch["loss"])
     assert (epoch["mask_ratio"], epoch["throw_ratio"]) == (config.mask_ratio, config.throw_ratio)
+    assert epoch["maps"] == config.maps  # AttMask on iBOT: "online", its teacher's in the step
     if config.needs_saliency:  # the recipe's own masking, from the store's maps
         kind = "gpa" if config.gpa_loss_weight else "cls_attn"
         assert epoch["generation"] == tiny_runs["generations"][kind]
@@ -271,3 +342,6 @@ def test_each_recipe_trains_one_tiny_epoch(tiny_runs, name):
     assert ckpt["scheduler"]["base_lr"] == pytest.approx(config.blr * 2 * 8 * 2 / 256)
     assert ckpt["decoder_kwargs"].get("gpa_head", False) == (config.gpa_loss_weight > 0)
     assert (config.unit == 2) == (name in ("simmim", "amt-simmim"))
+    assert (ckpt["decoder_kwargs"].get("kind") == "ibot") == name.startswith(
+        ("ibot", "attmask-ibot")
+    )

@@ -16,13 +16,16 @@ from salient.pipeline.crops import INTERPOLATIONS
 from salient.pipeline.loader_config import LoaderConfig
 from salient.pipeline.masking import (
     NEEDS_SALIENCY,
+    SCHEDULE_OPTIONS,
     STRATEGIES,
     MaskError,
     check_options,
     default_ratios,
 )
+from salient.pipeline.views import MultiCrop
 from salient.settings import check_fields, flag_of, ranged
 from salient.trainer.family import FAMILIES, MODEL_FAMILIES, family_of
+from salient.trainer.ibot import IBOT_SOURCES, IBOTSettings
 from salient.trainer.loop import TrainError
 from salient.trainer.teacher import MAP_KINDS, REDUCES
 
@@ -105,8 +108,9 @@ class TrainConfig:
     blr: float = field(default=1.5e-4, metadata=ranged(gt=0))
     """Base learning rate per 256 images: lr = blr × batch × workers × accum_iter / 256 (MAE's
     linear scaling rule, blr 1.5e-4); --lr sets the rate directly instead."""
-    betas: tuple[float, float] = (0.9, 0.95)
-    """AdamW's betas (MAE: 0.9, 0.95; SimMIM: 0.9, 0.999)."""
+    betas: tuple[float, float] | None = None
+    """AdamW's betas (MAE: 0.9, 0.95; SimMIM: 0.9, 0.999); unset: MAE's, or AdamW's defaults
+    (0.9, 0.999) for iBOT (main_ibot.py builds AdamW without betas)."""
     accum_iter: int | None = field(default=None, metadata=ranged(ge=1))
     """Batches per optimiser step (gradient accumulation, MAE's accum_iter): the effective
     batch is batch × workers × accum_iter; unset: from --effective-batch, else 1."""
@@ -134,6 +138,56 @@ class TrainConfig:
     gpa_loss_weight: float = field(default=0.0, metadata=ranged(ge=0))
     """Weight of GPA's second loss: the MAE decoder also predicts each masked patch's GPA
     value, read from a gpa generation (GPA eq. 7-8: weight 1); 0: off."""
+    # iBOT (--model ibot-*; AttMask). Defaults: AttMask's README ViT-S/16 commands, which
+    # are iBOT's README command at 100 epochs (trainer/ibot.py IBOTSettings cites each one).
+    saliency_source: str | None = field(default=None, metadata={"choices": lambda: IBOT_SOURCES})
+    """iBOT: where attention masks come from: online (the EMA teacher's CLS attention over
+    each global view, in the step: AttMask's main_attmask.py) or store (the store's maps,
+    refreshed from the teacher's checkpoint every --refresh-every epochs); unset: online."""
+    momentum_teacher: float = field(
+        default=IBOTSettings.momentum_teacher, metadata=ranged(ge=0, le=1)
+    )
+    """iBOT: EMA momentum of the teacher, a cosine to 1 (AttMask README: momentum_teacher 0.996)."""
+    teacher_temp: float = field(default=IBOTSettings.teacher_temp, metadata=ranged(gt=0))
+    """iBOT: [CLS] teacher temperature after its warm-up (AttMask README: teacher_temp 0.07)."""
+    warmup_teacher_temp: float = field(
+        default=IBOTSettings.warmup_teacher_temp, metadata=ranged(gt=0)
+    )
+    """iBOT: teacher temperature at epoch 0, linear to --teacher-temp (main_ibot.py: 0.04)."""
+    teacher_patch_temp: float = field(
+        default=IBOTSettings.teacher_patch_temp, metadata=ranged(gt=0)
+    )
+    """iBOT: teacher temperature of the patches after the warm-up (main_ibot.py: 0.07)."""
+    warmup_teacher_patch_temp: float = field(
+        default=IBOTSettings.warmup_teacher_patch_temp, metadata=ranged(gt=0)
+    )
+    """iBOT: patch temperature at epoch 0 (main_ibot.py warmup_teacher_patch_temp 0.04)."""
+    warmup_teacher_temp_epochs: int = field(
+        default=IBOTSettings.warmup_teacher_temp_epochs, metadata=ranged(ge=1)
+    )
+    """iBOT: epochs of the temperatures' warm-up (AttMask README: warmup_teacher_temp_epochs 30)."""
+    norm_last_layer: bool = IBOTSettings.norm_last_layer
+    """iBOT: freeze the head's last-layer norm at 1 (AttMask README: norm_last_layer False)."""
+    out_dim: int | None = field(default=None, metadata=ranged(ge=1))
+    """iBOT: head output dimension; unset: 8192 (AttMask README: out_dim 8192; micro: 64)."""
+    drop_path: float = field(default=IBOTSettings.drop_path, metadata=ranged(ge=0, lt=1))
+    """iBOT: stochastic depth of the student (main_ibot.py drop_path 0.1)."""
+    lambda1: float = field(default=IBOTSettings.lambda1, metadata=ranged(ge=0))
+    """iBOT: weight of the [CLS] distillation loss (main_ibot.py lambda1 1.0)."""
+    lambda2: float = field(default=IBOTSettings.lambda2, metadata=ranged(ge=0))
+    """iBOT: weight of the masked-patch loss (main_ibot.py lambda2 1.0)."""
+    weight_decay_end: float = field(default=IBOTSettings.weight_decay_end, metadata=ranged(ge=0))
+    """iBOT: weight decay at the end, a cosine per step from --weight-decay (main_ibot.py
+    weight_decay 0.04, weight_decay_end 0.4)."""
+    freeze_last_layer: int = field(default=IBOTSettings.freeze_last_layer, metadata=ranged(ge=0))
+    """iBOT: epochs the head's last layer is frozen (main_ibot.py freeze_last_layer 1)."""
+    local_crops: int = field(default=MultiCrop.local_crops, metadata=ranged(ge=0))
+    """iBOT: local crops per image beside 2 global ones (AttMask README: local_crops_number 10)."""
+    local_size: int = field(default=MultiCrop.local_size, metadata=ranged(ge=1))
+    """iBOT: side of the local crops in pixels (DataAugmentationiBOT: 96 beside 224)."""
+    local_scale: tuple[float, float] = MultiCrop.local_scale
+    """iBOT: area range of the local crops (AttMask README: local_crops_scale 0.05 0.25); the
+    global crops take --crop-scale (AttMask README: global_crops_scale 0.25 1)."""
     seed: int = 0
     """Seed of the model, crops and masks (a run is reproducible for a seed)."""
     loader_workers: int = field(default=2, metadata=ranged(ge=0))
@@ -176,6 +230,7 @@ class TrainConfig:
             raise TrainError(f"train needs --data DIR (got {self.data!r})")
         check_fields(self, TrainError)  # types, ranges and choices, declared with the fields
         _resolve(self)
+        _resolve_ibot(self)
         check_fields(self, TrainError)  # the ratios just resolved
         _check_counts(self)
         _check_model(self)
@@ -183,6 +238,7 @@ class TrainConfig:
         _check_strategy(self)
         _check_training(self)
         _check_resources(self)
+        _check_ibot(self)
 
     @property
     def framework(self) -> str:
@@ -196,7 +252,25 @@ class TrainConfig:
 
     @property
     def needs_saliency(self) -> bool:
-        return self.strategy in NEEDS_SALIENCY
+        """Whether the run reads maps from the store: a saliency strategy, unless iBOT plans
+        its masks from its own teacher in the step (``saliency_source`` online)."""
+        return self.strategy in NEEDS_SALIENCY and self.saliency_source != "online"
+
+    @property
+    def maps(self) -> str | None:
+        """Where the masks' maps come from: ``"online"`` (iBOT's teacher, in the step),
+        ``"store"``, or None (the strategy reads no map)."""
+        if self.strategy not in NEEDS_SALIENCY:
+            return None
+        return "store" if self.needs_saliency else "online"
+
+    @property
+    def random_warmup(self) -> bool:
+        """Whether AMT's random warm-up of the masks applies (``warmup_mask_ratio`` until
+        ``warmup_epochs`` are done and a generation exists): a run that reads the store,
+        except iBOT, which masks on its own schedule from the first step (while no map
+        exists the loader plans its views at random with iBOT's ratio and ``mask_prob``)."""
+        return self.needs_saliency and self.framework != "ibot"
 
     @property
     def refreshes(self) -> bool:
@@ -260,7 +334,9 @@ class TrainConfig:
         self, rank: int = 0, world: int = 1, device: str = "cpu", warmup: bool = False
     ) -> LoaderConfig:
         """The loader of ``rank`` of ``world``: the strategy's, or with ``warmup`` the warmup
-        epochs' (random masking at ``warmup_mask_ratio``, no store, the same mask units)."""
+        epochs' (random masking at ``warmup_mask_ratio``, no store, the same mask units), with
+        the fields the family's batches need (``Family.loader_fields``: iBOT's views)."""
+        family = FAMILIES[self.framework]
         main = LoaderConfig(
             data=self.data,
             store=self.store if self.needs_saliency else None,
@@ -281,6 +357,7 @@ class TrainConfig:
             world_size=world,
             device=device,
             epochs=self.epochs,
+            **family.loader_fields(family.settings(self)),
         )
         if not warmup:
             return main
@@ -317,6 +394,11 @@ class TrainConfig:
         )
 
 
+# AdamW's betas of a family left unset: MAE's main_pretrain.py AdamW(betas=(0.9, 0.95));
+# iBOT's main_ibot.py torch.optim.AdamW(params_groups): torch's defaults (0.9, 0.999)
+_BETAS = {"mae": (0.9, 0.95), "ibot": (0.9, 0.999)}
+
+
 def _resolve(c: TrainConfig) -> None:
     """Fill unset ratios with the strategy's paper values; tuples for pairs given as lists
     (a JSON config gives lists). The config is frozen: ``object.__setattr__``."""
@@ -326,6 +408,8 @@ def _resolve(c: TrainConfig) -> None:
         object.__setattr__(c, "mask_ratio", mask)
     if c.throw_ratio is None:
         object.__setattr__(c, "throw_ratio", throw)
+    if c.betas is None:
+        object.__setattr__(c, "betas", _BETAS.get(c.framework, _BETAS["mae"]))
     for name in ("crop_scale", "betas"):
         value = getattr(c, name)
         if not (isinstance(value, tuple | list) and len(value) == 2):
@@ -398,8 +482,9 @@ def _check_options(c: TrainConfig) -> None:
             f"line: --strategy-option KEY=VALUE); got {type(c.strategy_options).__name__}"
         )
     units = (c.image_size // c.patch_size // c.unit) ** 2
+    flags = c.framework == "ibot"  # iBOT's masks: plan_mask_flags, nothing thrown
     try:
-        check_options(c.strategy, c.strategy_options, units, c.mask_ratio, c.throw_ratio)
+        check_options(c.strategy, c.strategy_options, units, c.mask_ratio, c.throw_ratio, 1, flags)
     except MaskError as exc:
         raise TrainError(f"--strategy-option: {exc}") from None
 
@@ -444,6 +529,76 @@ def _check_resources(c: TrainConfig) -> None:
         raise TrainError(
             f"--refresh-gpus must be a share in [0, 1) of a training GPU or a whole number of "
             f"dedicated GPUs (got {gpus})"
+        )
+
+
+# ---------------------------------------------------------------- iBOT's settings
+
+# TrainConfig fields that only iBOT reads (saliency_source is checked on its own)
+_IBOT_FIELDS = (
+    "momentum_teacher",
+    "teacher_temp",
+    "warmup_teacher_temp",
+    "teacher_patch_temp",
+    "warmup_teacher_patch_temp",
+    "warmup_teacher_temp_epochs",
+    "norm_last_layer",
+    "out_dim",
+    "drop_path",
+    "lambda1",
+    "lambda2",
+    "weight_decay_end",
+    "freeze_last_layer",
+    "local_crops",
+    "local_size",
+    "local_scale",
+)
+
+
+def _resolve_ibot(c: TrainConfig) -> None:
+    """iBOT's unset settings: the online source, and the schedule options of its masks
+    (``IBOTSettings``: half the views masked, the ratio ± 0.2 per batch) where not given;
+    every other family reads the store. Resolved, so ``config.json`` shows them."""
+    ibot = c.framework == "ibot"
+    if c.saliency_source is None:
+        object.__setattr__(c, "saliency_source", "online" if ibot else "store")
+    value = c.local_scale
+    if not (isinstance(value, tuple | list) and len(value) == 2):
+        raise TrainError(f"--local-scale takes two numbers (got {value!r})")
+    object.__setattr__(c, "local_scale", tuple(value))
+    if ibot and isinstance(c.strategy_options, dict):
+        defaults = {k: IBOTSettings().strategy_options[k] for k in SCHEDULE_OPTIONS}
+        object.__setattr__(c, "strategy_options", {**defaults, **c.strategy_options})
+
+
+def _check_ibot(c: TrainConfig) -> None:
+    """iBOT's settings fit the run: only iBOT reads them, and iBOT's views mask tokens only."""
+    if c.framework != "ibot":
+        changed = [
+            flag_of(TrainConfig, name)
+            for name in _IBOT_FIELDS
+            if getattr(c, name) != TrainConfig.__dataclass_fields__[name].default
+        ]
+        if changed or c.saliency_source == "online":
+            flags = ", ".join(changed) or "--saliency-source online"
+            raise TrainError(
+                f"{flags}: iBOT settings, but this run trains {c.framework}; use --model "
+                "ibot-* or drop them"
+            )
+        return
+    if c.throw_ratio or c.mask_unit is not None or c.gpa_loss_weight:
+        raise TrainError(
+            f"iBOT masks single tokens and throws none: set --throw-ratio 0 and drop "
+            f"--mask-unit and --gpa-loss-weight (got {c.throw_ratio}, {c.mask_unit}, "
+            f"{c.gpa_loss_weight})"
+        )
+    lo, hi = c.local_scale
+    if not 0 < lo <= hi <= 1:
+        raise TrainError(f"--local-scale must satisfy 0 < min <= max <= 1 (got {c.local_scale})")
+    if c.local_size % c.patch_size:
+        raise TrainError(
+            f"--local-size {c.local_size} is not a multiple of --patch-size {c.patch_size}; "
+            "iBOT: 96 with 16 px patches"
         )
 
 

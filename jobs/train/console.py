@@ -86,10 +86,17 @@ class TrainConsole:
             step=f"{(last['step'] - 1) % self.steps + 1}/{self.steps}",
             img_per_s=round(rate * self.config.workers, 1),
             loss=last["loss"],
-            generation=last.get("generation") or "none",
+            **self._maps(last),
         )
         if printed:  # the next line's img/s counts from here
             self._window = []
+
+    def _maps(self, record: dict) -> dict:
+        """``maps=online`` for iBOT's own teacher (no generation is read), else the record's
+        generation."""
+        if self.config.maps == "online":
+            return {"maps": "online"}
+        return {"generation": record.get("generation") or "none"}
 
     def _event_line(self, event: dict) -> None:
         kind = event.get("kind")
@@ -99,7 +106,7 @@ class TrainConsole:
                 epoch=f"{event['epochs_done']}/{self.config.epochs} done",
                 img_per_s=round(event["img_per_s"], 1),
                 loss=event["loss"],
-                generation=event.get("generation") or "none",
+                **self._maps(event),
             )
         elif kind == "refresh":
             self._lines.line(

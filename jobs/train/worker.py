@@ -65,8 +65,9 @@ __all__ = ["refresh_due", "train_loop_per_worker", "uses_warmup_masking"]
 
 def uses_warmup_masking(config: TrainConfig, epoch: int, generation: str | None) -> bool:
     """AMT's schedule: a saliency strategy masks at random, at ``warmup_mask_ratio`` (0.75 in
-    AMT's code) and without throwing, during the warmup epochs and while no generation exists."""
-    return config.needs_saliency and (epoch < config.warmup_epochs or generation is None)
+    AMT's code) and without throwing, during the warmup epochs and while no generation exists
+    (not iBOT's: ``TrainConfig.random_warmup``)."""
+    return config.random_warmup and (epoch < config.warmup_epochs or generation is None)
 
 
 def refresh_due(config: TrainConfig, epochs_done: int) -> bool:
@@ -357,7 +358,14 @@ class _Worker:
             "corrupt": loader.stats.corrupt,
             "lr": self.optimizer.param_groups[0]["lr"],
             **_sum_over_ranks(totals, self.device),
+            **self._maps(),
         }
+
+    def _maps(self) -> dict:
+        """Where the epoch's maps came from (``TrainConfig.maps``): with iBOT's online source
+        the loader reads no map, so no share of samples with one is measured."""
+        maps = self.config.maps
+        return {"maps": maps, "saliency_share": None} if maps == "online" else {"maps": maps}
 
     def _current(self) -> str | None:
         store = _open_store(self.config.store) if self.config.needs_saliency else None
