@@ -18,14 +18,17 @@ function's result is printed as one JSON line (a dict) or as text (a str).
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import importlib
 import json
+import re
 import sys
 from dataclasses import dataclass
 
 from salient import __version__, urls
 from salient.errors import SalientError
-from salient.jobs.flags import add_config_flags, build_config, config_dict
+from salient.jobs.flags import add_config_flags, build_config, config_dict, flag_name
 from salient.jobs.runtime.ray_env import user_error
 
 __all__ = ["COMMANDS", "build_parser", "entry", "main"]
@@ -41,6 +44,8 @@ class Command:
     help: str
     description: str
     presets: str | None = None  # "module:NAME" of a {name: settings} dict, offered as --recipe
+    # "module:NAME" of (preset, values set above it) -> the preset's values (it follows them)
+    fit_preset: str | None = None
     render: str | None = None  # "module:NAME" of summary -> text for people; --json skips it
 
 
@@ -65,7 +70,7 @@ COMMANDS: dict[str, Command] = {
         "the warmup epochs and until a generation exists; then the strategy. Every "
         "--refresh-every epochs a refresh from the latest checkpoint writes a new generation, "
         "used from the next epoch boundary. --recipe NAME starts from a paper's settings.",
-        presets="train.recipes:RECIPES"),
+        presets="train.recipes:RECIPES", fit_preset="train.recipes:fitted"),
     "inspect": Command(
         "inspect", "InspectConfig", "run_inspect",
         "stats, overlays, mask plans and an HTML report of the maps",
@@ -191,6 +196,8 @@ def _run(name: str, argv: list[str]) -> int:
     args = vars(build_parser(name).parse_args(argv))
     recipe = args.get("recipe")
     preset = _presets(command)[recipe] if recipe else None
+    if preset is not None and command.fit_preset is not None:  # follows the layers above it
+        preset = functools.partial(_named(command.fit_preset), preset)
     given = {k: v for k, v in args.items() if k not in _CONTROL}
     config = build_config(_config_class(command), given, args["config"], preset, name)
     if args["print_config"]:
@@ -209,8 +216,23 @@ def _run(name: str, argv: list[str]) -> int:
     return 0
 
 
-def _one_line(error: SalientError) -> str:
-    return " ".join(str(error).split())
+MESSAGE_LIMIT = 300  # characters of an error line (README, Decisions: "One line per error")
+
+
+def _one_line(error: SalientError, name: str) -> str:
+    """The error as one line in the job's own words: a library's field names (``batch_size``,
+    raised below ``jobs/``; a quoted ``'batch_size'`` is a config file's key and stays) as the
+    job's flags (``--batch-size``), and a line longer than
+    :data:`MESSAGE_LIMIT` cut in the middle, keeping its start (what is wrong) and its end
+    (what to do). The messages themselves summarise long library text
+    (``salient.errors.brief``); the cut is the rule's last guard."""
+    text = " ".join(str(error).split())
+    for field in dataclasses.fields(_config_class(COMMANDS[name])):
+        if "_" in field.name and not field.metadata.get("positional"):
+            text = re.sub(rf"(?<![\w./'-]){field.name}(?![\w/'-])", flag_name(field), text)
+    if len(text) > MESSAGE_LIMIT:
+        text = f"{text[: MESSAGE_LIMIT - 100]} … {text[-90:]}"
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -222,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         error = user_error(exc)
         if error is None:
             raise  # a bug: its traceback is the report
-        print(f"salient {top.command}: error: {_one_line(error)}", file=sys.stderr)
+        print(f"salient {top.command}: error: {_one_line(error, top.command)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"salient {top.command}: interrupted", file=sys.stderr)

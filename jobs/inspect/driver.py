@@ -118,7 +118,7 @@ class InspectConfig:
             self._check_ids()
         if self.mask_ratio + self.throw_ratio >= 1.0:
             raise InspectError(
-                f"mask_ratio + throw_ratio must be < 1 (got {self.mask_ratio} "
+                f"--mask-ratio + --throw-ratio must be < 1 (got {self.mask_ratio} "
                 f"+ {self.throw_ratio}); lower one so some patches stay visible"
             )
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,7 @@ from salient.jobs.train.config import TrainConfig, resolved
 from salient.jobs.train.console import TrainConsole
 from salient.jobs.train.failure import clear_failure, raise_failure
 from salient.jobs.train.worker import train_loop_per_worker
+from salient.pipeline.epochs import batches_per_rank
 from salient.pipeline.loader import SalientLoader
 from salient.pipeline.manifest import open_dataset
 from salient.store import SaliencyStore, store_exists
@@ -131,22 +133,37 @@ def _check_store(config: TrainConfig, dataset) -> None:
             )
 
 
-def _check_steps(config: TrainConfig, loader) -> None:
-    """Gradient accumulation needs at least one full optimiser step per epoch."""
-    if len(loader) < config.accum_steps:
+def _check_batches(config: TrainConfig, dataset) -> None:
+    """A full batch on every worker and, with accumulation, a full optimiser step per epoch;
+    the messages name the flag to change (the loader's own check names its fields)."""
+    n, b, w = dataset.num_samples, config.batch_size, config.workers
+    have = batches_per_rank(n, w, b)
+    if have < 1:
         raise TrainError(
-            f"--accum-iter {config.accum_steps} needs at least {config.accum_steps} batches per "
-            f"worker and epoch, but each worker gets {len(loader)}; lower --accum-iter or "
-            "--batch-size"
+            f"--batch-size {b} on each of --workers {w} needs {b * w} images but "
+            f"{config.data} holds {n}; lower --batch-size to {n // w} or less"
         )
+    accum = config.accum_steps
+    if have >= accum:
+        return
+    if config.effective_batch is not None:  # a recipe's, or the user's: name what sets it
+        raise TrainError(
+            f"--effective-batch {config.effective_batch} needs {accum} batches of {b} per "
+            f"worker and epoch, but {n} images give each of {w} workers {have}; use "
+            f"--effective-batch {have * b * w} or less (a multiple of {b * w})"
+        )
+    raise TrainError(
+        f"--accum-iter {accum} needs {accum} batches per worker and epoch, but {n} images "
+        f"give each of {w} workers {have} of --batch-size {b}; use --accum-iter {have} or less"
+    )
 
 
 def _check_inputs(config: TrainConfig) -> tuple[str | None, int]:
     """Every check that needs the disk; returns the checkpoint to resume from and the
     steps of an epoch."""
 
-    loader = SalientLoader(config.loader_config(0, config.workers))  # DatasetError,
-    _check_steps(config, loader)  # LoaderError (too few samples for the batch)
+    _check_batches(config, open_dataset(config.data))  # DatasetError
+    loader = SalientLoader(config.loader_config(0, config.workers))
     resume_from = _check_run_dir(config)  # first: a --resume mismatch is the root cause
     _check_store(config, loader.dataset)
     if config.val:  # the k-NN probe needs both sets labelled with one class list
@@ -376,6 +393,8 @@ def run_train(config: TrainConfig, progress: bool | None = None) -> dict:
     start = time.perf_counter()
     config = resolved(config)
     resume_from, steps = _check_inputs(config)
+    for note in config.schedule_warnings(steps // config.accum_steps):
+        warnings.warn(note, stacklevel=2)
     ensure_ray(config.address)
     resources = _plan(config)
     os.makedirs(config.run_dir, exist_ok=True)

@@ -58,7 +58,7 @@ from salient.trainer.checkpoint import (
     unwrap_model,
 )
 from salient.trainer.family import FAMILIES
-from salient.trainer.loop import WarmupCosine, build_optimizer, param_checksum, train_one_epoch
+from salient.trainer.loop import build_optimizer, param_checksum, train_one_epoch
 
 __all__ = ["refresh_due", "train_loop_per_worker", "uses_warmup_masking"]
 
@@ -206,12 +206,7 @@ def _build(config: TrainConfig, device: torch.device, steps_per_epoch: int):
     ddp = torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None
     )
-    schedule = WarmupCosine(
-        config.base_lr,
-        config.epochs * steps_per_epoch,
-        config.lr_warmup * steps_per_epoch,
-        config.min_lr,
-    )
+    schedule = config.lr_schedule(steps_per_epoch)
     return family, ddp, optimizer, schedule, family.hooks(ddp, optimizer)
 
 
