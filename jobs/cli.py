@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from salient import __version__, urls
 from salient.errors import SalientError
 from salient.jobs.flags import add_config_flags, build_config, config_dict, flag_name
+from salient.jobs.runtime.progress import plain_warnings
 from salient.jobs.runtime.ray_env import user_error
 
 __all__ = ["COMMANDS", "build_parser", "entry", "main"]
@@ -91,7 +92,8 @@ COMMANDS: dict[str, Command] = {
         "Probe a checkpoint's frozen encoder (or timm:NAME --weights FILE): features of every "
         "image of --data and --val on Ray (MAE's evaluation view, cached under --out by "
         "checkpoint, dataset and view), then DINO's weighted k-NN and MAE's linear probe; "
-        "--baseline adds the same model at its random initialisation."),
+        "--baseline adds the same model at its random initialisation.",
+        render="eval.driver:render_eval"),
     "gc": Command(
         "gc", "GcConfig", "run_gc",
         "list a store's generations and remove old ones",
@@ -238,6 +240,7 @@ def _one_line(error: SalientError, name: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run ``salient ARGV``; returns the exit code (tests call this)."""
     top = _top_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    plain_warnings(top.command)
     try:
         return _run(top.command, top.args)
     except Exception as exc:  # ours, or ours inside Ray's wrappers: one line, exit 2

@@ -54,7 +54,7 @@ from salient.jobs.runtime.placement import (
     reserve,
     wait_ready,
 )
-from salient.jobs.runtime.progress import progress_mode
+from salient.jobs.runtime.progress import plain_warnings, progress_mode
 from salient.jobs.runtime.ray_env import ensure_ray
 from salient.jobs.train.config import TrainConfig, resolved
 from salient.jobs.train.console import TrainConsole
@@ -330,6 +330,7 @@ def _worker_main(args: dict) -> None:
     import logging
 
     urls.adopt(args["storage"])  # the driver's --storage-option values, before any read
+    plain_warnings("train")  # printed through Ray on the driver's console
     try:  # a private module: if a Ray release moves it, the line simply shows again
         from ray.train.v2._internal.execution import context
     except ImportError:
