@@ -389,3 +389,9 @@ def test_the_scaled_down_recipe_trains_its_encoder(demo_data, demo_val, tmp_path
     init = family.build(**family.settings(config)).encoder
     baseline = OnlineProbe.for_config(config).run(init, torch.device("cpu"), 0)
     assert trained["knn"] != baseline["knn"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = EventAccumulator(str(Path(config.run_dir) / "tb"))
+    tb.Reload()
+    [probe] = tb.Scalars("eval/knn/cls/top1")  # the probe's record, in TensorBoard too
+    assert (probe.step, probe.value) == (4 * steps, pytest.approx(trained["knn"]["cls"]["top1"]))

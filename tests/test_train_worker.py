@@ -20,6 +20,7 @@ import torch.distributed as dist
 from salient.jobs.refresh.driver import prepare_refresh, worker_spec
 from salient.jobs.refresh.worker import RefreshWorker
 from salient.jobs.train.config import TrainConfig
+from salient.jobs.train.driver import with_box_figures
 from salient.jobs.train.worker import _Worker, refresh_due
 from salient.store import SaliencyStore
 
@@ -54,9 +55,8 @@ class InProcessRefresh:
             actor.compute_shard(shard.index, url, shard.first_id, shard.count)
         prepared.writer.publish()
         self.teachers.append(Path(teacher).name)
-        return _Done(
-            {"store": refresh.store, "generation": prepared.writer.name, "kind": "cls_attn"}
-        )
+        summary = {"store": refresh.store, "generation": prepared.writer.name, "kind": "cls_attn"}
+        return _Done(with_box_figures(refresh, summary))  # as the refresh's Ray task does
 
 
 @pytest.fixture
@@ -118,3 +118,32 @@ def test_one_rank_follows_amts_schedule_refreshes_and_prunes(demo_data, tmp_path
     kept = sorted(p.name for p in Path(config.run_dir).glob("checkpoint-*.pt"))
     assert kept == ["checkpoint-00004.pt"]
     assert Path(config.run_dir, "encoder-00004", "model.safetensors").is_file()
+    _check_tensorboard(Path(config.run_dir), records)
+
+
+def _check_tensorboard(run_dir: Path, records: list[dict]) -> None:
+    """RUN/tb/ holds every scalar of the run's records, read back by TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
+    tb.Reload()
+
+    def curve(tag: str) -> list[tuple[int, float]]:
+        return [(e.step, e.value) for e in tb.Scalars(tag)]
+
+    steps = [
+        json.loads(line) for line in (run_dir / "metrics" / "rank-0.jsonl").read_text().splitlines()
+    ]
+    assert curve("step/loss") == [(s["step"], pytest.approx(s["loss"])) for s in steps]
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    for tag in ("loss", "lr", "img_per_s", "saliency_share"):
+        assert curve(f"epoch/{tag}") == [(r["step"], pytest.approx(r[tag])) for r in epochs]
+    per_epoch = epochs[0]["step"]
+    bound = [(r["step"], int(r["generation"][4:])) for r in epochs if r["generation"]]
+    assert curve("epoch/generation") == bound  # gen-000002 -> 2; None (the warmup) is left out
+    refreshes = [r for r in records if r["kind"] == "refresh"]
+    lifts = curve("refresh/box/lift_mean")  # the demo set has object boxes
+    assert lifts == [
+        (r["epochs_done"] * per_epoch, pytest.approx(r["box"]["lift_mean"])) for r in refreshes
+    ]
+    assert all(v > 0 for _, v in lifts)

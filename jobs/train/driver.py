@@ -45,6 +45,8 @@ from typing import Any
 
 from salient import urls
 from salient.jobs.eval.driver import check_class_lists
+from salient.jobs.inspect.data import demo_hw
+from salient.jobs.inspect.driver import generation_stats
 from salient.jobs.refresh.driver import run_refresh
 from salient.jobs.runtime.placement import (
     Ask,
@@ -56,6 +58,7 @@ from salient.jobs.runtime.placement import (
 )
 from salient.jobs.runtime.progress import plain_warnings, progress_mode
 from salient.jobs.runtime.ray_env import ensure_ray
+from salient.jobs.runtime.records import METRICS, read_records
 from salient.jobs.train.config import TrainConfig, resolved
 from salient.jobs.train.console import TrainConsole
 from salient.jobs.train.failure import clear_failure, raise_failure
@@ -67,7 +70,14 @@ from salient.store import SaliencyStore, store_exists
 from salient.trainer.checkpoint import latest_checkpoint, load_checkpoint
 from salient.trainer.loop import TrainError
 
-__all__ = ["PendingRefresh", "RefreshLauncher", "TrainConfig", "TrainError", "run_train"]
+__all__ = [
+    "PendingRefresh",
+    "RefreshLauncher",
+    "TrainConfig",
+    "TrainError",
+    "run_train",
+    "with_box_figures",
+]
 
 
 # ---------------------------------------------------------------- checks before any work
@@ -250,7 +260,17 @@ class PendingRefresh:
 
 def _refresh_task(config, group, storage) -> dict:
     urls.adopt(storage)
-    return run_refresh(config, progress=False, placement=group)
+    return with_box_figures(config, run_refresh(config, progress=False, placement=group))
+
+
+def with_box_figures(config, summary: dict) -> dict:
+    """A refresh's summary, plus on a dataset with object boxes (the demo's) how much of its
+    maps' mass falls on them: ``box`` (``salient inspect``'s figures; ``lift_mean`` 1 = no
+    better than uniform). Computed in the refresh's task, beside training, not on rank 0."""
+    if demo_hw(open_dataset(config.data)) is None:
+        return summary
+    stats = generation_stats(config.store, config.data, [summary["generation"]])
+    return {**summary, "box": stats[summary["generation"]]["box"]}
 
 
 def _launcher(config: TrainConfig, group: str) -> RefreshLauncher | None:
@@ -341,11 +361,7 @@ def _worker_main(args: dict) -> None:
 
 
 def _summary(config: TrainConfig, resume_from: str | None, seconds: float, run_id: str) -> dict:
-    records = [
-        json.loads(line)
-        for line in (Path(config.run_dir) / "metrics.jsonl").read_text().splitlines()
-        if line
-    ]
+    records = read_records(Path(config.run_dir) / METRICS)
     epochs = [r for r in records if r["kind"] == "epoch"]
     last = epochs[-1] if epochs else {}
     return {

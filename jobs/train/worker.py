@@ -44,8 +44,10 @@ import torch.distributed as dist
 from salient.errors import SalientError
 from salient.jobs.eval.online import OnlineProbe
 from salient.jobs.runtime.ray_env import user_error
+from salient.jobs.runtime.records import METRICS, STEPS, read_records
 from salient.jobs.train.config import TrainConfig
 from salient.jobs.train.failure import failure_recorded, record_failure
+from salient.jobs.train.tensorboard import TensorBoardSink
 from salient.pipeline.loader import SalientLoader
 from salient.store import SaliencyStore, store_exists
 from salient.trainer.checkpoint import (
@@ -86,27 +88,36 @@ def refresh_due(config: TrainConfig, epochs_done: int) -> bool:
 
 class _Log:
     """JSONL metrics: every rank's steps in ``metrics/rank-R.jsonl``; rank 0's epochs and
-    refreshes in ``metrics.jsonl``. Appends, so a resumed run continues the same files."""
+    refreshes in ``metrics.jsonl`` (``salient.jobs.runtime.records``). Appends, so a resumed run
+    continues the same files. Rank 0 also writes every scalar to TensorBoard (``tb``)."""
 
-    def __init__(self, run_dir: Path, rank: int) -> None:
+    def __init__(self, run_dir: Path, rank: int, tb: TensorBoardSink | None = None) -> None:
         (run_dir / "metrics").mkdir(parents=True, exist_ok=True)
         # Open for the whole run (closed in ``close``): one append per step, line-buffered so
         # the driver's console (and a restart) sees each step as soon as it is done.
-        steps = run_dir / "metrics" / f"rank-{rank}.jsonl"
+        steps = run_dir / STEPS.format(rank=rank)
         self._steps = open(steps, "a", buffering=1)  # noqa: SIM115
-        self._events = open(run_dir / "metrics.jsonl", "a") if rank == 0 else None  # noqa: SIM115
+        self._events = open(run_dir / METRICS, "a") if rank == 0 else None  # noqa: SIM115
+        self._tb = tb
 
     def step(self, record: dict) -> None:
         self._steps.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            self._tb.add(record)
 
     def event(self, record: dict) -> None:
-        self._events.write(json.dumps({**record, "time": round(time.time(), 3)}) + "\n")
+        record = {**record, "time": round(time.time(), 3)}
+        self._events.write(json.dumps(record) + "\n")
         self._events.flush()
+        if self._tb is not None:
+            self._tb.add(record)
 
     def close(self) -> None:
         self._steps.close()
         if self._events is not None:
             self._events.close()
+        if self._tb is not None:
+            self._tb.close()
 
 
 # ---------------------------------------------------------------- the refresh (rank 0)
@@ -279,7 +290,10 @@ class _Worker:
         latest = latest_checkpoint(self.config.run_dir) if self.rank == 0 else None
         self.restored = _agree(None if latest is None else str(latest), self.rank)
         self.state = self._restore(self.restored)
-        self.log = _Log(Path(self.config.run_dir), self.rank)
+        tb = None
+        if self.rank == 0:
+            tb = TensorBoardSink(self.config.run_dir, self.steps_per_epoch, self.state.step)
+        self.log = _Log(Path(self.config.run_dir), self.rank, tb)
         self.progress = args["progress"] and self.rank == 0
         self.run_id = args.get("run_id")
         launch = args["launch_refresh"] if self.rank == 0 else None
@@ -414,8 +428,7 @@ class _Worker:
 
     def _log_start(self) -> None:
         """Rank 0: a start record; ``restart`` when this run of the driver started before."""
-        run_log = Path(self.config.run_dir) / "metrics.jsonl"
-        earlier = [json.loads(line) for line in run_log.read_text().splitlines() if line]
+        earlier = read_records(Path(self.config.run_dir) / METRICS)
         restart = any(r["kind"] == "start" and r.get("run") == self.run_id for r in earlier)
         self.log.event(
             {
