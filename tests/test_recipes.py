@@ -231,10 +231,7 @@ def tiny_runs(ray_session, demo_data, tmp_path_factory) -> dict:
     configs = {name: resolved(tiny(name, demo_data, root, stores)) for name in RECIPES}
     for config in configs.values():
         assert _check_inputs(config)[0] is None  # the driver's checks pass: a fresh run
-    runs = [
-        {"config": c, "resume_from": None, "launch_refresh": None, "progress": False}
-        for c in configs.values()
-    ]
+    runs = [{"config": c, "resume_from": None, "launch_refresh": None} for c in configs.values()]
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     TorchTrainer(
         _run_all,
@@ -369,7 +366,7 @@ def test_the_scaled_down_recipe_trains_its_encoder(demo_data, demo_val, tmp_path
     Path(config.run_dir, "metrics.jsonl").touch()
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     try:
-        args = {"config": config, "launch_refresh": InProcessRefresh(config), "progress": False}
+        args = {"config": config, "launch_refresh": InProcessRefresh(config)}
         reports = []
         worker = _Worker(args, 0, 1, torch.device("cpu"), reports.append)
         try:

@@ -101,11 +101,15 @@ class ProgressLines:
         return True
 
     def line(self, **fields) -> None:
-        parts = [f"{_key(key)} {_text(v)}" for key, v in fields.items() if v is not None]
         stream = self._stream or sys.stderr
         head = f"salient {self.job}:" if self.job else "salient:"
-        print(f"{head} " + " · ".join(parts), file=stream, flush=True)
+        print(f"{head} {self.text(**fields)}", file=stream, flush=True)
         self._last = time.monotonic()
+
+    @staticmethod
+    def text(**fields) -> str:
+        """``key value · key value`` (``img_per_s`` → ``img/s``), the fields that are not None."""
+        return " · ".join(f"{_key(key)} {_text(v)}" for key, v in fields.items() if v is not None)
 
 
 def progress_lines(job: str, enabled: bool = True) -> ProgressLines | None:

@@ -280,9 +280,7 @@ def _launcher(config: TrainConfig, group: str) -> RefreshLauncher | None:
 # ---------------------------------------------------------------- the job
 
 
-def _fit(
-    config: TrainConfig, resume_from: str | None, resources: dict, progress: bool, run_id: str
-) -> None:
+def _fit(config: TrainConfig, resume_from: str | None, resources: dict, run_id: str) -> None:
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -297,7 +295,6 @@ def _fit(
             "config": config,
             "resume_from": resume_from,
             "launch_refresh": _launcher(config, group),
-            "progress": progress,
             "run_id": run_id,
             # Pickled with their values for the workers; Ray Train's run state shows only
             # str(), which StorageOptions redacts (README, Decisions).
@@ -388,8 +385,9 @@ def _summary(config: TrainConfig, resume_from: str | None, seconds: float, run_i
 def run_train(config: TrainConfig, progress: bool | None = None) -> dict:
     """Run (or ``resume``) training; returns a JSON summary of the run.
 
-    ``progress``: False shows nothing; by default rank 0's step bar on a terminal (or with
-    SALIENT_PROGRESS=1) and, without one, a line every few seconds (``jobs.runtime.progress``).
+    ``progress``: False shows nothing; by default one bar over the run's steps on a terminal
+    (or with SALIENT_PROGRESS=1) and, without one, a line every few seconds, both drawn by the
+    driver from rank 0's logs (``salient.jobs.train.console``).
 
     Summary: ``epochs_done``, ``steps`` (global optimiser steps), ``loss`` and ``img_per_s``
     of the last epoch, ``generation`` it used, ``refreshes`` (generations this run's refreshes
@@ -417,7 +415,7 @@ def run_train(config: TrainConfig, progress: bool | None = None) -> dict:
     os.makedirs(config.run_dir, exist_ok=True)
     Path(config.run_dir, "config.json").write_text(json.dumps(config.as_dict(), indent=2))
     mode = progress_mode() if progress is not False else "off"
-    with TrainConsole(config, steps, enabled=mode == "lines"):
-        run_id = uuid.uuid4().hex[:12]
-        _fit(config, resume_from, resources, mode == "bar", run_id)
+    run_id = uuid.uuid4().hex[:12]
+    with TrainConsole(config, steps, mode):
+        _fit(config, resume_from, resources, run_id)
     return _summary(config, resume_from, time.perf_counter() - start, run_id)

@@ -248,15 +248,6 @@ def _agree(value: Any, rank: int) -> Any:
     return box[0]
 
 
-def _progress_bar(enabled: bool, total: int, epoch: int):
-    """Rank 0's bar, drawn on the driver by Ray's tqdm; None when disabled."""
-    if not enabled:
-        return None
-    from ray.experimental import tqdm_ray
-
-    return tqdm_ray.tqdm(total=total, desc=f"train epoch {epoch}", unit=" step")
-
-
 # ---------------------------------------------------------------- the worker
 
 
@@ -294,7 +285,6 @@ class _Worker:
         if self.rank == 0:
             tb = TensorBoardSink(self.config.run_dir, self.steps_per_epoch, self.state.step)
         self.log = _Log(Path(self.config.run_dir), self.rank, tb)
-        self.progress = args["progress"] and self.rank == 0
         self.run_id = args.get("run_id")
         launch = args["launch_refresh"] if self.rank == 0 else None
         self.refresher = _Refresher(
@@ -332,7 +322,6 @@ class _Worker:
         current = _agree(self._current() if self.rank == 0 else None, self.rank)
         warmup = uses_warmup_masking(self.config, epoch, current)
         loader = self.warmup_loader if warmup else self.loader
-        bar = _progress_bar(self.progress, len(loader) // self.config.accum_steps, epoch)
         totals = train_one_epoch(
             self.model,
             self.optimizer,
@@ -344,13 +333,11 @@ class _Worker:
             bf16=self.config.gpu,
             clip_grad=self.config.clip_grad or None,
             accum_iter=self.config.accum_steps,
-            on_step=self._step_logger(epoch, bar),
+            on_step=self._step_logger(epoch),
             family=self.family,
             hooks=self.hooks,
             steps_per_epoch=self.steps_per_epoch,
         )
-        if bar is not None:
-            bar.close()
         masking = loader.config
         self.state = _State(epoch + 1, totals["step"], loader.stats.generation)
         return {
@@ -372,7 +359,7 @@ class _Worker:
         store = _open_store(self.config.store) if self.config.needs_saliency else None
         return None if store is None else store.current()
 
-    def _step_logger(self, epoch: int, bar) -> Callable[[dict, dict], None]:
+    def _step_logger(self, epoch: int) -> Callable[[dict, dict], None]:
         def on_step(record: dict, batch: dict) -> None:
             record = {"kind": "step", "epoch": epoch, "rank": self.rank, **record}
             if self.config.log_details:
@@ -380,8 +367,6 @@ class _Worker:
                 record["checksum"] = param_checksum(self.model)
                 record["pid"] = os.getpid()
             self.log.step(record)
-            if bar is not None:
-                bar.update(1)
 
         return on_step
 
@@ -455,8 +440,8 @@ class _Worker:
 def train_loop_per_worker(args: dict) -> None:
     """Ray Train's per-worker function. ``args``: ``config`` (a ``TrainConfig``),
     ``resume_from`` (the checkpoint the driver checked, or None), ``launch_refresh`` (a
-    ``RefreshLauncher`` or None), ``progress`` (rank 0 draws a bar), ``run_id`` (the driver's
-    run, to tell a restart from a start).
+    ``RefreshLauncher`` or None), ``run_id`` (the driver's run, to tell a restart from a
+    start). Workers draw no progress: the driver's console follows rank 0's logs.
 
     Our errors are recorded before they are raised, and a restart after one returns at once
     (``salient.jobs.train.failure``).
