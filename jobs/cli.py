@@ -11,8 +11,9 @@ A job module is imported only when its sub-command runs (or shows its help), so 
 --help`` stays fast. A :class:`~salient.errors.SalientError` is printed as one line (what is
 wrong, what to do) with exit code 2, also when Ray wrapped it (raised in a task, an actor or a
 train worker: ``salient.jobs.runtime.ray_env.user_error``); anything else is a bug and keeps its
-traceback. A run
-function's result is printed as one JSON line (a dict) or as text (a str).
+traceback. Ctrl-C ends a job with exit code 130 and one line: what it kept and the command
+that continues it (``salient.jobs.runtime.interrupt``). A run function's result is printed as
+one JSON line (a dict) or as text (a str).
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ import dataclasses
 import functools
 import importlib
 import json
+import os
 import re
+import shlex
 import sys
 from dataclasses import dataclass
 
@@ -48,6 +51,8 @@ class Command:
     # "module:NAME" of (preset, values set above it) -> the preset's values (it follows them)
     fit_preset: str | None = None
     render: str | None = None  # "module:NAME" of summary -> text for people; --json skips it
+    # what an interrupted run leaves usable, unless the job says (runtime.interrupt)
+    kept: str = "nothing half-done is used"
 
 
 COMMANDS: dict[str, Command] = {
@@ -85,7 +90,8 @@ COMMANDS: dict[str, Command] = {
         "Run the end-to-end loop on the bundled demo dataset on an embedded local Ray: ingest "
         "the demo set, train an MAE with warmup epochs of random masking, refresh saliency from "
         "its own checkpoint, train on AMT masks, and write an inspection report. Resumes where "
-        "it stopped."),
+        "it stopped.",
+        kept="what every stage finished (the run resumes from its latest checkpoint)"),
     "eval": Command(
         "eval", "EvalConfig", "run_eval",
         "k-NN and linear probes of a frozen encoder",
@@ -93,7 +99,8 @@ COMMANDS: dict[str, Command] = {
         "image of --data and --val on Ray (MAE's evaluation view, cached under --out by "
         "checkpoint, dataset and view), then DINO's weighted k-NN and MAE's linear probe; "
         "--baseline adds the same model at its random initialisation.",
-        render="eval.driver:render_eval"),
+        render="eval.driver:render_eval",
+        kept="the features of every finished shard, cached under --out"),
     "gc": Command(
         "gc", "GcConfig", "run_gc",
         "list a store's generations and remove old ones",
@@ -249,13 +256,27 @@ def main(argv: list[str] | None = None) -> int:
             raise  # a bug: its traceback is the report
         print(f"salient {top.command}: error: {_one_line(error, top.command)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"salient {top.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as stop:  # Ctrl-C: what is kept, and how to go on (exit 130)
+        kept = getattr(stop, "kept", None) or COMMANDS[top.command].kept
+        again = [*top.args, *(f for f in getattr(stop, "flags", ()) if f not in top.args)]
+        resume = getattr(stop, "resume", None) or shlex.join(["salient", top.command, *again])
+        print(
+            f"salient {top.command}: interrupted; kept {kept}; continue with: {resume}",
+            file=sys.stderr,
+        )
         return 130
 
 
 def entry() -> None:
-    sys.exit(main())
+    code = main()
+    if code == 130:  # Ctrl-C, after its line: leave now
+        # Ray's exit handler stops an embedded cluster gracefully, which took 7 s here; its
+        # processes end with this one anyway (Ray starts them fate-shared, PR_SET_PDEATHSIG,
+        # and its workers end with their raylet), and a cluster ends a departed driver's job.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ from typing import Any
 from salient import urls
 from salient.errors import SalientError
 from salient.jobs.refresh.worker import RefreshWorker, WorkerSpec
+from salient.jobs.runtime.interrupt import Interrupted
 from salient.jobs.runtime.placement import Ask
 from salient.jobs.runtime.progress import progress_lines, progress_wanted
 from salient.jobs.runtime.ray_env import ensure_ray
@@ -424,6 +425,13 @@ def run_refresh(
         )
         lease.stop()  # no renewal may race the publish's attribute writes
         writer.publish()
+    except KeyboardInterrupt:
+        lease.release()  # the generation is free at once for the next driver, on any host
+        done = len(dataset.shards) - len(writer.missing_shards())
+        raise Interrupted(
+            f"{done} of {len(dataset.shards)} shards of {writer.name}, unpublished (the same "
+            "command computes only the others)"
+        ) from None
     except BaseException:
         lease.release()  # the generation is free at once for the next driver, on any host
         raise

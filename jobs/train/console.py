@@ -112,7 +112,7 @@ class TrainConsole:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="salient-console", daemon=True)
         self._window: list[dict] = []
-        self._clock: tuple[float, int] | None = None  # (time, step) this attempt began at
+        self._clock: tuple[float, int] | None = None  # (wall time, step) this attempt began at
         self._epochs_done = 0
         self._teacher = None
 
@@ -145,8 +145,8 @@ class TrainConsole:
 
     def _progress(self) -> None:
         last = self._window[-1]
-        if self._clock is None:
-            self._clock = (time.monotonic(), self._window[0]["step"] - 1)
+        if self._clock is None:  # no start record seen: from this first look
+            self._clock = (time.time(), self._window[0]["step"] - 1)
         rate = sum(r["img_per_s"] for r in self._window) / len(self._window)  # rank 0's steps
         fields = {
             "epoch": f"{last['epoch'] + 1}/{self.config.epochs}",
@@ -165,7 +165,7 @@ class TrainConsole:
         done = step - first
         if done <= 0:
             return None
-        return (self.total - step) * (time.monotonic() - began) / done
+        return (self.total - step) * (time.time() - began) / done
 
     # ------------------------------------------------------------ events
 
@@ -177,7 +177,7 @@ class TrainConsole:
 
     def _on_start(self, event: dict) -> None:
         at = event.get("epochs_done", 0) * self.per_epoch
-        self._clock, self._window = None, []
+        self._clock, self._window = (event.get("time", time.time()), at), []  # (wall, step)
         self._view.moved(at)
         if event.get("restart"):
             where = Path(event["from"]).name if event.get("from") else "the start"

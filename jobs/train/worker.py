@@ -46,7 +46,7 @@ from salient.jobs.eval.online import OnlineProbe
 from salient.jobs.runtime.ray_env import user_error
 from salient.jobs.runtime.records import METRICS, STEPS, read_records
 from salient.jobs.train.config import TrainConfig
-from salient.jobs.train.failure import failure_recorded, record_failure
+from salient.jobs.train.failure import failure_recorded, record_failure, stop_requested
 from salient.jobs.train.tensorboard import TensorBoardSink
 from salient.pipeline.loader import SalientLoader
 from salient.store import SaliencyStore, store_exists
@@ -81,6 +81,10 @@ def refresh_due(config: TrainConfig, epochs_done: int) -> bool:
         and start <= epochs_done < config.epochs
         and (epochs_done - start) % config.refresh_every == 0
     )
+
+
+class RunStopped(Exception):
+    """The driver was stopped (Ctrl-C): this worker stops too, at the end of a step."""
 
 
 # ---------------------------------------------------------------- logging
@@ -361,6 +365,8 @@ class _Worker:
 
     def _step_logger(self, epoch: int) -> Callable[[dict, dict], None]:
         def on_step(record: dict, batch: dict) -> None:
+            if stop_requested(self.config.run_dir):  # the driver was stopped by Ctrl-C
+                raise RunStopped(f"stopped by the driver at step {record['step']}")
             record = {"kind": "step", "epoch": epoch, "rank": self.rank, **record}
             if self.config.log_details:
                 record["ids"] = batch["ids"].tolist()
@@ -448,8 +454,8 @@ def train_loop_per_worker(args: dict) -> None:
     """
 
     run_dir = args["config"].run_dir
-    if failure_recorded(run_dir):
-        return  # an earlier attempt stopped on an error a restart would only repeat
+    if failure_recorded(run_dir) or stop_requested(run_dir):
+        return  # an earlier attempt stopped on an error a restart would only repeat, or Ctrl-C
     import ray.train.torch  # lazily, as everywhere: Ray's environment is set before its import
 
     worker = None
