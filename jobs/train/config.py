@@ -19,7 +19,7 @@ from salient.pipeline.masking import (
     STRATEGIES,
     MaskError,
     check_options,
-    default_ratios,
+    resolve_ratios,
 )
 from salient.settings import check_fields, flag_of, ranged
 from salient.trainer.family import FAMILIES, MODEL_FAMILIES, family_of
@@ -362,11 +362,9 @@ def _resolve(c: TrainConfig) -> None:
     """Fill unset ratios with the strategy's paper values; tuples for pairs given as lists
     (a JSON config gives lists). The config is frozen: ``object.__setattr__``."""
 
-    mask, throw = default_ratios(c.strategy, c.framework)
-    if c.mask_ratio is None:
-        object.__setattr__(c, "mask_ratio", mask)
-    if c.throw_ratio is None:
-        object.__setattr__(c, "throw_ratio", throw)
+    mask, throw = resolve_ratios(c.strategy, c.mask_ratio, c.throw_ratio, c.framework)
+    object.__setattr__(c, "mask_ratio", mask)
+    object.__setattr__(c, "throw_ratio", throw)
     for name in ("crop_scale", "betas"):
         value = getattr(c, name)
         if not (isinstance(value, tuple | list) and len(value) == 2):
