@@ -62,6 +62,7 @@ __all__ = [
     "mask_counts",
     "plan_mask_flags",
     "plan_masks",
+    "resolve_ratios",
     "strategy_names",
 ]
 
@@ -345,6 +346,19 @@ def default_ratios(strategy: str, framework: str = "mae") -> tuple[float, float]
     if framework == "ibot":
         return _IBOT_RATIOS
     return DEFAULT_RATIOS[strategy]
+
+
+def resolve_ratios(
+    strategy: str, mask_ratio: float | None, throw_ratio: float | None, framework: str = "mae"
+) -> tuple[float, float]:
+    """``(mask_ratio, throw_ratio)`` as given, each one left ``None`` replaced by
+    ``strategy``'s paper value with ``framework`` (:func:`default_ratios`): the one rule of
+    ``salient train``'s config and of the library's ``LoaderConfig``."""
+    mask, throw = default_ratios(strategy, framework)
+    return (
+        mask if mask_ratio is None else mask_ratio,
+        throw if throw_ratio is None else throw_ratio,
+    )
 
 
 # ---------------------------------------------------------------- entry point

@@ -19,7 +19,7 @@ PACKAGE_DIRS = ("salient_root", "pipeline", "store", "trainer", "jobs")
 # ours are hyphenated; --snake_case flags are the official codes' (``--pred_ratio``)
 FLAG = re.compile(r"(?<![\w-])--([a-z][a-z0-9]*(?:-[a-z0-9]+)*)(?![\w-])")
 # Flags of other programs that messages quote (`ray start --head --port 6379`).
-FOREIGN = {"--port"}
+FOREIGN = {"--port", "--logdir"}  # `tensorboard --logdir RUN`
 
 
 def _option_strings(name: str) -> set[str]:
@@ -106,7 +106,7 @@ def test_errors_are_one_line(argv, message, capsys):
 def test_unknown_config_keys_are_named(tmp_path, capsys):
     (tmp_path / "c.json").write_text(json.dumps({"data": "d", "epoks": 3}))
     assert main(["train", "--config", str(tmp_path / "c.json")]) == 2
-    assert "sets epoks, which this job does not have" in capsys.readouterr().err
+    assert "sets 'epoks', which this job does not have" in capsys.readouterr().err
 
 
 def test_recipe_then_config_then_flags(tmp_path, capsys):

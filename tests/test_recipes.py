@@ -301,10 +301,7 @@ def tiny_runs(ray_session, demo_data, tmp_path_factory) -> dict:
     configs = {name: resolved(tiny(name, demo_data, root, stores)) for name in RECIPES}
     for config in configs.values():
         assert _check_inputs(config)[0] is None  # the driver's checks pass: a fresh run
-    runs = [
-        {"config": c, "resume_from": None, "launch_refresh": None, "progress": False}
-        for c in configs.values()
-    ]
+    runs = [{"config": c, "resume_from": None, "launch_refresh": None} for c in configs.values()]
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     TorchTrainer(
         _run_all,
@@ -345,3 +342,127 @@ def test_each_recipe_trains_one_tiny_epoch(tiny_runs, name):
     assert (ckpt["decoder_kwargs"].get("kind") == "ibot") == name.startswith(
         ("ibot", "attmask-ibot")
     )
+
+
+# ---------------------------------------------------------------- recipes that scale
+
+
+def test_a_shorter_run_keeps_the_recipes_schedule_as_shares_of_it():
+    amt = recipe_config("amt-mae", data="d", store="s", epochs=4)  # AMT: 400, 40, 40, 40
+    assert (amt.warmup_epochs, amt.lr_warmup_epochs, amt.refresh_every) == (1, 1, 1)
+    half = recipe_config("amt-mae", data="d", store="s", epochs=200)
+    assert (half.warmup_epochs, half.lr_warmup_epochs, half.refresh_every) == (20, 20, 20)
+    mae = recipe_config("mae", data="d", epochs=100, workers=4)  # MAE: 800 epochs, lr warmup 40
+    assert mae.lr_warmup_epochs == 5 and mae.refresh_every == 0  # 0 stays 0
+    # what the user gives is kept; a longer run keeps the paper's epochs (MAE's 1600-epoch run)
+    given = recipe_config("amt-mae", data="d", store="s", epochs=4, lr_warmup_epochs=2)
+    assert (given.lr_warmup_epochs, given.warmup_epochs) == (2, 1)
+    longer = recipe_config("amt-mae", data="d", store="s", epochs=800)
+    assert (longer.warmup_epochs, longer.lr_warmup_epochs, longer.refresh_every) == (40, 40, 40)
+    assert not amt.schedule_warnings()
+
+
+def test_a_smaller_effective_batch_sets_the_batch_per_worker():
+    small = recipe_config("amt-mae", data="d", store="s", effective_batch=8)  # recipe: 128
+    assert (small.batch_size, small.accum_steps, small.global_batch) == (8, 1, 8)
+    two = recipe_config("amt-mae", data="d", store="s", effective_batch=64, workers=2)
+    assert (two.batch_size, two.accum_steps) == (32, 1)
+    with pytest.raises(
+        TrainError, match=r"smaller than one pass .*\(16 × 1 = 16\); set --batch-size 8"
+    ):
+        recipe_config("amt-mae", data="d", store="s", effective_batch=8, batch_size=16)
+
+
+def test_the_cli_scales_a_recipe_under_flags_and_config_files(tmp_path, capsys):
+    from salient.jobs.cli import main
+
+    base = ["train", "--recipe", "amt-mae", "--data", "d", "--store", "s", "--print-config"]
+    assert main([*base, "--epochs", "4", "--effective-batch", "8"]) == 0
+    body = json.loads(capsys.readouterr().out)
+    fields = ("epochs", "warmup_epochs", "lr_warmup_epochs", "refresh_every", "batch_size")
+    assert [body[f] for f in fields] == [4, 1, 1, 1, 8]
+    (tmp_path / "c.yaml").write_text("epochs: 40\nrefresh_every: 2\n")  # a file counts as given
+    assert main([*base, "--config", str(tmp_path / "c.yaml")]) == 0
+    body = json.loads(capsys.readouterr().out)
+    assert [body[f] for f in fields] == [40, 4, 4, 2, 128]
+
+
+def test_schedule_warnings_name_the_flag():
+    from salient.jobs.train.config import TrainConfig
+
+    config = TrainConfig(data="d", store="s", epochs=4)  # the defaults: AMT's 40-epoch warmups
+    lr, masking = config.schedule_warnings()
+    assert lr.startswith("--lr-warmup-epochs 40 is longer than --epochs 4") and "10%" in lr
+    assert "--strategy amt is never used; lower --warmup-epochs" in masking
+    assert (
+        TrainConfig(data="d", strategy="random", epochs=4, warmup_epochs=4).schedule_warnings()
+        == []
+    )
+
+
+def test_the_scaled_down_recipe_trains_its_encoder(demo_data, demo_val, tmp_path, capsys):
+    """`salient train --recipe amt-mae --epochs 4 --warmup-epochs 1 --effective-batch 8` on a
+    small set: AMT takes over after one epoch of random masking, refreshed every epoch, the lr
+    warms up for one epoch; MAE's lr rule on 8 images a step cannot move the weights, which
+    the run says, naming --blr; with the --blr it asks for, the encoder's k-NN is not the
+    init's."""
+    import torch.distributed as dist
+    from test_train_worker import InProcessRefresh
+
+    from salient.jobs.cli import main
+    from salient.jobs.eval.online import OnlineProbe
+    from salient.jobs.train.config import TrainConfig
+    from salient.jobs.train.worker import _Worker
+    from salient.trainer.family import FAMILIES
+
+    argv = ["train", "--recipe", "amt-mae", "--epochs", "4", "--warmup-epochs", "1"]
+    argv += [
+        "--effective-batch",
+        "8",
+        "--data",
+        str(demo_data),
+        "--store",
+        str(tmp_path / "s.zarr"),
+    ]
+    argv += ["--model", "mae-micro", "--image-size", "32", "--patch-size", "8"]
+    argv += ["--loader-workers", "0", "--run-dir", str(tmp_path / "run"), "--val", str(demo_val)]
+    assert main([*argv, "--print-config"]) == 0
+    config = TrainConfig(**json.loads(capsys.readouterr().out))
+    assert (config.lr_warmup_epochs, config.refresh_every, config.global_batch) == (1, 1, 8)
+    steps = 96 // 8  # per epoch
+    [note] = config.schedule_warnings(steps)  # 48 steps at most at 1.5e-4 × 8 / 256
+    peak = 1.5e-4 * 8 / 256  # warms up over 12 steps, then a half-cosine to 0 over 36
+    assert f"sum to {peak * 13 / 2 + peak / 2 * 36:.2g}," in note and "raise --blr" in note
+    assert main([*argv, "--blr", "0.05", "--print-config"]) == 0
+    config = TrainConfig(**json.loads(capsys.readouterr().out))
+    assert config.schedule_warnings(steps) == []
+    Path(config.run_dir).mkdir()
+    Path(config.run_dir, "metrics.jsonl").touch()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        args = {"config": config, "launch_refresh": InProcessRefresh(config)}
+        reports = []
+        worker = _Worker(args, 0, 1, torch.device("cpu"), reports.append)
+        try:
+            worker.run()
+        finally:
+            worker.close()
+    finally:
+        dist.destroy_process_group()
+    assert [r["strategy"] for r in reports] == ["random", "amt", "amt", "amt"]
+    lrs = [s["lr"] for s in read_jsonl(Path(config.run_dir) / "metrics" / "rank-0.jsonl")]
+    assert max(lrs) == pytest.approx(0.05 * 8 / 256) == lrs[steps - 1]  # peak after epoch 1
+    [trained] = [
+        r for r in read_jsonl(Path(config.run_dir) / "metrics.jsonl") if r["kind"] == "eval"
+    ]
+    family = FAMILIES[config.framework]
+    torch.manual_seed(config.seed)  # the run's init, as the worker builds it
+    init = family.build(**family.settings(config)).encoder
+    baseline = OnlineProbe.for_config(config).run(init, torch.device("cpu"), 0)
+    assert trained["knn"] != baseline["knn"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = EventAccumulator(str(Path(config.run_dir) / "tb"))
+    tb.Reload()
+    [probe] = tb.Scalars("eval/knn/cls/top1")  # the probe's record, in TensorBoard too
+    assert (probe.step, probe.value) == (4 * steps, pytest.approx(trained["knn"]["cls"]["top1"]))

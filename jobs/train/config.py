@@ -20,16 +20,20 @@ from salient.pipeline.masking import (
     STRATEGIES,
     MaskError,
     check_options,
-    default_ratios,
+    resolve_ratios,
 )
 from salient.pipeline.views import MultiCrop
 from salient.settings import check_fields, flag_of, ranged
 from salient.trainer.family import FAMILIES, MODEL_FAMILIES, family_of
 from salient.trainer.ibot import IBOT_SOURCES, IBOTSettings
-from salient.trainer.loop import TrainError
+from salient.trainer.loop import TrainError, WarmupCosine
 from salient.trainer.teacher import MAP_KINDS, REDUCES
 
-__all__ = ["TrainConfig", "resolved"]
+__all__ = ["LR_SUM_FLOOR", "TrainConfig", "resolved"]
+
+# Below this sum of a run's learning rates AdamW (about one rate per step and weight) moves no
+# weight by more than 5 % of 0.02, the std of timm's ViT initialisation (trunc_normal_ .02).
+LR_SUM_FLOOR = 1e-3
 
 
 @dataclass(frozen=True)
@@ -104,7 +108,8 @@ class TrainConfig:
     min_lr: float = field(default=0.0, metadata=ranged(ge=0))
     """Learning rate at the end of the cosine decay."""
     lr_warmup_epochs: int | None = field(default=None, metadata=ranged(ge=0))
-    """Epochs of linear learning-rate warmup; unset = --warmup-epochs."""
+    """Epochs of linear learning-rate warmup; unset = --warmup-epochs (a --recipe sets its own,
+    kept as its share of a shorter --epochs)."""
     blr: float = field(default=1.5e-4, metadata=ranged(gt=0))
     """Base learning rate per 256 images: lr = blr × batch × workers × accum_iter / 256 (MAE's
     linear scaling rule, blr 1.5e-4); --lr sets the rate directly instead."""
@@ -326,6 +331,42 @@ class TrainConfig:
     def lr_warmup(self) -> int:
         return self.warmup_epochs if self.lr_warmup_epochs is None else self.lr_warmup_epochs
 
+    def lr_schedule(self, steps_per_epoch: int) -> WarmupCosine:
+        """The learning rate of every optimiser step: MAE's warmup and cosine, in steps."""
+        return WarmupCosine(
+            self.base_lr,
+            self.epochs * steps_per_epoch,
+            self.lr_warmup * steps_per_epoch,
+            self.min_lr,
+        )
+
+    def schedule_warnings(self, steps_per_epoch: int | None = None) -> list[str]:
+        """One line for each part of the schedule that cannot do its work: an lr warmup longer
+        than the run (the peak rate is never used), a masking warmup that covers every epoch
+        (the strategy is never used) and, given the optimiser steps of an epoch, rates too
+        small to move the weights (:data:`LR_SUM_FLOOR`)."""
+        notes = []
+        total = None if steps_per_epoch is None else self.lr_schedule(steps_per_epoch).total()
+        if total is not None and total < LR_SUM_FLOOR:
+            notes.append(
+                f"the learning rates of this run's {self.epochs * steps_per_epoch} steps sum to "
+                f"{total:.2g}, so AdamW moves no weight by more than that (ViT weights start at "
+                "~0.02): the encoder barely changes; raise --blr (or --lr) or --epochs"
+            )
+        if self.lr_warmup > self.epochs:
+            notes.append(
+                f"--lr-warmup-epochs {self.lr_warmup} is longer than --epochs {self.epochs}: the "
+                f"learning rate reaches {self.epochs / self.lr_warmup:.0%} of its peak "
+                f"{self.base_lr:.3g}; lower --lr-warmup-epochs"
+            )
+        if self.needs_saliency and self.warmup_epochs >= self.epochs:
+            notes.append(
+                f"--warmup-epochs {self.warmup_epochs} covers all --epochs {self.epochs}: every "
+                f"epoch masks at random and --strategy {self.strategy} is never used; lower "
+                "--warmup-epochs"
+            )
+        return notes
+
     def as_dict(self) -> dict:
         """Plain JSON values (what ``config.json`` and every checkpoint hold)."""
         return asdict(self)
@@ -403,11 +444,9 @@ def _resolve(c: TrainConfig) -> None:
     """Fill unset ratios with the strategy's paper values; tuples for pairs given as lists
     (a JSON config gives lists). The config is frozen: ``object.__setattr__``."""
 
-    mask, throw = default_ratios(c.strategy, c.framework)
-    if c.mask_ratio is None:
-        object.__setattr__(c, "mask_ratio", mask)
-    if c.throw_ratio is None:
-        object.__setattr__(c, "throw_ratio", throw)
+    mask, throw = resolve_ratios(c.strategy, c.mask_ratio, c.throw_ratio, c.framework)
+    object.__setattr__(c, "mask_ratio", mask)
+    object.__setattr__(c, "throw_ratio", throw)
     if c.betas is None:
         object.__setattr__(c, "betas", _BETAS.get(c.framework, _BETAS["mae"]))
     for name in ("crop_scale", "betas"):
@@ -425,6 +464,13 @@ def _accumulation(c: TrainConfig) -> int:
     per_pass = c.batch_size * c.workers
     if c.effective_batch is None:
         return 1 if c.accum_iter is None else c.accum_iter
+    if c.effective_batch < per_pass:
+        fits = c.effective_batch // c.workers
+        raise TrainError(
+            f"--effective-batch {c.effective_batch} is smaller than one pass of --batch-size × "
+            f"--workers ({c.batch_size} × {c.workers} = {per_pass}); "
+            + (f"set --batch-size {fits}" if fits else "raise --effective-batch")
+        )
     if c.effective_batch % per_pass:
         raise TrainError(
             f"--effective-batch {c.effective_batch} is not a multiple of --batch-size × "
@@ -444,7 +490,9 @@ def _check_counts(c: TrainConfig) -> None:
     if c.eval_every and not c.val:
         raise TrainError("--eval-every needs --val DIR, the held-out set the probe measures")
     if c.stop_after_epochs is not None and c.stop_after_epochs > c.epochs:
-        raise TrainError(f"stop_after_epochs must be in 1..{c.epochs} (got {c.stop_after_epochs})")
+        raise TrainError(
+            f"--stop-after-epochs must be in 1..{c.epochs} (got {c.stop_after_epochs})"
+        )
 
 
 def _check_ratios(c: TrainConfig) -> None:
@@ -478,8 +526,8 @@ def _check_options(c: TrainConfig) -> None:
     """One plan of the strategy with its options on the run's (unit) grid."""
     if not isinstance(c.strategy_options, dict):
         raise TrainError(
-            "strategy_options must be a dict of the strategy's options (from the command "
-            f"line: --strategy-option KEY=VALUE); got {type(c.strategy_options).__name__}"
+            "--strategy-option takes KEY=VALUE pairs (in a config file, a mapping of the "
+            f"strategy's options); got a {type(c.strategy_options).__name__}"
         )
     units = (c.image_size // c.patch_size // c.unit) ** 2
     flags = c.framework == "ibot"  # iBOT's masks: plan_mask_flags, nothing thrown

@@ -8,6 +8,11 @@ silent). Flags given beside ``--recipe`` override its values. Sizes follow the p
 128 images accumulate 8 batches per step, as AMT's 4-GPU runs did). What a recipe cannot say,
 because salient has no setting for it, is listed in README ("Recipes").
 
+A recipe follows what the user sets beside it (:func:`fitted`): run shorter than the paper
+(``--epochs 4``) and its schedule in epochs (masking warmup, lr warmup, refresh interval) keeps
+its share of the run; give a smaller ``--effective-batch`` than one pass of the recipe's
+``batch_size`` and the batch per worker follows it.
+
 - ``mae`` — MAE (He et al. 2022), ViT-B/16, random 75 %.
 - ``amt-mae`` — AMT with MAE (AMT Sec. 4.1): r 0.45, t 0.40, maps refreshed every 40 epochs
   from the model itself, AMT's per-head min-max reduction, 400 epochs.
@@ -32,11 +37,16 @@ Importing this module touches no disk, GPU or Ray.
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
+from typing import Any
 
 from salient.jobs.train.config import TrainConfig
 from salient.trainer.loop import TrainError
 
-__all__ = ["RECIPES", "recipe_config", "recipe_names", "resolve_recipe"]
+__all__ = ["RECIPES", "SCHEDULE", "fitted", "recipe_config", "recipe_names", "resolve_recipe"]
+
+# A recipe's schedule in epochs: shares of its run (README, Decisions, "Recipes that scale").
+SCHEDULE = ("warmup_epochs", "lr_warmup_epochs", "refresh_every", "warmup_teacher_temp_epochs")
 
 # MAE's optimisation, shared by the MAE-based recipes (MAE's PRETRAIN.md command and
 # main_pretrain.py; AMT Sec. 4.1: "The settings of pretraining follow the original works
@@ -259,8 +269,39 @@ def resolve_recipe(name: str) -> dict:
     return copy.deepcopy(RECIPES[name])
 
 
+def fitted(recipe: Mapping[str, Any], given: Mapping[str, Any]) -> dict:
+    """The values ``recipe`` contributes under the settings ``given`` beside it (flags and
+    ``--config``), which win anyway.
+
+    - A run shorter than the recipe's keeps each schedule setting it does not give
+      (:data:`SCHEDULE`) as its share of the run, rounded, at least 1 where the recipe's is:
+      ``amt-mae`` (400 epochs, warmups 40, refresh every 40) with ``--epochs 4`` warms up for
+      1 epoch and refreshes every epoch. A longer run keeps the recipe's epochs, as MAE's
+      1600-epoch run keeps its 40 warmup epochs (MAE PRETRAIN.md).
+    - An ``effective_batch`` smaller than one pass of the recipe's ``batch_size`` over the
+      workers, without a ``batch_size``, sets the batch per worker to ``effective_batch /
+      workers`` (one pass per step), instead of a batch larger than the step.
+    """
+    values = copy.deepcopy(dict(recipe))
+    epochs, planned = given.get("epochs", values["epochs"]), values["epochs"]
+    if isinstance(epochs, int) and 0 < epochs < planned:
+        for name in SCHEDULE:
+            if name not in given and values.get(name):
+                values[name] = max(1, round(values[name] * epochs / planned))
+    effective = given.get("effective_batch")
+    workers = given.get("workers", _WORKERS)
+    if isinstance(effective, int) and "batch_size" not in given and isinstance(workers, int):
+        per_worker, rest = divmod(effective, max(workers, 1))
+        if not rest and 0 < per_worker < values["batch_size"]:
+            values["batch_size"] = per_worker
+    return values
+
+
+_WORKERS = TrainConfig.__dataclass_fields__["workers"].default
+
+
 def recipe_config(name: str, **fields):
     """The ``TrainConfig`` of recipe ``name`` with ``fields`` (``data``, ``store``, overrides)
-    on top, as ``salient train --recipe NAME`` builds it."""
+    on top, as ``salient train --recipe NAME`` builds it (:func:`fitted`)."""
 
-    return TrainConfig(**{**resolve_recipe(name), **fields})
+    return TrainConfig(**{**fitted(resolve_recipe(name), fields), **fields})
