@@ -50,8 +50,7 @@ class InProcessRefresh:
         spec = worker_spec(refresh, prepared.teacher, prepared.spec, prepared.writer.name)
         actor = RefreshWorker(prepared.teacher.model, spec)
         for shard in prepared.dataset.shards:
-            url = prepared.dataset.shard_url(shard)
-            actor.compute_shard(shard.index, url, shard.first_id, shard.count)
+            actor.compute_shard(shard.index, prepared.dataset.source(shard))
         prepared.writer.publish()
         self.teachers.append(Path(teacher).name)
         return _Done(

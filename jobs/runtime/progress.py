@@ -5,6 +5,13 @@ On a terminal (or with ``SALIENT_PROGRESS=1``) jobs draw tqdm bars. Without one 
 reads as a hang, so jobs print one line to stderr at most every ``SALIENT_PROGRESS_EVERY``
 seconds (default 5): job, where it is (epoch / step, shard), img/s, loss, generation.
 ``SALIENT_PROGRESS=0`` turns both off.
+
+While a storage call of the job waits (an endpoint that stalls), a heartbeat line says so
+(``salient refresh: waiting on s3://… for 60 s``; ``salient.urls.on_wait``), every
+``SALIENT_WAIT_EVERY`` seconds (default 60) until the call ends or fails within the
+storage patience: :func:`storage_heartbeat` around a job on the driver (the CLI runs every
+job inside it), :func:`process_heartbeat` in the job's other processes (refresh and eval
+actors, train ranks), whose stderr Ray forwards to the driver.
 """
 
 from __future__ import annotations
@@ -15,7 +22,17 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 
-__all__ = ["ProgressLines", "progress_bar", "progress_lines", "progress_mode", "progress_wanted"]
+from salient import urls
+
+__all__ = [
+    "ProgressLines",
+    "process_heartbeat",
+    "progress_bar",
+    "progress_lines",
+    "progress_mode",
+    "progress_wanted",
+    "storage_heartbeat",
+]
 
 _EVERY_S = 5.0
 
@@ -100,3 +117,35 @@ class ProgressLines:
 def progress_lines(job: str, enabled: bool = True) -> ProgressLines | None:
     """A :class:`ProgressLines` when the job shows progress and there is no terminal."""
     return ProgressLines(job) if enabled and progress_mode() == "lines" else None
+
+
+# ---------------------------------------------------------------- waiting on storage
+
+
+def _wait_every() -> float:
+    value = os.environ.get("SALIENT_WAIT_EVERY", "")
+    try:
+        return float(value) if float(value) > 0 else urls.WAIT_REPORT_S
+    except ValueError:
+        return urls.WAIT_REPORT_S
+
+
+def process_heartbeat(job: str) -> None:
+    """From now on, one line on stderr (``salient JOB: waiting on URL for 60 s``) each time
+    a storage call of this process has waited another ``SALIENT_WAIT_EVERY`` seconds;
+    nothing with SALIENT_PROGRESS=0. For a job's worker processes, which live as long as
+    their work."""
+    if progress_mode() == "off":
+        return
+    lines = ProgressLines(job)
+    urls.on_wait(lambda url, s: lines.line(waiting=f"on {url} for {s:g} s"), _wait_every())
+
+
+@contextlib.contextmanager
+def storage_heartbeat(job: str) -> Iterator[None]:
+    """:func:`process_heartbeat` for the length of the block (a job on the driver)."""
+    process_heartbeat(job)
+    try:
+        yield
+    finally:
+        urls.on_wait(None)

@@ -6,6 +6,11 @@ node shares. :class:`TrainConsole` follows both files in a thread and prints thr
 :class:`~salient.jobs.runtime.progress.ProgressLines`: epoch and step, img/s over all workers, loss,
 generation, at most every few seconds; each finished epoch, refresh and restart at once. The
 workers print nothing themselves, so ``ray job submit`` logs read as the driver's own lines.
+
+What the run lost or could not keep is said whatever the progress display (a terminal's bars,
+lines, or none): a restart after a lost worker, each damaged map chunk an epoch met (once),
+a refresh resumed or abandoned after a restore, and each generation of another teacher's maps
+an epoch read (``--maps any``).
 """
 
 from __future__ import annotations
@@ -47,33 +52,37 @@ class TrainConsole:
         self._steps = _Follow(run_dir / "metrics" / "rank-0.jsonl")
         self._events = _Follow(run_dir / "metrics.jsonl")
         self._lines = ProgressLines("train") if enabled else None
+        self._notices = ProgressLines("train", every_s=0)  # always: what the run lost
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="salient-console", daemon=True)
         self._window: list[dict] = []
         self._epochs_done = 0
+        self._damaged: set[str] = set()  # chunks already named
 
     def __enter__(self) -> TrainConsole:
-        if self._lines is not None:
-            self._events.records(), self._steps.records()  # a resumed run: skip the old lines
-            self._thread.start()
+        self._events.records(), self._steps.records()  # a resumed run: skip the old lines
+        self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._lines is not None:
-            self._stop.set()
-            self._thread.join()
-            self._poll(final=True)
+        self._stop.set()
+        self._thread.join()
+        self._poll(final=True)
 
     def _run(self) -> None:
         while not self._stop.wait(_POLL_S):
             self._poll()
 
     def _poll(self, final: bool = False) -> None:
-        self._window.extend(self._steps.records())
-        if self._window and not final:
-            self._step_line()
+        steps = self._steps.records()
+        if self._lines is not None:
+            self._window.extend(steps)
+            if self._window and not final:
+                self._step_line()
         for event in self._events.records():
-            self._event_line(event)
+            self._notice(event)
+            if self._lines is not None:
+                self._event_line(event)
 
     def _step_line(self) -> None:
         self._window = [r for r in self._window if r["epoch"] >= self._epochs_done]
@@ -106,5 +115,28 @@ class TrainConsole:
                 refresh=f"from epoch {event['epochs_done']} published {event['generation']}",
                 img_per_s=event.get("img_per_s"),
             )
-        elif kind == "start" and event.get("restart"):
-            self._lines.line(restarted=f"from {Path(event['from']).name} after a lost worker")
+
+    def _notice(self, event: dict) -> None:
+        """One line for each thing the run lost or could not keep (any progress display)."""
+        kind, say = event.get("kind"), self._notices.line
+        if kind == "start" and event.get("restart"):
+            start = Path(event["from"]).name if event.get("from") else "the start"
+            say(restarted=f"from {start} after a lost worker")
+        elif kind == "epoch":
+            for chunk in event.get("damaged_chunks") or []:
+                if chunk not in self._damaged:
+                    self._damaged.add(chunk)
+                    say(damaged=f"{chunk}: its rows read as no map (masked at random, counted)")
+        elif kind in ("refresh_resumed", "refresh_abandoned"):
+            verb = "resuming" if kind == "refresh_resumed" else "abandoned"
+            teacher = Path(event.get("teacher") or "?").name
+            why = f": {event['reason']}" if event.get("reason") else ""
+            say(
+                refresh=f"{verb} {event['generation']} from {teacher} ({event['shards_done']} "
+                f"of {event['shards']} shards done){why}"
+            )
+        elif kind == "foreign_maps":
+            say(
+                maps=f"{event['generation']} comes from another teacher, {event['about']} "
+                "(--maps any; --maps own reads only this run's)"
+            )
