@@ -14,7 +14,8 @@ Rank 0 decides, at each epoch start, which generation every rank reads (docs/ARC
 Rank 0 holds a reader lease (``SaliencyStore.hold``) on the generation it bound, so ``salient
 gc`` (and another run's collection) refuses it while the run reads it; the lease of the next
 generation is taken before the previous one is released. If gc removed the chosen generation
-before the lease was taken, rank 0 chooses again.
+before the lease was taken, rank 0 chooses again; a store whose root names a current generation
+it does not hold (gc never removes current: damage) ends the run in one line.
 
 After a restore (``--resume``, a restart after a lost worker) :func:`left_in_flight` finds the
 run's unpublished generations: the refresh that was running when the run stopped. The newest
@@ -43,7 +44,7 @@ from salient.trainer.provenance import describe_teacher, made_by_run, provenance
 __all__ = ["MAPS", "MapsBinding", "left_in_flight", "unpublished_teachers"]
 
 MAPS = ("own", "any")
-_TRIES = 3  # choices in a row that gc may win before rank 0 gives up on maps for an epoch
+_TRIES = 3  # choices in a row that gc may win before the run stops on its error
 
 
 def open_store(url: str | None) -> SaliencyStore | None:
@@ -67,7 +68,7 @@ class MapsBinding:
 
     def choose(self) -> dict | None:
         store = open_store(self.config.store)
-        for _ in range(_TRIES):
+        for attempt in range(_TRIES):
             name, meta = self._pick(store) if store is not None else (None, None)
             if name is None:
                 self.close()
@@ -75,7 +76,9 @@ class MapsBinding:
             try:
                 self._hold(store, name)
             except (NotPublishedError, GenerationNotFoundError):
-                continue  # gc removed it since the listing: choose again
+                if self.config.maps == "any" or attempt == _TRIES - 1:
+                    raise  # gc never removes current: a root naming a missing one is damage
+                continue  # gc removed an older generation of the run since the listing
             own = made_by_run(meta, self.config.run_dir)
             return {"generation": name, "teacher": provenance(name, meta), "own": own,
                     "about": describe_teacher(meta)}  # fmt: skip
@@ -83,14 +86,19 @@ class MapsBinding:
         return None
 
     def _pick(self, store: SaliencyStore) -> tuple[str | None, dict | None]:
-        published = [g for g in store.generations() if g["status"] == "published"]
+        generations = store.generations()
         if self.config.maps == "any":
-            current = [g for g in published if g["current"]]
-        else:
-            current = [g for g in published if made_by_run(g.get("teacher"), self.config.run_dir)]
-        if not current:
+            name = store.current()
+            meta = next((g.get("teacher") for g in generations if g["name"] == name), None)
+            return name, meta
+        own = [
+            g
+            for g in generations
+            if g["status"] == "published" and made_by_run(g.get("teacher"), self.config.run_dir)
+        ]
+        if not own:
             return None, None
-        newest = max(current, key=lambda g: (g.get("published") or "", g["name"]))
+        newest = max(own, key=lambda g: (g.get("published") or "", g["name"]))
         return newest["name"], newest.get("teacher")
 
     def _hold(self, store: SaliencyStore, name: str) -> None:
