@@ -130,6 +130,7 @@ def test_adopted_shards_go_through_refresh_train_eval_and_inspect(
         "--refresh-batch-size", 16,
     )  # fmt: skip
     assert code == 0, err
+    assert err.count("salient train: corrupt 1 images in epoch") == 1  # said once, not per epoch
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     epochs = [r for r in records if r["kind"] == "epoch"]
     assert [e["corrupt"] for e in epochs] == [1, 1]  # the over-budget image, nothing else

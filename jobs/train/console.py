@@ -8,7 +8,8 @@ generation, at most every few seconds; each finished epoch, refresh and restart 
 workers print nothing themselves, so ``ray job submit`` logs read as the driver's own lines.
 
 What the run lost or could not keep is said whatever the progress display (a terminal's bars,
-lines, or none): a restart after a lost worker, each damaged map chunk an epoch met (once),
+lines, or none): a restart after a lost worker, the images an epoch could not use (when that
+count changes), each damaged map chunk an epoch met (once),
 a refresh resumed or abandoned after a restore, and each generation of another teacher's maps
 an epoch read (``--maps any``).
 """
@@ -58,6 +59,7 @@ class TrainConsole:
         self._window: list[dict] = []
         self._epochs_done = 0
         self._damaged: set[str] = set()  # chunks already named
+        self._corrupt = 0  # the corrupt count last said
 
     def __enter__(self) -> TrainConsole:
         self._events.records(), self._steps.records()  # a resumed run: skip the old lines
@@ -123,6 +125,13 @@ class TrainConsole:
             start = Path(event["from"]).name if event.get("from") else "the start"
             say(restarted=f"from {start} after a lost worker")
         elif kind == "epoch":
+            corrupt = event.get("corrupt") or 0
+            if corrupt != self._corrupt:  # said when it changes, not every epoch
+                self._corrupt = corrupt
+                say(
+                    corrupt=f"{corrupt} images in epoch {event['epochs_done']} (undecodable, "
+                    "over the pixel budget, or missing from their tar: left out, counted)"
+                )
             for chunk in event.get("damaged_chunks") or []:
                 if chunk not in self._damaged:
                     self._damaged.add(chunk)

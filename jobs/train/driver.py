@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -313,6 +314,9 @@ def _worker_main(args: dict) -> None:
     import logging
 
     urls.adopt(args["storage"])  # the driver's --storage-option values, before any read
+    # the driver's console names each damaged map chunk from the epoch records: the loader's
+    # own warning would only repeat it, with Ray's prefix and a source line
+    warnings.filterwarnings("ignore", message="damaged map chunk", category=UserWarning)
     try:  # a private module: if a Ray release moves it, the line simply shows again
         from ray.train.v2._internal.execution import context
     except ImportError:
