@@ -241,13 +241,15 @@ MESSAGE_LIMIT = 300  # characters of an error line (README, Decisions: "One line
 
 def _one_line(error: SalientError, name: str) -> str:
     """The error as one line in the job's own words: a library's field names (``batch_size``,
-    raised below ``jobs/``; a quoted ``'batch_size'`` is a config file's key and stays) as the
-    job's flags (``--batch-size``), and a line longer than
+    raised below ``jobs/``; a quoted ``'batch_size'`` is a config file's key and stays, as does
+    every name in an error whose ``names_fields`` is False) as the job's flags
+    (``--batch-size``), and a line longer than
     :data:`MESSAGE_LIMIT` cut in the middle, keeping its start (what is wrong) and its end
     (what to do). The messages themselves summarise long library text
     (``salient.errors.brief``); the cut is the rule's last guard."""
     text = " ".join(str(error).split())
-    for field in dataclasses.fields(_config_class(COMMANDS[name])):
+    fields = dataclasses.fields(_config_class(COMMANDS[name])) if error.names_fields else ()
+    for field in fields:
         if "_" in field.name and not field.metadata.get("positional"):
             text = re.sub(rf"(?<![\w./'-]){field.name}(?![\w/'-])", flag_name(field), text)
     if len(text) > MESSAGE_LIMIT:

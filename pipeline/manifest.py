@@ -61,7 +61,10 @@ _HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 class DatasetError(SalientError):
-    """A dataset directory that is missing, incomplete or inconsistent with its manifest."""
+    """A dataset directory that is missing, incomplete or inconsistent with its manifest (its
+    message names the manifest's own keys, never a job's flags)."""
+
+    names_fields = False
 
 
 class ShardChangedError(DatasetError):

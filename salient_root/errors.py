@@ -17,7 +17,13 @@ __all__ = ["SalientError", "brief", "cleanup_after"]
 
 
 class SalientError(Exception):
-    """An error the user can fix: the message says what is wrong and what to do."""
+    """An error the user can fix: the message says what is wrong and what to do.
+
+    ``names_fields``: its message names a job's settings by their field names, which the CLI
+    shows as the job's flags (``batch_size`` as ``--batch-size``). An error about a file's
+    own keys (a dataset manifest's ``shard_size``) sets it False and is shown as written."""
+
+    names_fields = True
 
 
 def cleanup_after(error: BaseException | None, cleanup: Callable[[], object], what: str) -> None:
