@@ -22,9 +22,10 @@ from salient.pipeline.masking import (
     default_ratios,
 )
 from salient.settings import check_fields, flag_of, ranged
+from salient.trainer.automae import LOSS_G_FACTOR, MAP_SOURCES, MASK_FACTOR
 from salient.trainer.family import FAMILIES, MODEL_FAMILIES, family_of
 from salient.trainer.loop import TrainError
-from salient.trainer.teacher import MAP_KINDS, REDUCES
+from salient.trainer.teacher import KINDS, REDUCES
 
 __all__ = ["TrainConfig", "resolved"]
 
@@ -134,6 +135,26 @@ class TrainConfig:
     gpa_loss_weight: float = field(default=0.0, metadata=ranged(ge=0))
     """Weight of GPA's second loss: the MAE decoder also predicts each masked patch's GPA
     value, read from a gpa generation (GPA eq. 7-8: weight 1); 0: off."""
+    # AutoMAE (--family automae, trainer/automae.py): its learned masks and where their maps
+    # come from; README, "Decisions", "AutoMAE's maps from the store"
+    mask_factor: float = field(default=MASK_FACTOR, metadata=ranged(ge=0))
+    """AutoMAE: how far the generator's top positions raise MAE's masking noise
+    (main_pretrain.py --mask_factor 0.5)."""
+    loss_g_factor: float = field(default=LOSS_G_FACTOR, metadata=ranged(ge=0))
+    """AutoMAE: weight of the generator's adversarial loss beside the reconstruction
+    (main_pretrain.py --loss_g_factor 0.2)."""
+    map_source: str = field(default="store", metadata={"choices": lambda: MAP_SOURCES})
+    """AutoMAE: the generator's per-head maps from --store (store: a heads generation made once
+    by `salient refresh --kind heads`, cropped with each image) or from --map-teacher on every
+    batch (online: the paper's way, engine_pretrain.py)."""
+    map_teacher: str | None = None
+    """AutoMAE with --map-source online: the frozen teacher, a checkpoint or timm:NAME with
+    --map-teacher-weights (main_pretrain.py --pretrained_weight: a pretrained MAE-B)."""
+    map_teacher_weights: str | None = None
+    """Local weights file of a timm:NAME --map-teacher (nothing is downloaded)."""
+    generator_heads: int | None = field(default=None, metadata=ranged(ge=1))
+    """AutoMAE: the generator's input channels, the teacher's heads (models_mae.py ScorerBlock:
+    12, MAE-B's); unset: read from the maps when the run starts and kept in config.json."""
     seed: int = 0
     """Seed of the model, crops and masks (a run is reproducible for a seed)."""
     loader_workers: int = field(default=2, metadata=ranged(ge=0))
@@ -141,8 +162,9 @@ class TrainConfig:
     cpus_per_worker: float | None = field(default=None, metadata=ranged(gt=0))
     """Ray CPUs per train worker; unset = the most (up to 1) that fits beside the refresh on
     the nodes."""
-    saliency_kind: str = field(default="cls_attn", metadata={"choices": lambda: MAP_KINDS})
-    """Map kind the refreshes write (cls_attn: AMT, AttMask; gpa: GPA)."""
+    saliency_kind: str = field(default="cls_attn", metadata={"choices": lambda: KINDS})
+    """Map kind the refreshes write (cls_attn: AMT, AttMask; gpa: GPA; heads: AutoMAE's
+    per-head maps)."""
     saliency_reduce: str | None = field(default=None, metadata={"choices": lambda: REDUCES})
     """How refreshes reduce a map's heads: mean (AMT eq. 4) or minmax_mean (each head
     min-max normalised, then averaged: AMT's code); unset: the kind's default."""
@@ -181,6 +203,7 @@ class TrainConfig:
         _check_model(self)
         _check_ratios(self)
         _check_strategy(self)
+        _check_automae(self)
         _check_training(self)
         _check_resources(self)
 
@@ -197,6 +220,19 @@ class TrainConfig:
     @property
     def needs_saliency(self) -> bool:
         return self.strategy in NEEDS_SALIENCY
+
+    @property
+    def family_loader_fields(self) -> dict:
+        """The ``LoaderConfig`` fields the family's batches need (``Family.loader_fields``:
+        AutoMAE's per-head maps with the store source), or ``{}``."""
+        family = FAMILIES[self.framework]
+        return family.loader_fields(family.settings(self))
+
+    @property
+    def reads_store(self) -> bool:
+        """Whether the loader binds the store's generations: a strategy that reads maps, or a
+        family whose batches carry the store's per-head maps."""
+        return self.needs_saliency or bool(self.family_loader_fields.get("head_maps"))
 
     @property
     def refreshes(self) -> bool:
@@ -263,7 +299,7 @@ class TrainConfig:
         epochs' (random masking at ``warmup_mask_ratio``, no store, the same mask units)."""
         main = LoaderConfig(
             data=self.data,
-            store=self.store if self.needs_saliency else None,
+            store=self.store if self.reads_store else None,
             image_size=self.image_size,
             patch_size=self.patch_size,
             batch_size=self.batch_size,
@@ -281,6 +317,7 @@ class TrainConfig:
             world_size=world,
             device=device,
             epochs=self.epochs,
+            **self.family_loader_fields,
         )
         if not warmup:
             return main
@@ -402,6 +439,56 @@ def _check_options(c: TrainConfig) -> None:
         check_options(c.strategy, c.strategy_options, units, c.mask_ratio, c.throw_ratio)
     except MaskError as exc:
         raise TrainError(f"--strategy-option: {exc}") from None
+
+
+def _check_automae(c: TrainConfig) -> None:
+    """AutoMAE's settings together (README, "Decisions"); its own fields only with it."""
+    if c.framework == "automae":
+        problems = _automae_problems(c)
+        if problems:
+            raise TrainError(problems[0])
+        return
+    if c.saliency_kind == "heads":
+        raise TrainError(
+            "--saliency-kind heads stores per-head maps, which only AutoMAE reads "
+            "(--family automae); mask strategies read cls_attn or gpa"
+        )
+    given = [f for f in ("map_teacher", "generator_heads") if getattr(c, f) is not None]
+    given += ["map_source"] if c.map_source != "store" else []
+    if given:
+        raise TrainError(
+            f"{', '.join(flag_of(TrainConfig, f) for f in given)} set an AutoMAE run; "
+            "add --family automae (with an mae-* --model) or drop them"
+        )
+
+
+def _automae_problems(c: TrainConfig) -> list[str]:
+    """One line per setting AutoMAE cannot take."""
+    n = (c.image_size // c.patch_size) ** 2
+    keep = int(n * (1 - c.mask_ratio))  # models_mae.py random_masking: len_keep
+    checks = [
+        (MODEL_FAMILIES[c.model] != "mae", "--family automae trains an MAE (its decoder "
+         "reconstructs the masked patches); use an mae-* --model"),
+        (c.strategy != "random", f"--family automae masks with its learned generator, not "
+         f"--strategy {c.strategy}; use --strategy random (the loader's plan goes unused)"),
+        (c.throw_ratio or c.mask_unit or c.gpa_loss_weight, "AutoMAE masks single patches and "
+         "throws none (models_mae.py random_masking); drop --throw-ratio, --mask-unit and "
+         "--gpa-loss-weight"),
+        (not 0 < keep < n, f"--mask-ratio {c.mask_ratio} keeps {keep} of {n} patches; "
+         "AutoMAE needs some kept and some masked (its code: 0.75)"),
+        (c.map_source == "store" and not c.store, "--map-source store reads AutoMAE's per-head "
+         "maps from --store URL (made by `salient refresh --kind heads`); give it, or use "
+         "--map-source online --map-teacher …"),
+        (c.map_source == "online" and not c.map_teacher, "--map-source online needs "
+         "--map-teacher (a checkpoint, or timm:NAME with --map-teacher-weights): the frozen "
+         "teacher run on every batch"),
+        (c.map_source == "store" and c.map_teacher, "--map-teacher is the online source's "
+         "teacher; add --map-source online, or drop it (the store's maps come from "
+         "`salient refresh --kind heads --teacher …`)"),
+        (c.map_teacher_weights and not c.map_teacher, "--map-teacher-weights needs "
+         "--map-teacher timm:NAME"),
+    ]  # fmt: skip
+    return [message for bad, message in checks if bad]
 
 
 def _check_training(c: TrainConfig) -> None:

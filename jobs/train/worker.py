@@ -46,6 +46,7 @@ from salient.jobs.eval.online import OnlineProbe
 from salient.jobs.runtime.ray_env import user_error
 from salient.jobs.train.config import TrainConfig
 from salient.jobs.train.failure import failure_recorded, record_failure
+from salient.pipeline.epochs import mix_seed
 from salient.pipeline.loader import SalientLoader
 from salient.store import SaliencyStore, store_exists
 from salient.trainer.checkpoint import (
@@ -60,7 +61,7 @@ from salient.trainer.checkpoint import (
 from salient.trainer.family import FAMILIES
 from salient.trainer.loop import WarmupCosine, build_optimizer, param_checksum, train_one_epoch
 
-__all__ = ["refresh_due", "train_loop_per_worker", "uses_warmup_masking"]
+__all__ = ["draw_seed", "refresh_due", "train_loop_per_worker", "uses_warmup_masking"]
 
 
 def uses_warmup_masking(config: TrainConfig, epoch: int, generation: str | None) -> bool:
@@ -216,23 +217,40 @@ def _build(config: TrainConfig, device: torch.device, steps_per_epoch: int):
 
 
 def _sum_over_ranks(totals: dict, device: torch.device) -> dict:
-    """Epoch figures over all ranks; the epoch lasts as long as its slowest rank."""
+    """Epoch figures over all ranks; the epoch lasts as long as its slowest rank. The family's
+    scalars (``loss_rec``, ``loss_g``, …) are their means over every rank's images."""
+    names = sorted(totals["scalar_sums"])  # the family's: the same names on every rank
     sums = torch.tensor(
-        [totals["images"], totals["loss_sum"], totals["with_saliency"]],
+        [
+            totals["images"],
+            totals["loss_sum"],
+            totals["with_saliency"],
+            *(totals["scalar_sums"][name] for name in names),
+        ],
         dtype=torch.float64,
         device=device,
     )
     dist.all_reduce(sums)
     seconds = torch.tensor([totals["seconds"]], dtype=torch.float64, device=device)
     dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
-    images, loss_sum, with_saliency = sums.tolist()
+    images, loss_sum, with_saliency, *scalars = sums.tolist()
     return {
         "images": int(images),
         "loss": loss_sum / max(images, 1),
+        **{name: total / max(images, 1) for name, total in zip(names, scalars)},
         "saliency_share": with_saliency / max(images, 1),
         "img_per_s": images / max(seconds.item(), 1e-9),
         "seconds": seconds.item(),
     }
+
+
+def draw_seed(seed: int, rank: int, epoch: int) -> int:
+    """The seed of torch's global generator for ``epoch`` on ``rank``. The draws a family makes
+    inside its step (AutoMAE's masking and Gumbel noise and pseudo-masks, iBOT's drop path)
+    differ per rank, as the official ``seed + rank`` (AutoMAE main_pretrain.py), and restart
+    with each epoch, so a resumed run draws what an uninterrupted one does; the model was
+    built before, from ``seed`` alone, identical on every rank."""
+    return mix_seed(seed, rank, epoch)
 
 
 def _agree(value: Any, rank: int) -> Any:
@@ -324,6 +342,7 @@ class _Worker:
         warmup = uses_warmup_masking(self.config, epoch, current)
         loader = self.warmup_loader if warmup else self.loader
         bar = _progress_bar(self.progress, len(loader) // self.config.accum_steps, epoch)
+        torch.manual_seed(draw_seed(self.config.seed, self.rank, epoch))
         totals = train_one_epoch(
             self.model,
             self.optimizer,
