@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass, field, fields
 
 from salient.errors import SalientError
+from salient.jobs.bench.automae import bench_automae
 from salient.jobs.bench.gpu import bench_gpu
 from salient.jobs.bench.loader import bench_loader
 from salient.jobs.bench.masking import bench_masking
@@ -32,6 +33,7 @@ BENCHES = {
     "train": bench_train,
     "gpu": bench_gpu,
     "quality": bench_quality,
+    "automae": bench_automae,
 }
 
 
@@ -60,6 +62,9 @@ class BenchConfig:
     """quality: add a third arm, AMT on the fixed maps of a ViT trained on the demo labels."""
     keep: str | None = None
     """quality: keep the runs, stores and features in this directory (default: removed)."""
+    teacher: str | None = None
+    """automae: the frozen teacher, a checkpoint or timm:NAME (random weights); default: a ViT
+    trained here on the demo labels."""
 
     def __post_init__(self):
         if self.what not in BENCHES:
