@@ -171,7 +171,7 @@ def automae_config(data, run_dir, **overrides) -> TrainConfig:
         image_size=SIZE,
         patch_size=PATCH,
         lr=1e-3,
-        loader_workers=0,
+        loader_workers=1,  # its DataLoader starts with the first epoch a process trains
         log_details=True,
     )
     return TrainConfig(**{**fields, **overrides})
