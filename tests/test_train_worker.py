@@ -22,7 +22,7 @@ import torch.distributed as dist
 from salient.errors import SalientError
 from salient.jobs.refresh.driver import RefreshConfig, prepare_refresh, worker_spec
 from salient.jobs.refresh.worker import RefreshWorker
-from salient.jobs.train.config import TrainConfig
+from salient.jobs.train.config import TrainConfig, resolved
 from salient.jobs.train.driver import _with_map_heads
 from salient.jobs.train.worker import _Worker, draw_seed, refresh_due
 from salient.store import SaliencyStore
@@ -271,6 +271,15 @@ def test_automae_settings_are_checked_in_one_line(demo_data, tmp_path, overrides
     with pytest.raises(TrainError, match=re.escape(words)) as error:
         automae_config(demo_data, tmp_path, **{"store": "s.zarr", **overrides})
     assert "\n" not in str(error.value)
+
+
+def test_the_online_teachers_files_resolve_for_workers_elsewhere(demo_data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = automae_config(demo_data, "run", map_source="online", map_teacher="t/teacher.pt")
+    assert resolved(config).map_teacher == str(tmp_path / "t" / "teacher.pt")
+    timm = replace(config, map_teacher="timm:vit_tiny_patch16_224", map_teacher_weights="w.pth")
+    assert resolved(timm).map_teacher == "timm:vit_tiny_patch16_224"
+    assert resolved(timm).map_teacher_weights == str(tmp_path / "w.pth")
 
 
 def test_the_driver_reads_automaes_heads_before_any_work(demo_data, heads_teacher, tmp_path):

@@ -549,4 +549,14 @@ def resolved(config: TrainConfig) -> TrainConfig:
         store=None if config.store is None else urls.normalise(config.store),
         run_dir=str(Path(config.run_dir).expanduser().resolve()),
         val=None if config.val is None else urls.normalise(config.val),
+        map_teacher=_local_file(config.map_teacher),
+        map_teacher_weights=_local_file(config.map_teacher_weights),
     )
+
+
+def _local_file(path: str | None) -> str | None:
+    """A local file's absolute path (AutoMAE's online teacher, read by every worker);
+    ``timm:NAME`` and None as given."""
+    if path is None or path.startswith("timm:"):
+        return path
+    return str(Path(path).expanduser().resolve())
