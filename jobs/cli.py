@@ -11,21 +11,28 @@ A job module is imported only when its sub-command runs (or shows its help), so 
 --help`` stays fast. A :class:`~salient.errors.SalientError` is printed as one line (what is
 wrong, what to do) with exit code 2, also when Ray wrapped it (raised in a task, an actor or a
 train worker: ``salient.jobs.runtime.ray_env.user_error``); anything else is a bug and keeps its
-traceback. A run
-function's result is printed as one JSON line (a dict) or as text (a str).
+traceback. Ctrl-C ends a job with exit code 130 and one line: what it kept and the command
+that continues it (``salient.jobs.runtime.interrupt``). A run function's result is printed as
+one JSON line (a dict) or as text (a str).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import importlib
 import json
+import os
+import re
+import shlex
 import sys
 from dataclasses import dataclass
 
 from salient import __version__, urls
 from salient.errors import SalientError
-from salient.jobs.flags import add_config_flags, build_config, config_dict
+from salient.jobs.flags import add_config_flags, build_config, config_dict, flag_name
+from salient.jobs.runtime.progress import plain_warnings
 from salient.jobs.runtime.ray_env import user_error
 
 __all__ = ["COMMANDS", "build_parser", "entry", "main"]
@@ -41,7 +48,11 @@ class Command:
     help: str
     description: str
     presets: str | None = None  # "module:NAME" of a {name: settings} dict, offered as --recipe
+    # "module:NAME" of (preset, values set above it) -> the preset's values (it follows them)
+    fit_preset: str | None = None
     render: str | None = None  # "module:NAME" of summary -> text for people; --json skips it
+    # what an interrupted run leaves usable, unless the job says (runtime.interrupt)
+    kept: str = "nothing half-done is used"
 
 
 COMMANDS: dict[str, Command] = {
@@ -60,12 +71,14 @@ COMMANDS: dict[str, Command] = {
         "unfinished shards."),
     "train": Command(
         "train", "TrainConfig", "run_train",
-        "MAE / SimMIM on Ray Train with periodic saliency refresh",
-        "Train MAE or SimMIM with DDP on Ray Train. Random masking at --warmup-mask-ratio for "
-        "the warmup epochs and until a generation exists; then the strategy. Every "
-        "--refresh-every epochs a refresh from the latest checkpoint writes a new generation, "
-        "used from the next epoch boundary. --recipe NAME starts from a paper's settings.",
-        presets="train.recipes:RECIPES"),
+        "MAE / SimMIM / iBOT on Ray Train with periodic saliency refresh",
+        "Train MAE, SimMIM or iBOT (--model ibot-*) with DDP on Ray Train. Random masking at "
+        "--warmup-mask-ratio for the warmup epochs and until a generation exists; then the "
+        "strategy. Every --refresh-every epochs a refresh from the latest checkpoint writes a "
+        "new generation, used from the next epoch boundary. iBOT masks on its own schedule from "
+        "the first step, by default from its EMA teacher's attention in the step "
+        "(--saliency-source online). --recipe NAME starts from a paper's settings.",
+        presets="train.recipes:RECIPES", fit_preset="train.recipes:fitted"),
     "inspect": Command(
         "inspect", "InspectConfig", "run_inspect",
         "stats, overlays, mask plans and an HTML report of the maps",
@@ -79,14 +92,17 @@ COMMANDS: dict[str, Command] = {
         "Run the end-to-end loop on the bundled demo dataset on an embedded local Ray: ingest "
         "the demo set, train an MAE with warmup epochs of random masking, refresh saliency from "
         "its own checkpoint, train on AMT masks, and write an inspection report. Resumes where "
-        "it stopped."),
+        "it stopped.",
+        kept="what every stage finished (the run resumes from its latest checkpoint)"),
     "eval": Command(
         "eval", "EvalConfig", "run_eval",
         "k-NN and linear probes of a frozen encoder",
         "Probe a checkpoint's frozen encoder (or timm:NAME --weights FILE): features of every "
         "image of --data and --val on Ray (MAE's evaluation view, cached under --out by "
         "checkpoint, dataset and view), then DINO's weighted k-NN and MAE's linear probe; "
-        "--baseline adds the same model at its random initialisation."),
+        "--baseline adds the same model at its random initialisation.",
+        render="eval.driver:render_eval",
+        kept="the features of every finished shard, cached under --out"),
     "gc": Command(
         "gc", "GcConfig", "run_gc",
         "list a store's generations and remove old ones",
@@ -191,6 +207,8 @@ def _run(name: str, argv: list[str]) -> int:
     args = vars(build_parser(name).parse_args(argv))
     recipe = args.get("recipe")
     preset = _presets(command)[recipe] if recipe else None
+    if preset is not None and command.fit_preset is not None:  # follows the layers above it
+        preset = functools.partial(_named(command.fit_preset), preset)
     given = {k: v for k, v in args.items() if k not in _CONTROL}
     config = build_config(_config_class(command), given, args["config"], preset, name)
     if args["print_config"]:
@@ -209,28 +227,58 @@ def _run(name: str, argv: list[str]) -> int:
     return 0
 
 
-def _one_line(error: SalientError) -> str:
-    return " ".join(str(error).split())
+MESSAGE_LIMIT = 300  # characters of an error line (README, Decisions: "One line per error")
+
+
+def _one_line(error: SalientError, name: str) -> str:
+    """The error as one line in the job's own words: a library's field names (``batch_size``,
+    raised below ``jobs/``; a quoted ``'batch_size'`` is a config file's key and stays) as the
+    job's flags (``--batch-size``), and a line longer than
+    :data:`MESSAGE_LIMIT` cut in the middle, keeping its start (what is wrong) and its end
+    (what to do). The messages themselves summarise long library text
+    (``salient.errors.brief``); the cut is the rule's last guard."""
+    text = " ".join(str(error).split())
+    for field in dataclasses.fields(_config_class(COMMANDS[name])):
+        if "_" in field.name and not field.metadata.get("positional"):
+            text = re.sub(rf"(?<![\w./'-]){field.name}(?![\w/'-])", flag_name(field), text)
+    if len(text) > MESSAGE_LIMIT:
+        text = f"{text[: MESSAGE_LIMIT - 100]} … {text[-90:]}"
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``salient ARGV``; returns the exit code (tests call this)."""
     top = _top_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    plain_warnings(top.command)
     try:
         return _run(top.command, top.args)
     except Exception as exc:  # ours, or ours inside Ray's wrappers: one line, exit 2
         error = user_error(exc)
         if error is None:
             raise  # a bug: its traceback is the report
-        print(f"salient {top.command}: error: {_one_line(error)}", file=sys.stderr)
+        print(f"salient {top.command}: error: {_one_line(error, top.command)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"salient {top.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as stop:  # Ctrl-C: what is kept, and how to go on (exit 130)
+        kept = getattr(stop, "kept", None) or COMMANDS[top.command].kept
+        again = [*top.args, *(f for f in getattr(stop, "flags", ()) if f not in top.args)]
+        resume = getattr(stop, "resume", None) or shlex.join(["salient", top.command, *again])
+        print(
+            f"salient {top.command}: interrupted; kept {kept}; continue with: {resume}",
+            file=sys.stderr,
+        )
         return 130
 
 
 def entry() -> None:
-    sys.exit(main())
+    code = main()
+    if code == 130:  # Ctrl-C, after its line: leave now
+        # Ray's exit handler stops an embedded cluster gracefully, which took 7 s here; its
+        # processes end with this one anyway (Ray starts them fate-shared, PR_SET_PDEATHSIG,
+        # and its workers end with their raylet), and a cluster ends a departed driver's job.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -26,13 +26,14 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import difflib
 import inspect
 import itertools
 import json
 import textwrap
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -224,9 +225,12 @@ def _checked_keys(values: Mapping, cls: type, where: str) -> dict:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
+        close = {n: difflib.get_close_matches(n, names, 1) for n in unknown}
+        hints = [f"'{n}' → '{close[n][0]}'" for n in unknown if close[n]]
         raise ConfigFileError(
-            f"{where} sets {', '.join(unknown)}, which this job does not "
-            f"have; its settings are: {', '.join(sorted(names))}"
+            f"{where} sets {', '.join(repr(n) for n in unknown)}, which this job does not have; "
+            + (f"did you mean {', '.join(hints)}? " if hints else "")
+            + "its settings are the flags of `--help`, spelt with underscores"
         )
     return dict(values)
 
@@ -235,18 +239,25 @@ def build_config(
     cls: type,
     given: Mapping[str, Any],
     config_file: str | None = None,
-    preset: Mapping[str, Any] | None = None,
+    preset: Mapping[str, Any] | Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None,
     command: str = "",
 ) -> Any:
     """``cls(**values)`` from the layers: defaults < ``preset`` < ``config_file`` < ``given``.
 
+    ``preset`` is a mapping, or a function of the values set above it (the file's and the
+    flags') returning the preset's values, so a preset can follow what the user set (a
+    recipe's schedule follows ``--epochs``: ``salient.jobs.train.recipes.fitted``).
+
     Raises ConfigFileError (unreadable file, unknown keys), SalientError (a required setting
     missing), and whatever ``cls.__post_init__`` raises for values that do not fit.
     """
-    values = _checked_keys(preset or {}, cls, "the preset")
+    above = {}
     if config_file is not None:
-        values.update(_checked_keys(load_config_file(config_file), cls, f"--config {config_file}"))
-    values.update(given)
+        above.update(_checked_keys(load_config_file(config_file), cls, f"--config {config_file}"))
+    above.update(given)
+    if callable(preset):
+        preset = preset(above)
+    values = {**_checked_keys(preset or {}, cls, "the preset"), **above}
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     missing = [

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from salient.jobs.runtime.interrupt import Interrupted
 from salient.jobs.runtime.progress import progress_bar
 from salient.pipeline.demo import DEMO_SPLITS
 from salient.pipeline.ingest import IngestError, ingest_demo, ingest_folder
@@ -70,6 +71,24 @@ def run_ingest(config: IngestConfig) -> dict:
     """Run the ingest; returns the JSON summary (out, images, shards, skipped, classes,
     fingerprint). Raises IngestError for bad input (see :mod:`salient.pipeline.ingest`)."""
 
+    try:
+        manifest = _ingest(config)
+    except KeyboardInterrupt:
+        raise Interrupted(
+            "no dataset (its manifest.json comes last, so no job reads the shards written)",
+            flags=("--overwrite",),
+        ) from None
+    return {
+        "out": config.out,
+        "images": manifest.num_samples,
+        "shards": len(manifest.shards),
+        "skipped": len(manifest.skipped),
+        "classes": len(manifest.classes or []),
+        "fingerprint": manifest.fingerprint,
+    }
+
+
+def _ingest(config: IngestConfig):
     if config.demo:
         with progress_bar(config.n, "demo scenes") as bar:
             manifest = ingest_demo(
@@ -92,11 +111,4 @@ def run_ingest(config: IngestConfig) -> dict:
                 progress=bar,
                 classes_from=config.classes_from,
             )
-    return {
-        "out": config.out,
-        "images": manifest.num_samples,
-        "shards": len(manifest.shards),
-        "skipped": len(manifest.skipped),
-        "classes": len(manifest.classes or []),
-        "fingerprint": manifest.fingerprint,
-    }
+    return manifest

@@ -186,6 +186,21 @@ def _scan(src: Path) -> tuple[list[tuple[Path, int | None]], list[str] | None, l
     return files, classes, skipped
 
 
+def _warn_skipped(skipped: list[dict]) -> None:
+    """One warning per reason a file was passed over before decoding (its first few names);
+    the manifest lists them all."""
+    by_reason: dict[str, list[str]] = {}
+    for entry in skipped:
+        by_reason.setdefault(entry["reason"], []).append(entry["path"])
+    for reason, paths in by_reason.items():
+        more = f" and {len(paths) - 3} more" if len(paths) > 3 else ""
+        warnings.warn(
+            f"skipping {len(paths)} file(s), {reason}: {', '.join(paths[:3])}{more} "
+            "(listed in manifest.json)",
+            stacklevel=3,
+        )
+
+
 def _load(path: Path) -> tuple[bytes | None, str]:
     """Read and fully decode one file, within the pixel budget readers use (``shards``):
     (bytes, ext) or (None, reason). Runs in a pool."""
@@ -281,6 +296,7 @@ def ingest_folder(
     for path, _ in files:
         if path.suffix.lower() not in IMAGE_SUFFIXES:
             skipped.append({"path": str(path.relative_to(src)), "reason": "not an image suffix"})
+    _warn_skipped(skipped)
     if not images:
         raise IngestError(f"SRC {src} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
     _prepare_out(out, overwrite, src)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from salient.errors import SalientError
 from salient.pipeline.crops import INTERPOLATIONS
-from salient.pipeline.masking import STRATEGIES, mask_counts
+from salient.pipeline.masking import STRATEGIES, mask_counts, resolve_ratios
 from salient.pipeline.views import MultiCrop
 from salient.settings import check_fields, field_name, ranged
 
@@ -27,7 +27,10 @@ class LoaderError(SalientError):
 
 @dataclass(frozen=True)
 class LoaderConfig:
-    """One loader (one rank). Ratios are shares of the ``N = (S / P)²`` patches.
+    """One loader (one rank). Ratios are shares of the ``N = (S / P)²`` patches; left
+    ``None`` they are the strategy's paper values with MAE (``masking.resolve_ratios``, as
+    ``salient train`` resolves them: amt 0.45 / 0.40, random 0.75 / 0, …; with SimMIM give
+    AMT's 0.44 / 0.26 or SimMIM's 0.6 yourself).
 
     ``strategy_options`` go to ``plan_masks`` as keywords (e.g. ``{"throw": "low"}`` for
     ``amt``). ``epochs`` sets the training progress ``epoch / epochs`` that ``gpa`` schedules
@@ -58,8 +61,8 @@ class LoaderConfig:
     patch_size: int = field(default=16, metadata=ranged(ge=1))
     batch_size: int = field(default=64, metadata=ranged(ge=1))
     strategy: str = field(default="amt", metadata={"choices": lambda: STRATEGIES})
-    mask_ratio: float = field(default=0.45, metadata=ranged(ge=0, lt=1))
-    throw_ratio: float = field(default=0.40, metadata=ranged(ge=0, lt=1))
+    mask_ratio: float | None = field(default=None, metadata=ranged(ge=0, lt=1))
+    throw_ratio: float | None = field(default=None, metadata=ranged(ge=0, lt=1))
     strategy_options: dict = field(default_factory=dict)
     crop_scale: tuple[float, float] = (0.2, 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
@@ -84,6 +87,9 @@ class LoaderConfig:
         if not isinstance(self.data, str | os.PathLike) or not str(self.data):
             raise LoaderError(f"the loader needs a dataset directory (got data={self.data!r})")
         check_fields(self, LoaderError, field_name)  # types, ranges, choices (with the fields)
+        ratios = resolve_ratios(self.strategy, self.mask_ratio, self.throw_ratio)  # as the CLI
+        object.__setattr__(self, "mask_ratio", ratios[0])
+        object.__setattr__(self, "throw_ratio", ratios[1])
         _check_sizes(self)
         _check_masking(self)
         _check_crop(self)

@@ -62,6 +62,7 @@ __all__ = [
     "mask_counts",
     "plan_mask_flags",
     "plan_masks",
+    "resolve_ratios",
     "strategy_names",
 ]
 
@@ -311,6 +312,9 @@ _SIMMIM_RATIOS: dict[str, tuple[float, float]] = {
     "random": (0.6, 0.0),
     "amt": (0.44, 0.26),  # AMT Sec. 4.1: r = 0.44, t = 0.26 with SimMIM (its Table 2)
 }
+# iBOT masks 0.3 (± pred_ratio_var) of the tokens whatever the shape, and throws nothing:
+# iBOT main_ibot.py / AttMask main_attmask.py --pred_ratio 0.3, every --pred_shape
+_IBOT_RATIOS = (0.3, 0.0)
 
 # Where each strategy's map is min-max normalised to [0, 1] (README, "Decisions"): "image" =
 # the whole image's map, then cropped (AMT Sec. 3.2: "we normalize it to [0, 1] ... When the
@@ -333,12 +337,28 @@ def strategy_names() -> tuple[str, ...]:
 
 
 def default_ratios(strategy: str, framework: str = "mae") -> tuple[float, float]:
-    """``(mask_ratio, throw_ratio)`` of ``strategy``'s paper with ``framework`` (``"mae"`` or
-    ``"simmim"``): see :data:`DEFAULT_RATIOS`. Raises MaskError for an unknown strategy."""
+    """``(mask_ratio, throw_ratio)`` of ``strategy``'s paper with ``framework`` (``"mae"``,
+    ``"simmim"`` or ``"ibot"``): see :data:`DEFAULT_RATIOS`. Raises MaskError for an unknown
+    strategy."""
     _strategy(strategy, {})
     if framework == "simmim" and strategy in _SIMMIM_RATIOS:
         return _SIMMIM_RATIOS[strategy]
+    if framework == "ibot":
+        return _IBOT_RATIOS
     return DEFAULT_RATIOS[strategy]
+
+
+def resolve_ratios(
+    strategy: str, mask_ratio: float | None, throw_ratio: float | None, framework: str = "mae"
+) -> tuple[float, float]:
+    """``(mask_ratio, throw_ratio)`` as given, each one left ``None`` replaced by
+    ``strategy``'s paper value with ``framework`` (:func:`default_ratios`): the one rule of
+    ``salient train``'s config and of the library's ``LoaderConfig``."""
+    mask, throw = default_ratios(strategy, framework)
+    return (
+        mask if mask_ratio is None else mask_ratio,
+        throw if throw_ratio is None else throw_ratio,
+    )
 
 
 # ---------------------------------------------------------------- entry point
@@ -413,7 +433,7 @@ def plan_mask_flags(
     ``main_attmask.py``: one ``get_pred_ratio()`` per batch); ``strategy`` plans every row
     through :func:`plan_masks` (nothing thrown; ``options`` as there, ``random_rows`` planned
     uniformly at random); then each row keeps its plan with probability ``mask_prob`` and is
-    otherwise left unmasked (AttMask's ``masking_prob``; iBOT's ``--pred_ratio 0 0.3``
+    otherwise left unmasked (AttMask's ``masking_prob``; iBOT's ``pred_ratio`` of (0, 0.3)
     picks ratio 0 for half the images). Unlike MAE's schedule (``plan_masks``'s
     ``mask_prob``), a row that is not picked has no masked patch: iBOT still trains it
     through its [CLS] loss. Raises MaskError as :func:`plan_masks`.
@@ -446,27 +466,41 @@ def check_options(
     mask_ratio: float = 0.5,
     throw_ratio: float = 0.0,
     unit: int = 1,
+    flags: bool = False,
 ) -> None:
     """Plan one batch of uniform weights with ``options``; raises MaskError naming the
     strategy, the options and what is wrong (each strategy checks its options' types and
-    values; anything else it raises is a bug and propagates as itself)."""
+    values; anything else it raises is a bug and propagates as itself). ``flags``: the
+    options of iBOT's :func:`plan_mask_flags` (every strategy takes ``mask_prob`` and
+    ``ratio_var`` there; nothing is thrown)."""
     if not isinstance(options, dict):
         raise MaskError(f"strategy options must be a dict (got {type(options).__name__})")
-    _strategy(strategy, options)  # an unknown strategy or option name: its own message
+    takes = _OPTIONS.get(strategy, ())
+    if flags:
+        takes = tuple(dict.fromkeys(takes + SCHEDULE_OPTIONS))
+        _strategy(strategy, {k: v for k, v in options.items() if k not in SCHEDULE_OPTIONS})
+    else:
+        _strategy(strategy, options)  # an unknown strategy or option name: its own message
+    generator = torch.Generator().manual_seed(0)
     try:
-        plan_masks(
-            strategy,
-            torch.ones(1, num_patches),
-            mask_ratio,
-            throw_ratio,
-            generator=torch.Generator().manual_seed(0),
-            unit=unit,
-            **options,
-        )
+        if flags:
+            plan_mask_flags(
+                strategy, torch.ones(1, num_patches), mask_ratio, generator=generator, **options
+            )
+        else:
+            plan_masks(
+                strategy,
+                torch.ones(1, num_patches),
+                mask_ratio,
+                throw_ratio,
+                generator=generator,
+                unit=unit,
+                **options,
+            )
     except MaskError as exc:
         raise MaskError(
             f"bad option value for mask strategy {strategy!r} (options {options}): {exc}; "
-            f"it takes {', '.join(_OPTIONS[strategy]) or 'no options'}"
+            f"it takes {', '.join(takes) or 'no options'}"
         ) from None
 
 

@@ -1,7 +1,8 @@
 """The root of every error a user can fix, and the rule for cleanups on a failure path.
 
 The CLI catches :class:`SalientError`, prints its message as one line and exits 2; anything
-else is a bug and keeps its traceback.
+else is a bug and keeps its traceback. A library's own long text inside a message (torch's
+list of every mismatched tensor) is cut to its first item and a count by :func:`brief`.
 
 A cleanup that runs while an error propagates (releasing a lease, removing a staged file)
 never replaces that error: :func:`cleanup_after` runs it and, should it fail too, adds the
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-__all__ = ["SalientError", "cleanup_after"]
+__all__ = ["SalientError", "brief", "cleanup_after"]
 
 
 class SalientError(Exception):
@@ -31,3 +32,17 @@ def cleanup_after(error: BaseException | None, cleanup: Callable[[], object], wh
     except Exception as failed:
         text = (str(failed).splitlines() or [""])[0][:300]
         error.add_note(f"{what} failed too: {type(failed).__name__}: {text}")
+
+
+def brief(text: str | BaseException, limit: int = 160) -> str:
+    """A library's message as one short clause: its first line, or for a header followed by a
+    list (torch's ``Error(s) in loading state_dict …:`` and a line per tensor) the first item
+    and how many more; at most ``limit`` characters (cut with "…")."""
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    if not lines:
+        return type(text).__name__ if isinstance(text, BaseException) else ""
+    listed = lines[0].endswith(":") and len(lines) > 1
+    first = lines[1] if listed else lines[0]
+    if len(first) > limit:
+        first = first[: limit - 1].rstrip() + "…"
+    return first + (f" (and {len(lines) - 2} more)" if listed and len(lines) > 2 else "")

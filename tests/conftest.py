@@ -105,8 +105,9 @@ def demo_val(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def huge_png(tmp_path_factory):
-    """A 13000 × 13000 RGB PNG of ~0.5 MB (one black row, compressed 13000 times): 507 MB once
-    decoded. Written chunk by chunk, so making it never holds the pixels."""
+    """A 13000 × 13000 RGB PNG of ~0.5 MB (one grey row, compressed 13000 times): 507 MB once
+    decoded. Written chunk by chunk, so making it never holds the pixels. Grey, not black: a
+    decode then writes non-zero bytes into every page it allocates."""
     import struct
     import zlib
 
@@ -117,7 +118,7 @@ def huge_png(tmp_path_factory):
 
     side = 13000
     header = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)  # 8-bit RGB, no interlace
-    packer, row = zlib.compressobj(9), bytes(1 + 3 * side)  # filter byte + a black row
+    packer, row = zlib.compressobj(9), b"\x00" + b"\x80" * (3 * side)  # filter byte + grey
     pixels = b"".join(packer.compress(row) for _ in range(side)) + packer.flush()
     data = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels)
     path = tmp_path_factory.mktemp("huge") / "huge.png"

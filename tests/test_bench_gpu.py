@@ -12,6 +12,8 @@ LIMITED = {  # figure -> the limit it is measured against
     "refresh_img_s": "forward-only img/s",
     "loader_img_s": "bare decode_jpeg img/s",
     "train_loader_img_s_mae_amt_45_40": "synthetic-input img/s",
+    "train_ibot_img_s_attmask_high": "random-mask step img/s",
+    "ibot_views_loader_img_s": "attmask_high step img/s",
 }
 
 
@@ -23,6 +25,11 @@ def test_bench_gpu_writes_one_line_per_figure(ray_session, tmp_path, capsys):
     assert [r["figure"] for r in rows] == [r["figure"] for r in summary["figures"]]
     by_name = {r["figure"]: r for r in rows}
     expected = {"masking_ms_amt", "masking_ms_gpa", "train_mae_amt_vs_random", *LIMITED}
+    expected |= {
+        "train_ibot_img_s_block",
+        "train_ibot_img_s_random",
+        "train_ibot_attmask_vs_random",
+    }
     assert expected <= set(by_name)
     for row in rows:
         assert row["device"] == "cpu" and row["date"] and row["torch"]
@@ -30,4 +37,6 @@ def test_bench_gpu_writes_one_line_per_figure(ray_session, tmp_path, capsys):
     for name, limit in LIMITED.items():
         row = by_name[name]
         assert row["limit"] == limit and row["ratio"] == round(row["value"] / row["limit_value"], 4)
-    assert set(summary["seconds_per_step"]) == {"masking", "refresh", "loader", "train"}
+    assert set(summary["seconds_per_step"]) == {"masking", "refresh", "loader", "train", "ibot"}
+    ibot = by_name["train_ibot_img_s_attmask_high"]
+    assert ibot["model"] == "ibot-micro" and ibot["local_crops"] == 2  # ViT-S/16 on CUDA

@@ -16,9 +16,10 @@ from salient.jobs.flags import field_docs, flag_name
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE_DIRS = ("salient_root", "pipeline", "store", "trainer", "jobs")
-FLAG = re.compile(r"(?<![\w-])--([a-z][a-z0-9]*(?:-[a-z0-9]+)*)")
+# ours are hyphenated; --snake_case flags are the official codes' (``--pred_ratio``)
+FLAG = re.compile(r"(?<![\w-])--([a-z][a-z0-9]*(?:-[a-z0-9]+)*)(?![\w-])")
 # Flags of other programs that messages quote (`ray start --head --port 6379`).
-FOREIGN = {"--port"}
+FOREIGN = {"--port", "--logdir"}  # `tensorboard --logdir RUN`
 
 
 def _option_strings(name: str) -> set[str]:
@@ -56,7 +57,7 @@ def test_every_flag_named_in_the_package_exists():
     known = _all_flags() | FOREIGN
     missing = {}
     for folder in PACKAGE_DIRS:
-        for path in sorted((ROOT / folder).glob("*.py")):
+        for path in sorted((ROOT / folder).rglob("*.py")):
             for text in _strings(path):
                 for flag in FLAG.findall(text):
                     if f"--{flag}" not in known:
@@ -105,7 +106,7 @@ def test_errors_are_one_line(argv, message, capsys):
 def test_unknown_config_keys_are_named(tmp_path, capsys):
     (tmp_path / "c.json").write_text(json.dumps({"data": "d", "epoks": 3}))
     assert main(["train", "--config", str(tmp_path / "c.json")]) == 2
-    assert "sets epoks, which this job does not have" in capsys.readouterr().err
+    assert "sets 'epoks', which this job does not have" in capsys.readouterr().err
 
 
 def test_recipe_then_config_then_flags(tmp_path, capsys):

@@ -157,6 +157,26 @@ def test_cached_features_are_reused(runs):
     assert shuffled["caches"]["val"] == first["caches"]["val"]
 
 
+def test_the_cli_prints_a_table_and_json_on_request(runs, colour_data, checkpoint, capsys):
+    """The same eval as ``again`` (features from the cache) through the CLI: a table for
+    people whose cells are the summary's figures; ``--json`` the summary itself."""
+    from salient.jobs.cli import main
+
+    argv = ["eval", "--checkpoint", str(checkpoint), "--data", str(colour_data["train"])]
+    argv += ["--val", str(colour_data["val"]), "--out", str(runs["out"]), "--knn", "--k", "5"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    again = runs["again"]
+    for kind in ("cls", "mean"):
+        scores = again["knn"][kind]
+        assert f"k-NN   {kind:<7}  {scores['top1']:.3f}  {scores['top5']:.3f}" in text, text
+    assert "linear" not in text and "on 64 train / 32 val images, 4 classes, 32 px view" in text
+    assert text.rstrip().endswith(f"all figures: {runs['out'] / 'eval.json'} (--json prints them)")
+    assert main([*argv, "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["knn"] == again["knn"] and printed["shards_computed"] == {"train": 0, "val": 0}
+
+
 def _cache(url: str) -> dict:
     group = zarr.open_group(url, mode="r", use_consolidated=False)
     assert group.attrs["complete"]

@@ -180,6 +180,8 @@ def test_weight_decay_and_ema_momentum_follow_ibots_cosine_schedules():
     optimizer = build_optimizer(model, 1e-3, 0.04, (0.9, 0.999))
     hooks = IBOT.hooks(model, optimizer)
     for step in range(epochs * per_epoch):
+        if step == 7:  # a resume: load_state_dict gives the optimizer new group dicts
+            optimizer.load_state_dict(copy.deepcopy(optimizer.state_dict()))
         progress = Progress(step, epochs * per_epoch, per_epoch, step // per_epoch)
         hooks.before_step(optimizer, progress)
         decays = sorted(g["weight_decay"] for g in optimizer.param_groups)

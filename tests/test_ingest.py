@@ -223,3 +223,30 @@ def test_classes_from_refuses_other_class_folders(demo_data, tmp_path, names, ma
     with pytest.raises(IngestError, match=match):
         ingest_folder(src, tmp_path / "out", classes_from=demo_data)
     assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_the_console_names_every_skipped_file_without_source_paths(tree, tmp_path, capfd):
+    """Through the CLI: a corrupt image and a file that is no image each get a warning in the
+    job's own words, without the source file and line of the code that warned."""
+    import warnings
+
+    from salient.jobs.cli import main
+
+    src, _ = tree
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        assert main(["ingest", str(src), str(tmp_path / "out")]) == 0
+    err = capfd.readouterr().err
+    lines = [line for line in err.splitlines() if "warning" in line]
+    assert any(
+        line.startswith(
+            "salient ingest: warning: skipping 1 file(s), not an image suffix: "
+            "dog/notes.txt (listed in manifest.json)"
+        )
+        for line in lines
+    ), err
+    assert any(
+        line.startswith("salient ingest: warning: skipping cat/broken.jpg: unreadable image")
+        for line in lines
+    ), err
+    assert ".py:" not in err and "warnings.warn" not in err, err

@@ -132,15 +132,22 @@ def test_refresh_publishes_what_a_direct_computation_gives(baseline, demo_data, 
     assert_maps_close(baseline["maps"], reference_maps(demo_data, teacher_file))
 
 
-def test_rerun_after_publish_makes_a_new_identical_generation(baseline, demo_data, teacher_file):
+def test_rerun_after_publish_makes_a_new_identical_generation(
+    baseline, demo_data, teacher_file, capsys, monkeypatch
+):
+    monkeypatch.delenv("SALIENT_PROGRESS", raising=False)  # no terminal: progress lines
     summary = run_refresh(
-        config_for(demo_data, baseline["store"], teacher_file, workers=1, batch_size=16),
-        progress=False,
+        config_for(demo_data, baseline["store"], teacher_file, workers=1, batch_size=16)
     )
     again = read_generation(baseline["store"])
     assert summary["generation"] == again["current"] != baseline["name"]
     assert summary["shards_computed"] == SHARDS
     np.testing.assert_array_equal(again["maps"], baseline["maps"])  # bit for bit
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # its rate is the summary's
+    assert last == (
+        f"salient refresh: shard {SHARDS}/{SHARDS} · img/s {summary['img_per_s']:.4g} · "
+        f"generation {summary['generation']}"
+    )
 
 
 def test_gpa_and_head_maps_match_direct_computation(ray_session, demo_data, teacher_file, tmp_path):

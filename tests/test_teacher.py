@@ -499,8 +499,9 @@ def test_load_errors_are_clear(tmp_path):
     torch.save(argparse.Namespace(a=1), pickled)
     cases = [
         (lambda: load_teacher(tmp_path / "missing.pt"), "does not exist"),
+        (lambda: load_teacher("test_vit"), "did you mean timm:test_vit"),
         (lambda: load_teacher(garbage), "cannot read"),
-        (lambda: load_teacher(pickled), "Weights only load failed"),
+        (lambda: load_teacher(pickled), r"pickles Python objects \(argparse.Namespace\)"),
         (lambda: load_teacher(a_dict), "not a salient training checkpoint"),
         (lambda: load_teacher(resnet), "not a salient training checkpoint"),
         (lambda: load_teacher(ckpt, weights=resnet), "carries its own"),

@@ -231,8 +231,27 @@ def test_config_errors_are_clear(demo_data, tmp_path):
         run_train(config_for(tmp_path / "missing", tmp_path), progress=False)
     with pytest.raises(TrainError, match="does not exist and --refresh-every is 0"):
         run_train(config_for(demo_data, tmp_path, refresh_every=0), progress=False)
-    with pytest.raises(TrainError, match="--accum-iter 4 needs at least 4 batches per worker"):
+    with pytest.raises(
+        TrainError,
+        match="--accum-iter 4 needs 4 batches per worker and epoch, "
+        "but 96 images give each of 2 workers 3 of --batch-size 16; use --accum-iter 3",
+    ):
         run_train(config_for(demo_data, tmp_path, batch_size=16, accum_iter=4), progress=False)
+    # a recipe's batch on a small set: the flag that sets it, and a value that fits
+    with pytest.raises(
+        TrainError,
+        match="--batch-size 128 on each of --workers 2 needs 256 "
+        "images but .* holds 96; lower --batch-size to 48 or less",
+    ):
+        run_train(config_for(demo_data, tmp_path, batch_size=128), progress=False)
+    with pytest.raises(
+        TrainError,
+        match=r"--effective-batch 4096 needs 128 batches of 16 per "
+        r"worker and epoch, .*; use --effective-batch 96 or less \(a multiple of 32\)",
+    ):
+        run_train(
+            config_for(demo_data, tmp_path, batch_size=16, effective_batch=4096), progress=False
+        )
     with pytest.raises(TrainError, match="--gpa-loss-weight needs an MAE decoder"):
         config_for(demo_data, tmp_path, model="simmim-micro", gpa_loss_weight=1.0)
     with pytest.raises(TrainError, match="add --saliency-kind gpa"):
@@ -287,6 +306,9 @@ def test_warmup_cosine_schedule():
     assert schedule(60) == pytest.approx(0.55)  # half-way down the cosine
     assert schedule(110) == schedule(500) == pytest.approx(0.1)  # stays at min past the end
     assert all(schedule(s) >= schedule(s + 1) for s in range(10, 120))
+    for run in (schedule, WarmupCosine(1.0, 5, 10), WarmupCosine(2.0, 400, 0, 0.5)):
+        steps = sum(run(s) for s in range(run.total_steps))  # the rates of the run, one by one
+        assert run.total() == pytest.approx(steps, rel=0.02)
 
 
 def test_loop_raises_on_a_loss_that_is_not_finite():

@@ -23,7 +23,7 @@ from salient.errors import SalientError
 from salient.jobs.refresh.driver import RefreshConfig, prepare_refresh, worker_spec
 from salient.jobs.refresh.worker import RefreshWorker
 from salient.jobs.train.config import TrainConfig, resolved
-from salient.jobs.train.driver import _with_map_heads
+from salient.jobs.train.driver import _with_map_heads, with_box_figures
 from salient.jobs.train.worker import _Worker, draw_seed, refresh_due
 from salient.store import SaliencyStore
 from salient.trainer.checkpoint import save_checkpoint
@@ -68,7 +68,8 @@ class InProcessRefresh:
         refresh = self.config.refresh_config(teacher)
         generation = refresh_here(refresh)
         self.teachers.append(Path(teacher).name)
-        return _Done({"store": refresh.store, "generation": generation, "kind": "cls_attn"})
+        summary = {"store": refresh.store, "generation": generation, "kind": "cls_attn"}
+        return _Done(with_box_figures(refresh, summary))  # as the refresh's Ray task does
 
 
 @pytest.fixture
@@ -100,7 +101,7 @@ def test_one_rank_follows_amts_schedule_refreshes_and_prunes(demo_data, tmp_path
     Path(config.run_dir).mkdir()
     Path(config.run_dir, "metrics.jsonl").touch()
     launcher, reports = InProcessRefresh(config), []
-    args = {"config": config, "launch_refresh": launcher, "progress": False, "run_id": "t"}
+    args = {"config": config, "launch_refresh": launcher, "run_id": "t"}
     worker = _Worker(args, 0, 1, torch.device("cpu"), reports.append)
     try:
         worker.run()
@@ -130,6 +131,138 @@ def test_one_rank_follows_amts_schedule_refreshes_and_prunes(demo_data, tmp_path
     kept = sorted(p.name for p in Path(config.run_dir).glob("checkpoint-*.pt"))
     assert kept == ["checkpoint-00004.pt"]
     assert Path(config.run_dir, "encoder-00004", "model.safetensors").is_file()
+    _check_tensorboard(Path(config.run_dir), records)
+    _check_console(config, records)
+
+
+def _check_console(config: TrainConfig, records: list[dict]) -> None:
+    """The driver's console over this run's logs, without a terminal: a progress line with
+    1-based epochs and an ETA, then every epoch and refresh as a line of its own."""
+    import io
+    import os
+
+    from salient.jobs.train.console import TrainConsole
+
+    os.environ["SALIENT_PROGRESS_EVERY"] = "0"
+    try:
+        out = io.StringIO()
+        console = TrainConsole(config, 96 // 16, "lines", stream=out)
+        console._steps.records()  # the run's steps were seen: the next poll shows one line
+        console.poll()
+    finally:
+        del os.environ["SALIENT_PROGRESS_EVERY"]
+    lines = out.getvalue().splitlines()
+    assert (
+        all(line.startswith("salient train: ") for line in lines) and "pid=" not in out.getvalue()
+    )
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    shown = [line for line in lines if " done · " in line]
+    assert [line.split("epoch ")[1].split(" done")[0] for line in shown] == [
+        "1/4",
+        "2/4",
+        "3/4",
+        "4/4",
+    ]
+    assert all(f"loss {r['loss']:.4g}" in line for r, line in zip(epochs, shown))
+    refreshes = [line for line in lines if "refresh from epoch" in line]
+    assert [line.split("published ")[1].split(" ")[0] for line in refreshes] == [
+        "gen-000001",
+        "gen-000002",
+        "gen-000003",
+    ]
+    assert all("box lift" in line for line in refreshes)
+
+
+def _check_tensorboard(run_dir: Path, records: list[dict]) -> None:
+    """RUN/tb/ holds every scalar of the run's records, read back by TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
+    tb.Reload()
+
+    def curve(tag: str) -> list[tuple[int, float]]:
+        return [(e.step, e.value) for e in tb.Scalars(tag)]
+
+    steps = [
+        json.loads(line) for line in (run_dir / "metrics" / "rank-0.jsonl").read_text().splitlines()
+    ]
+    assert curve("step/loss") == [(s["step"], pytest.approx(s["loss"])) for s in steps]
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    for tag in ("loss", "lr", "img_per_s", "saliency_share"):
+        assert curve(f"epoch/{tag}") == [(r["step"], pytest.approx(r[tag])) for r in epochs]
+    per_epoch = epochs[0]["step"]
+    bound = [(r["step"], int(r["generation"][4:])) for r in epochs if r["generation"]]
+    assert curve("epoch/generation") == bound  # gen-000002 -> 2; None (the warmup) is left out
+    refreshes = [r for r in records if r["kind"] == "refresh"]
+    lifts = curve("refresh/box/lift_mean")  # the demo set has object boxes
+    assert lifts == [
+        (r["epochs_done"] * per_epoch, pytest.approx(r["box"]["lift_mean"])) for r in refreshes
+    ]
+    assert all(v > 0 for _, v in lifts)
+
+
+def test_the_console_shows_epochs_from_one_rate_and_eta_and_events_above_its_bar(
+    tmp_path, monkeypatch
+):
+    """Records written by the worker's own log, read by the driver's console: off a terminal
+    one progress line (epoch 1-based, step in it, img/s over the workers, ETA); on one a bar
+    over the run's steps, with the epoch's line printed above it."""
+    import io
+
+    from salient.jobs.train.console import TrainConsole
+    from salient.jobs.train.worker import _Log
+
+    monkeypatch.setenv("SALIENT_PROGRESS_EVERY", "0")
+    config = TrainConfig(data="d", strategy="random", epochs=3, run_dir=str(tmp_path), workers=2)
+    log = _Log(tmp_path, 0)
+    try:
+        lines, drawn = io.StringIO(), io.StringIO()
+        plain = TrainConsole(config, 4, "lines", stream=lines)  # 4 batches: 4 steps an epoch
+        bar = TrainConsole(config, 4, "bar", stream=drawn)
+        log.event({"kind": "start", "run": "r", "from": None, "epochs_done": 0, "restart": False})
+        for step in range(1, 6):
+            epoch = (step - 1) // 4
+            log.step(
+                {
+                    "kind": "step",
+                    "epoch": epoch,
+                    "rank": 0,
+                    "step": step,
+                    "loss": 0.5,
+                    "img_per_s": 10.0,
+                    "generation": None,
+                }
+            )
+            if step == 4:
+                log.event(
+                    {
+                        "kind": "epoch",
+                        "epoch": 0,
+                        "epochs_done": 1,
+                        "step": 4,
+                        "loss": 0.5,
+                        "img_per_s": 19.5,
+                        "generation": None,
+                        "corrupt_maps": 2,
+                        "damaged_chunks": ["saliency/0.0"],
+                    }
+                )
+        for console in (plain, bar):
+            console.poll()
+        bar._view.close()
+    finally:
+        log.close()
+    text = lines.getvalue().splitlines()
+    assert text[0].startswith(
+        "salient train: epoch 1/3 done · img/s 19.5 · loss 0.5 · generation none"
+        " · corrupt maps 2 · damaged chunks saliency/0.0 · eta "
+    )
+    assert text[1].startswith(
+        "salient train: epoch 2/3 · step 1/4 · img/s 20 · loss 0.5 · generation none · eta "
+    ), text  # the step after the epoch
+    shown = drawn.getvalue()
+    assert "salient train: epoch 1/3 done · img/s 19.5" in shown
+    assert "5/12 steps" in shown and "epoch 2/3 · step 1/4" in shown, shown
 
 
 # ---------------------------------------------------------------- AutoMAE on one rank

@@ -30,8 +30,10 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
+import warnings
 from collections.abc import Collection
 from pathlib import Path
 from typing import Any
@@ -39,7 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from salient.errors import SalientError
+from salient.errors import SalientError, brief
 
 __all__ = [
     "ARCH_CONFIG_FIELDS",
@@ -51,6 +53,8 @@ __all__ = [
     "latest_checkpoint",
     "load_checkpoint",
     "prune_checkpoints",
+    "read_problem",
+    "read_tensors",
     "save_checkpoint",
     "timm_architecture",
     "unwrap_model",
@@ -197,10 +201,10 @@ def _read(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} not found; check the path or the run directory")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = read_tensors(path)
     except Exception as exc:  # torch raises RuntimeError, EOFError, UnpicklingError, … here
         raise CheckpointError(
-            f"checkpoint {path} is corrupt or truncated ({type(exc).__name__}: {exc}); "
+            f"checkpoint {path} is corrupt or truncated, or no checkpoint ({read_problem(exc)}); "
             "delete it and resume from an earlier one"
         ) from exc
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
@@ -212,6 +216,37 @@ def _read(path: Path) -> dict[str, Any]:
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}; it is incomplete")
     return ckpt
+
+
+def read_tensors(path: str | os.PathLike, read: Any = None) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU (or ``read(path)``, e.g. timm's
+    reader, which calls it), without torch's warnings about the pickle protocol of a file
+    that is no checkpoint: the error that follows says what the file is (``read_problem``)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+        if read is not None:
+            return read(path)
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def read_problem(exc: Exception) -> str:
+    """What ``torch.load(weights_only=True)`` found wrong with a file, in a few words: never
+    torch's paragraph that suggests ``weights_only=False`` (salient loads tensors only)."""
+    cause = exc.__cause__  # timm's reader re-raises torch's refusal as its own RuntimeError
+    if isinstance(cause, pickle.UnpicklingError):
+        exc = cause
+    text = str(exc)
+    if isinstance(exc, pickle.UnpicklingError) and "Weights only load failed" in text:
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        if found:
+            return f"it pickles Python objects ({found.group(1)}), not only tensors"
+        if "Unsupported operand" in text:  # the first byte is no pickle opcode
+            return "not a file torch.save wrote"
+        reason = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+        return f"no checkpoint of tensors ({brief(reason.group(1) if reason else text, 80)})"
+    if isinstance(exc, KeyError | EOFError | pickle.UnpicklingError):
+        return f"not a file torch.save wrote: {type(exc).__name__}: {brief(text, 60)}"
+    return f"{type(exc).__name__}: {brief(text, 120)}"
 
 
 def _differences(prefix: str, saved: dict[str, Any], current: dict[str, Any]) -> list[str]:

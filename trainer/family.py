@@ -49,6 +49,7 @@ from salient.trainer.ibot_step import (
     ibot_forward,
     ibot_hooks,
     ibot_loader_fields,
+    ibot_settings,
 )
 from salient.trainer.models import MODELS, build_model
 from salient.trainer.steps import StepHooks
@@ -138,6 +139,7 @@ FAMILIES: dict[str, Family] = {
         hooks=ibot_hooks,
         loader_fields=ibot_loader_fields,
         clip=clip_per_parameter,
+        settings=ibot_settings,
     ),
     "automae": Family(
         "automae",

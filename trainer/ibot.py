@@ -39,7 +39,7 @@ from timm.utils import ModelEmaV3
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import weight_norm
 
-from salient.pipeline.masking import NEEDS_SALIENCY, plan_mask_flags
+from salient.pipeline.masking import NEEDS_SALIENCY, check_options, plan_mask_flags
 from salient.trainer.ibot_loss import (
     Centers,
     cls_distillation,
@@ -51,7 +51,7 @@ from salient.trainer.ibot_loss import (
 from salient.trainer.models import ENCODER_SIZES, ModelError, ModelSpec, encoder_kwargs_for
 from salient.trainer.teacher import cls_attention
 
-__all__ = ["IBOT", "IBOT_MODELS", "IBOTHead", "IBOTSettings", "build_ibot"]
+__all__ = ["IBOT", "IBOT_MODELS", "IBOT_SOURCES", "IBOTHead", "IBOTSettings", "build_ibot"]
 
 # Head sizes: iBOT models/head.py DINOHead defaults (nlayers=3, hidden_dim=2048,
 # bottleneck_dim=256) and --out_dim 8192 (main_ibot.py default; AttMask's README commands).
@@ -59,6 +59,8 @@ __all__ = ["IBOT", "IBOT_MODELS", "IBOTHead", "IBOTSettings", "build_ibot"]
 _HEADS = {"micro": (3, 64, 16, 64)}  # nlayers, hidden, bottleneck, out_dim
 _HEAD = (3, 2048, 256, 8192)
 IBOT_MODELS = tuple(f"ibot-{size}" for size in ENCODER_SIZES)
+# online: the EMA teacher's attention in the step (AttMask's); store: the store's maps
+IBOT_SOURCES = ("online", "store")
 
 
 @dataclass(frozen=True)
@@ -87,8 +89,21 @@ class IBOTSettings:
     # ... ± 0.2 (--pred_ratio_var 0.2), one ratio per batch, and half the images masked
     # (AttMask --masking_prob 0.5; iBOT's --pred_ratio 0 0.3 draws ratio 0 for half of them)
     strategy_options: dict = field(default_factory=lambda: {"mask_prob": 0.5, "ratio_var": 0.2})
+    # Where the attention masks' maps come from (the model plans them itself when a batch
+    # brings none): "online", the teacher's attention in the step (AttMask's), or "store",
+    # the loader's masks from the store's maps. With the views below, the loader's fields
+    # (``ibot_step.ibot_loader_fields``); the model reads none of them.
+    saliency_source: str = "online"
+    local_crops: int | None = None  # None: ``views.MultiCrop``'s (README: 10)
+    local_size: int | None = None  # None: MultiCrop's (96)
+    local_scale: tuple[float, float] | None = None  # None: MultiCrop's (0.05, 0.25)
 
     def __post_init__(self) -> None:
+        if self.saliency_source not in IBOT_SOURCES:
+            raise ModelError(
+                f"iBOT saliency_source must be one of {', '.join(IBOT_SOURCES)} "
+                f"(got {self.saliency_source!r})"
+            )
         for name in ("student_temp", "warmup_teacher_temp", "teacher_temp"):
             if not getattr(self, name) > 0:
                 raise ModelError(f"iBOT {name} must be > 0 (got {getattr(self, name)})")
@@ -335,8 +350,8 @@ def build_ibot(
 ) -> IBOT:
     """Build a named iBOT (``ibot-micro`` for tests, ``ibot-tiny|small|base``; ViT-S/16 is
     ``ibot-small``); ``settings`` are :class:`IBOTSettings` fields. Raises ModelError for an
-    unknown name or setting, sizes that do not fit, or mask settings ``plan_mask_flags``
-    refuses (MaskError)."""
+    unknown name or setting, sizes that do not fit; MaskError for mask settings
+    ``plan_mask_flags`` refuses (``masking.check_options(flags=True)``)."""
     size = name.removeprefix("ibot-")
     if name not in IBOT_MODELS:
         raise ModelError(f"unknown iBOT model {name!r}; choose one of {', '.join(IBOT_MODELS)}")
@@ -351,12 +366,11 @@ def build_ibot(
     spec = ModelSpec("ibot", *ENCODER_SIZES[size])
     nlayers, hidden, bottleneck, out_dim = _HEADS.get(size, _HEAD)
     head = (nlayers, hidden, bottleneck, config.out_dim or out_dim)
-    grid = image_size // patch_size
-    plan_mask_flags(  # the mask settings' own checks, once, before any model is built
+    check_options(  # the mask settings' own checks, once, before any model is built
         config.strategy,
-        torch.ones(1, grid * grid),
+        config.mask_options(),
+        (image_size // patch_size) ** 2,
         config.mask_ratio,
-        generator=torch.Generator().manual_seed(0),
-        **config.mask_options(),
+        flags=True,
     )
     return IBOT(name, encoder_kwargs_for(spec, image_size, patch_size), head, config)

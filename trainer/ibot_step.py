@@ -13,11 +13,13 @@ Importing this module touches no disk, GPU or Ray.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import fields
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from salient.pipeline.epochs import mix_seed
 from salient.pipeline.masking import NEEDS_SALIENCY
 from salient.pipeline.views import MultiCrop
 from salient.trainer.checkpoint import unwrap_model
@@ -30,14 +32,22 @@ __all__ = [
     "ibot_forward",
     "ibot_hooks",
     "ibot_loader_fields",
+    "ibot_settings",
 ]
+
+_DROP_PATH_STREAM = 1  # mix_seed(batch seed, 1): not the stream the batch's masks draw from
 
 
 def ibot_forward(
     model: nn.Module, batch: dict, device: torch.device
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """One multi-crop batch (``pipeline.views``) through the (possibly DDP-wrapped) model."""
+    """One multi-crop batch (``pipeline.views``) through the (possibly DDP-wrapped) model.
+
+    The student's drop path draws from torch's global generator; it is seeded from the
+    batch's own seed first (the loader's, a function of seed, epoch, rank and batch), so a
+    resumed run draws what the uninterrupted one drew and steps the same."""
     put = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+    torch.manual_seed(mix_seed(int(batch["mask_seed"]), _DROP_PATH_STREAM))
     return model(
         put(batch["global_images"]),
         put(batch.get("local_images")),
@@ -56,14 +66,15 @@ class IBOTHooks(StepHooks):
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         self.model = unwrap_model(model)
-        # iBOT get_params_groups: biases and 1-D (norm) weights are not decayed
-        self.decayed = [g for g in optimizer.param_groups if any(p.ndim > 1 for p in g["params"])]
 
     def before_step(self, optimizer: torch.optim.Optimizer, progress: Progress) -> None:
         s = self.model.settings
         decay = half_cosine(s.weight_decay, s.weight_decay_end, progress.fraction)
-        for group in self.decayed:
-            group["weight_decay"] = decay
+        # The groups are looked up at each step: a resume's optimizer.load_state_dict
+        # replaces them. iBOT get_params_groups: biases and 1-D (norm) weights not decayed.
+        for group in optimizer.param_groups:
+            if any(p.ndim > 1 for p in group["params"]):
+                group["weight_decay"] = decay
         self.model.set_epoch(progress.epoch)
 
     def before_optimizer_step(self, progress: Progress) -> None:
@@ -74,6 +85,23 @@ class IBOTHooks(StepHooks):
     def after_step(self, progress: Progress) -> None:
         s = self.model.settings
         self.model.update_teacher(half_cosine(s.momentum_teacher, 1.0, progress.fraction))
+
+
+def ibot_settings(run: Any) -> dict:
+    """``build_ibot``'s keywords from a run's settings (a ``TrainConfig``, or a checkpoint's
+    config read as attributes): the model and its sizes, and every :class:`IBOTSettings`
+    field the run sets under the same name (the iBOT flags, ``weight_decay``, ``strategy``,
+    ``mask_ratio``, ``strategy_options``, ``saliency_source``, the local crops); an older run
+    that lacks one gets iBOT's default. The same keywords give the loader's fields
+    (:func:`ibot_loader_fields`)."""
+    held = {
+        f.name: getattr(run, f.name)
+        for f in fields(IBOTSettings)
+        if getattr(run, f.name, None) is not None
+    }
+    if "strategy_options" in held:
+        held["strategy_options"] = dict(held["strategy_options"])
+    return {"name": run.model, "image_size": run.image_size, "patch_size": run.patch_size, **held}
 
 
 def ibot_hooks(model: nn.Module, optimizer: torch.optim.Optimizer) -> IBOTHooks:

@@ -70,6 +70,14 @@ class WarmupCosine:
         span = max(self.total_steps - self.warmup_steps, 1)
         return half_cosine(self.base_lr, self.min_lr, min((step - self.warmup_steps) / span, 1.0))
 
+    def total(self) -> float:
+        """The sum of the rates of steps ``0 … total_steps − 1``: the warmup's arithmetic
+        series plus the half-cosine's mean, ``(base + min) / 2``, over the rest. AdamW moves a
+        weight by about the rate or less per step, so this bounds how far any weight moves."""
+        warmup = min(self.warmup_steps, self.total_steps)  # steps 0 … warmup − 1 warm up
+        rising = self.base_lr * warmup * (warmup + 1) / (2 * max(self.warmup_steps, 1))
+        return rising + (self.base_lr + self.min_lr) / 2 * (self.total_steps - warmup)
+
     def apply(self, optimizer: torch.optim.Optimizer, step: int) -> float:
         """Set every parameter group's rate for ``step``; returns it."""
         lr = self(step)

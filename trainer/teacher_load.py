@@ -28,6 +28,8 @@ from timm.models import load_state_dict
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 from torch import Tensor, nn
 
+from salient.errors import brief
+from salient.trainer.checkpoint import read_problem, read_tensors
 from salient.trainer.teacher import TeacherError
 
 __all__ = ["Teacher", "load_teacher"]
@@ -97,11 +99,16 @@ def _timm_teacher(name, weights, allow_random, image_size) -> tuple[VisionTransf
 
 
 def _checkpoint_teacher(spec: str, image_size: int) -> tuple[VisionTransformer, dict]:
+    if not Path(spec).expanduser().exists() and timm.is_model(spec):
+        raise TeacherError(
+            f"teacher {spec} is no file but a timm model name; did you mean timm:{spec} "
+            "(with --weights FILE, its weights on this machine)?"
+        )
     path = _existing_file(spec, "teacher checkpoint")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = read_tensors(path)
     except Exception as e:
-        raise TeacherError(f"cannot read teacher checkpoint {path}: {e}") from e
+        raise TeacherError(f"cannot read teacher checkpoint {path}: {read_problem(e)}") from e
     if not (isinstance(ckpt, dict) and isinstance(ckpt.get("encoder_kwargs"), dict)):
         raise TeacherError(
             f"{path} is not a salient training checkpoint (no 'encoder_kwargs' / 'encoder'); "
@@ -144,9 +151,9 @@ def _build(make: Callable[[], nn.Module], source: str) -> VisionTransformer:
 def _read_weights(path: Path) -> dict:
     """timm's reader: safetensors, else torch.load(weights_only=True); unwraps 'model' etc."""
     try:
-        return load_state_dict(str(path))
+        return read_tensors(str(path), load_state_dict)
     except Exception as e:
-        raise TeacherError(f"cannot read weights file {path}: {e}") from e
+        raise TeacherError(f"cannot read weights file {path}: {read_problem(e)}") from e
 
 
 def _load_into(model: VisionTransformer, state: object, path: Path) -> None:
@@ -160,8 +167,10 @@ def _load_into(model: VisionTransformer, state: object, path: Path) -> None:
     state = _encoder_of_mae(state, path)
     try:
         result = model.load_state_dict(checkpoint_filter_fn(state, model), strict=False)
-    except (RuntimeError, KeyError, ValueError, IndexError) as e:
-        raise TeacherError(f"{path} does not fit this ViT: {e}") from e
+    except (RuntimeError, KeyError, ValueError, IndexError) as e:  # torch lists every tensor
+        raise TeacherError(
+            f"{path} does not fit this ViT: {brief(e)}; check the model name or the file"
+        ) from e
     if result.missing_keys or result.unexpected_keys:
         raise TeacherError(
             f"{path} is not a checkpoint of this ViT: missing {result.missing_keys[:4]}, "

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields
 from salient.errors import SalientError
 from salient.jobs.bench.automae import bench_automae
 from salient.jobs.bench.gpu import bench_gpu
+from salient.jobs.bench.ibot import bench_ibot
 from salient.jobs.bench.loader import bench_loader
 from salient.jobs.bench.masking import bench_masking
 from salient.jobs.bench.quality import bench_quality
@@ -31,6 +32,7 @@ BENCHES = {
     "loader": bench_loader,
     "refresh": bench_refresh,
     "train": bench_train,
+    "ibot": bench_ibot,
     "gpu": bench_gpu,
     "quality": bench_quality,
     "automae": bench_automae,
@@ -50,7 +52,8 @@ class BenchConfig:
     out: str | None = None
     """Also append the JSON line to this file; gpu: the directory its figure lines go to."""
     data: str | None = None
-    """loader, refresh: benchmark this dataset (path or URL) instead of a generated demo set."""
+    """loader, refresh, ibot: benchmark this dataset (path or URL) instead of a generated demo
+    set."""
     epochs: int | None = None
     """quality: training epochs of each arm (default: 8 on the CPU, 40 on CUDA; --quick 2)."""
     n: int | None = None

@@ -10,7 +10,11 @@ the data costs seconds, not minutes):
 - ``loader_img_s``: the GPU loader path (workers ship JPEG bytes, the device decodes, crops and
   plans; limit: a bare batched ``decode_jpeg`` of the same bytes on the same device);
 - ``train_amt_vs_random``: MAE AMT 45/40 vs MAE random 75 % step rate (synthetic input), and
-  ``train_loader_img_s`` per case (limit: the same step on synthetic input).
+  ``train_loader_img_s`` per case (limit: the same step on synthetic input);
+- ``train_ibot_img_s_*``: iBOT's step on ViT-S/16 (2 × 224 + 10 × 96 crops, bf16) with
+  AttMask-High's masks planned online from the EMA teacher against iBOT's random and block
+  masks (limit: the random-mask step), ``train_ibot_attmask_vs_random``, and
+  ``ibot_views_loader_img_s``, the multi-crop loader alone (limit: the online step).
 
 Each figure is one JSON line in ``DIR/gpu-figures.jsonl``, written as soon as it is measured
 (a call cut short still returns what it measured), stamped with the device, versions and
@@ -28,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from salient.jobs.bench.ibot import bench_ibot
 from salient.jobs.bench.loader import _demo, _tiled, device_path_rates, image_bytes, random_store
 from salient.jobs.bench.masking import bench_masking
 from salient.jobs.bench.refresh import bench_refresh
@@ -245,6 +250,32 @@ def _train(figures: _Figures, data: Path, device: str, quick: bool) -> None:
         )
 
 
+def _ibot(figures: _Figures, data: Path, device: str, quick: bool) -> None:
+    result = bench_ibot(quick=quick, device=device, data=str(data))
+    arms = result["arms"]
+    sizes = {k: result[k] for k in ("model", "image_size", "local_crops", "local_size")}
+    for arm, rate in arms.items():
+        figures.add(
+            f"train_ibot_img_s_{arm}",
+            rate,
+            "img/s",
+            "random-mask step img/s",
+            arms["random"],
+            batch_size=result["batch_size"],
+            **sizes,
+        )
+    figures.add("train_ibot_attmask_vs_random", result["attmask_vs_random"], "x", **sizes)
+    figures.add(
+        "ibot_views_loader_img_s",
+        result["views_loader_img_s"],
+        "img/s",
+        "attmask_high step img/s",
+        arms["attmask_high"],
+        workers=result["loader_workers"],
+        **sizes,
+    )
+
+
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -270,6 +301,7 @@ def bench_gpu(quick: bool = False, device: str = "auto", out: str | None = None)
             ("refresh", lambda: _refresh(figures, data, device, sizes)),
             ("loader", lambda: _loader(figures, data, store, device, sizes)),
             ("train", lambda: _train(figures, data, device, quick)),
+            ("ibot", lambda: _ibot(figures, data, device, quick)),
         ):
             begin = time.perf_counter()
             run()

@@ -50,6 +50,7 @@ __all__ = [
     "EvalError",
     "check_class_lists",
     "initial_checkpoint",
+    "render_eval",
     "run_eval",
 ]
 
@@ -469,3 +470,41 @@ def run_eval(config: EvalConfig) -> dict:
     }
     _write_json(out / "eval.json", summary)
     return summary
+
+
+def _cell(value) -> str:
+    return "—" if value is None else f"{value:.3f}"
+
+
+def render_eval(summary: dict) -> str:
+    """What ``salient eval`` prints for people: a table of each probe's top-1 / top-5 on each
+    feature (beside the baseline's with ``--baseline``), chance, and where ``eval.json`` is;
+    ``--json`` prints the summary instead."""
+    baseline = summary.get("baseline") or {}
+    head = ["probe", "feature", "top-1", "top-5"]
+    if baseline:
+        head += ["init top-1", "init top-5"]
+    rows = [head]
+    for probe, name in (("knn", "k-NN"), ("linear", "linear")):
+        for kind, scores in (summary.get(probe) or {}).items():
+            row = [name, kind, _cell(scores["top1"]), _cell(scores["top5"])]
+            if baseline:
+                init = (baseline.get(probe) or {}).get(kind) or {}
+                row += [_cell(init.get("top1")), _cell(init.get("top5"))]
+            rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    table = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    images, chance = summary["images"], summary["chance"]
+    computed, reused = summary["shards_computed"], summary["shards_reused"]
+    out = Path(summary["settings"]["out"]) / "eval.json"
+    return "\n".join(
+        [
+            f"{Path(summary['checkpoint']).name} on {images['train']} train / {images['val']} "
+            f"val images, {summary['classes']} classes, {summary['view']['image_size']} px view",
+            *table,
+            f"chance: uniform {chance['uniform']:.3f}, majority class {chance['majority']:.3f}",
+            f"features: {sum(computed.values())} shards computed, {sum(reused.values())} "
+            f"from the cache · {summary['seconds']} s",
+            f"all figures: {out} (--json prints them)",
+        ]
+    )

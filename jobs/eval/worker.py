@@ -29,6 +29,7 @@ import torch
 
 from salient import urls
 from salient.jobs.eval.cache import FeatureCache
+from salient.jobs.runtime.progress import plain_warnings
 from salient.jobs.runtime.shard_pool import ActorInputs
 from salient.pipeline import shards
 
@@ -157,6 +158,7 @@ class FeatureWorker:
         storage=None,
     ):
         urls.adopt(storage)  # the driver's --storage-option values, before any read
+        plain_warnings("eval")  # printed through Ray on the driver's console
         torch.set_num_threads(spec.inputs.threads)
         self.spec = spec
         self.device = torch.device(spec.inputs.device)

@@ -46,6 +46,7 @@ from salient.jobs.inspect.stats import (
     usable,
 )
 from salient.jobs.runtime.progress import progress_bar
+from salient.jobs.runtime.records import METRICS, read_records
 from salient.pipeline.manifest import open_dataset
 from salient.pipeline.masking import STRATEGIES
 from salient.pipeline.shards import read_labels
@@ -125,7 +126,7 @@ class InspectConfig:
             self._check_ids()
         if self.mask_ratio + self.throw_ratio >= 1.0:
             raise InspectError(
-                f"mask_ratio + throw_ratio must be < 1 (got {self.mask_ratio} "
+                f"--mask-ratio + --throw-ratio must be < 1 (got {self.mask_ratio} "
                 f"+ {self.throw_ratio}); lower one so some patches stay visible"
             )
 
@@ -256,12 +257,12 @@ def _history(store) -> list[str]:
 
 def _training(run_dir: str) -> dict:
     """Per-epoch loss, strategy and generation, and the k-NN probes, from ``metrics.jsonl``."""
-    path = Path(run_dir).expanduser() / "metrics.jsonl"
+    path = Path(run_dir).expanduser() / METRICS
     if not path.is_file():
         raise InspectError(
-            f"--run-dir {run_dir} holds no metrics.jsonl; give the --run-dir of a salient train run"
+            f"--run-dir {run_dir} holds no {METRICS}; give the --run-dir of a salient train run"
         )
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = read_records(path)  # the records TensorBoard's curves are written from
     epochs = {r["epochs_done"]: r for r in records if r.get("kind") == "epoch"}  # last wins
     probes = {r["epochs_done"]: r for r in records if r.get("kind") == "eval"}
     return {

@@ -32,7 +32,6 @@ UDF could tear chunks. ``bench_refresh`` measures both on the same data (see BEN
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ from typing import Any
 from salient import urls
 from salient.errors import SalientError
 from salient.jobs.refresh.worker import RefreshWorker, WorkerSpec
+from salient.jobs.runtime.interrupt import Interrupted
 from salient.jobs.runtime.placement import Ask
 from salient.jobs.runtime.progress import progress_lines, progress_wanted
 from salient.jobs.runtime.ray_env import ensure_ray
@@ -239,16 +239,25 @@ class _Tally:
     computed: int = 0
     retries: int = 0
     nodes: set = field(default_factory=set)
+    start: float = field(default_factory=time.perf_counter)  # the shards' computation began
+    end: float | None = None  # ... and its last shard ended
+
+    @property
+    def img_per_s(self) -> float:
+        """Images per second of the computation: what the bar, the lines and the summary say."""
+        seconds = (self.end or time.perf_counter()) - self.start
+        return round(self.images / seconds, 1) if seconds > 0 else 0.0
 
 
 def _progress(total: int, initial: int, enabled: bool):
     from tqdm import tqdm
 
-    return tqdm(
+    return tqdm(  # the rate shown is the summary's img/s (_Tally.img_per_s), not shards/s
         total=total,
         initial=initial,
-        unit=" shard",
-        desc="refresh",
+        desc="salient refresh",
+        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} shards "
+        "[{elapsed}<{remaining}]{postfix}",
         disable=not (enabled and progress_wanted()),
         dynamic_ncols=True,
     )
@@ -261,13 +270,13 @@ class _Report:
         self.total, self.done, self.generation = total, done, generation
         self.lines = progress_lines("refresh", enabled)
 
-    def shard_done(self, tally: _Tally, start: float) -> None:
+    def shard_done(self, tally: _Tally) -> None:
         self.done += 1
         if self.lines is not None:
             report = self.lines.line if self.done == self.total else self.lines.update
             report(
                 shard=f"{self.done}/{self.total}",
-                img_per_s=round(tally.images / max(time.perf_counter() - start, 1e-9), 1),
+                img_per_s=tally.img_per_s,
                 generation=self.generation,
             )
 
@@ -283,11 +292,12 @@ def _run_shards(
 ) -> _Tally:
     """Keep every actor fed with shards until all are written; retry a dead actor's shards."""
 
-    tally, start = _Tally(), time.perf_counter()
+    tally = _Tally()
 
     def done(result: dict) -> None:
-        _count(result, tally, bar, start)
-        report.shard_done(tally, start)
+        tally.end = time.perf_counter()  # the last shard's end is the computation's
+        _count(result, tally, bar)
+        report.shard_done(tally)
         if on_shard_done is not None:
             on_shard_done(result)
 
@@ -307,13 +317,13 @@ def _give_up(shard: int, attempts: int, exc: Exception) -> RefreshError:
     )
 
 
-def _count(result: dict, tally: _Tally, bar, start: float) -> None:
+def _count(result: dict, tally: _Tally, bar) -> None:
     tally.images += result["images"]
     tally.invalid += result["invalid"]
     tally.computed += 1
     tally.nodes.add(result.get("node"))
     bar.update(1)
-    bar.set_postfix(img_s=f"{tally.images / max(time.perf_counter() - start, 1e-9):.0f}")
+    bar.set_postfix_str(f"{tally.img_per_s:.1f} img/s")
 
 
 # ---------------------------------------------------------------- the job
@@ -376,7 +386,8 @@ def run_refresh(
     """Run the refresh job; returns the JSON summary.
 
     Summary: ``images`` / ``invalid`` computed by this run, ``seconds`` (checks to publish),
-    ``img_per_s``, ``generation`` (published), ``shards_computed``, ``shards_skipped`` (done by
+    ``img_per_s`` (while the actors computed: the rate its progress showed), ``generation``
+    (published), ``shards_computed``, ``shards_skipped`` (done by
     an earlier, interrupted run), ``retries`` (shards re-run after a worker died), ``nodes``
     (Ray nodes whose actors wrote shards), ``joined``
     (another driver wrote the generation; ``wait_for_other`` waited for it).
@@ -414,6 +425,13 @@ def run_refresh(
         )
         lease.stop()  # no renewal may race the publish's attribute writes
         writer.publish()
+    except KeyboardInterrupt:
+        lease.release()  # the generation is free at once for the next driver, on any host
+        done = len(dataset.shards) - len(writer.missing_shards())
+        raise Interrupted(
+            f"{done} of {len(dataset.shards)} shards of {writer.name}, unpublished (the same "
+            "command computes only the others)"
+        ) from None
     except BaseException:
         lease.release()  # the generation is free at once for the next driver, on any host
         raise
@@ -436,7 +454,7 @@ def _summary(
         "images": tally.images,
         "invalid": tally.invalid,
         "seconds": round(seconds, 3),
-        "img_per_s": round(tally.images / seconds, 1) if seconds else math.nan,
+        "img_per_s": tally.img_per_s,  # while computing, as the bar said; seconds: all
         "generation": generation,
         "shards_computed": computed,
         "shards_skipped": skipped,

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from salient import urls
+from salient.jobs.runtime.progress import plain_warnings
 from salient.jobs.runtime.shard_pool import ActorInputs
 from salient.pipeline import shards
 from salient.store import SaliencyStore
@@ -158,6 +159,7 @@ class RefreshWorker:
         self, model: torch.nn.Module, spec: WorkerSpec, storage: urls.StorageOptions | None = None
     ):
         urls.adopt(storage)  # the driver's --storage-option values, before any read
+        plain_warnings("refresh")  # printed through Ray on the driver's console
         torch.set_num_threads(spec.inputs.threads)
         self.spec = spec
         self.device = torch.device(spec.inputs.device)

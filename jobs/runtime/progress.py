@@ -5,6 +5,9 @@ On a terminal (or with ``SALIENT_PROGRESS=1``) jobs draw tqdm bars. Without one 
 reads as a hang, so jobs print one line to stderr at most every ``SALIENT_PROGRESS_EVERY``
 seconds (default 5): job, where it is (epoch / step, shard), img/s, loss, generation.
 ``SALIENT_PROGRESS=0`` turns both off.
+
+Warnings read like the jobs' own lines (:func:`plain_warnings`): ``salient JOB: warning: …``,
+without the source file and line Python adds (an internal path means nothing to a user).
 """
 
 from __future__ import annotations
@@ -13,9 +16,17 @@ import contextlib
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
 
-__all__ = ["ProgressLines", "progress_bar", "progress_lines", "progress_mode", "progress_wanted"]
+__all__ = [
+    "ProgressLines",
+    "plain_warnings",
+    "progress_bar",
+    "progress_lines",
+    "progress_mode",
+    "progress_wanted",
+]
 
 _EVERY_S = 5.0
 
@@ -90,13 +101,29 @@ class ProgressLines:
         return True
 
     def line(self, **fields) -> None:
-        parts = [f"{_key(key)} {_text(v)}" for key, v in fields.items() if v is not None]
         stream = self._stream or sys.stderr
         head = f"salient {self.job}:" if self.job else "salient:"
-        print(f"{head} " + " · ".join(parts), file=stream, flush=True)
+        print(f"{head} {self.text(**fields)}", file=stream, flush=True)
         self._last = time.monotonic()
+
+    @staticmethod
+    def text(**fields) -> str:
+        """``key value · key value`` (``img_per_s`` → ``img/s``), the fields that are not None."""
+        return " · ".join(f"{_key(key)} {_text(v)}" for key, v in fields.items() if v is not None)
 
 
 def progress_lines(job: str, enabled: bool = True) -> ProgressLines | None:
     """A :class:`ProgressLines` when the job shows progress and there is no terminal."""
     return ProgressLines(job) if enabled and progress_mode() == "lines" else None
+
+
+def plain_warnings(job: str) -> None:
+    """Show this process's warnings as ``salient JOB: warning: MESSAGE`` on stderr: the CLI's
+    process, and the Ray workers and actors of a job (they print through Ray to the driver's
+    console). Python's filters still apply (each warning once per place by default)."""
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        text = " ".join(str(message).split())
+        print(f"salient {job}: warning: {text}", file=file or sys.stderr, flush=True)
+
+    warnings.showwarning = show

@@ -16,18 +16,25 @@ from salient.pipeline.crops import INTERPOLATIONS
 from salient.pipeline.loader_config import LoaderConfig
 from salient.pipeline.masking import (
     NEEDS_SALIENCY,
+    SCHEDULE_OPTIONS,
     STRATEGIES,
     MaskError,
     check_options,
-    default_ratios,
+    resolve_ratios,
 )
+from salient.pipeline.views import MultiCrop
 from salient.settings import check_fields, flag_of, ranged
 from salient.trainer.automae import LOSS_G_FACTOR, MAP_SOURCES, MASK_FACTOR
 from salient.trainer.family import FAMILIES, MODEL_FAMILIES, family_of
-from salient.trainer.loop import TrainError
+from salient.trainer.ibot import IBOT_SOURCES, IBOTSettings
+from salient.trainer.loop import TrainError, WarmupCosine
 from salient.trainer.teacher import KINDS, REDUCES
 
-__all__ = ["TrainConfig", "resolved"]
+__all__ = ["LR_SUM_FLOOR", "TrainConfig", "resolved"]
+
+# Below this sum of a run's learning rates AdamW (about one rate per step and weight) moves no
+# weight by more than 5 % of 0.02, the std of timm's ViT initialisation (trunc_normal_ .02).
+LR_SUM_FLOOR = 1e-3
 
 
 @dataclass(frozen=True)
@@ -102,12 +109,14 @@ class TrainConfig:
     min_lr: float = field(default=0.0, metadata=ranged(ge=0))
     """Learning rate at the end of the cosine decay."""
     lr_warmup_epochs: int | None = field(default=None, metadata=ranged(ge=0))
-    """Epochs of linear learning-rate warmup; unset = --warmup-epochs."""
+    """Epochs of linear learning-rate warmup; unset = --warmup-epochs (a --recipe sets its own,
+    kept as its share of a shorter --epochs)."""
     blr: float = field(default=1.5e-4, metadata=ranged(gt=0))
     """Base learning rate per 256 images: lr = blr × batch × workers × accum_iter / 256 (MAE's
     linear scaling rule, blr 1.5e-4); --lr sets the rate directly instead."""
-    betas: tuple[float, float] = (0.9, 0.95)
-    """AdamW's betas (MAE: 0.9, 0.95; SimMIM: 0.9, 0.999)."""
+    betas: tuple[float, float] | None = None
+    """AdamW's betas (MAE: 0.9, 0.95; SimMIM: 0.9, 0.999); unset: MAE's, or AdamW's defaults
+    (0.9, 0.999) for iBOT (main_ibot.py builds AdamW without betas)."""
     accum_iter: int | None = field(default=None, metadata=ranged(ge=1))
     """Batches per optimiser step (gradient accumulation, MAE's accum_iter): the effective
     batch is batch × workers × accum_iter; unset: from --effective-batch, else 1."""
@@ -155,6 +164,56 @@ class TrainConfig:
     generator_heads: int | None = field(default=None, metadata=ranged(ge=1))
     """AutoMAE: the generator's input channels, the teacher's heads (models_mae.py ScorerBlock:
     12, MAE-B's); unset: read from the maps when the run starts and kept in config.json."""
+    # iBOT (--model ibot-*; AttMask). Defaults: AttMask's README ViT-S/16 commands, which
+    # are iBOT's README command at 100 epochs (trainer/ibot.py IBOTSettings cites each one).
+    saliency_source: str | None = field(default=None, metadata={"choices": lambda: IBOT_SOURCES})
+    """iBOT: where attention masks come from: online (the EMA teacher's CLS attention over
+    each global view, in the step: AttMask's main_attmask.py) or store (the store's maps,
+    refreshed from the teacher's checkpoint every --refresh-every epochs); unset: online."""
+    momentum_teacher: float = field(
+        default=IBOTSettings.momentum_teacher, metadata=ranged(ge=0, le=1)
+    )
+    """iBOT: EMA momentum of the teacher, a cosine to 1 (AttMask README: momentum_teacher 0.996)."""
+    teacher_temp: float = field(default=IBOTSettings.teacher_temp, metadata=ranged(gt=0))
+    """iBOT: [CLS] teacher temperature after its warm-up (AttMask README: teacher_temp 0.07)."""
+    warmup_teacher_temp: float = field(
+        default=IBOTSettings.warmup_teacher_temp, metadata=ranged(gt=0)
+    )
+    """iBOT: teacher temperature at epoch 0, linear to --teacher-temp (main_ibot.py: 0.04)."""
+    teacher_patch_temp: float = field(
+        default=IBOTSettings.teacher_patch_temp, metadata=ranged(gt=0)
+    )
+    """iBOT: teacher temperature of the patches after the warm-up (main_ibot.py: 0.07)."""
+    warmup_teacher_patch_temp: float = field(
+        default=IBOTSettings.warmup_teacher_patch_temp, metadata=ranged(gt=0)
+    )
+    """iBOT: patch temperature at epoch 0 (main_ibot.py warmup_teacher_patch_temp 0.04)."""
+    warmup_teacher_temp_epochs: int = field(
+        default=IBOTSettings.warmup_teacher_temp_epochs, metadata=ranged(ge=1)
+    )
+    """iBOT: epochs of the temperatures' warm-up (AttMask README: warmup_teacher_temp_epochs 30)."""
+    norm_last_layer: bool = IBOTSettings.norm_last_layer
+    """iBOT: freeze the head's last-layer norm at 1 (AttMask README: norm_last_layer False)."""
+    out_dim: int | None = field(default=None, metadata=ranged(ge=1))
+    """iBOT: head output dimension; unset: 8192 (AttMask README: out_dim 8192; micro: 64)."""
+    drop_path: float = field(default=IBOTSettings.drop_path, metadata=ranged(ge=0, lt=1))
+    """iBOT: stochastic depth of the student (main_ibot.py drop_path 0.1)."""
+    lambda1: float = field(default=IBOTSettings.lambda1, metadata=ranged(ge=0))
+    """iBOT: weight of the [CLS] distillation loss (main_ibot.py lambda1 1.0)."""
+    lambda2: float = field(default=IBOTSettings.lambda2, metadata=ranged(ge=0))
+    """iBOT: weight of the masked-patch loss (main_ibot.py lambda2 1.0)."""
+    weight_decay_end: float = field(default=IBOTSettings.weight_decay_end, metadata=ranged(ge=0))
+    """iBOT: weight decay at the end, a cosine per step from --weight-decay (main_ibot.py
+    weight_decay 0.04, weight_decay_end 0.4)."""
+    freeze_last_layer: int = field(default=IBOTSettings.freeze_last_layer, metadata=ranged(ge=0))
+    """iBOT: epochs the head's last layer is frozen (main_ibot.py freeze_last_layer 1)."""
+    local_crops: int = field(default=MultiCrop.local_crops, metadata=ranged(ge=0))
+    """iBOT: local crops per image beside 2 global ones (AttMask README: local_crops_number 10)."""
+    local_size: int = field(default=MultiCrop.local_size, metadata=ranged(ge=1))
+    """iBOT: side of the local crops in pixels (DataAugmentationiBOT: 96 beside 224)."""
+    local_scale: tuple[float, float] = MultiCrop.local_scale
+    """iBOT: area range of the local crops (AttMask README: local_crops_scale 0.05 0.25); the
+    global crops take --crop-scale (AttMask README: global_crops_scale 0.25 1)."""
     seed: int = 0
     """Seed of the model, crops and masks (a run is reproducible for a seed)."""
     loader_workers: int = field(default=2, metadata=ranged(ge=0))
@@ -198,6 +257,7 @@ class TrainConfig:
             raise TrainError(f"train needs --data DIR (got {self.data!r})")
         check_fields(self, TrainError)  # types, ranges and choices, declared with the fields
         _resolve(self)
+        _resolve_ibot(self)
         check_fields(self, TrainError)  # the ratios just resolved
         _check_counts(self)
         _check_model(self)
@@ -206,6 +266,7 @@ class TrainConfig:
         _check_automae(self)
         _check_training(self)
         _check_resources(self)
+        _check_ibot(self)
 
     @property
     def framework(self) -> str:
@@ -219,7 +280,27 @@ class TrainConfig:
 
     @property
     def needs_saliency(self) -> bool:
-        return self.strategy in NEEDS_SALIENCY
+        """Whether the run reads maps from the store: a saliency strategy, unless iBOT plans
+        its masks from its own teacher in the step (``saliency_source`` online)."""
+        return self.strategy in NEEDS_SALIENCY and self.saliency_source != "online"
+
+    @property
+    def maps(self) -> str | None:
+        """Where the masks' maps come from: ``"online"`` (iBOT's or AutoMAE's teacher, in the
+        step), ``"store"``, or None (the strategy reads no map)."""
+        if self.framework == "automae":  # its generator's per-head maps
+            return self.map_source
+        if self.strategy not in NEEDS_SALIENCY:
+            return None
+        return "store" if self.needs_saliency else "online"
+
+    @property
+    def random_warmup(self) -> bool:
+        """Whether AMT's random warm-up of the masks applies (``warmup_mask_ratio`` until
+        ``warmup_epochs`` are done and a generation exists): a run that reads the store,
+        except iBOT, which masks on its own schedule from the first step (while no map
+        exists the loader plans its views at random with iBOT's ratio and ``mask_prob``)."""
+        return self.needs_saliency and self.framework != "ibot"
 
     @property
     def family_loader_fields(self) -> dict:
@@ -288,6 +369,42 @@ class TrainConfig:
     def lr_warmup(self) -> int:
         return self.warmup_epochs if self.lr_warmup_epochs is None else self.lr_warmup_epochs
 
+    def lr_schedule(self, steps_per_epoch: int) -> WarmupCosine:
+        """The learning rate of every optimiser step: MAE's warmup and cosine, in steps."""
+        return WarmupCosine(
+            self.base_lr,
+            self.epochs * steps_per_epoch,
+            self.lr_warmup * steps_per_epoch,
+            self.min_lr,
+        )
+
+    def schedule_warnings(self, steps_per_epoch: int | None = None) -> list[str]:
+        """One line for each part of the schedule that cannot do its work: an lr warmup longer
+        than the run (the peak rate is never used), a masking warmup that covers every epoch
+        (the strategy is never used) and, given the optimiser steps of an epoch, rates too
+        small to move the weights (:data:`LR_SUM_FLOOR`)."""
+        notes = []
+        total = None if steps_per_epoch is None else self.lr_schedule(steps_per_epoch).total()
+        if total is not None and total < LR_SUM_FLOOR:
+            notes.append(
+                f"the learning rates of this run's {self.epochs * steps_per_epoch} steps sum to "
+                f"{total:.2g}, so AdamW moves no weight by more than that (ViT weights start at "
+                "~0.02): the encoder barely changes; raise --blr (or --lr) or --epochs"
+            )
+        if self.lr_warmup > self.epochs:
+            notes.append(
+                f"--lr-warmup-epochs {self.lr_warmup} is longer than --epochs {self.epochs}: the "
+                f"learning rate reaches {self.epochs / self.lr_warmup:.0%} of its peak "
+                f"{self.base_lr:.3g}; lower --lr-warmup-epochs"
+            )
+        if self.needs_saliency and self.warmup_epochs >= self.epochs:
+            notes.append(
+                f"--warmup-epochs {self.warmup_epochs} covers all --epochs {self.epochs}: every "
+                f"epoch masks at random and --strategy {self.strategy} is never used; lower "
+                "--warmup-epochs"
+            )
+        return notes
+
     def as_dict(self) -> dict:
         """Plain JSON values (what ``config.json`` and every checkpoint hold)."""
         return asdict(self)
@@ -296,7 +413,9 @@ class TrainConfig:
         self, rank: int = 0, world: int = 1, device: str = "cpu", warmup: bool = False
     ) -> LoaderConfig:
         """The loader of ``rank`` of ``world``: the strategy's, or with ``warmup`` the warmup
-        epochs' (random masking at ``warmup_mask_ratio``, no store, the same mask units)."""
+        epochs' (random masking at ``warmup_mask_ratio``, no store, the same mask units), with
+        the fields the family's batches need (``Family.loader_fields``: iBOT's views)."""
+        family = FAMILIES[self.framework]
         main = LoaderConfig(
             data=self.data,
             store=self.store if self.reads_store else None,
@@ -317,7 +436,7 @@ class TrainConfig:
             world_size=world,
             device=device,
             epochs=self.epochs,
-            **self.family_loader_fields,
+            **family.loader_fields(family.settings(self)),
         )
         if not warmup:
             return main
@@ -354,15 +473,20 @@ class TrainConfig:
         )
 
 
+# AdamW's betas of a family left unset: MAE's main_pretrain.py AdamW(betas=(0.9, 0.95));
+# iBOT's main_ibot.py torch.optim.AdamW(params_groups): torch's defaults (0.9, 0.999)
+_BETAS = {"mae": (0.9, 0.95), "ibot": (0.9, 0.999)}
+
+
 def _resolve(c: TrainConfig) -> None:
     """Fill unset ratios with the strategy's paper values; tuples for pairs given as lists
     (a JSON config gives lists). The config is frozen: ``object.__setattr__``."""
 
-    mask, throw = default_ratios(c.strategy, c.framework)
-    if c.mask_ratio is None:
-        object.__setattr__(c, "mask_ratio", mask)
-    if c.throw_ratio is None:
-        object.__setattr__(c, "throw_ratio", throw)
+    mask, throw = resolve_ratios(c.strategy, c.mask_ratio, c.throw_ratio, c.framework)
+    object.__setattr__(c, "mask_ratio", mask)
+    object.__setattr__(c, "throw_ratio", throw)
+    if c.betas is None:
+        object.__setattr__(c, "betas", _BETAS.get(c.framework, _BETAS["mae"]))
     for name in ("crop_scale", "betas"):
         value = getattr(c, name)
         if not (isinstance(value, tuple | list) and len(value) == 2):
@@ -378,6 +502,13 @@ def _accumulation(c: TrainConfig) -> int:
     per_pass = c.batch_size * c.workers
     if c.effective_batch is None:
         return 1 if c.accum_iter is None else c.accum_iter
+    if c.effective_batch < per_pass:
+        fits = c.effective_batch // c.workers
+        raise TrainError(
+            f"--effective-batch {c.effective_batch} is smaller than one pass of --batch-size × "
+            f"--workers ({c.batch_size} × {c.workers} = {per_pass}); "
+            + (f"set --batch-size {fits}" if fits else "raise --effective-batch")
+        )
     if c.effective_batch % per_pass:
         raise TrainError(
             f"--effective-batch {c.effective_batch} is not a multiple of --batch-size × "
@@ -397,7 +528,9 @@ def _check_counts(c: TrainConfig) -> None:
     if c.eval_every and not c.val:
         raise TrainError("--eval-every needs --val DIR, the held-out set the probe measures")
     if c.stop_after_epochs is not None and c.stop_after_epochs > c.epochs:
-        raise TrainError(f"stop_after_epochs must be in 1..{c.epochs} (got {c.stop_after_epochs})")
+        raise TrainError(
+            f"--stop-after-epochs must be in 1..{c.epochs} (got {c.stop_after_epochs})"
+        )
 
 
 def _check_ratios(c: TrainConfig) -> None:
@@ -431,12 +564,13 @@ def _check_options(c: TrainConfig) -> None:
     """One plan of the strategy with its options on the run's (unit) grid."""
     if not isinstance(c.strategy_options, dict):
         raise TrainError(
-            "strategy_options must be a dict of the strategy's options (from the command "
-            f"line: --strategy-option KEY=VALUE); got {type(c.strategy_options).__name__}"
+            "--strategy-option takes KEY=VALUE pairs (in a config file, a mapping of the "
+            f"strategy's options); got a {type(c.strategy_options).__name__}"
         )
     units = (c.image_size // c.patch_size // c.unit) ** 2
+    flags = c.framework == "ibot"  # iBOT's masks: plan_mask_flags, nothing thrown
     try:
-        check_options(c.strategy, c.strategy_options, units, c.mask_ratio, c.throw_ratio)
+        check_options(c.strategy, c.strategy_options, units, c.mask_ratio, c.throw_ratio, 1, flags)
     except MaskError as exc:
         raise TrainError(f"--strategy-option: {exc}") from None
 
@@ -531,6 +665,76 @@ def _check_resources(c: TrainConfig) -> None:
         raise TrainError(
             f"--refresh-gpus must be a share in [0, 1) of a training GPU or a whole number of "
             f"dedicated GPUs (got {gpus})"
+        )
+
+
+# ---------------------------------------------------------------- iBOT's settings
+
+# TrainConfig fields that only iBOT reads (saliency_source is checked on its own)
+_IBOT_FIELDS = (
+    "momentum_teacher",
+    "teacher_temp",
+    "warmup_teacher_temp",
+    "teacher_patch_temp",
+    "warmup_teacher_patch_temp",
+    "warmup_teacher_temp_epochs",
+    "norm_last_layer",
+    "out_dim",
+    "drop_path",
+    "lambda1",
+    "lambda2",
+    "weight_decay_end",
+    "freeze_last_layer",
+    "local_crops",
+    "local_size",
+    "local_scale",
+)
+
+
+def _resolve_ibot(c: TrainConfig) -> None:
+    """iBOT's unset settings: the online source, and the schedule options of its masks
+    (``IBOTSettings``: half the views masked, the ratio ± 0.2 per batch) where not given;
+    every other family reads the store. Resolved, so ``config.json`` shows them."""
+    ibot = c.framework == "ibot"
+    if c.saliency_source is None:
+        object.__setattr__(c, "saliency_source", "online" if ibot else "store")
+    value = c.local_scale
+    if not (isinstance(value, tuple | list) and len(value) == 2):
+        raise TrainError(f"--local-scale takes two numbers (got {value!r})")
+    object.__setattr__(c, "local_scale", tuple(value))
+    if ibot and isinstance(c.strategy_options, dict):
+        defaults = {k: IBOTSettings().strategy_options[k] for k in SCHEDULE_OPTIONS}
+        object.__setattr__(c, "strategy_options", {**defaults, **c.strategy_options})
+
+
+def _check_ibot(c: TrainConfig) -> None:
+    """iBOT's settings fit the run: only iBOT reads them, and iBOT's views mask tokens only."""
+    if c.framework != "ibot":
+        changed = [
+            flag_of(TrainConfig, name)
+            for name in _IBOT_FIELDS
+            if getattr(c, name) != TrainConfig.__dataclass_fields__[name].default
+        ]
+        if changed or c.saliency_source == "online":
+            flags = ", ".join(changed) or "--saliency-source online"
+            raise TrainError(
+                f"{flags}: iBOT settings, but this run trains {c.framework}; use --model "
+                "ibot-* or drop them"
+            )
+        return
+    if c.throw_ratio or c.mask_unit is not None or c.gpa_loss_weight:
+        raise TrainError(
+            f"iBOT masks single tokens and throws none: set --throw-ratio 0 and drop "
+            f"--mask-unit and --gpa-loss-weight (got {c.throw_ratio}, {c.mask_unit}, "
+            f"{c.gpa_loss_weight})"
+        )
+    lo, hi = c.local_scale
+    if not 0 < lo <= hi <= 1:
+        raise TrainError(f"--local-scale must satisfy 0 < min <= max <= 1 (got {c.local_scale})")
+    if c.local_size % c.patch_size:
+        raise TrainError(
+            f"--local-size {c.local_size} is not a multiple of --patch-size {c.patch_size}; "
+            "iBOT: 96 with 16 px patches"
         )
 
 

@@ -1,110 +1,262 @@
-"""The training driver's console without a terminal: a line every few seconds from the logs.
+"""The training driver's console: one progress display for the whole run, on the driver.
 
 The driver waits in ``TorchTrainer.fit`` while rank 0 writes ``metrics/rank-0.jsonl`` (a line
-per step) and ``metrics.jsonl`` (starts, epochs, refreshes) into the run directory, which every
-node shares. :class:`TrainConsole` follows both files in a thread and prints through
-:class:`~salient.jobs.runtime.progress.ProgressLines`: epoch and step, img/s over all workers, loss,
-generation, at most every few seconds; each finished epoch, refresh and restart at once. The
-workers print nothing themselves, so ``ray job submit`` logs read as the driver's own lines.
+per optimiser step) and ``metrics.jsonl`` (starts, epochs, refreshes, probes) into the run
+directory, which every node shares. :class:`TrainConsole` follows both files in a thread
+(``salient.jobs.runtime.records.Follow``) and shows them one way on a terminal and another
+off one; the workers draw nothing, so no line carries Ray's ``(pid=…)`` prefix and nothing is
+drawn after the run's summary (the display closes before ``fit`` returns its result):
+
+- ``bar`` (a terminal): one tqdm bar over every optimiser step of the run, its postfix the
+  epoch (1-based) and step in it, img/s over all workers, loss, generation and the run's ETA;
+  each finished epoch, refresh and restart is a line above the bar, so they stay visible.
+- ``lines`` (a log, ``ray job submit``, CI): the same figures as one line every few seconds
+  (``SALIENT_PROGRESS_EVERY``), and each event as its own line at once.
+
+An epoch record's ``corrupt_maps`` / ``damaged_chunks`` and a change of the ``teacher`` whose
+maps it used are shown with its line, and the refresh's ``refresh_resumed`` /
+``refresh_abandoned`` events as lines of their own.
 """
 
 from __future__ import annotations
 
-import json
+import sys
 import threading
+import time
 from pathlib import Path
 
 from salient.jobs.runtime.progress import ProgressLines
+from salient.jobs.runtime.records import METRICS, STEPS, Follow
 
-__all__ = ["TrainConsole"]
+__all__ = ["TrainConsole", "eta_text"]
 
 _POLL_S = 1.0
+_BAR = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} steps [{elapsed}]{postfix}"
 
 
-class _Follow:
-    """New complete JSON lines of a file that grows (it may not exist yet)."""
+def eta_text(seconds: float | None) -> str | None:
+    """``1h02m``, ``3m20s``, ``45s``; None when unknown."""
+    if seconds is None:
+        return None
+    seconds = round(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
-    def __init__(self, path: Path) -> None:
-        self.path, self._offset = path, 0
 
-    def records(self) -> list[dict]:
-        if not self.path.is_file():
-            return []
-        with open(self.path, "rb") as f:
-            f.seek(self._offset)
-            data = f.read()
-        end = data.rfind(b"\n") + 1  # a line still being written waits for the next look
-        self._offset += end
-        return [json.loads(line) for line in data[:end].splitlines() if line.strip()]
+class _Lines:
+    """Off a terminal: ``salient train: …`` lines on stderr (progress every few seconds)."""
+
+    def __init__(self, stream=None) -> None:
+        self._lines = ProgressLines("train", stream=stream)
+
+    def progress(self, at: int, fields: dict) -> bool:
+        return self._lines.update(**fields)
+
+    def moved(self, at: int) -> None:
+        pass
+
+    def event(self, fields: dict) -> None:
+        self._lines.line(**fields)
+
+    def close(self) -> None:
+        pass
+
+
+class _Bar:
+    """On a terminal: one tqdm bar over the run's steps; events are lines above it."""
+
+    def __init__(self, total: int, stream=None) -> None:
+        from tqdm import tqdm
+
+        self._stream = stream or sys.stderr
+        self._bar = tqdm(
+            total=total, desc="salient train", bar_format=_BAR, file=self._stream, leave=True
+        )
+        self._tqdm = tqdm
+
+    def progress(self, at: int, fields: dict) -> bool:
+        self.moved(at)
+        self._bar.set_postfix_str(ProgressLines.text(**fields), refresh=True)
+        return True
+
+    def moved(self, at: int) -> None:
+        self._bar.n = at  # a restart goes back to its checkpoint's step
+        self._bar.refresh()
+
+    def event(self, fields: dict) -> None:
+        self._tqdm.write(f"salient train: {ProgressLines.text(**fields)}", file=self._stream)
+
+    def close(self) -> None:
+        self._bar.close()
 
 
 class TrainConsole:
-    """``with TrainConsole(config, steps_per_epoch, enabled):`` around ``fit``."""
+    """``with TrainConsole(config, batches_per_epoch, mode):`` around ``fit``; ``mode`` is
+    ``"bar"``, ``"lines"`` or ``"off"`` (``salient.jobs.runtime.progress.progress_mode``)."""
 
-    def __init__(self, config, steps_per_epoch: int, enabled: bool) -> None:
-        self.config, self.steps = config, steps_per_epoch
+    def __init__(self, config, batches_per_epoch: int, mode: str, stream=None) -> None:
+        self.config = config
+        self.per_epoch = max(1, batches_per_epoch // config.accum_steps)  # optimiser steps
+        self.total = config.epochs * self.per_epoch
         run_dir = Path(config.run_dir)
-        self._steps = _Follow(run_dir / "metrics" / "rank-0.jsonl")
-        self._events = _Follow(run_dir / "metrics.jsonl")
-        self._lines = ProgressLines("train") if enabled else None
+        self._steps = Follow(run_dir / STEPS.format(rank=0))
+        self._events = Follow(run_dir / METRICS)
+        self._view: _Bar | _Lines | None = None
+        if mode == "bar":
+            self._view = _Bar(self.total, stream)
+        elif mode == "lines":
+            self._view = _Lines(stream)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="salient-console", daemon=True)
         self._window: list[dict] = []
+        self._clock: tuple[float, int] | None = None  # (wall time, step) this attempt began at
         self._epochs_done = 0
+        self._teacher = None
 
     def __enter__(self) -> TrainConsole:
-        if self._lines is not None:
+        if self._view is not None:
             self._events.records(), self._steps.records()  # a resumed run: skip the old lines
             self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._lines is not None:
+        if self._view is not None:
             self._stop.set()
             self._thread.join()
-            self._poll(final=True)
+            self.poll(final=True)
+            self._view.close()
 
     def _run(self) -> None:
         while not self._stop.wait(_POLL_S):
-            self._poll()
+            self.poll()
 
-    def _poll(self, final: bool = False) -> None:
-        self._window.extend(self._steps.records())
-        if self._window and not final:
-            self._step_line()
+    def poll(self, final: bool = False) -> None:
+        """Show what the logs gained since the last look (events in order, then progress)."""
         for event in self._events.records():
-            self._event_line(event)
+            self._event(event)
+        self._window.extend(r for r in self._steps.records() if r.get("kind", "step") == "step")
+        if self._window and not final:
+            self._progress()
 
-    def _step_line(self) -> None:
-        self._window = [r for r in self._window if r["epoch"] >= self._epochs_done]
-        if not self._window:  # its epoch's own line said it all
-            return
+    # ------------------------------------------------------------ progress
+
+    def _progress(self) -> None:
         last = self._window[-1]
+        if self._clock is None:  # no start record seen: from this first look
+            self._clock = (time.time(), self._window[0]["step"] - 1)
         rate = sum(r["img_per_s"] for r in self._window) / len(self._window)  # rank 0's steps
-        printed = self._lines.update(
-            epoch=f"{last['epoch'] + 1}/{self.config.epochs}",
-            step=f"{(last['step'] - 1) % self.steps + 1}/{self.steps}",
-            img_per_s=round(rate * self.config.workers, 1),
-            loss=last["loss"],
-            generation=last.get("generation") or "none",
-        )
-        if printed:  # the next line's img/s counts from here
+        fields = {
+            "epoch": f"{last['epoch'] + 1}/{self.config.epochs}",
+            "step": f"{(last['step'] - 1) % self.per_epoch + 1}/{self.per_epoch}",
+            "img_per_s": round(rate * self.config.workers, 1),
+            "loss": last["loss"],
+            **self._maps(last),
+            "eta": eta_text(self._eta(last["step"])),
+        }
+        if self._view.progress(last["step"], fields):  # the next figures count from here
             self._window = []
 
-    def _event_line(self, event: dict) -> None:
+    def _maps(self, record: dict) -> dict:
+        """``maps=online`` for iBOT's own teacher (no generation is read), else the record's
+        generation."""
+        if self.config.maps == "online":
+            return {"maps": "online"}
+        return {"generation": record.get("generation") or "none"}
+
+    def _eta(self, step: int) -> float | None:
+        """Seconds left at the pace of this attempt so far (refreshes and probes included)."""
+        began, first = self._clock
+        done = step - first
+        if done <= 0:
+            return None
+        return (self.total - step) * (time.time() - began) / done
+
+    # ------------------------------------------------------------ events
+
+    def _event(self, event: dict) -> None:
         kind = event.get("kind")
-        if kind == "epoch":
-            self._epochs_done = event["epochs_done"]
-            self._lines.line(
-                epoch=f"{event['epochs_done']}/{self.config.epochs} done",
-                img_per_s=round(event["img_per_s"], 1),
-                loss=event["loss"],
-                generation=event.get("generation") or "none",
-            )
-        elif kind == "refresh":
-            self._lines.line(
-                refresh=f"from epoch {event['epochs_done']} published {event['generation']}",
-                img_per_s=event.get("img_per_s"),
-            )
-        elif kind == "start" and event.get("restart"):
-            self._lines.line(restarted=f"from {Path(event['from']).name} after a lost worker")
+        show = getattr(self, f"_on_{kind}", None)
+        if show is not None:
+            show(event)
+
+    def _on_start(self, event: dict) -> None:
+        at = event.get("epochs_done", 0) * self.per_epoch
+        self._clock, self._window = (event.get("time", time.time()), at), []  # (wall, step)
+        self._view.moved(at)
+        if event.get("restart"):
+            where = Path(event["from"]).name if event.get("from") else "the start"
+            self._view.event({"restarted": f"from {where} after a lost worker"})
+        elif event.get("from"):
+            self._view.event({"resumed": f"from {Path(event['from']).name}"})
+
+    def _on_epoch(self, event: dict) -> None:
+        self._epochs_done = event["epochs_done"]
+        self._window = [r for r in self._window if r["epoch"] >= self._epochs_done]
+        self._view.moved(event["step"])
+        fields = {
+            "epoch": f"{event['epochs_done']}/{self.config.epochs} done",
+            "img_per_s": round(event["img_per_s"], 1),
+            "loss": event["loss"],
+            **self._maps(event),
+            "corrupt_maps": event.get("corrupt_maps") or None,
+            "damaged_chunks": _listed(event.get("damaged_chunks")),
+            "eta": eta_text(self._eta(event["step"])) if self._clock else None,
+        }
+        self._view.event(fields)
+        teacher = event.get("teacher")
+        if teacher and teacher != self._teacher:
+            self._view.event({"maps": f"of {_teacher_text(teacher)}"})
+        self._teacher = teacher or self._teacher
+
+    def _on_refresh(self, event: dict) -> None:
+        box = (event.get("box") or {}).get("lift_mean")
+        self._view.event(
+            {
+                "refresh": f"from epoch {event['epochs_done']} published {event['generation']}",
+                "img_per_s": event.get("img_per_s"),
+                "box_lift": None if box is None else round(box, 3),
+            }
+        )
+
+    def _on_refresh_resumed(self, event: dict) -> None:
+        self._view.event(
+            {
+                "refresh": f"resumed {event['generation']}, "
+                f"{event['shards_done']}/{event['shards']} shards done before"
+            }
+        )
+
+    def _on_refresh_abandoned(self, event: dict) -> None:
+        self._view.event(
+            {
+                "refresh": f"abandoned {event['generation']} "
+                f"({event['shards_done']}/{event['shards']} shards written)"
+            }
+        )
+
+    def _on_eval(self, event: dict) -> None:
+        knn = event["knn"]
+        self._view.event(
+            {
+                "probe": f"k-NN top-1 after epoch {event['epochs_done']}: CLS "
+                f"{knn['cls']['top1']:.3f}, mean patch {knn['mean']['top1']:.3f}"
+            }
+        )
+
+
+def _listed(names: list[str] | None) -> str | None:
+    if not names:
+        return None
+    more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+    return ", ".join(names[:3]) + more
+
+
+def _teacher_text(teacher: dict) -> str:
+    """A generation's teacher, short: its checkpoint's file name or its timm name."""
+    who = teacher.get("path") or teacher.get("name") or "an unknown teacher"
+    name = Path(who).name if teacher.get("path") else who
+    generation = f" ({teacher['generation']})" if teacher.get("generation") else ""
+    return f"{name}{generation}"

@@ -38,13 +38,19 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
+import threading
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from salient import urls
 from salient.jobs.eval.driver import check_class_lists
+from salient.jobs.inspect.data import demo_hw
+from salient.jobs.inspect.driver import generation_stats
 from salient.jobs.refresh.driver import run_refresh
+from salient.jobs.runtime.interrupt import Interrupted
 from salient.jobs.runtime.placement import (
     Ask,
     cluster_nodes,
@@ -53,12 +59,14 @@ from salient.jobs.runtime.placement import (
     reserve,
     wait_ready,
 )
-from salient.jobs.runtime.progress import progress_mode
+from salient.jobs.runtime.progress import plain_warnings, progress_mode
 from salient.jobs.runtime.ray_env import ensure_ray
+from salient.jobs.runtime.records import METRICS, read_records
 from salient.jobs.train.config import TrainConfig, resolved
 from salient.jobs.train.console import TrainConsole
-from salient.jobs.train.failure import clear_failure, raise_failure
+from salient.jobs.train.failure import clear_failure, raise_failure, request_stop
 from salient.jobs.train.worker import train_loop_per_worker
+from salient.pipeline.epochs import batches_per_rank
 from salient.pipeline.loader import SalientLoader
 from salient.pipeline.manifest import open_dataset
 from salient.store import SaliencyStore, store_exists
@@ -66,7 +74,14 @@ from salient.trainer.checkpoint import latest_checkpoint, load_checkpoint
 from salient.trainer.loop import TrainError
 from salient.trainer.teacher_load import load_teacher
 
-__all__ = ["PendingRefresh", "RefreshLauncher", "TrainConfig", "TrainError", "run_train"]
+__all__ = [
+    "PendingRefresh",
+    "RefreshLauncher",
+    "TrainConfig",
+    "TrainError",
+    "run_train",
+    "with_box_figures",
+]
 
 
 # ---------------------------------------------------------------- checks before any work
@@ -187,22 +202,37 @@ def _teacher_heads(config: TrainConfig) -> int:
     return teacher.model.blocks[-1].attn.num_heads
 
 
-def _check_steps(config: TrainConfig, loader) -> None:
-    """Gradient accumulation needs at least one full optimiser step per epoch."""
-    if len(loader) < config.accum_steps:
+def _check_batches(config: TrainConfig, dataset) -> None:
+    """A full batch on every worker and, with accumulation, a full optimiser step per epoch;
+    the messages name the flag to change (the loader's own check names its fields)."""
+    n, b, w = dataset.num_samples, config.batch_size, config.workers
+    have = batches_per_rank(n, w, b)
+    if have < 1:
         raise TrainError(
-            f"--accum-iter {config.accum_steps} needs at least {config.accum_steps} batches per "
-            f"worker and epoch, but each worker gets {len(loader)}; lower --accum-iter or "
-            "--batch-size"
+            f"--batch-size {b} on each of --workers {w} needs {b * w} images but "
+            f"{config.data} holds {n}; lower --batch-size to {n // w} or less"
         )
+    accum = config.accum_steps
+    if have >= accum:
+        return
+    if config.effective_batch is not None:  # a recipe's, or the user's: name what sets it
+        raise TrainError(
+            f"--effective-batch {config.effective_batch} needs {accum} batches of {b} per "
+            f"worker and epoch, but {n} images give each of {w} workers {have}; use "
+            f"--effective-batch {have * b * w} or less (a multiple of {b * w})"
+        )
+    raise TrainError(
+        f"--accum-iter {accum} needs {accum} batches per worker and epoch, but {n} images "
+        f"give each of {w} workers {have} of --batch-size {b}; use --accum-iter {have} or less"
+    )
 
 
 def _check_inputs(config: TrainConfig) -> tuple[str | None, int]:
     """Every check that needs the disk; returns the checkpoint to resume from and the
     steps of an epoch."""
 
-    loader = SalientLoader(config.loader_config(0, config.workers))  # DatasetError,
-    _check_steps(config, loader)  # LoaderError (too few samples for the batch)
+    _check_batches(config, open_dataset(config.data))  # DatasetError
+    loader = SalientLoader(config.loader_config(0, config.workers))
     resume_from = _check_run_dir(config)  # first: a --resume mismatch is the root cause
     _check_store(config, loader.dataset)
     if config.val:  # the k-NN probe needs both sets labelled with one class list
@@ -289,7 +319,17 @@ class PendingRefresh:
 
 def _refresh_task(config, group, storage) -> dict:
     urls.adopt(storage)
-    return run_refresh(config, progress=False, placement=group)
+    return with_box_figures(config, run_refresh(config, progress=False, placement=group))
+
+
+def with_box_figures(config, summary: dict) -> dict:
+    """A refresh's summary, plus on a dataset with object boxes (the demo's) how much of its
+    maps' mass falls on them: ``box`` (``salient inspect``'s figures; ``lift_mean`` 1 = no
+    better than uniform). Computed in the refresh's task, beside training, not on rank 0."""
+    if demo_hw(open_dataset(config.data)) is None:
+        return summary
+    stats = generation_stats(config.store, config.data, [summary["generation"]])
+    return {**summary, "box": stats[summary["generation"]]["box"]}
 
 
 def _launcher(config: TrainConfig, group: str) -> RefreshLauncher | None:
@@ -299,9 +339,7 @@ def _launcher(config: TrainConfig, group: str) -> RefreshLauncher | None:
 # ---------------------------------------------------------------- the job
 
 
-def _fit(
-    config: TrainConfig, resume_from: str | None, resources: dict, progress: bool, run_id: str
-) -> None:
+def _fit(config: TrainConfig, resume_from: str | None, resources: dict, run_id: str) -> None:
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -316,7 +354,6 @@ def _fit(
             "config": config,
             "resume_from": resume_from,
             "launch_refresh": _launcher(config, group),
-            "progress": progress,
             "run_id": run_id,
             # Pickled with their values for the workers; Ray Train's run state shows only
             # str(), which StorageOptions redacts (README, Decisions).
@@ -339,13 +376,55 @@ def _fit(
     )
     clear_failure(run_dir)  # one left by an earlier run that stopped on an error
     try:
-        trainer.fit()
+        _off_the_main_thread(trainer.fit)
+    except KeyboardInterrupt:
+        raise _interrupted(config) from None
     except Exception as exc:
         raise_failure(run_dir, exc, config)
         raise
     finally:
         _remove_group(group)
     raise_failure(run_dir, None, config)
+
+
+def _off_the_main_thread(fit) -> None:
+    """``fit()`` in a daemon thread, waited for here. On the main thread Ray Train's ``fit``
+    installs its own SIGINT handler, a "graceful" abort that took 12 s and ended in exit code
+    1; off it, Ctrl-C reaches this wait as ``KeyboardInterrupt`` at once, and the job ends
+    (the embedded Ray stops with the process; a cluster ends the driver's actors). Checkpoints
+    are written whole or not at all, so nothing torn is left."""
+    outcome: dict = {}
+
+    def target() -> None:
+        try:
+            fit()
+        except BaseException as exc:  # handed to the waiting thread, which raises it
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=target, name="salient-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.2)
+    if "error" in outcome:
+        raise outcome["error"]
+
+
+def _interrupted(config: TrainConfig) -> Interrupted:
+    """Stop the workers at their next step; what is left: the latest checkpoint, and the
+    command that resumes from it."""
+    request_stop(config.run_dir)
+    latest = latest_checkpoint(config.run_dir)
+    run_config = shlex.quote(str(Path(config.run_dir) / "config.json"))
+    if latest is None:
+        return Interrupted(
+            f"no checkpoint yet (the first follows epoch {min(config.save_every, config.epochs)})",
+            f"salient train --config {run_config}",
+        )
+    epoch = int(latest.stem.split("-")[1])
+    return Interrupted(
+        f"{latest} (epoch {epoch} of {config.epochs}) and the run's metrics",
+        f"salient train --config {run_config} --resume",
+    )
 
 
 def _remove_group(name: str) -> None:
@@ -369,6 +448,7 @@ def _worker_main(args: dict) -> None:
     import logging
 
     urls.adopt(args["storage"])  # the driver's --storage-option values, before any read
+    plain_warnings("train")  # printed through Ray on the driver's console
     try:  # a private module: if a Ray release moves it, the line simply shows again
         from ray.train.v2._internal.execution import context
     except ImportError:
@@ -379,11 +459,7 @@ def _worker_main(args: dict) -> None:
 
 
 def _summary(config: TrainConfig, resume_from: str | None, seconds: float, run_id: str) -> dict:
-    records = [
-        json.loads(line)
-        for line in (Path(config.run_dir) / "metrics.jsonl").read_text().splitlines()
-        if line
-    ]
+    records = read_records(Path(config.run_dir) / METRICS)
     epochs = [r for r in records if r["kind"] == "epoch"]
     last = epochs[-1] if epochs else {}
     return {
@@ -412,8 +488,9 @@ def _summary(config: TrainConfig, resume_from: str | None, seconds: float, run_i
 def run_train(config: TrainConfig, progress: bool | None = None) -> dict:
     """Run (or ``resume``) training; returns a JSON summary of the run.
 
-    ``progress``: False shows nothing; by default rank 0's step bar on a terminal (or with
-    SALIENT_PROGRESS=1) and, without one, a line every few seconds (``jobs.runtime.progress``).
+    ``progress``: False shows nothing; by default one bar over the run's steps on a terminal
+    (or with SALIENT_PROGRESS=1) and, without one, a line every few seconds, both drawn by the
+    driver from rank 0's logs (``salient.jobs.train.console``).
 
     Summary: ``epochs_done``, ``steps`` (global optimiser steps), ``loss`` and ``img_per_s``
     of the last epoch, ``generation`` it used, ``refreshes`` (generations this run's refreshes
@@ -435,12 +512,14 @@ def run_train(config: TrainConfig, progress: bool | None = None) -> dict:
     config = resolved(config)
     resume_from, steps = _check_inputs(config)
     config = _with_map_heads(config)
+    for note in config.schedule_warnings(steps // config.accum_steps):
+        warnings.warn(note, stacklevel=2)
     ensure_ray(config.address)
     resources = _plan(config)
     os.makedirs(config.run_dir, exist_ok=True)
     Path(config.run_dir, "config.json").write_text(json.dumps(config.as_dict(), indent=2))
     mode = progress_mode() if progress is not False else "off"
-    with TrainConsole(config, steps, enabled=mode == "lines"):
-        run_id = uuid.uuid4().hex[:12]
-        _fit(config, resume_from, resources, mode == "bar", run_id)
+    run_id = uuid.uuid4().hex[:12]
+    with TrainConsole(config, steps, mode):
+        _fit(config, resume_from, resources, run_id)
     return _summary(config, resume_from, time.perf_counter() - start, run_id)

@@ -31,9 +31,12 @@ __all__ = [
     "raise_failure",
     "record_failure",
     "recorded_error",
+    "request_stop",
+    "stop_requested",
 ]
 
 FILE = "error.json"
+STOP_FILE = "interrupted"  # a driver stopped by Ctrl-C: its workers stop at their next step
 
 
 def record_failure(run_dir: str | os.PathLike, error: SalientError) -> None:
@@ -54,7 +57,19 @@ def failure_recorded(run_dir: str | os.PathLike) -> bool:
 
 
 def clear_failure(run_dir: str | os.PathLike) -> None:
+    """Forget what an earlier run of the directory left: its error, its stop request."""
     (Path(run_dir) / FILE).unlink(missing_ok=True)
+    (Path(run_dir) / STOP_FILE).unlink(missing_ok=True)
+
+
+def request_stop(run_dir: str | os.PathLike) -> None:
+    """Ask the run's workers to stop at their next step (the driver was stopped by Ctrl-C;
+    its workers would otherwise train on, and checkpoint, until Ray notices it is gone)."""
+    (Path(run_dir) / STOP_FILE).touch()
+
+
+def stop_requested(run_dir: str | os.PathLike) -> bool:
+    return (Path(run_dir) / STOP_FILE).is_file()
 
 
 def recorded_error(run_dir: str | os.PathLike) -> SalientError | None:

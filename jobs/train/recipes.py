@@ -8,14 +8,26 @@ silent). Flags given beside ``--recipe`` override its values. Sizes follow the p
 128 images accumulate 8 batches per step, as AMT's 4-GPU runs did). What a recipe cannot say,
 because salient has no setting for it, is listed in README ("Recipes").
 
+A recipe follows what the user sets beside it (:func:`fitted`): run shorter than the paper
+(``--epochs 4``) and its schedule in epochs (masking warmup, lr warmup, refresh interval) keeps
+its share of the run; give a smaller ``--effective-batch`` than one pass of the recipe's
+``batch_size`` and the batch per worker follows it.
+
 - ``mae`` — MAE (He et al. 2022), ViT-B/16, random 75 %.
 - ``amt-mae`` — AMT with MAE (AMT Sec. 4.1): r 0.45, t 0.40, maps refreshed every 40 epochs
   from the model itself, AMT's per-head min-max reduction, 400 epochs.
 - ``simmim`` — SimMIM ViT-B/16 (its ViT-B config): random 60 % of 32 px units, 800 epochs.
 - ``amt-simmim`` — AMT with SimMIM (AMT Sec. 4.1 and its SimMIM config): r 0.44, t 0.26 of
   32 px units, 200 epochs.
-- ``attmask-mae`` — AttMask-High (AttMask's code) on MAE: each image attention-masked with
-  probability 0.5 (else at random), the ratio drawn per batch from U(0.1, 0.5).
+- ``attmask-mae`` — AttMask-High's masks (AttMask's code) on MAE, a pairing no paper ran:
+  each image attention-masked with probability 0.5 (else at random), the ratio drawn per
+  batch from U(0.1, 0.5), maps refreshed every epoch from the model's own checkpoint.
+- ``ibot`` — iBOT ViT-S/16 for 100 epochs with its own block masks: AttMask's README command
+  (the baseline of its Table 1 / 2) with ``--pred_shape block``.
+- ``attmask-ibot-high`` / ``attmask-ibot-hint`` — AttMask as published: iBOT ViT-S/16, 100
+  epochs, masks from the EMA teacher's [CLS] attention in every step (AttMask's README
+  "Full ImageNet-1k pre-training" commands); ``--saliency-source store`` takes them from the
+  store instead, refreshed from the teacher every ``--refresh-every`` epochs.
 - ``gpa-mae`` — GPA (Sec. 4, Table 1 "as teacher" + "as feature"): soft-to-hard masking of
   75 % from a frozen pretrained MAE's GPA maps, and GPA's reconstruction target (weight 1).
 - ``automae`` — AutoMAE (its code, ``hyperea/automae``: run_pretrain.sh, main_pretrain.py):
@@ -28,11 +40,16 @@ Importing this module touches no disk, GPU or Ray.
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
+from typing import Any
 
 from salient.jobs.train.config import TrainConfig
 from salient.trainer.loop import TrainError
 
-__all__ = ["RECIPES", "recipe_config", "recipe_names", "resolve_recipe"]
+__all__ = ["RECIPES", "SCHEDULE", "fitted", "recipe_config", "recipe_names", "resolve_recipe"]
+
+# A recipe's schedule in epochs: shares of its run (README, Decisions, "Recipes that scale").
+SCHEDULE = ("warmup_epochs", "lr_warmup_epochs", "refresh_every", "warmup_teacher_temp_epochs")
 
 # MAE's optimisation, shared by the MAE-based recipes (MAE's PRETRAIN.md command and
 # main_pretrain.py; AMT Sec. 4.1: "The settings of pretraining follow the original works
@@ -71,6 +88,56 @@ _SIMMIM = {
     "interpolation": "bilinear",  # ... torchvision's default interpolation
     "norm_pix_loss": False,  # SimMIM regresses raw pixels with L1
 }
+
+# iBOT ViT-S/16 for 100 epochs as AttMask ran it: its README's "Full ImageNet-1k
+# pre-training" commands (the values main_attmask.py's argparse defaults to where they are
+# silent), which are iBOT's README ViT-S command at 100 epochs on 4 GPUs × 60.
+_IBOT = {
+    "model": "ibot-small",  # --arch vit_small, --patch_size 16 (default): ViT-S/16
+    "image_size": 224,  # DataAugmentationiBOT: RandomResizedCrop(224, ...) global crops
+    "patch_size": 16,
+    "batch_size": 60,  # --batch_size_per_gpu 60 ...
+    "effective_batch": 240,  # ... × --nproc_per_node=4
+    "blr": 5e-4,  # --lr 0.0005 per 256 images (main_attmask.py: lr × batch / 256)
+    "min_lr": 1e-6,  # --min_lr 1e-6 (cosine floor)
+    "lr_warmup_epochs": 10,  # --warmup_epochs 10 (the lr's)
+    "warmup_epochs": 0,  # no random warm-up of the masks: --pred_start_epoch 0
+    "epochs": 100,  # --epochs 100
+    "weight_decay": 0.04,  # --weight_decay 0.04 ...
+    "weight_decay_end": 0.4,  # ... to --weight_decay_end 0.4, a cosine per step
+    "betas": (0.9, 0.999),  # --optimizer adamw: torch.optim.AdamW(params_groups), its defaults
+    "clip_grad": 3.0,  # --clip_grad 3.0, per parameter (utils.clip_gradients)
+    "freeze_last_layer": 1,  # --freeze_last_layer 1
+    "drop_path": 0.1,  # --drop_path 0.1 (student)
+    "norm_last_layer": False,  # --norm_last_layer False
+    "momentum_teacher": 0.996,  # --momentum_teacher 0.996, cosine to 1
+    "teacher_temp": 0.07,  # --teacher_temp 0.07 ...
+    "warmup_teacher_temp": 0.04,  # ... from --warmup_teacher_temp 0.04 ...
+    "warmup_teacher_temp_epochs": 30,  # ... over --warmup_teacher_temp_epochs 30
+    "teacher_patch_temp": 0.07,  # --teacher_patch_temp 0.07 ...
+    "warmup_teacher_patch_temp": 0.04,  # ... from --warmup_teacher_patch_temp 0.04
+    "lambda1": 1.0,  # --lambda1 1.0: [CLS] loss
+    "lambda2": 1.0,  # --lambda2 1.0: masked-patch loss
+    "out_dim": 8192,  # --out_dim 8192 --shared_head True
+    "crop_scale": (0.25, 1.0),  # --global_crops_scale 0.25 1 (2 global crops: default)
+    "interpolation": "bicubic",  # RandomResizedCrop(..., interpolation=Image.BICUBIC)
+    "local_crops": 10,  # --local_crops_number 10 ...
+    "local_size": 96,  # ... RandomResizedCrop(96, ...) ...
+    "local_scale": (0.05, 0.25),  # ... --local_crops_scale 0.05 0.25
+    "mask_ratio": 0.3,  # --pred_ratio 0.3 ...
+    "throw_ratio": 0.0,  # (iBOT encodes every token)
+    "mask_unit": None,  # one 16 px patch per token
+    "saliency_source": "online",  # the EMA teacher's attention in the step (main_attmask.py)
+    # With --saliency-source store (salient's, no paper's): maps refreshed from the teacher's
+    # checkpoint every epoch, the closest a store comes to AttMask's every step ...
+    "refresh_every": 1,
+    "saliency_kind": "cls_attn",  # ... of the same map: teacher_attention[:, :, 0, 1:] ...
+    "saliency_block": -1,  # ... of the last block ...
+    "saliency_reduce": "mean",  # ... .mean(1) over the heads
+}
+# ... ± --pred_ratio_var 0.2: one ratio per batch from U(0.1, 0.5); each image masked with
+# --masking_prob 0.5, the others left unmasked (iBOT: --pred_ratio 0 0.3 --pred_ratio_var 0 0.2)
+_IBOT_MASKS = {"mask_prob": 0.5, "ratio_var": 0.2}
 
 RECIPES: dict[str, dict] = {
     "mae": {
@@ -128,7 +195,7 @@ RECIPES: dict[str, dict] = {
         "saliency_block": -1,  # AMT Alg. 1: last layer
         "saliency_reduce": "minmax_mean",  # AMT's SimMIM utils.update_mask: per head, then mean
     },
-    "attmask-mae": {
+    "attmask-mae": {  # a pairing no paper ran: AttMask's results are iBOT's (attmask-ibot-*)
         **_MAE,
         "strategy": "attmask_high",  # AttMask Table 1: AttMask-High, its best (with Hint)
         "mask_ratio": 0.3,  # AttMask's code: pred_ratio 0.3 ...
@@ -169,6 +236,26 @@ RECIPES: dict[str, dict] = {
         "saliency_kind": "gpa",  # GPA eq. 4-5
         "saliency_head": None,  # the kind's default: the last head of the last block (b11h11,
         # GPA Table 5: 82.70 with no shots)
+    },
+    "ibot": {
+        **_IBOT,
+        # iBOT's own masks: main_ibot.py --pred_shape block (default), the baseline AttMask
+        # compares against (its "Random Block-Wise" and 100-epoch iBOT rows). The
+        # blocks' aspect (0.3, 1/0.3) (pred_aspect_ratio) and minimum 16 patches (loader.py
+        # ImageFolderMask) are block's defaults here.
+        "strategy": "block",
+        "strategy_options": dict(_IBOT_MASKS),
+    },
+    "attmask-ibot-high": {
+        **_IBOT,
+        "strategy": "attmask_high",  # README: --pred_shape attmask_high (AttMask-High)
+        "strategy_options": dict(_IBOT_MASKS),
+    },
+    "attmask-ibot-hint": {
+        **_IBOT,
+        "strategy": "attmask_hint",  # README: --pred_shape attmask_hint ...
+        # ... --show_max 0.1: int(0.1·r·N) of the masked top revealed from the top 10 %
+        "strategy_options": {**_IBOT_MASKS, "hint_pool": 0.1},
     },
     "automae": {
         **_MAE,  # run_pretrain.sh: --model mae_vit_base_patch16, --blr 1.5e-4, --weight_decay
@@ -212,8 +299,39 @@ def resolve_recipe(name: str) -> dict:
     return copy.deepcopy(RECIPES[name])
 
 
+def fitted(recipe: Mapping[str, Any], given: Mapping[str, Any]) -> dict:
+    """The values ``recipe`` contributes under the settings ``given`` beside it (flags and
+    ``--config``), which win anyway.
+
+    - A run shorter than the recipe's keeps each schedule setting it does not give
+      (:data:`SCHEDULE`) as its share of the run, rounded, at least 1 where the recipe's is:
+      ``amt-mae`` (400 epochs, warmups 40, refresh every 40) with ``--epochs 4`` warms up for
+      1 epoch and refreshes every epoch. A longer run keeps the recipe's epochs, as MAE's
+      1600-epoch run keeps its 40 warmup epochs (MAE PRETRAIN.md).
+    - An ``effective_batch`` smaller than one pass of the recipe's ``batch_size`` over the
+      workers, without a ``batch_size``, sets the batch per worker to ``effective_batch /
+      workers`` (one pass per step), instead of a batch larger than the step.
+    """
+    values = copy.deepcopy(dict(recipe))
+    epochs, planned = given.get("epochs", values["epochs"]), values["epochs"]
+    if isinstance(epochs, int) and 0 < epochs < planned:
+        for name in SCHEDULE:
+            if name not in given and values.get(name):
+                values[name] = max(1, round(values[name] * epochs / planned))
+    effective = given.get("effective_batch")
+    workers = given.get("workers", _WORKERS)
+    if isinstance(effective, int) and "batch_size" not in given and isinstance(workers, int):
+        per_worker, rest = divmod(effective, max(workers, 1))
+        if not rest and 0 < per_worker < values["batch_size"]:
+            values["batch_size"] = per_worker
+    return values
+
+
+_WORKERS = TrainConfig.__dataclass_fields__["workers"].default
+
+
 def recipe_config(name: str, **fields):
     """The ``TrainConfig`` of recipe ``name`` with ``fields`` (``data``, ``store``, overrides)
-    on top, as ``salient train --recipe NAME`` builds it."""
+    on top, as ``salient train --recipe NAME`` builds it (:func:`fitted`)."""
 
-    return TrainConfig(**{**resolve_recipe(name), **fields})
+    return TrainConfig(**{**fitted(resolve_recipe(name), fields), **fields})

@@ -44,8 +44,10 @@ import torch.distributed as dist
 from salient.errors import SalientError
 from salient.jobs.eval.online import OnlineProbe
 from salient.jobs.runtime.ray_env import user_error
+from salient.jobs.runtime.records import METRICS, STEPS, read_records
 from salient.jobs.train.config import TrainConfig
-from salient.jobs.train.failure import failure_recorded, record_failure
+from salient.jobs.train.failure import failure_recorded, record_failure, stop_requested
+from salient.jobs.train.tensorboard import TensorBoardSink
 from salient.pipeline.epochs import mix_seed
 from salient.pipeline.loader import SalientLoader
 from salient.store import SaliencyStore, store_exists
@@ -59,15 +61,16 @@ from salient.trainer.checkpoint import (
     unwrap_model,
 )
 from salient.trainer.family import FAMILIES
-from salient.trainer.loop import WarmupCosine, build_optimizer, param_checksum, train_one_epoch
+from salient.trainer.loop import build_optimizer, param_checksum, train_one_epoch
 
 __all__ = ["draw_seed", "refresh_due", "train_loop_per_worker", "uses_warmup_masking"]
 
 
 def uses_warmup_masking(config: TrainConfig, epoch: int, generation: str | None) -> bool:
     """AMT's schedule: a saliency strategy masks at random, at ``warmup_mask_ratio`` (0.75 in
-    AMT's code) and without throwing, during the warmup epochs and while no generation exists."""
-    return config.needs_saliency and (epoch < config.warmup_epochs or generation is None)
+    AMT's code) and without throwing, during the warmup epochs and while no generation exists
+    (not iBOT's: ``TrainConfig.random_warmup``)."""
+    return config.random_warmup and (epoch < config.warmup_epochs or generation is None)
 
 
 def refresh_due(config: TrainConfig, epochs_done: int) -> bool:
@@ -82,32 +85,45 @@ def refresh_due(config: TrainConfig, epochs_done: int) -> bool:
     )
 
 
+class RunStopped(Exception):
+    """The driver was stopped (Ctrl-C): this worker stops too, at the end of a step."""
+
+
 # ---------------------------------------------------------------- logging
 
 
 class _Log:
     """JSONL metrics: every rank's steps in ``metrics/rank-R.jsonl``; rank 0's epochs and
-    refreshes in ``metrics.jsonl``. Appends, so a resumed run continues the same files."""
+    refreshes in ``metrics.jsonl`` (``salient.jobs.runtime.records``). Appends, so a resumed run
+    continues the same files. Rank 0 also writes every scalar to TensorBoard (``tb``)."""
 
-    def __init__(self, run_dir: Path, rank: int) -> None:
+    def __init__(self, run_dir: Path, rank: int, tb: TensorBoardSink | None = None) -> None:
         (run_dir / "metrics").mkdir(parents=True, exist_ok=True)
         # Open for the whole run (closed in ``close``): one append per step, line-buffered so
         # the driver's console (and a restart) sees each step as soon as it is done.
-        steps = run_dir / "metrics" / f"rank-{rank}.jsonl"
+        steps = run_dir / STEPS.format(rank=rank)
         self._steps = open(steps, "a", buffering=1)  # noqa: SIM115
-        self._events = open(run_dir / "metrics.jsonl", "a") if rank == 0 else None  # noqa: SIM115
+        self._events = open(run_dir / METRICS, "a") if rank == 0 else None  # noqa: SIM115
+        self._tb = tb
 
     def step(self, record: dict) -> None:
         self._steps.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            self._tb.add(record)
 
     def event(self, record: dict) -> None:
-        self._events.write(json.dumps({**record, "time": round(time.time(), 3)}) + "\n")
+        record = {**record, "time": round(time.time(), 3)}
+        self._events.write(json.dumps(record) + "\n")
         self._events.flush()
+        if self._tb is not None:
+            self._tb.add(record)
 
     def close(self) -> None:
         self._steps.close()
         if self._events is not None:
             self._events.close()
+        if self._tb is not None:
+            self._tb.close()
 
 
 # ---------------------------------------------------------------- the refresh (rank 0)
@@ -207,12 +223,7 @@ def _build(config: TrainConfig, device: torch.device, steps_per_epoch: int):
     ddp = torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None
     )
-    schedule = WarmupCosine(
-        config.base_lr,
-        config.epochs * steps_per_epoch,
-        config.lr_warmup * steps_per_epoch,
-        config.min_lr,
-    )
+    schedule = config.lr_schedule(steps_per_epoch)
     return family, ddp, optimizer, schedule, family.hooks(ddp, optimizer)
 
 
@@ -246,10 +257,11 @@ def _sum_over_ranks(totals: dict, device: torch.device) -> dict:
 
 def draw_seed(seed: int, rank: int, epoch: int) -> int:
     """The seed of torch's global generator for ``epoch`` on ``rank``. The draws a family makes
-    inside its step (AutoMAE's masking and Gumbel noise and pseudo-masks, iBOT's drop path)
-    differ per rank, as the official ``seed + rank`` (AutoMAE main_pretrain.py), and restart
-    with each epoch, so a resumed run draws what an uninterrupted one does; the model was
-    built before, from ``seed`` alone, identical on every rank."""
+    inside its step from it (AutoMAE's masking and Gumbel noise and pseudo-masks; iBOT seeds
+    its drop path per batch itself) differ per rank, as the official ``seed + rank`` (AutoMAE
+    main_pretrain.py), and restart with each epoch, so a resumed run draws what an
+    uninterrupted one does; the model was built before, from ``seed`` alone, identical on
+    every rank."""
     return mix_seed(seed, rank, epoch)
 
 
@@ -258,15 +270,6 @@ def _agree(value: Any, rank: int) -> Any:
     box = [value if rank == 0 else None]
     dist.broadcast_object_list(box, src=0)
     return box[0]
-
-
-def _progress_bar(enabled: bool, total: int, epoch: int):
-    """Rank 0's bar, drawn on the driver by Ray's tqdm; None when disabled."""
-    if not enabled:
-        return None
-    from ray.experimental import tqdm_ray
-
-    return tqdm_ray.tqdm(total=total, desc=f"train epoch {epoch}", unit=" step")
 
 
 # ---------------------------------------------------------------- the worker
@@ -302,8 +305,10 @@ class _Worker:
         latest = latest_checkpoint(self.config.run_dir) if self.rank == 0 else None
         self.restored = _agree(None if latest is None else str(latest), self.rank)
         self.state = self._restore(self.restored)
-        self.log = _Log(Path(self.config.run_dir), self.rank)
-        self.progress = args["progress"] and self.rank == 0
+        tb = None
+        if self.rank == 0:
+            tb = TensorBoardSink(self.config.run_dir, self.steps_per_epoch, self.state.step)
+        self.log = _Log(Path(self.config.run_dir), self.rank, tb)
         self.run_id = args.get("run_id")
         launch = args["launch_refresh"] if self.rank == 0 else None
         self.refresher = _Refresher(
@@ -341,7 +346,6 @@ class _Worker:
         current = _agree(self._current() if self.rank == 0 else None, self.rank)
         warmup = uses_warmup_masking(self.config, epoch, current)
         loader = self.warmup_loader if warmup else self.loader
-        bar = _progress_bar(self.progress, len(loader) // self.config.accum_steps, epoch)
         torch.manual_seed(draw_seed(self.config.seed, self.rank, epoch))
         totals = train_one_epoch(
             self.model,
@@ -354,13 +358,11 @@ class _Worker:
             bf16=self.config.gpu,
             clip_grad=self.config.clip_grad or None,
             accum_iter=self.config.accum_steps,
-            on_step=self._step_logger(epoch, bar),
+            on_step=self._step_logger(epoch),
             family=self.family,
             hooks=self.hooks,
             steps_per_epoch=self.steps_per_epoch,
         )
-        if bar is not None:
-            bar.close()
         masking = loader.config
         self.state = _State(epoch + 1, totals["step"], loader.stats.generation)
         return {
@@ -376,22 +378,29 @@ class _Worker:
             "corrupt": loader.stats.corrupt,
             "lr": self.optimizer.param_groups[0]["lr"],
             **_sum_over_ranks(totals, self.device),
+            **self._maps(),
         }
+
+    def _maps(self) -> dict:
+        """Where the epoch's maps came from (``TrainConfig.maps``): with iBOT's online source
+        the loader reads no map, so no share of samples with one is measured."""
+        maps = self.config.maps
+        return {"maps": maps, "saliency_share": None} if maps == "online" else {"maps": maps}
 
     def _current(self) -> str | None:
         store = _open_store(self.config.store) if self.config.needs_saliency else None
         return None if store is None else store.current()
 
-    def _step_logger(self, epoch: int, bar) -> Callable[[dict, dict], None]:
+    def _step_logger(self, epoch: int) -> Callable[[dict, dict], None]:
         def on_step(record: dict, batch: dict) -> None:
+            if stop_requested(self.config.run_dir):  # the driver was stopped by Ctrl-C
+                raise RunStopped(f"stopped by the driver at step {record['step']}")
             record = {"kind": "step", "epoch": epoch, "rank": self.rank, **record}
             if self.config.log_details:
                 record["ids"] = batch["ids"].tolist()
                 record["checksum"] = param_checksum(self.model)
                 record["pid"] = os.getpid()
             self.log.step(record)
-            if bar is not None:
-                bar.update(1)
 
         return on_step
 
@@ -438,8 +447,7 @@ class _Worker:
 
     def _log_start(self) -> None:
         """Rank 0: a start record; ``restart`` when this run of the driver started before."""
-        run_log = Path(self.config.run_dir) / "metrics.jsonl"
-        earlier = [json.loads(line) for line in run_log.read_text().splitlines() if line]
+        earlier = read_records(Path(self.config.run_dir) / METRICS)
         restart = any(r["kind"] == "start" and r.get("run") == self.run_id for r in earlier)
         self.log.event(
             {
@@ -466,16 +474,16 @@ class _Worker:
 def train_loop_per_worker(args: dict) -> None:
     """Ray Train's per-worker function. ``args``: ``config`` (a ``TrainConfig``),
     ``resume_from`` (the checkpoint the driver checked, or None), ``launch_refresh`` (a
-    ``RefreshLauncher`` or None), ``progress`` (rank 0 draws a bar), ``run_id`` (the driver's
-    run, to tell a restart from a start).
+    ``RefreshLauncher`` or None), ``run_id`` (the driver's run, to tell a restart from a
+    start). Workers draw no progress: the driver's console follows rank 0's logs.
 
     Our errors are recorded before they are raised, and a restart after one returns at once
     (``salient.jobs.train.failure``).
     """
 
     run_dir = args["config"].run_dir
-    if failure_recorded(run_dir):
-        return  # an earlier attempt stopped on an error a restart would only repeat
+    if failure_recorded(run_dir) or stop_requested(run_dir):
+        return  # an earlier attempt stopped on an error a restart would only repeat, or Ctrl-C
     import ray.train.torch  # lazily, as everywhere: Ray's environment is set before its import
 
     worker = None

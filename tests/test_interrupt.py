@@ -1,0 +1,90 @@
+"""Ctrl-C: a real ``salient train`` process gets SIGINT (as a terminal sends it, to its
+whole process group) after its first checkpoint, ends with exit code 130 and one line naming
+the checkpoint it kept and the command that continues; that very command (given fewer
+epochs, so the test stays short) resumes, and its console, drawn by the driver as a bar,
+shows 1-based epochs, no Ray ``(pid=…)`` prefix, and ends with the run's summary."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SALIENT = str(Path(sys.executable).with_name("salient"))
+_TINY = ["--model", "mae-micro", "--image-size", "32", "--patch-size", "8", "--batch-size", "8"]
+_TINY += ["--strategy", "random", "--loader-workers", "0", "--workers", "1"]
+
+
+def _env() -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "SALIENT_"))}
+    return {**env, "SALIENT_PROGRESS": "1"}  # the terminal's display: one bar, lines above it
+
+
+def test_ctrl_c_in_train_exits_130_with_what_it_kept_and_the_command_to_continue(
+    demo_data, tmp_path
+):
+    run = tmp_path / "run"
+    argv = [SALIENT, "train", "--data", str(demo_data), "--run-dir", str(run), *_TINY]
+    proc = subprocess.Popen(
+        [*argv, "--epochs", "200"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+        start_new_session=True,  # its own process group, which SIGINT goes to, as from a tty
+    )
+    deadline = time.monotonic() + 300
+    while not (run / "checkpoint-00001.pt").exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no first checkpoint within 300 s"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=60)  # a bound, not a measurement: it ends at once
+    assert proc.returncode == 130, err
+    last = err.strip().splitlines()[-1]
+    kept = Path(last.split("kept ")[1].split(" (epoch")[0])
+    config = run / "config.json"
+    assert last == (
+        f"salient train: interrupted; kept {kept} (epoch {int(kept.stem[-5:])} of 200) and the "
+        f"run's metrics; continue with: salient train --config {config} --resume"
+    ), err
+    assert kept.parent == run and kept.is_file() and (run / "interrupted").is_file()
+    assert out == "" and "pid=" not in err and "Traceback" not in err
+    _settled(run / "metrics" / "rank-0.jsonl")  # its workers stopped at their next step
+
+    kept = sorted(run.glob("checkpoint-*.pt"))[-1]  # one being written as it stopped lands
+    done = int(kept.stem[-5:])
+    command = shlex.split(last.split("continue with: ")[1])
+    assert command[0] == "salient"
+    again = subprocess.run(
+        [SALIENT, *command[1:], "--epochs", str(done + 1)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,  # one stream, as a terminal shows them
+        text=True,
+        env=_env(),
+        timeout=600,
+    )
+    assert again.returncode == 0, again.stdout
+    lines = [line for line in again.stdout.replace("\r", "\n").splitlines() if line.strip()]
+    summary = json.loads(lines[-1])  # the summary is the last thing shown
+    assert summary["epochs_done"] == done + 1 and summary["resumed_from"] == str(kept)
+    shown = "\n".join(lines[:-1])
+    assert f"salient train: resumed from {kept.name}" in shown, shown
+    assert f"salient train: epoch {done + 1}/{done + 1} done" in shown, shown
+    assert "pid=" not in again.stdout and "Traceback" not in again.stdout
+
+
+def _settled(path: Path, quiet_s: float = 3.0, limit_s: float = 120.0) -> None:
+    """Wait until ``path`` has not grown for ``quiet_s`` (the stopped run's workers are gone)."""
+    deadline, size, since = time.monotonic() + limit_s, -1, time.monotonic()
+    while time.monotonic() - since < quiet_s:
+        assert time.monotonic() < deadline, f"{path} still grows"
+        now = path.stat().st_size
+        if now != size:
+            size, since = now, time.monotonic()
+        time.sleep(0.2)
