@@ -63,6 +63,7 @@ def runs(ray_session, demo_data, tmp_path_factory) -> dict:
         family="automae",
         strategy="random",
         epochs=2,
+        warmup_epochs=0,  # no lr warmup (it defaults to the masking warmup's 40 epochs)
         refresh_every=0,
         workers=2,
         batch_size=8,

@@ -298,6 +298,7 @@ def automae_config(data, run_dir, **overrides) -> TrainConfig:
         family="automae",
         strategy="random",
         epochs=2,
+        warmup_epochs=0,  # no lr warmup (it defaults to the masking warmup's 40 epochs)
         refresh_every=0,
         batch_size=16,
         accum_iter=2,  # 6 batches per epoch: 3 steps
