@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from salient import __version__, urls
 from salient.errors import SalientError
 from salient.jobs.flags import add_config_flags, build_config, config_dict, flag_name
-from salient.jobs.runtime.progress import plain_warnings
+from salient.jobs.runtime.progress import plain_warnings, storage_heartbeat
 from salient.jobs.runtime.ray_env import user_error
 
 __all__ = ["COMMANDS", "build_parser", "entry", "main"]
@@ -62,6 +62,14 @@ COMMANDS: dict[str, Command] = {
         "Turn an ImageFolder tree (class sub-folders) or a flat folder of images into webdataset "
         "tar shards with dense sample ids and a manifest.json; or write the bundled demo dataset "
         "with --demo OUT."),
+    "index": Command(
+        "index", "IndexConfig", "run_index",
+        "existing webdataset shards → a manifest, no tar rewritten",
+        "Adopt webdataset tar shards you already have (ImageNet- or LAION-style: any keys, any "
+        "image field, cls or json labels, shards of unequal size; local, s3://, gs:// or "
+        "http(s)://) as a dataset in place: writes only manifest.json and ids.tsv, beside the "
+        "shards or into --out.",
+        render="index:render_index"),
     "refresh": Command(
         "refresh", "RefreshConfig", "run_refresh",
         "teacher saliency over every shard → a new store generation",
@@ -217,7 +225,8 @@ def _run(name: str, argv: list[str]) -> int:
     if args["storage_option"]:  # process-wide, carried to the job's workers (salient.urls)
         urls.set_storage_options(urls.parse_storage_options(args["storage_option"]))
     run = getattr(importlib.import_module(f"salient.jobs.{command.module}"), command.run)
-    result = run(config)
+    with storage_heartbeat(name):  # a line a minute while the job waits on storage
+        result = run(config)
     if command.render is not None and not args.get("json"):
         result = _named(command.render)(result)
     if isinstance(result, str):

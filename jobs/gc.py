@@ -4,8 +4,10 @@ The rules are the store's own (:meth:`SaliencyStore.gc_plan`, README, Decisions,
 disk"): ``current`` and the ``keep`` newest published generations stay; an older published
 generation goes once it was replaced ``grace_s`` ago (a reader may still be bound to it); an
 abandoned one goes at once; an unpublished one goes once its driver has been gone (no renewed
-lease) for ``grace_s``; one a live driver writes always stays. Training runs the same
-collection after each refresh (``--keep-generations``).
+lease) for ``grace_s``; one a live driver writes, or a live reader holds (a training run
+bound to it), always stays. Training runs the same collection after each refresh
+(``--keep-generations``). Each generation's line names the teacher that made its maps
+(``trainer.provenance``), and the live readers are listed below.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from dataclasses import dataclass, field
 from salient.errors import SalientError
 from salient.settings import check_fields, ranged
 from salient.store import SaliencyStore
+from salient.store.lease import describe_writer, lease_state
+from salient.trainer.provenance import describe_teacher
 
 __all__ = ["GcConfig", "run_gc"]
 
@@ -46,13 +50,20 @@ def run_gc(config: GcConfig) -> str:
     """
 
     store = SaliencyStore.open(config.store)
+    teachers = {g["name"]: g.get("teacher") for g in store.generations()}
+    readers = [r for r in store.readers() if lease_state(r) in ("live", "mine")]
     plan = store.gc_plan(config.keep, config.grace_s)
     removed = store.gc(config.keep, config.grace_s, dry_run=config.dry_run)
     width = max((len(p["status"]) for p in plan), default=0)
     lines = [
         f"{p['name']}  {p['status']:<{width}}  "
-        f"{'remove' if p['name'] in removed else 'keep  '}  {p['reason']}"
+        f"{'remove' if p['name'] in removed else 'keep  '}  {p['reason']}; "
+        f"teacher {describe_teacher(teachers.get(p['name']))}"
         for p in plan
+    ]
+    lines += [
+        f"reader: {r.get('holder')} holds {r.get('generation')} ({describe_writer(r)})"
+        for r in readers
     ]
     verb = "would remove" if config.dry_run else "removed"
     lines.append(

@@ -16,6 +16,7 @@ there yet (README, Decisions).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -126,8 +127,11 @@ def _write_shard(out: str, index: int, first_id: int, samples: list[Sample]) -> 
     return ShardInfo(index, name, first_id, len(samples), size, sha256, head_sha256)
 
 
-def _write_shards(out: str, samples: Iterable[Sample], shard_size: int) -> list[ShardInfo]:
-    shards: list[ShardInfo] = []
+def _write_shards(
+    out: str, samples: Iterable[Sample], shard_size: int, shards: list[ShardInfo]
+) -> list[ShardInfo]:
+    """Write the samples as shards of ``shard_size``, appending each to ``shards`` once it is
+    whole (so a failure knows what it leaves behind)."""
     pending: list[Sample] = []
     next_id = 0
     for sample in samples:
@@ -139,6 +143,33 @@ def _write_shards(out: str, samples: Iterable[Sample], shard_size: int) -> list[
     if pending:
         shards.append(_write_shard(out, len(shards), next_id, pending))
     return shards
+
+
+@contextlib.contextmanager
+def _whole_or_nothing(out: str) -> Iterator[list[ShardInfo]]:
+    """The shards a block writes (it appends them); when the block fails (a full disk, an
+    endpoint gone, Ctrl-C) they are removed, since without a manifest they are no dataset,
+    and the error's one line says so — or, where a removal fails too, names exactly the
+    shards left in OUT."""
+    written: list[ShardInfo] = []
+    try:
+        yield written
+    except BaseException as error:
+        left = []
+        for shard in written:
+            try:
+                urls.remove(urls.join(out, shard.name))
+            except Exception:  # the first error stays the one reported; this shard is named
+                left.append(shard.name)
+        if not isinstance(error, SalientError) or not written:
+            raise
+        what = (
+            f"the {len(written)} shards written before it were removed (no dataset was made)"
+            if not left
+            else f"{len(left)} shards are left in {out} ({left[0]} … {left[-1]}) with no "
+            "manifest: remove them, or rerun with --overwrite"
+        )
+        raise type(error)(f"{error}; {what}") from None
 
 
 def _finish(out: str, shards: list[ShardInfo], shard_size: int, **fields) -> Manifest:
@@ -301,12 +332,14 @@ def ingest_folder(
         raise IngestError(f"SRC {src} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
     _prepare_out(out, overwrite, src)
     samples = _decoded(images, src, skipped, progress or (lambda n: None))
-    shards = _write_shards(out, samples, shard_size)
-    if not shards:
-        raise IngestError(
-            f"none of the {len(images)} images in {src} could be decoded; see the warnings above"
-        )
-    return _finish(out, shards, shard_size, classes=classes, skipped=skipped, source=str(src))
+    with _whole_or_nothing(out) as shards:
+        _write_shards(out, samples, shard_size, shards)
+        if not shards:
+            raise IngestError(
+                f"none of the {len(images)} images in {src} could be decoded; see the warnings "
+                "above"
+            )
+        return _finish(out, shards, shard_size, classes=classes, skipped=skipped, source=str(src))
 
 
 # ---------------------------------------------------------------- demo ingest
@@ -354,8 +387,15 @@ def ingest_demo(
     out = urls.normalise(out)
     _prepare_out(out, overwrite)
     samples = _demo_samples(n, seed, image_size, quality, split, progress or (lambda k: None))
-    shards = _write_shards(out, samples, shard_size)
     demo = {"seed": seed, "image_size": image_size, "quality": quality, "split": split}
-    return _finish(
-        out, shards, shard_size, classes=list(DEMO_OBJECTS), skipped=[], source="demo", demo=demo
-    )
+    with _whole_or_nothing(out) as shards:
+        _write_shards(out, samples, shard_size, shards)
+        return _finish(
+            out,
+            shards,
+            shard_size,
+            classes=list(DEMO_OBJECTS),
+            skipped=[],
+            source="demo",
+            demo=demo,
+        )

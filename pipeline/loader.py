@@ -71,6 +71,7 @@ from salient.pipeline.stages import (
 from salient.store import SaliencyStore, store_exists
 
 __all__ = [
+    "CURRENT",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "EpochStats",
@@ -89,6 +90,7 @@ __all__ = [
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # MAE / timm defaults: what the teacher is fed too
 IMAGENET_STD = (0.229, 0.224, 0.225)
+CURRENT = object()  # SalientLoader.epoch(generation=CURRENT): the store's current generation
 
 
 @dataclass(frozen=True)
@@ -333,17 +335,19 @@ class SalientLoader:
 
     # ------------------------------------------------------------ the generation
 
-    def bind_generation(self) -> str | None:
-        """The store's current generation, or None (one warning per loader) when there is no
-        store or no published generation yet. Strategies without maps read no store (unless
-        the batches carry GPA's target or per-head maps). A ``gpa_target`` loader refuses a
-        generation whose maps are not of kind ``gpa``; a ``head_maps`` loader one without
-        per-head maps of that many heads."""
-        if not self._reads_maps():
+    def bind_generation(self, name: str | object | None = CURRENT) -> str | None:
+        """The generation an epoch reads: ``name`` when given (a trainer's choice: None reads
+        no maps), else the store's current one, or None (one warning per loader) when there is
+        no store or no published generation yet. Strategies without maps read no store
+        (unless the batches carry GPA's target or per-head maps). A ``gpa_target`` loader
+        refuses a generation whose maps are not of kind ``gpa``; a ``head_maps`` loader one
+        without per-head maps of that many heads."""
+        if not self.reads_maps:
             return None
         store = self._open_store()
-        generation = store.current() if store is not None else None
-        if generation is None and not self._warned:
+        current = store.current() if store is not None and name is CURRENT else None
+        generation = current if name is CURRENT else name
+        if generation is None and name is CURRENT and not self._warned:
             self._warned = True
             where = (
                 "no store given"
@@ -363,7 +367,8 @@ class SalientLoader:
             self._check_heads(store, generation)
         return generation
 
-    def _reads_maps(self) -> bool:
+    @property
+    def reads_maps(self) -> bool:
         """Whether batches need the store's maps: a strategy that reads them (unless the
         trainer plans multi-crop masks itself), GPA's target, or per-head maps."""
         c = self.config
@@ -415,16 +420,19 @@ class SalientLoader:
 
     # ------------------------------------------------------------ an epoch
 
-    def epoch(self, epoch: int, progress: float | None = None) -> Iterator[dict]:
+    def epoch(
+        self, epoch: int, progress: float | None = None, generation: str | object | None = CURRENT
+    ) -> Iterator[dict]:
         """This rank's ``len(self)`` batches of ``epoch``; ``self.stats`` counts as it goes.
 
         ``progress`` (for ``gpa``) defaults to ``epoch / config.epochs`` (0 without epochs).
-        The generation is bound here, once, before the first batch.
+        The generation is bound here, once, before the first batch: ``generation`` when given
+        (a trainer that chose it for every rank), else the store's current one.
         """
         c = self.config
         if progress is None:
             progress = epoch / c.epochs if c.epochs else 0.0
-        generation = self.bind_generation()
+        generation = self.bind_generation(generation)
         self.stats = stats = EpochStats(epoch=epoch, rank=c.rank, generation=generation)
         items = _Passes(self, epoch, generation, stats)
         for index in range(self.batches_per_rank):

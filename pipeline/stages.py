@@ -166,8 +166,19 @@ class PassPlan:
 
 
 def read_segment(source: ShardSource, segment: Segment, handler: CountingHandler) -> Iterator[dict]:
-    """The samples of ``segment`` with their image field: ``{"__key__", "id", "jpg": bytes}``."""
-    return shards.iter_samples(source, range(segment.start, segment.stop), {"image"}, handler)
+    """The samples of ``segment`` with their image field: ``{"__key__", "id", "jpg": bytes}``.
+    Every id of the segment the tar does not yield (damaged tar data stopped the read, or its
+    members do not group into the samples the manifest counted) is counted as corrupt once
+    the segment is read: a lost sample is counted, never silently refilled."""
+    seen = set()
+    for sample in shards.iter_samples(
+        source, range(segment.start, segment.stop), {"image"}, handler
+    ):
+        seen.add(sample["id"])
+        yield sample
+    for sample_id in range(segment.start, segment.stop):
+        if sample_id not in seen:
+            handler.tally.add("corrupt", sample_id)
 
 
 def attach_rows(

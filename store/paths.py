@@ -193,7 +193,8 @@ def same_maps(attrs: dict, describe: dict) -> bool:
     """Would a generation begun with ``describe`` hold the same maps as one with ``attrs``?"""
 
     def key(meta: dict) -> dict:
-        teacher = {k: v for k, v in meta["teacher"].items() if k not in ("path", "name")}
+        # where the file lies and what it is called do not change the maps; its bytes do
+        teacher = {k: v for k, v in meta["teacher"].items() if k not in ("path", "name", "source")}
         return {**{k: meta.get(k) for k in describe if k != "teacher"}, "teacher": teacher}
 
     sha = describe["teacher"].get("sha256")

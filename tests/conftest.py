@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -61,6 +65,66 @@ def s3_endpoint():
             env.setenv(name, value)
         yield url
     server.stop()
+
+
+BUCKET = "salient-patience"
+# One attempt per request and a 1 s read timeout: a stalled endpoint fails within seconds.
+FAST = {"config_kwargs": {"read_timeout": 1, "retries": {"total_max_attempts": 1}}}
+
+
+@pytest.fixture
+def endpoint(s3_endpoint, tmp_path):
+    """``(s3://salient-patience, the moto server's process)``: an S3 endpoint in a child
+    process of its own, which a test may stop (SIGSTOP: it accepts connections and never
+    answers) or kill; this process's storage options point at it (``FAST``). Everything is
+    put back afterwards, the server continued and killed."""
+    from salient import urls
+
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    previous = urls.storage_options()
+    try:
+        _wait_for(port, timeout_s=60)
+        urls.set_storage_options(
+            {"key": "k", "secret": "s", "endpoint_url": f"http://127.0.0.1:{port}", **FAST}
+        )
+        urls.filesystem(f"s3://{BUCKET}")[0].mkdir(BUCKET)
+        yield f"s3://{BUCKET}", server
+    finally:
+        urls.on_wait(None)
+        urls.set_patience(urls.PATIENCE_S)
+        urls.set_storage_options(previous)
+        if server.poll() is None:
+            server.send_signal(signal.SIGCONT)
+            server.kill()
+        server.wait(30)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """``mount(size) -> folder``: a tmpfs of ``size`` (e.g. "256k") mounted in ``tmp_path``,
+    a real disk that fills up; unmounted afterwards. Skips where mounting is not allowed."""
+    mounted = []
+
+    def mount(size: str) -> Path:
+        folder = tmp_path / f"disk{len(mounted)}"
+        folder.mkdir()
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+            capture_output=True,
+        )
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a small tmpfs here ({done.stderr.decode().strip()})")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
 
 
 @pytest.fixture(scope="session")

@@ -100,7 +100,7 @@ def test_flags_reach_the_model_and_the_loaders_views():
     )
     # unset: iBOT's ratio, AdamW's betas, the online source, half the views at 0.3 ± 0.2
     assert (config.mask_ratio, config.throw_ratio, config.betas) == (0.3, 0.0, (0.9, 0.999))
-    assert config.saliency_source == "online" and config.maps == "online"
+    assert config.saliency_source == "online" and config.maps_from == "online"
     assert config.strategy_options == {"mask_prob": 0.5, "ratio_var": 0.2, "hint_pool": 0.2}
     assert not config.needs_saliency and not config.random_warmup and not config.refreshes
     family = FAMILIES["ibot"]
@@ -123,11 +123,11 @@ def test_flags_reach_the_model_and_the_loaders_views():
     )
     assert config.loader_config().store is None  # online maps read no store
     stored = replace(config, store="s.zarr", saliency_source="store")
-    assert stored.needs_saliency and stored.maps == "store" and stored.refreshes
+    assert stored.needs_saliency and stored.maps_from == "store" and stored.refreshes
     assert not stored.loader_config().views.masks_online and stored.loader_config().store
     assert not stored.random_warmup  # iBOT masks on its own schedule from the first epoch
     mae = TrainConfig(data="d", model="mae-micro", strategy="random", image_size=32, patch_size=8)
-    assert mae.saliency_source == "store" and mae.betas == (0.9, 0.95) and mae.maps is None
+    assert mae.saliency_source == "store" and mae.betas == (0.9, 0.95) and mae.maps_from is None
     assert mae.loader_config().views is None
 
 

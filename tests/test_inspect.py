@@ -399,7 +399,7 @@ def test_store_of_another_dataset_or_no_store_is_refused(demo_data, demo_store, 
         (dict(n=0), "--n must be a positive integer"),
         (dict(ids=()), "--ids is empty"),
         (dict(ids=(1, -2)), "non-negative"),
-        (dict(out=""), "needs --out DIR for the report, or --id N"),
+        (dict(out=""), "needs --out DIR for the report, --id N or --key KEY"),
         (dict(store=""), "needs --store URL and --data DIR"),
     ],
 )

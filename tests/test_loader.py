@@ -20,6 +20,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from salient.pipeline.ingest import ingest_demo
 from salient.pipeline.loader import (
     EpochStats,
     LoaderConfig,
@@ -574,3 +575,29 @@ def test_gpa_target_is_the_cropped_gpa_map_standardised(demo_data, boxes, box_st
         assert (~flat).sum() > 8
     with pytest.raises(LoaderError, match="needs maps of kind gpa.*holds cls_attn"):
         next(SalientLoader(config(demo_data, box_store, gpa_target=True)).epoch(0))
+
+
+def test_samples_a_damaged_tar_loses_are_counted_as_corrupt(tmp_path):
+    """A tar whose header in the middle is garbage ends there for tarfile (silently, past the
+    first member): the samples after it are lost. On a dataset written before digests (format
+    1, nothing to check the bytes against) the loader counts them as corrupt."""
+    data = tmp_path / "d"
+    ingest_demo(data, n=32, seed=0, shard_size=16, image_size=32)
+    body = json.loads((data / "manifest.json").read_text())
+    body["format"] = "salient-dataset/1"
+    for shard in body["shards"]:
+        shard["sha256"] = shard["head_sha256"] = ""
+    (data / "manifest.json").write_text(json.dumps(body))
+    with tarfile.open(data / "shard-000000.tar") as tar:
+        header = next(m for m in tar if m.name.startswith(sample_key(8))).offset
+    with open(data / "shard-000000.tar", "r+b") as stream:  # the same size: the manifest holds
+        stream.seek(header)
+        stream.write(b"\x01" * 512)
+    config = LoaderConfig(
+        data=str(data), image_size=32, patch_size=8, batch_size=8, strategy="random",
+        num_workers=0,
+    )  # fmt: skip
+    loader = SalientLoader(config)
+    seen = {i for batch in loader.epoch(0) for i in batch["ids"].tolist()}
+    assert loader.stats.corrupt_ids == set(range(8, 16)) and loader.stats.corrupt == 8
+    assert seen == set(range(32)) - set(range(8, 16))  # never another sample in their place

@@ -141,6 +141,7 @@ def _generations(store: str) -> dict[str, dict[str, bytes]]:
     return {
         name: {a: np.asarray(root[name][a][:]).tobytes() for a in ("maps", "valid")}
         for name in sorted(root.group_keys())
+        if name.startswith("gen-")  # not readers/, the leases of training runs that read it
     }
 
 

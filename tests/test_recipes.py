@@ -360,7 +360,7 @@ def test_each_recipe_trains_one_tiny_epoch(tiny_runs, name):
     assert epoch["epochs_done"] == 1 and epoch["step"] == 3  # 6 batches, 2 per step
     assert epoch["strategy"] == config.strategy and math.isfinite(epoch["loss"])
     assert (epoch["mask_ratio"], epoch["throw_ratio"]) == (config.mask_ratio, config.throw_ratio)
-    assert epoch["maps"] == config.maps  # AttMask on iBOT: "online", its teacher's in the step
+    assert epoch["maps"] == config.maps_from  # AttMask on iBOT: "online", its teacher's in the step
     if config.reads_store:  # the recipe's own masking (AutoMAE's maps), from the store's maps
         kind = store_kind(resolve_recipe(name))
         assert epoch["generation"] == tiny_runs["generations"][kind]

@@ -30,6 +30,7 @@ from salient.errors import SalientError
 from salient.jobs.refresh.driver import RefreshConfig, RefreshError, run_refresh
 from salient.pipeline.ingest import ingest_demo
 from salient.pipeline.manifest import open_dataset
+from salient.pipeline.shards import file_digests
 from salient.trainer.teacher import preprocess, saliency
 from salient.trainer.teacher_load import load_teacher
 
@@ -261,13 +262,20 @@ def ray_address() -> str:
 
 
 def _corrupt_sample(data: Path, sample_id: int) -> None:
-    """Overwrite one image's bytes inside its tar with zeros (same size: the manifest holds)."""
+    """Overwrite one image's bytes inside its tar with zeros, and record the shard's new
+    digests in the manifest: an image that was corrupt when the dataset was written (a shard
+    changed afterwards is refused: test_failure_paths.py)."""
     shard = data / f"shard-{sample_id // 32:06d}.tar"
     with tarfile.open(shard) as tar:
         member = tar.getmember(f"{sample_id:09d}.jpg")
     with open(shard, "r+b") as stream:
         stream.seek(member.offset_data)
         stream.write(b"\0" * member.size)
+    manifest = json.loads((data / "manifest.json").read_text())
+    size, sha256, head_sha256 = file_digests(str(shard))
+    entry = manifest["shards"][sample_id // 32]
+    entry.update(bytes=size, sha256=sha256, head_sha256=head_sha256)
+    (data / "manifest.json").write_text(json.dumps(manifest))
 
 
 def test_corrupt_image_gets_valid_zero_and_is_counted(baseline, demo_data, teacher_file, tmp_path):

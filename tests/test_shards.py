@@ -22,12 +22,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import webdataset as wds
 from PIL import Image
 
 from salient import urls
 from salient.errors import SalientError
 from salient.jobs.refresh.worker import decoded_batches
 from salient.pipeline import shards
+from salient.pipeline.adopt import index_shards
 from salient.pipeline.ingest import IngestError, ingest_demo, ingest_folder
 from salient.pipeline.loader import IMAGENET_MEAN, IMAGENET_STD, LoaderConfig, SalientLoader
 from salient.pipeline.manifest import ShardInfo, fingerprint, open_dataset
@@ -81,8 +83,7 @@ def _refresh_pixels(data) -> dict[int, torch.Tensor]:
     """What the refresh actor decodes for each id (its own reading code, on the CPU)."""
     dataset, out = open_dataset(data), {}
     for shard in dataset.shards:
-        url = dataset.shard_url(shard)
-        for start, images in decoded_batches(url, shard.first_id, shard.count, 3, "cpu"):
+        for start, images in decoded_batches(dataset.source(shard), 3, "cpu"):
             for offset, image in enumerate(images):
                 out[shard.first_id + start + offset] = image
     return out
@@ -111,16 +112,24 @@ def test_iter_samples_reads_only_the_ids_and_fields_asked(demo_data):
     assert images[0][0] == "jpg" and shards.decode_image(images[0][1]).shape == (96, 96, 3)
 
 
-def test_refresh_batches_follow_the_ids_and_keep_holes(demo_data):
-    url = open_dataset(demo_data).shard_urls()[0]
-    got = list(decoded_batches(url, 0, 32, 10, "cpu"))
+def test_refresh_batches_follow_the_ids_and_keep_holes(demo_data, tmp_path):
+    dataset = open_dataset(demo_data)
+    got = list(decoded_batches(dataset.source(dataset.shards[0]), 10, "cpu"))
     assert [start for start, _ in got] == [0, 10, 20, 30]
     assert [len(images) for _, images in got] == [10, 10, 10, 2]
-    tail = list(decoded_batches(url, 28, 8, 3, "cpu"))  # ids 32..35 are not in this tar
-    assert [[im is not None for im in images] for _, images in tail] == [
-        [True, True, True],
-        [True, False, False],
-        [False, False],
+    assert all(im is not None for _, images in got for im in images)
+    # an adopted shard whose samples 1 (no image) and 4 (not an image) leave holes
+    (tmp_path / "in").mkdir()
+    with wds.TarWriter(str(tmp_path / "in" / "a.tar")) as writer:
+        for n in range(5):
+            image = {1: {}, 4: {"jpg": b"not an image"}}.get(n, {"jpg": _image(n, "JPEG", "RGB")})
+            writer.write({"__key__": f"k{n}", "cls": 0, **image})
+    index_shards(tmp_path / "in")
+    adopted = open_dataset(tmp_path / "in")
+    got = list(decoded_batches(adopted.source(adopted.shards[0]), 3, "cpu"))
+    assert [[im is not None for im in images] for _, images in got] == [
+        [True, False, True],
+        [True, False],
     ]
 
 

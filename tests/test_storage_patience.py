@@ -1,72 +1,25 @@
 """Storage with finite patience, against a real S3 endpoint that stalls or goes away.
 
-The endpoint is moto's server in a child process of its own (``python -m moto.server``), so a
-test can stop it (SIGSTOP: it accepts connections and never answers) or kill it. Clients reach
-it only through the storage options (``endpoint_url``), with a read timeout of 1 s and one
-attempt per request so a stall ends within seconds; the defaults are checked separately.
+The endpoint is moto's server in a child process of its own (the ``endpoint`` fixture of
+conftest.py), so a test can stop it (SIGSTOP: it accepts connections and never answers) or
+kill it. Clients reach it only through the storage options (``endpoint_url``), with a read
+timeout of 1 s and one attempt per request so a stall ends within seconds; the defaults are
+checked separately.
 """
 
 from __future__ import annotations
 
 import os
 import signal
-import socket
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
+from conftest import FAST
 
 from salient import urls
 from salient.store import SaliencyStore
 from salient.store.paths import store_like
 from salient.store.testing import synthetic_dataset, synthetic_teacher
-
-BUCKET = "salient-patience"
-FAST = {"config_kwargs": {"read_timeout": 1, "retries": {"total_max_attempts": 1}}}
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@pytest.fixture
-def endpoint(s3_endpoint, tmp_path):
-    """``(s3://salient-patience, the moto server's process)``; this process's storage options
-    point at it. Everything is put back afterwards, the server continued and killed."""
-    port = _free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    previous = urls.storage_options()
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("moto's server did not start") from None
-                time.sleep(0.1)
-        urls.set_storage_options(
-            {"key": "k", "secret": "s", "endpoint_url": f"http://127.0.0.1:{port}", **FAST}
-        )
-        urls.filesystem(f"s3://{BUCKET}")[0].mkdir(BUCKET)
-        yield f"s3://{BUCKET}", server
-    finally:
-        urls.on_wait(None)
-        urls.set_patience(urls.PATIENCE_S)
-        urls.set_storage_options(previous)
-        if server.poll() is None:
-            server.send_signal(signal.SIGCONT)
-            server.kill()
-        server.wait(30)
 
 
 def new_store(url: str) -> tuple[SaliencyStore, str]:

@@ -49,8 +49,7 @@ def refresh_here(refresh: RefreshConfig) -> str:
     spec = worker_spec(refresh, prepared.teacher, prepared.spec, prepared.writer.name)
     actor = RefreshWorker(prepared.teacher.model, spec)
     for shard in prepared.dataset.shards:
-        url = prepared.dataset.shard_url(shard)
-        actor.compute_shard(shard.index, url, shard.first_id, shard.count)
+        actor.compute_shard(shard.index, prepared.dataset.source(shard))
     prepared.writer.publish()
     return prepared.writer.name
 
@@ -253,11 +252,14 @@ def test_the_console_shows_epochs_from_one_rate_and_eta_and_events_above_its_bar
     finally:
         log.close()
     text = lines.getvalue().splitlines()
-    assert text[0].startswith(
-        "salient train: epoch 1/3 done · img/s 19.5 · loss 0.5 · generation none"
-        " · corrupt maps 2 · damaged chunks saliency/0.0 · eta "
+    assert text[0] == (  # what the epoch lost: a notice of its own, the chunk named once
+        "salient train: damaged saliency/0.0: its rows read as no map (masked at random, counted)"
     )
     assert text[1].startswith(
+        "salient train: epoch 1/3 done · img/s 19.5 · loss 0.5 · generation none"
+        " · corrupt maps 2 · eta "
+    )
+    assert text[2].startswith(
         "salient train: epoch 2/3 · step 1/4 · img/s 20 · loss 0.5 · generation none · eta "
     ), text  # the step after the epoch
     shown = drawn.getvalue()

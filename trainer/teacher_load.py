@@ -44,7 +44,8 @@ class Teacher:
     """A loaded teacher: the eval-mode ViT, its metadata, and the input it expects."""
 
     model: VisionTransformer
-    meta: dict  # path, sha256, name, epoch, image_size, patch_size; kind/block/head/reduce: caller
+    meta: dict  # source, path, sha256, name, epoch, image_size, patch_size; kind/block/head/
+    # reduce: the caller (trainer.provenance reads it back from a generation)
     patch_size: int
     grid: int
     image_size: int
@@ -91,7 +92,7 @@ def _timm_teacher(name, weights, allow_random, image_size) -> tuple[VisionTransf
         lambda: timm.create_model(name, pretrained=False, num_classes=0, img_size=image_size),
         f"timm:{name}",
     )
-    meta = {"path": None, "sha256": "random", "name": name, "epoch": None}
+    meta = {"source": "timm", "path": None, "sha256": "random", "name": name, "epoch": None}
     if path is not None:
         _load_into(model, _read_weights(path), path)
         meta.update(path=str(path), sha256=_sha256(path))
@@ -120,6 +121,7 @@ def _checkpoint_teacher(spec: str, image_size: int) -> tuple[VisionTransformer, 
     _load_into(model, ckpt.get("encoder"), path)
     config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
     meta = {
+        "source": "checkpoint",
         "path": str(path),
         "sha256": _sha256(path),
         "name": config.get("model", path.stem),

@@ -34,9 +34,7 @@ def _images(data: str, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     dataset = open_dataset(data)
     xs, ys = [], []
     for shard in dataset.shards:
-        images, labels = read_shard_images(
-            dataset.shard_url(shard), shard.first_id, shard.count, torch.device("cpu")
-        )
+        images, labels = read_shard_images(dataset.source(shard), torch.device("cpu"))
         keep = [i for i, image in enumerate(images) if image is not None and labels[i] >= 0]
         xs.append(preprocess([images[i] for i in keep], image_size))
         ys.append(torch.as_tensor(labels[keep]))

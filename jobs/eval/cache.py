@@ -7,6 +7,8 @@ so a second eval of the same checkpoint on the same data reuses the features wha
 probe settings. A group holds
 
 - ``cls``, ``mean`` ``(N, D) float32``, fill NaN: the CLS token and the mean patch token;
+  N is one past the dataset's last id (the ids an adopted dataset leaves unused after a short
+  shard stay NaN with ``valid`` 0, so the probes drop them);
 - ``labels (N,) int64`` (fill -1 = no label) and ``valid (N,) uint8`` (1 = image decoded);
 - ``shards_done (num_shards,) uint8``, one chunk per marker: resume markers;
 
@@ -41,7 +43,7 @@ def cache_url(out: str | Path, key: dict) -> str:
 
 def _layout(key: dict) -> dict[str, tuple[tuple, tuple, np.dtype, object]]:
     """name -> (shape, chunks, dtype, fill) of every array of a cache."""
-    n, s, d = key["num_samples"], key["shard_size"], key["dim"]
+    n, s, d = key["num_ids"], key["shard_size"], key["dim"]  # rows: one past the last id
     shards = -(-n // s)
     return {
         "cls": ((n, d), (s, d), np.dtype("float32"), np.nan),

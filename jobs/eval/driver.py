@@ -247,6 +247,7 @@ def _cache_key(teacher, dataset, image_size: int, crop_ratio: float) -> dict:
         "crop_ratio": crop_ratio,
         "dim": int(teacher.model.embed_dim),
         "num_samples": dataset.num_samples,
+        "num_ids": dataset.num_ids,  # the cache's rows: one past the last id
         "shard_size": dataset.shard_size,
     }
 
@@ -256,8 +257,7 @@ def _tasks(caches: dict, datasets: dict) -> list[tuple[tuple[str, int], tuple]]:
     for split, cache in caches.items():
         dataset = datasets[split]
         for index in cache.missing_shards():
-            shard = dataset.shards[index]
-            args = (split, index, dataset.shard_url(shard), shard.first_id, shard.count)
+            args = (split, index, dataset.source(dataset.shards[index]))
             tasks.append(((split, index), args))
     return tasks
 
@@ -320,12 +320,22 @@ def _features(
     for cache in caches.values():
         cache.mark_complete()
     return {
-        "arrays": {split: cache.read() for split, cache in caches.items()},
+        "arrays": {
+            split: _rows_of_samples(cache.read(), datasets[split])
+            for split, cache in caches.items()
+        },
         "computed": computed,
         "reused": {s: len(datasets[s].shards) - computed[s] for s in datasets},
         "sha256": teacher.meta["sha256"],
         "caches": {split: cache.url for split, cache in caches.items()},
     }
+
+
+def _rows_of_samples(arrays: dict, dataset) -> dict:
+    """The cache's rows of the ids a sample holds (an adopted dataset leaves the ids after a
+    short shard unused: they are no images a probe could exclude)."""
+    ids = dataset.sample_ids()
+    return {name: rows[ids] for name, rows in arrays.items()}
 
 
 # ---------------------------------------------------------------- the probes

@@ -98,9 +98,7 @@ class OnlineProbe:
         dataset = open_dataset(url)
         parts: dict[str, list] = {"cls": [], "mean": [], "labels": []}
         for shard in dataset.shards:
-            images, labels = read_shard_images(
-                dataset.shard_url(shard), shard.first_id, shard.count, device
-            )
+            images, labels = read_shard_images(dataset.source(shard), device)
             cls, mean, valid = shard_features(encoder, images, spec)
             keep = (valid == 1) & (labels >= 0)
             for name, rows in (("cls", cls), ("mean", mean), ("labels", labels)):

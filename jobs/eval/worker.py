@@ -29,9 +29,10 @@ import torch
 
 from salient import urls
 from salient.jobs.eval.cache import FeatureCache
-from salient.jobs.runtime.progress import plain_warnings
+from salient.jobs.runtime.progress import plain_warnings, process_heartbeat
 from salient.jobs.runtime.shard_pool import ActorInputs
 from salient.pipeline import shards
+from salient.pipeline.manifest import ShardSource
 
 __all__ = [
     "FeatureSpec",
@@ -55,27 +56,29 @@ class FeatureSpec:
 
 
 def read_shard_images(
-    url: str, first_id: int, count: int, device: torch.device
+    source: ShardSource, device: torch.device
 ) -> tuple[list[torch.Tensor | None], np.ndarray]:
     """One shard's images decoded on ``device`` (``uint8 [3,H,W]``, None = unreadable) and its
-    labels ``[count]`` (-1 = none), in one pass over the tar.
+    labels ``[count]`` (-1 = none; from ``cls`` or the ``json`` key the manifest names), in
+    one pass over the tar, read through the dataset's ``source`` (ids by position, bytes
+    checked against the manifest).
 
     Read and decoded by ``salient.pipeline.shards``, the layer refresh and the loader use (PIL,
     or nvjpeg on a GPU worker): the probe sees the pixels the teacher sees.
     """
 
+    first_id, count = source.shard.first_id, source.shard.count
     records: list[tuple[str, bytes] | None] = [None] * count
     labels = np.full(count, -1, dtype=np.int64)
     ids = range(first_id, first_id + count)
-    for sample in shards.iter_samples(
-        url, ids, {"image", "cls"}, shards.warn_damaged(url, "its unread samples are left out")
-    ):
+    fields = {"image", "cls" if source.label_key is None else "json"}
+    damaged = shards.warn_damaged(source.url, "its unread samples are left out")
+    for sample in shards.iter_samples(source, ids, fields, damaged):
         offset = sample["id"] - first_id
         field = shards.image_field(sample)
         if field is not None:
             records[offset] = (field, sample[field])
-        if "cls" in sample:
-            labels[offset] = int(sample["cls"])
+        labels[offset] = shards.label_of(sample, source.label_key, source.classes)
     return shards.decode_images(records, device), labels
 
 
@@ -159,16 +162,18 @@ class FeatureWorker:
     ):
         urls.adopt(storage)  # the driver's --storage-option values, before any read
         plain_warnings("eval")  # printed through Ray on the driver's console
+        process_heartbeat("eval")  # a line while a read waits on storage
         torch.set_num_threads(spec.inputs.threads)
         self.spec = spec
         self.device = torch.device(spec.inputs.device)
         self.model = model.to(self.device).eval()
         self.caches = {split: FeatureCache.open(url) for split, url in caches.items()}
 
-    def compute_shard(self, split: str, shard: int, url: str, first_id: int, count: int) -> dict:
+    def compute_shard(self, split: str, shard: int, source: ShardSource) -> dict:
         """Read, decode, encode and cache shard ``shard`` of ``split``; returns its counts."""
         start = time.perf_counter()
-        images, labels = read_shard_images(url, first_id, count, self.device)
+        count = source.shard.count
+        images, labels = read_shard_images(source, self.device)
         cls, mean, valid = shard_features(self.model, images, self.spec)
         self.caches[split].write_shard(shard, cls, mean, labels, valid)
         return {

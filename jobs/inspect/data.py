@@ -32,7 +32,7 @@ class Sample:
     """One sample read back from its shard for a panel."""
 
     sample_id: int
-    image: object  # PIL.Image RGB
+    image: object  # PIL.Image RGB (None when read without images)
     label: int | None
     box: tuple[float, float, float, float] | None
 
@@ -47,19 +47,21 @@ def shard_boxes(dataset, shard) -> np.ndarray:
     """Object boxes of one demo shard: ``[count, 4]`` (x0, y0, x1, y1 px), NaN where absent."""
     boxes = np.full((shard.count, 4), np.nan)
     ids = range(shard.first_id, shard.stop_id)
-    for rec in shards.iter_samples(dataset.shard_url(shard), ids, {"box.json"}):
+    for rec in shards.iter_samples(dataset.source(shard), ids, {"box.json"}):
         if "box.json" in rec:
             box = json.loads(rec["box.json"])
             boxes[rec["id"] - shard.first_id] = [box["x0"], box["y0"], box["x1"], box["y1"]]
     return boxes
 
 
-def read_samples(dataset, ids: list[int]) -> dict[int, Sample]:
+def read_samples(dataset, ids: list[int], images: bool = True) -> dict[int, Sample]:
     """Image, label and box of each id (in the order of ``ids``), one pass over each shard
-    that holds some of them.
+    that holds some of them, read through the dataset's sources (ids by position, labels where
+    its manifest says, bytes checked). ``images=False``: label and box only (``image`` None).
 
     Raises:
-        InspectError: a sample's record in its shard has no image.
+        DatasetError: an id no sample holds (a gap after a short shard, or past the end).
+        InspectError: a sample that has no readable image (``images``).
     """
     from PIL import Image
 
@@ -67,27 +69,24 @@ def read_samples(dataset, ids: list[int]) -> dict[int, Sample]:
     for sample_id in ids:
         by_shard.setdefault(dataset.shard_of(sample_id).index, set()).add(sample_id)
     samples = {}
-    fields = {"image", "cls", "box.json"}
     for index, wanted in sorted(by_shard.items()):
-        url = dataset.shard_url(dataset.shards[index])
-        for rec in shards.iter_samples(url, wanted, fields):
-            pixels = shards.decode_image(rec.get(shards.image_field(rec), b""))
-            if pixels is None:
+        source = dataset.source(dataset.shards[index])
+        fields = {"box.json", "cls" if source.label_key is None else "json"}
+        fields |= {"image"} if images else set()
+        for rec in shards.iter_samples(source, wanted, fields):
+            pixels = shards.decode_image(rec.get(shards.image_field(rec), b"")) if images else None
+            if images and pixels is None:
                 raise InspectError(
-                    f"sample {rec['id']} has no readable image in "
-                    f"{dataset.shards[index].name}; re-run `salient ingest`"
+                    f"sample {rec['id']} ({rec['__key__']}) has no readable image in "
+                    f"{source.shard.name} (the manifest lists such samples as skipped); pick "
+                    "another id"
                 )
             box = json.loads(rec["box.json"]) if "box.json" in rec else None
+            label = shards.label_of(rec, source.label_key, source.classes)
             samples[rec["id"]] = Sample(
                 rec["id"],
-                Image.fromarray(pixels),
-                int(rec["cls"]) if "cls" in rec else None,
+                None if pixels is None else Image.fromarray(pixels),
+                None if label < 0 else label,
                 tuple(float(box[k]) for k in ("x0", "y0", "x1", "y1")) if box else None,
             )
-    missing = [i for i in ids if i not in samples]
-    if missing:
-        raise InspectError(
-            f"sample {missing[0]} is not in {dataset.shard_of(missing[0]).name}; "
-            "re-run `salient ingest`"
-        )
     return {sample_id: samples[sample_id] for sample_id in ids}  # in the order asked

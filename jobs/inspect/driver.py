@@ -13,6 +13,10 @@ Two views of a published generation of the saliency store:
   no script; written last, so an ``index.html`` on disk always points at finished files).
 - :func:`print_sample` renders one sample's map as a text heat map with its statistics.
 
+And :func:`verify_store` (``--verify``) reads every chunk of a generation and names the
+damaged ones. A report counts the rows of damaged chunks it met (``corrupt_maps``) and names
+each chunk; every view names the teacher that made the maps (``trainer.provenance``).
+
 The numbers in ``stats.json`` (min-max normalised maps as distributions: entropy, top-25% mass,
 histogram, box lift on demo datasets, drift between generations) are computed in
 :mod:`salient.jobs.inspect.stats`, whose docstring defines each one; this module reads the
@@ -45,13 +49,15 @@ from salient.jobs.inspect.stats import (
     sample_stats,
     usable,
 )
-from salient.jobs.runtime.progress import progress_bar
+from salient.jobs.runtime.progress import ProgressLines, progress_bar
 from salient.jobs.runtime.records import METRICS, read_records
-from salient.pipeline.manifest import open_dataset
+from salient.pipeline.adopt import key_ids
+from salient.pipeline.manifest import DatasetError, open_dataset
 from salient.pipeline.masking import STRATEGIES
 from salient.pipeline.shards import read_labels
 from salient.settings import check_fields, ranged
 from salient.store import SaliencyStore
+from salient.trainer.provenance import describe_teacher, provenance
 
 __all__ = [
     "InspectConfig",
@@ -60,6 +66,7 @@ __all__ = [
     "print_sample",
     "render_inspect",
     "run_inspect",
+    "verify_store",
 ]
 
 SHADES = " ░▒▓█"  # text heat map: five levels of the min-max normalised map
@@ -77,8 +84,8 @@ class InspectConfig:
 
     store: str
     """Saliency store path or URL."""
-    data: str
-    """Dataset directory (or URL) the store was made for."""
+    data: str | None = None
+    """Dataset directory (or URL) the store was made for (not needed with --verify)."""
     out: str | None = None
     """Report directory: index.html, stats.json and one PNG panel per sample."""
     generation: str | None = None
@@ -89,6 +96,12 @@ class InspectConfig:
     """Number of sample ids drawn at random when --ids is not given."""
     id: int | None = field(default=None, metadata=ranged(ge=0))
     """Print one sample's map as a text heat map with its statistics (no report)."""
+    key: str | None = None
+    """As --id, for the sample with this key (an adopted dataset's own key, e.g.
+    n01440764_10026; SHARD/KEY when a key is in several shards)."""
+    verify: bool = False
+    """Read every chunk of the generation (--generation, default the current one) and list
+    the damaged ones, one line each (exit 2 when any is); no report."""
     strategy: str = field(default="amt", metadata={"choices": lambda: STRATEGIES})
     """Mask strategy drawn on the panels."""
     mask_ratio: float = field(default=0.45, metadata=ranged(gt=0, lt=1))
@@ -108,14 +121,17 @@ class InspectConfig:
     stats.json."""
 
     def __post_init__(self):
-        if not self.store or not self.data:
+        if not self.store or not (self.data or self.verify):
             raise InspectError("inspect needs --store URL and --data DIR")
         if isinstance(self.id, np.integer):
             object.__setattr__(self, "id", int(self.id))
         check_fields(self, InspectError)  # types, ranges and choices, declared with the fields
-        if self.id is None and not self.out:
+        if self.id is not None and self.key is not None:
+            raise InspectError("give --id N or --key KEY, not both")
+        if self.id is None and self.key is None and not self.out and not self.verify:
             raise InspectError(
-                "inspect needs --out DIR for the report, or --id N for one sample in the terminal"
+                "inspect needs --out DIR for the report, --id N or --key KEY for one sample "
+                "in the terminal, or --verify"
             )
         if self.out and urls.is_remote(self.out):
             raise InspectError(
@@ -182,23 +198,42 @@ def _resolve_generation(store, name: str | None) -> str:
     return name
 
 
-def _select_ids(config: InspectConfig, num_samples: int) -> list[int]:
-    """The requested ids (checked against the dataset) or ``n`` ids drawn with ``seed``."""
+def _select_ids(config: InspectConfig, dataset) -> list[int]:
+    """The requested ids (each one a sample holds: DatasetError otherwise) or ``n`` ids drawn
+    with ``seed`` among the samples with an image (an adopted dataset's ids are not dense;
+    the samples its index listed as skipped have none)."""
     if config.ids is not None:
-        outside = [i for i in config.ids if i >= num_samples]
+        outside = [i for i in config.ids if not _holds(dataset, i)]
         if outside:
+            gaps = ", with gaps" if dataset.num_ids != dataset.num_samples else ""
             raise InspectError(
-                f"--ids {', '.join(map(str, outside[:5]))} out of range: the "
-                f"dataset holds ids 0..{num_samples - 1}"
+                f"--ids {', '.join(map(str, outside[:5]))} out of range: no sample holds them "
+                f"(the dataset holds ids 0..{dataset.num_ids - 1}{gaps})"
             )
         return list(config.ids)
+    skipped = {s["id"] for s in dataset.manifest.skipped if isinstance(s.get("id"), int)}
+    ids = np.setdiff1d(dataset.sample_ids(), np.fromiter(skipped, np.int64, len(skipped)))
     rng = np.random.default_rng(config.seed)
-    return sorted(rng.choice(num_samples, size=min(config.n, num_samples), replace=False).tolist())
+    return sorted(rng.choice(ids, size=min(config.n, len(ids)), replace=False).tolist())
+
+
+def _holds(dataset, sample_id: int) -> bool:
+    try:
+        dataset.shard_of(sample_id)
+    except DatasetError:  # a gap after a short shard, or past the end
+        return False
+    return True
 
 
 def _generation_info(store, name: str) -> dict:
     info = next((g for g in store.generations() if g["name"] == name), {"name": name})
     return json.loads(json.dumps(info, default=str))
+
+
+def _teacher(store, name: str) -> dict:
+    """``{"generation", "path" | "name", "sha256", "about"}``: who made ``name``'s maps."""
+    meta = store.bind(name).attrs.get("teacher")
+    return {**provenance(name, meta), "about": describe_teacher(meta)}
 
 
 # ---------------------------------------------------------------- the job
@@ -223,7 +258,7 @@ def _scan_store(
                 heads = np.asarray(readers[0].read_head_maps(shard.first_id, shard.stop_id))
                 generator.add(heads, rows[0][1], shard.first_id, boxes, image_hw)
             if classes:
-                labels = read_labels(dataset.shard_url(shard), shard.first_id, shard.count)
+                labels = read_labels(dataset.source(shard))
                 per_class.add(*rows[0], boxes, image_hw, labels)
             if len(rows) == 2:
                 diff.add(*rows[0], *rows[1])
@@ -235,6 +270,22 @@ def _scan_store(
     )
 
 
+def _damage(readers: list, dataset) -> list[dict]:
+    """Per reader: ``corrupt_maps`` (the sample ids in the damaged chunks it met: their rows
+    read as no map) and ``damaged_chunks`` (one line each); each chunk is printed once."""
+    lines = ProgressLines("inspect")
+    found = []
+    for reader in readers:
+        ids = set()
+        for chunk in reader.damaged:
+            lines.line(damaged=str(chunk))
+            if chunk.array != "shards_done":  # row chunk i is shard i: its sample ids
+                stop = min(chunk.stop, dataset.shards[chunk.chunk].stop_id)
+                ids.update(range(chunk.start, stop))
+        found.append({"corrupt_maps": len(ids), "damaged_chunks": [str(c) for c in reader.damaged]})
+    return found
+
+
 def generation_stats(store_url: str, data: str, names: list[str] | None = None) -> dict:
     """``{generation: statistics}`` (``stats.json``'s, without the histogram) of the named
     published generations of a store, all of them by default; one pass over the shards."""
@@ -244,6 +295,7 @@ def generation_stats(store_url: str, data: str, names: list[str] | None = None) 
     names = names or [g["name"] for g in store.generations() if g.get("status") == "published"]
     readers = [store.bind(_resolve_generation(store, name)) for name in names]
     stats, _, _ = _scan_store(readers, dataset, store.grid)
+    stats = [{**s, **d} for s, d in zip(stats, _damage(readers, dataset))]
     return {n: {k: v for k, v in s.items() if k != "histogram"} for n, s in zip(names, stats)}
 
 
@@ -388,9 +440,11 @@ def run_inspect(config: InspectConfig) -> dict:
         DatasetError: the dataset directory is missing or damaged.
     """
 
-    if config.id is not None:
-        text = print_sample(config.store, config.data, config.id, config.generation)
-        return {"id": config.id, "text": text}
+    if config.verify:
+        return verify_store(config.store, config.generation)
+    if config.id is not None or config.key is not None:
+        sample_id, text = _one_sample(config)
+        return {"id": sample_id, "text": text}
     dataset = open_dataset(config.data)
     store = _open_store(config.store, dataset)
     names = [_resolve_generation(store, config.generation)]
@@ -401,7 +455,7 @@ def run_inspect(config: InspectConfig) -> dict:
                 f"--compare {config.compare} names the inspected generation "
                 f"{names[0]}; compare with another one"
             )
-    ids = _select_ids(config, dataset.num_samples)
+    ids = _select_ids(config, dataset)
     training = _training(config.run_dir) if config.run_dir else None
     readers = [store.bind(name) for name in names]
     model = load_generator(config.generator) if config.generator else None
@@ -410,6 +464,7 @@ def run_inspect(config: InspectConfig) -> dict:
     out = _prepare_out(config.out)
     tally = None if model is None else GeneratorTally(model, config.seed)
     stats, diff, per_class = _scan_store(readers, dataset, store.grid, tally)
+    stats = [{**s, **d} for s, d in zip(stats, _damage(readers, dataset))]
     samples = read_samples(dataset, ids)
     history = _history(store)
     history_maps = _panel_maps([store.bind(n) for n in history], ids) if len(history) > 1 else []
@@ -434,7 +489,8 @@ def run_inspect(config: InspectConfig) -> dict:
         "dataset": str(dataset.root),
         "grid": store.grid,
         "generations": {
-            n: {"info": _generation_info(store, n), "stats": s} for n, s in zip(names, stats)
+            n: {"info": _generation_info(store, n), "teacher": _teacher(store, n), "stats": s}
+            for n, s in zip(names, stats)
         },
         "compare": None if diff is None else {"from": names[0], "to": names[1], **diff},
         "per_class": per_class,
@@ -454,6 +510,7 @@ def run_inspect(config: InspectConfig) -> dict:
         "out": str(out),
         "index": str(index),
         "generation": names[0],
+        "teacher": body["generations"][names[0]]["teacher"],
         "compare": names[1] if len(names) == 2 else None,
         "panels": len(panels),
         "history": body["history"],
@@ -477,30 +534,47 @@ def _text_heatmap(p: np.ndarray, grid: int) -> list[str]:
     return ["┌" + "─" * 2 * grid + "┐", *rows, "└" + "─" * 2 * grid + "┘"]
 
 
+def _one_sample(config: InspectConfig) -> tuple[int, str]:
+    """The id of ``--id`` or ``--key`` and its terminal view."""
+    sample_id = config.id
+    if config.key is not None:
+        sample_id = key_ids(open_dataset(config.data), [config.key])[config.key]
+    return sample_id, print_sample(config.store, config.data, sample_id, config.generation)
+
+
 def print_sample(store_url: str, data: str, sample_id: int, generation: str | None = None) -> str:
     """One sample's map as a text heat map plus its statistics, for a terminal.
 
     Raises:
         InspectError: unknown / unpublished generation, empty store, id out of range.
+        DatasetError: an id no sample holds (an adopted dataset's gap after a short shard).
         StoreError: no store at the URL, or a store of another dataset.
     """
 
     dataset = open_dataset(data)
     store = _open_store(store_url, dataset)
     name = _resolve_generation(store, generation)
-    if not isinstance(sample_id, (int, np.integer)) or not 0 <= sample_id < dataset.num_samples:
+    if not isinstance(sample_id, (int, np.integer)) or not 0 <= sample_id < dataset.num_ids:
         raise InspectError(
-            f"--id {sample_id} out of range: the dataset holds ids 0..{dataset.num_samples - 1}"
+            f"--id {sample_id} out of range: the dataset holds ids 0..{dataset.num_ids - 1}"
         )
-    maps, valid = (np.asarray(a) for a in store.bind(name).read_ids([int(sample_id)]))
-    sample = read_samples(dataset, [int(sample_id)])[int(sample_id)]
+    shard = dataset.shard_of(int(sample_id))  # one line for an id in a gap
+    reader = store.bind(name)
+    maps, valid = (np.asarray(a) for a in reader.read_ids([int(sample_id)]))
+    sample = read_samples(dataset, [int(sample_id)], images=False)[int(sample_id)]
     label = _label_name(sample.label, dataset.manifest.classes)
-    head = (
-        f"sample {sample_id} · generation {name} · shard "
-        f"{dataset.shard_of(int(sample_id)).name}" + (f" · label {label}" if label else "")
+    head = f"sample {sample_id} · generation {name} · shard {shard.name}" + (
+        f" · label {label}" if label else ""
     )
+    teacher = f"teacher {describe_teacher(reader.attrs.get('teacher'))}"
+    damaged = reader.damaged_between(int(sample_id), int(sample_id) + 1)
+    if damaged:
+        return f"{head}\nno map: {damaged[0]} (the loader masks it at random)\n{teacher}\n"
     if not usable(maps, valid)[0]:
-        return f"{head}\nno saliency map (valid={int(valid[0])}): the loader masks it at random\n"
+        return (
+            f"{head}\nno saliency map (valid={int(valid[0])}): the loader masks it at random"
+            f"\n{teacher}\n"
+        )
     raw = maps[0].astype(np.float64)
     stats = sample_stats(raw, sample.box, demo_hw(dataset))
     lines = [
@@ -516,7 +590,45 @@ def print_sample(store_url: str, data: str, sample_id: int, generation: str | No
             f"box mass {stats['box_mass']:.3f} vs box area {stats['box_area']:.3f} "
             f"(lift ×{stats['box_mass'] / stats['box_area']:.2f})"
         )
-    return "\n".join(lines) + "\n"
+    return "\n".join([*lines, teacher]) + "\n"
+
+
+# ---------------------------------------------------------------- verification
+
+
+def verify_store(store_url: str, generation: str | None = None) -> dict:
+    """Read every chunk of ``generation`` (default: the current one) and list the damaged
+    ones: ``{"verify", "store", "checksummed", "chunks", "damaged", "teacher"}``.
+
+    Raises:
+        InspectError: the generation has damaged chunks (after printing one line per chunk
+            on stdout), or the store has no current generation and none was named.
+        GenerationNotFoundError, StoreError: no such generation, no store.
+    """
+    store = SaliencyStore.open(store_url)
+    name = generation or store.current()
+    if name is None:
+        raise InspectError(
+            f"the store at {store.url} has no published generation; name one with --generation"
+        )
+    result = store.verify(name)
+    for chunk in result.damaged:
+        print(chunk, flush=True)
+    if result.damaged:
+        raise InspectError(
+            f"{name} of {store.url} has {len(result.damaged)} damaged chunk(s) of "
+            f"{result.chunks} (listed above); their rows read as no map, masked at random and "
+            "counted as corrupt_maps — the next refresh writes a whole new generation"
+        )
+    meta = next((g.get("teacher") for g in store.generations() if g["name"] == name), None)
+    return {
+        "verify": name,
+        "store": store.url,
+        "checksummed": result.checksummed,
+        "chunks": result.chunks,
+        "damaged": [],
+        "teacher": describe_teacher(meta),
+    }
 
 
 def render_inspect(summary: dict) -> str:
@@ -524,4 +636,14 @@ def render_inspect(summary: dict) -> str:
     one JSON line."""
     if "text" in summary:
         return summary["text"]
+    if "verify" in summary:
+        note = (
+            ""
+            if summary["checksummed"]
+            else " (written before checksums: only chunks that do not decode are caught)"
+        )
+        return (
+            f"{summary['verify']} of {summary['store']}: {summary['chunks']} chunks read, none "
+            f"damaged{note}; teacher {summary['teacher']}"
+        )
     return json.dumps(summary, sort_keys=True, default=str)

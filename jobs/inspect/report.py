@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from salient.jobs.inspect.stats import normalize_maps
+from salient.trainer.provenance import describe_teacher
 
 __all__ = [
     "PLAN_COLOURS",
@@ -298,7 +299,7 @@ def _describe(info: dict) -> str:
     teacher = info.get("teacher") or {}
     parts = [
         info.get("kind") or teacher.get("kind"),
-        teacher.get("name"),
+        describe_teacher(teacher),
         None if info.get("epoch") is None else f"epoch {info['epoch']}",
         str(info.get("created") or "")[:16].replace("T", " "),
     ]

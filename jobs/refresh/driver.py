@@ -80,7 +80,9 @@ class RefreshConfig:
     weights: str | None = None
     """Local weights file (.safetensors or .pth) of a timm:NAME teacher; nothing is downloaded."""
     allow_random_teacher: bool = False
-    """Accept timm:NAME without --weights: a random (seeded) teacher, for tests and benchmarks."""
+    """Accept timm:NAME without --weights: a random (seeded) teacher, for tests and benchmarks.
+    Its generation is never resumed: random weights have no file sha256 to match, so a rerun
+    after a crash starts a new generation."""
     kind: str = field(default="cls_attn", metadata={"choices": lambda: KINDS})
     """Map kind: cls_attn (CLS attention, AMT eq. 3-4), gpa (attention a patch receives, GPA
     eq. 4-5) or heads (per-head cls_attn maps)."""
@@ -301,10 +303,7 @@ def _run_shards(
         if on_shard_done is not None:
             on_shard_done(result)
 
-    tasks = []
-    for index in todo:
-        shard = dataset.shards[index]
-        tasks.append((index, (index, dataset.shard_url(shard), shard.first_id, shard.count)))
+    tasks = [(index, (index, dataset.source(dataset.shards[index]))) for index in todo]
     tally.retries = run_shards(pool, tasks, config.max_retries, done, _give_up)
     return tally
 
@@ -414,27 +413,26 @@ def run_refresh(
         shards = len(dataset.shards)
         return _summary(config, _Tally(), seconds, prepared.joined, shards, 0, joined=True)
     todo = writer.missing_shards()
-    lease = writer.store.keep_alive(writer)
+    # On any error the lease is released (the generation is free at once for the next
+    # driver, on any host); a release that fails too (a full disk, an endpoint gone) is a
+    # note on the first error, which stays the job's one line.
     try:
-        tally = (
-            _compute(
-                config, dataset, teacher, spec, writer, todo, progress, on_shard_done, placement
+        with writer.store.keep_alive(writer) as lease:
+            tally = (
+                _compute(
+                    config, dataset, teacher, spec, writer, todo, progress, on_shard_done, placement
+                )
+                if todo
+                else _Tally()
             )
-            if todo
-            else _Tally()
-        )
-        lease.stop()  # no renewal may race the publish's attribute writes
-        writer.publish()
-    except KeyboardInterrupt:
-        lease.release()  # the generation is free at once for the next driver, on any host
+            lease.stop()  # no renewal may race the publish's attribute writes
+            writer.publish()
+    except KeyboardInterrupt:  # the lease is released on the way out (a note if that fails)
         done = len(dataset.shards) - len(writer.missing_shards())
         raise Interrupted(
             f"{done} of {len(dataset.shards)} shards of {writer.name}, unpublished (the same "
             "command computes only the others)"
         ) from None
-    except BaseException:
-        lease.release()  # the generation is free at once for the next driver, on any host
-        raise
     skipped = len(dataset.shards) - len(todo)
     return _summary(
         config, tally, time.perf_counter() - start, writer.name, skipped, tally.computed

@@ -28,9 +28,10 @@ import numpy as np
 import torch
 
 from salient import urls
-from salient.jobs.runtime.progress import plain_warnings
+from salient.jobs.runtime.progress import plain_warnings, process_heartbeat
 from salient.jobs.runtime.shard_pool import ActorInputs
 from salient.pipeline import shards
+from salient.pipeline.manifest import ShardSource
 from salient.store import SaliencyStore
 from salient.trainer.teacher import preprocess, saliency
 
@@ -56,17 +57,18 @@ class WorkerSpec:
 
 
 def decoded_batches(
-    url: str, first_id: int, count: int, batch_size: int, device: torch.device
+    source: ShardSource, batch_size: int, device: torch.device
 ) -> Iterator[tuple[int, list[torch.Tensor | None]]]:
-    """``(start, images)`` per batch of the shard's ids in order: ``uint8 [3,H,W]`` tensors on
-    ``device``, None where the image is missing or does not decode. The tar is streamed: a
-    batch is decoded as soon as the tar (in id order, as ingest writes it) moves past it."""
+    """``(start, images)`` per batch of the shard's ids in order (offsets from its first id):
+    ``uint8 [3,H,W]`` tensors on ``device``, None where the image is missing or does not
+    decode. The tar is streamed, and checked against its manifest as it streams
+    (``ShardChangedError``): a batch is decoded as soon as the tar moves past it."""
     batch: list = []
     start = 0
+    first_id, count = source.shard.first_id, source.shard.count
     wanted = range(first_id, first_id + count)
-    for sample in shards.iter_samples(
-        url, wanted, {"image"}, shards.warn_damaged(url, "its unread samples get valid=0")
-    ):
+    damaged = shards.warn_damaged(source.url, "its unread samples get valid=0")
+    for sample in shards.iter_samples(source, wanted, {"image"}, damaged):
         offset = sample["id"] - first_id
         while offset >= start + batch_size:
             yield start, _decoded(batch, batch_size, count - start, device)
@@ -160,6 +162,7 @@ class RefreshWorker:
     ):
         urls.adopt(storage)  # the driver's --storage-option values, before any read
         plain_warnings("refresh")  # printed through Ray on the driver's console
+        process_heartbeat("refresh")  # a line while a read or write waits on storage
         torch.set_num_threads(spec.inputs.threads)
         self.spec = spec
         self.device = torch.device(spec.inputs.device)
@@ -172,11 +175,12 @@ class RefreshWorker:
     def pid(self) -> int:
         return os.getpid()
 
-    def compute_shard(self, shard: int, url: str, first_id: int, count: int) -> dict:
-        """Read, decode, compute and write shard ``shard``; returns its counts."""
+    def compute_shard(self, shard: int, source: ShardSource) -> dict:
+        """Read, decode, compute and write shard ``shard`` (read through ``source``, the
+        dataset's ``ShardSource``: ids by position, bytes checked); returns its counts."""
         start = time.perf_counter()
-        spec = self.spec
-        batches = decoded_batches(url, first_id, count, spec.inputs.batch_size, self.device)
+        spec, count = self.spec, source.shard.count
+        batches = decoded_batches(source, spec.inputs.batch_size, self.device)
         batches = shards.prefetched(batches, depth=1 if spec.prefetch else 0)
         # now: (start, uint8 [3,H,W] images | None), the next batch decoding meanwhile
         maps, valid, head_maps = shard_maps(self.model, batches, count, spec, self.grid, self.heads)

@@ -8,6 +8,13 @@ seconds (default 5): job, where it is (epoch / step, shard), img/s, loss, genera
 
 Warnings read like the jobs' own lines (:func:`plain_warnings`): ``salient JOB: warning: …``,
 without the source file and line Python adds (an internal path means nothing to a user).
+
+While a storage call of the job waits (an endpoint that stalls), a heartbeat line says so
+(``salient refresh: waiting on s3://… for 60 s``; ``salient.urls.on_wait``), every
+``SALIENT_WAIT_EVERY`` seconds (default 60) until the call ends or fails within the
+storage patience: :func:`storage_heartbeat` around a job on the driver (the CLI runs every
+job inside it), :func:`process_heartbeat` in the job's other processes (refresh and eval
+actors, train ranks), whose stderr Ray forwards to the driver.
 """
 
 from __future__ import annotations
@@ -19,13 +26,17 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 
+from salient import urls
+
 __all__ = [
     "ProgressLines",
     "plain_warnings",
+    "process_heartbeat",
     "progress_bar",
     "progress_lines",
     "progress_mode",
     "progress_wanted",
+    "storage_heartbeat",
 ]
 
 _EVERY_S = 5.0
@@ -127,3 +138,35 @@ def plain_warnings(job: str) -> None:
         print(f"salient {job}: warning: {text}", file=file or sys.stderr, flush=True)
 
     warnings.showwarning = show
+
+
+# ---------------------------------------------------------------- waiting on storage
+
+
+def _wait_every() -> float:
+    value = os.environ.get("SALIENT_WAIT_EVERY", "")
+    try:
+        return float(value) if float(value) > 0 else urls.WAIT_REPORT_S
+    except ValueError:
+        return urls.WAIT_REPORT_S
+
+
+def process_heartbeat(job: str) -> None:
+    """From now on, one line on stderr (``salient JOB: waiting on URL for 60 s``) each time
+    a storage call of this process has waited another ``SALIENT_WAIT_EVERY`` seconds;
+    nothing with SALIENT_PROGRESS=0. For a job's worker processes, which live as long as
+    their work."""
+    if progress_mode() == "off":
+        return
+    lines = ProgressLines(job)
+    urls.on_wait(lambda url, s: lines.line(waiting=f"on {url} for {s:g} s"), _wait_every())
+
+
+@contextlib.contextmanager
+def storage_heartbeat(job: str) -> Iterator[None]:
+    """:func:`process_heartbeat` for the length of the block (a job on the driver)."""
+    process_heartbeat(job)
+    try:
+        yield
+    finally:
+        urls.on_wait(None)

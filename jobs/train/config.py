@@ -12,6 +12,7 @@ from pathlib import Path
 
 from salient import urls
 from salient.jobs.refresh.driver import RefreshConfig
+from salient.jobs.train.maps import MAPS
 from salient.pipeline.crops import INTERPOLATIONS
 from salient.pipeline.loader_config import LoaderConfig
 from salient.pipeline.masking import (
@@ -77,6 +78,11 @@ class TrainConfig:
     """Epochs between refreshes from the latest checkpoint (AMT: 40); 0 = never."""
     refresh_wait: bool = False
     """Pause training while a refresh runs (deterministic generations; slower)."""
+    maps: str | None = field(default=None, metadata={"choices": lambda: MAPS})
+    """Whose maps the strategy reads: own (only generations made from this run's checkpoints,
+    the model's own attention as AMT means it; random masks until its first refresh
+    publishes) or any (the store's current generation, whoever made it; one line names each
+    other teacher's); unset: own when the run refreshes its maps, any otherwise."""
     workers: int = field(default=1, metadata=ranged(ge=1))
     """Data-parallel (DDP) train workers."""
     gpu: bool = False
@@ -285,7 +291,7 @@ class TrainConfig:
         return self.strategy in NEEDS_SALIENCY and self.saliency_source != "online"
 
     @property
-    def maps(self) -> str | None:
+    def maps_from(self) -> str | None:
         """Where the masks' maps come from: ``"online"`` (iBOT's or AutoMAE's teacher, in the
         step), ``"store"``, or None (the strategy reads no map)."""
         if self.framework == "automae":  # its generator's per-head maps
@@ -494,6 +500,8 @@ def _resolve(c: TrainConfig) -> None:
         object.__setattr__(c, name, tuple(value))
     _accumulation(c)  # checked now; kept unresolved, so a config file with other --workers
     # still holds its effective batch (the ``accum_steps`` property resolves it)
+    if c.maps is None:  # a run that refreshes reads its own maps (jobs/train/maps.py)
+        object.__setattr__(c, "maps", "own" if c.refreshes else "any")
 
 
 def _accumulation(c: TrainConfig) -> int:

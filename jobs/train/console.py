@@ -13,9 +13,11 @@ drawn after the run's summary (the display closes before ``fit`` returns its res
 - ``lines`` (a log, ``ray job submit``, CI): the same figures as one line every few seconds
   (``SALIENT_PROGRESS_EVERY``), and each event as its own line at once.
 
-An epoch record's ``corrupt_maps`` / ``damaged_chunks`` and a change of the ``teacher`` whose
-maps it used are shown with its line, and the refresh's ``refresh_resumed`` /
-``refresh_abandoned`` events as lines of their own.
+A change of the ``teacher`` whose maps an epoch used is shown with its line. What the run
+lost or could not keep is said whatever the display (also with progress off, as plain lines):
+a restart after a lost worker, the images an epoch could not use (when that count changes),
+each damaged map chunk an epoch met (once), a refresh resumed or abandoned after a restore,
+and each generation of another teacher's maps an epoch read (``--maps any``).
 """
 
 from __future__ import annotations
@@ -115,18 +117,20 @@ class TrainConsole:
         self._clock: tuple[float, int] | None = None  # (wall time, step) this attempt began at
         self._epochs_done = 0
         self._teacher = None
+        self._notices = ProgressLines("train", every_s=0, stream=stream)  # with no display
+        self._damaged: set[str] = set()  # chunks already named
+        self._corrupt = 0  # the corrupt count last said
 
     def __enter__(self) -> TrainConsole:
-        if self._view is not None:
-            self._events.records(), self._steps.records()  # a resumed run: skip the old lines
-            self._thread.start()
+        self._events.records(), self._steps.records()  # a resumed run: skip the old lines
+        self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.poll(final=True)
         if self._view is not None:
-            self._stop.set()
-            self._thread.join()
-            self.poll(final=True)
             self._view.close()
 
     def _run(self) -> None:
@@ -136,8 +140,13 @@ class TrainConsole:
     def poll(self, final: bool = False) -> None:
         """Show what the logs gained since the last look (events in order, then progress)."""
         for event in self._events.records():
-            self._event(event)
-        self._window.extend(r for r in self._steps.records() if r.get("kind", "step") == "step")
+            self._notice(event)
+            if self._view is not None:
+                self._event(event)
+        steps = [r for r in self._steps.records() if r.get("kind", "step") == "step"]
+        if self._view is None:
+            return
+        self._window.extend(steps)
         if self._window and not final:
             self._progress()
 
@@ -162,7 +171,7 @@ class TrainConsole:
     def _maps(self, record: dict) -> dict:
         """``maps=online`` for iBOT's own teacher (no generation is read), else the record's
         generation."""
-        if self.config.maps == "online":
+        if self.config.maps_from == "online":
             return {"maps": "online"}
         return {"generation": record.get("generation") or "none"}
 
@@ -182,14 +191,52 @@ class TrainConsole:
         if show is not None:
             show(event)
 
+    def _notice(self, event: dict) -> None:
+        """One line for each thing the run lost or could not keep (any display, or none)."""
+        kind = event.get("kind")
+        if kind == "start" and event.get("restart"):
+            start = Path(event["from"]).name if event.get("from") else "the start"
+            self._say(restarted=f"from {start} after a lost worker")
+        elif kind == "epoch":
+            corrupt = event.get("corrupt") or 0
+            if corrupt != self._corrupt:  # said when it changes, not every epoch
+                self._corrupt = corrupt
+                self._say(
+                    corrupt=f"{corrupt} images in epoch {event['epochs_done']} (undecodable, "
+                    "over the pixel budget, or missing from their tar: left out, counted)"
+                )
+            for chunk in event.get("damaged_chunks") or []:
+                if chunk not in self._damaged:
+                    self._damaged.add(chunk)
+                    self._say(
+                        damaged=f"{chunk}: its rows read as no map (masked at random, counted)"
+                    )
+        elif kind in ("refresh_resumed", "refresh_abandoned"):
+            verb = "resuming" if kind == "refresh_resumed" else "abandoned"
+            teacher = Path(event.get("teacher") or "?").name
+            why = f": {event['reason']}" if event.get("reason") else ""
+            self._say(
+                refresh=f"{verb} {event['generation']} from {teacher} ({event['shards_done']} "
+                f"of {event['shards']} shards done){why}"
+            )
+        elif kind == "foreign_maps":
+            self._say(
+                maps=f"{event['generation']} comes from another teacher, {event['about']} "
+                "(--maps any; --maps own reads only this run's)"
+            )
+
+    def _say(self, **fields) -> None:
+        """A notice: above the display when there is one, else as a plain line."""
+        if self._view is not None:
+            self._view.event(fields)
+        else:
+            self._notices.line(**fields)
+
     def _on_start(self, event: dict) -> None:
         at = event.get("epochs_done", 0) * self.per_epoch
         self._clock, self._window = (event.get("time", time.time()), at), []  # (wall, step)
         self._view.moved(at)
-        if event.get("restart"):
-            where = Path(event["from"]).name if event.get("from") else "the start"
-            self._view.event({"restarted": f"from {where} after a lost worker"})
-        elif event.get("from"):
+        if event.get("from") and not event.get("restart"):  # a restart is a notice
             self._view.event({"resumed": f"from {Path(event['from']).name}"})
 
     def _on_epoch(self, event: dict) -> None:
@@ -202,7 +249,6 @@ class TrainConsole:
             "loss": event["loss"],
             **self._maps(event),
             "corrupt_maps": event.get("corrupt_maps") or None,
-            "damaged_chunks": _listed(event.get("damaged_chunks")),
             "eta": eta_text(self._eta(event["step"])) if self._clock else None,
         }
         self._view.event(fields)
@@ -221,22 +267,6 @@ class TrainConsole:
             }
         )
 
-    def _on_refresh_resumed(self, event: dict) -> None:
-        self._view.event(
-            {
-                "refresh": f"resumed {event['generation']}, "
-                f"{event['shards_done']}/{event['shards']} shards done before"
-            }
-        )
-
-    def _on_refresh_abandoned(self, event: dict) -> None:
-        self._view.event(
-            {
-                "refresh": f"abandoned {event['generation']} "
-                f"({event['shards_done']}/{event['shards']} shards written)"
-            }
-        )
-
     def _on_eval(self, event: dict) -> None:
         knn = event["knn"]
         self._view.event(
@@ -245,13 +275,6 @@ class TrainConsole:
                 f"{knn['cls']['top1']:.3f}, mean patch {knn['mean']['top1']:.3f}"
             }
         )
-
-
-def _listed(names: list[str] | None) -> str | None:
-    if not names:
-        return None
-    more = f" and {len(names) - 3} more" if len(names) > 3 else ""
-    return ", ".join(names[:3]) + more
 
 
 def _teacher_text(teacher: dict) -> str:

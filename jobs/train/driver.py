@@ -449,6 +449,9 @@ def _worker_main(args: dict) -> None:
 
     urls.adopt(args["storage"])  # the driver's --storage-option values, before any read
     plain_warnings("train")  # printed through Ray on the driver's console
+    # the driver's console names each damaged map chunk from the epoch records: the loader's
+    # own warning would only repeat it, with Ray's prefix and a source line
+    warnings.filterwarnings("ignore", message="damaged map chunk", category=UserWarning)
     try:  # a private module: if a Ray release moves it, the line simply shows again
         from ray.train.v2._internal.execution import context
     except ImportError:

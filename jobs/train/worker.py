@@ -12,18 +12,22 @@ group once the workers run (``RefreshLauncher.reserve``). A worker that stops on
 errors records it for the driver (``salient.jobs.train.failure``); the workers of a restart
 find it and return at once.
 
-Per epoch, on every rank: rank 0 reads the store's current generation and broadcasts it (the
-broadcast is also the barrier that keeps every rank behind rank 0's end-of-epoch work, so a
-refresh it waited for is seen by all); the epoch's masking follows AMT's schedule (random at
-the warmup ratio until the warmup is over and a generation exists, then the strategy); one
-epoch is trained (``salient.trainer.loop``) and its totals summed over ranks. Rank 0 then
+Per epoch, on every rank: rank 0 chooses the generation the epoch reads (``--maps``: the
+newest of the run's own, or the store's current one; ``salient.jobs.train.maps``), holds a
+reader lease on it so gc cannot remove it, and broadcasts it (the broadcast is also the
+barrier that keeps every rank behind rank 0's end-of-epoch work, so a refresh it waited for is
+seen by all); the epoch's masking follows AMT's schedule (random at the warmup ratio until the
+warmup is over and a generation exists, then the strategy); one epoch is trained
+(``salient.trainer.loop``) and its totals summed over ranks, with what it lost (corrupt
+images, damaged map chunks) and whose maps it read (``teacher``). Rank 0 then
 writes the checkpoint when due (``save_every``, with its encoder exported for timm, the oldest
 beyond ``keep_checkpoints`` deleted) and the epoch record and, when the schedule says so,
 launches a refresh from that checkpoint; after each refresh publishes, it collects the store's
-old generations (``keep_generations``). When due, rank 0 also runs the k-NN probe (``--val``,
-``salient.jobs.eval.online``). Batches are moved with ``ray.train.torch.get_device()``:
-``prepare_data_loader`` cannot wrap the loader (docs/LIBRARY-NOTES.md, "Ray Train needs no
-prepare_data_loader here").
+old generations (``keep_generations``). After a restore, rank 0 resumes the refresh the run
+left unpublished, or abandons it when its teacher checkpoint is gone, and says which. When
+due, rank 0 also runs the k-NN probe (``--val``, ``salient.jobs.eval.online``). Batches are
+moved with ``ray.train.torch.get_device()``: ``prepare_data_loader`` cannot wrap the loader
+(docs/LIBRARY-NOTES.md, "Ray Train needs no prepare_data_loader here").
 
 Importing this module touches no disk, GPU or Ray.
 """
@@ -43,14 +47,16 @@ import torch.distributed as dist
 
 from salient.errors import SalientError
 from salient.jobs.eval.online import OnlineProbe
+from salient.jobs.runtime.progress import process_heartbeat
 from salient.jobs.runtime.ray_env import user_error
 from salient.jobs.runtime.records import METRICS, STEPS, read_records
 from salient.jobs.train.config import TrainConfig
 from salient.jobs.train.failure import failure_recorded, record_failure, stop_requested
+from salient.jobs.train.maps import MapsBinding, left_in_flight, open_store, unpublished_teachers
 from salient.jobs.train.tensorboard import TensorBoardSink
 from salient.pipeline.epochs import mix_seed
 from salient.pipeline.loader import SalientLoader
-from salient.store import SaliencyStore, store_exists
+from salient.store import SaliencyStore
 from salient.trainer.checkpoint import (
     checkpoint_path,
     export_encoder,
@@ -187,12 +193,6 @@ class _Refresher:
         return SaliencyStore.open(url).gc(keep=self._keep)
 
 
-def _open_store(url: str | None):
-    """The store at ``url``, or None when it does not exist yet (the first refresh makes it)."""
-
-    return SaliencyStore.open(url) if url and store_exists(url) else None
-
-
 def _published_from(store, teacher: Path) -> bool:
     """Whether ``store`` holds a published generation made from the checkpoint ``teacher``."""
     return store is not None and any(
@@ -272,6 +272,36 @@ def _agree(value: Any, rank: int) -> Any:
     return box[0]
 
 
+def _lost_over_ranks(stats, device: torch.device) -> dict:
+    """What the epoch lost, over all ranks (each reads its own ids): samples masked at random
+    for want of a map (``fallback``), ids whose image did not decode or whose sample the tar
+    did not yield (``corrupt``), ids whose map row sits in a damaged store chunk
+    (``corrupt_maps``), and those chunks, each once (``damaged_chunks``)."""
+    counts = torch.tensor(
+        [stats.fallback, stats.corrupt, stats.corrupt_maps], dtype=torch.int64, device=device
+    )
+    dist.all_reduce(counts)
+    chunks: list = [None] * dist.get_world_size()
+    dist.all_gather_object(chunks, [str(d) for d in stats.damaged_chunks])
+    fallback, corrupt, corrupt_maps = counts.tolist()
+    return {
+        "fallback": fallback,
+        "corrupt": corrupt,
+        "corrupt_maps": corrupt_maps,
+        "damaged_chunks": sorted({line for rank in chunks for line in rank}),
+    }
+
+
+def _about(generation: dict) -> dict:
+    """The fields of a ``refresh_resumed`` / ``refresh_abandoned`` event."""
+    return {
+        "generation": generation["generation"],
+        "teacher": generation["teacher"],
+        "shards_done": generation["shards_done"],
+        "shards": generation["shards"],
+    }
+
+
 # ---------------------------------------------------------------- the worker
 
 
@@ -315,6 +345,7 @@ class _Worker:
             launch, self.config.refresh_wait, self.log, self.config.keep_generations
         )
         self.probe = OnlineProbe.for_config(self.config) if self.rank == 0 else None
+        self.maps = MapsBinding(self.config, self.log.event) if self.rank == 0 else None
 
     def _restore(self, path: str | None) -> _State:
         if path is None:
@@ -343,15 +374,18 @@ class _Worker:
 
     def _train_epoch(self, epoch: int) -> dict:
         """Train ``epoch`` on this rank; returns the epoch record (figures over all ranks)."""
-        current = _agree(self._current() if self.rank == 0 else None, self.rank)
+        bound = _agree(self._bind(epoch) if self.rank == 0 else None, self.rank)
+        current = None if bound is None else bound["generation"]
         warmup = uses_warmup_masking(self.config, epoch, current)
         loader = self.warmup_loader if warmup else self.loader
+        if self.rank == 0 and bound is not None and loader.reads_maps:
+            self.maps.tell(bound)  # one line when the maps are another teacher's
         torch.manual_seed(draw_seed(self.config.seed, self.rank, epoch))
         totals = train_one_epoch(
             self.model,
             self.optimizer,
             self.schedule,
-            loader.epoch(epoch),
+            loader.epoch(epoch, generation=current),
             epoch=epoch,
             step=self.state.step,
             device=self.device,
@@ -374,22 +408,28 @@ class _Worker:
             "mask_ratio": masking.mask_ratio,
             "throw_ratio": masking.throw_ratio,
             "generation": loader.stats.generation,
-            "fallback": loader.stats.fallback,
-            "corrupt": loader.stats.corrupt,
             "lr": self.optimizer.param_groups[0]["lr"],
             **_sum_over_ranks(totals, self.device),
             **self._maps(),
+            **_lost_over_ranks(loader.stats, self.device),
+            "teacher": bound["teacher"] if loader.stats.generation is not None else None,
         }
 
     def _maps(self) -> dict:
-        """Where the epoch's maps came from (``TrainConfig.maps``): with iBOT's online source
+        """Where the epoch's maps came from (``TrainConfig.maps_from``): with iBOT's online source
         the loader reads no map, so no share of samples with one is measured."""
-        maps = self.config.maps
+        maps = self.config.maps_from
         return {"maps": maps, "saliency_share": None} if maps == "online" else {"maps": maps}
 
-    def _current(self) -> str | None:
-        store = _open_store(self.config.store) if self.config.needs_saliency else None
-        return None if store is None else store.current()
+    def _bind(self, epoch: int) -> dict | None:
+        """Rank 0: the generation ``epoch`` reads (held by a reader lease), or None when the
+        epoch reads no maps (a warmup epoch; a loader without maps) or there is none to read
+        (``salient.jobs.train.maps``)."""
+        warmup = self.config.random_warmup and epoch < self.config.warmup_epochs
+        if not self.loader.reads_maps or warmup:
+            self.maps.close()
+            return None
+        return self.maps.choose()
 
     def _step_logger(self, epoch: int) -> Callable[[dict, dict], None]:
         def on_step(record: dict, batch: dict) -> None:
@@ -419,8 +459,9 @@ class _Worker:
             self.refresher.start(path, state.epochs_done)
         else:
             self.refresher.poll()
-        if path is not None:
+        if path is not None:  # never the teacher of a refresh in flight or unpublished
             protect = [self.refresher.teacher] if self.refresher.teacher else []
+            protect += unpublished_teachers(open_store(config.store), config.run_dir)
             prune_checkpoints(config.run_dir, config.keep_checkpoints, protect)
         if self.probe is not None and self.probe.due(state.epochs_done):
             # After a refresh starts, so the two overlap; the other ranks wait at the next
@@ -460,14 +501,33 @@ class _Worker:
         )
 
     def _resume_refresh(self) -> None:
-        """Relaunch the refresh due after the resumed checkpoint if it never published."""
+        """After a restore: resume the refresh the run left unpublished (the newest whose
+        teacher checkpoint exists) and abandon the others, each logged and said; then
+        relaunch the refresh due after the restored checkpoint if it never published."""
+        store = open_store(self.config.store) if self.config.refreshes else None
+        left = left_in_flight(store, self.config.run_dir)
+        resumable = [g for g in left if g["teacher_exists"] or g["live"]]
+        resumed = resumable[-1] if resumable else None
+        for gen in left:
+            if gen is resumed or gen["live"]:
+                continue
+            why = "its teacher is gone" if not gen["teacher_exists"] else "a newer one resumes"
+            store.resume_generation(gen["generation"]).abandon()
+            self.log.event({"kind": "refresh_abandoned", **_about(gen), "reason": why})
+        if resumed is not None:
+            self.log.event({"kind": "refresh_resumed", **_about(resumed)})
+            self.refresher.start(Path(resumed["teacher"]), resumed["epochs_done"])
         teacher = checkpoint_path(self.config.run_dir, self.state.epochs_done)
-        if refresh_due(self.config, self.state.epochs_done) and not _published_from(
-            _open_store(self.config.store), teacher
+        if (
+            refresh_due(self.config, self.state.epochs_done)
+            and not _published_from(open_store(self.config.store), teacher)
+            and (resumed is None or Path(resumed["teacher"]) != teacher)
         ):
             self.refresher.start(teacher, self.state.epochs_done)
 
     def close(self) -> None:
+        if self.maps is not None:
+            self.maps.close()  # the reader lease: gc may collect the generation from now on
         self.log.close()
 
 
@@ -487,6 +547,7 @@ def train_loop_per_worker(args: dict) -> None:
     import ray.train.torch  # lazily, as everywhere: Ray's environment is set before its import
 
     worker = None
+    process_heartbeat("train")  # a line while this rank waits on storage
     try:
         device = ray.train.torch.get_device()
         world = (dist.get_rank(), dist.get_world_size())
