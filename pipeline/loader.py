@@ -481,6 +481,11 @@ class SalientLoader:
                 pin_memory=self.device.type == "cuda",
                 prefetch_factor=4,
                 persistent_workers=True,
+                # its workers' base seed from its own generator, not torch's global one: the
+                # trainer's draws (AutoMAE's noise) must not depend on when the workers start
+                generator=torch.Generator().manual_seed(
+                    mix_seed(self.config.seed, self.config.rank)
+                ),
             )
         return iter(self._workers)
 

@@ -1,4 +1,5 @@
-"""``salient bench``'s dispatch and the quality bench's pieces that need no training run.
+"""``salient bench``'s dispatch, the quality bench's pieces that need no training run, and the
+AutoMAE bench at ``--quick`` size.
 
 The quality bench itself trains two MAE runs on Ray Train (minutes even with ``--quick``), so
 its result is recorded in BENCHMARKS.md, not run here.
@@ -39,3 +40,24 @@ def test_run_bench_refuses_options_a_bench_does_not_take():
     assert BENCHES["quality"] is bench_quality
     with pytest.raises(SalientError, match="salient bench masking takes no --epochs, --n"):
         run_bench("masking", quick=True, epochs=3, n=10)
+
+
+def test_automae_bench_measures_fidelity_and_saving_quick(ray_session):
+    """The whole bench at --quick size: a label teacher, a heads refresh on Ray, fidelity rows
+    and step rates of both map sources (figures at full size: BENCHMARKS.md)."""
+    result = run_bench("automae", quick=True, device="cpu")
+    assert result["bench"] == "automae" and result["heads"] == 2  # mae-micro's label teacher
+    crops, whole = result["fidelity"]["crops"], result["fidelity"]["whole"]
+    for row in (crops, whole):
+        assert row["samples"] == 32 and len(row["per_head"]) == 2
+        assert -1 <= row["mean"] <= 1 and -1 <= row["uncropped_mean"] <= 1
+    # the heads cropped with each image follow the teacher on that crop better than the
+    # whole-image heads do; with the whole image as the crop both nearly match it
+    assert crops["mean"] > crops["uncropped_mean"]
+    assert whole["mean"] > crops["mean"] and whole["uncropped_mean"] > 0.9
+    for source in ("synthetic", "loader"):
+        saving = result["saving"][source]
+        assert saving["store_img_s"] > 0 and saving["online_img_s"] > 0
+        assert saving["store_vs_online"] == pytest.approx(
+            saving["store_img_s"] / saving["online_img_s"], rel=0.01
+        )

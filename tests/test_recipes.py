@@ -3,7 +3,7 @@
 The paper table below is written from the sources, not from ``jobs/train/recipes.py``. The tiny runs
 shrink every recipe (micro model, 64 px images of 8 px patches, 8 images per worker, one
 epoch, no refresh, two batches accumulated per step; iBOT: 2 local crops of 16 px, a 64-d
-head) and run all of them through the real worker
+head; AutoMAE: a store of 3-head maps) and run all of them through the real worker
 loop (``salient.jobs.train.worker.train_loop_per_worker``: loaders, DDP over gloo on 2 Ray Train workers,
 checkpoints, JSONL logs) inside ONE ``TorchTrainer.fit`` (each fit costs ~20 s here): the
 test's runner is shipped to the workers by value (``register_pickle_by_value``), and the
@@ -172,6 +172,26 @@ PAPERS = {
         "saliency_kind": ("gpa", "GPA eq. 4-5"),
         "refresh_every": (0, "GPA: a frozen pretrained MAE teacher"),
     },
+    "automae": {
+        "family": ("automae", "AutoMAE: a learned mask generator on an MAE"),
+        "model": ("mae-base", "AutoMAE run_pretrain.sh --model mae_vit_base_patch16"),
+        "mask_ratio": (0.75, "AutoMAE run_pretrain.sh --mask_ratio 0.75"),
+        "throw_ratio": (0.0, "AutoMAE models_mae.py: keeps or masks, throws nothing"),
+        "epochs": (800, "AutoMAE run_pretrain.sh --epochs 800"),
+        "lr_warmup_epochs": (40, "AutoMAE run_pretrain.sh --warmup_epochs 40"),
+        "blr": (1.5e-4, "AutoMAE run_pretrain.sh --blr 1.5e-4"),
+        "effective_batch": (4096, "AutoMAE run_pretrain.sh: 64 x 8 GPUs x --accum_iter 8"),
+        "weight_decay": (0.05, "AutoMAE run_pretrain.sh --weight_decay 0.05"),
+        "betas": ((0.9, 0.95), "AutoMAE main_pretrain.py AdamW betas"),
+        "norm_pix_loss": (True, "AutoMAE run_pretrain.sh --norm_pix_loss"),
+        "crop_scale": ((0.2, 1.0), "AutoMAE main_pretrain.py RandomResizedCrop scale"),
+        "interpolation": ("bicubic", "AutoMAE main_pretrain.py InterpolationMode.BICUBIC"),
+        "mask_factor": (0.5, "AutoMAE main_pretrain.py --mask_factor 0.5"),
+        "loss_g_factor": (0.2, "AutoMAE main_pretrain.py --loss_g_factor 0.2"),
+        "saliency_kind": ("heads", "AutoMAE engine_pretrain.py: every head's CLS row"),
+        "refresh_every": (0, "AutoMAE: a frozen pretrained MAE teacher (MAE-800)"),
+        "seed": (0, "AutoMAE main_pretrain.py --seed 0"),
+    },
 }
 
 
@@ -225,6 +245,7 @@ def test_flags_override_a_recipe_and_the_config_shows_resolved_values():
 
 
 STORE_GRID, SOURCE = 12, 96  # the demo set's 96 px scenes
+TEACHER_HEADS = 3  # the heads store's (mae-micro has 2): AutoMAE's generator takes the maps'
 
 
 def blob_maps(n: int) -> np.ndarray:
@@ -240,25 +261,38 @@ def make_store(path: Path, data: Path, kind: str) -> str:
     store = SaliencyStore.create(str(path), dataset, grid=STORE_GRID)
     teacher = {"path": "blobs", "sha256": "0" * 64, "name": "blobs", "epoch": 0, "kind": kind}
     teacher.update(image_size=SOURCE, patch_size=8, block=-1, head=None, reduce="minmax_mean")
-    writer = store.begin_generation(teacher, kind, image_size=SOURCE, patch_size=8)
+    heads = TEACHER_HEADS if kind == "heads" else None
+    writer = store.begin_generation(teacher, kind, image_size=SOURCE, patch_size=8, heads=heads)
     maps = blob_maps(dataset.num_samples)
     for shard in dataset.shards:
         rows = slice(shard.first_id, shard.stop_id)
-        writer.write_shard(shard.index, maps[rows].astype(np.float16), np.ones(shard.count, "u1"))
+        head_maps = None
+        if heads:  # softmax-like rows, one blob per head at its own sharpness
+            blobs = maps[rows, None] ** np.arange(1, heads + 1)[None, :, None, None]
+            head_maps = (blobs / blobs.sum((2, 3), keepdims=True)).astype(np.float16)
+        valid = np.ones(shard.count, "u1")
+        writer.write_shard(shard.index, maps[rows].astype(np.float16), valid, head_maps)
     writer.publish()
     return writer.name
 
 
+def store_kind(recipe: dict) -> str:
+    """The kind of maps a recipe's tiny run reads."""
+    if recipe.get("family") == "automae":
+        return "heads"
+    return "gpa" if recipe.get("gpa_loss_weight") else "cls_attn"
+
+
 def tiny(name: str, data: Path, root: Path, stores: dict):
     recipe = resolve_recipe(name)
-    kind = "gpa" if recipe.get("gpa_loss_weight") else "cls_attn"
     reads_store = recipe["strategy"] not in ("random", "block")
     needs_store = reads_store and recipe.get("saliency_source") != "online"
+    needs_store = needs_store or recipe.get("family") == "automae"  # its per-head maps
     ibot = {"local_crops": 2, "local_size": 16, "out_dim": 64} if "local_crops" in recipe else {}
     return recipe_config(
         name,
         data=str(data),
-        store=str(stores[kind]) if needs_store else None,
+        store=str(stores[store_kind(recipe)]) if needs_store else None,
         run_dir=str(root / name),
         model=recipe["model"].replace("-base", "-micro").replace("-small", "-micro"),
         image_size=64,
@@ -293,14 +327,15 @@ def tiny_runs(ray_session, demo_data, tmp_path_factory) -> dict:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from salient.jobs.train.config import resolved
-    from salient.jobs.train.driver import _check_inputs
+    from salient.jobs.train.driver import _check_inputs, _with_map_heads
 
     root = tmp_path_factory.mktemp("recipes")
-    stores = {kind: root / f"{kind}.zarr" for kind in ("cls_attn", "gpa")}
+    stores = {kind: root / f"{kind}.zarr" for kind in ("cls_attn", "gpa", "heads")}
     generations = {kind: make_store(path, demo_data, kind) for kind, path in stores.items()}
     configs = {name: resolved(tiny(name, demo_data, root, stores)) for name in RECIPES}
-    for config in configs.values():
+    for name, config in configs.items():
         assert _check_inputs(config)[0] is None  # the driver's checks pass: a fresh run
+        configs[name] = _with_map_heads(config)  # AutoMAE's heads, read as run_train does
     runs = [{"config": c, "resume_from": None, "launch_refresh": None} for c in configs.values()]
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     TorchTrainer(
@@ -326,8 +361,8 @@ def test_each_recipe_trains_one_tiny_epoch(tiny_runs, name):
     assert epoch["strategy"] == config.strategy and math.isfinite(epoch["loss"])
     assert (epoch["mask_ratio"], epoch["throw_ratio"]) == (config.mask_ratio, config.throw_ratio)
     assert epoch["maps"] == config.maps_from  # AttMask on iBOT: "online", its teacher's in the step
-    if config.needs_saliency:  # the recipe's own masking, from the store's maps
-        kind = "gpa" if config.gpa_loss_weight else "cls_attn"
+    if config.reads_store:  # the recipe's own masking (AutoMAE's maps), from the store's maps
+        kind = store_kind(resolve_recipe(name))
         assert epoch["generation"] == tiny_runs["generations"][kind]
         assert epoch["saliency_share"] == 1.0
     for rank in (0, 1):
@@ -339,6 +374,11 @@ def test_each_recipe_trains_one_tiny_epoch(tiny_runs, name):
     assert ckpt["scheduler"]["base_lr"] == pytest.approx(config.blr * 2 * 8 * 2 / 256)
     assert ckpt["decoder_kwargs"].get("gpa_head", False) == (config.gpa_loss_weight > 0)
     assert (config.unit == 2) == (name in ("simmim", "amt-simmim"))
+    if config.framework == "automae":  # its generator on the store's 3 heads, D's optimiser
+        assert ckpt["decoder_kwargs"]["generator_heads"] == TEACHER_HEADS
+        assert ckpt["hooks"]["optimizer_d"]["state"]
+        for key in ("loss_rec", "loss_g", "loss_d_real", "loss_d_fake"):
+            assert math.isfinite(epoch[key])
     assert (ckpt["decoder_kwargs"].get("kind") == "ibot") == name.startswith(
         ("ibot", "attmask-ibot")
     )

@@ -10,19 +10,25 @@ which checkpoints survive pruning (never the teacher of a refresh in flight).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import math
+import re
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from salient.jobs.refresh.driver import prepare_refresh, worker_spec
+from salient.errors import SalientError
+from salient.jobs.refresh.driver import RefreshConfig, prepare_refresh, worker_spec
 from salient.jobs.refresh.worker import RefreshWorker
-from salient.jobs.train.config import TrainConfig
-from salient.jobs.train.driver import with_box_figures
-from salient.jobs.train.worker import _Worker, refresh_due
+from salient.jobs.train.config import TrainConfig, resolved
+from salient.jobs.train.driver import _with_map_heads, with_box_figures
+from salient.jobs.train.worker import _Worker, draw_seed, refresh_due
 from salient.store import SaliencyStore
+from salient.trainer.checkpoint import save_checkpoint
+from salient.trainer.loop import TrainError
+from salient.trainer.models import build_model
 
 
 @dataclass
@@ -36,6 +42,18 @@ class _Done:
         return self.summary
 
 
+def refresh_here(refresh: RefreshConfig) -> str:
+    """Run ``refresh`` in this process, shard by shard, with the refresh job's own pieces
+    (prepare, the actor's class, publish); returns the published generation."""
+    prepared = prepare_refresh(refresh)
+    spec = worker_spec(refresh, prepared.teacher, prepared.spec, prepared.writer.name)
+    actor = RefreshWorker(prepared.teacher.model, spec)
+    for shard in prepared.dataset.shards:
+        actor.compute_shard(shard.index, prepared.dataset.source(shard))
+    prepared.writer.publish()
+    return prepared.writer.name
+
+
 class InProcessRefresh:
     """A refresh launcher that runs the run's refresh here, shard by shard, without Ray."""
 
@@ -47,14 +65,9 @@ class InProcessRefresh:
 
     def __call__(self, teacher: str, group) -> _Done:
         refresh = self.config.refresh_config(teacher)
-        prepared = prepare_refresh(refresh)
-        spec = worker_spec(refresh, prepared.teacher, prepared.spec, prepared.writer.name)
-        actor = RefreshWorker(prepared.teacher.model, spec)
-        for shard in prepared.dataset.shards:
-            actor.compute_shard(shard.index, prepared.dataset.source(shard))
-        prepared.writer.publish()
+        generation = refresh_here(refresh)
         self.teachers.append(Path(teacher).name)
-        summary = {"store": refresh.store, "generation": prepared.writer.name, "kind": "cls_attn"}
+        summary = {"store": refresh.store, "generation": generation, "kind": "cls_attn"}
         return _Done(with_box_figures(refresh, summary))  # as the refresh's Ray task does
 
 
@@ -252,3 +265,170 @@ def test_the_console_shows_epochs_from_one_rate_and_eta_and_events_above_its_bar
     shown = drawn.getvalue()
     assert "salient train: epoch 1/3 done · img/s 19.5" in shown
     assert "5/12 steps" in shown and "epoch 2/3 · step 1/4" in shown, shown
+
+
+# ---------------------------------------------------------------- AutoMAE on one rank
+
+SIZE, PATCH = 32, 4  # an 8 x 8 grid for the micro student and the tiny teacher
+STEP_KEYS = ("loss", "loss_rec", "loss_g", "loss_d_real", "loss_d_fake", "checksum")
+
+
+@pytest.fixture(scope="module")
+def heads_teacher(demo_data, tmp_path_factory) -> dict:
+    """A frozen teacher (an MAE-Tiny checkpoint: 3 heads, where mae-micro has 2), its heads
+    generation made by the refresh job's own pieces, and a store of one map per image."""
+    root = tmp_path_factory.mktemp("automae")
+    torch.manual_seed(1)
+    teacher = build_model("mae-tiny", SIZE, PATCH)
+    config = {"model": "mae-tiny", "image_size": SIZE, "patch_size": PATCH}
+    path = str(save_checkpoint(root / "teacher.pt", teacher, None, None, 0, 0, None, config))
+    stores = {}
+    for kind in ("heads", "cls_attn"):
+        stores[kind] = str(root / f"{kind}.zarr")
+        refresh = RefreshConfig(
+            data=str(demo_data), store=stores[kind], teacher=path, kind=kind, image_size=SIZE
+        )
+        stores[f"{kind}_generation"] = refresh_here(refresh)
+    return {"teacher": path, **stores}
+
+
+def automae_config(data, run_dir, **overrides) -> TrainConfig:
+    fields = dict(
+        data=str(data),
+        run_dir=str(run_dir),
+        model="mae-micro",
+        family="automae",
+        strategy="random",
+        epochs=2,
+        warmup_epochs=0,  # no lr warmup (it defaults to the masking warmup's 40 epochs)
+        refresh_every=0,
+        batch_size=16,
+        accum_iter=2,  # 6 batches per epoch: 3 steps
+        image_size=SIZE,
+        patch_size=PATCH,
+        lr=1e-3,
+        loader_workers=1,  # its DataLoader starts with the first epoch a process trains
+        log_details=True,
+    )
+    return TrainConfig(**{**fields, **overrides})
+
+
+def run_worker(config: TrainConfig) -> list[dict]:
+    """One rank's run of ``config`` (a restart when its run dir holds a checkpoint)."""
+    Path(config.run_dir).mkdir(parents=True, exist_ok=True)
+    Path(config.run_dir, "metrics.jsonl").touch()
+    reports = []
+    args = {"config": config, "launch_refresh": None, "progress": False, "run_id": "t"}
+    worker = _Worker(args, 0, 1, torch.device("cpu"), reports.append)
+    try:
+        worker.run()
+    finally:
+        worker.close()
+    return reports
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+def test_one_rank_automae_resumes_to_the_steps_of_an_uninterrupted_run(
+    demo_data, heads_teacher, tmp_path, process_group
+):
+    straight = _with_map_heads(
+        automae_config(demo_data, tmp_path / "a", store=heads_teacher["heads"])
+    )
+    assert straight.generator_heads == 3  # the teacher's heads, read from the generation
+    run_worker(straight)
+    stopped = replace(straight, run_dir=str(tmp_path / "b"))
+    run_worker(replace(stopped, stop_after_epochs=1))  # as if killed after epoch 1's checkpoint
+    run_worker(stopped)  # the restart restores the latest checkpoint by itself
+
+    runs = [read_jsonl(Path(c.run_dir) / "metrics" / "rank-0.jsonl") for c in (straight, stopped)]
+    assert [r["step"] for r in runs[0]] == [r["step"] for r in runs[1]] == list(range(1, 7))
+    for key in ("lr", "ids", "generation"):
+        assert [r[key] for r in runs[1]] == [r[key] for r in runs[0]]
+    for key in STEP_KEYS:  # the discriminator, its Adam and the rank's draws came back too
+        assert [r[key] for r in runs[1]] == pytest.approx([r[key] for r in runs[0]], rel=1e-6)
+
+    epochs = [
+        r for r in read_jsonl(Path(straight.run_dir) / "metrics.jsonl") if r["kind"] == "epoch"
+    ]
+    for epoch in epochs:  # the family's scalars as image-weighted means of its steps
+        steps = [r for r in runs[0] if r["epoch"] == epoch["epoch"]]
+        images = sum(r["images"] for r in steps)
+        for key in ("loss_rec", "loss_g", "loss_d_real", "loss_d_fake"):
+            mean = sum(r[key] * r["images"] for r in steps) / images
+            assert epoch[key] == pytest.approx(mean, rel=1e-9)
+        assert epoch["generation"] == heads_teacher["heads_generation"]
+        assert epoch["saliency_share"] == 1.0
+    ckpt = torch.load(Path(straight.run_dir) / "checkpoint-00002.pt", weights_only=True)
+    assert {int(s["step"]) for s in ckpt["hooks"]["optimizer_d"]["state"].values()} == {6}
+    assert any(k.startswith("discriminator.") for k in ckpt["model"])
+    assert ckpt["model"]["generator.net.0.weight"].shape[1] == 3
+    assert len({draw_seed(0, rank, epoch) for rank in (0, 1) for epoch in (0, 1)}) == 4
+
+
+def test_one_rank_automae_with_the_online_teacher(
+    demo_data, heads_teacher, tmp_path, process_group
+):
+    config = _with_map_heads(
+        automae_config(
+            demo_data,
+            tmp_path / "run",
+            epochs=1,
+            map_source="online",
+            map_teacher=heads_teacher["teacher"],
+        )
+    )
+    assert config.generator_heads == 3 and not config.reads_store
+    loader = config.loader_config()
+    assert loader.store is None and loader.head_maps is None  # the teacher runs in the step
+    [report] = run_worker(config)
+    assert report["maps"] == "online" and report["generation"] is None
+    assert report["saliency_share"] is None  # the loader read no map (as iBOT's online source)
+    assert all(math.isfinite(report[k]) for k in ("loss_rec", "loss_g", "loss_d_fake"))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "words"),
+    [
+        ({"strategy": "amt"}, "use --strategy random"),
+        ({"store": None}, "--map-source store reads AutoMAE's per-head maps from --store"),
+        ({"map_source": "online"}, "--map-source online needs --map-teacher"),
+        ({"map_teacher": "t.pt"}, "--map-teacher is the online source's teacher"),
+        ({"model": "simmim-micro"}, "use an mae-* --model"),
+        ({"throw_ratio": 0.1}, "throws none"),
+        ({"mask_ratio": 0.99}, "keeps 0 of 64 patches"),
+        ({"family": None, "saliency_kind": "heads"}, "only AutoMAE reads (--family automae)"),
+        ({"family": None, "map_source": "online"}, "--map-source set an AutoMAE run"),
+        ({"map_source": "fresh"}, "--map-source must be one of"),
+    ],
+)
+def test_automae_settings_are_checked_in_one_line(demo_data, tmp_path, overrides, words):
+    with pytest.raises(TrainError, match=re.escape(words)) as error:
+        automae_config(demo_data, tmp_path, **{"store": "s.zarr", **overrides})
+    assert "\n" not in str(error.value)
+
+
+def test_the_online_teachers_files_resolve_for_workers_elsewhere(demo_data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = automae_config(demo_data, "run", map_source="online", map_teacher="t/teacher.pt")
+    assert resolved(config).map_teacher == str(tmp_path / "t" / "teacher.pt")
+    timm = replace(config, map_teacher="timm:vit_tiny_patch16_224", map_teacher_weights="w.pth")
+    assert resolved(timm).map_teacher == "timm:vit_tiny_patch16_224"
+    assert resolved(timm).map_teacher_weights == str(tmp_path / "w.pth")
+
+
+def test_the_driver_reads_automaes_heads_before_any_work(demo_data, heads_teacher, tmp_path):
+    def check(words: str, **overrides) -> None:
+        config = automae_config(demo_data, tmp_path, **overrides)
+        with pytest.raises(SalientError, match=re.escape(words)):
+            _with_map_heads(config)
+
+    check("does not exist; run `salient refresh --kind heads", store=str(tmp_path / "no.zarr"))
+    check("holds one cls_attn map per image", store=heads_teacher["cls_attn"])
+    check("--generator-heads 5 but AutoMAE's maps hold 3 heads", store=heads_teacher["heads"],
+          generator_heads=5)  # fmt: skip
+    check("gives 8x8 maps at --image-size 32, the model's grid is 4x4", patch_size=8,
+          map_source="online", map_teacher=heads_teacher["teacher"])  # fmt: skip
+    check("does not exist", map_source="online", map_teacher=str(tmp_path / "none.pt"))

@@ -61,6 +61,7 @@ __all__ = [
     "MaskGenerator",
     "automae_forward",
     "automae_loader_fields",
+    "automae_settings",
     "build_automae",
     "carry_gradient",
     "generator_heads",
@@ -69,6 +70,7 @@ __all__ = [
     "pseudo_masks",
     "pseudo_rectangles",
     "straight_through_topk",
+    "teacher_input",
 ]
 
 MAP_SOURCES = ("store", "online")
@@ -419,6 +421,25 @@ def _head_maps(batch: dict) -> torch.Tensor:
     return batch["head_maps"]
 
 
+def automae_settings(run: Any) -> dict:
+    """:func:`build_automae`'s keywords from a run's settings (a ``TrainConfig``, or a
+    checkpoint's config as attributes: ``Family.settings``). The teacher of the online source
+    is ``map_teacher`` / ``map_teacher_weights``; ``generator_heads`` unset: the encoder's."""
+    return {
+        "name": run.model,
+        "image_size": run.image_size,
+        "patch_size": run.patch_size,
+        "norm_pix_loss": getattr(run, "norm_pix_loss", False),
+        "mask_ratio": getattr(run, "mask_ratio", MASK_RATIO),
+        "mask_factor": getattr(run, "mask_factor", MASK_FACTOR),
+        "loss_g_factor": getattr(run, "loss_g_factor", LOSS_G_FACTOR),
+        "heads": getattr(run, "generator_heads", None),
+        "map_source": getattr(run, "map_source", "store"),
+        "teacher": getattr(run, "map_teacher", None),
+        "teacher_weights": getattr(run, "map_teacher_weights", None),
+    }
+
+
 def automae_loader_fields(settings: Mapping[str, Any]) -> dict:
     """What an AutoMAE's batches need of the loader: the per-head maps of a ``heads``
     generation with the store source (``{"head_maps": H}``), nothing with the online one.
@@ -489,7 +510,7 @@ class AutoMAEHooks(StepHooks):
         """The teacher's per-head CLS attention of the augmented images ``[B, H, g, g]``
         (``engine_pretrain.py``: ``scorer.get_last_selfattention(samples)[:, :, 0, 1:]``):
         raw softmax rows of its last block, on the loader's normalised images."""
-        maps = saliency(self.teacher.model, _renormalised(images, self.teacher), kind="heads")
+        maps = saliency(self.teacher.model, teacher_input(images, self.teacher), kind="heads")
         return maps.clone()  # out of inference mode: the generator saves it for backward
 
     def before_step(self, optimizer: torch.optim.Optimizer, progress: Progress) -> None:
@@ -532,7 +553,7 @@ class AutoMAEHooks(StepHooks):
         self.optimizer_d.load_state_dict(state["optimizer_d"])
 
 
-def _renormalised(images: torch.Tensor, teacher: Teacher) -> torch.Tensor:
+def teacher_input(images: torch.Tensor, teacher: Teacher) -> torch.Tensor:
     """The loader's images (ImageNet mean / std, as timm's defaults) in the teacher's own
     normalisation, when it has another."""
     ours = (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)

@@ -40,6 +40,7 @@ from salient.trainer.automae import (
     AutoMAEHooks,
     automae_forward,
     automae_loader_fields,
+    automae_settings,
     build_automae,
 )
 from salient.trainer.ibot import IBOT_MODELS, build_ibot
@@ -146,6 +147,7 @@ FAMILIES: dict[str, Family] = {
         forward=automae_forward,
         hooks=AutoMAEHooks,
         loader_fields=automae_loader_fields,
+        settings=automae_settings,
     ),
 }
 

@@ -158,9 +158,9 @@ def train_one_epoch(
     ``generation``, and the family's own scalars) after the optimiser step, with the step's
     ``ids`` / ``has_saliency`` / ``generation`` as ``batch``. Returns this process's epoch
     totals: ``epoch``, ``steps``, ``step`` (the global count after the epoch), ``images``,
-    ``loss_sum`` (per-batch losses × batch size), ``with_saliency``, ``seconds``,
-    ``generation`` (of the last batch); dropped batches (after the last full step) are not
-    counted.
+    ``loss_sum`` (per-batch losses × batch size), ``scalar_sums`` (the family's scalars, each
+    × its step's images), ``with_saliency``, ``seconds``, ``generation`` (of the last batch);
+    dropped batches (after the last full step) are not counted.
 
     Raises:
         TrainError: a loss that is not finite (lower the learning rate, check the data).
@@ -172,6 +172,7 @@ def train_one_epoch(
         "steps": 0,
         "images": 0,
         "loss_sum": 0.0,
+        "scalar_sums": {},
         "with_saliency": 0,
         "generation": None,
     }
@@ -255,3 +256,6 @@ def _accumulate(totals: dict, record: dict, group: list[tuple[dict, float, dict]
     totals["loss_sum"] += sum(len(batch["ids"]) * loss for batch, loss, _ in group)
     totals["with_saliency"] += record["with_saliency"]
     totals["generation"] = record["generation"]
+    sums = totals["scalar_sums"]
+    for key in group[0][2]:  # the family's scalars: epoch means weighted like the loss
+        sums[key] = sums.get(key, 0.0) + record[key] * record["images"]

@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass, field, fields
 
 from salient.errors import SalientError
+from salient.jobs.bench.automae import bench_automae
 from salient.jobs.bench.gpu import bench_gpu
 from salient.jobs.bench.ibot import bench_ibot
 from salient.jobs.bench.loader import bench_loader
@@ -34,6 +35,7 @@ BENCHES = {
     "ibot": bench_ibot,
     "gpu": bench_gpu,
     "quality": bench_quality,
+    "automae": bench_automae,
 }
 
 
@@ -63,6 +65,9 @@ class BenchConfig:
     """quality: add a third arm, AMT on the fixed maps of a ViT trained on the demo labels."""
     keep: str | None = None
     """quality: keep the runs, stores and features in this directory (default: removed)."""
+    teacher: str | None = None
+    """automae: the frozen teacher, a checkpoint or timm:NAME (random weights); default: a ViT
+    trained here on the demo labels."""
 
     def __post_init__(self):
         if self.what not in BENCHES:

@@ -7,7 +7,9 @@ Two views of a published generation of the saliency store:
   Figure 3), the same images side by side in every published generation (AMT Figure 2; the
   first and the newest ones, at most :data:`MAX_HISTORY`), the statistics per class on
   labelled datasets, with ``--compare`` a diff of two generations, with ``--run-dir`` the
-  run's loss curve and k-NN probe accuracies over epochs, and ``index.html`` (relative links,
+  run's loss curve and k-NN probe accuracies over epochs, with ``--generator`` an AutoMAE
+  checkpoint's mask probability and sampled masks on a heads generation and their box
+  statistics (:mod:`salient.jobs.inspect.generator`), and ``index.html`` (relative links,
   no script; written last, so an ``index.html`` on disk always points at finished files).
 - :func:`print_sample` renders one sample's map as a text heat map with its statistics.
 
@@ -36,6 +38,7 @@ import numpy as np
 from salient import urls
 from salient.jobs.inspect import report
 from salient.jobs.inspect.data import InspectError, demo_hw, read_samples, shard_boxes
+from salient.jobs.inspect.generator import GeneratorTally, generator_view, load_generator
 from salient.jobs.inspect.stats import (
     ClassTally,
     DiffTally,
@@ -112,6 +115,10 @@ class InspectConfig:
     run_dir: str | None = None
     """A training run directory (salient train --run-dir): its loss curve and k-NN probe
     accuracies over epochs, from metrics.jsonl, join the report."""
+    generator: str | None = None
+    """An AutoMAE run's checkpoint: its generator's mask probability on the inspected heads
+    generation, beside the stored maps and the object box on each panel, and its box lift in
+    stats.json."""
 
     def __post_init__(self):
         if not self.store or not (self.data or self.verify):
@@ -232,9 +239,12 @@ def _teacher(store, name: str) -> dict:
 # ---------------------------------------------------------------- the job
 
 
-def _scan_store(readers: list, dataset, grid: int) -> tuple[list[dict], dict | None, dict | None]:
+def _scan_store(
+    readers: list, dataset, grid: int, generator: GeneratorTally | None = None
+) -> tuple[list[dict], dict | None, dict | None]:
     """Statistics of each bound generation, their diff when two, and the first one's
-    statistics per class on a labelled dataset: one shard at a time."""
+    statistics per class on a labelled dataset (and its AutoMAE ``generator``'s, when given):
+    one shard at a time."""
 
     image_hw, classes = demo_hw(dataset), dataset.manifest.classes
     tallies, diff, per_class = [GenerationTally() for _ in readers], DiffTally(), ClassTally()
@@ -244,6 +254,9 @@ def _scan_store(readers: list, dataset, grid: int) -> tuple[list[dict], dict | N
             rows = [tuple(map(np.asarray, reader.read_shard(shard.index))) for reader in readers]
             for tally, (maps, valid) in zip(tallies, rows):
                 tally.add(maps, valid, boxes, image_hw)
+            if generator is not None:
+                heads = np.asarray(readers[0].read_head_maps(shard.first_id, shard.stop_id))
+                generator.add(heads, rows[0][1], shard.first_id, boxes, image_hw)
             if classes:
                 labels = read_labels(dataset.source(shard))
                 per_class.add(*rows[0], boxes, image_hw, labels)
@@ -382,6 +395,33 @@ def _render_panels(
     return panels
 
 
+def _check_generator(model, reader, name: str, path: str) -> None:
+    """The inspected generation holds the per-head maps ``model``'s generator takes."""
+    if reader.heads != model.generator.heads:
+        raise InspectError(
+            f"--generator {path} takes {model.generator.heads} per-head maps but generation "
+            f"{name} holds kind {reader.attrs.get('kind')} (heads={reader.heads}); inspect a "
+            "generation of its teacher made by `salient refresh --kind heads` (--generation)"
+        )
+
+
+def _render_generator_panels(
+    config: InspectConfig, out: Path, reader, model, samples: dict, panels: list[dict], classes
+) -> None:
+    """AutoMAE's panel of each sample with usable maps (``generator`` in its index entry)."""
+    by_id = {panel["id"]: panel for panel in panels}
+    for sample_id, sample in samples.items():
+        heads = np.asarray(reader.read_head_maps(sample_id, sample_id + 1))
+        _, valid = reader.read_ids([sample_id])
+        if not usable(heads, valid)[0]:
+            continue
+        prob, state = generator_view(model, heads, config.seed, [sample_id])
+        label = _label_name(sample.label, classes)
+        by_id[sample_id]["generator"] = report.render_generator(
+            out, sample, heads[0].astype(np.float64), prob[0], state[0], label
+        )
+
+
 def _label_name(label: int | None, classes: list[str] | None) -> str | None:
     if label is None:
         return None
@@ -417,9 +457,13 @@ def run_inspect(config: InspectConfig) -> dict:
             )
     ids = _select_ids(config, dataset)
     training = _training(config.run_dir) if config.run_dir else None
-    out = _prepare_out(config.out)
     readers = [store.bind(name) for name in names]
-    stats, diff, per_class = _scan_store(readers, dataset, store.grid)
+    model = load_generator(config.generator) if config.generator else None
+    if model is not None:
+        _check_generator(model, readers[0], names[0], config.generator)
+    out = _prepare_out(config.out)
+    tally = None if model is None else GeneratorTally(model, config.seed)
+    stats, diff, per_class = _scan_store(readers, dataset, store.grid, tally)
     stats = [{**s, **d} for s, d in zip(stats, _damage(readers, dataset))]
     samples = read_samples(dataset, ids)
     history = _history(store)
@@ -434,6 +478,12 @@ def run_inspect(config: InspectConfig) -> dict:
         dict(zip(history, history_maps)),
         dataset.manifest.classes,
     )
+    generator = None
+    if model is not None:
+        _render_generator_panels(
+            config, out, readers[0], model, samples, panels, dataset.manifest.classes
+        )
+        generator = {"checkpoint": config.generator, "grid": model.grid, "stats": tally.summary()}
     body = {
         "store": str(config.store),
         "dataset": str(dataset.root),
@@ -446,6 +496,7 @@ def run_inspect(config: InspectConfig) -> dict:
         "per_class": per_class,
         "history": history if len(history) > 1 else [],
         "training": training,
+        "generator": generator,
         "ids": ids,
         "config": asdict(config),
         "mass": "min-max normalised maps as distributions (see salient.jobs.inspect.stats)",
@@ -465,6 +516,7 @@ def run_inspect(config: InspectConfig) -> dict:
         "history": body["history"],
         "per_class": per_class,
         "training": None if training is None else training["epochs"],
+        "generator": None if generator is None else generator["stats"],
         "stats": {
             n: {k: v for k, v in s.items() if k != "histogram"} for n, s in zip(names, stats)
         },

@@ -25,6 +25,7 @@ from salient.trainer.provenance import describe_teacher
 __all__ = [
     "PLAN_COLOURS",
     "render_compare",
+    "render_generator",
     "render_histogram",
     "render_sample",
     "render_training",
@@ -57,9 +58,14 @@ def _save(fig, path: Path) -> None:
 
 
 def _draw_image(ax, image, box=None) -> None:
+    ax.imshow(np.asarray(image))
+    _draw_box(ax, box)
+
+
+def _draw_box(ax, box) -> None:
+    """The object box, dashed white (nothing when None)."""
     from matplotlib.patches import Rectangle
 
-    ax.imshow(np.asarray(image))
     if box is not None:
         x0, y0, x1, y1 = box
         ax.add_patch(
@@ -165,6 +171,41 @@ def render_compare(out: Path, sample, generations: list[str], raws: list, label:
         ax.set_title(name, fontsize=9)
     fig.subplots_adjust(left=0.01, right=0.97, top=0.9, bottom=0.02, wspace=0.12)
     rel = f"panels/{sample.sample_id:09d}-compare.png"
+    _save(fig, out / rel)
+    return rel
+
+
+def render_generator(
+    out: Path,
+    sample,
+    head_maps: np.ndarray,
+    prob: np.ndarray,
+    state: np.ndarray,
+    label: str | None,
+    shown_heads: int = 3,
+) -> str:
+    """``panels/<id>-generator.png``: the image, its stored maps (the heads' mean and the
+    first ``shown_heads`` heads), the AutoMAE generator's mask probability and one sampled
+    mask, the object box dashed on each (``salient.jobs.inspect.generator``).
+
+    ``head_maps [H, G, G]`` raw, ``prob [g, g]``, ``state [g, g]`` (1 masked, 0 visible)."""
+    heads = min(shown_heads, len(head_maps))
+    fig, axes = _figure(4 + heads, legend=True)
+    _draw_image(axes[0], sample.image, sample.box)
+    axes[0].set_title(f"id {sample.sample_id}" + (f" · {label}" if label else ""), fontsize=9)
+    maps = [("stored: head mean", head_maps.mean(0))]
+    maps += [(f"stored: head {h}", head_maps[h]) for h in range(heads)]
+    maps.append(("generator: mask prob.", prob))
+    for ax, (title, raw) in zip(axes[1:], maps):
+        _draw_heat(ax, sample.image, raw)
+        _draw_box(ax, sample.box)
+        ax.set_title(title, fontsize=9)
+    _draw_plan(axes[-1], sample.image, state)
+    _draw_box(axes[-1], sample.box)
+    axes[-1].set_title("sampled AutoMAE mask", fontsize=9)
+    _plan_legend(fig, state)
+    fig.subplots_adjust(left=0.01, right=0.99, top=0.9, bottom=0.1, wspace=0.12)
+    rel = f"panels/{sample.sample_id:09d}-generator.png"
     _save(fig, out / rel)
     return rel
 
@@ -318,6 +359,33 @@ def _training_table(training: dict) -> str:
     return f"<table>{head}{''.join(rows)}</table>"
 
 
+def _generator_section(generator: dict, inspected: dict, panels: list[dict]) -> list[str]:
+    """AutoMAE's generator beside the stored maps: box figures and the generator panels."""
+    ours, teacher = generator.get("stats") or {}, inspected["stats"].get("box") or {}
+    rows = [
+        ("box: mass inside", "mass_mean", "{:.4f}"),
+        ("box: area share", "area_mean", "{:.4f}"),
+        ("box: lift (mass / area)", "lift_mean", "{:.3f}"),
+        ("box: images with mass > area", "hit_share", "{:.3f}"),
+    ]
+    body = "".join(
+        f"<tr><td>{html.escape(label)}</td><td>{_cell(ours, (key,), fmt)}</td>"
+        f"<td>{_cell(teacher, (key,), fmt)}</td></tr>"
+        for label, key, fmt in rows
+    )
+    masked = _cell(ours, ("masked_box_share_mean",), "{:.3f}")
+    return [
+        f"<h2>AutoMAE generator · <code>{html.escape(generator['checkpoint'])}</code></h2>",
+        "<table><tr><th>statistic</th><th>generator's mask probability</th>"
+        f"<th>stored maps (min-max)</th></tr>{body}</table>",
+        f"<p>Share of the object box a sampled AutoMAE mask covers: {masked} (random masking: "
+        f"{_cell(ours, ('mask_ratio',), '{:.2f}')} on average). Panels: stored maps, the "
+        "generator's mask probability (no Gumbel noise) and one sampled mask, on the whole "
+        "image.</p>",
+        _figures([p for p in panels if p.get("generator")], "generator"),
+    ]
+
+
 def _figures(panels: list[dict], key: str) -> str:
     items = []
     for panel in panels:
@@ -371,6 +439,8 @@ def write_index(out: Path, body: dict, panels: list[dict]) -> Path:
         "untouched (AMT Figure 3). Plans are drawn on the whole image at the teacher grid.</p>",
         _figures(panels, "png"),
     ]
+    if body.get("generator"):
+        parts += _generator_section(body["generator"], body["generations"][names[0]], panels)
     if body.get("history"):
         shown = ", ".join(body["history"])
         parts += [

@@ -24,8 +24,9 @@ distribution:
   finite. ``valid_share`` is the share of rows with ``valid == 1``.
 - ``--compare``: over the rows usable in both generations, ``mean_abs_change`` = mean over
   images of the mean over cells of ``|p_a - p_b|``; ``spearman`` = mean over images of the
-  Spearman rank correlation of the two maps' G² cells (average ranks for ties; images where
-  either map is constant have no rank correlation and are counted in ``constant``).
+  Spearman rank correlation of the two maps' G² cells (``salient.pipeline.map_stats.spearman``:
+  average ranks for ties; images where either map is constant have no rank correlation and
+  are counted in ``constant``).
 
 Also here: one seeded mask plan on the whole image for a panel. No disk, store or Ray access;
 :mod:`salient.jobs.inspect.data` reads the shards; :mod:`salient.jobs.inspect.driver` feeds them in.
@@ -39,6 +40,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from salient.pipeline.crops import normalize_weights
+from salient.pipeline.map_stats import spearman
 from salient.pipeline.masking import NEEDS_SALIENCY, plan_masks
 
 __all__ = [
@@ -54,7 +56,6 @@ __all__ = [
     "normalize_maps",
     "sample_generator",
     "sample_stats",
-    "spearman",
     "top_mass",
     "usable",
 ]
@@ -112,23 +113,6 @@ def box_coverage(boxes: np.ndarray, image_hw: tuple[int, int], grid: int) -> np.
     cover_x = _axis_overlap(boxes[:, 0], boxes[:, 2], width, grid)  # [B, G] over columns u
     cover_y = _axis_overlap(boxes[:, 1], boxes[:, 3], height, grid)  # [B, G] over rows v
     return cover_y[:, :, None] * cover_x[:, None, :]
-
-
-def _average_ranks(x: np.ndarray) -> np.ndarray:
-    """Ranks 1..N of each row of ``x [B, N]``; ties get the mean of the ranks they span."""
-    from scipy.stats import rankdata
-
-    return rankdata(x, method="average", axis=1)
-
-
-def spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Spearman rank correlation of each row pair of ``a, b [B, N]`` -> ``[B]``; NaN where a
-    row is constant (no ranking to correlate)."""
-    ra, rb = _average_ranks(a), _average_ranks(b)
-    ra -= ra.mean(axis=1, keepdims=True)
-    rb -= rb.mean(axis=1, keepdims=True)
-    denom = np.sqrt((ra**2).sum(axis=1) * (rb**2).sum(axis=1))
-    return np.divide((ra * rb).sum(axis=1), denom, out=np.full(len(a), np.nan), where=denom > 0)
 
 
 def usable(maps: np.ndarray, valid: np.ndarray) -> np.ndarray:

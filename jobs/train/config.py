@@ -25,10 +25,11 @@ from salient.pipeline.masking import (
 )
 from salient.pipeline.views import MultiCrop
 from salient.settings import check_fields, flag_of, ranged
+from salient.trainer.automae import LOSS_G_FACTOR, MAP_SOURCES, MASK_FACTOR
 from salient.trainer.family import FAMILIES, MODEL_FAMILIES, family_of
 from salient.trainer.ibot import IBOT_SOURCES, IBOTSettings
 from salient.trainer.loop import TrainError, WarmupCosine
-from salient.trainer.teacher import MAP_KINDS, REDUCES
+from salient.trainer.teacher import KINDS, REDUCES
 
 __all__ = ["LR_SUM_FLOOR", "TrainConfig", "resolved"]
 
@@ -149,6 +150,26 @@ class TrainConfig:
     gpa_loss_weight: float = field(default=0.0, metadata=ranged(ge=0))
     """Weight of GPA's second loss: the MAE decoder also predicts each masked patch's GPA
     value, read from a gpa generation (GPA eq. 7-8: weight 1); 0: off."""
+    # AutoMAE (--family automae, trainer/automae.py): its learned masks and where their maps
+    # come from; README, "Decisions", "AutoMAE's maps from the store"
+    mask_factor: float = field(default=MASK_FACTOR, metadata=ranged(ge=0))
+    """AutoMAE: how far the generator's top positions raise MAE's masking noise
+    (main_pretrain.py --mask_factor 0.5)."""
+    loss_g_factor: float = field(default=LOSS_G_FACTOR, metadata=ranged(ge=0))
+    """AutoMAE: weight of the generator's adversarial loss beside the reconstruction
+    (main_pretrain.py --loss_g_factor 0.2)."""
+    map_source: str = field(default="store", metadata={"choices": lambda: MAP_SOURCES})
+    """AutoMAE: the generator's per-head maps from --store (store: a heads generation made once
+    by `salient refresh --kind heads`, cropped with each image) or from --map-teacher on every
+    batch (online: the paper's way, engine_pretrain.py)."""
+    map_teacher: str | None = None
+    """AutoMAE with --map-source online: the frozen teacher, a checkpoint or timm:NAME with
+    --map-teacher-weights (main_pretrain.py --pretrained_weight: a pretrained MAE-B)."""
+    map_teacher_weights: str | None = None
+    """Local weights file of a timm:NAME --map-teacher (nothing is downloaded)."""
+    generator_heads: int | None = field(default=None, metadata=ranged(ge=1))
+    """AutoMAE: the generator's input channels, the teacher's heads (models_mae.py ScorerBlock:
+    12, MAE-B's); unset: read from the maps when the run starts and kept in config.json."""
     # iBOT (--model ibot-*; AttMask). Defaults: AttMask's README ViT-S/16 commands, which
     # are iBOT's README command at 100 epochs (trainer/ibot.py IBOTSettings cites each one).
     saliency_source: str | None = field(default=None, metadata={"choices": lambda: IBOT_SOURCES})
@@ -206,8 +227,9 @@ class TrainConfig:
     cpus_per_worker: float | None = field(default=None, metadata=ranged(gt=0))
     """Ray CPUs per train worker; unset = the most (up to 1) that fits beside the refresh on
     the nodes."""
-    saliency_kind: str = field(default="cls_attn", metadata={"choices": lambda: MAP_KINDS})
-    """Map kind the refreshes write (cls_attn: AMT, AttMask; gpa: GPA)."""
+    saliency_kind: str = field(default="cls_attn", metadata={"choices": lambda: KINDS})
+    """Map kind the refreshes write (cls_attn: AMT, AttMask; gpa: GPA; heads: AutoMAE's
+    per-head maps)."""
     saliency_reduce: str | None = field(default=None, metadata={"choices": lambda: REDUCES})
     """How refreshes reduce a map's heads: mean (AMT eq. 4) or minmax_mean (each head
     min-max normalised, then averaged: AMT's code); unset: the kind's default."""
@@ -247,6 +269,7 @@ class TrainConfig:
         _check_model(self)
         _check_ratios(self)
         _check_strategy(self)
+        _check_automae(self)
         _check_training(self)
         _check_resources(self)
         _check_ibot(self)
@@ -269,8 +292,10 @@ class TrainConfig:
 
     @property
     def maps_from(self) -> str | None:
-        """Where the masks' maps come from: ``"online"`` (iBOT's teacher, in the step),
-        ``"store"``, or None (the strategy reads no map)."""
+        """Where the masks' maps come from: ``"online"`` (iBOT's or AutoMAE's teacher, in the
+        step), ``"store"``, or None (the strategy reads no map)."""
+        if self.framework == "automae":  # its generator's per-head maps
+            return self.map_source
         if self.strategy not in NEEDS_SALIENCY:
             return None
         return "store" if self.needs_saliency else "online"
@@ -282,6 +307,19 @@ class TrainConfig:
         except iBOT, which masks on its own schedule from the first step (while no map
         exists the loader plans its views at random with iBOT's ratio and ``mask_prob``)."""
         return self.needs_saliency and self.framework != "ibot"
+
+    @property
+    def family_loader_fields(self) -> dict:
+        """The ``LoaderConfig`` fields the family's batches need (``Family.loader_fields``:
+        AutoMAE's per-head maps with the store source), or ``{}``."""
+        family = FAMILIES[self.framework]
+        return family.loader_fields(family.settings(self))
+
+    @property
+    def reads_store(self) -> bool:
+        """Whether the loader binds the store's generations: a strategy that reads maps, or a
+        family whose batches carry the store's per-head maps."""
+        return self.needs_saliency or bool(self.family_loader_fields.get("head_maps"))
 
     @property
     def refreshes(self) -> bool:
@@ -386,7 +424,7 @@ class TrainConfig:
         family = FAMILIES[self.framework]
         main = LoaderConfig(
             data=self.data,
-            store=self.store if self.needs_saliency else None,
+            store=self.store if self.reads_store else None,
             image_size=self.image_size,
             patch_size=self.patch_size,
             batch_size=self.batch_size,
@@ -545,6 +583,56 @@ def _check_options(c: TrainConfig) -> None:
         raise TrainError(f"--strategy-option: {exc}") from None
 
 
+def _check_automae(c: TrainConfig) -> None:
+    """AutoMAE's settings together (README, "Decisions"); its own fields only with it."""
+    if c.framework == "automae":
+        problems = _automae_problems(c)
+        if problems:
+            raise TrainError(problems[0])
+        return
+    if c.saliency_kind == "heads":
+        raise TrainError(
+            "--saliency-kind heads stores per-head maps, which only AutoMAE reads "
+            "(--family automae); mask strategies read cls_attn or gpa"
+        )
+    given = [f for f in ("map_teacher", "generator_heads") if getattr(c, f) is not None]
+    given += ["map_source"] if c.map_source != "store" else []
+    if given:
+        raise TrainError(
+            f"{', '.join(flag_of(TrainConfig, f) for f in given)} set an AutoMAE run; "
+            "add --family automae (with an mae-* --model) or drop them"
+        )
+
+
+def _automae_problems(c: TrainConfig) -> list[str]:
+    """One line per setting AutoMAE cannot take."""
+    n = (c.image_size // c.patch_size) ** 2
+    keep = int(n * (1 - c.mask_ratio))  # models_mae.py random_masking: len_keep
+    checks = [
+        (MODEL_FAMILIES[c.model] != "mae", "--family automae trains an MAE (its decoder "
+         "reconstructs the masked patches); use an mae-* --model"),
+        (c.strategy != "random", f"--family automae masks with its learned generator, not "
+         f"--strategy {c.strategy}; use --strategy random (the loader's plan goes unused)"),
+        (c.throw_ratio or c.mask_unit or c.gpa_loss_weight, "AutoMAE masks single patches and "
+         "throws none (models_mae.py random_masking); drop --throw-ratio, --mask-unit and "
+         "--gpa-loss-weight"),
+        (not 0 < keep < n, f"--mask-ratio {c.mask_ratio} keeps {keep} of {n} patches; "
+         "AutoMAE needs some kept and some masked (its code: 0.75)"),
+        (c.map_source == "store" and not c.store, "--map-source store reads AutoMAE's per-head "
+         "maps from --store URL (made by `salient refresh --kind heads`); give it, or use "
+         "--map-source online --map-teacher …"),
+        (c.map_source == "online" and not c.map_teacher, "--map-source online needs "
+         "--map-teacher (a checkpoint, or timm:NAME with --map-teacher-weights): the frozen "
+         "teacher run on every batch"),
+        (c.map_source == "store" and c.map_teacher, "--map-teacher is the online source's "
+         "teacher; add --map-source online, or drop it (the store's maps come from "
+         "`salient refresh --kind heads --teacher …`)"),
+        (c.map_teacher_weights and not c.map_teacher, "--map-teacher-weights needs "
+         "--map-teacher timm:NAME"),
+    ]  # fmt: skip
+    return [message for bad, message in checks if bad]
+
+
 def _check_training(c: TrainConfig) -> None:
     lo, hi = c.crop_scale
     if not 0 < lo <= hi <= 1:
@@ -673,4 +761,14 @@ def resolved(config: TrainConfig) -> TrainConfig:
         store=None if config.store is None else urls.normalise(config.store),
         run_dir=str(Path(config.run_dir).expanduser().resolve()),
         val=None if config.val is None else urls.normalise(config.val),
+        map_teacher=_local_file(config.map_teacher),
+        map_teacher_weights=_local_file(config.map_teacher_weights),
     )
+
+
+def _local_file(path: str | None) -> str | None:
+    """A local file's absolute path (AutoMAE's online teacher, read by every worker);
+    ``timm:NAME`` and None as given."""
+    if path is None or path.startswith("timm:"):
+        return path
+    return str(Path(path).expanduser().resolve())

@@ -41,7 +41,7 @@ import os
 import shlex
 import threading
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +72,7 @@ from salient.pipeline.manifest import open_dataset
 from salient.store import SaliencyStore, store_exists
 from salient.trainer.checkpoint import latest_checkpoint, load_checkpoint
 from salient.trainer.loop import TrainError
+from salient.trainer.teacher_load import load_teacher
 
 __all__ = [
     "PendingRefresh",
@@ -144,6 +145,61 @@ def _check_store(config: TrainConfig, dataset) -> None:
                 f"{current} of {config.store} holds {kind} maps; refresh it with "
                 "--kind gpa or use another --store"
             )
+
+
+def _with_map_heads(config: TrainConfig) -> TrainConfig:
+    """An AutoMAE run with its generator's input channels read from its maps, before any work:
+    the store's current generation must hold per-head maps (``store``), the teacher must load
+    on the model's grid (``online``). Other runs are returned as they are."""
+    if config.framework != "automae":
+        return config
+    heads = _teacher_heads(config) if config.map_source == "online" else _store_heads(config)
+    if config.generator_heads not in (None, heads):
+        raise TrainError(
+            f"--generator-heads {config.generator_heads} but AutoMAE's maps hold {heads} heads "
+            "(from the teacher's last block); drop --generator-heads"
+        )
+    return replace(config, generator_heads=heads)
+
+
+def _store_heads(config: TrainConfig) -> int:
+    """Heads of the store's current generation (AutoMAE's store source)."""
+    run_refresh_first = (
+        f"run `salient refresh --kind heads --store {config.store} --teacher …` first, or use "
+        "--map-source online --map-teacher …"
+    )
+    if not store_exists(config.store):
+        raise TrainError(
+            f"AutoMAE's maps: store {config.store} does not exist; {run_refresh_first}"
+        )
+    store = SaliencyStore.open(config.store, dataset=open_dataset(config.data))
+    current = store.current()
+    if current is None:
+        raise TrainError(
+            f"AutoMAE's maps: store {config.store} has no published generation; {run_refresh_first}"
+        )
+    attrs = store.bind(current).attrs
+    if attrs.get("heads") is None:
+        raise TrainError(
+            f"AutoMAE needs per-head maps but the current generation {current} of "
+            f"{config.store} holds one {attrs.get('kind')} map per image; {run_refresh_first}"
+        )
+    return int(attrs["heads"])
+
+
+def _teacher_heads(config: TrainConfig) -> int:
+    """Heads of the online source's teacher, loaded once here so a bad one fails now."""
+    teacher = load_teacher(
+        config.map_teacher, config.map_teacher_weights, image_size=config.image_size
+    )
+    grid = config.image_size // config.patch_size
+    if teacher.grid != grid:
+        raise TrainError(
+            f"--map-teacher {config.map_teacher} gives {teacher.grid}x{teacher.grid} maps at "
+            f"--image-size {config.image_size}, the model's grid is {grid}x{grid}; use a "
+            f"--patch-size of {teacher.patch_size} or another teacher"
+        )
+    return teacher.model.blocks[-1].attn.num_heads
 
 
 def _check_batches(config: TrainConfig, dataset) -> None:
@@ -412,11 +468,13 @@ def _summary(config: TrainConfig, resume_from: str | None, seconds: float, run_i
     return {
         "run_dir": str(Path(config.run_dir).resolve()),
         "model": config.model,
+        "family": config.framework,
         "strategy": config.strategy,
         "workers": config.workers,
         "epochs_done": last.get("epochs_done", 0),
         "steps": last.get("step", 0),
         "loss": last.get("loss"),
+        **{k: v for k, v in last.items() if k.startswith("loss_")},  # the family's losses
         "img_per_s": last.get("img_per_s"),
         "generation": last.get("generation"),
         "refreshes": [r["generation"] for r in records if r["kind"] == "refresh"],
@@ -456,6 +514,7 @@ def run_train(config: TrainConfig, progress: bool | None = None) -> dict:
     start = time.perf_counter()
     config = resolved(config)
     resume_from, steps = _check_inputs(config)
+    config = _with_map_heads(config)
     for note in config.schedule_warnings(steps // config.accum_steps):
         warnings.warn(note, stacklevel=2)
     ensure_ray(config.address)

@@ -30,6 +30,9 @@ its share of the run; give a smaller ``--effective-batch`` than one pass of the 
   store instead, refreshed from the teacher every ``--refresh-every`` epochs.
 - ``gpa-mae`` — GPA (Sec. 4, Table 1 "as teacher" + "as feature"): soft-to-hard masking of
   75 % from a frozen pretrained MAE's GPA maps, and GPA's reconstruction target (weight 1).
+- ``automae`` — AutoMAE (its code, ``hyperea/automae``: run_pretrain.sh, main_pretrain.py):
+  MAE-B 800 epochs, 75 % masked by a learned generator on a frozen pretrained MAE's per-head
+  maps, held to box-like pseudo-masks by a discriminator.
 
 Importing this module touches no disk, GPU or Ray.
 """
@@ -253,6 +256,33 @@ RECIPES: dict[str, dict] = {
         "strategy": "attmask_hint",  # README: --pred_shape attmask_hint ...
         # ... --show_max 0.1: int(0.1·r·N) of the masked top revealed from the top 10 %
         "strategy_options": {**_IBOT_MASKS, "hint_pool": 0.1},
+    },
+    "automae": {
+        **_MAE,  # run_pretrain.sh: --model mae_vit_base_patch16, --blr 1.5e-4, --weight_decay
+        # 0.05, batch 64 x 8 GPUs x --accum_iter 8 = 4096; main_pretrain.py: AdamW (0.9, 0.95),
+        # RandomResizedCrop(224, scale=(0.2, 1.0), BICUBIC), no clipping
+        "family": "automae",
+        "strategy": "random",  # the generator masks (models_mae.py random_masking); the
+        # loader's plan goes unused
+        "mask_ratio": 0.75,  # run_pretrain.sh: --mask_ratio 0.75
+        "throw_ratio": 0.0,
+        "norm_pix_loss": True,  # run_pretrain.sh: --norm_pix_loss
+        "epochs": 800,  # run_pretrain.sh: --epochs 800
+        "warmup_epochs": 0,  # a frozen pretrained teacher: learned masks from the first step
+        "lr_warmup_epochs": 40,  # run_pretrain.sh: --warmup_epochs 40
+        "mask_factor": 0.5,  # main_pretrain.py: --mask_factor 0.5 (run_pretrain.sh's "bmask0.5x")
+        "loss_g_factor": 0.2,  # main_pretrain.py: --loss_g_factor 0.2 (paper Sec. 3.3)
+        "seed": 0,  # main_pretrain.py: --seed 0 (+ rank for the draws: worker.draw_seed)
+        # The teacher is a frozen MAE-B pretrained for 800 epochs (main_pretrain.py
+        # --pretrained_weight ./mae-base-checkpoint-799.pth; paper Sec. 4 "MAE-800"), a local
+        # file: `salient refresh --kind heads --teacher timm:vit_base_patch16_224 --weights
+        # MAE.pth` once before training stores its maps (map_source store, salient's way); the
+        # paper's way recomputes them on every batch: --map-source online --map-teacher
+        # timm:vit_base_patch16_224 --map-teacher-weights MAE.pth.
+        "map_source": "store",
+        "refresh_every": 0,  # no refresh from the model being trained
+        "saliency_kind": "heads",  # engine_pretrain.py: get_last_selfattention(...)[:, :, 0, 1:]
+        "saliency_block": -1,  # ... of the last block, every head
     },
 }
 

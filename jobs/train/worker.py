@@ -54,6 +54,7 @@ from salient.jobs.train.config import TrainConfig
 from salient.jobs.train.failure import failure_recorded, record_failure, stop_requested
 from salient.jobs.train.maps import MapsBinding, left_in_flight, open_store, unpublished_teachers
 from salient.jobs.train.tensorboard import TensorBoardSink
+from salient.pipeline.epochs import mix_seed
 from salient.pipeline.loader import SalientLoader
 from salient.store import SaliencyStore
 from salient.trainer.checkpoint import (
@@ -68,7 +69,7 @@ from salient.trainer.checkpoint import (
 from salient.trainer.family import FAMILIES
 from salient.trainer.loop import build_optimizer, param_checksum, train_one_epoch
 
-__all__ = ["refresh_due", "train_loop_per_worker", "uses_warmup_masking"]
+__all__ = ["draw_seed", "refresh_due", "train_loop_per_worker", "uses_warmup_masking"]
 
 
 def uses_warmup_masking(config: TrainConfig, epoch: int, generation: str | None) -> bool:
@@ -227,23 +228,41 @@ def _build(config: TrainConfig, device: torch.device, steps_per_epoch: int):
 
 
 def _sum_over_ranks(totals: dict, device: torch.device) -> dict:
-    """Epoch figures over all ranks; the epoch lasts as long as its slowest rank."""
+    """Epoch figures over all ranks; the epoch lasts as long as its slowest rank. The family's
+    scalars (``loss_rec``, ``loss_g``, …) are their means over every rank's images."""
+    names = sorted(totals["scalar_sums"])  # the family's: the same names on every rank
     sums = torch.tensor(
-        [totals["images"], totals["loss_sum"], totals["with_saliency"]],
+        [
+            totals["images"],
+            totals["loss_sum"],
+            totals["with_saliency"],
+            *(totals["scalar_sums"][name] for name in names),
+        ],
         dtype=torch.float64,
         device=device,
     )
     dist.all_reduce(sums)
     seconds = torch.tensor([totals["seconds"]], dtype=torch.float64, device=device)
     dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
-    images, loss_sum, with_saliency = sums.tolist()
+    images, loss_sum, with_saliency, *scalars = sums.tolist()
     return {
         "images": int(images),
         "loss": loss_sum / max(images, 1),
+        **{name: total / max(images, 1) for name, total in zip(names, scalars)},
         "saliency_share": with_saliency / max(images, 1),
         "img_per_s": images / max(seconds.item(), 1e-9),
         "seconds": seconds.item(),
     }
+
+
+def draw_seed(seed: int, rank: int, epoch: int) -> int:
+    """The seed of torch's global generator for ``epoch`` on ``rank``. The draws a family makes
+    inside its step from it (AutoMAE's masking and Gumbel noise and pseudo-masks; iBOT seeds
+    its drop path per batch itself) differ per rank, as the official ``seed + rank`` (AutoMAE
+    main_pretrain.py), and restart with each epoch, so a resumed run draws what an
+    uninterrupted one does; the model was built before, from ``seed`` alone, identical on
+    every rank."""
+    return mix_seed(seed, rank, epoch)
 
 
 def _agree(value: Any, rank: int) -> Any:
@@ -361,6 +380,7 @@ class _Worker:
         loader = self.warmup_loader if warmup else self.loader
         if self.rank == 0 and bound is not None and loader.reads_maps:
             self.maps.tell(bound)  # one line when the maps are another teacher's
+        torch.manual_seed(draw_seed(self.config.seed, self.rank, epoch))
         totals = train_one_epoch(
             self.model,
             self.optimizer,
