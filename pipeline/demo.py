@@ -13,9 +13,10 @@ held-out set has the same classes and never a training scene, whatever ``n`` eac
 Variants (``DEMO_VARIANTS``): ``plain`` keeps each photo's own colours, so colour statistics
 alone nearly name the class (a random-initialised ViT's features already separate them);
 ``colour-random`` recolours the object of every scene at random — its hue rotated, or made
-grey, or grey under a strong tint — so what tells the classes apart is the object's shape and
-texture. Its draws come after every draw of ``plain``, so a scene of either variant has the
-same background, object, box and label; only the object's colours differ.
+grey, or grey under a strong tint, then its tones remapped (a random gamma and black and white
+levels) — so what tells the classes apart is the object's shape and texture. Its draws come
+after every draw of ``plain``, so a scene of either variant has the same background, object,
+box and label; only the object's colours and tones differ.
 """
 
 from __future__ import annotations
@@ -86,16 +87,22 @@ def _jitter(image: Image.Image, rng: np.random.Generator) -> Image.Image:
 
 
 def _recolour(image: Image.Image, rng: np.random.Generator) -> Image.Image:
-    """The object under a random colour change: one of hue rotation (the HSV hue shifted by a
-    uniform share of the circle), grey, or grey under a strong per-scene tint."""
+    """The object under a random change of its colours and tones: one of hue rotation (the
+    HSV hue shifted by a uniform share of the circle), grey, or grey under a strong tint; then
+    its tones remapped by a gamma in [0.5, 2] (log-uniform) and black and white levels drawn
+    from [0, 0.3] and [0.7, 1] — monotonic, so every edge and shape stays where it was."""
     mode, shift, tint = int(rng.integers(3)), int(rng.integers(256)), rng.uniform(0.3, 1.0, 3)
+    gamma = float(np.exp(rng.uniform(-np.log(2), np.log(2))))  # log-uniform in [0.5, 2]
+    black, white = rng.uniform(0.0, 0.3), rng.uniform(0.7, 1.0)
     if mode == 0:
         hue, saturation, value = image.convert("HSV").split()
         hue = hue.point(lambda h: (h + shift) % 256)
-        return Image.merge("HSV", (hue, saturation, value)).convert("RGB")
-    grey = np.asarray(image.convert("L"), dtype=np.float32)[..., None]  # [h, w, 1]
-    rgb = grey * (tint / tint.max() if mode == 2 else np.ones(3))  # the brightest channel kept
-    return Image.fromarray(rgb.clip(0, 255).astype(np.uint8), "RGB")
+        rgb = np.asarray(Image.merge("HSV", (hue, saturation, value)).convert("RGB"), np.float32)
+    else:
+        grey = np.asarray(image.convert("L"), dtype=np.float32)[..., None]  # [h, w, 1]
+        rgb = grey * (tint / tint.max() if mode == 2 else np.ones(3))  # the brightest channel kept
+    tones = black + (white - black) * (rgb / 255) ** gamma
+    return Image.fromarray((tones * 255).clip(0, 255).astype(np.uint8), "RGB")
 
 
 def make_scene(

@@ -194,26 +194,27 @@ def test_demo_val_split_has_the_classes_and_none_of_the_training_scenes(tmp_path
         ingest_demo(tmp_path / "test", n=8, split="test")
 
 
-def _object_chromaticity(scene) -> np.ndarray:
-    """Mean (r, g, b) / (r + g + b) of the pixels inside the object box."""
+def _object_colour(scene) -> np.ndarray:
+    """Mean (r, g, b) / 255 of the pixels inside the object box."""
     x0, y0, x1, y1 = scene.box
-    mean = np.asarray(scene.image, dtype=np.float64)[y0:y1, x0:x1].reshape(-1, 3).mean(0)
-    return mean / mean.sum()
+    return np.asarray(scene.image, dtype=np.float64)[y0:y1, x0:x1].reshape(-1, 3).mean(0) / 255
 
 
 def test_colour_random_variant_recolours_the_object_and_nothing_else(tmp_path):
-    """Every class's object colour spreads across scenes (plain: nearly fixed, one photo per
-    class); the background, box and label of each scene are plain's."""
+    """Every class's object colour spreads across scenes (plain: one photo per class, only a
+    mild jitter); the background, box and label of each scene are plain's."""
     spread = {}
     for variant in DEMO_VARIANTS:
         by_class: dict[int, list] = {}
         for index in range(140):
             scene = make_scene(0, index, 64, variant=variant)
-            by_class.setdefault(scene.label, []).append(_object_chromaticity(scene))
+            by_class.setdefault(scene.label, []).append(_object_colour(scene))
         spread[variant] = {k: np.std(v, axis=0).sum() for k, v in by_class.items()}
     assert set(spread["plain"]) == set(range(len(DEMO_OBJECTS)))
-    for label, plain in spread["plain"].items():
-        assert spread["colour-random"][label] > 2 * plain + 0.05, (label, spread)
+    for label, plain in spread["plain"].items():  # sd over scenes, summed over r, g, b
+        assert spread["colour-random"][label] > 1.8 * plain, (label, spread)
+    mean_spread = {variant: np.mean(list(by.values())) for variant, by in spread.items()}
+    assert mean_spread["colour-random"] > 2.5 * mean_spread["plain"], mean_spread
     changed = 0
     for index in range(30):
         plain, recoloured = (make_scene(0, index, 64, variant=v) for v in DEMO_VARIANTS)

@@ -128,6 +128,9 @@ def _held_out(val: str) -> int:
 # ---------------------------------------------------------------- the label teacher
 
 
+_TEACHER_MEMORY = 8 * 2**30  # bytes of decoded images the label teacher may hold
+
+
 class _Teacher:
     """The label-aware teacher: trained once (``OUT/teacher``), refreshed once per map kind
     the arms ask for (one store each); both kept for the next run of the same command."""
@@ -150,11 +153,23 @@ class _Teacher:
             "seed": c.seed,
         }
 
+    def _check_memory(self) -> None:
+        """The teacher trains on the training set decoded once into memory (float32)."""
+        images = open_dataset(self.data).num_samples
+        size = images * 3 * self.config.image_size**2 * 4
+        if size > _TEACHER_MEMORY:
+            raise CompareError(
+                f"the label teacher holds the decoded training set in memory: {images} images "
+                f"at {self.config.image_size} px are {size / 2**30:.0f} GiB; compare on a "
+                "subset or lower --image-size for -label arms"
+            )
+
     def checkpoint(self) -> str:
         path = self.root / "checkpoint-label.pt"
         record = _read_json(self.root / "teacher.json")
         settings = self._settings()
         if record is None or record["settings"] != _plain(settings) or not path.is_file():
+            self._check_memory()
             _say("training the label-aware teacher on the dataset's labels")
             trained = train_label_teacher(path=path, **settings)
             record = {"settings": settings, **trained}
@@ -218,7 +233,7 @@ class _Run:
     def train_config(self, teacher: _Teacher | None) -> TrainConfig:
         shared = self.compare.shared(self.data, self.seed)
         config = arm_config(self.arm, shared, str(self.root / "run"), str(self.root / "maps.zarr"))
-        if self.arm.teacher == "label":
+        if self.arm.teacher == "label" and teacher is not None:  # None: nothing trains (init)
             config = replace(config, store=teacher.store_for(config))
         elif self.arm.teacher is None:
             config = replace(config, store=None)
@@ -312,6 +327,8 @@ def run_compare(config: CompareConfig) -> dict:
     arms = [parse_arm(name) for name in config.arms]
     labelled = any(a.teacher == "label" for a in arms) and not config.init_only
     teacher = _Teacher(config, data, val, out) if labelled else None
+    if teacher is not None:
+        teacher.checkpoint()  # first: a teacher that cannot train fails before any arm runs
     records: dict[str, list[dict]] = {arm.name: [] for arm in arms}
     inits: list[dict] = []
     total, done = len(arms) * config.seeds, 0
@@ -378,6 +395,8 @@ def summarise_runs(config: CompareConfig, records: dict, inits: list[dict], held
     reference = records[names[0]] if names else []
     arms = {}
     for name, runs in records.items():
+        if not runs:  # --init-only: nothing trained
+            continue
         figures = {key: summarise(_values(runs, path)) for key, path, _ in FIGURES}
         versus = {}
         for key, path, accuracy in FIGURES:
