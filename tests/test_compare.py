@@ -14,6 +14,7 @@ import io
 import json
 import math
 import statistics
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -24,9 +25,11 @@ from scipy import stats
 from salient.jobs.cli import main
 from salient.jobs.compare import CompareConfig, CompareError, render_compare, run_compare
 from salient.jobs.compare.arms import ArmError, arm_config, parse_arm
-from salient.jobs.compare.measure import crop_coverage
+from salient.jobs.compare.measure import crop_coverage, mask_box_shares
 from salient.jobs.compare.noise import ALPHA, difference, equal_time_epoch, summarise
 from salient.pipeline.ingest import ingest_folder
+from salient.pipeline.manifest import open_dataset
+from salient.store import SaliencyStore
 
 # ---------------------------------------------------------------- the noise rule
 
@@ -190,6 +193,53 @@ def test_crop_coverage_matches_sampled_points():
     for i, (box, crop) in enumerate(zip(boxes, crops)):
         np.testing.assert_allclose(got[i], _coverage_by_sampling(box, crop, 8), atol=0.03)
     assert got.max() <= 1 and got.min() >= 0 and 0 < got.mean() < 1
+
+
+def _box_store(data: Path, path: Path, grid: int = 12) -> str:
+    """A store whose one generation holds each scene's box coverage (boxes read from the tars,
+    scenes of 96 px) as its map: a teacher that finds every object exactly."""
+    boxes = {}
+    for tar_path in sorted(data.glob("shard-*.tar")):
+        with tarfile.open(tar_path) as tar:
+            for member in tar:
+                key, _, ext = member.name.partition(".")
+                if ext == "box.json":
+                    box = json.loads(tar.extractfile(member).read())
+                    boxes[int(key)] = [box["x0"], box["y0"], box["x1"], box["y1"]]
+    edges = np.arange(grid + 1) * 96 / grid
+    maps = np.zeros((len(boxes), grid, grid), np.float32)
+    for i, (x0, y0, x1, y1) in boxes.items():
+        cover_x = np.clip(np.minimum(edges[1:], x1) - np.maximum(edges[:-1], x0), 0, None)
+        cover_y = np.clip(np.minimum(edges[1:], y1) - np.maximum(edges[:-1], y0), 0, None)
+        maps[i] = np.outer(cover_y, cover_x)
+    dataset = open_dataset(data)
+    store = SaliencyStore.create(str(path), dataset, grid=grid)
+    teacher = {"path": "boxes", "sha256": "0" * 64, "name": "boxes", "kind": "cls_attn"}
+    writer = store.begin_generation(teacher=teacher, kind="cls_attn", image_size=96, patch_size=8)
+    for shard in dataset.shards:
+        rows = slice(shard.first_id, shard.stop_id)
+        writer.write_shard(shard.index, maps[rows].astype(np.float16), np.ones(shard.count, "u1"))
+    writer.publish()
+    return str(path)
+
+
+def test_masks_land_on_the_objects_through_the_loader(demo_data, tmp_path):
+    """AMT on maps that are the boxes masks the objects; random masks do not; both see the
+    same crops, so the box's share of the crops is the same."""
+    store = _box_store(demo_data, tmp_path / "boxes.zarr")
+    compare = CompareConfig(demo=True, size="micro", image_size=64, batch_size=16, workers=1)
+    shared = compare.shared(str(demo_data), seed=0)
+    amt = arm_config(parse_arm("amt-label"), shared, str(tmp_path / "a"), store)
+    random = arm_config(parse_arm("random"), shared, str(tmp_path / "r"), None)
+    on_boxes, at_random = mask_box_shares(amt, 96), mask_box_shares(random, 96)
+    assert on_boxes["samples"] == at_random["samples"] == 96
+    assert on_boxes["box_area"] == pytest.approx(at_random["box_area"])
+    assert 0.05 < at_random["box_area"] < 0.9
+    assert on_boxes["generation"] == SaliencyStore.open(store).current()
+    assert on_boxes["lift"] > 1.3 and 0.8 < at_random["lift"] < 1.2
+    ratio = on_boxes["masked_in_box"] / on_boxes["box_area"]
+    assert on_boxes["lift"] == pytest.approx(ratio, rel=1e-3)  # each figure rounded to 4 digits
+    assert at_random["thrown_in_box"] is None  # random 75 % throws nothing
 
 
 # ---------------------------------------------------------------- a real comparison
