@@ -151,6 +151,8 @@ def _default_text(field: dataclasses.Field) -> str:
         return f"default: {'on' if value else 'off'}"
     if value in (None, {}, ()):
         return ""
+    if isinstance(value, tuple) and all(isinstance(v, str) for v in value):
+        value = ",".join(value)  # as the flag takes it
     return f"default: {value}"
 
 

@@ -81,18 +81,16 @@ def _curves(out: Path, records: dict, colours: dict, chance: float) -> str:
 
 
 def _lifts(out: Path, records: dict, colours: dict) -> str | None:
-    from matplotlib.ticker import MaxNLocator
-
     fig = new_figure(9.0, 3.2)
     maps_ax, masks_ax = fig.subplots(1, 2)
-    drawn = False
+    drawn, most = False, 0
     for name, runs in records.items():
         per_run = [list((r.get("generations") or {}).values()) for r in runs]
         count = min((len(g) for g in per_run), default=0)
         groups = [[g[i]["lift"] for g in per_run if g[i]["lift"] is not None] for i in range(count)]
         if groups and all(groups):
             _band(maps_ax, list(range(1, count + 1)), groups, name, colours[name])
-            drawn = True
+            drawn, most = True, max(most, count)
     names = [
         n for n, runs in records.items() if any((r.get("masks") or {}).get("lift") for r in runs)
     ]
@@ -107,7 +105,8 @@ def _lifts(out: Path, records: dict, colours: dict) -> str | None:
     for ax in (maps_ax, masks_ax):
         ax.axhline(1.0, ls=":", color="grey", lw=1)
     maps_ax.set_xlabel("generation (oldest first)")
-    maps_ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    maps_ax.set_xticks(range(1, most + 1))
+    maps_ax.set_xlim(0.5, most + 0.5)
     maps_ax.set_ylabel("box lift of the maps")
     if maps_ax.lines:
         maps_ax.legend(fontsize=7, frameon=False)
