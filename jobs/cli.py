@@ -118,6 +118,16 @@ COMMANDS: dict[str, Command] = {
         "why, and remove the old ones: the current and the --keep newest published stay, older "
         "ones go once replaced --grace-s ago, unpublished ones once their driver has been gone "
         "that long. --dry-run removes nothing."),
+    "compare": Command(
+        "compare", "CompareConfig", "run_compare",
+        "masking strategies compared on one dataset, seeds and error bars",
+        "Train every arm (a recipe or strategy name; -self: maps from its own checkpoints, "
+        "-label: the fixed maps of a teacher trained on the dataset's labels) on the same "
+        "data with the same seeds, epochs and lr schedule; probe each (k-NN curve, k-NN and "
+        "linear), measure its maps and masks, and write mean ± sd tables, whether each "
+        "difference exceeds its noise, compare.json and an HTML report. --demo composes the "
+        "demo set. The same command again continues.",
+        render="compare:render_compare"),
     "bench": Command(
         "bench", "BenchConfig", "run_bench_job",
         "throughput benchmarks, as JSON",

@@ -6,9 +6,9 @@ Conventions (a field is a flag without writing one):
   docstring, the string literal right after it (parsed from the source with ``ast``).
 - Types: ``str``, ``int``, ``float``; ``bool`` is ``--gpu`` / ``--no-gpu``; ``X | None`` takes
   an X (``None`` is the default, or ``null`` in a config file); ``tuple[float, float]`` takes
-  two values; ``tuple[int, ...]`` a comma-separated list; ``dict`` is ``--strategy-option
-  KEY=VALUE``, repeatable, with VALUE read as JSON when it parses (``0.5``, ``[0, 0.5]``,
-  ``true``) and as a string otherwise.
+  two values; ``tuple[int, ...]`` and ``tuple[str, ...]`` a comma-separated list; ``dict`` is
+  ``--strategy-option KEY=VALUE``, repeatable, with VALUE read as JSON when it parses
+  (``0.5``, ``[0, 0.5]``, ``true``) and as a string otherwise.
 - ``field(metadata=...)``: ``"choices"`` (a zero-argument callable returning the allowed names,
   called when the parser is built, so registries stay the single source), ``"positional"``,
   ``"hidden"`` (a testing aid: a flag without help), ``"flag"`` (another flag spelling).
@@ -115,6 +115,10 @@ def _int_list(text: str) -> tuple[int, ...]:
         ) from None
 
 
+def _name_list(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
 def _argument(field: dataclasses.Field, hint: Any) -> dict:
     """argparse keywords for one field (type, nargs, action)."""
     base = _unwrap_optional(hint)
@@ -123,6 +127,8 @@ def _argument(field: dataclasses.Field, hint: Any) -> dict:
         return {"action": argparse.BooleanOptionalAction}
     if base is dict or origin is dict:
         return {"action": "append", "type": _key_value, "metavar": "KEY=VALUE"}
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis and args[0] is str:
+        return {"type": _name_list, "metavar": "NAME,NAME,..."}
     if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
         return {"type": _int_list, "metavar": "N,N,..."}
     if origin is tuple:
@@ -146,6 +152,8 @@ def _default_text(field: dataclasses.Field) -> str:
         return f"default: {'on' if value else 'off'}"
     if value in (None, {}, ()):
         return ""
+    if isinstance(value, tuple) and all(isinstance(v, str) for v in value):
+        value = ",".join(value)  # as the flag takes it
     return f"default: {value}"
 
 

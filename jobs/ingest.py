@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from salient.jobs.runtime.interrupt import Interrupted
 from salient.jobs.runtime.progress import progress_bar
-from salient.pipeline.demo import DEMO_SPLITS
+from salient.pipeline.demo import DEMO_SPLITS, DEMO_VARIANTS
 from salient.pipeline.ingest import IngestError, ingest_demo, ingest_folder
 from salient.settings import check_fields, ranged
 
@@ -38,6 +38,10 @@ class IngestConfig:
     split: str = field(default="train", metadata={"choices": lambda: DEMO_SPLITS})
     """Demo: train, or val for held-out scenes (the same classes, scenes that never occur in
     the train split) to probe an encoder on."""
+    variant: str = field(default="plain", metadata={"choices": lambda: DEMO_VARIANTS})
+    """Demo: plain (each object keeps its photo's colours, which nearly name the class), or
+    colour-random (each scene's object recoloured at random: hue rotated, grey, or tinted, so
+    the classes differ in shape and texture, not colour)."""
     classes_from: str | None = None
     """Folder ingest: a dataset (e.g. the training split) whose class list and indices the
     labels keep, so this one can be its held-out set; its class folders must match."""
@@ -61,6 +65,8 @@ class IngestConfig:
             raise IngestError("ingest needs SRC and OUT (or --demo OUT)")
         if self.classes_from is not None and self.demo:
             raise IngestError("--classes-from is for folder ingests; --demo splits share classes")
+        if self.variant != "plain" and not self.demo:
+            raise IngestError("--variant is for --demo; a folder's images are ingested as read")
         if self.split != "train" and not self.demo:
             raise IngestError("--split is for --demo; a folder's split is the folder you give")
         if self.shard_size is None:
@@ -100,6 +106,7 @@ def _ingest(config: IngestConfig):
                 image_size=config.image_size,
                 progress=bar,
                 split=config.split,
+                variant=config.variant,
             )
     else:
         with progress_bar(None, "images") as bar:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from salient import urls
 from salient.errors import SalientError
-from salient.pipeline.demo import DEMO_OBJECTS, DEMO_SPLITS, make_scene
+from salient.pipeline.demo import DEMO_OBJECTS, DEMO_SPLITS, DEMO_VARIANTS, make_scene
 from salient.pipeline.manifest import (
     MANIFEST_NAME,
     MAX_SHARD_SIZE,
@@ -346,10 +346,16 @@ def ingest_folder(
 
 
 def _demo_samples(
-    n: int, seed: int, image_size: int, quality: int, split: str, progress: Callable[[int], None]
+    n: int,
+    seed: int,
+    image_size: int,
+    quality: int,
+    split: str,
+    variant: str,
+    progress: Callable[[int], None],
 ) -> Iterator[Sample]:
     for index in range(n):
-        scene = make_scene(seed, index, image_size, split)
+        scene = make_scene(seed, index, image_size, split, variant)
         buffer = io.BytesIO()
         scene.image.save(buffer, format="JPEG", quality=quality)
         box = dict(zip(("x0", "y0", "x1", "y1"), scene.box))
@@ -367,27 +373,36 @@ def ingest_demo(
     quality: int = 90,
     progress: Callable[[int], None] | None = None,
     split: str = "train",
+    variant: str = "plain",
 ) -> Manifest:
     """Write the bundled demo dataset (no network): ``n`` scenes, deterministic for ``seed``.
 
     ``split="val"`` writes held-out scenes: the same classes, drawn from another random
     stream, so none of them is a scene of the ``train`` split (``pipeline.demo``).
+    ``variant="colour-random"`` recolours every scene's object at random (``pipeline.demo``);
+    the manifest's ``demo`` records a variant other than ``plain``.
 
     Raises:
-        IngestError: OUT unusable, n < 1, image_size < 32, bad shard size, unknown split.
+        IngestError: OUT unusable, n < 1, image_size < 32, bad shard size, unknown split or
+        variant.
     """
 
     _check_shard_size(shard_size)
     if split not in DEMO_SPLITS:
         raise IngestError(f"--split must be one of {', '.join(DEMO_SPLITS)} (got {split!r})")
+    if variant not in DEMO_VARIANTS:
+        raise IngestError(f"--variant must be one of {', '.join(DEMO_VARIANTS)} (got {variant!r})")
     if n < 1:
         raise IngestError(f"--n must be at least 1 (got {n})")
     if image_size < 32:
         raise IngestError(f"demo image size must be at least 32 px (got {image_size})")
     out = urls.normalise(out)
     _prepare_out(out, overwrite)
-    samples = _demo_samples(n, seed, image_size, quality, split, progress or (lambda k: None))
+    count = progress or (lambda k: None)
+    samples = _demo_samples(n, seed, image_size, quality, split, variant, count)
     demo = {"seed": seed, "image_size": image_size, "quality": quality, "split": split}
+    if variant != "plain":  # plain's manifests stay as they were before variants existed
+        demo["variant"] = variant
     with _whole_or_nothing(out) as shards:
         _write_shards(out, samples, shard_size, shards)
         return _finish(

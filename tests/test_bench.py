@@ -1,9 +1,6 @@
-"""``salient bench``'s dispatch, the quality bench's pieces that need no training run, and the
-AutoMAE bench at ``--quick`` size.
-
-The quality bench itself trains two MAE runs on Ray Train (minutes even with ``--quick``), so
-its result is recorded in BENCHMARKS.md, not run here.
-"""
+"""``salient bench``'s dispatch and the AutoMAE bench at ``--quick`` size. The quality bench is
+``salient compare`` on the demo preset: its pieces are tested in tests/test_compare.py, its
+result is recorded in BENCHMARKS.md."""
 
 from __future__ import annotations
 
@@ -11,29 +8,7 @@ import pytest
 
 from salient.errors import SalientError
 from salient.jobs.bench.driver import BENCHES, run_bench
-from salient.jobs.bench.quality import _setup, bench_quality, equal_time_epoch
-
-
-def test_equal_time_epoch_counts_the_epochs_ended_within_the_budget():
-    ends = [10.0, 20.0, 31.0, 40.0]
-    assert equal_time_epoch(ends, 30.0) == (2, False)
-    assert equal_time_epoch(ends, 31.0) == (3, False)
-    assert equal_time_epoch(ends, 45.0) == (4, True)  # faster than the budget: all of them
-    assert equal_time_epoch(ends, 5.0) == (1, False)  # none yet: the first checkpoint
-
-
-def test_quality_setup_scales_with_its_options():
-    default = _setup("cpu", False, None, None, None)
-    assert (default.model, default.n, default.val_n, default.image_size) == (
-        "mae-tiny",
-        2000,
-        500,
-        64,
-    )
-    assert default.warmup < default.epochs
-    scaled = _setup("cpu", False, 20, 4000, 96)
-    assert (scaled.epochs, scaled.n, scaled.val_n, scaled.image_size) == (20, 4000, 1000, 96)
-    assert _setup("cpu", False, 1, None, None).warmup == 0  # one epoch: no warmup left
+from salient.jobs.bench.quality import bench_quality
 
 
 def test_run_bench_refuses_options_a_bench_does_not_take():

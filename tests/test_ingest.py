@@ -11,7 +11,7 @@ import webdataset as wds
 from PIL import Image
 
 from salient.jobs.cli import main
-from salient.pipeline.demo import DEMO_OBJECTS, make_scene
+from salient.pipeline.demo import DEMO_OBJECTS, DEMO_VARIANTS, make_scene
 from salient.pipeline.ingest import IngestError, ingest_demo, ingest_folder
 from salient.pipeline.manifest import DatasetError, open_dataset, sample_key
 
@@ -192,6 +192,48 @@ def test_demo_val_split_has_the_classes_and_none_of_the_training_scenes(tmp_path
     assert manifest.demo["split"] == "val" and manifest.classes == list(DEMO_OBJECTS)
     with pytest.raises(IngestError, match="--split must be one of train, val"):
         ingest_demo(tmp_path / "test", n=8, split="test")
+
+
+def _object_colour(scene) -> np.ndarray:
+    """Mean (r, g, b) / 255 of the pixels inside the object box."""
+    x0, y0, x1, y1 = scene.box
+    return np.asarray(scene.image, dtype=np.float64)[y0:y1, x0:x1].reshape(-1, 3).mean(0) / 255
+
+
+def test_colour_random_variant_recolours_the_object_and_nothing_else(tmp_path):
+    """Every class's object colour spreads across scenes (plain: one photo per class, only a
+    mild jitter); the background, box and label of each scene are plain's."""
+    spread = {}
+    for variant in DEMO_VARIANTS:
+        by_class: dict[int, list] = {}
+        for index in range(140):
+            scene = make_scene(0, index, 64, variant=variant)
+            by_class.setdefault(scene.label, []).append(_object_colour(scene))
+        spread[variant] = {k: np.std(v, axis=0).sum() for k, v in by_class.items()}
+    assert set(spread["plain"]) == set(range(len(DEMO_OBJECTS)))
+    for label, plain in spread["plain"].items():  # sd over scenes, summed over r, g, b
+        assert spread["colour-random"][label] > 1.8 * plain, (label, spread)
+    mean_spread = {variant: np.mean(list(by.values())) for variant, by in spread.items()}
+    assert mean_spread["colour-random"] > 2.5 * mean_spread["plain"], mean_spread
+    changed = 0
+    for index in range(30):
+        plain, recoloured = (make_scene(0, index, 64, variant=v) for v in DEMO_VARIANTS)
+        assert (plain.box, plain.label) == (recoloured.box, recoloured.label)
+        a, b = np.asarray(plain.image), np.asarray(recoloured.image)
+        x0, y0, x1, y1 = plain.box
+        outside = np.ones(a.shape[:2], bool)
+        outside[y0:y1, x0:x1] = False
+        assert np.array_equal(a[outside], b[outside])
+        changed += not np.array_equal(a[~outside], b[~outside])
+    assert changed >= 20  # a grey object (the clock) made grey again stays as it was
+    manifest = ingest_demo(
+        tmp_path / "c", n=8, shard_size=4, image_size=48, variant="colour-random"
+    )
+    assert manifest.demo["variant"] == "colour-random"
+    assert "variant" not in ingest_demo(tmp_path / "p", n=8, shard_size=4, image_size=48).demo
+    with pytest.raises(IngestError, match="--variant must be one of plain, colour-random"):
+        ingest_demo(tmp_path / "x", n=8, variant="sepia")
+    assert main(["ingest", str(tmp_path), str(tmp_path / "y"), "--variant", "colour-random"]) == 2
 
 
 def _class_tree(root, names, per_class: int = 1):

@@ -4,7 +4,7 @@ AutoMAE's paper runs its frozen teacher on every augmented batch; salient runs i
 image (``salient refresh --kind heads``) and crops the stored heads with each image (README,
 "Decisions", "AutoMAE's maps from the store"). On a demo set written for the run, with one
 teacher (``teacher``, else a ViT trained here on the demo labels, whose attention finds the
-objects: ``jobs/bench/label_teacher.py``) refreshed into a heads generation by the refresh job:
+objects: ``jobs/compare/teacher.py``) refreshed into a heads generation by the refresh job:
 
 - ``fidelity`` — the mean Spearman rank correlation over every (sample, head) pair between a
   loader batch's cropped stored heads and the teacher's attention recomputed on the batch's
@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from salient.jobs.bench.label_teacher import train_label_teacher
+from salient.jobs.compare.teacher import train_label_teacher
 from salient.jobs.refresh.driver import RefreshConfig, run_refresh
 from salient.jobs.train.config import TrainConfig
 from salient.pipeline.ingest import ingest_demo

@@ -61,10 +61,11 @@ class BenchConfig:
     split is a quarter of it."""
     image_size: int | None = None
     """quality: training crop side in pixels (default: 64 on the CPU, 224 on CUDA)."""
-    label_teacher: bool = False
-    """quality: add a third arm, AMT on the fixed maps of a ViT trained on the demo labels."""
+    seeds: int | None = None
+    """quality: runs of each arm (default 1); the tables give mean ± sd over them."""
     keep: str | None = None
-    """quality: keep the runs, stores and features in this directory (default: removed)."""
+    """quality: keep the comparison (runs, stores, features, compare.json, index.html) in this
+    directory (default: removed)."""
     teacher: str | None = None
     """automae: the frozen teacher, a checkpoint or timm:NAME (random weights); default: a ViT
     trained here on the demo labels."""

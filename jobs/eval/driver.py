@@ -49,6 +49,7 @@ __all__ = [
     "EvalConfig",
     "EvalError",
     "check_class_lists",
+    "init_checkpoint",
     "initial_checkpoint",
     "render_eval",
     "run_eval",
@@ -197,15 +198,11 @@ def _load_encoder(config: EvalConfig, checkpoint: str, image_size: int, baseline
 
 
 def initial_checkpoint(checkpoint: str, out: str | Path) -> str:
-    """The random initialisation of a salient checkpoint's run, saved once under ``out``.
-
-    Rebuilt as the trainer builds it (the run's family and model after seeding with the run's
-    seed), so it is the very encoder the run started from. ``timm:NAME`` specs give ``timm:NAME``
-    (random weights, seeded, by ``load_teacher``). Raises EvalError for a checkpoint that
-    does not record a salient model.
+    """The random initialisation of a salient checkpoint's run, saved once under ``out``
+    (:func:`init_checkpoint` of its config). ``timm:NAME`` specs give ``timm:NAME`` (random
+    weights, seeded, by ``load_teacher``). Raises EvalError for a checkpoint that does not
+    record a salient model.
     """
-    import torch
-
     if checkpoint.startswith("timm:"):
         return checkpoint
     config = load_checkpoint(checkpoint)["config"]
@@ -214,15 +211,27 @@ def initial_checkpoint(checkpoint: str, out: str | Path) -> str:
             f"--baseline needs a salient training checkpoint; {checkpoint} records model "
             f"{config.get('model')!r}"
         )
+    return init_checkpoint(config, out)
+
+
+def init_checkpoint(config: dict, out: str | Path) -> str:
+    """The random initialisation of the run of ``config`` (a TrainConfig's ``as_dict``), saved
+    once under ``out/baseline``: rebuilt as the trainer builds it (the run's family and model
+    after seeding with the run's seed), so it is the very encoder the run starts from."""
+    import torch
+
     run = SimpleNamespace(**config)  # the run's settings, as its family's builder reads them
     seed = config.get("seed", 0)
+    family_name = family_of(run.model, config.get("family"))
     name = f"init-{config['model']}-{config['image_size']}px-p{config['patch_size']}-seed{seed}"
+    if family_name != MODEL_FAMILIES[run.model]:
+        name += f"-{family_name}"  # another family builds other modules from the same seed
     path = Path(out) / "baseline" / f"{name}.pt"  # what the init depends on, nothing else
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # as salient.jobs.train.worker builds it
-            family = FAMILIES[family_of(run.model, config.get("family"))]
+            family = FAMILIES[family_name]
             model = family.build(**family.settings(run))
         save_checkpoint(path, model, None, None, 0, 0, None, config)
     return str(path)

@@ -23,13 +23,17 @@ from salient.jobs.inspect.stats import normalize_maps
 from salient.trainer.provenance import describe_teacher
 
 __all__ = [
+    "PAGE_CSS",
     "PLAN_COLOURS",
+    "new_figure",
     "render_compare",
     "render_generator",
     "render_histogram",
     "render_sample",
     "render_training",
+    "save_png",
     "write_index",
+    "write_page",
 ]
 
 # RGBA per plan state (0 visible, 1 masked, 2 thrown); AMT Figure 3's colours.
@@ -39,16 +43,22 @@ _DPI = 90
 
 
 def _figure(columns: int, legend: bool):
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(2.6 * columns, 3.1 if legend else 2.85), dpi=_DPI)
+    fig = new_figure(2.6 * columns, 3.1 if legend else 2.85)
     axes = fig.subplots(1, columns, squeeze=False)[0]
     for ax in axes:
         ax.set_axis_off()
     return fig, axes
 
 
-def _save(fig, path: Path) -> None:
+def new_figure(width: float, height: float):
+    """A matplotlib ``Figure`` of ``width`` × ``height`` inches at the reports' resolution."""
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=_DPI)
+
+
+def save_png(fig, path: Path) -> None:
+    """``fig`` as a PNG at ``path``, written under a temporary name and renamed."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     FigureCanvasAgg(fig)
@@ -150,7 +160,7 @@ def render_sample(
     _plan_legend(fig, state)
     fig.subplots_adjust(left=0.01, right=0.99, top=0.9, bottom=0.1, wspace=0.12)
     rel = f"panels/{sample.sample_id:09d}.png"
-    _save(fig, out / rel)
+    save_png(fig, out / rel)
     return {
         "id": sample.sample_id,
         "label": label,
@@ -171,7 +181,7 @@ def render_compare(out: Path, sample, generations: list[str], raws: list, label:
         ax.set_title(name, fontsize=9)
     fig.subplots_adjust(left=0.01, right=0.97, top=0.9, bottom=0.02, wspace=0.12)
     rel = f"panels/{sample.sample_id:09d}-compare.png"
-    _save(fig, out / rel)
+    save_png(fig, out / rel)
     return rel
 
 
@@ -206,15 +216,13 @@ def render_generator(
     _plan_legend(fig, state)
     fig.subplots_adjust(left=0.01, right=0.99, top=0.9, bottom=0.1, wspace=0.12)
     rel = f"panels/{sample.sample_id:09d}-generator.png"
-    _save(fig, out / rel)
+    save_png(fig, out / rel)
     return rel
 
 
 def render_histogram(out: Path, histograms: dict[str, dict]) -> str:
     """``histogram.png``: share of cells per normalised-saliency bin, one bar set per generation."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6.0, 2.8), dpi=_DPI)
+    fig = new_figure(6.0, 2.8)
     ax = fig.subplots()
     width = 1.0 / len(histograms)
     for k, (name, hist) in enumerate(histograms.items()):
@@ -226,16 +234,14 @@ def render_histogram(out: Path, histograms: dict[str, dict]) -> str:
     ax.set_ylabel("share of cells")
     ax.legend(fontsize=8, frameon=False)
     fig.tight_layout()
-    _save(fig, out / "histogram.png")
+    save_png(fig, out / "histogram.png")
     return "histogram.png"
 
 
 def render_training(out: Path, training: dict) -> str:
     """``training.png``: the run's loss per epoch and, where probed, its k-NN top-1 per epoch."""
-    from matplotlib.figure import Figure
-
     epochs = training["epochs"]
-    fig = Figure(figsize=(8.0, 2.8), dpi=_DPI)
+    fig = new_figure(8.0, 2.8)
     loss_ax, knn_ax = fig.subplots(1, 2)
     loss_ax.plot([e["epochs_done"] for e in epochs], [e["loss"] for e in epochs], marker=".")
     loss_ax.set_xlabel("epochs done")
@@ -251,13 +257,13 @@ def render_training(out: Path, training: dict) -> str:
     else:
         knn_ax.text(0.5, 0.5, "no probe (train --val)", ha="center", transform=knn_ax.transAxes)
     fig.tight_layout()
-    _save(fig, out / "training.png")
+    save_png(fig, out / "training.png")
     return "training.png"
 
 
 # ---------------------------------------------------------------- index.html
 
-_CSS = """body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
+PAGE_CSS = """body{font-family:system-ui,sans-serif;margin:1.5em;color:#222}
 table{border-collapse:collapse;margin:.5em 0 1em}td,th{border:1px solid #ccc;padding:.25em .6em;
 text-align:right}th:first-child,td:first-child{text-align:left}
 .grid{display:flex;flex-wrap:wrap;gap:.6em}figure{margin:0}figcaption{font-size:.8em;color:#555}
@@ -404,9 +410,6 @@ def write_index(out: Path, body: dict, panels: list[dict]) -> Path:
     names = list(body["generations"])
     config = body["config"]
     parts = [
-        "<!doctype html><html><head><meta charset='utf-8'>",
-        f"<title>salient inspect · {html.escape(names[0])}</title>",
-        f"<style>{_CSS}</style></head><body>",
         f"<h1>salient inspect · {html.escape(' vs '.join(names))}</h1>",
         f"<p>store <code>{html.escape(body['store'])}</code> · dataset "
         f"<code>{html.escape(body['dataset'])}</code> · grid {body['grid']}×{body['grid']}</p>",
@@ -447,9 +450,21 @@ def write_index(out: Path, body: dict, panels: list[dict]) -> Path:
             f"<h2>Across generations</h2><p>Oldest first: {html.escape(shown)}.</p>",
             _figures(panels, "compare"),
         ]
-    parts.append("</body></html>\n")
+    return write_page(out, f"salient inspect · {names[0]}", parts)
+
+
+def write_page(out: Path, title: str, parts: list[str]) -> Path:
+    """``out/index.html``: a static page (no script, relative links) of the HTML ``parts``
+    under ``title``, styled as every salient report; written last, atomically."""
+    page = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        f"<title>{html.escape(title)}</title>",
+        f"<style>{PAGE_CSS}</style></head><body>",
+        *parts,
+        "</body></html>\n",
+    ]
     path = out / "index.html"
     tmp = out / ".index.html.partial"
-    tmp.write_text("\n".join(parts), encoding="utf-8")
+    tmp.write_text("\n".join(page), encoding="utf-8")
     os.replace(tmp, path)
     return path
