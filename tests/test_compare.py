@@ -98,6 +98,8 @@ def test_summarise_and_equal_time_epoch():
         ("amt-mae", "amt-mae", "self", "amt"),
         ("amt-simmim-label", "amt-simmim", "label", "amt"),
         ("gpa-mae", "gpa-mae", "label", "gpa"),  # a frozen teacher's recipe
+        ("automae", "automae", "label", "random"),  # its generator reads the teacher's heads
+        ("attmask-ibot-high", "attmask-ibot-high", "self", "attmask_high"),
     ],
 )
 def test_arm_names(name, base, teacher, strategy):
@@ -111,6 +113,7 @@ def test_arm_names(name, base, teacher, strategy):
         ("bogus", "unknown arm 'bogus'"),
         ("mae-label", "masks without maps"),
         ("random-self", "masks without maps"),
+        ("automae-self", "reads a frozen teacher's maps"),
     ],
 )
 def test_arm_names_refused(name, match):
@@ -143,6 +146,19 @@ def test_every_arm_shares_data_seed_schedule_and_size():
     assert configs["amt-self"].refresh_wait
     assert (configs["attmask-mae"].warmup_epochs, configs["attmask-mae"].refresh_every) == (0, 1)
     assert (configs["amt-label"].warmup_epochs, configs["amt-label"].refresh_every) == (0, 0)
+    # the families beside MAE: iBOT's schedule fitted to 8 epochs, its maps online from its
+    # EMA teacher or, with -label, from the store; AutoMAE's generator on the teacher's heads
+    ibot = arm_config(parse_arm("attmask-ibot-high"), shared, "/runs/i", "/s.zarr")
+    assert (ibot.framework, ibot.model, ibot.maps_from, ibot.epochs) == (
+        "ibot", "ibot-tiny", "online", 8,
+    )  # fmt: skip
+    assert 1 <= ibot.warmup_teacher_temp_epochs < 8  # the recipe's 30 of 100 epochs, scaled
+    label = arm_config(parse_arm("attmask-ibot-high-label"), shared, "/runs/l", "/s.zarr")
+    assert label.maps_from == "store" and label.needs_saliency and not label.refreshes
+    automae = arm_config(parse_arm("automae"), shared, "/runs/a", "/s.zarr")
+    assert (automae.framework, automae.saliency_kind, automae.maps_from) == (
+        "automae", "heads", "store",
+    )  # fmt: skip
     assert configs["random"].mask_ratio == 0.75 and configs["amt-self"].mask_ratio == 0.45
 
 

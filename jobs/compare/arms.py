@@ -13,7 +13,10 @@ An arm is named by
   or ``-label`` (the fixed maps of the label-aware teacher, refreshed once into its own store
   and never again, GPA's way; the default of a recipe that reads maps from a frozen teacher,
   such as ``gpa-mae``). ``amt-self``, ``amt-label``, ``attmask-high-label``, ``mae-label``
-  (a recipe without maps takes none: refused).
+  (a recipe without maps takes none: refused). ``automae`` is ``automae-label``: its
+  generator reads the label teacher's per-head maps (a ``heads`` refresh into their own
+  store), never its own (``automae-self`` is refused). iBOT recipes (``attmask-ibot-high``)
+  plan their masks online from the run's EMA teacher, as ``salient train`` runs them.
 
 The shared settings, the same for every arm (``CompareConfig.shared``): data, seed, epochs,
 learning-rate schedule (peak from the shared ``blr`` and batch, warmup, cosine to 0), batch and
@@ -94,7 +97,15 @@ def parse_arm(name: str) -> Arm:
             f"unknown arm {name!r}; --arms takes recipe or strategy names, optionally with "
             f"-self or -label: {', '.join(arm_names())}"
         )
-    reads = values.get("strategy", "amt") in NEEDS_SALIENCY
+    # AutoMAE's generator reads a frozen teacher's per-head maps from the store (the recipe's
+    # map_source "store"); its strategy is random, and it never refreshes from itself
+    generator = values.get("map_source") == "store"
+    reads = values.get("strategy", "amt") in NEEDS_SALIENCY or generator
+    if generator and teacher == "self":
+        raise ArmError(
+            f"arm {name!r}: {base}'s generator reads a frozen teacher's maps; use {base} or "
+            f"{base}-label"
+        )
     if teacher is not None and not reads:
         raise ArmError(
             f"arm {name!r}: {base} masks without maps, so it has no teacher; drop -{teacher}"
@@ -159,8 +170,13 @@ def _schedule(arm: Arm, shared: dict) -> dict:
     label teacher's fixed maps from the first epoch."""
     if arm.teacher is None:
         return {"warmup_epochs": 0, "refresh_every": 0}
-    if arm.teacher == "label":
-        return {"warmup_epochs": 0, "refresh_every": 0}
+    if arm.teacher == "label":  # iBOT reads them from the store, not its EMA teacher
+        online = arm.values.get("saliency_source") == "online"
+        return {
+            "warmup_epochs": 0,
+            "refresh_every": 0,
+            **({"saliency_source": "store"} if online else {}),
+        }
     every = arm.values.get("refresh_every") or shared["refresh_every"]
     warmup = arm.values.get("warmup_epochs", shared["warmup_epochs"])
     return {

@@ -143,7 +143,9 @@ def _gathered_sum(cover: np.ndarray, idx: torch.Tensor) -> tuple[float, int]:
 def mask_box_shares(config: TrainConfig, samples: int) -> dict | None:
     """The share of masked (and thrown) patch area inside the object box through the run's
     loader (module docstring); None for a dataset without boxes or masks planned in the step
-    (iBOT's online masks)."""
+    (iBOT's online masks, AutoMAE's generator: the loader's plan is not what they mask)."""
+    if config.framework == "automae":
+        return None
     dataset = open_dataset(config.data)
     if demo_hw(dataset) is None:
         return None
