@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from salient.jobs.bench.steps import step_rate
 from salient.jobs.compare.teacher import train_label_teacher
 from salient.jobs.refresh.driver import RefreshConfig, run_refresh
 from salient.jobs.train.config import TrainConfig
@@ -44,7 +45,7 @@ from salient.pipeline.map_stats import spearman
 from salient.store import SaliencyStore
 from salient.trainer.automae import teacher_input
 from salient.trainer.family import FAMILIES
-from salient.trainer.loop import WarmupCosine, build_optimizer, train_one_epoch
+from salient.trainer.loop import build_optimizer
 from salient.trainer.teacher import saliency
 from salient.trainer.teacher_load import load_teacher
 
@@ -200,24 +201,10 @@ def _step_rate(setup: _Setup, run: TrainConfig, batches, device) -> float:
     model = family.build(**family.settings(run)).to(device)
     optimizer = build_optimizer(model, lr=1.5e-4)
     hooks = family.hooks(model, optimizer)  # online: loads the teacher onto the device
-    seconds: list[float] = []
-    total = setup.warmup_steps + setup.steps
-    train_one_epoch(
-        model,
-        optimizer,
-        WarmupCosine(1.5e-4, total),
-        itertools.islice(batches, total),
-        epoch=0,
-        step=0,
-        device=device,
-        bf16=True,
-        family=family,
-        hooks=hooks,
-        steps_per_epoch=total,
-        on_step=lambda record, _: seconds.append(record["images"] / record["img_per_s"]),
-    )
-    timed = seconds[setup.warmup_steps :]
-    return setup.batch_size * len(timed) / sum(timed)
+    return step_rate(
+        model, optimizer, batches, lr=1.5e-4, warmup=setup.warmup_steps, steps=setup.steps,
+        batch_size=setup.batch_size, device=device, family=family, hooks=hooks,
+    )  # fmt: skip
 
 
 def _loader_batches(run: TrainConfig, device):

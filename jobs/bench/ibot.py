@@ -33,12 +33,13 @@ from pathlib import Path
 
 import torch
 
+from salient.jobs.bench.steps import step_rate
 from salient.jobs.train.recipes import recipe_config
 from salient.pipeline.ingest import ingest_demo
 from salient.pipeline.loader import SalientLoader
 from salient.pipeline.masking import plan_mask_flags
 from salient.trainer.family import FAMILIES
-from salient.trainer.loop import WarmupCosine, build_optimizer, train_one_epoch
+from salient.trainer.loop import build_optimizer
 
 __all__ = ["ARMS", "bench_ibot"]
 
@@ -114,25 +115,11 @@ def _step_rate(setup: _Setup, strategy: str, device: torch.device) -> float:
         strategy_options=dict(_MASKS),
     ).to(device)
     optimizer = build_optimizer(model, 5e-4, 0.04, (0.9, 0.999))
-    total = setup.warmup_steps + setup.steps
-    seconds: list[float] = []
-    train_one_epoch(
-        model,
-        optimizer,
-        WarmupCosine(5e-4, total),
-        itertools.islice(itertools.cycle(_batches(setup, strategy, device)), total),
-        epoch=0,
-        step=0,
-        device=device,
-        bf16=True,
-        clip_grad=3.0,
-        on_step=lambda record, _: seconds.append(record["images"] / record["img_per_s"]),
-        family=family,
-        hooks=family.hooks(model, optimizer),
-        steps_per_epoch=total,
-    )
-    timed = seconds[setup.warmup_steps :]
-    return setup.batch_size * len(timed) / sum(timed)
+    return step_rate(
+        model, optimizer, itertools.cycle(_batches(setup, strategy, device)), lr=5e-4,
+        warmup=setup.warmup_steps, steps=setup.steps, batch_size=setup.batch_size,
+        device=device, family=family, hooks=family.hooks(model, optimizer), clip_grad=3.0,
+    )  # fmt: skip
 
 
 def _loader_rate(setup: _Setup, data: str, device: torch.device) -> float:

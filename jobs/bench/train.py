@@ -29,11 +29,12 @@ from pathlib import Path
 import torch
 
 from salient.jobs.bench.loader import random_store
+from salient.jobs.bench.steps import step_rate
 from salient.jobs.train.config import TrainConfig
 from salient.pipeline.ingest import ingest_demo
 from salient.pipeline.loader import SalientLoader
 from salient.pipeline.masking import plan_masks
-from salient.trainer.loop import WarmupCosine, build_optimizer, train_one_epoch
+from salient.trainer.loop import build_optimizer
 from salient.trainer.models import build_model
 
 __all__ = ["CASES", "bench_train"]
@@ -155,22 +156,10 @@ def _step_rate(setup: _Setup, kind: str, batches: Iterator[dict], device: torch.
     torch.manual_seed(0)
     model = build_model(f"{kind}-{setup.size}", setup.image_size, setup.patch_size).to(device)
     optimizer = build_optimizer(model, lr=1.5e-4)
-    seconds: list[float] = []
-    total = setup.warmup_steps + setup.steps
-    train_one_epoch(
-        model,
-        optimizer,
-        WarmupCosine(1.5e-4, total),
-        itertools.islice(batches, total),
-        epoch=0,
-        step=0,
-        device=device,
-        bf16=True,
-        clip_grad=5.0,
-        on_step=lambda record, _: seconds.append(record["images"] / record["img_per_s"]),
-    )
-    timed = seconds[setup.warmup_steps :]
-    return setup.batch_size * len(timed) / sum(timed)
+    return step_rate(
+        model, optimizer, batches, lr=1.5e-4, warmup=setup.warmup_steps, steps=setup.steps,
+        batch_size=setup.batch_size, device=device, clip_grad=5.0,
+    )  # fmt: skip
 
 
 def _case(setup: _Setup, name: str, device: torch.device, data: str, store: str) -> dict:

@@ -104,7 +104,7 @@ def train_label_teacher(
     for epoch in range(epochs):
         tick = time.perf_counter()
         _epoch(net, optimizer, schedule, x, y, batch_size, epoch, generator)
-        epoch_s.append(round(time.perf_counter() - tick, 1))
+        epoch_s.append(time.perf_counter() - tick)
         tick = time.perf_counter()
         accuracy.append(round(_accuracy(net, vx, vy), 4))
         eval_s += time.perf_counter() - tick
@@ -128,11 +128,11 @@ def train_label_teacher(
         "val_top1_per_epoch": accuracy,
         "epochs": done,
         "images": len(x),
-        "seconds": round(time.perf_counter() - start, 1),
-        "cpu_s": round(time.process_time() - cpu, 1),
-        "decode_s": round(decode_s, 1),
-        "train_s": round(sum(epoch_s), 1),
-        "epoch_s": epoch_s,
-        "eval_s": round(eval_s, 1),
+        "seconds": round(time.perf_counter() - start, 3),
+        "cpu_s": round(time.process_time() - cpu, 3),
+        "decode_s": round(decode_s, 3),
+        "train_s": round(sum(epoch_s), 3),
+        "epoch_s": [round(e, 3) for e in epoch_s],
+        "eval_s": round(eval_s, 3),
         "threads": torch.get_num_threads(),
     }
