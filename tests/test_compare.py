@@ -153,6 +153,7 @@ def test_every_arm_shares_data_seed_schedule_and_size():
         "ibot", "ibot-tiny", "online", 8,
     )  # fmt: skip
     assert 1 <= ibot.warmup_teacher_temp_epochs < 8  # the recipe's 30 of 100 epochs, scaled
+    assert ibot.store is None  # nothing to read, so nothing for the measures to open
     label = arm_config(parse_arm("attmask-ibot-high-label"), shared, "/runs/l", "/s.zarr")
     assert label.maps_from == "store" and label.needs_saliency and not label.refreshes
     automae = arm_config(parse_arm("automae"), shared, "/runs/a", "/s.zarr")

@@ -14,7 +14,12 @@ the data costs seconds, not minutes):
 - ``train_ibot_img_s_*``: iBOT's step on ViT-S/16 (2 × 224 + 10 × 96 crops, bf16) with
   AttMask-High's masks planned online from the EMA teacher against iBOT's random and block
   masks (limit: the random-mask step), ``train_ibot_attmask_vs_random``, and
-  ``ibot_views_loader_img_s``, the multi-crop loader alone (limit: the online step).
+  ``ibot_views_loader_img_s``, the multi-crop loader alone (limit: the online step);
+- ``automae_*``: AutoMAE's step (MAE-B at 224, bf16) with the teacher's per-head maps read from
+  the store against the teacher run on every batch (``automae_store_vs_online``, synthetic and
+  through the loader), and the rank correlation of the cropped stored heads with the teacher
+  recomputed on each crop (``automae_heads_spearman``; its own teacher, a label-trained ViT-B,
+  is trained first).
 
 Each figure is one JSON line in ``DIR/gpu-figures.jsonl``, written as soon as it is measured
 (a call cut short still returns what it measured), stamped with the device, versions and
@@ -32,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from salient.jobs.bench.automae import bench_automae
 from salient.jobs.bench.ibot import bench_ibot
 from salient.jobs.bench.loader import _demo, _tiled, device_path_rates, image_bytes, random_store
 from salient.jobs.bench.masking import bench_masking
@@ -276,6 +282,23 @@ def _ibot(figures: _Figures, data: Path, device: str, quick: bool) -> None:
     )
 
 
+def _automae(figures: _Figures, device: str, quick: bool) -> None:
+    result = bench_automae(quick=quick, device=device)
+    sizes = {k: result[k] for k in ("model", "image_size", "batch_size", "heads")}
+    for path, saving in result["saving"].items():  # synthetic, loader
+        figures.add(
+            f"automae_train_img_s_store_{path}",
+            saving["store_img_s"],
+            "img/s",
+            "teacher on every batch img/s",
+            saving["online_img_s"],
+            **sizes,
+        )
+        figures.add(f"automae_store_vs_online_{path}", saving["store_vs_online"], "x", **sizes)
+    crops = result["fidelity"]["crops"]
+    figures.add("automae_heads_spearman", crops["mean"], "rho", samples=crops["samples"], **sizes)
+
+
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -302,6 +325,7 @@ def bench_gpu(quick: bool = False, device: str = "auto", out: str | None = None)
             ("loader", lambda: _loader(figures, data, store, device, sizes)),
             ("train", lambda: _train(figures, data, device, quick)),
             ("ibot", lambda: _ibot(figures, data, device, quick)),
+            ("automae", lambda: _automae(figures, device, quick)),
         ):
             begin = time.perf_counter()
             run()

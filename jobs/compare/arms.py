@@ -33,7 +33,7 @@ Importing this module touches no disk, GPU or Ray.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 from salient.errors import SalientError
 from salient.jobs.train.config import TrainConfig
@@ -137,7 +137,8 @@ def arm_config(arm: Arm, shared: dict, run_dir: str, store: str | None) -> Train
     """The TrainConfig of one run of ``arm``: its values, then ``shared`` (the comparison's
     settings, see ``CompareConfig.shared``: TrainConfig fields plus ``size``, ``warmup_epochs``
     and ``refresh_every`` as caps), the run directory and the map store (the run's own for a
-    self-teacher arm, the label teacher's for a label arm, None without maps)."""
+    self-teacher arm, the label teacher's for a label arm, None without maps or with maps
+    planned online in the step)."""
     known = {f.name for f in fields(TrainConfig)}
     common = {k: v for k, v in shared.items() if k in known}
     common.pop("warmup_epochs", None)
@@ -162,7 +163,10 @@ def arm_config(arm: Arm, shared: dict, run_dir: str, store: str | None) -> Train
         resume=False,
     )
     values.update(_schedule(arm, shared))
-    return TrainConfig(**values)
+    config = TrainConfig(**values)
+    if config.maps_from == "online":  # iBOT's masks from its EMA teacher: no store to read
+        config = replace(config, store=None)
+    return config
 
 
 def _schedule(arm: Arm, shared: dict) -> dict:

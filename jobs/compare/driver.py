@@ -235,8 +235,8 @@ class _Run:
         config = arm_config(self.arm, shared, str(self.root / "run"), str(self.root / "maps.zarr"))
         if self.arm.teacher == "label" and teacher is not None:  # None: nothing trains (init)
             config = replace(config, store=teacher.store_for(config))
-        elif self.arm.teacher is None or config.maps_from == "online":
-            config = replace(config, store=None)  # no maps, or iBOT's from its EMA teacher
+        elif self.arm.teacher is None:
+            config = replace(config, store=None)
         return config
 
     def record(self, teacher: _Teacher | None, label: str) -> dict:
