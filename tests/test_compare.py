@@ -154,6 +154,7 @@ def test_every_arm_shares_data_seed_schedule_and_size():
     )  # fmt: skip
     assert 1 <= ibot.warmup_teacher_temp_epochs < 8  # the recipe's 30 of 100 epochs, scaled
     assert ibot.store is None  # nothing to read, so nothing for the measures to open
+    assert ibot.local_size == 24  # the recipe's 96 of 224 px at 64 px, in 8 px patches
     label = arm_config(parse_arm("attmask-ibot-high-label"), shared, "/runs/l", "/s.zarr")
     assert label.maps_from == "store" and label.needs_saliency and not label.refreshes
     automae = arm_config(parse_arm("automae"), shared, "/runs/a", "/s.zarr")

@@ -133,6 +133,17 @@ def _scaled_unit(values: dict, patch_size: int) -> int | None:
     return unit // values.get("patch_size", 16) * patch_size
 
 
+def _scaled_local(values: dict, image_size: int, patch_size: int) -> dict:
+    """A multi-crop recipe's local crop side at the shared crop size, in the recipe's
+    proportion (iBOT: 96 of 224 px; at 64 px with 8 px patches, 24 px), a whole number of
+    patches and at least one."""
+    local = values.get("local_size")
+    if local is None:
+        return {}
+    side = local * image_size / values.get("image_size", 224)
+    return {"local_size": max(1, round(side / patch_size)) * patch_size}
+
+
 def arm_config(arm: Arm, shared: dict, run_dir: str, store: str | None) -> TrainConfig:
     """The TrainConfig of one run of ``arm``: its values, then ``shared`` (the comparison's
     settings, see ``CompareConfig.shared``: TrainConfig fields plus ``size``, ``warmup_epochs``
@@ -151,6 +162,7 @@ def arm_config(arm: Arm, shared: dict, run_dir: str, store: str | None) -> Train
         common,
         model=scaled_model(values.get("model", _BASE_MODEL), shared["size"]),
         mask_unit=_scaled_unit(arm.values, shared["patch_size"]),
+        **_scaled_local(arm.values, shared["image_size"], shared["patch_size"]),
         lr=None,  # the peak from the shared blr and batch: one lr schedule for every arm
         min_lr=0.0,
         effective_batch=None,
