@@ -267,6 +267,18 @@ def _one_line(error: SalientError, name: str) -> str:
     return text
 
 
+def _storage_flags(argv: list[str]) -> list[str]:
+    """The ``--storage-option`` flags of a command line, as given (they are never written into
+    a run's config.json, so a continue command built from one carries them itself)."""
+    flags = []
+    for k, arg in enumerate(argv):
+        if arg == "--storage-option" and k + 1 < len(argv):
+            flags += [arg, argv[k + 1]]
+        elif arg.startswith("--storage-option="):
+            flags.append(arg)
+    return flags
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``salient ARGV``; returns the exit code (tests call this)."""
     top = _top_parser().parse_args(sys.argv[1:] if argv is None else argv)
@@ -282,7 +294,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as stop:  # Ctrl-C: what is kept, and how to go on (exit 130)
         kept = getattr(stop, "kept", None) or COMMANDS[top.command].kept
         again = [*top.args, *(f for f in getattr(stop, "flags", ()) if f not in top.args)]
-        resume = getattr(stop, "resume", None) or shlex.join(["salient", top.command, *again])
+        resume = getattr(stop, "resume", None)
+        if resume is not None:  # the job's own command (a run's config.json): its storage too
+            resume = shlex.join([*shlex.split(resume), *_storage_flags(top.args)])
+        else:
+            resume = shlex.join(["salient", top.command, *again])
         print(
             f"salient {top.command}: interrupted; kept {kept}; continue with: {resume}",
             file=sys.stderr,

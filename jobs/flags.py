@@ -37,6 +37,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from salient.errors import SalientError
 from salient.settings import flag_name
 
@@ -214,12 +216,7 @@ def load_config_file(path: str) -> dict:
     except OSError as exc:
         raise ConfigFileError(f"cannot read --config {path}: {exc.strerror or exc}") from None
     try:
-        if file.suffix == ".json":
-            body = json.loads(text)
-        else:
-            import yaml
-
-            body = yaml.safe_load(text)
+        body = json.loads(text) if file.suffix == ".json" else yaml.safe_load(text)
     except ValueError as exc:  # json.JSONDecodeError and yaml.YAMLError are ValueErrors
         raise ConfigFileError(f"--config {path} is not valid JSON / YAML: {exc}") from None
     if not isinstance(body, dict):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from salient.jobs.cli import COMMANDS, _config_class, build_parser, main
+from salient.jobs.cli import COMMANDS, _config_class, _storage_flags, build_parser, main
 from salient.jobs.flags import field_docs, flag_name
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,3 +121,12 @@ def test_recipe_then_config_then_flags(tmp_path, capsys):
     assert capsys.readouterr().out == printed
     assert main([*base, "--recipe", "amt-simmim", "--epochs", "5", "--print-config"]) == 0
     assert json.loads(capsys.readouterr().out)["epochs"] == 5
+
+
+def test_a_continue_command_keeps_the_storage_options_it_was_given():
+    argv = ["--data", "s3://b/d", "--storage-option", "endpoint_url=http://h:9000"]
+    argv += ["--epochs", "4", "--storage-option=key=K"]
+    assert _storage_flags(argv) == [
+        "--storage-option", "endpoint_url=http://h:9000", "--storage-option=key=K",
+    ]  # fmt: skip
+    assert _storage_flags(["--data", "d", "--storage-option"]) == []  # no value: argparse's

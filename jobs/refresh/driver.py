@@ -37,6 +37,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from tqdm import tqdm
+
 from salient import urls
 from salient.errors import SalientError
 from salient.jobs.refresh.worker import RefreshWorker, WorkerSpec
@@ -252,8 +254,6 @@ class _Tally:
 
 
 def _progress(total: int, initial: int, enabled: bool):
-    from tqdm import tqdm
-
     return tqdm(  # the rate shown is the summary's img/s (_Tally.img_per_s), not shards/s
         total=total,
         initial=initial,

@@ -26,6 +26,8 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 
+from tqdm import tqdm
+
 from salient import urls
 
 __all__ = [
@@ -60,8 +62,6 @@ def progress_wanted() -> bool:
 def progress_bar(total: int | None, unit: str) -> Iterator[Callable[[int], None]]:
     """Yield ``advance(n)``: a tqdm bar on a terminal (or with SALIENT_PROGRESS=1), else a
     line every few seconds (``salient: 500/2000 demo scenes``)."""
-    from tqdm import tqdm
-
     mode = progress_mode()
     lines = ProgressLines("") if mode == "lines" else None
     done = 0

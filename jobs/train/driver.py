@@ -36,6 +36,7 @@ re-exports it and keeps what needs the disk, Ray or the workers.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -429,8 +430,6 @@ def _interrupted(config: TrainConfig) -> Interrupted:
 
 def _remove_group(name: str) -> None:
     """Give back the refreshes' placement group (rank 0 reserved it) when the run ends."""
-    import contextlib
-
     import ray
     from ray.util import get_placement_group
 
