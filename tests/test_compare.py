@@ -30,6 +30,7 @@ from salient.jobs.compare.noise import ALPHA, difference, equal_time_epoch, summ
 from salient.pipeline.ingest import ingest_folder
 from salient.pipeline.manifest import open_dataset
 from salient.store import SaliencyStore
+from salient.trainer.checkpoint import checkpoint_path
 
 # ---------------------------------------------------------------- the noise rule
 
@@ -100,6 +101,7 @@ def test_summarise_and_equal_time_epoch():
         ("gpa-mae", "gpa-mae", "label", "gpa"),  # a frozen teacher's recipe
         ("automae", "automae", "label", "random"),  # its generator reads the teacher's heads
         ("attmask-ibot-high", "attmask-ibot-high", "self", "attmask_high"),
+        ("attmask-ibot-high-self", "attmask-ibot-high", "self", "attmask_high"),
     ],
 )
 def test_arm_names(name, base, teacher, strategy):
@@ -157,6 +159,9 @@ def test_every_arm_shares_data_seed_schedule_and_size():
     assert ibot.local_size == 24  # the recipe's 96 of 224 px at 64 px, in 8 px patches
     label = arm_config(parse_arm("attmask-ibot-high-label"), shared, "/runs/l", "/s.zarr")
     assert label.maps_from == "store" and label.needs_saliency and not label.refreshes
+    stored = arm_config(parse_arm("attmask-ibot-high-self"), shared, "/runs/s", "/s.zarr")
+    assert (stored.maps_from, stored.store, stored.refresh_every) == ("store", "/s.zarr", 1)
+    assert stored.refreshes and stored.refresh_wait  # AttMask's every epoch, from itself
     automae = arm_config(parse_arm("automae"), shared, "/runs/a", "/s.zarr")
     assert (automae.framework, automae.saliency_kind, automae.maps_from) == (
         "automae", "heads", "store",
@@ -357,3 +362,39 @@ def test_the_same_command_again_keeps_the_finished_runs(compared):
     again = run_compare(compared["config"])
     assert {p: p.stat().st_mtime_ns for p in before} == before  # nothing trained again
     assert again["arms"] == compared["summary"]["arms"]
+
+
+def test_an_online_arm_reports_its_teachers_box_lift_per_probed_epoch(
+    ray_session, demo_data, demo_val, tmp_path
+):
+    """iBOT plans AttMask's masks from its EMA teacher in the step: no store generation
+    exists, so the teacher's maps are measured at every probed checkpoint instead, each by a
+    refresh of that checkpoint over the held-out scenes, and reported as the arm's
+    generations (the last one is the final encoder's)."""
+    config = CompareConfig(
+        data=str(demo_data),
+        val=str(demo_val),
+        out=str(tmp_path / "out"),
+        arms=("attmask-ibot-high",),
+        seeds=1,
+        size="micro",
+        image_size=32,
+        patch_size=8,
+        epochs=2,
+        batch_size=16,
+        loader_workers=0,
+        probe_every=1,
+        mask_samples=16,
+    )
+    run_compare(config)
+    (record,) = _records(tmp_path / "out", "attmask-ibot-high")
+    assert record["config"]["store"] is None and record["config"]["model"] == "ibot-micro"
+    assert list(record["generations"]) == ["epoch-1", "epoch-2"]
+    assert record["final_maps"] == record["generations"]["epoch-2"]
+    root = tmp_path / "out" / "runs" / "attmask-ibot-high" / "seed-0"
+    paths = {1: str(checkpoint_path(record["config"]["run_dir"], 1)), 2: record["checkpoint"]}
+    for epoch, path in paths.items():
+        (generation,) = SaliencyStore.open(root / f"maps-epoch-{epoch}.zarr").generations()
+        assert generation["teacher"]["path"] == path  # that epoch's checkpoint, no other
+        lift = record["generations"][f"epoch-{epoch}"]["lift"]
+        assert lift is not None and lift > 0

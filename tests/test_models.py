@@ -282,12 +282,15 @@ def test_gpa_target_loss_falls_on_a_toy():
             return model.forward_gpa_loss(features, plan.mask_idx, target, valid).item()
 
     before = gpa_loss()
-    for _ in range(60):
+    for _ in range(100):
         loss, _ = model(images, plan, gpa_target=target, gpa_valid=valid)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    assert gpa_loss() < 0.6 * before, (before, gpa_loss())  # measured: 1.14 -> 0.55
+    # measured: 1.14 -> 0.37 after 100 steps with 1, 2 or 4 torch threads; after 60 steps the
+    # curve passes a bump whose height depends on the thread count (0.57-0.71), so the check
+    # reads the curve past it
+    assert gpa_loss() < 0.5 * before, (before, gpa_loss())
 
 
 def test_gradient_accumulation_equals_one_big_batch():

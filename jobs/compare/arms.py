@@ -16,7 +16,10 @@ An arm is named by
   (a recipe without maps takes none: refused). ``automae`` is ``automae-label``: its
   generator reads the label teacher's per-head maps (a ``heads`` refresh into their own
   store), never its own (``automae-self`` is refused). iBOT recipes (``attmask-ibot-high``)
-  plan their masks online from the run's EMA teacher, as ``salient train`` runs them.
+  plan their masks online from the run's EMA teacher, as ``salient train`` runs them;
+  ``attmask-ibot-high-self`` reads the EMA teacher's maps from the store instead, refreshed
+  from the run's checkpoints (``--saliency-source store``), and ``-label`` the label
+  teacher's.
 
 The shared settings, the same for every arm (``CompareConfig.shared``): data, seed, epochs,
 learning-rate schedule (peak from the shared ``blr`` and batch, warmup, cosine to 0), batch and
@@ -186,17 +189,18 @@ def _schedule(arm: Arm, shared: dict) -> dict:
     label teacher's fixed maps from the first epoch."""
     if arm.teacher is None:
         return {"warmup_epochs": 0, "refresh_every": 0}
-    if arm.teacher == "label":  # iBOT reads them from the store, not its EMA teacher
-        online = arm.values.get("saliency_source") == "online"
-        return {
-            "warmup_epochs": 0,
-            "refresh_every": 0,
-            **({"saliency_source": "store"} if online else {}),
-        }
+    # An iBOT recipe plans its masks online from its EMA teacher; a suffix moves them to the
+    # store: -label reads the label teacher's, -self the EMA teacher's refreshed from the
+    # run's checkpoints (salient's way, the maps one refresh old).
+    suffixed = arm.values.get("saliency_source") == "online" and arm.name != arm.base
+    source = {"saliency_source": "store"} if suffixed else {}
+    if arm.teacher == "label":
+        return {"warmup_epochs": 0, "refresh_every": 0, **source}
     every = arm.values.get("refresh_every") or shared["refresh_every"]
     warmup = arm.values.get("warmup_epochs", shared["warmup_epochs"])
     return {
         "warmup_epochs": min(warmup, shared["warmup_epochs"]),
         "refresh_every": min(every, shared["refresh_every"]),
         "refresh_wait": True,  # deterministic generations; the arm's time includes them
+        **source,
     }

@@ -244,8 +244,9 @@ class _Run:
         done = _read_json(self.root / "record.json")
         if done is not None and done["config"] == _plain(config.as_dict()):
             return done
-        for stale in ("run", "maps.zarr", "final.zarr"):  # a run cut short starts over
-            shutil.rmtree(self.root / stale, ignore_errors=True)
+        stale = ["run", "maps.zarr", *self.root.glob("maps-epoch-*.zarr")]
+        for path in stale:  # a run cut short starts over
+            shutil.rmtree(self.root / path, ignore_errors=True)
         _say(f"{label}: training")
         start = time.perf_counter()
         summary = run_train(config)
@@ -283,9 +284,26 @@ class _Run:
         if config.store is not None:
             measured["generations"] = generation_figures(config.store, self.data)
         if c.final_maps and open_dataset(self.val).manifest.demo:
-            store = str(self.root / "final.zarr")
-            measured["final_maps"] = maps_of_checkpoint(config, self.val, store, final)
+            # Masks planned online (iBOT's EMA teacher) have no stored generations: the maps
+            # they followed are sampled at each probed checkpoint instead, on the held-out
+            # split, as the run's "generations" (the teacher's box lift per epoch).
+            online = config.maps_from == "online"
+            maps = {
+                epoch: maps_of_checkpoint(
+                    config, self.val, str(self.root / f"maps-epoch-{epoch}.zarr"), checkpoint
+                )
+                for epoch, checkpoint in self._checkpoints(final, online)
+            }
+            measured["final_maps"] = maps[c.epochs]
+            if online:
+                measured["generations"] = {f"epoch-{e}": figures for e, figures in maps.items()}
         return measured
+
+    def _checkpoints(self, final: str, every_probe: bool) -> list[tuple[int, str]]:
+        """(epoch, checkpoint) of the final encoder, and of every probed one before it when
+        ``every_probe``."""
+        probed = _probed_epochs(self.compare)[:-1] if every_probe else []
+        return [*((e, self.checkpoint(e)) for e in probed), (self.compare.epochs, final)]
 
     def checkpoint(self, epoch: int) -> str:
         return str(checkpoint_path(self.root / "run", epoch))

@@ -6,7 +6,8 @@
   checkpoint and on the run's random initialisation.
 - **Maps**: the box lift and hit share (``salient inspect``'s statistics) of every generation
   the run trained on, and of the CLS attention of its final encoder on the held-out split
-  (datasets with object boxes: the demo set).
+  (datasets with object boxes: the demo set). A run that plans its masks online (iBOT's EMA
+  teacher) has no generation: its teacher's maps at each probed checkpoint stand for them.
 - **Masks through the loader**: the run's own loader (its strategy, ratios, options and crops,
   bound to the store's current generation: the last one the run trained on) over up to
   ``samples`` training images; each patch's share of area inside the object box, cropped and
