@@ -9,12 +9,20 @@ import pytest
 from salient.errors import SalientError
 from salient.jobs.bench.driver import BENCHES, run_bench
 from salient.jobs.bench.quality import bench_quality
+from salient.jobs.compare import CompareError
 
 
 def test_run_bench_refuses_options_a_bench_does_not_take():
     assert BENCHES["quality"] is bench_quality
     with pytest.raises(SalientError, match="salient bench masking takes no --epochs, --n"):
         run_bench("masking", quick=True, epochs=3, n=10)
+
+
+def test_quality_bench_takes_compares_arms_and_refuses_an_unknown_one_before_any_work(tmp_path):
+    keep = tmp_path / "kept"
+    with pytest.raises(CompareError, match="unknown arm 'ibot-typo'"):
+        run_bench("quality", device="cpu", arms="random, ibot-typo", keep=str(keep))
+    assert not keep.exists()  # refused by the config: no data composed, nothing trained
 
 
 def test_automae_bench_measures_fidelity_and_saving_quick(ray_session):

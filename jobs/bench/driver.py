@@ -63,6 +63,9 @@ class BenchConfig:
     """quality: training crop side in pixels (default: 64 on the CPU, 224 on CUDA)."""
     seeds: int | None = None
     """quality: runs of each arm (default 1); the tables give mean ± sd over them."""
+    arms: str | None = None
+    """quality: the arms, comma-separated, as ``salient compare --arms`` takes them (default:
+    random,amt-label,amt-self), e.g. random,ibot,attmask-ibot-high,automae."""
     keep: str | None = None
     """quality: keep the comparison (runs, stores, features, compare.json, index.html) in this
     directory (default: removed)."""
