@@ -9,6 +9,7 @@ import pytest
 from salient.errors import SalientError
 from salient.jobs.bench.driver import BENCHES, run_bench
 from salient.jobs.bench.quality import bench_quality
+from salient.jobs.cli import main
 from salient.jobs.compare import CompareError
 
 
@@ -18,10 +19,16 @@ def test_run_bench_refuses_options_a_bench_does_not_take():
         run_bench("masking", quick=True, epochs=3, n=10)
 
 
-def test_quality_bench_takes_compares_arms_and_refuses_an_unknown_one_before_any_work(tmp_path):
+def test_quality_bench_takes_compares_arms_and_refuses_an_unknown_one_before_any_work(
+    tmp_path, capsys
+):
     keep = tmp_path / "kept"
     with pytest.raises(CompareError, match="unknown arm 'ibot-typo'"):
-        run_bench("quality", device="cpu", arms="random, ibot-typo", keep=str(keep))
+        run_bench("quality", device="cpu", arms=("random", "ibot-typo"), keep=str(keep))
+    # the flag as compare's: a comma-separated list, parsed by the same flag machinery
+    argv = ["bench", "quality", "--arms", "random,ibot-typo", "--keep", str(keep)]
+    assert main(argv) == 2
+    assert "unknown arm 'ibot-typo'" in capsys.readouterr().err
     assert not keep.exists()  # refused by the config: no data composed, nothing trained
 
 

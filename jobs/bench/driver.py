@@ -63,7 +63,7 @@ class BenchConfig:
     """quality: training crop side in pixels (default: 64 on the CPU, 224 on CUDA)."""
     seeds: int | None = None
     """quality: runs of each arm (default 1); the tables give mean ± sd over them."""
-    arms: str | None = None
+    arms: tuple[str, ...] | None = None
     """quality: the arms, comma-separated, as ``salient compare --arms`` takes them (default:
     random,amt-label,amt-self), e.g. random,ibot,attmask-ibot-high,automae."""
     keep: str | None = None

@@ -7,7 +7,8 @@ refreshed from the model itself — at the preset of the device (``DEMO_PRESETS`
 CPU, MAE-Tiny at 64 px with 8 px patches on 2,000 colour-randomised demo scenes (500 held out),
 8 epochs; on CUDA, MAE-Base at 224 px on 20,000 scenes, 40 epochs; ``quick``, micro models on
 96 scenes for a smoke run. ``epochs``, ``n``, ``image_size`` and ``seeds`` override the
-preset, and ``arms`` (comma-separated, as ``salient compare --arms``) the default arms: the
+preset, and ``arms`` (as ``salient compare --arms``: ``--arms a,b`` on the command line) the
+default arms: the
 iBOT and AutoMAE arms are ``random,ibot,attmask-ibot-high,attmask-ibot-high-self,automae``.
 Returns the comparison's summary (``compare.json`` without the per-run records).
 """
@@ -30,15 +31,13 @@ def bench_quality(
     n: int | None = None,
     image_size: int | None = None,
     seeds: int | None = None,
-    arms: str | None = None,
+    arms: tuple[str, ...] | None = None,
     keep: str | None = None,
 ) -> dict:
     """Run the demo comparison; ``keep``: a directory to keep it in (by default a temporary
     one, removed after)."""
     preset = DEMO_PRESETS["quick" if quick else "cuda" if device.startswith("cuda") else "cpu"]
-    given = {"epochs": epochs, "n": n, "image_size": image_size, "seeds": seeds}
-    if arms is not None:
-        given["arms"] = tuple(name.strip() for name in arms.split(",") if name.strip())
+    given = {"epochs": epochs, "n": n, "image_size": image_size, "seeds": seeds, "arms": arms}
     root = keep or tempfile.mkdtemp(prefix="salient-bench-quality-")
     config = CompareConfig(
         demo=True, out=root, **{**preset, **{k: v for k, v in given.items() if v is not None}}

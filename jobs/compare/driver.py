@@ -244,9 +244,9 @@ class _Run:
         done = _read_json(self.root / "record.json")
         if done is not None and done["config"] == _plain(config.as_dict()):
             return done
-        stale = ["run", "maps.zarr", *self.root.glob("maps-epoch-*.zarr")]
+        stale = [self.root / "run", self.root / "maps.zarr", *self.root.glob("maps-epoch-*.zarr")]
         for path in stale:  # a run cut short starts over
-            shutil.rmtree(self.root / path, ignore_errors=True)
+            shutil.rmtree(path, ignore_errors=True)
         _say(f"{label}: training")
         start = time.perf_counter()
         summary = run_train(config)
@@ -267,9 +267,10 @@ class _Run:
 
     def _measure(self, config: TrainConfig, final: str) -> dict:
         c = self.compare
+        probed = self._checkpoints(final)
         curve = {  # epochs done -> probes; JSON keys are strings, so they are strings here too
-            str(epoch): probe(config, self.val, self.eval_out, self.checkpoint(epoch), False)
-            for epoch in _probed_epochs(c)[:-1]
+            str(epoch): probe(config, self.val, self.eval_out, checkpoint, False)
+            for epoch, checkpoint in probed[:-1]
         }
         final_probes = probe(config, self.val, self.eval_out, final, linear=True)
         init = init_probes(config, self.val, self.eval_out)
@@ -292,17 +293,16 @@ class _Run:
                 epoch: maps_of_checkpoint(
                     config, self.val, str(self.root / f"maps-epoch-{epoch}.zarr"), checkpoint
                 )
-                for epoch, checkpoint in self._checkpoints(final, online)
+                for epoch, checkpoint in (probed if online else probed[-1:])
             }
             measured["final_maps"] = maps[c.epochs]
             if online:
                 measured["generations"] = {f"epoch-{e}": figures for e, figures in maps.items()}
         return measured
 
-    def _checkpoints(self, final: str, every_probe: bool) -> list[tuple[int, str]]:
-        """(epoch, checkpoint) of the final encoder, and of every probed one before it when
-        ``every_probe``."""
-        probed = _probed_epochs(self.compare)[:-1] if every_probe else []
+    def _checkpoints(self, final: str) -> list[tuple[int, str]]:
+        """(epoch, checkpoint) of every probed epoch, oldest first; the last is ``final``."""
+        probed = _probed_epochs(self.compare)[:-1]
         return [*((e, self.checkpoint(e)) for e in probed), (self.compare.epochs, final)]
 
     def checkpoint(self, epoch: int) -> str:
