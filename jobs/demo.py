@@ -39,8 +39,10 @@ from pathlib import Path
 
 from salient import urls
 from salient.errors import SalientError
-from salient.jobs.eval.driver import EvalConfig, run_eval
-from salient.jobs.inspect.driver import InspectConfig, run_inspect
+from salient.jobs.eval.config import EvalConfig
+from salient.jobs.eval.driver import run_eval
+from salient.jobs.inspect.config import InspectConfig
+from salient.jobs.inspect.driver import run_inspect
 from salient.jobs.runtime.progress import progress_bar
 from salient.jobs.train.driver import TrainConfig, run_train
 from salient.pipeline.ingest import ingest_demo

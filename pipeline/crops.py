@@ -10,8 +10,8 @@ This is the step AMT's official code gets wrong (it slices the map with pixel in
 divided by the image size, so it always reads the top-left cells; docs/ARCHITECTURE.md, "Loader").
 
 Images are resampled bicubic by default, as MAE's ``RandomResizedCrop(..., interpolation=3)``
-(SimMIM keeps torchvision's bilinear default): ``INTERPOLATIONS``. Sampling weights are
-normalised where each strategy's paper does it (``masking.NORMALIZED_OVER``):
+(SimMIM keeps torchvision's bilinear default): ``loader_config.INTERPOLATIONS``. Sampling
+weights are normalised where each strategy's paper does it (``masking.NORMALIZED_OVER``):
 :func:`whole_image_weights` before the crop (AMT), :func:`normalize_weights` after it.
 
 Everything here runs on CPU and CUDA tensors with the same code.
@@ -33,10 +33,10 @@ from torchvision.ops import roi_align
 from torchvision.transforms import InterpolationMode
 
 from salient.errors import SalientError
+from salient.pipeline.loader_config import INTERPOLATIONS
 
 __all__ = [
     "CROP_DRAWS",
-    "INTERPOLATIONS",
     "CropBox",
     "CropError",
     "crop_box_from",
@@ -51,14 +51,10 @@ __all__ = [
 ]
 
 _ATTEMPTS = 10  # torchvision's RandomResizedCrop tries 10 boxes before its central fallback
-INTERPOLATIONS = {  # name -> torchvision mode; MAE: interpolation=3 (PIL bicubic)
-    "bicubic": InterpolationMode.BICUBIC,
-    "bilinear": InterpolationMode.BILINEAR,
-}
-_PIL_FILTERS = {  # the same names for the CPU workers' PIL crops
-    "bicubic": Image.Resampling.BICUBIC,
-    "bilinear": Image.Resampling.BILINEAR,
-}
+# Each resampling filter (``loader_config.INTERPOLATIONS``) as torchvision's mode (GPU crops) and
+# as PIL's filter (the CPU workers' crops).
+_MODES = {name: InterpolationMode[name.upper()] for name in INTERPOLATIONS}
+_PIL_FILTERS = {name: Image.Resampling[name.upper()] for name in INTERPOLATIONS}
 CROP_DRAWS = 4 * _ATTEMPTS + 1  # uniforms one box and its flip consume
 
 
@@ -176,7 +172,7 @@ def crop_image(image: Tensor, box: CropBox, size: int, interpolation: str = "bic
         box.height,
         box.width,
         [size, size],
-        interpolation=INTERPOLATIONS[interpolation],
+        interpolation=_MODES[interpolation],
         antialias=True,
     )
     return TF.hflip(out) if box.flip else out

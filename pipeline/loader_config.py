@@ -1,8 +1,9 @@
-"""The loader's config: ``LoaderConfig`` (one rank's loader) and the checks it runs on itself.
+"""The loader's config: ``LoaderConfig`` (one rank's loader), its multi-crop views
+(``MultiCrop``), and the checks it runs on itself.
 
 Every check raises ``LoaderError`` with a message that says what to change; the masking
 ratios also go through ``masking.mask_counts`` so the two agree. Importing this module
-touches no disk, GPU or Ray.
+touches no disk, GPU or Ray, and imports no torch (docs/ARCHITECTURE.md, "Start-up").
 """
 
 from __future__ import annotations
@@ -11,18 +12,45 @@ import os
 from dataclasses import dataclass, field
 
 from salient.errors import SalientError
-from salient.pipeline.crops import INTERPOLATIONS
-from salient.pipeline.masking import STRATEGIES, mask_counts, resolve_ratios
-from salient.pipeline.views import MultiCrop
+from salient.pipeline.strategies import STRATEGY_NAMES, mask_counts, resolve_ratios
 from salient.settings import check_fields, field_name, ranged
 
-__all__ = ["DECODE_ON", "LoaderConfig", "LoaderError"]
+__all__ = ["DECODE_ON", "INTERPOLATIONS", "LoaderConfig", "LoaderError", "MultiCrop"]
 
 DECODE_ON = ("auto", "worker", "device")  # where images are decoded (``LoaderConfig.decode``)
 
 
 class LoaderError(SalientError):
     """A loader that cannot run: bad config, a dataset too small for the batch, no samples."""
+
+
+# Resampling filters of the crops (``crops`` maps each to torchvision's and PIL's): MAE's
+# RandomResizedCrop(interpolation=3), PIL bicubic; SimMIM keeps torchvision's bilinear default.
+INTERPOLATIONS = ("bicubic", "bilinear")
+
+
+@dataclass(frozen=True)
+class MultiCrop:
+    """The views of one image (``LoaderConfig.views``): iBOT's ViT-S/16 multi-crop by default.
+
+    ``masks_online``: the trainer plans the masks from its own teacher inside the step
+    (AttMask's online source), so the loader plans none and reads no map. ``augment`` False
+    keeps the crops' pixels as cropped (tests, benchmarks of the crops alone).
+    """
+
+    global_crops: int = field(default=2, metadata=ranged(ge=1))  # iBOT main_ibot.py
+    # --global_crops_number 2
+    local_crops: int = field(default=10, metadata=ranged(ge=0))  # AttMask / iBOT README
+    # ViT-S/16: --local_crops_number 10
+    local_size: int = field(default=96, metadata=ranged(ge=1))  # DataAugmentationiBOT:
+    # RandomResizedCrop(96, ...) beside 224
+    local_scale: tuple[float, float] = (0.05, 0.25)  # README: --local_crops_scale 0.05 0.25
+    augment: bool = True
+    masks_online: bool = False
+
+    @property
+    def views(self) -> int:
+        return self.global_crops + self.local_crops
 
 
 @dataclass(frozen=True)
@@ -49,7 +77,7 @@ class LoaderConfig:
     ``shuffle_buffer`` is in samples per worker (0 or 1: no shuffle); ``chunk_size`` is how
     many samples a worker sends at a time; ``prefetch`` how many samples a background thread
     of each worker reads ahead of its decoding (0: reads inline). ``views`` (a
-    ``views.MultiCrop``) turns on multi-crop batches (iBOT's): global crops of ``image_size``
+    ``MultiCrop``) turns on multi-crop batches (iBOT's): global crops of ``image_size``
     at ``crop_scale``, local crops, DINO's colour augmentations, the map cropped with each
     global view and masks planned per global view (``plan_mask_flags``); it decodes in the
     workers and takes no throw ratio, mask unit or GPA target.
@@ -60,7 +88,7 @@ class LoaderConfig:
     image_size: int = field(default=224, metadata=ranged(ge=1))
     patch_size: int = field(default=16, metadata=ranged(ge=1))
     batch_size: int = field(default=64, metadata=ranged(ge=1))
-    strategy: str = field(default="amt", metadata={"choices": lambda: STRATEGIES})
+    strategy: str = field(default="amt", metadata={"choices": lambda: STRATEGY_NAMES})
     mask_ratio: float | None = field(default=None, metadata=ranged(ge=0, lt=1))
     throw_ratio: float | None = field(default=None, metadata=ranged(ge=0, lt=1))
     strategy_options: dict = field(default_factory=dict)
@@ -173,7 +201,7 @@ def _check_views(c: LoaderConfig) -> None:
     if v is None:
         return
     if not isinstance(v, MultiCrop):
-        raise LoaderError(f"views must be a views.MultiCrop (got {type(v).__name__})")
+        raise LoaderError(f"views must be a MultiCrop (got {type(v).__name__})")
     check_fields(v, LoaderError, lambda f: f"views.{f.name}")
     if c.head_maps is not None:
         raise LoaderError("multi-crop views carry no per-head maps; set views or head_maps")

@@ -13,7 +13,9 @@ docs/ARCHITECTURE.md, "Mask strategies"):
 - The same weights, generator state and options give the same plan. ``random`` and
   ``block`` read only the weights' shape and device.
 - :data:`DEFAULT_RATIOS` holds each strategy's paper ratios, :data:`NORMALIZED_OVER`
-  whether its map is normalised over the whole image or over the crop.
+  whether its map is normalised over the whole image or over the crop. They, the names and
+  :func:`mask_counts` are defined without torch in ``salient.pipeline.strategies`` and
+  re-exported here.
 """
 
 from __future__ import annotations
@@ -31,7 +33,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from salient.errors import SalientError
 from salient.pipeline.sampling import (
     column_order,
     first_rectangle,
@@ -45,6 +46,19 @@ from salient.pipeline.sampling import (
     unit_uniform,
     weight_keys,
     weighted_order,
+)
+from salient.pipeline.strategies import (
+    DEFAULT_RATIOS,
+    NEEDS_SALIENCY,
+    NORMALIZED_OVER,
+    SCHEDULE_OPTIONS,
+    STRATEGY_NAMES,
+    MaskCounts,
+    MaskError,
+    check_strategy,
+    default_ratios,
+    mask_counts,
+    resolve_ratios,
 )
 
 __all__ = [
@@ -70,42 +84,12 @@ THROW_MODES = ("middle", "low", "random")
 _MAX_CANDIDATES = 30  # block: one bit per rectangle in an int32, sign bit left alone
 
 
-class MaskError(SalientError):
-    """Bad mask-planning input: ratios, weights, progress, strategy or its options."""
-
-
 class MaskPlan(NamedTuple):
     """Patch indices of one batch; the three sets partition ``0..N-1`` per row."""
 
     visible_idx: Tensor  # [B, V] int64
     mask_idx: Tensor  # [B, M] int64
     throw_idx: Tensor  # [B, T] int64
-
-
-class MaskCounts(NamedTuple):
-    visible: int
-    mask: int
-    throw: int
-
-
-def mask_counts(num_patches: int, mask_ratio: float, throw_ratio: float = 0.0) -> MaskCounts:
-    """``(V, M, T)`` for ``N`` patches: ``M = int(N·r)``, ``T = int(N·(r+t)) − M`` (AMT's code).
-
-    Raises MaskError unless both ratios lie in [0, 1) and their sum is below 1.
-    """
-    if isinstance(num_patches, bool) or not isinstance(num_patches, int) or num_patches < 1:
-        raise MaskError(f"number of patches must be a positive int (got {num_patches!r})")
-    for name, ratio in (("mask_ratio", mask_ratio), ("throw_ratio", throw_ratio)):
-        if not isinstance(ratio, numbers.Real) or not 0.0 <= ratio < 1.0:
-            raise MaskError(f"{name} must be in [0, 1) (got {ratio!r}); pass a fraction of patches")
-    if mask_ratio + throw_ratio >= 1.0:
-        raise MaskError(
-            f"mask_ratio + throw_ratio must be < 1 (got {mask_ratio} + {throw_ratio}); "
-            "lower one so that some patches stay visible"
-        )
-    masked = int(num_patches * mask_ratio)
-    thrown = int(num_patches * (mask_ratio + throw_ratio)) - masked
-    return MaskCounts(num_patches - masked - thrown, masked, thrown)
 
 
 # ---------------------------------------------------------------- shared steps
@@ -283,8 +267,8 @@ STRATEGIES: dict[str, Callable[..., MaskPlan]] = {
     "attmask_hint": attmask_hint,
     "gpa": gpa_masking,
 }
-NEEDS_SALIENCY = frozenset(STRATEGIES) - {"random", "block"}
-SCHEDULE_OPTIONS = ("mask_prob", "ratio_var")  # AttMask's masking_prob, pred_ratio_var
+if tuple(STRATEGIES) != STRATEGY_NAMES:  # the names a flag accepts are declared without torch
+    raise ImportError(f"STRATEGIES {tuple(STRATEGIES)} must match strategies.STRATEGY_NAMES")
 _SCHEDULED = frozenset({"attmask_high", "attmask_low", "attmask_hint"})
 _OPTIONS = {  # name -> the keyword options it takes
     name: tuple(
@@ -296,69 +280,10 @@ _OPTIONS = {  # name -> the keyword options it takes
     for name, fn in STRATEGIES.items()
 }
 
-# Each strategy's paper ratios (mask_ratio, throw_ratio) with MAE; SimMIM's where they differ.
-DEFAULT_RATIOS: dict[str, tuple[float, float]] = {
-    "random": (0.75, 0.0),  # MAE Sec. 4 / Fig. 5: 75 % masked
-    "block": (0.4, 0.0),  # BEiT: blockwise masking of at most 40 % (its code: 75 of 196 patches)
-    "amt": (0.45, 0.40),  # AMT Sec. 4.1 "Implementation Details": r = 0.45, t = 0.4 with MAE
-    # AttMask's code: pred_ratio 0.3 (with pred_ratio_var 0.2: "10-50" of its Table 1)
-    "attmask_high": (0.3, 0.0),
-    "attmask_low": (0.3, 0.0),
-    "attmask_hint": (0.3, 0.0),
-    "gpa": (0.75, 0.0),  # GPA Sec. 4.1: overall masking ratio alpha = 0.75, nothing thrown
-}
-_SIMMIM_RATIOS: dict[str, tuple[float, float]] = {
-    # SimMIM's ViT-B config MASK_RATIO 0.6 (AMT Table 1: "SimMIM+Random M 60")
-    "random": (0.6, 0.0),
-    "amt": (0.44, 0.26),  # AMT Sec. 4.1: r = 0.44, t = 0.26 with SimMIM (its Table 2)
-}
-# iBOT masks 0.3 (± pred_ratio_var) of the tokens whatever the shape, and throws nothing:
-# iBOT main_ibot.py / AttMask main_attmask.py --pred_ratio 0.3, every --pred_shape
-_IBOT_RATIOS = (0.3, 0.0)
-
-# Where each strategy's map is min-max normalised to [0, 1] (README, "Decisions"): "image" =
-# the whole image's map, then cropped (AMT Sec. 3.2: "we normalize it to [0, 1] ... When the
-# image is cropped ... the corresponding area in the attention map is also cropped"; Alg. 1
-# P_A = Normalize(a_w)); "crop" = the crop's own map, as the teachers of AttMask and GPA see
-# the augmented crop (GPA's code min-max normalises the crop's map). AttMask only ranks, so
-# either order gives the same plan.
-NORMALIZED_OVER: dict[str, str] = {
-    "amt": "image",
-    "attmask_high": "crop",
-    "attmask_low": "crop",
-    "attmask_hint": "crop",
-    "gpa": "crop",
-}
-
 
 def strategy_names() -> tuple[str, ...]:
     """The registered strategy names (the choices of a ``--strategy`` flag)."""
     return tuple(STRATEGIES)
-
-
-def default_ratios(strategy: str, framework: str = "mae") -> tuple[float, float]:
-    """``(mask_ratio, throw_ratio)`` of ``strategy``'s paper with ``framework`` (``"mae"``,
-    ``"simmim"`` or ``"ibot"``): see :data:`DEFAULT_RATIOS`. Raises MaskError for an unknown
-    strategy."""
-    _strategy(strategy, {})
-    if framework == "simmim" and strategy in _SIMMIM_RATIOS:
-        return _SIMMIM_RATIOS[strategy]
-    if framework == "ibot":
-        return _IBOT_RATIOS
-    return DEFAULT_RATIOS[strategy]
-
-
-def resolve_ratios(
-    strategy: str, mask_ratio: float | None, throw_ratio: float | None, framework: str = "mae"
-) -> tuple[float, float]:
-    """``(mask_ratio, throw_ratio)`` as given, each one left ``None`` replaced by
-    ``strategy``'s paper value with ``framework`` (:func:`default_ratios`): the one rule of
-    ``salient train``'s config and of the library's ``LoaderConfig``."""
-    mask, throw = default_ratios(strategy, framework)
-    return (
-        mask if mask_ratio is None else mask_ratio,
-        throw if throw_ratio is None else throw_ratio,
-    )
 
 
 # ---------------------------------------------------------------- entry point
@@ -505,8 +430,7 @@ def check_options(
 
 
 def _strategy(name: str, options: dict) -> Callable[..., MaskPlan]:
-    if name not in STRATEGIES:
-        raise MaskError(f"unknown mask strategy {name!r}; choose one of {', '.join(STRATEGIES)}")
+    check_strategy(name)
     unknown = sorted(set(options) - set(_OPTIONS[name]))
     if unknown:
         takes = ", ".join(_OPTIONS[name]) or "no options"

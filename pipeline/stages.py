@@ -43,8 +43,9 @@ from salient.pipeline.crops import (
     whole_image_weights,
 )
 from salient.pipeline.epochs import Segment, epoch_segments, mix_seed
+from salient.pipeline.loader_config import MultiCrop
 from salient.pipeline.manifest import ShardInfo, ShardSource
-from salient.pipeline.views import VIEW_DRAWS, MultiCrop, augment_view, view_augment
+from salient.pipeline.views import VIEW_DRAWS, augment_view, view_augment
 from salient.store import SaliencyStore
 
 __all__ = [
@@ -361,7 +362,7 @@ def _collate(kept, boxes, hws, images, datas, spec: StreamSpec, tally: _Tally) -
 
 
 def prepare_views_chunk(samples: list[dict], spec: StreamSpec, plan: tuple, tally: _Tally) -> dict:
-    """Multi-crop chunks (``views.MultiCrop``): each image decoded once, cropped and
+    """Multi-crop chunks (``loader_config.MultiCrop``): each image decoded once, cropped and
     augmented into its global and local views; the map cropped with each global view's box.
     Columns: ``images`` uint8 ``[n, G, 3, S, S]``, ``locals`` uint8 ``[n, L, 3, s, s]``,
     ``weights [n, G, g²]``, ``boxes [n, G, 5]`` (the global views')."""

@@ -19,14 +19,13 @@ Importing this module touches no disk, GPU or Ray.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torchvision.transforms.v2.functional as TF
 from PIL import Image, ImageFilter, ImageOps
 
 from salient.pipeline.crops import CROP_DRAWS
-from salient.settings import ranged
 
 __all__ = [
     "AUGMENT_DRAWS",
@@ -35,34 +34,9 @@ __all__ = [
     "OTHER_GLOBAL",
     "VIEW_DRAWS",
     "Augment",
-    "MultiCrop",
     "augment_view",
     "view_augment",
 ]
-
-
-@dataclass(frozen=True)
-class MultiCrop:
-    """The views of one image (``LoaderConfig.views``): iBOT's ViT-S/16 multi-crop by default.
-
-    ``masks_online``: the trainer plans the masks from its own teacher inside the step
-    (AttMask's online source), so the loader plans none and reads no map. ``augment`` False
-    keeps the crops' pixels as cropped (tests, benchmarks of the crops alone).
-    """
-
-    global_crops: int = field(default=2, metadata=ranged(ge=1))  # iBOT main_ibot.py
-    # --global_crops_number 2
-    local_crops: int = field(default=10, metadata=ranged(ge=0))  # AttMask / iBOT README
-    # ViT-S/16: --local_crops_number 10
-    local_size: int = field(default=96, metadata=ranged(ge=1))  # DataAugmentationiBOT:
-    # RandomResizedCrop(96, ...) beside 224
-    local_scale: tuple[float, float] = (0.05, 0.25)  # README: --local_crops_scale 0.05 0.25
-    augment: bool = True
-    masks_online: bool = False
-
-    @property
-    def views(self) -> int:
-        return self.global_crops + self.local_crops
 
 
 @dataclass(frozen=True)

@@ -34,8 +34,10 @@ from salient.trainer.automae import (
 )
 from salient.trainer.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from salient.trainer.family import FAMILIES
-from salient.trainer.loop import WarmupCosine, build_optimizer, train_one_epoch
-from salient.trainer.models import ModelError, build_model, gather_tokens
+from salient.trainer.loop import build_optimizer, train_one_epoch
+from salient.trainer.models import build_model, gather_tokens
+from salient.trainer.schedules import WarmupCosine
+from salient.trainer.specs import ModelError
 from salient.trainer.steps import Progress
 from salient.trainer.teacher import saliency
 

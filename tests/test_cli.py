@@ -7,6 +7,8 @@ import ast
 import dataclasses
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -130,3 +132,31 @@ def test_a_continue_command_keeps_the_storage_options_it_was_given():
         "--storage-option", "endpoint_url=http://h:9000", "--storage-option=key=K",
     ]  # fmt: skip
     assert _storage_flags(["--data", "d", "--storage-option"]) == []  # no value: argparse's
+
+
+# Jobs whose parser, --help and flag errors load none of torch, timm, torchvision or Ray
+# (docs/ARCHITECTURE.md, "Start-up"); the others build their parsers from modules that do.
+LIGHT = ("train", "refresh", "eval", "inspect", "compare", "gc")
+_PROBE = """
+import sys
+from salient.jobs.cli import build_parser, main
+build_parser({name!r}).format_help()
+try:
+    main([{name!r}, "--no-such-flag"])
+except SystemExit as stop:
+    assert stop.code == 2, stop.code
+print(sorted(m for m in ("torch", "timm", "torchvision", "ray") if m in sys.modules))
+"""
+
+
+@pytest.mark.parametrize("name", LIGHT)
+def test_a_parser_and_a_bad_flag_load_no_torch_timm_or_ray(name):
+    done = subprocess.run(
+        [sys.executable, "-c", _PROBE.format(name=name)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "unrecognized arguments: --no-such-flag" in done.stderr
+    assert done.stdout.strip() == "[]", f"salient {name}'s parser loaded {done.stdout.strip()}"

@@ -25,7 +25,8 @@ import webdataset as wds
 import zarr
 from PIL import Image
 
-from salient.jobs.eval.driver import EvalConfig, EvalError, initial_checkpoint, run_eval
+from salient.jobs.eval.config import EvalConfig, EvalError
+from salient.jobs.eval.driver import initial_checkpoint, run_eval
 from salient.pipeline.ingest import ingest_folder
 from salient.pipeline.manifest import open_dataset
 from salient.trainer.checkpoint import save_checkpoint

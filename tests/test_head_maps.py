@@ -24,7 +24,8 @@ from salient.pipeline.manifest import open_dataset
 from salient.store import LayoutMismatchError, SaliencyStore
 from salient.trainer.automae import automae_loader_fields, build_automae
 from salient.trainer.family import FAMILIES
-from salient.trainer.loop import WarmupCosine, build_optimizer, train_one_epoch
+from salient.trainer.loop import build_optimizer, train_one_epoch
+from salient.trainer.schedules import WarmupCosine
 
 CELLS, IMAGE, PATCH, SOURCE, HEADS = 12, 64, 8, 96, 4
 GRID = IMAGE // PATCH

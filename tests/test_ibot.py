@@ -22,14 +22,16 @@ from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_
 from salient.errors import SalientError
 from salient.trainer.checkpoint import export_encoder, load_checkpoint, save_checkpoint
 from salient.trainer.family import FAMILIES
-from salient.trainer.ibot import IBOTSettings, build_ibot
+from salient.trainer.ibot import build_ibot
 from salient.trainer.ibot_loss import (
     cls_distillation,
     masked_patch_distillation,
     teacher_temperature,
 )
 from salient.trainer.ibot_step import clip_per_parameter
-from salient.trainer.loop import WarmupCosine, build_optimizer, train_one_epoch
+from salient.trainer.loop import build_optimizer, train_one_epoch
+from salient.trainer.schedules import WarmupCosine
+from salient.trainer.specs import IBOTSettings
 from salient.trainer.steps import Progress
 from salient.trainer.teacher_load import load_teacher
 
@@ -430,7 +432,7 @@ def test_one_process_ddp_steps_update_the_centres_through_all_reduce(tmp_path):
 
 
 def test_loader_fields_ask_for_multi_crop_views():
-    from salient.pipeline.views import MultiCrop
+    from salient.pipeline.loader_config import MultiCrop
 
     online = IBOT.loader_fields({"strategy": "attmask_high"})["views"]
     assert online == MultiCrop(masks_online=True)

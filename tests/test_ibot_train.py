@@ -31,15 +31,16 @@ from timm.layers import trunc_normal_
 from timm.models.vision_transformer import VisionTransformer
 
 from salient.jobs.cli import main
-from salient.jobs.eval.driver import EvalConfig, initial_checkpoint, run_eval
+from salient.jobs.eval.config import EvalConfig
+from salient.jobs.eval.driver import initial_checkpoint, run_eval
 from salient.jobs.train.config import TrainConfig, resolved
 from salient.jobs.train.recipes import recipe_config
 from salient.jobs.train.worker import _Worker
-from salient.pipeline.views import MultiCrop
+from salient.pipeline.loader_config import MultiCrop
 from salient.store import SaliencyStore
 from salient.trainer.checkpoint import unwrap_model
 from salient.trainer.family import FAMILIES
-from salient.trainer.loop import TrainError
+from salient.trainer.specs import TrainError
 from salient.trainer.teacher_load import load_teacher
 
 CPU = torch.device("cpu")

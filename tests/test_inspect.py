@@ -18,13 +18,8 @@ import zarr
 from PIL import Image
 
 from salient.errors import SalientError
-from salient.jobs.inspect.driver import (
-    SHADES,
-    InspectConfig,
-    InspectError,
-    print_sample,
-    run_inspect,
-)
+from salient.jobs.inspect.config import InspectConfig, InspectError
+from salient.jobs.inspect.driver import SHADES, print_sample, run_inspect
 from salient.jobs.inspect.stats import (
     HIST_BINS,
     box_coverage,

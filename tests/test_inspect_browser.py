@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from salient.jobs.inspect.driver import InspectConfig, run_inspect
+from salient.jobs.inspect.config import InspectConfig
+from salient.jobs.inspect.driver import run_inspect
 
 CHROMIUM, DRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"

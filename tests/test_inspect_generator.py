@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 import zarr
 
-from salient.jobs.inspect.driver import InspectConfig, InspectError, run_inspect
+from salient.jobs.inspect.config import InspectConfig, InspectError
+from salient.jobs.inspect.driver import run_inspect
 from salient.jobs.train.config import TrainConfig
 from salient.pipeline.manifest import open_dataset
 from salient.store import SaliencyStore

@@ -2,13 +2,15 @@
 
 Every first-party import of every module, at module top or inside a function, is read with
 ``ast``: ``salient`` root < ``store`` < ``pipeline`` < ``trainer`` < ``jobs``, a module imports
-only from its own layer or below, ``jobs/runtime`` imports no job, and the module graph has no
-cycle. Each rule is also run on a small planted tree, so the checks are shown to fail.
+only from its own layer or below, ``jobs/runtime`` imports no job, a first-party import inside a
+function says why on its line (``# lazy: …``), and the module graph has no cycle. Each rule is
+also run on a small planted tree, so the checks are shown to fail.
 """
 
 from __future__ import annotations
 
 import ast
+import re
 import textwrap
 from pathlib import Path
 
@@ -39,9 +41,12 @@ def _modules(root: Path) -> dict[str, Path]:
 
 def _imports(path: Path) -> list[tuple[str, int, str]]:
     """``(module, line, where)`` of every import in ``path``, ``where`` being ``top``,
-    ``typing`` (under a module-level ``if TYPE_CHECKING:``, never run) or ``lazy``; a
-    ``from X import Y`` counts as ``X.Y`` when that is a module, else ``X`` (see _resolve)."""
-    tree = ast.parse(path.read_text())
+    ``typing`` (under a module-level ``if TYPE_CHECKING:``, never run), ``declared`` (inside a
+    function, its line saying why: ``# lazy: <reason>``) or ``lazy``; a ``from X import Y``
+    counts as ``X.Y`` when that is a module, else ``X`` (see _resolve)."""
+    text = path.read_text()
+    lines = text.splitlines()
+    tree = ast.parse(text)
     where = {id(node): "top" for node in tree.body}
     for node in tree.body:
         if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
@@ -49,11 +54,18 @@ def _imports(path: Path) -> list[tuple[str, int, str]]:
     out = []
     for node in ast.walk(tree):
         kind = where.get(id(node), "lazy")
+        if kind == "lazy" and isinstance(node, ast.Import | ast.ImportFrom):
+            end = lines[(node.end_lineno or node.lineno) - 1]
+            if _LAZY_REASON.search(end):
+                kind = "declared"
         if isinstance(node, ast.Import):
             out += [(alias.name, node.lineno, kind) for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
             out += [(f"{node.module}.{a.name}", node.lineno, kind) for a in node.names]
     return out
+
+
+_LAZY_REASON = re.compile(r"#\s*lazy:\s*\S")  # "# lazy: <why>" on an import's (last) line
 
 
 def _resolve(name: str, modules: dict[str, Path]) -> str | None:
@@ -175,6 +187,10 @@ def _plant(tmp_path: Path, files: dict[str, str]) -> Path:
          "a higher layer"),
         ({"pipeline/a.py": "def f():\n    from salient.store.b import x\n", "store/b.py": "x = 1\n"},
          "inside a function"),
+        ({"pipeline/a.py": "def f():\n    from salient.store.b import x  # lazy:\n", "store/b.py": "x = 1\n"},
+         "inside a function"),
+        ({"store/a.py": "def f():\n    from salient.jobs.b import x  # lazy: torch\n", "jobs/b.py": "x = 1\n"},
+         "a higher layer"),
         ({"jobs/runtime/__init__.py": "", "jobs/runtime/a.py": "import salient.jobs.train\n",
           "jobs/train.py": "x = 1\n"}, "shared Ray plumbing"),
         ({"jobs/a.py": "from salient.jobs.b import x\ny = 1\n", "jobs/b.py": "from salient.jobs.a import y\nx = 1\n"},
@@ -194,5 +210,6 @@ def test_a_clean_planted_tree_passes(tmp_path):
         "store/a.py": "from salient.errors import E\n",
         "salient_root/errors.py": "E = 1\n",
         "jobs/b.py": "from salient.store.a import E\n\ndef f():\n    import ray\n",
+        "jobs/c.py": "def f():\n    from salient.store.a import E  # lazy: keeps c light\n",
     }
     assert _check(_plant(tmp_path, files)) == []

@@ -20,7 +20,8 @@ from salient.trainer.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from salient.trainer.models import MAE, MODELS, ModelError, build_model
+from salient.trainer.models import MAE, build_model
+from salient.trainer.specs import MODELS, ModelError
 
 SIZE, PATCH, N = 32, 8, 16
 V, M, T = 4, 7, 5  # visible / masked / thrown counts of the test plans
@@ -295,7 +296,8 @@ def test_gpa_target_loss_falls_on_a_toy():
 
 def test_gradient_accumulation_equals_one_big_batch():
     """MAE's --accum_iter: two half batches, loss / 2 each, one step = one full batch."""
-    from salient.trainer.loop import WarmupCosine, build_optimizer, train_one_epoch
+    from salient.trainer.loop import build_optimizer, train_one_epoch
+    from salient.trainer.schedules import WarmupCosine
 
     images, plan = _images(8), _plan(8)
 

@@ -25,7 +25,8 @@ from timm.models.vision_transformer import VisionTransformer
 
 from salient import urls
 from salient.jobs.cli import main
-from salient.jobs.inspect.driver import InspectConfig, run_inspect
+from salient.jobs.inspect.config import InspectConfig
+from salient.jobs.inspect.driver import run_inspect
 from salient.jobs.refresh.driver import RefreshConfig, run_refresh
 from salient.jobs.train.driver import TrainConfig, run_train
 from salient.pipeline.ingest import ingest_demo

@@ -122,7 +122,7 @@ def test_refresh_actors_spread_over_the_nodes():
 
 @pytest.mark.parametrize("value", [1.5, -0.25])
 def test_refresh_gpus_is_a_share_or_whole_gpus(value):
-    from salient.trainer.loop import TrainError
+    from salient.trainer.specs import TrainError
 
     with pytest.raises(TrainError, match="--refresh-gpus must be a share in"):
         TrainConfig(data="d", store="s", gpu=True, refresh_gpus=value)

@@ -28,14 +28,15 @@ import torch
 import zarr
 from PIL import Image
 
-from salient.jobs.eval.driver import EvalError
+from salient.jobs.eval.config import EvalError
 from salient.jobs.train.driver import TrainConfig, TrainError, run_train
 from salient.jobs.train.worker import refresh_due, uses_warmup_masking
 from salient.pipeline.ingest import ingest_folder
 from salient.pipeline.manifest import DatasetError
 from salient.trainer.checkpoint import CheckpointError
-from salient.trainer.loop import WarmupCosine, build_optimizer, train_one_epoch
+from salient.trainer.loop import build_optimizer, train_one_epoch
 from salient.trainer.models import build_model
+from salient.trainer.schedules import WarmupCosine
 
 WORKERS, BATCH, SAMPLES = 2, 8, 96
 STEPS_PER_EPOCH = SAMPLES // (WORKERS * BATCH)  # 6

@@ -27,8 +27,8 @@ from salient.jobs.train.driver import _with_map_heads, with_box_figures
 from salient.jobs.train.worker import _Worker, draw_seed, refresh_due
 from salient.store import SaliencyStore
 from salient.trainer.checkpoint import save_checkpoint
-from salient.trainer.loop import TrainError
 from salient.trainer.models import build_model
+from salient.trainer.specs import TrainError
 
 
 @dataclass

@@ -18,16 +18,9 @@ from PIL import Image, ImageFilter, ImageOps
 from salient.pipeline import shards
 from salient.pipeline.crops import CropBox, crop_pil
 from salient.pipeline.loader import IMAGENET_MEAN, IMAGENET_STD, LoaderConfig, SalientLoader
-from salient.pipeline.loader_config import LoaderError
+from salient.pipeline.loader_config import LoaderError, MultiCrop
 from salient.pipeline.manifest import open_dataset
-from salient.pipeline.views import (
-    FIRST_GLOBAL,
-    LOCAL,
-    OTHER_GLOBAL,
-    MultiCrop,
-    augment_view,
-    view_augment,
-)
+from salient.pipeline.views import FIRST_GLOBAL, LOCAL, OTHER_GLOBAL, augment_view, view_augment
 from salient.store import SaliencyStore
 
 STORE_GRID, IMAGE, PATCH, SOURCE, LOCAL_SIZE = 12, 64, 8, 96, 32

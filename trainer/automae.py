@@ -47,13 +47,13 @@ from torch.nn.utils.parametrizations import spectral_norm
 
 from salient.pipeline.masking import MaskPlan
 from salient.trainer.checkpoint import unwrap_model
-from salient.trainer.models import MAE, ModelError, gather_tokens, model_spec
+from salient.trainer.models import MAE, gather_tokens, model_spec
+from salient.trainer.specs import LOSS_G_FACTOR, MAP_SOURCES, MASK_FACTOR, ModelError
 from salient.trainer.steps import Progress, StepHooks, sync_if
 from salient.trainer.teacher import saliency
 from salient.trainer.teacher_load import Teacher, load_teacher
 
 __all__ = [
-    "MAP_SOURCES",
     "AutoMAE",
     "AutoMAEHooks",
     "AutoMAEOutput",
@@ -73,10 +73,7 @@ __all__ = [
     "teacher_input",
 ]
 
-MAP_SOURCES = ("store", "online")
 MASK_RATIO = 0.75  # AutoMAE run_pretrain.sh: --mask_ratio 0.75
-MASK_FACTOR = 0.5  # main_pretrain.py: --mask_factor 0.5 (run_pretrain.sh keeps it: "bmask0.5x")
-LOSS_G_FACTOR = 0.2  # main_pretrain.py: --loss_g_factor 0.2 (paper Sec. 3.3: "by grid search")
 GUMBEL_TAU = 1.0  # models_mae.py scorer_mask: F.gumbel_softmax(mask, tau=1)
 D_BETAS = (0.9, 0.95)  # main_pretrain.py: optimizer_d = torch.optim.Adam(..., betas=(0.9, 0.95))
 PSEUDO_RAISE = 0.5  # engine_pretrain.py: random_rectangle_simple(0.5, ...) (paper Sec. 3.2)

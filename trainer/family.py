@@ -43,7 +43,7 @@ from salient.trainer.automae import (
     automae_settings,
     build_automae,
 )
-from salient.trainer.ibot import IBOT_MODELS, build_ibot
+from salient.trainer.ibot import build_ibot
 from salient.trainer.ibot_step import (
     clip_per_parameter,
     ibot_forward,
@@ -51,14 +51,13 @@ from salient.trainer.ibot_step import (
     ibot_loader_fields,
     ibot_settings,
 )
-from salient.trainer.models import MODELS, build_model
+from salient.trainer.models import build_model
+from salient.trainer.specs import FAMILY_NAMES
 from salient.trainer.steps import StepHooks
 
 __all__ = [
     "FAMILIES",
-    "MODEL_FAMILIES",
     "Family",
-    "family_of",
     "loss_targets",
     "masked_image_forward",
     "masked_image_settings",
@@ -150,15 +149,5 @@ FAMILIES: dict[str, Family] = {
         settings=automae_settings,
     ),
 }
-
-# Every model name a run can ask for, and the family it belongs to by default (AutoMAE trains
-# the mae-* models, so it is chosen by the family, not the name).
-MODEL_FAMILIES: dict[str, str] = {
-    **{name: spec.kind for name, spec in MODELS.items()},
-    **dict.fromkeys(IBOT_MODELS, "ibot"),
-}
-
-
-def family_of(model: str, family: str | None = None) -> str:
-    """The family a run trains: ``family`` when given, else the model's own."""
-    return family or MODEL_FAMILIES[model]
+if tuple(FAMILIES) != FAMILY_NAMES:  # the names a flag accepts are declared without torch
+    raise ImportError(f"FAMILIES {tuple(FAMILIES)} must match specs.FAMILY_NAMES {FAMILY_NAMES}")

@@ -28,7 +28,6 @@ Importing this module touches no disk, GPU or Ray.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -48,80 +47,17 @@ from salient.trainer.ibot_loss import (
     teacher_targets,
     teacher_temperature,
 )
-from salient.trainer.models import ENCODER_SIZES, ModelError, ModelSpec, encoder_kwargs_for
+from salient.trainer.models import encoder_kwargs_for
+from salient.trainer.specs import ENCODER_SIZES, IBOT_MODELS, IBOTSettings, ModelError, ModelSpec
 from salient.trainer.teacher import cls_attention
 
-__all__ = ["IBOT", "IBOT_MODELS", "IBOT_SOURCES", "IBOTHead", "IBOTSettings", "build_ibot"]
+__all__ = ["IBOT", "IBOTHead", "build_ibot"]
 
 # Head sizes: iBOT models/head.py DINOHead defaults (nlayers=3, hidden_dim=2048,
 # bottleneck_dim=256) and --out_dim 8192 (main_ibot.py default; AttMask's README commands).
 # "micro" is for tests only.
 _HEADS = {"micro": (3, 64, 16, 64)}  # nlayers, hidden, bottleneck, out_dim
 _HEAD = (3, 2048, 256, 8192)
-IBOT_MODELS = tuple(f"ibot-{size}" for size in ENCODER_SIZES)
-# online: the EMA teacher's attention in the step (AttMask's); store: the store's maps
-IBOT_SOURCES = ("online", "store")
-
-
-@dataclass(frozen=True)
-class IBOTSettings:
-    """Everything of an iBOT run but its sizes, with the values of the published ViT-S/16 runs
-    (AttMask's README commands, which are iBOT's README command at 100 epochs)."""
-
-    norm_last_layer: bool = False  # README ViT-S: --norm_last_layer False (code default True)
-    out_dim: int | None = None  # None: the size's (8192: --out_dim 8192)
-    drop_path: float = 0.1  # main_ibot.py --drop_path 0.1 (student only)
-    lambda1: float = 1.0  # main_ibot.py --lambda1: weight of the [CLS] loss
-    lambda2: float = 1.0  # main_ibot.py --lambda2: weight of the patch loss
-    student_temp: float = 0.1  # iBOTLoss(student_temp=0.1)
-    warmup_teacher_temp: float = 0.04  # main_ibot.py --warmup_teacher_temp 0.04
-    teacher_temp: float = 0.07  # README ViT-S: --teacher_temp 0.07 (code default 0.04)
-    warmup_teacher_patch_temp: float = 0.04  # --warmup_teacher_patch_temp 0.04
-    teacher_patch_temp: float = 0.07  # --teacher_patch_temp 0.07
-    warmup_teacher_temp_epochs: int = 30  # --warmup_teacher_temp_epochs 30
-    center_momentum: float = 0.9  # iBOTLoss(center_momentum=0.9, center_momentum2=0.9)
-    momentum_teacher: float = 0.996  # --momentum_teacher 0.996, cosine to 1
-    weight_decay: float = 0.04  # --weight_decay 0.04, cosine to --weight_decay_end 0.4
-    weight_decay_end: float = 0.4
-    freeze_last_layer: int = 1  # --freeze_last_layer 1 (epochs)
-    strategy: str = "block"  # main_ibot.py --pred_shape block; AttMask: attmask_high / _hint
-    mask_ratio: float = 0.3  # --pred_ratio 0.3 ...
-    # ... ± 0.2 (--pred_ratio_var 0.2), one ratio per batch, and half the images masked
-    # (AttMask --masking_prob 0.5; iBOT's --pred_ratio 0 0.3 draws ratio 0 for half of them)
-    strategy_options: dict = field(default_factory=lambda: {"mask_prob": 0.5, "ratio_var": 0.2})
-    # Where the attention masks' maps come from (the model plans them itself when a batch
-    # brings none): "online", the teacher's attention in the step (AttMask's), or "store",
-    # the loader's masks from the store's maps. With the views below, the loader's fields
-    # (``ibot_step.ibot_loader_fields``); the model reads none of them.
-    saliency_source: str = "online"
-    local_crops: int | None = None  # None: ``views.MultiCrop``'s (README: 10)
-    local_size: int | None = None  # None: MultiCrop's (96)
-    local_scale: tuple[float, float] | None = None  # None: MultiCrop's (0.05, 0.25)
-
-    def __post_init__(self) -> None:
-        if self.saliency_source not in IBOT_SOURCES:
-            raise ModelError(
-                f"iBOT saliency_source must be one of {', '.join(IBOT_SOURCES)} "
-                f"(got {self.saliency_source!r})"
-            )
-        for name in ("student_temp", "warmup_teacher_temp", "teacher_temp"):
-            if not getattr(self, name) > 0:
-                raise ModelError(f"iBOT {name} must be > 0 (got {getattr(self, name)})")
-        for name in ("warmup_teacher_patch_temp", "teacher_patch_temp"):
-            if not getattr(self, name) > 0:
-                raise ModelError(f"iBOT {name} must be > 0 (got {getattr(self, name)})")
-        for name in ("momentum_teacher", "center_momentum"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ModelError(f"iBOT {name} must lie in [0, 1] (got {getattr(self, name)})")
-        if self.warmup_teacher_temp_epochs < 1 or self.freeze_last_layer < 0:
-            raise ModelError(
-                "iBOT warmup_teacher_temp_epochs must be >= 1 and freeze_last_layer >= 0 "
-                f"(got {self.warmup_teacher_temp_epochs}, {self.freeze_last_layer})"
-            )
-
-    def mask_options(self) -> dict:
-        """The keywords of ``plan_mask_flags`` (``mask_prob``, ``ratio_var``, the strategy's)."""
-        return dict(self.strategy_options)
 
 
 class IBOTHead(nn.Module):

@@ -20,11 +20,12 @@ import torch
 from torch import Tensor, nn
 
 from salient.pipeline.epochs import mix_seed
+from salient.pipeline.loader_config import MultiCrop
 from salient.pipeline.masking import NEEDS_SALIENCY
-from salient.pipeline.views import MultiCrop
 from salient.trainer.checkpoint import unwrap_model
-from salient.trainer.ibot import IBOTSettings
-from salient.trainer.steps import Progress, StepHooks, half_cosine
+from salient.trainer.schedules import half_cosine
+from salient.trainer.specs import IBOTSettings
+from salient.trainer.steps import Progress, StepHooks
 
 __all__ = [
     "IBOTHooks",

@@ -26,77 +26,22 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any
 
 import torch
 from timm.optim import param_groups_weight_decay
 from torch import nn
 
-from salient.errors import SalientError
 from salient.trainer.family import FAMILIES, Family
-from salient.trainer.steps import Progress, StepHooks, half_cosine, sync_if
+from salient.trainer.schedules import WarmupCosine
+from salient.trainer.specs import TrainError
+from salient.trainer.steps import Progress, StepHooks, sync_if
 
 __all__ = [
-    "TrainError",
-    "WarmupCosine",
     "autocast_for",
     "build_optimizer",
     "param_checksum",
     "train_one_epoch",
 ]
-
-
-class TrainError(SalientError):
-    """A training run that cannot start or cannot go on (bad settings, a diverged loss)."""
-
-
-class WarmupCosine:
-    """Learning rate of step ``s``: linear warmup to ``base_lr``, then cosine down to ``min_lr``.
-
-    MAE's ``util/lr_sched.adjust_learning_rate`` (applied every iteration), indexed by step
-    instead of fractional epoch. Past ``total_steps`` (a resumed run given more epochs) the
-    rate stays at ``min_lr``. ``state_dict`` makes it a checkpointable scheduler.
-    """
-
-    def __init__(
-        self, base_lr: float, total_steps: int, warmup_steps: int = 0, min_lr: float = 0.0
-    ) -> None:
-        self.base_lr, self.min_lr = float(base_lr), float(min_lr)
-        self.total_steps, self.warmup_steps = int(total_steps), int(warmup_steps)
-
-    def __call__(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return self.base_lr * (step + 1) / self.warmup_steps
-        span = max(self.total_steps - self.warmup_steps, 1)
-        return half_cosine(self.base_lr, self.min_lr, min((step - self.warmup_steps) / span, 1.0))
-
-    def total(self) -> float:
-        """The sum of the rates of steps ``0 … total_steps − 1``: the warmup's arithmetic
-        series plus the half-cosine's mean, ``(base + min) / 2``, over the rest. AdamW moves a
-        weight by about the rate or less per step, so this bounds how far any weight moves."""
-        warmup = min(self.warmup_steps, self.total_steps)  # steps 0 … warmup − 1 warm up
-        rising = self.base_lr * warmup * (warmup + 1) / (2 * max(self.warmup_steps, 1))
-        return rising + (self.base_lr + self.min_lr) / 2 * (self.total_steps - warmup)
-
-    def apply(self, optimizer: torch.optim.Optimizer, step: int) -> float:
-        """Set every parameter group's rate for ``step``; returns it."""
-        lr = self(step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        return lr
-
-    def state_dict(self) -> dict[str, float | int]:
-        return {
-            "base_lr": self.base_lr,
-            "min_lr": self.min_lr,
-            "total_steps": self.total_steps,
-            "warmup_steps": self.warmup_steps,
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.__init__(
-            state["base_lr"], state["total_steps"], state["warmup_steps"], state["min_lr"]
-        )
 
 
 def build_optimizer(

@@ -26,7 +26,6 @@ decoder stack for it; one extra output of the shared decoder is our choice (READ
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -34,17 +33,13 @@ from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from timm.models.vision_transformer import Block, VisionTransformer, init_weights_vit_timm
 from torch import nn
 
-from salient.errors import SalientError
+from salient.trainer.specs import MODELS, ModelError, ModelSpec
 
 if TYPE_CHECKING:
     from salient.pipeline.masking import MaskPlan
 
 __all__ = [
-    "ENCODER_SIZES",
     "MAE",
-    "MODELS",
-    "ModelError",
-    "ModelSpec",
     "SimMIM",
     "build_model",
     "encoder_kwargs_for",
@@ -52,10 +47,6 @@ __all__ = [
     "model_spec",
     "sincos_pos_embed",
 ]
-
-
-class ModelError(SalientError):
-    """A model that cannot be built as asked (unknown name, sizes that do not fit)."""
 
 
 def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -296,37 +287,6 @@ class SimMIM(_MaskedImageModel):
 
 
 # ---- registry and factory --------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """One named size: the encoder's width / depth / heads, and the MAE decoder's."""
-
-    kind: str  # "mae" | "simmim"
-    embed_dim: int
-    depth: int
-    num_heads: int
-    decoder_dim: int = 0
-    decoder_depth: int = 0
-    decoder_heads: int = 0
-
-
-# Encoders: ViT-Ti / S / B (DeiT and ViT sizes). MAE decoders: 512-d, 8 blocks, 16 heads for
-# ViT-B (MAE's default); our choice for the smaller encoders is 256-d, 4 blocks, 8 heads, so
-# the decoder stays a minority of the compute as in MAE-B. "micro" is for tests only.
-_SIZES = {
-    "micro": (32, 2, 2, 32, 1, 2),
-    "tiny": (192, 12, 3, 256, 4, 8),
-    "small": (384, 12, 6, 256, 4, 8),
-    "base": (768, 12, 12, 512, 8, 16),
-}
-ENCODER_SIZES: dict[str, tuple[int, int, int]] = {  # size -> (embed_dim, depth, num_heads)
-    size: dims[:3] for size, dims in _SIZES.items()
-}
-MODELS: dict[str, ModelSpec] = {
-    **{f"mae-{size}": ModelSpec("mae", *dims) for size, dims in _SIZES.items()},
-    **{f"simmim-{size}": ModelSpec("simmim", *dims[:3]) for size, dims in _SIZES.items()},
-}
 
 
 def encoder_kwargs_for(spec: ModelSpec, image_size: int, patch_size: int) -> dict[str, Any]:

@@ -27,7 +27,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from salient.trainer.loop import WarmupCosine
+from salient.trainer.schedules import WarmupCosine
 
 __all__ = [
     "KNN_K",

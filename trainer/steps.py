@@ -11,7 +11,6 @@ Importing this module touches no disk, GPU or Ray.
 
 from __future__ import annotations
 
-import math
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["Progress", "StepHooks", "half_cosine", "sync_if"]
+__all__ = ["Progress", "StepHooks", "sync_if"]
 
 
 @dataclass(frozen=True)
@@ -35,12 +34,6 @@ class Progress:
     def fraction(self) -> float:
         """The share of the run's steps done before this one, in [0, 1]."""
         return min(self.step / max(self.total_steps, 1), 1.0)
-
-
-def half_cosine(start: float, end: float, fraction: float) -> float:
-    """A half cosine from ``start`` (fraction 0) to ``end`` (fraction 1): MAE's and DINO's
-    schedules (MAE ``util/lr_sched.py``; DINO / iBOT ``utils.cosine_scheduler``)."""
-    return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * fraction))
 
 
 class StepHooks:

@@ -32,22 +32,15 @@ from timm.models.vision_transformer import Block, ResPostBlock, VisionTransforme
 from torch import Tensor, nn
 
 from salient.errors import SalientError
+from salient.trainer.specs import KINDS, REDUCES
 
 __all__ = [
-    "KINDS",
-    "MAP_KINDS",
-    "REDUCES",
     "SaliencySpec",
     "TeacherError",
     "cls_attention",
     "preprocess",
     "saliency",
 ]
-
-# The one registry of saliency kinds and head reductions (refresh, train and inspect read it).
-KINDS = ("cls_attn", "gpa", "heads")
-MAP_KINDS = ("cls_attn", "gpa")  # one map per image: what a mask strategy reads
-REDUCES = ("mean", "minmax_mean")
 
 # The input of `blk.attn` for each supported timm block: pre-norm Block vs post-norm ResPostBlock.
 _ATTN_INPUT: dict[type, Callable[[nn.Module, Tensor], Tensor]] = {

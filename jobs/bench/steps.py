@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from salient.trainer.family import FAMILIES, Family
-from salient.trainer.loop import WarmupCosine, train_one_epoch
+from salient.trainer.loop import train_one_epoch
+from salient.trainer.schedules import WarmupCosine
 
 __all__ = ["step_rate"]
 

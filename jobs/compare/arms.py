@@ -5,7 +5,7 @@ An arm is named by
 - a **recipe** (``salient.jobs.train.recipes.RECIPES``: ``mae``, ``amt-mae``, ``attmask-mae``,
   ``gpa-mae``, …): every value of the paper's run — masks, their options and schedule, map
   kind, loss, optimiser betas and decay, crops — with the comparison's shared settings on top;
-- a **strategy** (``pipeline.masking.STRATEGIES``; ``attmask-high`` spells ``attmask_high``):
+- a **strategy** (``pipeline.strategies.STRATEGY_NAMES``; ``attmask-high`` spells ``attmask_high``):
   MAE with that mask strategy at its paper's ratios, every other setting salient's default,
   so two strategy arms differ in their masks only;
 - either of them with a **teacher suffix**: ``-self`` (maps refreshed from the arm's own
@@ -41,8 +41,8 @@ from dataclasses import dataclass, fields, replace
 from salient.errors import SalientError
 from salient.jobs.train.config import TrainConfig
 from salient.jobs.train.recipes import RECIPES, fitted, resolve_recipe
-from salient.pipeline.masking import NEEDS_SALIENCY, STRATEGIES
-from salient.trainer.family import MODEL_FAMILIES
+from salient.pipeline.strategies import NEEDS_SALIENCY, STRATEGY_NAMES
+from salient.trainer.specs import MODEL_FAMILIES
 
 __all__ = ["TEACHERS", "Arm", "ArmError", "arm_config", "arm_names", "parse_arm", "scaled_model"]
 
@@ -71,7 +71,7 @@ class Arm:
 
 def arm_names() -> list[str]:
     """What ``--arms`` accepts, for messages and help: recipes, strategies, and the suffixes."""
-    strategies = [s.replace("_", "-") for s in STRATEGIES]
+    strategies = [s.replace("_", "-") for s in STRATEGY_NAMES]
     return sorted(RECIPES) + strategies + ["<name>-self", "<name>-label"]
 
 
@@ -80,7 +80,7 @@ def _base_values(base: str) -> dict | None:
     if base in RECIPES:
         return resolve_recipe(base)
     strategy = base.replace("-", "_")
-    if strategy in STRATEGIES:
+    if strategy in STRATEGY_NAMES:
         return {"model": _BASE_MODEL, "strategy": strategy}
     return None
 

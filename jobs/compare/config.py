@@ -15,7 +15,7 @@ from salient.errors import SalientError
 from salient.jobs.compare.arms import ArmError, parse_arm
 from salient.pipeline.demo import DEMO_VARIANTS
 from salient.settings import check_fields, ranged
-from salient.trainer.models import ENCODER_SIZES
+from salient.trainer.specs import ENCODER_SIZES
 
 __all__ = ["DEMO_PRESETS", "CompareConfig", "CompareError"]
 

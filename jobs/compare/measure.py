@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from salient.jobs.eval.driver import EvalConfig, init_checkpoint, run_eval
+from salient.jobs.eval.config import EvalConfig
+from salient.jobs.eval.driver import init_checkpoint, run_eval
 from salient.jobs.inspect.data import demo_hw, shard_boxes
 from salient.jobs.inspect.driver import generation_stats
 from salient.jobs.inspect.stats import box_coverage

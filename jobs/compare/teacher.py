@@ -27,8 +27,9 @@ from torch import nn
 
 from salient.jobs.eval.worker import read_shard_images
 from salient.pipeline.manifest import open_dataset
-from salient.trainer.loop import WarmupCosine
-from salient.trainer.models import MODELS, encoder_kwargs_for
+from salient.trainer.models import encoder_kwargs_for
+from salient.trainer.schedules import WarmupCosine
+from salient.trainer.specs import MODELS
 from salient.trainer.teacher import preprocess
 
 __all__ = ["train_label_teacher"]

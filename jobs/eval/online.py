@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from salient.jobs.eval.driver import EVAL_CROP_RATIO
+from salient.jobs.eval.config import EVAL_CROP_RATIO
 from salient.jobs.eval.worker import FeatureSpec, read_shard_images, shard_features
 from salient.jobs.runtime.shard_pool import ActorInputs
 from salient.pipeline.manifest import open_dataset

@@ -9,7 +9,7 @@ features in-process for the probe during training (``salient.jobs.eval.online``)
 
 The evaluation view is MAE's (``main_linprobe.py``, from DeiT): resize the shorter side to
 ``int(S / crop_ratio)`` (bicubic, antialiased), then a centre crop of ``S × S`` — 256 → 224 at
-S = 224 with ``salient.jobs.eval.driver.EVAL_CROP_RATIO`` (0.875). ``crop_ratio = 1`` resizes the
+S = 224 with ``salient.jobs.eval.config.EVAL_CROP_RATIO`` (0.875). ``crop_ratio = 1`` resizes the
 shorter side to S and crops the centre square.
 Features, from the encoder's final norm (timm ``forward_features``): the CLS token, and the
 mean of the patch tokens (register tokens excluded).

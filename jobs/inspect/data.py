@@ -17,14 +17,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from salient.errors import SalientError
+from salient.jobs.inspect.config import InspectError
 from salient.pipeline import shards
 
-__all__ = ["InspectError", "Sample", "demo_hw", "read_samples", "shard_boxes"]
-
-
-class InspectError(SalientError):
-    """Bad inspect input: unknown or unpublished generation, ids out of range, bad options."""
+__all__ = ["Sample", "demo_hw", "read_samples", "shard_boxes"]
 
 
 @dataclass(frozen=True)

@@ -27,12 +27,13 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from salient.jobs.inspect.data import InspectError
+from salient.jobs.inspect.config import InspectError
 from salient.jobs.inspect.stats import box_coverage, sample_generator, usable
 from salient.pipeline.crops import CropBox, crop_head_maps
 from salient.trainer.automae import AutoMAE, learned_mask_plan
 from salient.trainer.checkpoint import load_checkpoint
-from salient.trainer.family import FAMILIES, family_of
+from salient.trainer.family import FAMILIES
+from salient.trainer.specs import family_of
 
 __all__ = ["GeneratorTally", "generator_view", "load_generator"]
 

@@ -3,6 +3,12 @@
 Every check here needs no disk, Ray or GPU, so a bad flag fails before any work; the checks
 that read the dataset, the store and the run directory live in ``salient.jobs.train.driver``.
 Ray Train pickles the config to every worker, so it stays a module-level frozen dataclass.
+
+The module imports no torch, timm or Ray at its top, so that a parser, ``--help`` and a bad
+flag answer before they load (docs/ARCHITECTURE.md, "Start-up"): its choices and defaults come
+from ``trainer.specs`` and ``pipeline.strategies``. The three things that need torch import it
+where they run: the strategy options' dry-run plan (``masking.check_options``) and the
+family's loader fields (``trainer.family``).
 """
 
 from __future__ import annotations
@@ -11,28 +17,34 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from salient import urls
-from salient.jobs.refresh.driver import RefreshConfig
-from salient.jobs.train.maps import MAPS
-from salient.pipeline.crops import INTERPOLATIONS
-from salient.pipeline.loader_config import LoaderConfig
-from salient.pipeline.masking import (
+from salient.jobs.refresh.config import RefreshConfig
+from salient.pipeline.loader_config import INTERPOLATIONS, LoaderConfig, MultiCrop
+from salient.pipeline.strategies import (
     NEEDS_SALIENCY,
     SCHEDULE_OPTIONS,
-    STRATEGIES,
+    STRATEGY_NAMES,
     MaskError,
-    check_options,
     resolve_ratios,
 )
-from salient.pipeline.views import MultiCrop
 from salient.settings import check_fields, flag_of, ranged
-from salient.trainer.automae import LOSS_G_FACTOR, MAP_SOURCES, MASK_FACTOR
-from salient.trainer.family import FAMILIES, MODEL_FAMILIES, family_of
-from salient.trainer.ibot import IBOT_SOURCES, IBOTSettings
-from salient.trainer.loop import TrainError, WarmupCosine
-from salient.trainer.teacher import KINDS, REDUCES
+from salient.trainer.schedules import WarmupCosine
+from salient.trainer.specs import (
+    FAMILY_NAMES,
+    IBOT_SOURCES,
+    KINDS,
+    LOSS_G_FACTOR,
+    MAP_SOURCES,
+    MASK_FACTOR,
+    MODEL_FAMILIES,
+    REDUCES,
+    IBOTSettings,
+    TrainError,
+    family_of,
+)
 
 __all__ = ["LR_SUM_FLOOR", "TrainConfig", "resolved"]
 
+MAPS = ("own", "any")  # whose generations the strategy reads (--maps)
 # Below this sum of a run's learning rates AdamW (about one rate per step and weight) moves no
 # weight by more than 5 % of 0.02, the std of timm's ViT initialisation (trunc_normal_ .02).
 LR_SUM_FLOOR = 1e-3
@@ -54,10 +66,10 @@ class TrainConfig:
     first refresh)."""
     model: str = field(default="mae-tiny", metadata={"choices": lambda: MODEL_FAMILIES})
     """Model: MAE, SimMIM or iBOT with a ViT-Ti / S / B encoder (micro: tests only)."""
-    family: str | None = field(default=None, metadata={"choices": lambda: FAMILIES})
+    family: str | None = field(default=None, metadata={"choices": lambda: FAMILY_NAMES})
     """Pretraining method (mae, simmim, ibot, automae); unset: the model's own (mae-* trains
     MAE; AutoMAE trains an mae-* model with its learned masks)."""
-    strategy: str = field(default="amt", metadata={"choices": lambda: STRATEGIES})
+    strategy: str = field(default="amt", metadata={"choices": lambda: STRATEGY_NAMES})
     """Mask strategy after the warmup (README, "Mask strategies")."""
     mask_ratio: float | None = field(default=None, metadata=ranged(gt=0, lt=1))
     """Share of the patches (or mask units) masked; unset: the strategy's paper value (amt
@@ -312,6 +324,8 @@ class TrainConfig:
     def family_loader_fields(self) -> dict:
         """The ``LoaderConfig`` fields the family's batches need (``Family.loader_fields``:
         AutoMAE's per-head maps with the store source), or ``{}``."""
+        from salient.trainer.family import FAMILIES  # lazy: torch (module docstring)
+
         family = FAMILIES[self.framework]
         return family.loader_fields(family.settings(self))
 
@@ -421,6 +435,8 @@ class TrainConfig:
         """The loader of ``rank`` of ``world``: the strategy's, or with ``warmup`` the warmup
         epochs' (random masking at ``warmup_mask_ratio``, no store, the same mask units), with
         the fields the family's batches need (``Family.loader_fields``: iBOT's views)."""
+        from salient.trainer.family import FAMILIES  # lazy: torch (module docstring)
+
         family = FAMILIES[self.framework]
         main = LoaderConfig(
             data=self.data,
@@ -577,6 +593,8 @@ def _check_options(c: TrainConfig) -> None:
         )
     units = (c.image_size // c.patch_size // c.unit) ** 2
     flags = c.framework == "ibot"  # iBOT's masks: plan_mask_flags, nothing thrown
+    from salient.pipeline.masking import check_options  # lazy: torch (module docstring)
+
     try:
         check_options(c.strategy, c.strategy_options, units, c.mask_ratio, c.throw_ratio, 1, flags)
     except MaskError as exc:

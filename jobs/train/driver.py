@@ -72,7 +72,7 @@ from salient.pipeline.loader import SalientLoader
 from salient.pipeline.manifest import open_dataset
 from salient.store import SaliencyStore, store_exists
 from salient.trainer.checkpoint import latest_checkpoint, load_checkpoint
-from salient.trainer.loop import TrainError
+from salient.trainer.specs import TrainError
 from salient.trainer.teacher_load import load_teacher
 
 __all__ = [

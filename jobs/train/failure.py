@@ -23,7 +23,7 @@ from salient.errors import SalientError
 from salient.jobs.runtime.placement import PlacementError
 from salient.jobs.runtime.ray_env import user_error
 from salient.trainer.checkpoint import latest_checkpoint
-from salient.trainer.loop import TrainError
+from salient.trainer.specs import TrainError
 
 __all__ = [
     "clear_failure",

@@ -41,9 +41,8 @@ from salient.store import (
 from salient.store.lease import lease_state
 from salient.trainer.provenance import describe_teacher, made_by_run, provenance
 
-__all__ = ["MAPS", "MapsBinding", "left_in_flight", "unpublished_teachers"]
+__all__ = ["MapsBinding", "left_in_flight", "unpublished_teachers"]
 
-MAPS = ("own", "any")
 _TRIES = 3  # choices in a row that gc may win before the run stops on its error
 
 

@@ -44,7 +44,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from salient.jobs.train.config import TrainConfig
-from salient.trainer.loop import TrainError
+from salient.trainer.specs import TrainError
 
 __all__ = ["RECIPES", "SCHEDULE", "fitted", "recipe_config", "recipe_names", "resolve_recipe"]
 
