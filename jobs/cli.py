@@ -79,7 +79,7 @@ COMMANDS: dict[str, Command] = {
         "unfinished shards."),
     "train": Command(
         "train", "TrainConfig", "run_train",
-        "MAE / SimMIM / iBOT on Ray Train with periodic saliency refresh",
+        "MAE / SimMIM / iBOT / AutoMAE on Ray Train with periodic saliency refresh",
         "Train MAE, SimMIM or iBOT (--model ibot-*) with DDP on Ray Train. Random masking at "
         "--warmup-mask-ratio for the warmup epochs and until a generation exists; then the "
         "strategy. Every --refresh-every epochs a refresh from the latest checkpoint writes a "
@@ -149,8 +149,8 @@ def _top_parser() -> _Parser:
         prog="salient",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Attention-guided masked image modeling: ingest images, refresh teacher "
-        "saliency into a Zarr store, train MAE / SimMIM on attention-driven masks, inspect the "
-        "maps.",
+        "saliency into a Zarr store, train MAE / SimMIM / iBOT / AutoMAE on attention-driven "
+        "masks, inspect the maps, compare strategies.",
         epilog=f"commands:\n{commands}\n\n`salient COMMAND --help` lists a command's settings.",
     )
     parser.add_argument("--version", action="version", version=f"salient {__version__}")
