@@ -161,10 +161,7 @@ def crop_image(image: Tensor, box: CropBox, size: int, interpolation: str = "bic
         raise CropError(f"image must be a [C, H, W] tensor (got {_shape(image)})")
     _check_size(size, "size")
     _check_inside(box, tuple(image.shape[-2:]))
-    if interpolation not in INTERPOLATIONS:
-        raise CropError(
-            f"interpolation must be one of {', '.join(INTERPOLATIONS)} (got {interpolation!r})"
-        )
+    _check_interpolation(interpolation)
     out = TF.resized_crop(
         image,
         box.top,
@@ -188,10 +185,7 @@ def crop_pil(
     intra-op threads; PIL pays neither."""
     _check_size(size, "size")
     _check_inside(box, (image.height, image.width))
-    if interpolation not in _PIL_FILTERS:
-        raise CropError(
-            f"interpolation must be one of {', '.join(_PIL_FILTERS)} (got {interpolation!r})"
-        )
+    _check_interpolation(interpolation)
     region = (box.left, box.top, box.left + box.width, box.top + box.height)
     out = image.resize((size, size), _PIL_FILTERS[interpolation], box=region)
     return out.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if box.flip else out
@@ -309,6 +303,13 @@ def _check_box_law(height, width, scale, ratio, flip_p) -> None:
         raise CropError(f"ratio must be (low, high) with 0 < low <= high (got {ratio!r})")
     if not 0.0 <= flip_p <= 1.0:
         raise CropError(f"flip_p must be a probability in [0, 1] (got {flip_p!r})")
+
+
+def _check_interpolation(interpolation: str) -> None:
+    if interpolation not in INTERPOLATIONS:
+        raise CropError(
+            f"interpolation must be one of {', '.join(INTERPOLATIONS)} (got {interpolation!r})"
+        )
 
 
 def _check_inside(box: CropBox, image_hw: tuple[int, int]) -> None:

@@ -6,7 +6,7 @@ Ray Train pickles the config to every worker, so it stays a module-level frozen 
 
 The module imports no torch, timm or Ray at its top, so that a parser, ``--help`` and a bad
 flag answer before they load (docs/ARCHITECTURE.md, "Start-up"): its choices and defaults come
-from ``trainer.specs`` and ``pipeline.strategies``. The three things that need torch import it
+from ``trainer.specs`` and ``pipeline.strategies``. The two things that need torch import it
 where they run: the strategy options' dry-run plan (``masking.check_options``) and the
 family's loader fields (``trainer.family``).
 """
@@ -435,9 +435,6 @@ class TrainConfig:
         """The loader of ``rank`` of ``world``: the strategy's, or with ``warmup`` the warmup
         epochs' (random masking at ``warmup_mask_ratio``, no store, the same mask units), with
         the fields the family's batches need (``Family.loader_fields``: iBOT's views)."""
-        from salient.trainer.family import FAMILIES  # lazy: torch (module docstring)
-
-        family = FAMILIES[self.framework]
         main = LoaderConfig(
             data=self.data,
             store=self.store if self.reads_store else None,
@@ -458,7 +455,7 @@ class TrainConfig:
             world_size=world,
             device=device,
             epochs=self.epochs,
-            **family.loader_fields(family.settings(self)),
+            **self.family_loader_fields,
         )
         if not warmup:
             return main
