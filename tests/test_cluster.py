@@ -237,6 +237,7 @@ def test_train_two_workers_refreshing_every_epoch_survives_a_killed_worker(
     args += ["--batch-size", "8", "--workers", "2", "--epochs", "3", "--warmup-epochs", "1"]
     args += ["--refresh-every", "1", "--refresh-wait", "--refresh-batch-size", "32"]
     args += ["--loader-workers", "0", "--lr", "1e-3", "--keep-checkpoints", "2", "--log-details"]
+    args += ["--step-delay-s", "0.3"]  # else the epoch can end between two polls and the kill
     log = tmp_path / "train.json"
     driver = salient(cluster, *args, log=log)
     rank1, killed = run_dir / "metrics" / "rank-1.jsonl", None

@@ -264,6 +264,9 @@ class TrainConfig:
     the per-rank JSONL."""
     stop_after_epochs: int | None = field(default=None, metadata=ranged(ge=1, hidden=True))
     """Testing aid: end the run right after this epoch's checkpoint, as a kill there would."""
+    step_delay_s: float = field(default=0.0, metadata=ranged(ge=0, hidden=True))
+    """Testing aid: each rank sleeps this long after logging a step, which widens the window a
+    test has to kill a rank in the middle of an epoch (a fast step on the CPU can outrun it)."""
     val: str | None = None
     """Held-out dataset (or URL) with the training set's class list: rank 0 runs the k-NN
     probe on the current encoder (DINO's, k = 20, T = 0.07) and logs it in metrics.jsonl."""

@@ -441,6 +441,8 @@ class _Worker:
                 record["checksum"] = param_checksum(self.model)
                 record["pid"] = os.getpid()
             self.log.step(record)
+            if self.config.step_delay_s:
+                time.sleep(self.config.step_delay_s)  # a testing aid: the window to kill us in
 
         return on_step
 
