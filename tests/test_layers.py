@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import re
 import textwrap
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -213,3 +214,24 @@ def test_a_clean_planted_tree_passes(tmp_path):
         "jobs/c.py": "def f():\n    from salient.store.a import E  # lazy: keeps c light\n",
     }
     assert _check(_plant(tmp_path, files)) == []
+
+
+def _packages(root: Path) -> set[str]:
+    """Every first-party package: each folder under ``FOLDERS`` that holds an ``__init__.py``."""
+    return {name for name, path in _modules(root).items() if path.name == "__init__.py"}
+
+
+def test_every_package_is_in_the_wheel():
+    """pyproject.toml lists the packages by hand (its package-dir maps folders to names, which
+    setuptools' discovery does not follow): a package missing there is left out of a wheel, and
+    ``pip install .`` without ``-e`` gives a job that cannot import."""
+    listed = set(
+        tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    )
+    assert listed == _packages(ROOT)
+
+
+def test_a_package_left_out_of_the_wheel_is_caught(tmp_path):
+    root = _plant(tmp_path, {"jobs/__init__.py": "", "jobs/new/__init__.py": "", "jobs/a.py": ""})
+    roots = {package for package, _ in FOLDERS.values()}
+    assert _packages(root) == roots | {"salient.jobs.new"}  # a package, not a module (a.py)
