@@ -69,7 +69,7 @@ COMMANDS: dict[str, Command] = {
         "image field, cls or json labels, shards of unequal size; local, s3://, gs:// or "
         "http(s)://) as a dataset in place: writes only manifest.json and ids.tsv, beside the "
         "shards or into --out.",
-        render="index:render_index"),
+        render="index.driver:render_index"),
     "refresh": Command(
         "refresh", "RefreshConfig", "run_refresh",
         "teacher saliency over every shard → a new store generation",

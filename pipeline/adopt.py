@@ -31,10 +31,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from salient import urls
-from salient.errors import SalientError
 from salient.pipeline.manifest import (
     ID_MAP_NAME,
     MANIFEST_NAME,
+    AdoptError,
     Dataset,
     DatasetError,
     Manifest,
@@ -56,11 +56,6 @@ __all__ = ["SOURCE", "AdoptError", "index_shards", "key_ids"]
 
 SOURCE = "index"  # the manifest's ``source``: what index_shards may overwrite
 _OWN_FILES = (MANIFEST_NAME, ID_MAP_NAME)
-
-
-class AdoptError(SalientError):
-    """Shards that cannot be adopted as given: none found, unreadable, ambiguous keys, a
-    location that cannot hold the manifest."""
 
 
 @dataclass

@@ -32,6 +32,7 @@ from salient.pipeline.demo import DEMO_OBJECTS, DEMO_SPLITS, DEMO_VARIANTS, make
 from salient.pipeline.manifest import (
     MANIFEST_NAME,
     MAX_SHARD_SIZE,
+    IngestError,
     Manifest,
     ShardInfo,
     fingerprint,
@@ -55,10 +56,6 @@ _FORMAT_EXT = {
     "MPO": "jpg",
 }
 _OWN_FILE = ("shard-", MANIFEST_NAME, ".shard-")
-
-
-class IngestError(SalientError):
-    """Bad ingest input: missing source, unusable output directory, bad shard size."""
 
 
 @dataclass(frozen=True)

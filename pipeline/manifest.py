@@ -33,8 +33,10 @@ __all__ = [
     "KEY_WIDTH",
     "MANIFEST_NAME",
     "MAX_SHARD_SIZE",
+    "AdoptError",
     "Dataset",
     "DatasetError",
+    "IngestError",
     "Manifest",
     "ShardChangedError",
     "ShardInfo",
@@ -69,6 +71,18 @@ class DatasetError(SalientError):
 
 class ShardChangedError(DatasetError):
     """A shard's bytes are not the ones its manifest recorded (replaced, edited, damaged)."""
+
+
+# The errors of writing a manifest live here, beside the reader's, because this module loads
+# no webdataset (which imports torch): the ingest and index jobs' configs raise them while the
+# command line parses, before torch loads (docs/ARCHITECTURE.md, "Start-up").
+class IngestError(SalientError):
+    """Bad ingest input: missing source, unusable output directory, bad shard size."""
+
+
+class AdoptError(SalientError):
+    """Shards that cannot be adopted as given: none found, unreadable, ambiguous keys, a
+    location that cannot hold the manifest."""
 
 
 def shard_name(index: int) -> str:

@@ -136,7 +136,7 @@ def test_a_continue_command_keeps_the_storage_options_it_was_given():
 
 # Jobs whose parser, --help and flag errors load none of torch, timm, torchvision or Ray
 # (docs/ARCHITECTURE.md, "Start-up"); the others build their parsers from modules that do.
-LIGHT = ("train", "refresh", "eval", "inspect", "compare", "gc")
+LIGHT = ("train", "refresh", "eval", "inspect", "compare", "gc", "demo", "bench", "ingest", "index")
 _PROBE = """
 import sys
 from salient.jobs.cli import build_parser, main

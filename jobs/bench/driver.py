@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import inspect
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import fields
 
 from salient.errors import SalientError
 from salient.jobs.bench.automae import bench_automae
+from salient.jobs.bench.config import BENCH_NAMES, BenchConfig
 from salient.jobs.bench.gpu import bench_gpu
 from salient.jobs.bench.ibot import bench_ibot
 from salient.jobs.bench.loader import bench_loader
@@ -23,9 +24,10 @@ from salient.jobs.bench.stamp import device_info, stamp_now
 from salient.jobs.bench.store import bench_store
 from salient.jobs.bench.train import bench_train
 
-__all__ = ["BENCHES", "BenchConfig", "run_bench", "run_bench_job"]
+__all__ = ["BENCHES", "run_bench", "run_bench_job"]
 
-# name -> the benchmark's function, ``bench_<name>(quick, ...) -> dict``
+# name -> the benchmark's function, ``bench_<name>(quick, ...) -> dict``; the names are also
+# declared, torch-free, in config.BENCH_NAMES (the flags parse before this module loads)
 BENCHES = {
     "store": bench_store,
     "masking": bench_masking,
@@ -37,50 +39,8 @@ BENCHES = {
     "quality": bench_quality,
     "automae": bench_automae,
 }
-
-
-@dataclass(frozen=True)
-class BenchConfig:
-    """``salient bench WHAT``: which benchmark, where, and how big."""
-
-    what: str = field(default=None, metadata={"positional": True, "choices": lambda: BENCHES})
-    """The benchmark to run."""
-    quick: bool = False
-    """Small sizes: a smoke run that proves the benchmark works, not a figure."""
-    device: str = "auto"
-    """auto (CUDA when there is one), cpu, or cuda."""
-    out: str | None = None
-    """Also append the JSON line to this file; gpu: the directory its figure lines go to."""
-    data: str | None = None
-    """loader, refresh, ibot: benchmark this dataset (path or URL) instead of a generated demo
-    set."""
-    epochs: int | None = None
-    """quality: training epochs of each arm (default: 8 on the CPU, 40 on CUDA; --quick 2)."""
-    n: int | None = None
-    """quality: demo training scenes (default: 2000 on the CPU, 20000 on CUDA); the held-out
-    split is a quarter of it."""
-    image_size: int | None = None
-    """quality: training crop side in pixels (default: 64 on the CPU, 224 on CUDA)."""
-    seeds: int | None = None
-    """quality: runs of each arm (default 1); the tables give mean ± sd over them."""
-    arms: tuple[str, ...] | None = None
-    """quality: the arms, comma-separated, as ``salient compare --arms`` takes them (default:
-    random,amt-label,amt-self), e.g. random,ibot,attmask-ibot-high,automae."""
-    keep: str | None = None
-    """quality: keep the comparison (runs, stores, features, compare.json, index.html) in this
-    directory (default: removed)."""
-    teacher: str | None = None
-    """automae: the frozen teacher, a checkpoint or timm:NAME (random weights); default: a ViT
-    trained here on the demo labels."""
-
-    def __post_init__(self):
-        if self.what not in BENCHES:
-            raise SalientError(
-                f"bench needs WHAT, one of {', '.join(sorted(BENCHES))} (got {self.what!r})"
-            )
-        if self.device != "auto" and self.device != "cpu" and not self.device.startswith("cuda"):
-            raise SalientError(f"--device must be auto, cpu or cuda[:N] (got {self.device!r})")
-
+if tuple(BENCHES) != BENCH_NAMES:
+    raise ImportError(f"BENCHES {tuple(BENCHES)} must match config.BENCH_NAMES {BENCH_NAMES}")
 
 _COMMON = ("what", "quick", "device", "out")  # BenchConfig fields that are not options
 

@@ -1,55 +1,21 @@
 """``salient index``: existing webdataset shards adopted in place, without rewriting a tar.
 
 The work is :func:`salient.pipeline.adopt.index_shards` (docs/ARCHITECTURE.md, "Data model",
-"Adopted shards"); this module is the job around it: its config (the flags), the progress
-bar, and the summary. Only ``manifest.json`` and ``ids.tsv`` are written: beside the shards,
-or into ``--out`` when the shards' location is read-only (http(s), a bucket without write
-access), whose manifest then names the shards' location as its ``root``.
+"Adopted shards"); this module is the job around it: the progress bar and the summary (its
+flags: ``config``). Only ``manifest.json`` and ``ids.tsv`` are written: beside the shards, or
+into ``--out`` when the shards' location is read-only (http(s), a bucket without write access),
+whose manifest then names the shards' location as its ``root``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 from salient import urls
+from salient.jobs.index.config import IndexConfig
 from salient.jobs.runtime.progress import progress_bar
-from salient.pipeline.adopt import AdoptError, index_shards
+from salient.pipeline.adopt import index_shards
 from salient.pipeline.manifest import MANIFEST_NAME
-from salient.settings import check_fields, ranged
 
-__all__ = ["IndexConfig", "render_index", "run_index"]
-
-
-@dataclass(frozen=True)
-class IndexConfig:
-    """One index of existing shards. ``salient index SHARDS [--out DIR]``."""
-
-    shards: str | None = field(default=None, metadata={"positional": True})
-    """The shards' folder or URL prefix (s3://bucket/imagenet/train, https://host/shards, a
-    path); every tar whose name matches --pattern, in name order, becomes one shard."""
-    out: str | None = None
-    """Folder or URL prefix for manifest.json and ids.tsv; default: beside the shards (give one
-    when they are read-only)."""
-    pattern: str = "*.tar"
-    """Which file names are shards (a glob, e.g. imagenet1k-train-*.tar)."""
-    image_field: str | None = None
-    """The image field of the samples (jpg, png, webp, …; any case); default: each sample's
-    one image field."""
-    label_key: str | None = None
-    """Labels from this key of each sample's json field (a class index or a class name);
-    default: the cls field."""
-    classes_from: str | None = None
-    """A dataset (e.g. the training split) whose class list the labels keep, so this one can
-    be its held-out set."""
-    overwrite: bool = False
-    """Replace an index `salient index` wrote before (nothing else is ever replaced)."""
-    workers: int = field(default=4, metadata=ranged(ge=1))
-    """Shards read at a time (threads: reading and hashing release the GIL)."""
-
-    def __post_init__(self):
-        if not isinstance(self.shards, str) or not self.shards:
-            raise AdoptError("index needs SHARDS, the folder or URL prefix of the tar shards")
-        check_fields(self, AdoptError)  # types and ranges, declared with the fields
+__all__ = ["render_index", "run_index"]
 
 
 def run_index(config: IndexConfig) -> dict:

@@ -1,20 +1,15 @@
-"""``salient ingest``: an image folder, or the bundled demo set, into webdataset shards.
-
-The work is :mod:`salient.pipeline.ingest`; this module is the job around it: its config
-(the flags), the progress bar, and the JSON summary.
-"""
+"""``salient ingest``'s flags: :class:`IngestConfig`, without the work (its shard reader and writer,
+webdataset, import torch), so a mistyped flag answers at once."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from salient.jobs.runtime.interrupt import Interrupted
-from salient.jobs.runtime.progress import progress_bar
 from salient.pipeline.demo import DEMO_SPLITS, DEMO_VARIANTS
-from salient.pipeline.ingest import IngestError, ingest_demo, ingest_folder
+from salient.pipeline.manifest import IngestError
 from salient.settings import check_fields, ranged
 
-__all__ = ["IngestConfig", "run_ingest"]
+__all__ = ["IngestConfig"]
 
 
 @dataclass(frozen=True)
@@ -71,51 +66,3 @@ class IngestConfig:
             raise IngestError("--split is for --demo; a folder's split is the folder you give")
         if self.shard_size is None:
             object.__setattr__(self, "shard_size", 500 if self.demo else 1000)
-
-
-def run_ingest(config: IngestConfig) -> dict:
-    """Run the ingest; returns the JSON summary (out, images, shards, skipped, classes,
-    fingerprint). Raises IngestError for bad input (see :mod:`salient.pipeline.ingest`)."""
-
-    try:
-        manifest = _ingest(config)
-    except KeyboardInterrupt:
-        raise Interrupted(
-            "no dataset (its manifest.json comes last, so no job reads the shards written)",
-            flags=("--overwrite",),
-        ) from None
-    return {
-        "out": config.out,
-        "images": manifest.num_samples,
-        "shards": len(manifest.shards),
-        "skipped": len(manifest.skipped),
-        "classes": len(manifest.classes or []),
-        "fingerprint": manifest.fingerprint,
-    }
-
-
-def _ingest(config: IngestConfig):
-    if config.demo:
-        with progress_bar(config.n, "demo scenes") as bar:
-            manifest = ingest_demo(
-                config.out,
-                n=config.n,
-                seed=config.seed,
-                overwrite=config.overwrite,
-                shard_size=config.shard_size,
-                image_size=config.image_size,
-                progress=bar,
-                split=config.split,
-                variant=config.variant,
-            )
-    else:
-        with progress_bar(None, "images") as bar:
-            manifest = ingest_folder(
-                config.src,
-                config.out,
-                shard_size=config.shard_size,
-                overwrite=config.overwrite,
-                progress=bar,
-                classes_from=config.classes_from,
-            )
-    return manifest

@@ -1,0 +1,13 @@
+"""``salient index``: existing webdataset shards adopted in place (``driver``), its flags in
+``config``. The names below load their module on first use (``salient.lazy``), so parsing the
+flags loads no torch."""
+
+from salient.lazy import lazy_exports
+
+__all__, __getattr__ = lazy_exports(
+    __name__,
+    {
+        ".config": ["IndexConfig"],
+        ".driver": ["render_index", "run_index"],
+    },
+)
