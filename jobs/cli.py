@@ -307,7 +307,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> None:
-    code = main()
+    try:
+        code = main()
+    except BrokenPipeError:
+        # `salient … | head` closed the pipe: its reader has what it wanted, so no traceback;
+        # the rest of stdout goes nowhere, as Python's docs advise (signal.html, "Note on
+        # SIGPIPE"), so the flush at exit does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 141  # 128 + SIGPIPE, what a shell reports for a killed writer
     if code == 130:  # Ctrl-C, after its line: leave now
         # Ray's exit handler stops an embedded cluster gracefully, which took 7 s here; its
         # processes end with this one anyway (Ray starts them fate-shared, PR_SET_PDEATHSIG,

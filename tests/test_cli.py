@@ -160,3 +160,12 @@ def test_a_parser_and_a_bad_flag_load_no_torch_timm_or_ray(name):
     assert done.returncode == 0, done.stderr
     assert "unrecognized arguments: --no-such-flag" in done.stderr
     assert done.stdout.strip() == "[]", f"salient {name}'s parser loaded {done.stdout.strip()}"
+
+
+def test_a_closed_pipe_ends_quietly():
+    """`salient … --print-config | head -1`: the reader is gone before the config is printed."""
+    argv = [sys.executable, "-m", "salient.jobs.cli", "gc", "--store", "s.zarr", "--print-config"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # closed before the interpreter is up: the first write meets EPIPE
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and err == ""
