@@ -359,9 +359,20 @@ def test_label_arm_trains_on_the_teachers_fixed_maps(compared):
 def test_the_same_command_again_keeps_the_finished_runs(compared):
     out = compared["out"]
     before = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/seed-*/run/metrics.jsonl")}
+    records = sorted(out.glob("runs/*/seed-*/record.json"))
+    older = json.loads(records[0].read_text())
+    del older["config"]["step_delay_s"]  # as written before TrainConfig had the setting
+    records[0].write_text(json.dumps(older))
     again = run_compare(compared["config"])
     assert {p: p.stat().st_mtime_ns for p in before} == before  # nothing trained again
     assert again["arms"] == compared["summary"]["arms"]
+
+    other = json.loads(records[1].read_text())
+    other["config"]["step_delay_s"] = 0.01  # a setting that differs: another run
+    records[1].write_text(json.dumps(other))
+    run_compare(compared["config"])
+    trained = {p for p, mtime in before.items() if p.stat().st_mtime_ns != mtime}
+    assert trained == {records[1].parent / "run" / "metrics.jsonl"}
 
 
 def test_an_online_arm_reports_its_teachers_box_lift_per_probed_epoch(

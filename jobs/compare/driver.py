@@ -26,7 +26,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import replace
+from dataclasses import MISSING, fields, replace
 from pathlib import Path
 
 from salient.jobs.compare.arms import Arm, arm_config, parse_arm
@@ -74,6 +74,15 @@ def _read_json(path: Path) -> dict | None:
 def _plain(value) -> object:
     """``value`` as JSON gives it back (tuples as lists), to compare settings with a record."""
     return json.loads(json.dumps(value, default=str))
+
+
+def _same_run(recorded: dict, config: TrainConfig) -> bool:
+    """Whether a finished run's recorded config is ``config``'s. A field the record lacks (one
+    TrainConfig gained since) reads as its default, which keeps the run's old behaviour: a
+    new setting the arms do not use keeps the finished runs, where a stricter test would
+    retrain every arm and seed (hours) after an upgrade."""
+    defaults = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
+    return _plain({**defaults, **recorded}) == _plain(config.as_dict())
 
 
 # ---------------------------------------------------------------- data
@@ -242,7 +251,7 @@ class _Run:
     def record(self, teacher: _Teacher | None, label: str) -> dict:
         config = self.train_config(teacher)
         done = _read_json(self.root / "record.json")
-        if done is not None and done["config"] == _plain(config.as_dict()):
+        if done is not None and _same_run(done["config"], config):
             return done
         stale = [self.root / "run", self.root / "maps.zarr", *self.root.glob("maps-epoch-*.zarr")]
         for path in stale:  # a run cut short starts over
