@@ -60,7 +60,8 @@ def run_index(config: IndexConfig) -> dict:
 def render_index(summary: dict) -> str:
     """What ``salient index`` prints: what was adopted, and where the manifest went."""
     lines = [
-        f"indexed {summary['samples']} samples in {summary['shards']} shards of "
+        f"indexed {summary['samples']} samples in {summary['shards']} "
+        f"shard{'s' if summary['shards'] != 1 else ''} of "
         f"{summary['root']} (no tar rewritten); {summary['classes']} classes",
         f"manifest: {summary['manifest']} (use its folder as --data)",
         f"ids: shard i holds ids from i × {summary['shard_size']}; "
