@@ -77,7 +77,6 @@ __all__ = [
     "plan_mask_flags",
     "plan_masks",
     "resolve_ratios",
-    "strategy_names",
 ]
 
 THROW_MODES = ("middle", "low", "random")
@@ -279,11 +278,6 @@ _OPTIONS = {  # name -> the keyword options it takes
     + (SCHEDULE_OPTIONS if name in _SCHEDULED else ())
     for name, fn in STRATEGIES.items()
 }
-
-
-def strategy_names() -> tuple[str, ...]:
-    """The registered strategy names (the choices of a ``--strategy`` flag)."""
-    return tuple(STRATEGIES)
 
 
 # ---------------------------------------------------------------- entry point
