@@ -159,10 +159,13 @@ class IBOTSettings:
                 f"iBOT saliency_source must be one of {', '.join(IBOT_SOURCES)} "
                 f"(got {self.saliency_source!r})"
             )
-        for name in ("student_temp", "warmup_teacher_temp", "teacher_temp"):
-            if not getattr(self, name) > 0:
-                raise ModelError(f"iBOT {name} must be > 0 (got {getattr(self, name)})")
-        for name in ("warmup_teacher_patch_temp", "teacher_patch_temp"):
+        for name in (
+            "student_temp",
+            "warmup_teacher_temp",
+            "teacher_temp",
+            "warmup_teacher_patch_temp",
+            "teacher_patch_temp",
+        ):
             if not getattr(self, name) > 0:
                 raise ModelError(f"iBOT {name} must be > 0 (got {getattr(self, name)})")
         for name in ("momentum_teacher", "center_momentum"):
