@@ -134,9 +134,8 @@ def test_a_continue_command_keeps_the_storage_options_it_was_given():
     assert _storage_flags(["--data", "d", "--storage-option"]) == []  # no value: argparse's
 
 
-# Jobs whose parser, --help and flag errors load none of torch, timm, torchvision or Ray
-# (docs/ARCHITECTURE.md, "Start-up"); the others build their parsers from modules that do.
-LIGHT = ("train", "refresh", "eval", "inspect", "compare", "gc", "demo", "bench", "ingest", "index")
+# Every job's parser, --help and flag errors load none of torch, timm, torchvision or Ray
+# (docs/ARCHITECTURE.md, "Start-up").
 _PROBE = """
 import sys
 from salient.jobs.cli import build_parser, main
@@ -149,7 +148,7 @@ print(sorted(m for m in ("torch", "timm", "torchvision", "ray") if m in sys.modu
 """
 
 
-@pytest.mark.parametrize("name", LIGHT)
+@pytest.mark.parametrize("name", list(COMMANDS))
 def test_a_parser_and_a_bad_flag_load_no_torch_timm_or_ray(name):
     done = subprocess.run(
         [sys.executable, "-c", _PROBE.format(name=name)],
