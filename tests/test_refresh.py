@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from salient.jobs.refresh.driver import RefreshConfig, RefreshError, run_refresh
 from salient.pipeline.ingest import ingest_demo
 from salient.pipeline.manifest import open_dataset
 from salient.pipeline.shards import file_digests
+from salient.store import SaliencyStore
 from salient.trainer.teacher import preprocess, saliency
 from salient.trainer.teacher_load import load_teacher
 
@@ -360,15 +362,19 @@ def test_missing_dataset_is_refused(tmp_path, teacher_file):
 
 
 def test_a_second_driver_refuses_or_waits_for_the_first(
-    baseline, demo_data, teacher_file, tmp_path, capsys
+    baseline, demo_data, teacher_file, tmp_path, capsys, monkeypatch
 ):
     """Two `salient refresh` with the same teacher on one store: the second names the first's
-    generation in one line, or with --wait-for-other waits and reports the first's result."""
+    generation in one line, or with --wait-for-other waits and reports the first's result.
+
+    The first driver holds after its first shard until the second is seen waiting (a spy on
+    the store's lease reads), so no machine is too slow for the window."""
     from salient.jobs.cli import main
 
-    store = tmp_path / "saliency.zarr"
+    store, hold = tmp_path / "saliency.zarr", tmp_path / "hold"
+    hold.touch()
     slow = config_for(
-        demo_data, store, teacher_file, workers=1, shard_delay_s=5.0, address=ray_address()
+        demo_data, store, teacher_file, workers=1, hold_while=str(hold), address=ray_address()
     )
     driver = _refresh_in_subprocess(slow, tmp_path / "driver.log")
     try:
@@ -379,15 +385,33 @@ def test_a_second_driver_refuses_or_waits_for_the_first(
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and f"generation {generation}" in err
         assert "being written by another refresh" in err
-        assert main([*argv, "--wait-for-other"]) == 0
-        summary = json.loads(capsys.readouterr().out)
+
+        waiting, read_lease = threading.Event(), SaliencyStore.writer_state
+
+        def writer_state(self, name):  # only a waiting driver reads the lease: it waits now
+            waiting.set()
+            return read_lease(self, name)
+
+        monkeypatch.setattr(SaliencyStore, "writer_state", writer_state)
+        monkeypatch.delenv("SALIENT_PROGRESS", raising=False)  # its note is shown
+        codes = []
+        waiter = threading.Thread(target=lambda: codes.append(main([*argv, "--wait-for-other"])))
+        waiter.start()
+        assert waiting.wait(timeout=120), "the second driver never began to wait"
+        hold.unlink()  # the first driver goes on and publishes
+        waiter.join(timeout=180)
+        assert codes == [0]
+        out, err = capsys.readouterr()
+        summary = json.loads(out)
         assert (summary["generation"], summary["joined"], summary["images"]) == (
             generation,
             True,
             0,
         )
+        assert f"waiting for generation {generation}" in err
         assert driver.wait(timeout=120) == 0
     finally:
+        hold.unlink(missing_ok=True)
         if driver.poll() is None:
             driver.kill()
             driver.wait()

@@ -74,6 +74,8 @@ class RefreshConfig:
     """Read and decode the next batch in a background thread while the teacher computes."""
     shard_delay_s: float = field(default=0.0, metadata=ranged(ge=0, hidden=True))
     """Testing aid: each worker waits this long before writing a shard."""
+    hold_while: str = field(default="", metadata={"hidden": True})
+    """Testing aid: after writing a shard, each worker waits while this local file exists."""
 
     def __post_init__(self):
         for name in ("data", "store", "teacher"):

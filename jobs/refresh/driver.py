@@ -32,6 +32,7 @@ UDF could tear chunks. ``bench_refresh`` measures both on the same data (see BEN
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,7 +44,7 @@ from salient import urls
 from salient.jobs.refresh.config import RefreshConfig, RefreshError
 from salient.jobs.refresh.worker import RefreshWorker, WorkerSpec
 from salient.jobs.runtime.interrupt import Interrupted
-from salient.jobs.runtime.progress import progress_lines, progress_wanted
+from salient.jobs.runtime.progress import progress_lines, progress_mode, progress_wanted
 from salient.jobs.runtime.ray_env import ensure_ray
 from salient.jobs.runtime.shard_pool import ActorInputs, run_shards, started_pool
 from salient.pipeline.manifest import open_dataset
@@ -101,6 +102,13 @@ def _begin(
             if not config.wait_for_other:
                 raise
             name = busy.generation
+        if progress_mode() != "off":  # a waiting driver is not a hung one
+            print(
+                f"salient refresh: waiting for generation {name}, which another refresh is "
+                f"writing with the same teacher; its maps are used once it publishes",
+                file=sys.stderr,
+                flush=True,
+            )
         while store.writer_state(name)[0] == "live":
             time.sleep(_POLL_S)
         if any(g["name"] == name and g["status"] == "published" for g in store.generations()):
@@ -269,6 +277,7 @@ def worker_spec(config: RefreshConfig, teacher, spec, generation: str):
             config.cpus_per_worker,
         ),
         shard_delay_s=config.shard_delay_s,
+        hold_while=config.hold_while,
         prefetch=config.prefetch,
     )
 

@@ -50,6 +50,7 @@ class WorkerSpec:
     head: int | None
     inputs: ActorInputs
     shard_delay_s: float = 0.0
+    hold_while: str = ""
     prefetch: bool = True
 
 
@@ -187,6 +188,8 @@ class RefreshWorker:
         if spec.shard_delay_s:
             time.sleep(spec.shard_delay_s)  # a testing aid: widens the window to kill us in
         self.writer.write_shard(shard, maps, valid, head_maps=head_maps)
+        while spec.hold_while and os.path.exists(spec.hold_while):
+            time.sleep(0.05)  # a testing aid: holds the run live until the test lets it go
         return {
             "shard": shard,
             "images": count,
