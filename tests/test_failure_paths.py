@@ -102,10 +102,11 @@ def test_a_full_disk_during_ingest_is_one_line_and_removes_what_it_wrote(
 
 
 def test_a_full_disk_during_refresh_is_one_line(
-    ray_session, small_disk, demo_data, teacher_file, capsys
+    ray_session, small_disk, demo_data, teacher_file, tmp_path, capsys
 ):
     disk = small_disk("2m")
-    store = str(disk / "s.zarr")
+    store, hold = str(disk / "s.zarr"), tmp_path / "hold"
+    hold.touch()  # the refresh cannot finish before the disk is full
 
     def fill() -> None:  # what a full disk is: nothing more fits
         with open(disk / "filler", "wb") as f:
@@ -116,10 +117,10 @@ def test_a_full_disk_during_refresh_is_one_line(
             except OSError:
                 pass
 
-    watcher = _when(lambda: _writing(store), fill)
+    watcher = _when(lambda: _writing(store), lambda: (fill(), hold.unlink()))
     code = main(
         ["refresh", "--data", str(demo_data), "--store", store, "--teacher", str(teacher_file),
-         "--image-size", "32", "--workers", "1", "--shard-delay-s", "2"]
+         "--image-size", "32", "--workers", "1", "--hold-while", str(hold)]
     )  # fmt: skip
     watcher.join(10)
     line = _one_line_exit_2(code, capsys.readouterr().err)
@@ -133,13 +134,16 @@ def test_a_full_disk_during_refresh_is_one_line(
 
 
 def test_a_killed_endpoint_during_refresh_is_one_line(
-    ray_session, endpoint, demo_data, teacher_file, capsys
+    ray_session, endpoint, demo_data, teacher_file, tmp_path, capsys
 ):
     bucket, server = endpoint
-    store = f"{bucket}/s.zarr"
+    store, hold = f"{bucket}/s.zarr", tmp_path / "hold"
+    hold.touch()  # the refresh cannot finish before the endpoint is gone
     argv = ["refresh", "--data", str(demo_data), "--store", store, "--teacher", str(teacher_file),
-            "--image-size", "32", "--workers", "1", "--shard-delay-s", "3", *_storage_flags()]  # fmt: skip
-    watcher = _when(lambda: _writing(store), lambda: (server.kill(), server.wait(30)))
+            "--image-size", "32", "--workers", "1", "--hold-while", str(hold), *_storage_flags()]  # fmt: skip
+    watcher = _when(
+        lambda: _writing(store), lambda: (server.kill(), server.wait(30), hold.unlink())
+    )
     code = main(argv)
     watcher.join(10)
     line = _one_line_exit_2(code, capsys.readouterr().err)
