@@ -105,7 +105,7 @@ def _begin(
         if progress_mode() != "off":  # a waiting driver is not a hung one
             print(
                 f"salient refresh: waiting for generation {name}, which another refresh is "
-                f"writing with the same teacher; its maps are used once it publishes",
+                "writing with the same teacher; its maps are used once it publishes",
                 file=sys.stderr,
                 flush=True,
             )
