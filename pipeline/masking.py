@@ -206,7 +206,7 @@ def attmask_hint(
     so ``M − H`` stay masked (AttMask's ``attmask.py``: ``get_mask`` then ``show_hints``).
 
     ``hint`` None: ``hint_pool × r`` (AttMask's ``show_max · pred_ratio``); ``plan_masks``
-    passes the batch's exact ratio, a direct call uses ``r = M / N``.
+    passes ``hint_pool × r′`` (:func:`_default_hint`), a direct call uses ``r = M / N``.
     """
     batch, n = weights.shape
     if hint is None:
@@ -320,14 +320,14 @@ def plan_masks(
         raise MaskError(f"progress must be in [0, 1] (got {progress!r}); pass epoch / epochs")
     counts = mask_counts(weights.shape[1], mask_ratio, throw_ratio)
     _check_schedule(mask_prob, ratio_var, mask_ratio, throw_ratio)
+    base_ratio = mask_ratio
     if ratio_var:
         mask_ratio = _batch_ratio(mask_ratio, ratio_var, generator)
         counts = mask_counts(weights.shape[1], mask_ratio, throw_ratio)
-    weights = _checked_weights(weights, strategy in NEEDS_SALIENCY)
     if strategy == "attmask_hint":
         _check_hint_types(options)
-    if strategy == "attmask_hint" and options.get("hint") is None:
-        options["hint"] = options.get("hint_pool", 0.10) * mask_ratio  # AttMask's show_ratio
+        _default_hint(options, base_ratio, ratio_var, generator)
+    weights = _checked_weights(weights, strategy in NEEDS_SALIENCY)
     plan = fn(weights, counts, generator=generator, progress=float(progress), **options)
     if mask_prob < 1.0 or random_rows is not None:
         plan = _mix_random(plan, mask_prob, generator, weights, random_rows)
@@ -360,8 +360,13 @@ def plan_mask_flags(
     mask_counts(_num_patches(weights), mask_ratio)  # the ratio's own checks first
     _check_schedule(mask_prob, ratio_var, mask_ratio, 0.0)
     _check_generator(generator, weights)
+    base_ratio = mask_ratio
     if ratio_var:
         mask_ratio = _batch_ratio(mask_ratio, ratio_var, generator)
+    if strategy == "attmask_hint":
+        options = dict(options)
+        _check_hint_types(options)
+        _default_hint(options, base_ratio, ratio_var, generator)
     plan = plan_masks(
         strategy,
         weights,
@@ -488,6 +493,17 @@ def _check_schedule(mask_prob, ratio_var, mask_ratio, throw_ratio) -> None:
             f"mask_ratio + ratio_var + throw_ratio must be < 1 (got {mask_ratio} + "
             f"{ratio_var} + {throw_ratio}); lower one so some patches stay visible"
         )
+
+
+def _default_hint(options: dict, mask_ratio: float, ratio_var: float, generator) -> None:
+    """attmask_hint's ``hint`` when not given: ``hint_pool × r′``, ``r′`` a ratio drawn for the
+    batch apart from its mask ratio (AttMask's ``main_attmask.py`` passes
+    ``args.show_max * get_pred_ratio()``, a second call of ``get_pred_ratio``; without
+    ``ratio_var`` both are ``r``). Drawn after the mask ratio, from the same generator, as
+    there."""
+    if options.get("hint") is None:
+        ratio = _batch_ratio(mask_ratio, ratio_var, generator) if ratio_var else mask_ratio
+        options["hint"] = options.get("hint_pool", 0.10) * ratio
 
 
 def _batch_ratio(mask_ratio: float, ratio_var: float, generator: torch.Generator) -> float:

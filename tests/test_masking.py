@@ -525,6 +525,23 @@ def test_attmask_hint_count_follows_the_batch_ratio():
         assert plan.mask_idx.shape[1] == masked - hints and (revealed == hints).all()
 
 
+def test_attmask_hint_draws_its_hint_ratio_apart_from_the_mask_ratio():
+    # AttMask's main_attmask.py passes show_max · get_pred_ratio(), a second draw: with
+    # pred_ratio_var the hint count is not a function of the batch's mask count.
+    n = 196
+    w = torch.rand(4, n, generator=gen(0)) + 0.01
+    rank = w.argsort(1, descending=True).argsort(1)
+    hints_by_masked: dict[int, set[int]] = {}
+    for seed in range(200):
+        plan = plan_masks("attmask_hint", w, 0.3, generator=gen(seed), ratio_var=0.2)
+        masked_ranks = rank.gather(1, plan.mask_idx)
+        top = int(masked_ranks.max()) + 1  # M: hints come from the top 10 %, so rank M-1 stays
+        hints = top - plan.mask_idx.shape[1]
+        assert int(n * 0.1 * 0.1) <= hints <= int(n * 0.1 * 0.5)  # int(N · 0.1 · U(0.1, 0.5))
+        hints_by_masked.setdefault(top, set()).add(hints)
+    assert max(len(h) for h in hints_by_masked.values()) > 1
+
+
 def test_random_rows_are_planned_uniformly():
     n = 64
     w = torch.zeros(300, n)

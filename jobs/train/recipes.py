@@ -254,7 +254,8 @@ RECIPES: dict[str, dict] = {
     "attmask-ibot-hint": {
         **_IBOT,
         "strategy": "attmask_hint",  # README: --pred_shape attmask_hint ...
-        # ... --show_max 0.1: int(0.1·r·N) of the masked top revealed from the top 10 %
+        # ... --show_max 0.1: int(0.1·r′·N) of the masked top revealed from the top 10 %, r′
+        # a second get_pred_ratio() draw (main_attmask.py)
         "strategy_options": {**_IBOT_MASKS, "hint_pool": 0.1},
     },
     "automae": {
