@@ -137,18 +137,23 @@ def block_masking(
     *,
     generator,
     progress,
-    min_patches: int = 16,
+    min_patches: int | None = None,
     aspect: tuple[float, float] = (0.3, 1 / 0.3),
     grid: tuple[int, int] | None = None,
     candidates: int = 16,
 ) -> MaskPlan:
     """BEiT's block-wise masking, vectorised over the batch, to exactly M masked patches.
 
+    ``min_patches`` None: the smallest block follows the grid, ``(min(rows, cols) // 3)²``
+    (iBOT's ``loader.py`` ImageFolderMask); that is BEiT's fixed 16 on a 14 × 14 grid.
+
     Block masks never read the weights: the order is index work on a few numbers per image,
     done with NumPy on the host from one draw of the generator (on its own device), then
     moved to the weights' device for the shared split and throw.
     """
     height, width = _block_grid(weights.shape[1], grid)
+    if min_patches is None:
+        min_patches = max((min(height, width) // 3) ** 2, 1)  # iBOT loader.py: low
     _check_block_options(min_patches, aspect, candidates)
     (batch, n), masked = weights.shape, counts.mask
     low, k4 = min(min_patches, max(masked, 1)), 4 * candidates

@@ -376,6 +376,18 @@ def test_block_rectangles_match_a_per_patch_reference():
                 assert first[b, y * width + x] == (covering[0] if covering else 16)
 
 
+@pytest.mark.parametrize("side, low", [(8, 4), (14, 16), (16, 25)])
+def test_block_smallest_block_follows_the_grid_as_ibot(side, low):
+    # iBOT's loader.py: low = (min(H, W) // 3) ** 2, BEiT's 16 on 224 px / 16 only.
+    w = torch.ones(64, side * side)
+    default = plan_masks("block", w, 0.3, generator=gen(2))
+    assert torch.equal(
+        default.mask_idx, plan_masks("block", w, 0.3, generator=gen(2), min_patches=low).mask_idx
+    )
+    other = plan_masks("block", w, 0.3, generator=gen(2), min_patches=low + 5)
+    assert not torch.equal(default.mask_idx, other.mask_idx)
+
+
 def test_block_on_a_rectangular_grid():
     plan = plan_masks("block", torch.ones(4, 98), 0.5, 0.2, generator=gen(0), grid=(7, 14))
     assert torch.equal(torch.cat(list(plan), 1).sort(1).values, torch.arange(98).expand(4, 98))

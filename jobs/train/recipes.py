@@ -241,8 +241,8 @@ RECIPES: dict[str, dict] = {
         **_IBOT,
         # iBOT's own masks: main_ibot.py --pred_shape block (default), the baseline AttMask
         # compares against (its "Random Block-Wise" and 100-epoch iBOT rows). The
-        # blocks' aspect (0.3, 1/0.3) (pred_aspect_ratio) and minimum 16 patches (loader.py
-        # ImageFolderMask) are block's defaults here.
+        # blocks' aspect (0.3, 1/0.3) (pred_aspect_ratio) and smallest block (min(H, W) // 3)²
+        # patches, 16 on 224 px / 16 (loader.py ImageFolderMask) are block's defaults here.
         "strategy": "block",
         "strategy_options": dict(_IBOT_MASKS),
     },
