@@ -33,7 +33,7 @@ from torchvision.ops import roi_align
 from torchvision.transforms import InterpolationMode
 
 from salient.errors import SalientError
-from salient.pipeline.loader_config import INTERPOLATIONS
+from salient.pipeline.loader_config import INTERPOLATIONS, check_scale
 
 __all__ = [
     "CROP_DRAWS",
@@ -297,8 +297,7 @@ def _check_size(value, name: str) -> None:
 def _check_box_law(height, width, scale, ratio, flip_p) -> None:
     _check_size(height, "height")
     _check_size(width, "width")
-    if len(scale) != 2 or not 0.0 < scale[0] <= scale[1] <= 1.0:
-        raise CropError(f"scale must be (low, high) with 0 < low <= high <= 1 (got {scale!r})")
+    check_scale(scale, CropError, "scale")
     if len(ratio) != 2 or not 0.0 < ratio[0] <= ratio[1]:
         raise CropError(f"ratio must be (low, high) with 0 < low <= high (got {ratio!r})")
     if not 0.0 <= flip_p <= 1.0:

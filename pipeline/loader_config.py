@@ -2,7 +2,9 @@
 (``MultiCrop``), and the checks it runs on itself.
 
 Every check raises ``LoaderError`` with a message that says what to change; the masking
-ratios also go through ``masking.mask_counts`` so the two agree. Importing this module
+ratios also go through ``masking.mask_counts`` so the two agree. The two checks that other
+settings share live here and in ``strategies`` once: a crop scale's (:func:`check_scale`)
+and the ratio pair's (``strategies.check_ratio_sum``). Importing this module
 touches no disk, GPU or Ray, and imports no torch (docs/ARCHITECTURE.md, "Start-up").
 """
 
@@ -12,10 +14,22 @@ import os
 from dataclasses import dataclass, field
 
 from salient.errors import SalientError
-from salient.pipeline.strategies import STRATEGY_NAMES, mask_counts, resolve_ratios
+from salient.pipeline.strategies import (
+    STRATEGY_NAMES,
+    check_ratio_sum,
+    mask_counts,
+    resolve_ratios,
+)
 from salient.settings import check_fields, field_name, ranged
 
-__all__ = ["DECODE_ON", "INTERPOLATIONS", "LoaderConfig", "LoaderError", "MultiCrop"]
+__all__ = [
+    "DECODE_ON",
+    "INTERPOLATIONS",
+    "LoaderConfig",
+    "LoaderError",
+    "MultiCrop",
+    "check_scale",
+]
 
 DECODE_ON = ("auto", "worker", "device")  # where images are decoded (``LoaderConfig.decode``)
 
@@ -152,11 +166,7 @@ def _check_sizes(c: LoaderConfig) -> None:
 
 
 def _check_masking(c: LoaderConfig) -> None:
-    if c.mask_ratio + c.throw_ratio >= 1:
-        raise LoaderError(
-            f"mask_ratio + throw_ratio must be < 1 (got {c.mask_ratio} + "
-            f"{c.throw_ratio}); lower one so some patches stay visible"
-        )
+    check_ratio_sum(c.mask_ratio, c.throw_ratio, LoaderError)
     if not isinstance(c.strategy_options, dict):
         raise LoaderError(
             f"strategy_options must be a dict of plan_masks keywords "
@@ -177,12 +187,21 @@ def _check_masking(c: LoaderConfig) -> None:
         )
 
 
+def check_scale(
+    scale: tuple[float, float], error: type[Exception], name: str, usual: str = ""
+) -> None:
+    """Raises ``error`` unless ``scale`` is an area range ``(min, max)`` of a random resized
+    crop, ``0 < min <= max <= 1``: the one check of a crop scale (the loader's, the crops',
+    a job's flags). ``name`` spells the setting (``crop_scale``, ``--crop-scale``);
+    ``usual``, when given, says what the papers use."""
+    if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+        hint = f"; {usual}" if usual else ""
+        raise error(f"{name} must satisfy 0 < min <= max <= 1 (got {scale}){hint}")
+
+
 def _check_crop(c: LoaderConfig) -> None:
-    (lo, hi), (rlo, rhi) = c.crop_scale, c.crop_ratio
-    if not 0 < lo <= hi <= 1:
-        raise LoaderError(
-            f"crop_scale must satisfy 0 < min <= max <= 1 (got {c.crop_scale}); MAE uses (0.2, 1.0)"
-        )
+    check_scale(c.crop_scale, LoaderError, "crop_scale", "MAE uses (0.2, 1.0)")
+    rlo, rhi = c.crop_ratio
     if not 0 < rlo <= rhi:
         raise LoaderError(
             f"crop_ratio must satisfy 0 < min <= max (got {c.crop_ratio}); the usual is (3/4, 4/3)"
@@ -210,11 +229,7 @@ def _check_views(c: LoaderConfig) -> None:
             f"views.local_size must be a multiple of patch_size {c.patch_size} "
             f"(got {v.local_size!r}); iBOT uses 96 with 16 px patches"
         )
-    if len(v.local_scale) != 2 or not 0 < v.local_scale[0] <= v.local_scale[1] <= 1:
-        raise LoaderError(
-            f"views.local_scale must satisfy 0 < min <= max <= 1 (got {v.local_scale}); "
-            "iBOT uses (0.05, 0.25)"
-        )
+    check_scale(v.local_scale, LoaderError, "views.local_scale", "iBOT uses (0.05, 0.25)")
     if c.throw_ratio or c.mask_unit is not None or c.gpa_target:
         raise LoaderError(
             "multi-crop views mask tokens only (iBOT): set throw_ratio 0, no mask_unit and "

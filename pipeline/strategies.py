@@ -23,6 +23,7 @@ __all__ = [
     "STRATEGY_NAMES",
     "MaskCounts",
     "MaskError",
+    "check_ratio_sum",
     "check_strategy",
     "default_ratios",
     "mask_counts",
@@ -50,14 +51,27 @@ def mask_counts(num_patches: int, mask_ratio: float, throw_ratio: float = 0.0) -
     for name, ratio in (("mask_ratio", mask_ratio), ("throw_ratio", throw_ratio)):
         if not isinstance(ratio, numbers.Real) or not 0.0 <= ratio < 1.0:
             raise MaskError(f"{name} must be in [0, 1) (got {ratio!r}); pass a fraction of patches")
-    if mask_ratio + throw_ratio >= 1.0:
-        raise MaskError(
-            f"mask_ratio + throw_ratio must be < 1 (got {mask_ratio} + {throw_ratio}); "
-            "lower one so that some patches stay visible"
-        )
+    check_ratio_sum(mask_ratio, throw_ratio)
     masked = int(num_patches * mask_ratio)
     thrown = int(num_patches * (mask_ratio + throw_ratio)) - masked
     return MaskCounts(num_patches - masked - thrown, masked, thrown)
+
+
+def check_ratio_sum(
+    mask_ratio: float,
+    throw_ratio: float,
+    error: type[Exception] = MaskError,
+    names: tuple[str, str] = ("mask_ratio", "throw_ratio"),
+) -> None:
+    """Raises ``error`` unless ``mask_ratio + throw_ratio < 1``, so that some patches stay
+    visible: the one check of the pair, which each config runs with its own error and its
+    own spelling of the two (``names``: a job's flags, ``("--mask-ratio", "--throw-ratio")``).
+    Each ratio's own range is its field's (``salient.settings.ranged``)."""
+    if mask_ratio + throw_ratio >= 1.0:
+        raise error(
+            f"{names[0]} + {names[1]} must be < 1 (got {mask_ratio} + {throw_ratio}); "
+            "lower one so that some patches stay visible"
+        )
 
 
 # The strategies ``masking.STRATEGIES`` implements, in its order (README, "Mask strategies").

@@ -13,8 +13,8 @@ import numpy as np
 
 from salient import urls
 from salient.errors import SalientError
-from salient.pipeline.strategies import STRATEGY_NAMES
-from salient.settings import check_fields, ranged
+from salient.pipeline.strategies import STRATEGY_NAMES, check_ratio_sum
+from salient.settings import check_fields, flag_of, ranged
 
 __all__ = ["InspectConfig", "InspectError"]
 
@@ -87,11 +87,8 @@ class InspectConfig:
             )
         if self.ids is not None:
             self._check_ids()
-        if self.mask_ratio + self.throw_ratio >= 1.0:
-            raise InspectError(
-                f"--mask-ratio + --throw-ratio must be < 1 (got {self.mask_ratio} "
-                f"+ {self.throw_ratio}); lower one so some patches stay visible"
-            )
+        ratios = (flag_of(InspectConfig, "mask_ratio"), flag_of(InspectConfig, "throw_ratio"))
+        check_ratio_sum(self.mask_ratio, self.throw_ratio, InspectError, ratios)
 
     def _check_ids(self) -> None:
         ids = tuple(self.ids)

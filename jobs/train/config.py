@@ -18,12 +18,13 @@ from pathlib import Path
 
 from salient import urls
 from salient.jobs.refresh.config import RefreshConfig
-from salient.pipeline.loader_config import INTERPOLATIONS, LoaderConfig, MultiCrop
+from salient.pipeline.loader_config import INTERPOLATIONS, LoaderConfig, MultiCrop, check_scale
 from salient.pipeline.strategies import (
     NEEDS_SALIENCY,
     SCHEDULE_OPTIONS,
     STRATEGY_NAMES,
     MaskError,
+    check_ratio_sum,
     resolve_ratios,
 )
 from salient.settings import check_fields, flag_of, ranged
@@ -558,11 +559,8 @@ def _check_counts(c: TrainConfig) -> None:
 
 
 def _check_ratios(c: TrainConfig) -> None:
-    if c.mask_ratio + c.throw_ratio >= 1:
-        raise TrainError(
-            f"--mask-ratio + --throw-ratio must be < 1 (got {c.mask_ratio} + "
-            f"{c.throw_ratio}); lower one so some patches stay visible"
-        )
+    flags = (flag_of(TrainConfig, "mask_ratio"), flag_of(TrainConfig, "throw_ratio"))
+    check_ratio_sum(c.mask_ratio, c.throw_ratio, TrainError, flags)
 
 
 def _check_model(c: TrainConfig) -> None:
@@ -652,9 +650,7 @@ def _automae_problems(c: TrainConfig) -> list[str]:
 
 
 def _check_training(c: TrainConfig) -> None:
-    lo, hi = c.crop_scale
-    if not 0 < lo <= hi <= 1:
-        raise TrainError(f"--crop-scale must satisfy 0 < min <= max <= 1 (got {c.crop_scale})")
+    check_scale(c.crop_scale, TrainError, flag_of(TrainConfig, "crop_scale"), "MAE: 0.2 1")
     if not all(0 <= b < 1 for b in c.betas):
         raise TrainError(f"--betas must lie in [0, 1) (got {c.betas})")
     grid = c.image_size // c.patch_size
@@ -754,9 +750,7 @@ def _check_ibot(c: TrainConfig) -> None:
             f"--mask-unit and --gpa-loss-weight (got {c.throw_ratio}, {c.mask_unit}, "
             f"{c.gpa_loss_weight})"
         )
-    lo, hi = c.local_scale
-    if not 0 < lo <= hi <= 1:
-        raise TrainError(f"--local-scale must satisfy 0 < min <= max <= 1 (got {c.local_scale})")
+    check_scale(c.local_scale, TrainError, flag_of(TrainConfig, "local_scale"), "iBOT: 0.05 0.25")
     if c.local_size % c.patch_size:
         raise TrainError(
             f"--local-size {c.local_size} is not a multiple of --patch-size {c.patch_size}; "
