@@ -169,6 +169,16 @@ def test_every_arm_shares_data_seed_schedule_and_size():
     assert configs["random"].mask_ratio == 0.75 and configs["amt-self"].mask_ratio == 0.45
 
 
+def test_momentum_teacher_reaches_the_ibot_arms_only():
+    shared = _shared(momentum_teacher=0.99)
+    ibot = arm_config(parse_arm("attmask-ibot-high"), shared, "/runs/i", "/s.zarr")
+    mae = arm_config(parse_arm("amt-self"), shared, "/runs/a", "/s.zarr")
+    assert ibot.momentum_teacher == 0.99  # MAE refuses iBOT settings, so it must not get it
+    assert mae.framework == "mae" and mae.momentum_teacher == 0.996  # built: not refused
+    recipe = arm_config(parse_arm("ibot"), _shared(), "/r", None)
+    assert recipe.momentum_teacher == 0.996  # AttMask README: the recipe's when not given
+
+
 def test_compare_config_refusals(capsys):
     with pytest.raises(CompareError, match="--data DATASET and --val"):
         CompareConfig(data="/d")

@@ -157,6 +157,7 @@ def arm_config(arm: Arm, shared: dict, run_dir: str, store: str | None) -> Train
     common = {k: v for k, v in shared.items() if k in known}
     common.pop("warmup_epochs", None)
     common.pop("refresh_every", None)
+    momentum = common.pop("momentum_teacher", None)  # iBOT's alone; the recipe's unless given
     # a recipe's other schedule settings (iBOT's teacher-temperature warm-up) as their share
     # of the comparison's epochs, as `salient train --recipe` fits them
     values = fitted(arm.values, common) if "epochs" in arm.values else dict(arm.values)
@@ -179,6 +180,8 @@ def arm_config(arm: Arm, shared: dict, run_dir: str, store: str | None) -> Train
     )
     values.update(_schedule(arm, shared))
     config = TrainConfig(**values)
+    if momentum is not None and config.framework == "ibot":
+        config = replace(config, momentum_teacher=momentum)
     if config.maps_from == "online":  # iBOT's masks from its EMA teacher: no store to read
         config = replace(config, store=None)
     return config

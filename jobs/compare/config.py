@@ -117,6 +117,10 @@ class CompareConfig:
     """Train workers (DDP); also the refresh and feature actors."""
     blr: float = field(default=1.5e-4, metadata=ranged(gt=0))
     """Base learning rate of every arm: peak lr = blr × batch × workers / 256 (MAE's rule)."""
+    momentum_teacher: float | None = field(default=None, metadata=ranged(ge=0, lt=1))
+    """iBOT arms: the EMA teacher's momentum at the start, a cosine to 1 (default: the recipe's
+    0.996, an EMA horizon of ~250 steps, longer than a short run; 0.99 is AttMask's 20 %
+    ImageNet command)."""
     gpu: bool = False
     """One GPU per train worker and per actor."""
     loader_workers: int = field(default=1, metadata=ranged(ge=0))
@@ -188,6 +192,7 @@ class CompareConfig:
             "batch_size": self.batch_size,
             "workers": self.workers,
             "blr": self.blr,
+            "momentum_teacher": self.momentum_teacher,
             "gpu": self.gpu,
             "loader_workers": self.loader_workers,
             "refresh_batch_size": 128,
