@@ -387,7 +387,9 @@ def test_store_source_asks_the_loader_for_the_teachers_heads():
         ({"mask_factor": -1.0}, "must be >= 0"),
         ({"map_source": "disk"}, "unknown map source"),
         ({"map_source": "online"}, "needs a teacher"),
-        ({"heads": 0}, "number of heads"),
+        ({"loss_g_factor": -0.5}, "AutoMAE loss_g_factor must be >= 0"),
+        ({"heads": 0}, "AutoMAE heads must be a positive integer"),
+        ({"heads": True}, "AutoMAE heads must be an integer"),
     ],
 )
 def test_bad_settings_are_one_line_errors(settings, words):

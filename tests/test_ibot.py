@@ -317,7 +317,10 @@ def test_encoder_is_the_teacher_backbone_and_starts_as_the_student():
     "settings, match",
     [
         ({"teacher_temp": 0.0}, "teacher_temp must be > 0"),
-        ({"momentum_teacher": 1.5}, "momentum_teacher must lie in"),
+        ({"momentum_teacher": 1.5}, r"momentum_teacher must be in \[0, 1\]"),
+        ({"drop_path": 1.0}, r"iBOT drop_path must be in \[0, 1\)"),
+        ({"warmup_teacher_temp_epochs": 0}, "warmup_teacher_temp_epochs must be a positive"),
+        ({"saliency_source": "disk"}, "iBOT saliency_source must be one of online, store"),
         ({"strategy": "nope"}, "unknown mask strategy"),
         ({"strategy_options": {"ratio_var": 0.5}}, "ratio_var must lie"),
         ({"colour": 1}, "bad iBOT setting"),

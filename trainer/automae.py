@@ -48,7 +48,13 @@ from torch.nn.utils.parametrizations import spectral_norm
 from salient.pipeline.masking import MaskPlan
 from salient.trainer.checkpoint import unwrap_model
 from salient.trainer.models import MAE, gather_tokens, model_spec
-from salient.trainer.specs import LOSS_G_FACTOR, MAP_SOURCES, MASK_FACTOR, ModelError
+from salient.trainer.specs import (
+    LOSS_G_FACTOR,
+    MAP_SOURCES,
+    MASK_FACTOR,
+    AutoMAESettings,
+    ModelError,
+)
 from salient.trainer.steps import Progress, StepHooks, sync_if
 from salient.trainer.teacher import saliency
 from salient.trainer.teacher_load import Teacher, load_teacher
@@ -381,13 +387,7 @@ def _check_settings(kind, n, mask_ratio, mask_factor, loss_g_factor, heads) -> N
             f"mask ratio {mask_ratio} keeps {keep} of {n} patches; AutoMAE needs some kept "
             "and some masked (its paper: 0.75)"
         )
-    if mask_factor < 0 or loss_g_factor < 0:
-        raise ModelError(
-            f"mask_factor ({mask_factor}) and loss_g_factor ({loss_g_factor}) must be >= 0; "
-            "AutoMAE's code uses 0.5 and 0.2"
-        )
-    if heads is not None and (isinstance(heads, bool) or not isinstance(heads, int) or heads < 1):
-        raise ModelError(f"heads must be the teacher's number of heads (got {heads!r})")
+    AutoMAESettings(mask_factor, loss_g_factor, heads)  # their types and ranges, declared there
 
 
 # ---------------------------------------------------------------- the family

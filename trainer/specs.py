@@ -9,7 +9,8 @@ modules that import torch, and read their names here:
 - the family of each model name, and the family names (``trainer.family.FAMILIES`` binds each
   to its parts);
 - the saliency kinds and head reductions (``trainer.teacher`` computes them);
-- iBOT's run settings and AutoMAE's setting defaults, each with its source;
+- iBOT's run settings and AutoMAE's own settings, each with its source and its range (a
+  job's flags take their metadata from these fields: ``salient.settings``);
 - the errors a bad setting raises.
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from salient.errors import SalientError
+from salient.settings import check_fields, ranged
 
 __all__ = [
     "ENCODER_SIZES",
@@ -32,6 +34,7 @@ __all__ = [
     "MODELS",
     "MODEL_FAMILIES",
     "REDUCES",
+    "AutoMAESettings",
     "IBOTSettings",
     "ModelError",
     "ModelSpec",
@@ -119,26 +122,52 @@ LOSS_G_FACTOR = 0.2  # main_pretrain.py: --loss_g_factor 0.2 (paper Sec. 3.3: "b
 
 
 @dataclass(frozen=True)
+class AutoMAESettings:
+    """AutoMAE's own numbers beside its MAE's, each range declared with its field
+    (``trainer.automae.build_automae`` checks its keywords with them; ``TrainConfig``'s
+    ``--mask-factor``, ``--loss-g-factor`` and ``--generator-heads`` take their metadata)."""
+
+    mask_factor: float = field(default=MASK_FACTOR, metadata=ranged(ge=0))
+    loss_g_factor: float = field(default=LOSS_G_FACTOR, metadata=ranged(ge=0))
+    # the generator's input channels, the teacher's heads (None: the encoder's)
+    heads: int | None = field(default=None, metadata=ranged(ge=1))
+
+    def __post_init__(self) -> None:
+        check_fields(self, ModelError, lambda f: f"AutoMAE {f.name}")  # declared with the fields
+
+
+@dataclass(frozen=True)
 class IBOTSettings:
     """Everything of an iBOT run but its sizes, with the values of the published ViT-S/16 runs
-    (AttMask's README commands, which are iBOT's README command at 100 epochs)."""
+    (AttMask's README commands, which are iBOT's README command at 100 epochs).
+
+    Each range is declared here, with its field; ``TrainConfig``'s iBOT flags take their
+    metadata from these fields, so a flag and the library check the same range."""
 
     norm_last_layer: bool = False  # README ViT-S: --norm_last_layer False (code default True)
-    out_dim: int | None = None  # None: the size's (8192: --out_dim 8192)
-    drop_path: float = 0.1  # main_ibot.py --drop_path 0.1 (student only)
-    lambda1: float = 1.0  # main_ibot.py --lambda1: weight of the [CLS] loss
-    lambda2: float = 1.0  # main_ibot.py --lambda2: weight of the patch loss
-    student_temp: float = 0.1  # iBOTLoss(student_temp=0.1)
-    warmup_teacher_temp: float = 0.04  # main_ibot.py --warmup_teacher_temp 0.04
-    teacher_temp: float = 0.07  # README ViT-S: --teacher_temp 0.07 (code default 0.04)
-    warmup_teacher_patch_temp: float = 0.04  # --warmup_teacher_patch_temp 0.04
-    teacher_patch_temp: float = 0.07  # --teacher_patch_temp 0.07
-    warmup_teacher_temp_epochs: int = 30  # --warmup_teacher_temp_epochs 30
-    center_momentum: float = 0.9  # iBOTLoss(center_momentum=0.9, center_momentum2=0.9)
-    momentum_teacher: float = 0.996  # --momentum_teacher 0.996, cosine to 1
+    # None: the size's (8192: --out_dim 8192)
+    out_dim: int | None = field(default=None, metadata=ranged(ge=1))
+    # main_ibot.py --drop_path 0.1 (student only)
+    drop_path: float = field(default=0.1, metadata=ranged(ge=0, lt=1))
+    # main_ibot.py --lambda1, --lambda2: weights of the [CLS] loss and of the patch loss
+    lambda1: float = field(default=1.0, metadata=ranged(ge=0))
+    lambda2: float = field(default=1.0, metadata=ranged(ge=0))
+    # iBOTLoss(student_temp=0.1); main_ibot.py --warmup_teacher_temp 0.04; README ViT-S:
+    # --teacher_temp 0.07 (code default 0.04); --warmup_teacher_patch_temp 0.04,
+    # --teacher_patch_temp 0.07, --warmup_teacher_temp_epochs 30
+    student_temp: float = field(default=0.1, metadata=ranged(gt=0))
+    warmup_teacher_temp: float = field(default=0.04, metadata=ranged(gt=0))
+    teacher_temp: float = field(default=0.07, metadata=ranged(gt=0))
+    warmup_teacher_patch_temp: float = field(default=0.04, metadata=ranged(gt=0))
+    teacher_patch_temp: float = field(default=0.07, metadata=ranged(gt=0))
+    warmup_teacher_temp_epochs: int = field(default=30, metadata=ranged(ge=1))
+    # iBOTLoss(center_momentum=0.9, center_momentum2=0.9); --momentum_teacher 0.996, cosine to 1
+    center_momentum: float = field(default=0.9, metadata=ranged(ge=0, le=1))
+    momentum_teacher: float = field(default=0.996, metadata=ranged(ge=0, le=1))
     weight_decay: float = 0.04  # --weight_decay 0.04, cosine to --weight_decay_end 0.4
-    weight_decay_end: float = 0.4
-    freeze_last_layer: int = 1  # --freeze_last_layer 1 (epochs)
+    weight_decay_end: float = field(default=0.4, metadata=ranged(ge=0))
+    # --freeze_last_layer 1 (epochs)
+    freeze_last_layer: int = field(default=1, metadata=ranged(ge=0))
     strategy: str = "block"  # main_ibot.py --pred_shape block; AttMask: attmask_high / _hint
     mask_ratio: float = 0.3  # --pred_ratio 0.3 ...
     # ... ± 0.2 (--pred_ratio_var 0.2), one ratio per batch, and half the images masked
@@ -148,34 +177,13 @@ class IBOTSettings:
     # brings none): "online", the teacher's attention in the step (AttMask's), or "store",
     # the loader's masks from the store's maps. With the views below, the loader's fields
     # (``ibot_step.ibot_loader_fields``); the model reads none of them.
-    saliency_source: str = "online"
+    saliency_source: str = field(default="online", metadata={"choices": lambda: IBOT_SOURCES})
     local_crops: int | None = None  # None: ``loader_config.MultiCrop``'s (README: 10)
     local_size: int | None = None  # None: MultiCrop's (96)
     local_scale: tuple[float, float] | None = None  # None: MultiCrop's (0.05, 0.25)
 
     def __post_init__(self) -> None:
-        if self.saliency_source not in IBOT_SOURCES:
-            raise ModelError(
-                f"iBOT saliency_source must be one of {', '.join(IBOT_SOURCES)} "
-                f"(got {self.saliency_source!r})"
-            )
-        for name in (
-            "student_temp",
-            "warmup_teacher_temp",
-            "teacher_temp",
-            "warmup_teacher_patch_temp",
-            "teacher_patch_temp",
-        ):
-            if not getattr(self, name) > 0:
-                raise ModelError(f"iBOT {name} must be > 0 (got {getattr(self, name)})")
-        for name in ("momentum_teacher", "center_momentum"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ModelError(f"iBOT {name} must lie in [0, 1] (got {getattr(self, name)})")
-        if self.warmup_teacher_temp_epochs < 1 or self.freeze_last_layer < 0:
-            raise ModelError(
-                "iBOT warmup_teacher_temp_epochs must be >= 1 and freeze_last_layer >= 0 "
-                f"(got {self.warmup_teacher_temp_epochs}, {self.freeze_last_layer})"
-            )
+        check_fields(self, ModelError, lambda f: f"iBOT {f.name}")  # declared with the fields
 
     def mask_options(self) -> dict:
         """The keywords of ``plan_mask_flags`` (``mask_prob``, ``ratio_var``, the strategy's)."""
