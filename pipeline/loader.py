@@ -80,6 +80,7 @@ __all__ = [
     "SalientLoader",
     "Segment",
     "batches_per_rank",
+    "check_gpa_kind",
     "epoch_segments",
     "gpa_targets",
     "head_map_batch",
@@ -291,6 +292,22 @@ def gpa_targets(weights: torch.Tensor, has_map: torch.Tensor) -> torch.Tensor:
     return torch.where(has_map[:, None], target, torch.zeros_like(target))
 
 
+def check_gpa_kind(
+    store, generation: str, error: type[Exception] = LoaderError, setting: str = "gpa_target"
+) -> None:
+    """Raises ``error`` unless ``generation`` of ``store`` (a ``SaliencyStore``) holds maps
+    of kind ``gpa``, the maps GPA's reconstruction target reads: the one check of it, for a
+    ``gpa_target`` loader and for a run's ``--gpa-loss-weight`` before any work (``setting``
+    names what asks for the target)."""
+    kind = store.bind(generation).attrs.get("kind")
+    if kind != "gpa":
+        raise error(
+            f"{setting} (GPA's reconstruction target) needs maps of kind gpa, but generation "
+            f"{generation} of {store.url} holds {kind} maps; refresh with --kind gpa (in "
+            f"training: --saliency-kind gpa), use another store, or drop {setting}"
+        )
+
+
 class SalientLoader:
     """Batches of one rank, one epoch at a time: ``for batch in loader.epoch(e): …``.
 
@@ -362,7 +379,7 @@ class SalientLoader:
                 stacklevel=3,
             )
         if generation is not None and self.config.gpa_target:
-            self._check_target_kind(store, generation)
+            check_gpa_kind(store, generation)
         if generation is not None and self.config.head_maps is not None:
             self._check_heads(store, generation)
         return generation
@@ -383,15 +400,6 @@ class SalientLoader:
                 f"generation {generation} of {self.config.store} holds kind {attrs.get('kind')} "
                 f"with heads={attrs.get('heads')}; refresh with --kind heads from a teacher "
                 f"of {self.config.head_maps} heads"
-            )
-
-    def _check_target_kind(self, store, generation: str) -> None:
-        kind = store.bind(generation).attrs.get("kind")
-        if kind != "gpa":
-            raise LoaderError(
-                f"GPA's reconstruction target needs maps of kind gpa, but generation "
-                f"{generation} of {self.config.store} holds {kind} maps; refresh with "
-                "--kind gpa (in training: --saliency-kind gpa), or turn the target off"
             )
 
     def report_damage(self, chunks: list) -> None:

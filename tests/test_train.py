@@ -284,7 +284,7 @@ def test_gpa_target_refuses_a_store_of_another_kind(runs):
         gpa_loss_weight=1.0,
         refresh_every=0,
     )
-    with pytest.raises(TrainError, match="needs maps of kind gpa but the current generation"):
+    with pytest.raises(TrainError, match="needs maps of kind gpa.*holds cls_attn"):
         run_train(config, progress=False)
 
 
