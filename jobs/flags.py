@@ -47,6 +47,7 @@ __all__ = [
     "add_config_flags",
     "build_config",
     "config_dict",
+    "declared_field",
     "field_docs",
     "flag_name",
     "load_config_file",
@@ -81,6 +82,25 @@ def field_docs(cls: type) -> dict[str, str]:
             ):
                 docs[node.target.id] = " ".join(inspect.cleandoc(after.value.value).split())
     return docs
+
+
+# ---------------------------------------------------------------- settings declared elsewhere
+
+
+def declared_field(cls: type, name: str, **changes: Any) -> Any:
+    """Field ``name`` of the dataclass ``cls`` (a library's settings) as a field of a job's
+    config, the flag that sets it: the same default, unless ``changes`` gives another, and the
+    same metadata (range, choices), so they are declared once, with the setting they belong
+    to (``TrainConfig``'s iBOT flags take ``IBOTSettings``'s)."""
+    declared = cls.__dataclass_fields__[name]
+    kwargs: dict[str, Any] = {"metadata": declared.metadata}
+    if declared.default is not dataclasses.MISSING:
+        kwargs["default"] = declared.default
+    else:
+        kwargs["default_factory"] = declared.default_factory
+    if "default" in changes:
+        kwargs.pop("default_factory", None)
+    return dataclasses.field(**{**kwargs, **changes})
 
 
 # ---------------------------------------------------------------- types

@@ -96,6 +96,12 @@ def test_flags_override_a_yaml_config(tmp_path, capsys):
         (["train", "--data", "d", "--mask-ratio", "0.7"], r"must be < 1 \(got 0.7 \+ 0.4\)"),
         (["train", "--data", "d", "--config", "/nonexistent.yaml"], "cannot read --config"),
         (["bench"], "bench needs WHAT"),
+        (["bench", "quality", "--seeds", "0"], r"--seeds must be a positive integer \(got 0\)"),
+        (["bench", "quality", "--n", "8"], r"--n must be an integer >= 16 \(got 8\)"),
+        (["demo", "--batch-size", "-1"], r"--batch-size must be a positive integer \(got -1\)"),
+        (["demo", "--workers", "0"], r"--workers must be a positive integer \(got 0\)"),
+        (["demo", "--train-size", "-5"], r"--train-size must be a positive integer"),
+        (["demo", "--n", "5"], r"--n must be an integer >= 16 \(got 5\)"),
         (["ingest", "--demo"], "needs SRC and OUT"),
     ],
 )

@@ -6,6 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from salient.errors import SalientError
+from salient.jobs.compare.config import CompareConfig
+from salient.jobs.flags import declared_field
+from salient.settings import check_fields
 
 __all__ = ["BENCH_NAMES", "BenchConfig"]
 
@@ -38,14 +41,14 @@ class BenchConfig:
     data: str | None = None
     """loader, refresh, ibot: benchmark this dataset (path or URL) instead of a generated demo
     set."""
-    epochs: int | None = None
+    epochs: int | None = declared_field(CompareConfig, "epochs", default=None)
     """quality: training epochs of each arm (default: 8 on the CPU, 40 on CUDA; --quick 2)."""
-    n: int | None = None
+    n: int | None = declared_field(CompareConfig, "n", default=None)
     """quality: demo training scenes (default: 2000 on the CPU, 20000 on CUDA); the held-out
     split is a quarter of it."""
-    image_size: int | None = None
+    image_size: int | None = declared_field(CompareConfig, "image_size", default=None)
     """quality: training crop side in pixels (default: 64 on the CPU, 224 on CUDA)."""
-    seeds: int | None = None
+    seeds: int | None = declared_field(CompareConfig, "seeds", default=None)
     """quality: runs of each arm (default 1); the tables give mean ± sd over them."""
     arms: tuple[str, ...] | None = None
     """quality: the arms, comma-separated, as ``salient compare --arms`` takes them (default:
@@ -62,5 +65,6 @@ class BenchConfig:
             raise SalientError(
                 f"bench needs WHAT, one of {', '.join(sorted(BENCH_NAMES))} (got {self.what!r})"
             )
+        check_fields(self, SalientError)  # types and ranges, declared with the fields
         if self.device != "auto" and self.device != "cpu" and not self.device.startswith("cuda"):
             raise SalientError(f"--device must be auto, cpu or cuda[:N] (got {self.device!r})")

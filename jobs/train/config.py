@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
 from salient import urls
+from salient.jobs.flags import declared_field
 from salient.jobs.refresh.config import RefreshConfig
 from salient.pipeline.loader_config import INTERPOLATIONS, LoaderConfig, MultiCrop, check_scale
 from salient.pipeline.strategies import (
@@ -48,14 +48,6 @@ MAPS = ("own", "any")  # whose generations the strategy reads (--maps)
 # Below this sum of a run's learning rates AdamW (about one rate per step and weight) moves no
 # weight by more than 5 % of 0.02, the std of timm's ViT initialisation (trunc_normal_ .02).
 LR_SUM_FLOOR = 1e-3
-
-
-def _declared(cls: type, name: str, **changes: Any) -> Any:
-    """A field of ``cls`` (iBOT's or AutoMAE's settings, the loader's views) as a flag of
-    ``TrainConfig``: its default (unless ``changes`` gives one) and its metadata, so that its
-    range and choices are declared once, with the field they belong to."""
-    declared = cls.__dataclass_fields__[name]
-    return field(**{"default": declared.default, "metadata": declared.metadata, **changes})
 
 
 @dataclass(frozen=True)
@@ -172,10 +164,10 @@ class TrainConfig:
     value, read from a gpa generation (GPA eq. 7-8: weight 1); 0: off."""
     # AutoMAE (--family automae, trainer/automae.py): its learned masks and where their maps
     # come from; README, "Decisions", "AutoMAE's maps from the store"
-    mask_factor: float = _declared(AutoMAESettings, "mask_factor")
+    mask_factor: float = declared_field(AutoMAESettings, "mask_factor")
     """AutoMAE: how far the generator's top positions raise MAE's masking noise
     (main_pretrain.py --mask_factor 0.5)."""
-    loss_g_factor: float = _declared(AutoMAESettings, "loss_g_factor")
+    loss_g_factor: float = declared_field(AutoMAESettings, "loss_g_factor")
     """AutoMAE: weight of the generator's adversarial loss beside the reconstruction
     (main_pretrain.py --loss_g_factor 0.2)."""
     map_source: str = field(default="store", metadata={"choices": lambda: MAP_SOURCES})
@@ -187,46 +179,46 @@ class TrainConfig:
     --map-teacher-weights (main_pretrain.py --pretrained_weight: a pretrained MAE-B)."""
     map_teacher_weights: str | None = None
     """Local weights file of a timm:NAME --map-teacher (nothing is downloaded)."""
-    generator_heads: int | None = _declared(AutoMAESettings, "heads")
+    generator_heads: int | None = declared_field(AutoMAESettings, "heads")
     """AutoMAE: the generator's input channels, the teacher's heads (models_mae.py ScorerBlock:
     12, MAE-B's); unset: read from the maps when the run starts and kept in config.json."""
     # iBOT (--model ibot-*; AttMask). Defaults: AttMask's README ViT-S/16 commands, which
     # are iBOT's README command at 100 epochs (trainer/specs.py IBOTSettings cites each one
     # and declares its range).
-    saliency_source: str | None = _declared(IBOTSettings, "saliency_source", default=None)
+    saliency_source: str | None = declared_field(IBOTSettings, "saliency_source", default=None)
     """iBOT: where attention masks come from: online (the EMA teacher's CLS attention over
     each global view, in the step: AttMask's main_attmask.py) or store (the store's maps,
     refreshed from the teacher's checkpoint every --refresh-every epochs); unset: online."""
-    momentum_teacher: float = _declared(IBOTSettings, "momentum_teacher")
+    momentum_teacher: float = declared_field(IBOTSettings, "momentum_teacher")
     """iBOT: EMA momentum of the teacher, a cosine to 1 (AttMask README: momentum_teacher 0.996)."""
-    teacher_temp: float = _declared(IBOTSettings, "teacher_temp")
+    teacher_temp: float = declared_field(IBOTSettings, "teacher_temp")
     """iBOT: [CLS] teacher temperature after its warm-up (AttMask README: teacher_temp 0.07)."""
-    warmup_teacher_temp: float = _declared(IBOTSettings, "warmup_teacher_temp")
+    warmup_teacher_temp: float = declared_field(IBOTSettings, "warmup_teacher_temp")
     """iBOT: teacher temperature at epoch 0, linear to --teacher-temp (main_ibot.py: 0.04)."""
-    teacher_patch_temp: float = _declared(IBOTSettings, "teacher_patch_temp")
+    teacher_patch_temp: float = declared_field(IBOTSettings, "teacher_patch_temp")
     """iBOT: teacher temperature of the patches after the warm-up (main_ibot.py: 0.07)."""
-    warmup_teacher_patch_temp: float = _declared(IBOTSettings, "warmup_teacher_patch_temp")
+    warmup_teacher_patch_temp: float = declared_field(IBOTSettings, "warmup_teacher_patch_temp")
     """iBOT: patch temperature at epoch 0 (main_ibot.py warmup_teacher_patch_temp 0.04)."""
-    warmup_teacher_temp_epochs: int = _declared(IBOTSettings, "warmup_teacher_temp_epochs")
+    warmup_teacher_temp_epochs: int = declared_field(IBOTSettings, "warmup_teacher_temp_epochs")
     """iBOT: epochs of the temperatures' warm-up (AttMask README: warmup_teacher_temp_epochs 30)."""
     norm_last_layer: bool = IBOTSettings.norm_last_layer
     """iBOT: freeze the head's last-layer norm at 1 (AttMask README: norm_last_layer False)."""
-    out_dim: int | None = _declared(IBOTSettings, "out_dim")
+    out_dim: int | None = declared_field(IBOTSettings, "out_dim")
     """iBOT: head output dimension; unset: 8192 (AttMask README: out_dim 8192; micro: 64)."""
-    drop_path: float = _declared(IBOTSettings, "drop_path")
+    drop_path: float = declared_field(IBOTSettings, "drop_path")
     """iBOT: stochastic depth of the student (main_ibot.py drop_path 0.1)."""
-    lambda1: float = _declared(IBOTSettings, "lambda1")
+    lambda1: float = declared_field(IBOTSettings, "lambda1")
     """iBOT: weight of the [CLS] distillation loss (main_ibot.py lambda1 1.0)."""
-    lambda2: float = _declared(IBOTSettings, "lambda2")
+    lambda2: float = declared_field(IBOTSettings, "lambda2")
     """iBOT: weight of the masked-patch loss (main_ibot.py lambda2 1.0)."""
-    weight_decay_end: float = _declared(IBOTSettings, "weight_decay_end")
+    weight_decay_end: float = declared_field(IBOTSettings, "weight_decay_end")
     """iBOT: weight decay at the end, a cosine per step from --weight-decay (main_ibot.py
     weight_decay 0.04, weight_decay_end 0.4)."""
-    freeze_last_layer: int = _declared(IBOTSettings, "freeze_last_layer")
+    freeze_last_layer: int = declared_field(IBOTSettings, "freeze_last_layer")
     """iBOT: epochs the head's last layer is frozen (main_ibot.py freeze_last_layer 1)."""
-    local_crops: int = _declared(MultiCrop, "local_crops")
+    local_crops: int = declared_field(MultiCrop, "local_crops")
     """iBOT: local crops per image beside 2 global ones (AttMask README: local_crops_number 10)."""
-    local_size: int = _declared(MultiCrop, "local_size")
+    local_size: int = declared_field(MultiCrop, "local_size")
     """iBOT: side of the local crops in pixels (DataAugmentationiBOT: 96 beside 224)."""
     local_scale: tuple[float, float] = MultiCrop.local_scale
     """iBOT: area range of the local crops (AttMask README: local_crops_scale 0.05 0.25); the
