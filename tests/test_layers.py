@@ -1,7 +1,8 @@
 """The layers are a rule, not a convention (docs/ARCHITECTURE.md, "Code layout").
 
 Every first-party import of every module, at module top or inside a function, is read with
-``ast``: ``salient`` root < ``store`` < ``pipeline`` < ``trainer`` < ``jobs``, a module imports
+``ast``, and so is every import named as a string (a package's ``lazy_exports``,
+``importlib.import_module`` with a constant name): ``salient`` root < ``store`` < ``pipeline`` < ``trainer`` < ``jobs``, a module imports
 only from its own layer or below, ``jobs/runtime`` imports no job, a first-party import inside a
 function says why on its line (``# lazy: …``), and the module graph has no cycle. Each rule is
 also run on a small planted tree, so the checks are shown to fail.
@@ -10,6 +11,7 @@ also run on a small planted tree, so the checks are shown to fail.
 from __future__ import annotations
 
 import ast
+import importlib.util
 import re
 import textwrap
 import tomllib
@@ -40,11 +42,15 @@ def _modules(root: Path) -> dict[str, Path]:
     return found
 
 
-def _imports(path: Path) -> list[tuple[str, int, str]]:
-    """``(module, line, where)`` of every import in ``path``, ``where`` being ``top``,
-    ``typing`` (under a module-level ``if TYPE_CHECKING:``, never run), ``declared`` (inside a
-    function, its line saying why: ``# lazy: <reason>``) or ``lazy``; a ``from X import Y``
-    counts as ``X.Y`` when that is a module, else ``X`` (see _resolve)."""
+def _imports(path: Path, module: str = "") -> list[tuple[str, int, str]]:
+    """``(module, line, where)`` of every import in ``path`` (the module ``module``), ``where``
+    being ``top``, ``typing`` (under a module-level ``if TYPE_CHECKING:``, never run),
+    ``declared`` (inside a function, its line saying why: ``# lazy: <reason>``) or ``lazy``; a
+    ``from X import Y`` counts as ``X.Y`` when that is a module, else ``X`` (see _resolve).
+    Imports named as strings count too (:func:`_named_imports`): a package's
+    ``lazy_exports`` modules (``declared``: that call says why) and
+    ``importlib.import_module`` with a constant name (as an import statement where it
+    stands)."""
     text = path.read_text()
     lines = text.splitlines()
     tree = ast.parse(text)
@@ -52,10 +58,18 @@ def _imports(path: Path) -> list[tuple[str, int, str]]:
     for node in tree.body:
         if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
             where.update({id(child): "typing" for child in node.body})
+    in_function = {
+        id(inner)
+        for outer in ast.walk(tree)
+        if isinstance(outer, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda)
+        for inner in ast.walk(outer)
+    }
     out = []
     for node in ast.walk(tree):
         kind = where.get(id(node), "lazy")
-        if kind == "lazy" and isinstance(node, ast.Import | ast.ImportFrom):
+        if isinstance(node, ast.Call):
+            kind = "lazy" if id(node) in in_function else "top"
+        if kind == "lazy" and isinstance(node, ast.Import | ast.ImportFrom | ast.Call):
             end = lines[(node.end_lineno or node.lineno) - 1]
             if _LAZY_REASON.search(end):
                 kind = "declared"
@@ -63,10 +77,53 @@ def _imports(path: Path) -> list[tuple[str, int, str]]:
             out += [(alias.name, node.lineno, kind) for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
             out += [(f"{node.module}.{a.name}", node.lineno, kind) for a in node.names]
+        elif isinstance(node, ast.Call):
+            for name, lazy in _named_imports(node, module, path.name == "__init__.py"):
+                out.append((name, node.lineno, "declared" if lazy else kind))
     return out
 
 
 _LAZY_REASON = re.compile(r"#\s*lazy:\s*\S")  # "# lazy: <why>" on an import's (last) line
+
+
+def _named_imports(call: ast.Call, module: str, package: bool) -> list[tuple[str, bool]]:
+    """``(module, lazy)`` of each module the call imports by a constant name:
+    ``lazy_exports(PACKAGE, {MODULE: [names]})`` (salient.lazy: ``lazy`` True, each module
+    loads when one of its names is first read) and ``importlib.import_module(NAME[,
+    PACKAGE])``. A relative name is read against ``PACKAGE`` when it is a constant,
+    ``__name__`` or ``__package__`` (``module``'s; ``package``: ``module`` is a package)."""
+    func = call.func
+    called = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+    if called == "lazy_exports" and len(call.args) == 2 and isinstance(call.args[1], ast.Dict):
+        anchor, keys = call.args[0], call.args[1].keys
+        lazy = True
+    elif called == "import_module" and call.args:
+        anchor, keys = (call.args[1] if len(call.args) > 1 else None), call.args[:1]
+        lazy = False
+    else:
+        return []
+    names = [key.value for key in keys if isinstance(key, ast.Constant)]
+    found = []
+    for name in (name for name in names if isinstance(name, str)):
+        if name.startswith("."):
+            base = _anchor(anchor, module, package)
+            if base is None:
+                continue
+            name = importlib.util.resolve_name(name, base)
+        found.append((name, lazy))
+    return found
+
+
+def _anchor(node: ast.expr | None, module: str, package: bool) -> str | None:
+    """The package a relative name is read against: a constant, or ``module``'s own
+    ``__name__`` / ``__package__``; None when the call does not say."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return node.value
+    if isinstance(node, ast.Name) and node.id == "__name__":
+        return module
+    if isinstance(node, ast.Name) and node.id == "__package__":
+        return module if package else module.rpartition(".")[0]
+    return None
 
 
 def _resolve(name: str, modules: dict[str, Path]) -> str | None:
@@ -92,7 +149,7 @@ def _graph(root: Path) -> tuple[dict[str, set[str]], list[str]]:
     graph: dict[str, set[str]] = {name: set() for name in modules}
     problems: list[str] = []
     for name, path in modules.items():
-        for imported, line, kind in _imports(path):
+        for imported, line, kind in _imports(path, name):
             target = _resolve(imported, modules)
             where = f"{path.relative_to(root)}:{line}"
             if target is None or target == name:  # third-party: lazy ones (ray) are fine
@@ -199,6 +256,18 @@ def _plant(tmp_path: Path, files: dict[str, str]) -> Path:
         ({"jobs/t/__init__.py": "from salient.jobs.t.d import r\n", "jobs/t/d.py": "from salient.jobs.e import f\nr = 1\n",
           "jobs/t/c.py": "c = 1\n", "jobs/e.py": "from salient.jobs.t.c import c\nf = 1\n"},
          "import cycle"),
+        # imports named as strings: a package's lazy exports, importlib with a constant name
+        ({"store/__init__.py": "from salient.lazy import lazy_exports\n"
+          "__all__, __getattr__ = lazy_exports(__name__, {'salient.jobs.b': ['x']})\n",
+          "jobs/b.py": "x = 1\n"}, "a higher layer"),
+        ({"pipeline/a.py": "import importlib\nm = importlib.import_module('salient.trainer.b')\n",
+          "trainer/b.py": "x = 1\n"}, "a higher layer"),
+        ({"jobs/a.py": "from importlib import import_module\n\ndef f():\n    import_module('salient.store.b')\n",
+          "store/b.py": "x = 1\n"}, "inside a function"),
+        ({"jobs/t/__init__.py": "from salient.lazy import lazy_exports\n"
+          "__all__, __getattr__ = lazy_exports(__name__, {'.d': ['r']})\n",
+          "jobs/t/d.py": "from salient.jobs.e import f\nr = 1\n", "jobs/t/c.py": "c = 1\n",
+          "jobs/e.py": "from salient.jobs.t.c import c\nf = 1\n"}, "import cycle"),
     ],
 )  # fmt: skip
 def test_each_rule_catches_its_break(tmp_path, files, expected):
@@ -212,6 +281,10 @@ def test_a_clean_planted_tree_passes(tmp_path):
         "salient_root/errors.py": "E = 1\n",
         "jobs/b.py": "from salient.store.a import E\n\ndef f():\n    import ray\n",
         "jobs/c.py": "def f():\n    from salient.store.a import E  # lazy: keeps c light\n",
+        "jobs/d/__init__.py": "from salient.lazy import lazy_exports\n"
+        "__all__, __getattr__ = lazy_exports(__name__, {'.e': ['x'], 'salient.store.a': ['E']})\n",
+        "jobs/d/e.py": "import importlib\n\ndef f():\n"
+        "    return importlib.import_module('.a', 'salient.store')  # lazy: keeps e light\n",
     }
     assert _check(_plant(tmp_path, files)) == []
 
