@@ -293,7 +293,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt as stop:  # Ctrl-C: what is kept, and how to go on (exit 130)
         kept = getattr(stop, "kept", None) or COMMANDS[top.command].kept
-        again = [*top.args, *(f for f in getattr(stop, "flags", ()) if f not in top.args)]
+        drop = getattr(stop, "drop", ())
+        again = [a for a in top.args if a not in drop]
+        again += [f for f in getattr(stop, "flags", ()) if f not in top.args]
         resume = getattr(stop, "resume", None)
         if resume is not None:  # the job's own command (a run's config.json): its storage too
             resume = shlex.join([*shlex.split(resume), *_storage_flags(top.args)])

@@ -1,4 +1,4 @@
-"""Ctrl-C: a real ``salient train`` process gets SIGINT (as a terminal sends it, to its
+"""Ctrl-C: a real ``salient train`` (and ``salient compare``) process gets SIGINT (as a terminal sends it, to its
 whole process group) after its first checkpoint, ends with exit code 130 and one line naming
 the checkpoint it kept and the command that continues; that very command (given fewer
 epochs, so the test stays short) resumes, and its console, drawn by the driver as a bar,
@@ -88,3 +88,54 @@ def _settled(path: Path, quiet_s: float = 3.0, limit_s: float = 120.0) -> None:
         if now != size:
             size, since = now, time.monotonic()
         time.sleep(0.2)
+
+
+def test_ctrl_c_in_compare_keeps_its_finished_runs_and_the_same_command_continues(tmp_path):
+    out = tmp_path / "cmp"
+    argv = ["compare", "--demo", "--n", "32", "--scene-size", "32", "--out", str(out)]
+    argv += ["--arms", "random", "--seeds", "3", "--size", "micro", "--image-size", "32"]
+    argv += ["--patch-size", "8", "--epochs", "1", "--batch-size", "8", "--workers", "1"]
+    argv += ["--loader-workers", "0", "--probe-every", "0", "--no-final-maps"]
+    argv += ["--mask-samples", "8"]
+    proc = subprocess.Popen(
+        [SALIENT, *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+        start_new_session=True,
+    )
+    first = out / "runs" / "random" / "seed-0" / "record.json"
+    deadline = time.monotonic() + 300
+    while not first.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no finished run within 300 s"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    sent = time.monotonic()
+    _, err = proc.communicate(timeout=60)
+    took = time.monotonic() - sent
+    assert proc.returncode == 130, err
+    last = err.strip().splitlines()[-1]
+    finished = len(list(out.glob("runs/*/seed-*/record.json")))  # 1, or 2 if seed 1 landed
+    assert last == (
+        f"salient compare: interrupted; kept {finished} finished run{'s' * (finished > 1)} "
+        f"under {out / 'runs'} (the same command keeps them; a run cut short starts over); "
+        f"continue with: {shlex.join(['salient', *argv])}"
+    ), err
+    assert "Traceback" not in err and "pid=" not in err
+    assert took < 30, f"{took:.1f} s from Ctrl-C to exit"  # a bound; it ends in a few seconds
+
+    kept = json.loads(first.read_text())["checkpoint"]
+    trained = Path(kept).stat().st_mtime_ns
+    again = subprocess.run(  # the same command, one seed: the kept run is not trained again
+        [SALIENT, *shlex.split(last.split("continue with: ")[1])[1:], "--seeds", "1"],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=600,
+    )
+    assert again.returncode == 0, again.stderr
+    assert json.loads(first.read_text())["checkpoint"] == kept, again.stderr
+    assert Path(kept).stat().st_mtime_ns == trained and "training" not in again.stderr
+    assert "warning" not in again.stderr, again.stderr  # the report draws without matplotlib's

@@ -20,6 +20,7 @@ import tempfile
 
 from salient.jobs.compare import CompareConfig, run_compare
 from salient.jobs.compare.config import DEMO_PRESETS
+from salient.jobs.runtime.interrupt import Interrupted
 
 __all__ = ["bench_quality"]
 
@@ -44,6 +45,12 @@ def bench_quality(
     )
     try:
         return run_compare(config)
+    except Interrupted:
+        if keep:
+            raise  # the finished runs stay in ``keep``; the same command keeps them
+        raise Interrupted(
+            "nothing: without --keep DIR the comparison's folder is removed"
+        ) from None
     finally:
         if not keep:
             shutil.rmtree(root, ignore_errors=True)

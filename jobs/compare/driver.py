@@ -45,6 +45,7 @@ from salient.jobs.compare.report import write_report
 from salient.jobs.compare.teacher import train_label_teacher
 from salient.jobs.eval.driver import check_class_lists
 from salient.jobs.refresh.driver import run_refresh
+from salient.jobs.runtime.interrupt import Interrupted
 from salient.jobs.runtime.progress import progress_mode
 from salient.jobs.train.config import TrainConfig
 from salient.jobs.train.driver import run_train
@@ -347,8 +348,19 @@ def run_compare(config: CompareConfig) -> dict:
         CompareError: datasets without labels or of other classes, bad settings.
         TrainError, EvalError, RefreshError, DatasetError: from the jobs it runs.
     """
-    start = time.perf_counter()
     out = Path(config.out).expanduser().resolve()
+    try:
+        return _compare(config, out)
+    except KeyboardInterrupt:  # Ctrl-C, here or in a run: the finished runs stay (exit 130)
+        finished = len(list(out.glob("runs/*/seed-*/record.json")))
+        raise Interrupted(
+            f"{finished} finished run{'' if finished == 1 else 's'} under {out / 'runs'} (the "
+            "same command keeps them; a run cut short starts over)"
+        ) from None
+
+
+def _compare(config: CompareConfig, out: Path) -> dict:
+    start = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     data, val = _datasets(config, out)
     arms = [parse_arm(name) for name in config.arms]

@@ -50,10 +50,6 @@ def _band(ax, xs, groups: list[list[float]], label: str, colour) -> None:
         ax.scatter([x] * len(group), group, s=6, alpha=0.4, color=colour)
 
 
-def _masks_lift(record: dict) -> float | None:
-    return (record.get("masks") or {}).get("lift")
-
-
 def _colours(names: list[str]) -> dict:
     from matplotlib import colormaps
 
@@ -74,7 +70,8 @@ def _curves(out: Path, records: dict, colours: dict, chance: float) -> str:
         ax.set_xlabel("epochs done (0: random initialisation)")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(f"{_PROBE_NAMES[key]} top-1 (held-out)")
-        ax.legend(fontsize=7, frameon=False)
+        if ax.get_legend_handles_labels()[0]:  # none when no arm has a curve to draw
+            ax.legend(fontsize=7, frameon=False)
     fig.tight_layout()
     save_png(fig, out / "curves.png")
     return "curves.png"
@@ -104,12 +101,15 @@ def _lifts(out: Path, records: dict, colours: dict) -> str | None:
         return None
     for ax in (maps_ax, masks_ax):
         ax.axhline(1.0, ls=":", color="grey", lw=1)
-    maps_ax.set_xlabel("generation (oldest first)")
-    maps_ax.set_xticks(range(1, most + 1))
-    maps_ax.set_xlim(0.5, most + 0.5)
-    maps_ax.set_ylabel("box lift of the maps")
-    if maps_ax.lines:
+    if most:
+        maps_ax.set_xlabel("generation (oldest first)")
+        maps_ax.set_xticks(range(1, most + 1))
+        maps_ax.set_xlim(0.5, most + 0.5)
+        maps_ax.set_ylabel("box lift of the maps")
         maps_ax.legend(fontsize=7, frameon=False)
+    else:  # no arm has maps with a lift (random masks only, or no object boxes)
+        maps_ax.set_axis_off()
+        maps_ax.text(0.5, 0.5, "no maps with a box lift", ha="center", va="center")
     masks_ax.set_xticks(range(len(names)), names, rotation=20, fontsize=7)
     masks_ax.set_ylabel("masked share in box ÷ box area")
     fig.tight_layout()
@@ -218,10 +218,6 @@ def _mean_sd(values: list[float]) -> dict:
         "mean": float(np.mean(values)),
         "sd": float(np.std(values, ddof=1)) if len(values) > 1 else None,
     }
-
-
-def _lift(figures: dict) -> str:
-    return "–" if figures["lift"] is None else f"{figures['lift']:.3f}"
 
 
 def _teacher_section(teacher: dict | None) -> list[str]:

@@ -41,6 +41,7 @@ from salient.jobs.eval.config import EvalConfig
 from salient.jobs.eval.driver import run_eval
 from salient.jobs.inspect.config import InspectConfig
 from salient.jobs.inspect.driver import run_inspect
+from salient.jobs.runtime.interrupt import Interrupted
 from salient.jobs.runtime.progress import progress_bar
 from salient.jobs.train.driver import TrainConfig, run_train
 from salient.pipeline.ingest import ingest_demo
@@ -256,6 +257,17 @@ def run_demo(config: DemoConfig) -> dict | str:
     out = Path(config.out).resolve()
     if config.fresh and out.exists():
         shutil.rmtree(out)
+    try:
+        return _demo(config, out)
+    except KeyboardInterrupt as stop:  # the same command resumes, without --fresh (exit 130)
+        inner = getattr(stop, "kept", None)  # a stage's own (the training's checkpoint)
+        raise Interrupted(
+            f"every finished stage under {out}" + (f", and {inner}" if inner else ""),
+            drop=("--fresh",),
+        ) from None
+
+
+def _demo(config: DemoConfig, out: Path) -> dict | str:
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     result: dict = {"out": str(out)}

@@ -13,8 +13,15 @@ __all__ = ["Interrupted"]
 
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C, with ``kept`` (what stays usable) and ``resume`` (the command that continues,
-    or None: the same command line, plus ``flags`` it lacks)."""
+    or None: the same command line, plus ``flags`` it lacks, less ``drop``: flags that would
+    undo what was kept, such as ``--fresh``)."""
 
-    def __init__(self, kept: str, resume: str | None = None, flags: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        kept: str,
+        resume: str | None = None,
+        flags: tuple[str, ...] = (),
+        drop: tuple[str, ...] = (),
+    ) -> None:
         super().__init__(kept)
-        self.kept, self.resume, self.flags = kept, resume, flags
+        self.kept, self.resume, self.flags, self.drop = kept, resume, flags, drop
