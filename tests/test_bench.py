@@ -17,6 +17,8 @@ def test_run_bench_refuses_options_a_bench_does_not_take():
     assert BENCHES["quality"] is bench_quality
     with pytest.raises(SalientError, match="salient bench masking takes no --epochs, --n"):
         run_bench("masking", quick=True, epochs=3, n=10)
+    with pytest.raises(SalientError, match="on your data: salient compare --data D --val V"):
+        run_bench("quality", quick=True, data="/somewhere")  # the demo preset; compare is not
 
 
 def test_quality_bench_takes_compares_arms_and_refuses_an_unknown_one_before_any_work(

@@ -71,7 +71,9 @@ def run_bench(what: str, quick: bool = False, device: str = "auto", **options) -
     unknown = sorted(set(options) - set(params))
     if unknown:
         flags = ", ".join("--" + name.replace("_", "-") for name in unknown)
-        raise SalientError(f"salient bench {what} takes no {flags}; drop it")
+        # quality is the demo preset's comparison; the compare job takes any dataset
+        yours = "; on your data: salient compare --data D --val V" if what == "quality" else ""
+        raise SalientError(f"salient bench {what} takes no {flags}; drop it{yours}")
     kwargs = {"quick": quick, **options}
     if "device" in params:
         kwargs["device"] = info["device"]
