@@ -1,20 +1,9 @@
 """The Zarr v3 saliency store: generations of teacher maps, atomic publish, resumable writes.
 
-Layout (docs/ARCHITECTURE.md, "The saliency store")::
-
-    saliency.zarr/              root attrs: format, fingerprint, grid, num_samples, shard_size,
-                                num_shards, current, published {name: time}, replaced {name: time}
-      gen-000001/               attrs: status, teacher, kind, image_size, patch_size, grid,
-                                epoch, heads, created, published
-        maps        (N, G, G) float16, fill NaN, chunks (shard_size, G, G)
-        valid       (N,) uint8, chunks (shard_size,)
-        shards_done (num_shards,) uint8, chunks (1,)
-        head_maps   (N, H, G, G) float16      (only when begun with ``heads``)
-      readers/<token>/          attrs: a reader's lease (generation, holder, host, pid, renewed)
-
-Every array carries self-describing attrs (generation, kind, grid, image_size, patch_size,
-teacher, epoch), a CRC-32C of every chunk (zarr's ``crc32c`` codec) and opens with plain
-``zarr.open_array(f"{url}/{gen}/maps")``.
+Layout, guarantees (publish is one root write; readers never tear; writers never share a key;
+gc never removes what is current, kept, held or recent; damaged chunks read as no map),
+leases and URLs: docs/ARCHITECTURE.md, "The saliency store". Every array opens with plain
+``zarr.open_array(f"{url}/{gen}/maps")``. Importing this module touches no disk.
 
 Use::
 
@@ -29,48 +18,6 @@ Use::
     with store.hold(r.name, "train run runs/amt"): ...   # gc keeps what a live reader holds
     store.verify(name)                                   # every chunk read: the damaged ones
     store.gc(keep=3, grace_s=3600)
-
-Guarantees:
-
-- **Publish is one write.** Which generations are published, and which is ``current``, live
-  in the root attrs only, and only the driver (the process that calls ``publish``,
-  ``abandon`` or ``gc``) writes them — one zarr key, replaced atomically (zarr >= 3.1.3). A
-  generation's own ``status`` attr is a descriptive copy; the root decides.
-- **Readers never tear.** Published generations are immutable; a reader binds one and keeps
-  reading it while newer ones are published. ``current()`` re-opens the root every call
-  (``use_consolidated=False``; the root is never consolidated: docs/LIBRARY-NOTES.md,
-  "Re-open the root, never consolidate").
-- **Writers never share a key.** Data shard ``i`` is zarr chunk ``i`` of every array and no
-  sharding codec is used, so processes writing different shards cannot lose updates. A shard's
-  resume marker is written after its rows: a killed refresh resumes with ``missing_shards()``
-  and produces the same bytes as an uninterrupted run.
-- **Deleted or damaged data cannot pass for maps.** ``gc`` never removes ``current``, a
-  generation being written, one of the ``keep`` newest published ones, one a live reader holds
-  (:meth:`SaliencyStore.hold`), or one replaced less than ``grace_s`` ago (a reader without a
-  lease may still be bound to it); a chunk that vanished anyway reads back NaN. A chunk that
-  fails its checksum or does not decode reads as no map (NaN, ``valid`` 0) and is listed by
-  the reader (``damaged``) and by :meth:`SaliencyStore.verify`; it never raises into a loader.
-- Checks before any write: dataset fingerprint (``open(url, dataset)``), grid
-  (``begin_generation``), row shapes, dtypes and id ranges (``write_shard``, reads).
-- **Drivers say who writes.** The driver that begins or resumes a generation holds its lease
-  (the ``writer`` attr, :mod:`salient.store.lease`) and renews it while it runs; a second
-  driver with the same maps gets :class:`GenerationBusyError` naming the generation instead of
-  writing beside it, and a generation whose driver died is resumed by the next driver with
-  the same maps, or collected by ``gc`` after the grace period (which names a dead driver
-  dead). Readers hold leases of the same kind (``hold``). A store missing its root but
-  holding generations is reported damaged (:class:`StoreDamagedError`), never taken for
-  absent; two drivers creating one store at once both open it (``open_or_create``).
-
-URLs: a local path (or ``file://`` URL) opens zarr's ``LocalStore`` directly — its writes are
-atomic per key, which fsspec's local writes are not. Any other URL (``s3://bucket/saliency.zarr``,
-``gs://…``, ``memory://…``) goes through zarr's ``FsspecStore`` with the filesystem's default
-credentials; the fsspec implementation (s3fs, gcsfs, …) must be installed. Object stores replace
-a key atomically too, so the publish contract holds there as well. That URL handling,
-``store_exists`` and the other module-level helpers live in :mod:`salient.store.paths`.
-
-Several drivers may share a store: root updates (publish, gc) are read-modify-write of one key
-(zarr has no locks), so each is read back and redone when another driver's write replaced it.
-Importing this module touches no disk.
 """
 
 from __future__ import annotations
