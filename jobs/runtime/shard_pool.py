@@ -23,7 +23,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 
-from salient.errors import SalientError
+from salient.errors import SalientError, cleanup_after
 from salient.jobs.runtime.placement import (
     PlacementError,
     check_refresh,
@@ -142,15 +142,28 @@ def started_pool(
     if own:
         check_refresh(cluster_nodes(), ask)
         group = reserve(ask, timeout_s)
+    # Cleanup in a failure path (Ray or a node gone) never replaces the job's own error: it
+    # becomes a note on it (cleanup_after).
+    failed: BaseException | None = None
     try:
         pool = ShardPool(worker_cls, args, ask, group, timeout_s)
         try:
             yield pool
+        except BaseException as exc:
+            failed = exc
+            raise
         finally:
-            pool.shutdown()
+            cleanup_after(failed, pool.shutdown, "shutting the actors down")
+    except BaseException as exc:
+        failed = exc
+        raise
     finally:
         if own:
-            ray.util.remove_placement_group(group)
+            cleanup_after(
+                failed,
+                lambda: ray.util.remove_placement_group(group),
+                "giving back the placement group",
+            )
 
 
 def run_shards(

@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from salient import urls
+from salient.errors import cleanup_after
 from salient.jobs.eval.driver import check_class_lists
 from salient.jobs.inspect.data import demo_hw
 from salient.jobs.inspect.driver import generation_stats
@@ -376,15 +377,20 @@ def _fit(config: TrainConfig, resume_from: str | None, resources: dict, run_id: 
         ),
     )
     clear_failure(run_dir)  # one left by an earlier run that stopped on an error
+    failed: BaseException | None = None
     try:
-        _off_the_main_thread(trainer.fit)
-    except KeyboardInterrupt:
-        raise _interrupted(config) from None
-    except Exception as exc:
-        raise_failure(run_dir, exc, config)
+        try:
+            _off_the_main_thread(trainer.fit)
+        except KeyboardInterrupt:
+            raise _interrupted(config) from None
+        except Exception as exc:
+            raise_failure(run_dir, exc, config)
+            raise
+    except BaseException as exc:
+        failed = exc
         raise
-    finally:
-        _remove_group(group)
+    finally:  # with Ray gone, giving the group back fails too: a note, never the error shown
+        cleanup_after(failed, lambda: _remove_group(group), "giving back the refresh group")
     raise_failure(run_dir, None, config)
 
 
