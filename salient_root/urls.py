@@ -297,6 +297,17 @@ _watch: _Watch | None = None
 _inside = threading.local()  # .depth: storage calls of this thread inside one another
 
 
+def _watch_in_child() -> None:
+    """A forked child (a DataLoader worker) keeps the parent's report, with a watcher of its
+    own: the parent's thread did not come along, and its lock may have been held at fork."""
+    global _watch
+    if _watch is not None:
+        _watch = _Watch(_watch.report, _watch.every_s)
+
+
+os.register_at_fork(after_in_child=_watch_in_child)
+
+
 def on_wait(report: Callable[[str, float], None] | None, every_s: float = WAIT_REPORT_S) -> None:
     """While a storage call of this process has waited ``every_s``, ``2·every_s``, … seconds,
     call ``report(url, seconds)`` from a watcher thread (a job prints ``waiting on URL for 60

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import numpy as np
 import pytest
@@ -126,3 +127,23 @@ def test_a_stream_read_that_stalls_heartbeats_and_ends(endpoint):
     error = urls.as_storage_error(url, stalled.value)  # what shards.iter_samples raises
     assert error is not None and "the endpoint stopped answering" in str(error)
     assert beats and set(beats) == {url}
+
+
+def test_a_forked_reader_keeps_the_heartbeat(tmp_path):
+    # DataLoader workers are forked from a train rank that set its heartbeat: the child's
+    # storage calls still report, from a watcher of its own (the parent's thread is not there).
+    beats = tmp_path / "beats"
+    urls.on_wait(lambda url, seconds: beats.open("a").write(f"{os.getpid()} {url}\n"), 0.2)
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: one storage call that waits 0.7 s
+            try:
+                with urls.storage_errors("s3://bucket/slow"):
+                    time.sleep(0.7)
+            finally:
+                os._exit(0)
+        os.waitpid(pid, 0)
+    finally:
+        urls.on_wait(None)
+    lines = beats.read_text().splitlines() if beats.exists() else []
+    assert lines and all(line == f"{pid} s3://bucket/slow" for line in lines), lines
