@@ -509,14 +509,18 @@ def decode_jpegs(datas: list[bytes], device: torch.device) -> list[torch.Tensor 
 
 
 def decode_images(
-    records: list[tuple[str, bytes] | None], device: torch.device | str = "cpu"
+    records: list[tuple[str, bytes] | None],
+    device: torch.device | str = "cpu",
+    view: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> list[torch.Tensor | None]:
     """``uint8 [3, H, W]`` RGB tensors on ``device`` for ``(field, bytes)`` records (None stays
     None, and so does an image nothing can decode or that is over the pixel budget).
 
     On CUDA, JPEGs within the budget go through nvjpeg in one batch call; everything else, and
     every image on the CPU, through PIL (:func:`decode_image`), the decode the loader's CPU
-    workers use too.
+    workers use too. ``view`` (a reader's resize or crop) is applied to each image as soon as
+    it is decoded, so on the CPU one full-size image is alive at a time, whatever the batch
+    (a reader's memory bound: docs/ARCHITECTURE.md, "Pixel budget").
     """
     device = torch.device(device)
     out: list[torch.Tensor | None] = [None] * len(records)
@@ -528,11 +532,12 @@ def decode_images(
             if r is not None and r[0] in JPEG_FIELDS and _within_budget(r[1])
         ]
         for i, image in zip(jpegs, decode_jpegs([records[i][1] for i in jpegs], device)):
-            out[i] = image
+            out[i] = image if view is None else view(image)
     done = set(jpegs)
     for i, record in enumerate(records):
         if record is not None and i not in done:
-            out[i] = _pil_tensor(record[1], device)
+            image = _pil_tensor(record[1], device)
+            out[i] = image if view is None or image is None else view(image)
     return out
 
 

@@ -365,6 +365,53 @@ def test_a_huge_png_and_a_5e7_manifest_stay_within_the_documented_memory_bound(
     assert raised["grew"] > bound, raised
 
 
+READER_PROBE = (
+    PEAK
+    + """
+from salient.jobs.eval.worker import FeatureSpec, eval_crop, read_shard_images
+from salient.jobs.refresh.worker import decoded_batches, teacher_view
+from salient.jobs.runtime.shard_pool import ActorInputs
+from salient.pipeline.manifest import open_dataset
+
+dataset, viewed, reader = open_dataset(sys.argv[1]), sys.argv[2] == "view", sys.argv[3]
+inputs = ActorInputs(32, 16, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+if reader == "eval":  # a whole shard
+    view = (lambda im: eval_crop(im, FeatureSpec(inputs, 0.875))) if viewed else None
+    read = lambda source: read_shard_images(source, "cpu", view)
+else:  # refresh: a batch of 16
+    view = teacher_view(inputs) if viewed else None
+    read = lambda source: list(decoded_batches(source, 16, "cpu", view))
+read(dataset.source(dataset.shards[-1]))  # warm: lazy imports and PIL's plugins
+before = peak()
+held = read(dataset.source(dataset.shards[0]))
+print(json.dumps({"grew": peak() - before}))
+"""
+)
+
+
+def test_a_reader_holds_views_of_a_shard_not_its_full_size_images(tmp_path):
+    # Eval holds a whole shard and refresh a batch of 16: as their views (taken right after
+    # each decode) a shard of 16 images of 3000 x 3000 px grows a reader by one image's decode
+    # and view (under 32 bytes a pixel: docs/ARCHITECTURE.md "Pixel budget"), where the
+    # images themselves are 432 MB.
+    side, count = 3000, 16
+    root = tmp_path / "big" / "cls"
+    root.mkdir(parents=True)
+    for k in range(count):
+        pixels = np.full((side, side, 3), (k * 20, 90, 200 - k * 10), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / f"{k}.png")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "tiny.png")  # the warm shard
+    ingest_folder(tmp_path / "big", tmp_path / "data", shard_size=count)
+    if _python(CALIBRATE, str(200 * 2**20))["grew"] < 100 * 2**20:
+        pytest.skip("this machine reports no peak memory (VmHWM and VmRSS stay flat)")
+    one, images, data = 32 * side * side, count * side * side * 3, str(tmp_path / "data")
+    for reader in ("eval", "refresh"):
+        viewed = _python(READER_PROBE, data, "view", reader)["grew"]
+        assert viewed < one, (reader, viewed)
+        whole = _python(READER_PROBE, data, "whole", reader)["grew"]  # the measure can fail
+        assert whole > images * 0.9, (reader, whole)
+
+
 def _gradient_jpeg(width: int, height: int) -> bytes:
     x = np.linspace(0, 255, width)[None, :, None]
     y = np.linspace(0, 255, height)[:, None, None]

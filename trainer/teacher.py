@@ -265,7 +265,8 @@ def preprocess(
     x = images[None] if isinstance(images, Tensor) and images.ndim == 3 else images
     if not isinstance(x, Tensor) or x.ndim != 4 or x.shape[1] != 3:
         raise TeacherError(f"images must be RGB tensors [B,3,H,W] or [3,H,W], got {_shape(images)}")
-    x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
+    # uint8 -> a new float tensor, divided in place: one float copy of a full-size image
+    x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
     if tuple(x.shape[-2:]) != (image_size, image_size):
         x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True)
     m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from salient.jobs.refresh.driver import RefreshConfig, prepare_refresh, run_refresh, worker_spec
-from salient.jobs.refresh.worker import _autocast, shard_maps
+from salient.jobs.refresh.worker import _autocast, shard_maps, teacher_view
 from salient.jobs.runtime.ray_env import ensure_ray
 from salient.pipeline.ingest import ingest_demo
 from salient.pipeline.shards import decode_images, image_field
@@ -111,7 +111,8 @@ class RayDataMaps:
 
     def __call__(self, batch: dict) -> dict:
         field = image_field(batch)
-        images = decode_images([(field, bytes(b)) for b in batch[field]], self.spec.inputs.device)
+        records = [(field, bytes(b)) for b in batch[field]]
+        images = decode_images(records, self.spec.inputs.device, teacher_view(self.spec.inputs))
         grid = self.spec.inputs.image_size // self.model.patch_embed.patch_size[0]
         maps, valid, _ = shard_maps(self.model, [(0, images)], len(images), self.spec, grid)
         return {"id": np.array([int(k) for k in batch["__key__"]]), "maps": maps, "valid": valid}

@@ -16,6 +16,7 @@ two differ).
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -35,15 +36,20 @@ from salient.trainer.teacher import preprocess
 __all__ = ["train_label_teacher"]
 
 
+def _squashed(image: torch.Tensor, image_size: int) -> torch.Tensor:
+    return preprocess(image, image_size)[0]  # the refresh's view: squashed to S, normalised
+
+
 def _images(data: str, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Every decoded, labelled image of a dataset, squashed to S×S and normalised."""
 
     dataset = open_dataset(data)
     xs, ys = [], []
     for shard in dataset.shards:
-        images, labels = read_shard_images(dataset.source(shard), torch.device("cpu"))
+        view = functools.partial(_squashed, image_size=image_size)  # views, not full images
+        images, labels = read_shard_images(dataset.source(shard), torch.device("cpu"), view)
         keep = [i for i, image in enumerate(images) if image is not None and labels[i] >= 0]
-        xs.append(preprocess([images[i] for i in keep], image_size))
+        xs.append(torch.stack([images[i] for i in keep]))
         ys.append(torch.as_tensor(labels[keep]))
     return torch.cat(xs), torch.cat(ys)
 

@@ -15,6 +15,7 @@ Importing this module touches no disk, GPU or Ray.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 
@@ -23,7 +24,7 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from salient.jobs.eval.config import EVAL_CROP_RATIO
-from salient.jobs.eval.worker import FeatureSpec, read_shard_images, shard_features
+from salient.jobs.eval.worker import FeatureSpec, eval_crop, read_shard_images, shard_features
 from salient.jobs.runtime.shard_pool import ActorInputs
 from salient.pipeline.manifest import open_dataset
 from salient.trainer.probes import KNN_K, KNN_TEMPERATURE, knn_probe
@@ -98,8 +99,9 @@ class OnlineProbe:
         dataset = open_dataset(url)
         parts: dict[str, list] = {"cls": [], "mean": [], "labels": []}
         for shard in dataset.shards:
-            images, labels = read_shard_images(dataset.source(shard), device)
-            cls, mean, valid = shard_features(encoder, images, spec)
+            view = functools.partial(eval_crop, spec=spec)  # a shard held as crops
+            crops, labels = read_shard_images(dataset.source(shard), device, view)
+            cls, mean, valid = shard_features(encoder, crops, spec)
             keep = (valid == 1) & (labels >= 0)
             for name, rows in (("cls", cls), ("mean", mean), ("labels", labels)):
                 parts[name].append(rows[keep])

@@ -20,12 +20,16 @@ Importing this module touches no disk, GPU or Ray.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as F
 
 from salient import urls
 from salient.jobs.eval.cache import FeatureCache
@@ -38,7 +42,8 @@ __all__ = [
     "FeatureSpec",
     "FeatureWorker",
     "encode",
-    "eval_view",
+    "eval_batch",
+    "eval_crop",
     "read_shard_images",
     "shard_features",
 ]
@@ -56,12 +61,15 @@ class FeatureSpec:
 
 
 def read_shard_images(
-    source: ShardSource, device: torch.device
+    source: ShardSource,
+    device: torch.device,
+    view: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[list[torch.Tensor | None], np.ndarray]:
-    """One shard's images decoded on ``device`` (``uint8 [3,H,W]``, None = unreadable) and its
-    labels ``[count]`` (-1 = none; from ``cls`` or the ``json`` key the manifest names), in
-    one pass over the tar, read through the dataset's ``source`` (ids by position, bytes
-    checked against the manifest).
+    """One shard's images decoded on ``device`` (``uint8 [3,H,W]``, None = unreadable; or each
+    image's ``view``, taken as soon as it is decoded, so a shard is held as views, never as
+    full-size images) and its labels ``[count]`` (-1 = none; from ``cls`` or the ``json`` key
+    the manifest names), in one pass over the tar, read through the dataset's ``source`` (ids
+    by position, bytes checked against the manifest).
 
     Read and decoded by ``salient.pipeline.shards``, the layer refresh and the loader use (PIL,
     or nvjpeg on a GPU worker): the probe sees the pixels the teacher sees.
@@ -79,24 +87,25 @@ def read_shard_images(
         if field is not None:
             records[offset] = (field, sample[field])
         labels[offset] = shards.label_of(sample, source.label_key, source.classes)
-    return shards.decode_images(records, device), labels
+    return shards.decode_images(records, device, view), labels
 
 
 # ---------------------------------------------------------------- the view and the features
 
 
-def eval_view(images: list[torch.Tensor], spec: FeatureSpec) -> torch.Tensor:
-    """MAE's evaluation view of each ``uint8 [3,H,W]`` image -> ``[B,3,S,S]`` float, normalised."""
-    from torchvision.transforms.v2 import InterpolationMode
-    from torchvision.transforms.v2 import functional as F
-
+def eval_crop(image: torch.Tensor, spec: FeatureSpec) -> torch.Tensor:
+    """MAE's evaluation crop of one ``uint8 [3,H,W]`` image -> ``uint8 [3,S,S]`` (the view of
+    :func:`read_shard_images`)."""
     size = spec.inputs.image_size
     shorter = int(size / spec.crop_ratio)  # 224 / 0.875 = 256
-    views = []
-    for image in images:
-        image = F.resize(image, [shorter], InterpolationMode.BICUBIC, antialias=True)
-        views.append(F.center_crop(image, [size, size]))
-    x = torch.stack(views).float() / 255  # [B,3,S,S] in [0, 1]
+    image = F.resize(image, [shorter], InterpolationMode.BICUBIC, antialias=True)
+    return F.center_crop(image, [size, size])
+
+
+def eval_batch(crops: list[torch.Tensor], spec: FeatureSpec) -> torch.Tensor:
+    """Evaluation crops (:func:`eval_crop`) -> the encoder's input ``[B,3,S,S]`` float,
+    normalised."""
+    x = torch.stack(crops).float() / 255  # [B,3,S,S] in [0, 1]
     mean = torch.tensor(spec.inputs.mean, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(spec.inputs.std, device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std
@@ -121,23 +130,24 @@ def encode(model, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def shard_features(
-    model, images: list[torch.Tensor | None], spec: FeatureSpec
+    model, crops: list[torch.Tensor | None], spec: FeatureSpec
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(cls [n,D], mean [n,D]) float32`` (NaN rows where the image is unreadable) and
-    ``valid [n] uint8`` for one shard's decoded images, in batches of ``spec.inputs.batch_size``."""
-    n, dim = len(images), model.embed_dim
+    ``valid [n] uint8`` for one shard's evaluation crops (:func:`read_shard_images` with
+    :func:`eval_crop` as its view), in batches of ``spec.inputs.batch_size``."""
+    n, dim = len(crops), model.embed_dim
     cls = np.full((n, dim), np.nan, dtype=np.float32)
     mean = np.full((n, dim), np.nan, dtype=np.float32)
     valid = np.zeros(n, dtype=np.uint8)
     for start in range(0, n, spec.inputs.batch_size):
         rows = [
             start + i
-            for i, image in enumerate(images[start : start + spec.inputs.batch_size])
-            if image is not None
+            for i, crop in enumerate(crops[start : start + spec.inputs.batch_size])
+            if crop is not None
         ]
         if not rows:
             continue
-        batch_cls, batch_mean = encode(model, eval_view([images[r] for r in rows], spec))
+        batch_cls, batch_mean = encode(model, eval_batch([crops[r] for r in rows], spec))
         cls[rows], mean[rows] = batch_cls.cpu().numpy(), batch_mean.cpu().numpy()
         valid[rows] = 1
     return cls, mean, valid
@@ -165,6 +175,7 @@ class FeatureWorker:
         process_heartbeat("eval")  # a line while a read waits on storage
         torch.set_num_threads(spec.inputs.threads)
         self.spec = spec
+        self.view = functools.partial(eval_crop, spec=spec)  # a shard held as crops
         self.device = torch.device(spec.inputs.device)
         self.model = model.to(self.device).eval()
         self.caches = {split: FeatureCache.open(url) for split, url in caches.items()}
@@ -173,8 +184,8 @@ class FeatureWorker:
         """Read, decode, encode and cache shard ``shard`` of ``split``; returns its counts."""
         start = time.perf_counter()
         count = source.shard.count
-        images, labels = read_shard_images(source, self.device)
-        cls, mean, valid = shard_features(self.model, images, self.spec)
+        crops, labels = read_shard_images(source, self.device, self.view)
+        cls, mean, valid = shard_features(self.model, crops, self.spec)
         self.caches[split].write_shard(shard, cls, mean, labels, valid)
         return {
             "split": split,

@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,7 +35,7 @@ from salient.pipeline.manifest import ShardSource
 from salient.store import SaliencyStore
 from salient.trainer.teacher import preprocess, saliency
 
-__all__ = ["RefreshWorker", "WorkerSpec", "decoded_batches", "shard_maps"]
+__all__ = ["RefreshWorker", "WorkerSpec", "decoded_batches", "shard_maps", "teacher_view"]
 
 
 @dataclass(frozen=True)
@@ -57,13 +57,23 @@ class WorkerSpec:
 # ---------------------------------------------------------------- reading and decoding
 
 
+def teacher_view(inputs: ActorInputs) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The teacher's input of one decoded image: ``float32 [3,S,S]``, the whole image squashed
+    to S and normalised (``trainer.teacher.preprocess``), made right after its decode."""
+    return lambda image: preprocess(image, inputs.image_size, inputs.mean, inputs.std)[0]
+
+
 def decoded_batches(
-    source: ShardSource, batch_size: int, device: torch.device
+    source: ShardSource,
+    batch_size: int,
+    device: torch.device,
+    view: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Iterator[tuple[int, list[torch.Tensor | None]]]:
     """``(start, images)`` per batch of the shard's ids in order (offsets from its first id):
-    ``uint8 [3,H,W]`` tensors on ``device``, None where the image is missing or does not
-    decode. The tar is streamed, and checked against its manifest as it streams
-    (``ShardChangedError``): a batch is decoded as soon as the tar moves past it."""
+    ``uint8 [3,H,W]`` tensors on ``device`` (or each image's ``view``, taken as soon as it is
+    decoded: :func:`teacher_view`), None where the image is missing or does not decode. The
+    tar is streamed, and checked against its manifest as it streams (``ShardChangedError``):
+    a batch is decoded as soon as the tar moves past it."""
     batch: list = []
     start = 0
     first_id, count = source.shard.first_id, source.shard.count
@@ -72,21 +82,21 @@ def decoded_batches(
     for sample in shards.iter_samples(source, wanted, {"image"}, damaged):
         offset = sample["id"] - first_id
         while offset >= start + batch_size:
-            yield start, _decoded(batch, batch_size, count - start, device)
+            yield start, _decoded(batch, batch_size, count - start, device, view)
             batch, start = [], start + batch_size
         field = shards.image_field(sample)
         if field is not None and offset >= start:
             batch.append((offset - start, (field, sample[field])))
     for rest in range(start, count, batch_size):  # the last batch, and any the tar lacks
-        yield rest, _decoded(batch, batch_size, count - rest, device)
+        yield rest, _decoded(batch, batch_size, count - rest, device, view)
         batch = []
 
 
-def _decoded(batch: list, batch_size: int, left: int, device: torch.device) -> list:
+def _decoded(batch: list, batch_size: int, left: int, device: torch.device, view) -> list:
     records = [None] * min(batch_size, left)
     for position, record in batch:
         records[position] = record
-    return shards.decode_images(records, device)
+    return shards.decode_images(records, device, view)
 
 
 # ---------------------------------------------------------------- maps
@@ -101,11 +111,11 @@ def _autocast(device: torch.device):
 
 @torch.inference_mode()
 def _batch_maps(
-    model: torch.nn.Module, images: list[torch.Tensor], spec: WorkerSpec, device: torch.device
+    model: torch.nn.Module, views: list[torch.Tensor], spec: WorkerSpec, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Maps of decoded images: ``maps [b,G,G]`` and, for kind "heads", ``head_maps [b,H,G,G]``."""
-    inputs = spec.inputs
-    x = preprocess(images, inputs.image_size, inputs.mean, inputs.std)  # [b,3,S,S] normalised
+    """Maps of the teacher's views (:func:`teacher_view`): ``maps [b,G,G]`` and, for kind
+    "heads", ``head_maps [b,H,G,G]``."""
+    x = torch.stack(views)  # [b,3,S,S] normalised
     with _autocast(device):
         maps = saliency(
             model, x, kind=spec.kind, block=spec.block, head=spec.head, reduce=spec.reduce
@@ -123,7 +133,8 @@ def shard_maps(
     grid: int,
     heads: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """All maps of one shard of ``count`` images from its decoded ``batches``: ``maps [n,G,G]
+    """All maps of one shard of ``count`` images from its ``batches`` of teacher views
+    (:func:`decoded_batches` with :func:`teacher_view`): ``maps [n,G,G]
     float32`` (NaN where invalid), ``valid [n] uint8``, and ``head_maps [n,H,G,G]`` for kind
     "heads" (else None)."""
     device = torch.device(spec.inputs.device)
@@ -181,9 +192,10 @@ class RefreshWorker:
         dataset's ``ShardSource``: ids by position, bytes checked); returns its counts."""
         start = time.perf_counter()
         spec, count = self.spec, source.shard.count
-        batches = decoded_batches(source, spec.inputs.batch_size, self.device)
+        view = teacher_view(spec.inputs)  # a batch holds views, not full-size images
+        batches = decoded_batches(source, spec.inputs.batch_size, self.device, view)
         batches = shards.prefetched(batches, depth=1 if spec.prefetch else 0)
-        # now: (start, uint8 [3,H,W] images | None), the next batch decoding meanwhile
+        # now: (start, teacher views | None), the next batch decoding meanwhile
         maps, valid, head_maps = shard_maps(self.model, batches, count, spec, self.grid, self.heads)
         if spec.shard_delay_s:
             time.sleep(spec.shard_delay_s)  # a testing aid: widens the window to kill us in
