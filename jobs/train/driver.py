@@ -69,7 +69,7 @@ from salient.jobs.train.console import TrainConsole
 from salient.jobs.train.failure import clear_failure, raise_failure, request_stop
 from salient.jobs.train.worker import train_loop_per_worker
 from salient.pipeline.epochs import batches_per_rank
-from salient.pipeline.loader import SalientLoader
+from salient.pipeline.loader import SalientLoader, check_gpa_kind
 from salient.pipeline.manifest import open_dataset
 from salient.store import SaliencyStore, store_exists
 from salient.trainer.checkpoint import latest_checkpoint, load_checkpoint
@@ -140,13 +140,7 @@ def _check_store(config: TrainConfig, dataset) -> None:
             "is 0; run `salient refresh` first or set --refresh-every"
         )
     if config.gpa_loss_weight and current is not None:
-        kind = store.bind(current).attrs.get("kind")
-        if kind != "gpa":
-            raise TrainError(
-                f"--gpa-loss-weight needs maps of kind gpa but the current generation "
-                f"{current} of {config.store} holds {kind} maps; refresh it with "
-                "--kind gpa or use another --store"
-            )
+        check_gpa_kind(store, current, TrainError, "--gpa-loss-weight")
 
 
 def _with_map_heads(config: TrainConfig) -> TrainConfig:
