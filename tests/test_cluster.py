@@ -272,6 +272,45 @@ def test_train_two_workers_refreshing_every_epoch_survives_a_killed_worker(
         assert noise not in err
 
 
+def test_ibot_with_store_maps_from_its_ema_teacher_survives_a_killed_worker(
+    cluster, demo_data, tmp_path
+):
+    # AttMask-High on iBOT, salient's way: the maps from the store, refreshed every epoch from
+    # the EMA teacher's checkpoint; rank 1 dies mid-epoch and Ray Train restarts the group from
+    # the last checkpoint (student, EMA teacher, centres, optimiser).
+    run_dir, store = tmp_path / "run", tmp_path / "saliency.zarr"
+    args = ["train", "--recipe", "attmask-ibot-high", "--saliency-source", "store"]
+    args += ["--data", str(demo_data), "--store", str(store), "--run-dir", str(run_dir)]
+    args += ["--model", "ibot-micro", "--image-size", "32", "--patch-size", "8"]
+    args += ["--local-crops", "2", "--local-size", "16", "--out-dim", "64"]
+    args += ["--batch-size", "8", "--effective-batch", "16", "--workers", "2", "--epochs", "3"]
+    args += ["--refresh-every", "1", "--refresh-wait", "--refresh-batch-size", "32"]
+    args += ["--loader-workers", "0", "--log-details", "--step-delay-s", "0.3"]
+    log = tmp_path / "train.json"
+    driver = salient(cluster, *args, log=log)
+    rank1, killed = run_dir / "metrics" / "rank-1.jsonl", None
+    deadline = time.monotonic() + 600
+    while killed is None and driver.poll() is None and time.monotonic() < deadline:
+        lines = rank1.read_text().splitlines() if rank1.is_file() else []
+        mid = [r for r in map(json.loads, lines) if r["epoch"] == 1 and r["step"] > STEPS + 1]
+        if mid:
+            killed = mid[-1]["pid"]
+            os.kill(killed, signal.SIGKILL)
+        time.sleep(0.05)
+    summary, err = finish(driver, log, timeout=600)
+    assert killed is not None, "rank 1 never reached the second epoch"
+    assert (summary["epochs_done"], summary["steps"], summary["restarts"]) == (3, 3 * STEPS, 1)
+    assert summary["refreshes"] == ["gen-000001", "gen-000002"]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in records if r["kind"] == "epoch"]
+    assert [r["generation"] for r in epochs] == [None, "gen-000001", "gen-000002"]
+    assert [r["strategy"] for r in epochs] == ["attmask_high"] * 3 and epochs[2]["maps"] == "store"
+    root = zarr.open_group(str(store), mode="r", use_consolidated=False)
+    teachers = [root[g].attrs["teacher"]["path"] for g in ("gen-000001", "gen-000002")]
+    assert teachers == [str(run_dir / f"checkpoint-0000{e}.pt") for e in (1, 2)]  # the run's
+    assert "restarted from checkpoint-00001.pt" in err and "salient train: epoch 3/3 done" in err
+
+
 def test_a_plan_that_fits_no_node_is_one_line(cluster, demo_data, tmp_path):
     args = ["train", "--data", str(demo_data), "--store", str(tmp_path / "s.zarr")]
     args += ["--run-dir", str(tmp_path / "run"), "--model", "mae-micro", "--image-size", "32"]
