@@ -15,6 +15,7 @@ import json
 import math
 import statistics
 import tarfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -383,6 +384,23 @@ def test_the_same_command_again_keeps_the_finished_runs(compared):
     run_compare(compared["config"])
     trained = {p for p, mtime in before.items() if p.stat().st_mtime_ns != mtime}
     assert trained == {records[1].parent / "run" / "metrics.jsonl"}
+
+
+def test_another_label_teacher_retrains_its_arms_and_refreshes_its_maps(compared):
+    # A rerun whose teacher differs (another --teacher-epochs) must not reuse the maps or the
+    # runs of the old one: its stores are refreshed anew and its label arms retrain; the arms
+    # without a teacher are kept. (The last test of the comparison: it changes it.)
+    out = compared["out"]
+    config = replace(compared["config"], teacher_epochs=1)
+    runs = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/seed-*/run/metrics.jsonl")}
+    summary = run_compare(config)
+    trained = {p.parts[-4] for p, mtime in runs.items() if p.stat().st_mtime_ns != mtime}
+    assert trained == {"amt-label"}
+    assert summary["teacher"]["settings"]["epochs"] == 1
+    for record in out.glob("runs/amt-label/seed-*/record.json"):
+        assert json.loads(record.read_text())["teacher_settings"]["epochs"] == 1
+    (store,) = summary["teacher"]["stores"].values()
+    assert SaliencyStore.open(store["store"]).current() == "gen-000001"  # refreshed anew
 
 
 def test_an_online_arm_reports_its_teachers_box_lift_per_probed_epoch(

@@ -89,7 +89,7 @@ def _inputs(root: Path, setup: _Setup, teacher: str | None, device: torch.device
         teacher = str(root / "teacher.pt")
         trained = train_label_teacher(
             str(root / "train"), str(root / "val"), teacher, setup.model, setup.image_size,
-            setup.patch_size, epochs=setup.teacher_epochs, target=0.9,
+            setup.patch_size, epochs=setup.teacher_epochs, target=0.9, device=str(device),
         )  # fmt: skip
     refresh = run_refresh(
         RefreshConfig(

@@ -164,14 +164,14 @@ class _Teacher:
         }
 
     def _check_memory(self) -> None:
-        """The teacher trains on the training set decoded once into memory (float32)."""
+        """The teacher trains on the training set decoded once into memory (uint8, S×S)."""
         images = open_dataset(self.data).num_samples
-        size = images * 3 * self.config.image_size**2 * 4
+        size = images * 3 * self.config.image_size**2
         if size > _TEACHER_MEMORY:
             raise CompareError(
                 f"the label teacher holds the decoded training set in memory: {images} images "
-                f"at {self.config.image_size} px are {size / 2**30:.0f} GiB; compare on a "
-                "subset or lower --image-size for -label arms"
+                f"at {self.config.image_size} px are {size / 2**30:.0f} GiB; lower --image-size "
+                "or compare on fewer images (--n with --demo) for -label arms"
             )
 
     def checkpoint(self) -> str:
@@ -180,8 +180,11 @@ class _Teacher:
         settings = self._settings()
         if record is None or record["settings"] != _plain(settings) or not path.is_file():
             self._check_memory()
+            for old in self.root.glob("*.zarr"):  # maps of an earlier teacher: refreshed anew
+                shutil.rmtree(old)
             _say("training the label-aware teacher on the dataset's labels")
-            trained = train_label_teacher(path=path, **settings)
+            device = "cuda" if self.config.gpu else "cpu"
+            trained = train_label_teacher(path=path, device=device, **settings)
             record = {"settings": settings, **trained}
             _write_json(self.root / "teacher.json", record)
         self.summary = record
@@ -252,7 +255,17 @@ class _Run:
     def record(self, teacher: _Teacher | None, label: str) -> dict:
         config = self.train_config(teacher)
         done = _read_json(self.root / "record.json")
-        if done is not None and _same_run(done["config"], config):
+        taught = None if teacher is None or self.arm.teacher != "label" else teacher.summary
+        same_teacher = (
+            taught is None
+            or done is None
+            or done.get("teacher_settings")
+            in (
+                None,  # a record from before teachers were recorded: its run is kept
+                taught["settings"],
+            )
+        )
+        if done is not None and _same_run(done["config"], config) and same_teacher:
             return done
         stale = [self.root / "run", self.root / "maps.zarr", *self.root.glob("maps-epoch-*.zarr")]
         for path in stale:  # a run cut short starts over
@@ -265,6 +278,7 @@ class _Run:
             "seed": self.seed,
             "teacher": self.arm.teacher,
             "config": _plain(config.as_dict()),
+            "teacher_settings": None if taught is None else taught["settings"],
             "wall_s": round(time.perf_counter() - start, 1),
             "checkpoint": summary["checkpoint"],
             **_timeline(config.run_dir),
