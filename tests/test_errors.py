@@ -91,3 +91,32 @@ def test_a_train_workers_store_error_is_one_line_without_retries(
         if r["kind"] == "start"
     ]
     assert len(starts) == 1  # the restart stopped before training again
+
+
+def test_a_changed_shard_in_train_is_one_line_on_the_console(demo_data, tmp_path):
+    """A shard replaced by other bytes of its size, met by a Ray Train worker: the real CLI's
+    stderr holds the run's warnings and one error line, not Ray Train's traceback of it."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    data = tmp_path / "data"
+    shutil.copytree(demo_data, data)
+    shard = data / "shard-000001.tar"
+    shard.write_bytes(os.urandom(shard.stat().st_size))
+    argv = ["train", "--data", str(data), "--run-dir", str(tmp_path / "run"), "--epochs", "1"]
+    argv += ["--model", "mae-micro", "--image-size", "32", "--patch-size", "8", "--batch-size", "8"]
+    argv += ["--strategy", "random", "--workers", "1", "--loader-workers", "0"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "SALIENT_"))}
+    run = subprocess.run(
+        [str(Path(sys.executable).with_name("salient")), *argv],
+        capture_output=True,
+        text=True,
+        env={**env, "SALIENT_PROGRESS": "0"},
+        timeout=600,
+    )
+    assert run.returncode == 2, run.stderr
+    lines = [line for line in run.stderr.splitlines() if ": warning: " not in line]
+    assert len(lines) == 1, run.stderr
+    assert lines[0].startswith(f"salient train: error: shard {shard} is not the one its manifest")

@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from salient import urls
-from salient.errors import cleanup_after
+from salient.errors import SalientError, cleanup_after
 from salient.jobs.eval.driver import check_class_lists
 from salient.jobs.inspect.data import demo_hw
 from salient.jobs.inspect.driver import generation_stats
@@ -457,7 +457,14 @@ def _worker_main(args: dict) -> None:
         pass
     else:
         logging.getLogger(context.__file__).setLevel(logging.WARNING)
-    train_loop_per_worker(args)
+    try:
+        train_loop_per_worker(args)
+    except SalientError:
+        # a user's error (a changed shard, a full disk): the driver prints its one line, and
+        # Ray Train's "Error in training function:" traceback, logged as this raise leaves
+        # the function, would only bury it; a bug's traceback still shows
+        logging.getLogger("ray.train.v2._internal.util").setLevel(logging.CRITICAL)
+        raise
 
 
 def _summary(config: TrainConfig, resume_from: str | None, seconds: float, run_id: str) -> dict:
