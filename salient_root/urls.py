@@ -117,7 +117,12 @@ def client_defaults(scheme_name: str | None) -> dict:
 
 
 class StorageError(SalientError):
-    """A URL that cannot be used: unknown scheme, client not installed, not reachable, denied."""
+    """A URL that cannot be used: unknown scheme, client not installed, not reachable, denied.
+
+    ``stalled``: the endpoint stopped answering (a timeout), so a cleanup that would write
+    there (a lease's release) would wait as long again and is skipped (``store.lease``)."""
+
+    stalled = False
 
 
 # ---------------------------------------------------------------- path or URL
@@ -359,6 +364,9 @@ class _WatchedStream:
 # ---------------------------------------------------------------- errors
 
 
+_STALLS = {"ReadTimeoutError", "ServerTimeoutError", "FSTimeoutError", "TimeoutError"}
+
+
 def _names(exc: BaseException) -> set[str]:
     return {cls.__name__ for cls in type(exc).__mro__}
 
@@ -374,7 +382,7 @@ def _cause(exc: BaseException) -> str:
         )
     if names & {"EndpointConnectionError", "ConnectTimeoutError", "ClientConnectorError"}:
         return f"the endpoint cannot be reached ({text}); check AWS_ENDPOINT_URL and the network"
-    if names & {"ReadTimeoutError", "ServerTimeoutError", "FSTimeoutError", "TimeoutError"}:
+    if names & _STALLS:
         return (
             f"the endpoint stopped answering ({text[:120]}); nothing half-written was "
             f"published: rerun when it answers (a request waits at most about {_patience_s:.0f}"
@@ -412,7 +420,9 @@ def as_storage_error(url: str, exc: BaseException) -> StorageError | None:
         )
     module = type(exc).__module__.split(".")[0]
     if isinstance(exc, OSError) or module in {"botocore", "aiobotocore", "aiohttp", "google"}:
-        return StorageError(f"{url}: {_cause(exc)}")
+        error = StorageError(f"{url}: {_cause(exc)}")
+        error.stalled = bool(_names(exc) & _STALLS)
+        return error
     return None
 
 
@@ -612,11 +622,13 @@ def _upload(tmp: str, url: str) -> None:
     try:
         sync(fs.loop, fs._put_file, tmp, path, timeout=upload_limit_s(size))
     except TimeoutError:  # fsspec's FSTimeoutError; the partial upload never became `url`
-        raise StorageError(
+        error = StorageError(
             f"{url}: the endpoint stopped answering: an upload of {size} bytes did not finish "
             f"within {upload_limit_s(size):.0f} s; nothing was written under that name — "
             "rerun when it answers"
-        ) from None
+        )
+        error.stalled = True
+        raise error from None
 
 
 def _discard(path: str) -> None:

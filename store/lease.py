@@ -158,4 +158,20 @@ class Lease:
     def __exit__(self, kind, error, traceback) -> None:
         if error is None and self._stopped.is_set():
             return
+        if _stalled(error):  # clearing it would wait on that endpoint as long again
+            self.stop()
+            error.add_note(f"{self.name} was left to go stale: the endpoint stopped answering")
+            return
         cleanup_after(error, self.release, f"releasing {self.name}")
+
+
+def _stalled(error: BaseException | None) -> bool:
+    """Whether ``error`` (or what it wraps: a Ray task's ``cause``, a chained exception) is a
+    storage endpoint that stopped answering (``StorageError.stalled``)."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if getattr(error, "stalled", False):
+            return True
+        error = getattr(error, "cause", None) or error.__cause__ or error.__context__
+    return False

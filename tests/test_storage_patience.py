@@ -147,3 +147,33 @@ def test_a_forked_reader_keeps_the_heartbeat(tmp_path):
         urls.on_wait(None)
     lines = beats.read_text().splitlines() if beats.exists() else []
     assert lines and all(line == f"{pid} s3://bucket/slow" for line in lines), lines
+
+
+def test_a_stalled_endpoint_leaves_a_lease_to_go_stale_instead_of_waiting_again():
+    # Clearing a lease writes to the store's endpoint: after it stopped answering, that write
+    # would wait as long again in silence; the lease is left to go stale (60 s) instead.
+    from salient.store.lease import Lease
+
+    cleared: list[str] = []
+
+    def clear(name: str) -> None:
+        cleared.append(name)
+
+    stalled = urls.StorageError("s3://b/s.zarr: the endpoint stopped answering")
+    stalled.stalled = True
+    lease = Lease({"pid": 1}, write=lambda r: None, clear=lambda: clear("stalled"))
+    with pytest.raises(urls.StorageError) as raised, lease:
+        raise stalled
+    assert cleared == [] and lease._stopped.is_set()
+    assert raised.value.__notes__ == [
+        "the lease was left to go stale: the endpoint stopped answering"
+    ]
+    wrapped = RuntimeError("a Ray task's wrapper")
+    wrapped.cause = stalled  # RayTaskError keeps what it wraps as .cause
+    with pytest.raises(RuntimeError), Lease({}, lambda r: None, lambda: clear("wrapped")):
+        raise wrapped
+    assert cleared == []
+    refused = urls.StorageError("s3://b/s.zarr: access denied")  # not a stall: released
+    with pytest.raises(urls.StorageError), Lease({}, lambda r: None, lambda: clear("denied")):
+        raise refused
+    assert cleared == ["denied"]
