@@ -457,3 +457,17 @@ def test_ingest_skips_an_image_over_the_budget_with_its_reason(huge_png, tmp_pat
     (skipped,) = manifest.skipped
     assert skipped["path"] == "huge.png"
     assert "13000×13000 = 169,000,000 pixels is over the pixel budget" in skipped["reason"]
+
+
+def test_the_ingest_job_says_once_why_it_skips_an_image_over_the_budget(huge_png, tmp_path, capsys):
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(huge_png, src / "huge.png")
+    (src / "small.jpg").write_bytes(_image(1, "JPEG", "RGB"))
+    salient = str(Path(sys.executable).with_name("salient"))  # a real process: pytest's own
+    run = subprocess.run(  # capture of warnings would hide PIL's
+        [salient, "ingest", str(src), str(tmp_path / "out")], capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr
+    err = run.stderr.strip().splitlines()
+    assert len(err) == 1 and "skipping huge.png: 13000×13000" in err[0], err  # not PIL's too

@@ -138,6 +138,9 @@ def plain_warnings(job: str) -> None:
         print(f"salient {job}: warning: {text}", file=file or sys.stderr, flush=True)
 
     warnings.showwarning = show
+    # PIL's decompression-bomb warning (over 89.5 M pixels) comes before salient's pixel
+    # budget refuses the image and says so itself (ingest lists it, readers count it)
+    warnings.filterwarnings("ignore", message=r"Image size \(\d+ pixels\) exceeds limit")
 
 
 # ---------------------------------------------------------------- waiting on storage
