@@ -120,3 +120,28 @@ def test_a_changed_shard_in_train_is_one_line_on_the_console(demo_data, tmp_path
     lines = [line for line in run.stderr.splitlines() if ": warning: " not in line]
     assert len(lines) == 1, run.stderr
     assert lines[0].startswith(f"salient train: error: shard {shard} is not the one its manifest")
+
+
+def test_workers_killed_for_memory_end_the_run_in_one_line(tmp_path):
+    """Ray's memory monitor (the node over 95 %) kills workers: the run ends in one line that
+    says so and how to go on, not Ray's traceback of the controller's error."""
+    import ray.exceptions
+
+    from salient.jobs.train.config import TrainConfig
+    from salient.jobs.train.failure import raise_failure
+    from salient.trainer.specs import TrainError
+
+    text = (
+        "6 worker(s) were killed due to the node running low on memory. Memory on the node (IP: "
+        "192.0.2.2, ID: e6c0) was 22.38GB used / 23.54GB limit (0.950875)"
+    )
+    killed = ray.exceptions.OutOfMemoryError(text)
+    wrapper = RuntimeError("Training failed due to controller error:")  # as Ray Train's
+    wrapper.controller_failure = killed
+    config = TrainConfig(data=str(tmp_path), model="mae-micro", strategy="random")
+    with pytest.raises(TrainError) as raised:
+        raise_failure(tmp_path, wrapper, config)
+    message = str(raised.value)
+    assert "\n" not in message and len(message) < 300, message
+    assert "out of memory (22.38GB used / 23.54GB limit)" in message
+    assert message.endswith("`--resume` continues from the start")

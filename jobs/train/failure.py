@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 from pathlib import Path
 
 from salient.errors import SalientError
@@ -97,6 +98,21 @@ def _failures(exc: BaseException) -> list[BaseException]:
     return found + ([controller] if isinstance(controller, BaseException) else [])
 
 
+def _out_of_memory(exc: BaseException) -> BaseException | None:
+    """Ray's ``OutOfMemoryError`` (its memory monitor killed a worker) inside ``exc``, or None."""
+    todo, seen = [exc], set()
+    while todo:
+        current = todo.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if type(current).__name__ == "OutOfMemoryError":
+            return current
+        todo += [getattr(current, "cause", None), current.__cause__, current.__context__]
+        todo += _failures(current)
+    return None
+
+
 def _first_line(exc: BaseException) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     return f"{type(exc).__name__}: {lines[0] if lines else ''}"
@@ -117,6 +133,14 @@ def raise_failure(run_dir: str | os.PathLike, exc: BaseException | None, config)
         raise ours from None
     failures = _failures(exc)
     resume = f"`--resume` continues from {latest_checkpoint(run_dir) or 'the start'}"
+    memory = _out_of_memory(exc)
+    if memory is not None:  # the node, not the run: one line, not Ray's report of each kill
+        used = re.search(r"[\d.]+GB used / [\d.]+GB limit", str(memory))
+        raise TrainError(
+            "training stopped: Ray's memory monitor killed its processes, the node being out "
+            f"of memory ({used[0] if used else 'over 95 %'}); free memory or lower "
+            f"--batch-size, --loader-workers or --workers, then {resume}"
+        ) from None
     if any(type(f).__name__ == "WorkerGroupStartupTimeoutError" for f in failures):
         raise PlacementError(
             f"Ray could not start the {config.workers} train workers within "
