@@ -39,6 +39,7 @@ Importing this module touches no disk, GPU or Ray.
 from __future__ import annotations
 
 import functools
+import os
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -485,7 +486,9 @@ class SalientLoader:
                 batch_size=None,
                 collate_fn=keep_as_is,
                 num_workers=self.num_workers,
-                worker_init_fn=functools.partial(init_worker, storage=urls.carry()),
+                worker_init_fn=functools.partial(
+                    init_worker, storage=urls.carry(), parent=os.getpid()
+                ),
                 pin_memory=self.device.type == "cuda",
                 prefetch_factor=4,
                 persistent_workers=True,

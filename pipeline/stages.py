@@ -21,6 +21,9 @@ Importing this module touches no disk, GPU or Ray.
 
 from __future__ import annotations
 
+import ctypes
+import os
+import signal
 import threading
 import warnings
 from collections.abc import Iterable, Iterator
@@ -487,8 +490,6 @@ def reuse_freed_memory() -> None:
     on this project's 2-core VM that cost as much as the normalisation itself (BENCHMARKS.md).
     The process then keeps up to 256 MB of freed memory instead of returning it.
     """
-    import ctypes
-
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(_M_MMAP_THRESHOLD, 64 * 2**20)
@@ -497,13 +498,37 @@ def reuse_freed_memory() -> None:
         pass
 
 
-def init_worker(worker_id: int, storage: urls.StorageOptions | None = None) -> None:
-    """DataLoader worker start: the driver's storage options, one torch thread, zarr's pools
-    kept small (a worker reads one segment's rows at a time), freed buffers reused, and PIL's
-    decompression-bomb warning off (the pixel budget refuses those images and counts them)."""
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(parent: int) -> None:
+    """Linux: this process (forked by ``parent``) gets SIGKILL when the thread that forked it
+    ends or its process dies. A DataLoader worker outlives a killed train worker otherwise:
+    PyTorch's worker notices within 5 s, but its exit can block for good on a result pipe
+    nobody reads, and while it lives it holds the train worker's inherited socket to Ray's
+    raylet, so Ray never sees that worker die and never restarts the group (measured: a run
+    hung until it was killed). Ray starts its own processes the same way."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux's libc: PyTorch's own watchdog only
+        return
+    if os.getppid() != parent:  # ``parent`` died between the fork and prctl
+        os._exit(1)
+
+
+def init_worker(
+    worker_id: int, storage: urls.StorageOptions | None = None, parent: int | None = None
+) -> None:
+    """DataLoader worker start: dies with its parent (:func:`die_with_parent`), the driver's
+    storage options, one torch thread, zarr's pools kept small (a worker reads one segment's
+    rows at a time), freed buffers reused, and PIL's decompression-bomb warning off (the pixel
+    budget refuses those images and counts them)."""
     import zarr
     from PIL import Image
 
+    if parent is not None:
+        die_with_parent(parent)
     warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
     reuse_freed_memory()
     urls.adopt(storage)

@@ -601,3 +601,59 @@ def test_samples_a_damaged_tar_loses_are_counted_as_corrupt(tmp_path):
     seen = {i for batch in loader.epoch(0) for i in batch["ids"].tolist()}
     assert loader.stats.corrupt_ids == set(range(8, 16)) and loader.stats.corrupt == 8
     assert seen == set(range(32)) - set(range(8, 16))  # never another sample in their place
+
+
+_HOLDS_ITS_WORKERS = """
+import sys, time
+from salient.pipeline.loader import LoaderConfig, SalientLoader
+
+config = LoaderConfig(data=sys.argv[1], image_size=32, patch_size=8, batch_size=8,
+                      num_workers=2, strategy="random")
+loader = SalientLoader(config)
+next(iter(loader.epoch(0)))  # its DataLoader workers run now
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
+def test_loader_workers_die_with_the_process_that_started_them(demo_data):
+    # A train worker killed by Ray's memory monitor, a node, or a test: its DataLoader workers
+    # must go too, or they hold its socket to Ray's raylet and Ray never restarts the group.
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HOLDS_ITS_WORKERS, str(demo_data)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        workers = _children(proc.pid)
+        assert len(workers) >= 2, workers
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.monotonic() + 2.0  # PyTorch's own watchdog would take up to 5 s, or hang
+    while any(Path(f"/proc/{pid}").exists() for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    alive = [pid for pid in workers if Path(f"/proc/{pid}").exists()]
+    for pid in alive:
+        os.kill(pid, signal.SIGKILL)  # leave nothing behind, then fail
+    assert not alive, f"DataLoader workers {alive} outlived their process"
