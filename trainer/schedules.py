@@ -25,8 +25,12 @@ class WarmupCosine:
     """Learning rate of step ``s``: linear warmup to ``base_lr``, then cosine down to ``min_lr``.
 
     MAE's ``util/lr_sched.adjust_learning_rate`` (applied every iteration), indexed by step
-    instead of fractional epoch. Past ``total_steps`` (a resumed run given more epochs) the
-    rate stays at ``min_lr``. ``state_dict`` makes it a checkpointable scheduler.
+    instead of fractional epoch. Warmup step ``s`` gets ``base · (s + 1) / W``: MAE's starts
+    one step earlier (0 at step 0, ``base · (W − 1) / W`` at the last), iBOT's
+    ``cosine_scheduler`` spaces ``linspace(0, base, W)``; here no step trains at rate 0 and the
+    last warmup step reaches ``base`` (a difference of one step in ``W``). Past
+    ``total_steps`` (a resumed run given more epochs) the rate stays at ``min_lr``.
+    ``state_dict`` makes it a checkpointable scheduler.
     """
 
     def __init__(
