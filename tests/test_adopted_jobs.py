@@ -230,3 +230,31 @@ def test_shards_on_s3_are_indexed_refreshed_and_read_in_place(
     code, out, err = _cli(capsys, "inspect", "--store", store, "--data", remote, *keys,
                           "--key", rows[9]["__key__"])  # fmt: skip
     assert code == 0 and out.startswith(f"sample {ids[9]} · generation {name}"), err
+
+    # train on those maps and eval the result, the shards still read in place from S3
+    run = tmp_path / "run"
+    code, out, err = _cli(
+        capsys, "train", "--data", remote, "--store", store, "--run-dir", run, *keys,
+        "--model", "mae-micro", "--strategy", "amt", "--maps", "any", "--epochs", 1,
+        "--warmup-epochs", 0, "--refresh-every", 0, "--workers", 1, "--batch-size", 8,
+        "--image-size", SIDE, "--patch-size", PATCH, "--lr", "1e-3", "--loader-workers", 1,
+    )  # fmt: skip
+    assert code == 0, err
+    epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    (epoch,) = [r for r in epochs if r["kind"] == "epoch"]
+    assert (epoch["generation"], epoch["saliency_share"], epoch["corrupt"]) == (name, 1.0, 0)
+    imagenet_shards(tmp_path / "val", sizes=(4, 6))  # a held-out split beside it on S3
+    fs.put(str(tmp_path / "val") + "/", "salient-index-jobs/val/", recursive=True)
+    val = f"{root}/val"
+    code, _, err = _cli(capsys, "index", val, "--label-key", "label", "--classes-from", remote,
+                        *keys)  # fmt: skip
+    assert code == 0, err
+    code, out, err = _cli(
+        capsys, "eval", "--checkpoint", run / "checkpoint-00001.pt", "--data", remote,
+        "--val", val, "--out", tmp_path / "eval", "--knn", "--workers", 1, *keys,
+    )  # fmt: skip
+    assert code == 0, err
+    result = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert result["images"] == {"train": len(ids), "val": 10}
+    assert result["excluded"] == {"train": 0, "val": 0}
+    assert {p: fs.info(p)["ETag"] for p in before} == before  # still no tar rewritten
