@@ -177,3 +177,25 @@ def test_a_stalled_endpoint_leaves_a_lease_to_go_stale_instead_of_waiting_again(
     with pytest.raises(urls.StorageError), Lease({}, lambda r: None, lambda: clear("denied")):
         raise refused
     assert cleared == ["denied"]
+
+
+def test_flipped_bytes_in_a_chunk_on_s3_read_as_no_map_and_verify_names_it(endpoint):
+    # The checksum travels with the chunk object: a bad copy on object storage is caught as
+    # on local disk (the reader's rows read as no map; verify names the chunk).
+    bucket, _ = endpoint
+    store, name = new_store(f"{bucket}/flipped.zarr")
+    fs, _ = urls.filesystem(bucket)
+    key = f"{store.url.removeprefix('s3://')}/{name}/maps/c/1/0/0"
+    data = bytearray(fs.cat_file(key))
+    middle = len(data) // 2
+    data[middle : middle + 4] = bytes(b ^ 0xFF for b in data[middle : middle + 4])
+    fs.pipe_file(key, bytes(data))
+    reader = SaliencyStore.open(store.url).bind()
+    maps, valid = reader.read_range(0, 30)
+    assert valid.tolist() == [0 if 10 <= i < 20 else 1 for i in range(30)]
+    assert np.isnan(maps[10:20].astype(np.float32)).all() and (maps[:10] == 1).all()
+    assert [str(d) for d in reader.damaged] == [
+        f"{name}: chunk 1 of maps (ids 10..19) fails its CRC-32C checksum"
+    ]
+    report = store.verify(name)
+    assert [(d.array, d.chunk) for d in report.damaged] == [("maps", 1)] and not report.ok
