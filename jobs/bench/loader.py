@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import io
 import os
+import resource
 import statistics
 import tempfile
 import time
@@ -212,8 +213,6 @@ def _sync(device: str) -> None:
 def _cpu_seconds() -> float:
     """CPU seconds (user + system) of this process and its children (DataLoader workers), from
     /proc (Linux; elsewhere this process alone)."""
-    import resource
-
     own = resource.getrusage(resource.RUSAGE_SELF)
     total = own.ru_utime + own.ru_stime
     me, tick = str(os.getpid()), os.sysconf("SC_CLK_TCK")

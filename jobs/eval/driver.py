@@ -22,6 +22,7 @@ and written to ``OUT/eval.json``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -158,8 +159,6 @@ def _cache_key(teacher, dataset, image_size: int, crop_ratio: float) -> dict:
     datasets of equal layout (a train and a val split of one size, a relabelled copy) would
     share it: the manifest's hash (source, classes, shard sizes in bytes, demo seed and split)
     tells them apart without reading the shards."""
-    import hashlib
-
     return {
         "checkpoint_sha256": teacher.meta["sha256"],
         "checkpoint_name": teacher.meta["name"],

@@ -38,9 +38,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shlex
 import threading
+import time
+import uuid
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -444,8 +447,6 @@ def _worker_main(args: dict) -> None:
     after its source file, outside ``ray.train``, so RunConfig's log level misses it; the
     job's summary and metrics.jsonl already hold those numbers.
     """
-    import logging
-
     urls.adopt(args["storage"])  # the driver's --storage-option values, before any read
     plain_warnings("train")  # printed through Ray on the driver's console
     # the driver's console names each damaged map chunk from the epoch records: the loader's
@@ -514,9 +515,6 @@ def run_train(config: TrainConfig, progress: bool | None = None) -> dict:
             refresh that fails), as itself; TrainError when workers were lost more often
             than ``max_failures``.
     """
-    import time
-    import uuid
-
     start = time.perf_counter()
     config = resolved(config)
     resume_from, steps = _check_inputs(config)
