@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from salient.errors import SalientError
 from salient.settings import check_fields, ranged
 from salient.store import SaliencyStore
-from salient.store.lease import describe_writer, lease_state
+from salient.store.lease import describe_writer, gone, lease_state
 from salient.trainer.provenance import describe_teacher
 
 __all__ = ["GcConfig", "run_gc"]
@@ -51,7 +51,9 @@ def run_gc(config: GcConfig) -> str:
 
     store = SaliencyStore.open(config.store)
     teachers = {g["name"]: g.get("teacher") for g in store.generations()}
-    readers = [r for r in store.readers() if lease_state(r) in ("live", "mine")]
+    records = store.readers()
+    readers = [r for r in records if lease_state(r) in ("live", "mine")]
+    stopped = [r for r in records if lease_state(r) not in ("live", "mine")]
     plan = store.gc_plan(config.keep, config.grace_s)
     removed = store.gc(config.keep, config.grace_s, dry_run=config.dry_run)
     width = max((len(p["status"]) for p in plan), default=0)
@@ -64,6 +66,12 @@ def run_gc(config: GcConfig) -> str:
     lines += [
         f"reader: {r.get('holder')} holds {r.get('generation')} ({describe_writer(r)})"
         for r in readers
+    ]
+    lines += [  # a reader that stopped (its run killed) holds nothing; gc drops its record
+        f"reader: {r.get('holder')} held {r.get('generation')}; it is {gone(r)}"
+        + (f" ({describe_writer(r)})" if "renewed" in r else "")
+        + f": its record {'would go' if config.dry_run else 'removed'}"
+        for r in stopped
     ]
     verb = "would remove" if config.dry_run else "removed"
     lines.append(

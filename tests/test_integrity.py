@@ -291,6 +291,19 @@ def test_gc_refuses_a_generation_a_reader_holds_and_names_the_reader(three):
     assert list(root["readers"].group_keys()) == []  # the dead reader's record went too
 
 
+def test_gc_lists_a_dead_readers_record_it_drops(three):
+    from salient.jobs.gc import GcConfig, run_gc
+
+    store, (first, _, _) = three
+    reader = child(hold_reader, store.url, first, "train run runs/amt")
+    kill(reader)  # a run killed while bound: its lease record stays behind, holding nothing
+    said = run_gc(GcConfig(store.url, keep=1, grace_s=0, dry_run=True))
+    line = f"reader: train run runs/amt held {first}; it is dead (pid {reader.pid} on host"
+    assert line in said and said.count("reader:") == 1 and "its record would go" in said
+    assert "its record removed" in run_gc(GcConfig(store.url, keep=1, grace_s=0))
+    assert store.readers() == []
+
+
 def test_a_reader_in_this_process_holds_for_the_block(three):
     store, (first, _, third) = three
     with store.hold(first, "inspect") as lease:
