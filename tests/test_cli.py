@@ -167,6 +167,16 @@ def test_a_parser_and_a_bad_flag_load_no_torch_timm_or_ray(name):
     assert done.stdout.strip() == "[]", f"salient {name}'s parser loaded {done.stdout.strip()}"
 
 
+def test_train_print_config_without_strategy_options_loads_no_torch():
+    code = (
+        "import sys\nfrom salient.jobs.cli import main\n"
+        "assert main(['train', '--data', 'D', '--store', 'S', '--print-config']) == 0\n"
+        "print(sorted(m for m in ('torch', 'timm', 'ray') if m in sys.modules), file=sys.stderr)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stderr.strip() == "[]", done.stderr
+
+
 def test_a_closed_pipe_ends_quietly():
     """`salient … --print-config | head -1`: the reader is gone before the config is printed."""
     argv = [sys.executable, "-m", "salient.jobs.cli", "gc", "--store", "s.zarr", "--print-config"]

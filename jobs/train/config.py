@@ -579,6 +579,8 @@ def _check_options(c: TrainConfig) -> None:
             "--strategy-option takes KEY=VALUE pairs (in a config file, a mapping of the "
             f"strategy's options); got a {type(c.strategy_options).__name__}"
         )
+    if not c.strategy_options:  # nothing to try: the ratios are checked without torch
+        return
     units = (c.image_size // c.patch_size // c.unit) ** 2
     flags = c.framework == "ibot"  # iBOT's masks: plan_mask_flags, nothing thrown
     from salient.pipeline.masking import check_options  # lazy: torch (module docstring)
