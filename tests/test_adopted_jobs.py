@@ -1,6 +1,6 @@
 """Existing webdataset shards through every job: ``salient index``, then ``refresh``, ``train``,
-``eval`` and ``inspect`` read them as they read ingested data — locally and on the S3 endpoint
-— and no tar is rewritten.
+``eval``, ``inspect`` and ``compare`` read them as they read ingested data — locally and on
+the S3 endpoint — and no tar is rewritten.
 
 The tars are written by webdataset's own TarWriter in the layout of the public ImageNet shards
 (``tests/test_adopt.imagenet_shards``: keys ``n01440764_10026``, fields jpg / cls / json,
@@ -258,3 +258,26 @@ def test_shards_on_s3_are_indexed_refreshed_and_read_in_place(
     assert result["images"] == {"train": len(ids), "val": 10}
     assert result["excluded"] == {"train": 0, "val": 0}
     assert {p: fs.info(p)["ETag"] for p in before} == before  # still no tar rewritten
+
+
+def test_compare_runs_on_adopted_shards_through_the_cli(ray_session, tmp_path, capsys):
+    """`salient compare --data --val` on indexed ImageNet-style tars (not the demo preset):
+    an arm trains, is probed on the held-out split, and the report is written."""
+    data, val = tmp_path / "train", tmp_path / "val"
+    imagenet_shards(data)
+    imagenet_shards(val, sizes=(4, 6))
+    assert _cli(capsys, "index", data)[0] == 0
+    assert _cli(capsys, "index", val, "--label-key", "label", "--classes-from", data)[0] == 0
+    out = tmp_path / "cmp"
+    code, printed, err = _cli(
+        capsys, "compare", "--data", data, "--val", val, "--out", out, "--arms", "random",
+        "--size", "micro", "--image-size", SIDE, "--patch-size", PATCH, "--epochs", 1,
+        "--batch-size", 8, "--workers", 1, "--loader-workers", 0, "--probe-every", 0,
+        "--mask-samples", 8, "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    summary = json.loads(printed)
+    figures = summary["arms"]["random"]["figures"]
+    assert figures["knn_cls"]["n"] == 1 and 0 <= figures["knn_cls"]["mean"] <= 1
+    assert summary["data"] == str(data) and summary["val"] == str(val)
+    assert (out / "index.html").is_file() and (out / "runs/random/seed-0/record.json").is_file()
