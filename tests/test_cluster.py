@@ -228,17 +228,11 @@ def test_refresh_spreads_over_both_nodes_survives_a_killed_actor_and_matches_one
 # ---------------------------------------------------------------- train
 
 
-def test_train_two_workers_refreshing_every_epoch_survives_a_killed_worker(
-    cluster, demo_data, tmp_path
-):
-    run_dir, store = tmp_path / "run", tmp_path / "saliency.zarr"
-    args = ["train", "--data", str(demo_data), "--store", str(store), "--run-dir", str(run_dir)]
-    args += ["--model", "mae-micro", "--image-size", "32", "--patch-size", "8"]
-    args += ["--batch-size", "8", "--workers", "2", "--epochs", "3", "--warmup-epochs", "1"]
-    args += ["--refresh-every", "1", "--refresh-wait", "--refresh-batch-size", "32"]
-    args += ["--loader-workers", "0", "--lr", "1e-3", "--keep-checkpoints", "2", "--log-details"]
-    args += ["--step-delay-s", "0.3"]  # else the epoch can end between two polls and the kill
-    log = tmp_path / "train.json"
+def _train_killing_rank_1(
+    cluster: Cluster, args: list[str], run_dir: Path, log: Path
+) -> tuple[dict, str]:
+    """``salient train ARGS`` on the cluster, its rank 1 killed (SIGKILL) in the middle of the
+    second epoch; returns the run's summary and stderr."""
     driver = salient(cluster, *args, log=log)
     rank1, killed = run_dir / "metrics" / "rank-1.jsonl", None
     deadline = time.monotonic() + 600
@@ -251,6 +245,20 @@ def test_train_two_workers_refreshing_every_epoch_survives_a_killed_worker(
         time.sleep(0.05)
     summary, err = finish(driver, log, timeout=600)
     assert killed is not None, "rank 1 never reached the second epoch"
+    return summary, err
+
+
+def test_train_two_workers_refreshing_every_epoch_survives_a_killed_worker(
+    cluster, demo_data, tmp_path
+):
+    run_dir, store = tmp_path / "run", tmp_path / "saliency.zarr"
+    args = ["train", "--data", str(demo_data), "--store", str(store), "--run-dir", str(run_dir)]
+    args += ["--model", "mae-micro", "--image-size", "32", "--patch-size", "8"]
+    args += ["--batch-size", "8", "--workers", "2", "--epochs", "3", "--warmup-epochs", "1"]
+    args += ["--refresh-every", "1", "--refresh-wait", "--refresh-batch-size", "32"]
+    args += ["--loader-workers", "0", "--lr", "1e-3", "--keep-checkpoints", "2", "--log-details"]
+    args += ["--step-delay-s", "0.3"]  # else the epoch can end between two polls and the kill
+    summary, err = _train_killing_rank_1(cluster, args, run_dir, tmp_path / "train.json")
 
     assert (summary["epochs_done"], summary["steps"], summary["restarts"]) == (3, 3 * STEPS, 1)
     assert summary["refreshes"] == ["gen-000001", "gen-000002"]
@@ -286,19 +294,7 @@ def test_ibot_with_store_maps_from_its_ema_teacher_survives_a_killed_worker(
     args += ["--batch-size", "8", "--effective-batch", "16", "--workers", "2", "--epochs", "3"]
     args += ["--refresh-every", "1", "--refresh-wait", "--refresh-batch-size", "32"]
     args += ["--loader-workers", "0", "--log-details", "--step-delay-s", "0.3"]
-    log = tmp_path / "train.json"
-    driver = salient(cluster, *args, log=log)
-    rank1, killed = run_dir / "metrics" / "rank-1.jsonl", None
-    deadline = time.monotonic() + 600
-    while killed is None and driver.poll() is None and time.monotonic() < deadline:
-        lines = rank1.read_text().splitlines() if rank1.is_file() else []
-        mid = [r for r in map(json.loads, lines) if r["epoch"] == 1 and r["step"] > STEPS + 1]
-        if mid:
-            killed = mid[-1]["pid"]
-            os.kill(killed, signal.SIGKILL)
-        time.sleep(0.05)
-    summary, err = finish(driver, log, timeout=600)
-    assert killed is not None, "rank 1 never reached the second epoch"
+    summary, err = _train_killing_rank_1(cluster, args, run_dir, tmp_path / "train.json")
     assert (summary["epochs_done"], summary["steps"], summary["restarts"]) == (3, 3 * STEPS, 1)
     assert summary["refreshes"] == ["gen-000001", "gen-000002"]
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
