@@ -293,7 +293,9 @@ def test_ibot_with_store_maps_from_its_ema_teacher_survives_a_killed_worker(
     args += ["--local-crops", "2", "--local-size", "16", "--out-dim", "64"]
     args += ["--batch-size", "8", "--effective-batch", "16", "--workers", "2", "--epochs", "3"]
     args += ["--refresh-every", "1", "--refresh-wait", "--refresh-batch-size", "32"]
-    args += ["--loader-workers", "0", "--log-details", "--step-delay-s", "0.3"]
+    # a DataLoader worker per rank: the killed rank's must die with it, or Ray never sees the
+    # rank go and never restarts the group (stages.die_with_parent)
+    args += ["--loader-workers", "1", "--log-details", "--step-delay-s", "0.3"]
     summary, err = _train_killing_rank_1(cluster, args, run_dir, tmp_path / "train.json")
     assert (summary["epochs_done"], summary["steps"], summary["restarts"]) == (3, 3 * STEPS, 1)
     assert summary["refreshes"] == ["gen-000001", "gen-000002"]
