@@ -11,9 +11,10 @@ failure to the first error as a note (shown under a traceback, not in the one-li
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 
-__all__ = ["SalientError", "brief", "cleanup_after"]
+__all__ = ["SalientError", "brief", "cleaned_up", "cleanup_after"]
 
 
 class SalientError(Exception):
@@ -38,6 +39,18 @@ def cleanup_after(error: BaseException | None, cleanup: Callable[[], object], wh
     except Exception as failed:
         text = (str(failed).splitlines() or [""])[0][:300]
         error.add_note(f"{what} failed too: {type(failed).__name__}: {text}")
+
+
+@contextlib.contextmanager
+def cleaned_up(cleanup: Callable[[], object], what: str) -> Iterator[None]:
+    """Run ``cleanup`` when the block ends. When the block raises, a failure of ``cleanup``
+    is a note on the block's error (:func:`cleanup_after`), never the error shown."""
+    try:
+        yield
+    except BaseException as error:
+        cleanup_after(error, cleanup, what)
+        raise
+    cleanup()
 
 
 def brief(text: str | BaseException, limit: int = 160) -> str:

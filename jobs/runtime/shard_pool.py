@@ -23,7 +23,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 
-from salient.errors import SalientError, cleanup_after
+from salient.errors import SalientError, cleaned_up
 from salient.jobs.runtime.placement import (
     PlacementError,
     check_refresh,
@@ -144,26 +144,18 @@ def started_pool(
         group = reserve(ask, timeout_s)
     # Cleanup in a failure path (Ray or a node gone) never replaces the job's own error: it
     # becomes a note on it (cleanup_after).
-    failed: BaseException | None = None
-    try:
-        pool = ShardPool(worker_cls, args, ask, group, timeout_s)
-        try:
-            yield pool
-        except BaseException as exc:
-            failed = exc
-            raise
-        finally:
-            cleanup_after(failed, pool.shutdown, "shutting the actors down")
-    except BaseException as exc:
-        failed = exc
-        raise
-    finally:
+    with contextlib.ExitStack() as stack:
         if own:
-            cleanup_after(
-                failed,
-                lambda: ray.util.remove_placement_group(group),
-                "giving back the placement group",
+            stack.enter_context(
+                cleaned_up(
+                    lambda: ray.util.remove_placement_group(group),
+                    "giving back the placement group",
+                )
             )
+        pool = ShardPool(worker_cls, args, ask, group, timeout_s)
+        # looked up when the block ends (a test swaps the method in the block)
+        with cleaned_up(lambda: pool.shutdown(), "shutting the actors down"):
+            yield pool
 
 
 def run_shards(

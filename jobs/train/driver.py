@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from salient import urls
-from salient.errors import SalientError, cleanup_after
+from salient.errors import SalientError, cleaned_up
 from salient.jobs.eval.driver import check_class_lists
 from salient.jobs.inspect.data import demo_hw
 from salient.jobs.inspect.driver import generation_stats
@@ -374,8 +374,8 @@ def _fit(config: TrainConfig, resume_from: str | None, resources: dict, run_id: 
         ),
     )
     clear_failure(run_dir)  # one left by an earlier run that stopped on an error
-    failed: BaseException | None = None
-    try:
+    # with Ray gone, giving the group back fails too: a note, never the error shown
+    with cleaned_up(lambda: _remove_group(group), "giving back the refresh group"):
         try:
             _off_the_main_thread(trainer.fit)
         except KeyboardInterrupt:
@@ -383,11 +383,6 @@ def _fit(config: TrainConfig, resume_from: str | None, resources: dict, run_id: 
         except Exception as exc:
             raise_failure(run_dir, exc, config)
             raise
-    except BaseException as exc:
-        failed = exc
-        raise
-    finally:  # with Ray gone, giving the group back fails too: a note, never the error shown
-        cleanup_after(failed, lambda: _remove_group(group), "giving back the refresh group")
     raise_failure(run_dir, None, config)
 
 
