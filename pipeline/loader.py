@@ -9,7 +9,8 @@ Per sample (docs/ARCHITECTURE.md, "Loader"), across the modules in the order a s
   thread → shuffle → decode → **one** RandomResizedCrop box + flip for image and map alike
   (``crops.py``) → chunks of columns.
 - this module (main process): ``SalientLoader`` binds the store's current generation once per
-  epoch (one published later is used from the next epoch on), slices chunks into batches, normalises
+  epoch (one published later is used from the next epoch on; a reader lease keeps ``salient
+  gc`` off it while the epoch reads it), slices chunks into batches, normalises
   images (ImageNet mean/std), turns each image's cropped map into sampling weights in the
   order its strategy's paper uses (``masking.NORMALIZED_OVER``: the whole image's map for
   AMT, re-normalised over the crop for AttMask and GPA), plans the masks.
@@ -38,6 +39,7 @@ Importing this module touches no disk, GPU or Ray.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import warnings
@@ -69,7 +71,13 @@ from salient.pipeline.stages import (
     keep_as_is,
     reuse_freed_memory,
 )
-from salient.store import SaliencyStore, store_exists
+from salient.store import (
+    GenerationNotFoundError,
+    Lease,
+    NotPublishedError,
+    SaliencyStore,
+    store_exists,
+)
 
 __all__ = [
     "CURRENT",
@@ -93,6 +101,7 @@ __all__ = [
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # MAE / timm defaults: what the teacher is fed too
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CURRENT = object()  # SalientLoader.epoch(generation=CURRENT): the store's current generation
+_HOLD_TRIES = 3  # choices of the current generation before a lease on it is given up
 
 
 @dataclass(frozen=True)
@@ -335,6 +344,7 @@ class SalientLoader:
         self.stats: EpochStats | None = None
         self._store = None
         self._warned = False
+        self._unheld = False  # warned once: the store refused this loader's reader lease
         self._reported: set[tuple] = set()  # damaged store chunks already warned about
         self._plan = PassPlan()
         self._workers = None  # the persistent DataLoader, made on the first pass
@@ -441,15 +451,45 @@ class SalientLoader:
         c = self.config
         if progress is None:
             progress = epoch / c.epochs if c.epochs else 0.0
-        generation = self.bind_generation(generation)
+        generation, lease = self._bind_and_hold(generation)
         self.stats = stats = EpochStats(epoch=epoch, rank=c.rank, generation=generation)
         items = _Passes(self, epoch, generation, stats)
-        for index in range(self.batches_per_rank):
-            ready = self._take_ready(items, stats)
-            # now: runs of samples whose images are cropped, uint8 [n,3,S,S] (or views)
-            make = self._batch if c.views is None else self._views_batch
-            yield make(ready, epoch, index, generation, progress, stats)
-        items.drain()  # the left-over samples: read so the counts are exact
+        with lease or contextlib.nullcontext():  # released when the epoch ends or is dropped
+            for index in range(self.batches_per_rank):
+                ready = self._take_ready(items, stats)
+                # now: runs of samples whose images are cropped, uint8 [n,3,S,S] (or views)
+                make = self._batch if c.views is None else self._views_batch
+                yield make(ready, epoch, index, generation, progress, stats)
+            items.drain()  # the left-over samples: read so the counts are exact
+
+    def _bind_and_hold(self, name: str | object | None) -> tuple[str | None, Lease | None]:
+        """The epoch's generation, and the reader lease this loader takes on it when it chose
+        the store's current one itself (a trainer that passes ``name`` holds its own lease, on
+        rank 0), so ``salient gc`` keeps it while the epoch reads it. A generation that gc
+        removed between the choice and the lease (a newer one was published meanwhile) is
+        chosen again."""
+        holder, tries = f"a SalientLoader (rank {self.config.rank})", _HOLD_TRIES
+        while True:
+            generation = self.bind_generation(name)
+            if name is not CURRENT or generation is None:
+                return generation, None
+            try:
+                return generation, self._store.hold(generation, holder)
+            except (NotPublishedError, GenerationNotFoundError):
+                tries -= 1
+                if not tries:
+                    raise
+            except urls.StorageError as error:  # a store this process may read but not write
+                if error.stalled:
+                    raise
+                if not self._unheld:
+                    self._unheld = True
+                    warnings.warn(
+                        f"read without a reader lease, so salient gc may remove a generation "
+                        f"while an epoch reads it: {error}",
+                        stacklevel=3,
+                    )
+                return generation, None
 
     def _spec(self) -> StreamSpec:
         c = self.config

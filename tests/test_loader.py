@@ -357,6 +357,49 @@ def test_no_store_or_no_generation_masks_at_random_with_one_warning(demo_data, t
         assert len(set(map(tuple, mask.sort(1).values.tolist()))) == 96  # random, not one plan
 
 
+def test_gc_keeps_the_generation_an_epoch_reads_and_collects_it_after(demo_data, boxes, tmp_path):
+    dataset = open_dataset(demo_data)
+    store, first = new_store(tmp_path / "s.zarr", demo_data, box_maps(boxes, 96))
+    loader = SalientLoader(config(demo_data, tmp_path / "s.zarr"))
+    batches = loader.epoch(0)
+    next(batches)  # the epoch has bound the current generation: a lease holds it
+    (reader,) = store.readers()
+    assert reader["generation"] == first and reader["holder"] == "a SalientLoader (rank 0)"
+    second = publish(store, dataset, box_maps(boxes, 96), np.ones(96, np.uint8))
+    plan = {p["name"]: p for p in store.gc_plan(keep=1, grace_s=0)}
+    assert plan[first]["reason"].startswith("held by a reader: a SalientLoader (rank 0)")
+    assert store.gc(keep=1, grace_s=0) == []
+    rest = list(batches)  # the rest of the epoch reads the generation it bound, whole
+    assert {b["generation"] for b in rest} == {first} and loader.stats.fallback == 0
+    assert store.readers() == []  # the epoch's end released it
+    assert store.gc(keep=1, grace_s=0) == [first]
+    run_epoch(loader, 1)
+    assert loader.stats.generation == second and store.readers() == []
+
+
+def test_a_store_that_refuses_the_lease_is_read_with_one_warning(demo_data, boxes, tmp_path):
+    _, first = new_store(tmp_path / "s.zarr", demo_data, box_maps(boxes, 96))
+    (tmp_path / "s.zarr" / "readers").write_text("")  # no lease record can be written here
+    loader = SalientLoader(config(demo_data, tmp_path / "s.zarr"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        epochs = [run_epoch(loader, e) for e in range(2)]
+    (said,) = [str(w.message) for w in caught if "reader lease" in str(w.message)]
+    assert said.startswith("read without a reader lease, so salient gc may remove a generation")
+    assert f"while an epoch reads it: {tmp_path / 's.zarr'}: FileExistsError" in said
+    assert {b["generation"] for e in epochs for b in e} == {first}
+    assert loader.stats.fallback == 0
+
+
+def test_a_trainers_chosen_generation_takes_no_lease_in_the_loader(demo_data, box_store):
+    loader = SalientLoader(config(demo_data, box_store))
+    name = SaliencyStore.open(str(box_store)).current()
+    batches = loader.epoch(0, generation=name)  # the trainer's rank 0 holds its own lease
+    next(batches)
+    assert SaliencyStore.open(str(box_store)).readers() == []
+    batches.close()
+
+
 def test_strategy_without_maps_reads_no_store(demo_data, box_store):
     loader = SalientLoader(config(demo_data, box_store, strategy="random"))
     batches = run_epoch(loader)
