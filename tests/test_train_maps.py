@@ -175,6 +175,8 @@ def test_resume_resumes_the_refresh_a_killed_run_left_unpublished(
     # the resumed refresh wrote its missing shards into the same generation, then the one due
     # after the restored checkpoint ran
     assert launcher.teachers == ["checkpoint-00001.pt", "checkpoint-00002.pt"]
+    (rerun,) = records(resumed, "refresh_rerun")  # stopped before it began a generation
+    assert Path(rerun["teacher"]).name == "checkpoint-00002.pt" and rerun["epochs_done"] == 2
     assert generations(resumed.store) == {"gen-000001": "published", "gen-000002": "published"}
     epochs = records(resumed, "epoch")
     assert [e["generation"] for e in epochs] == [None, None, "gen-000002"]
@@ -201,6 +203,10 @@ def test_resume_abandons_a_refresh_whose_teacher_is_gone_and_says_so(
     assert set(teachers.values()) == {"checkpoint-00002.pt"}  # the abandoned one is gone
     err = capsys.readouterr().err
     assert "salient train: refresh abandoned gen-000001 from checkpoint-00001.pt (1 of 3 " in err
+    assert (
+        "salient train: refresh from checkpoint-00002.pt never began a generation before the "
+        "run stopped: running it now" in err
+    )
 
 
 def test_an_unpublished_generations_teacher_is_never_pruned(demo_data, tmp_path, process_group):

@@ -219,6 +219,11 @@ class TrainConsole:
                 refresh=f"{verb} {event['generation']} from {teacher} ({event['shards_done']} "
                 f"of {event['shards']} shards done){why}"
             )
+        elif kind == "refresh_rerun":
+            self._say(
+                refresh=f"from {Path(event['teacher']).name} never began a generation before "
+                "the run stopped: running it now"
+            )
         elif kind == "foreign_maps":
             self._say(
                 maps=f"{event['generation']} comes from another teacher, {event['about']} "

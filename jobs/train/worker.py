@@ -505,7 +505,8 @@ class _Worker:
     def _resume_refresh(self) -> None:
         """After a restore: resume the refresh the run left unpublished (the newest whose
         teacher checkpoint exists) and abandon the others, each logged and said; then
-        relaunch the refresh due after the restored checkpoint if it never published."""
+        relaunch the refresh due after the restored checkpoint if it never published
+        (``refresh_rerun``: the run stopped before it began a generation)."""
         store = open_store(self.config.store) if self.config.refreshes else None
         left = left_in_flight(store, self.config.run_dir)
         resumable = [g for g in left if g["teacher_exists"] or g["live"]]
@@ -524,7 +525,9 @@ class _Worker:
             refresh_due(self.config, self.state.epochs_done)
             and not _published_from(open_store(self.config.store), teacher)
             and (resumed is None or Path(resumed["teacher"]) != teacher)
-        ):
+        ):  # killed before that refresh began its generation: nothing to resume, run it
+            done = self.state.epochs_done
+            self.log.event({"kind": "refresh_rerun", "teacher": str(teacher), "epochs_done": done})
             self.refresher.start(teacher, self.state.epochs_done)
 
     def close(self) -> None:
