@@ -451,7 +451,10 @@ class SalientLoader:
         c = self.config
         if progress is None:
             progress = epoch / c.epochs if c.epochs else 0.0
-        generation, lease = self._bind_and_hold(generation)
+        chosen, lease = generation is CURRENT, None
+        generation = self.bind_generation(generation)  # warns from the caller of epoch()
+        if chosen and generation is not None:
+            generation, lease = self._hold(generation)
         self.stats = stats = EpochStats(epoch=epoch, rank=c.rank, generation=generation)
         items = _Passes(self, epoch, generation, stats)
         with lease or contextlib.nullcontext():  # released when the epoch ends or is dropped
@@ -462,17 +465,14 @@ class SalientLoader:
                 yield make(ready, epoch, index, generation, progress, stats)
             items.drain()  # the left-over samples: read so the counts are exact
 
-    def _bind_and_hold(self, name: str | object | None) -> tuple[str | None, Lease | None]:
-        """The epoch's generation, and the reader lease this loader takes on it when it chose
-        the store's current one itself (a trainer that passes ``name`` holds its own lease, on
-        rank 0), so ``salient gc`` keeps it while the epoch reads it. A generation that gc
-        removed between the choice and the lease (a newer one was published meanwhile) is
+    def _hold(self, generation: str) -> tuple[str | None, Lease | None]:
+        """A reader lease on ``generation``, the store's current one that this loader chose
+        itself (a trainer that chooses for every rank holds its own lease, on rank 0), so
+        ``salient gc`` keeps it while the epoch reads it; with the generation read. One that
+        gc removed between the choice and the lease (a newer one was published meanwhile) is
         chosen again."""
         holder, tries = f"a SalientLoader (rank {self.config.rank})", _HOLD_TRIES
-        while True:
-            generation = self.bind_generation(name)
-            if name is not CURRENT or generation is None:
-                return generation, None
+        while generation is not None:
             try:
                 return generation, self._store.hold(generation, holder)
             except (NotPublishedError, GenerationNotFoundError):
@@ -487,9 +487,11 @@ class SalientLoader:
                     warnings.warn(
                         f"read without a reader lease, so salient gc may remove a generation "
                         f"while an epoch reads it: {error}",
-                        stacklevel=3,
+                        stacklevel=3,  # the caller of epoch()
                     )
                 return generation, None
+            generation = self.bind_generation(CURRENT)
+        return None, None
 
     def _spec(self) -> StreamSpec:
         c = self.config
