@@ -267,6 +267,37 @@ def test_the_console_shows_epochs_from_one_rate_and_eta_and_events_above_its_bar
     assert "5/12 steps" in shown and "epoch 2/3 · step 1/4" in shown, shown
 
 
+def test_no_progress_line_of_an_epoch_is_drawn_below_its_done_line(tmp_path, monkeypatch):
+    """The epoch's last step, read in the same look as its epoch record (the events are read
+    first), shows no stale ``step 4/4`` line under ``epoch 1/2 done``."""
+    import io
+
+    from salient.jobs.train.console import TrainConsole
+    from salient.jobs.train.worker import _Log
+
+    monkeypatch.setenv("SALIENT_PROGRESS_EVERY", "0")
+    config = TrainConfig(data="d", strategy="random", epochs=2, run_dir=str(tmp_path))
+    log, lines = _Log(tmp_path, 0), io.StringIO()
+    console = TrainConsole(config, 4, "lines", stream=lines)
+    try:
+        log.event({"kind": "start", "run": "r", "from": None, "epochs_done": 0, "restart": False})
+        for step in range(1, 5):
+            record = {"kind": "step", "epoch": 0, "rank": 0, "step": step, "loss": 0.5}
+            log.step({**record, "img_per_s": 10.0, "generation": None})
+            if step == 3:
+                console.poll()  # the look before the epoch's end
+        log.event(
+            {"kind": "epoch", "epoch": 0, "epochs_done": 1, "step": 4, "loss": 0.5,
+             "img_per_s": 19.5, "generation": None}
+        )  # fmt: skip
+        console.poll()
+    finally:
+        log.close()
+    text = lines.getvalue().splitlines()
+    assert text[0].startswith("salient train: epoch 1/2 · step 3/4 · ")
+    assert text[1].startswith("salient train: epoch 1/2 done · ") and len(text) == 2, text
+
+
 # ---------------------------------------------------------------- AutoMAE on one rank
 
 SIZE, PATCH = 32, 4  # an 8 x 8 grid for the micro student and the tiny teacher

@@ -146,7 +146,9 @@ class TrainConsole:
         steps = [r for r in self._steps.records() if r.get("kind", "step") == "step"]
         if self._view is None:
             return
-        self._window.extend(steps)
+        # steps of an epoch whose end was already shown (read after its epoch record, which
+        # this look read first) would draw a stale line below it
+        self._window.extend(r for r in steps if r["epoch"] >= self._epochs_done)
         if self._window and not final:
             self._progress()
 
