@@ -344,7 +344,6 @@ class SalientLoader:
         self.stats: EpochStats | None = None
         self._store = None
         self._warned = False
-        self._unheld = False  # warned once: the store refused this loader's reader lease
         self._reported: set[tuple] = set()  # damaged store chunks already warned about
         self._plan = PassPlan()
         self._workers = None  # the persistent DataLoader, made on the first pass
@@ -473,23 +472,12 @@ class SalientLoader:
         chosen again."""
         holder, tries = f"a SalientLoader (rank {self.config.rank})", _HOLD_TRIES
         while generation is not None:
-            try:
-                return generation, self._store.hold(generation, holder)
+            try:  # stacklevel 3: the caller of epoch()
+                return generation, self._store.hold_if_writable(generation, holder, stacklevel=3)
             except (NotPublishedError, GenerationNotFoundError):
                 tries -= 1
                 if not tries:
                     raise
-            except urls.StorageError as error:  # a store this process may read but not write
-                if error.stalled:
-                    raise
-                if not self._unheld:
-                    self._unheld = True
-                    warnings.warn(
-                        f"read without a reader lease, so salient gc may remove a generation "
-                        f"while an epoch reads it: {error}",
-                        stacklevel=3,  # the caller of epoch()
-                    )
-                return generation, None
             generation = self.bind_generation(CURRENT)
         return None, None
 

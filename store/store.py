@@ -23,6 +23,7 @@ Use::
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 
 import zarr
@@ -98,6 +99,7 @@ class SaliencyStore:
             None if counts is None else tuple(counts),
         )
         self.fingerprint: str = attrs["fingerprint"]
+        self._unheld = False  # warned once: the store refused a reader lease's write
 
     def __repr__(self) -> str:
         return f"SaliencyStore({self.url!r}, grid={self.grid}, num_samples={self.num_samples})"
@@ -576,6 +578,25 @@ class SaliencyStore:
             lease.release()
             self.bind(name)  # raises, naming what the store holds now
         return lease
+
+    def hold_if_writable(self, name: str, holder_name: str, stacklevel: int = 2) -> Lease | None:
+        """:meth:`hold`, or None when the store refuses the lease record's write (a store this
+        process may read but not write: read-only credentials or disk), after one warning per
+        store object (``stacklevel`` as :func:`warnings.warn` counts it from the caller)
+        that gc may then remove the generation under the reader. A stalled endpoint raises."""
+        try:
+            return self.hold(name, holder_name)
+        except urls.StorageError as error:
+            if error.stalled:
+                raise
+            if not self._unheld:
+                self._unheld = True
+                warnings.warn(
+                    "read without a reader lease, so salient gc may remove a generation while "
+                    f"it is read: {error}",
+                    stacklevel=stacklevel + 1,
+                )
+            return None
 
     def readers(self) -> list[dict]:
         """Every reader's lease record (``generation``, ``holder``, ``host``, ``pid``, ``token``,

@@ -369,6 +369,38 @@ def test_empty_store_and_unpublished_generation(demo_data, tmp_path):
         print_sample(str(url), str(demo_data), 0, generation=name)
 
 
+def test_gc_keeps_what_a_report_or_a_verify_reads_until_it_is_done(
+    demo_data, tmp_path, monkeypatch
+):
+    """gc runs while the report is being written (its last file) and while every chunk is
+    verified: the generations read are held by ``salient inspect`` and kept; afterwards the
+    leases are gone and gc collects the old one."""
+    from salient.jobs.inspect import driver, report
+    from salient.store import SaliencyStore
+
+    built = build_demo_store(demo_data, tmp_path / "s.zarr")
+    store = SaliencyStore.open(built["url"])
+    during = []
+
+    def gc_meanwhile(original):
+        def run(*args, **kwargs):
+            plan = {p["name"]: p["reason"] for p in store.gc_plan(keep=1, grace_s=0)}
+            during.append((plan, store.gc(keep=1, grace_s=0)))
+            return original(*args, **kwargs)
+
+        return run
+
+    monkeypatch.setattr(report, "write_index", gc_meanwhile(report.write_index))
+    monkeypatch.setattr(SaliencyStore, "verify", gc_meanwhile(SaliencyStore.verify))
+    first = built["first"]
+    run_inspect(_config(demo_data, built["url"], tmp_path / "r", ids=(0,), generation=first))
+    driver.verify_store(built["url"], first)
+    for plan, removed in during:  # the report (first, and the history), then the verify
+        assert removed == [] and plan[first].startswith("held by a reader: salient inspect")
+    assert len(during) == 2 and store.readers() == []
+    assert store.gc(keep=1, grace_s=0) == [first]
+
+
 def test_store_of_another_dataset_or_no_store_is_refused(demo_data, demo_store, tmp_path):
     from salient.pipeline.ingest import ingest_demo
     from salient.store import FingerprintMismatchError, StoreNotFoundError

@@ -384,9 +384,11 @@ def test_a_store_that_refuses_the_lease_is_read_with_one_warning(demo_data, boxe
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         epochs = [run_epoch(loader, e) for e in range(2)]
-    (said,) = [str(w.message) for w in caught if "reader lease" in str(w.message)]
+    (warning,) = [w for w in caught if "reader lease" in str(w.message)]
+    said = str(warning.message)
     assert said.startswith("read without a reader lease, so salient gc may remove a generation")
-    assert f"while an epoch reads it: {tmp_path / 's.zarr'}: FileExistsError" in said
+    assert f"while it is read: {tmp_path / 's.zarr'}: FileExistsError" in said
+    assert warning.filename == __file__  # the line of the caller's loop
     assert {b["generation"] for e in epochs for b in e} == {first}
     assert loader.stats.fallback == 0
 

@@ -14,8 +14,9 @@ Two views of a published generation of the saliency store:
 - :func:`print_sample` renders one sample's map as a text heat map with its statistics.
 
 And :func:`verify_store` (``--verify``) reads every chunk of a generation and names the
-damaged ones. A report counts the rows of damaged chunks it met (``corrupt_maps``) and names
-each chunk; every view names the teacher that made the maps (``trainer.provenance``).
+damaged ones. Both hold a reader lease (``salient inspect``) on what they read until done. A
+report counts the rows of damaged chunks it met (``corrupt_maps``) and names each chunk;
+every view names the teacher that made the maps (``trainer.provenance``).
 
 The numbers in ``stats.json`` (min-max normalised maps as distributions: entropy, top-25% mass,
 histogram, box lift on demo datasets, drift between generations) are computed in
@@ -28,6 +29,7 @@ panels cover the selected ids only.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import asdict
@@ -54,7 +56,7 @@ from salient.jobs.runtime.records import METRICS, read_records
 from salient.pipeline.adopt import key_ids
 from salient.pipeline.manifest import DatasetError, open_dataset
 from salient.pipeline.shards import read_labels
-from salient.store import SaliencyStore
+from salient.store import GenerationNotFoundError, NotPublishedError, SaliencyStore
 from salient.trainer.provenance import describe_teacher, provenance
 
 __all__ = [
@@ -217,6 +219,35 @@ def generation_stats(store_url: str, data: str, names: list[str] | None = None) 
     return {n: {k: v for k, v in s.items() if k != "histogram"} for n, s in zip(names, stats)}
 
 
+class _Leases:
+    """Reader leases (holder ``salient inspect``) on the generations a report reads, each taken
+    once and released when the block ends, so ``salient gc`` keeps them meanwhile."""
+
+    def __init__(self, store: SaliencyStore) -> None:
+        self.store, self.held, self._stack = store, set(), contextlib.ExitStack()
+
+    def __enter__(self) -> _Leases:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.__exit__(*exc)
+
+    def hold(self, name: str, missing_ok: bool = False) -> bool:
+        """Hold ``name``; False when ``missing_ok`` and gc removed it since it was listed."""
+        if name in self.held:
+            return True
+        try:
+            lease = self.store.hold_if_writable(name, "salient inspect", stacklevel=3)
+        except (NotPublishedError, GenerationNotFoundError):
+            if not missing_ok:
+                raise
+            return False
+        if lease is not None:
+            self._stack.enter_context(lease)
+        self.held.add(name)
+        return True
+
+
 def _history(store) -> list[str]:
     """Published generations, oldest first: the first and the newest, ``MAX_HISTORY`` at most."""
     published = sorted(g["name"] for g in store.generations() if g.get("status") == "published")
@@ -373,73 +404,82 @@ def run_inspect(config: InspectConfig) -> dict:
                 f"--compare {config.compare} names the inspected generation "
                 f"{names[0]}; compare with another one"
             )
-    ids = _select_ids(config, dataset)
-    training = _training(config.run_dir) if config.run_dir else None
-    readers = [store.bind(name) for name in names]
-    model = load_generator(config.generator) if config.generator else None
-    if model is not None:
-        _check_generator(model, readers[0], names[0], config.generator)
-    out = _prepare_out(config.out)
-    tally = None if model is None else GeneratorTally(model, config.seed)
-    stats, diff, per_class = _scan_store(readers, dataset, store.grid, tally)
-    stats = [{**s, **d} for s, d in zip(stats, _damage(readers, dataset))]
-    samples = read_samples(dataset, ids)
-    history = _history(store)
-    history_maps = _panel_maps([store.bind(n) for n in history], ids) if len(history) > 1 else []
-    panels = _render_panels(
-        config,
-        out,
-        names[0],
-        store.grid,
-        samples,
-        _panel_maps(readers[:1], ids)[0],
-        dict(zip(history, history_maps)),
-        dataset.manifest.classes,
-    )
-    generator = None
-    if model is not None:
-        _render_generator_panels(
-            config, out, readers[0], model, samples, panels, dataset.manifest.classes
+    with _Leases(store) as leases:  # gc keeps what the report reads until it is written
+        for name in names:
+            leases.hold(name)
+        ids = _select_ids(config, dataset)
+        training = _training(config.run_dir) if config.run_dir else None
+        readers = [store.bind(name) for name in names]
+        model = load_generator(config.generator) if config.generator else None
+        if model is not None:
+            _check_generator(model, readers[0], names[0], config.generator)
+        out = _prepare_out(config.out)
+        tally = None if model is None else GeneratorTally(model, config.seed)
+        stats, diff, per_class = _scan_store(readers, dataset, store.grid, tally)
+        stats = [{**s, **d} for s, d in zip(stats, _damage(readers, dataset))]
+        samples = read_samples(dataset, ids)
+        history = [n for n in _history(store) if leases.hold(n, missing_ok=True)]
+        history_maps = (
+            _panel_maps([store.bind(n) for n in history], ids) if len(history) > 1 else []
         )
-        generator = {"checkpoint": config.generator, "grid": model.grid, "stats": tally.summary()}
-    body = {
-        "store": str(config.store),
-        "dataset": str(dataset.root),
-        "grid": store.grid,
-        "generations": {
-            n: {"info": _generation_info(store, n), "teacher": _teacher(store, n), "stats": s}
-            for n, s in zip(names, stats)
-        },
-        "compare": None if diff is None else {"from": names[0], "to": names[1], **diff},
-        "per_class": per_class,
-        "history": history if len(history) > 1 else [],
-        "training": training,
-        "generator": generator,
-        "ids": ids,
-        "config": asdict(config),
-        "mass": "min-max normalised maps as distributions (see salient.jobs.inspect.stats)",
-    }
-    report.render_histogram(out, {n: s["histogram"] for n, s in zip(names, stats)})
-    if training is not None:
-        report.render_training(out, training)
-    _write_json(out / "stats.json", body)
-    index = report.write_index(out, body, panels)  # last: it links the files above
-    return {
-        "out": str(out),
-        "index": str(index),
-        "generation": names[0],
-        "teacher": body["generations"][names[0]]["teacher"],
-        "compare": names[1] if len(names) == 2 else None,
-        "panels": len(panels),
-        "history": body["history"],
-        "per_class": per_class,
-        "training": None if training is None else training["epochs"],
-        "generator": None if generator is None else generator["stats"],
-        "stats": {
-            n: {k: v for k, v in s.items() if k != "histogram"} for n, s in zip(names, stats)
-        },
-        "diff": diff,
-    }
+        panels = _render_panels(
+            config,
+            out,
+            names[0],
+            store.grid,
+            samples,
+            _panel_maps(readers[:1], ids)[0],
+            dict(zip(history, history_maps)),
+            dataset.manifest.classes,
+        )
+        generator = None
+        if model is not None:
+            _render_generator_panels(
+                config, out, readers[0], model, samples, panels, dataset.manifest.classes
+            )
+            generator = {
+                "checkpoint": config.generator,
+                "grid": model.grid,
+                "stats": tally.summary(),
+            }
+        body = {
+            "store": str(config.store),
+            "dataset": str(dataset.root),
+            "grid": store.grid,
+            "generations": {
+                n: {"info": _generation_info(store, n), "teacher": _teacher(store, n), "stats": s}
+                for n, s in zip(names, stats)
+            },
+            "compare": None if diff is None else {"from": names[0], "to": names[1], **diff},
+            "per_class": per_class,
+            "history": history if len(history) > 1 else [],
+            "training": training,
+            "generator": generator,
+            "ids": ids,
+            "config": asdict(config),
+            "mass": "min-max normalised maps as distributions (see salient.jobs.inspect.stats)",
+        }
+        report.render_histogram(out, {n: s["histogram"] for n, s in zip(names, stats)})
+        if training is not None:
+            report.render_training(out, training)
+        _write_json(out / "stats.json", body)
+        index = report.write_index(out, body, panels)  # last: it links the files above
+        return {
+            "out": str(out),
+            "index": str(index),
+            "generation": names[0],
+            "teacher": body["generations"][names[0]]["teacher"],
+            "compare": names[1] if len(names) == 2 else None,
+            "panels": len(panels),
+            "history": body["history"],
+            "per_class": per_class,
+            "training": None if training is None else training["epochs"],
+            "generator": None if generator is None else generator["stats"],
+            "stats": {
+                n: {k: v for k, v in s.items() if k != "histogram"} for n, s in zip(names, stats)
+            },
+            "diff": diff,
+        }
 
 
 # ---------------------------------------------------------------- terminal view
@@ -529,7 +569,9 @@ def verify_store(store_url: str, generation: str | None = None) -> dict:
         raise InspectError(
             f"the store at {store.url} has no published generation; name one with --generation"
         )
-    result = store.verify(name)
+    with _Leases(store) as leases:  # gc keeps it while every chunk is read
+        leases.hold(name)
+        result = store.verify(name)
     for chunk in result.damaged:
         print(chunk, flush=True)
     if result.damaged:
