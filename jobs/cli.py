@@ -34,6 +34,7 @@ from salient.errors import SalientError
 from salient.jobs.flags import add_config_flags, build_config, config_dict, flag_name
 from salient.jobs.runtime.progress import plain_warnings, storage_heartbeat
 from salient.jobs.runtime.ray_env import user_error
+from salient.pipeline.manifest import DatasetError, open_dataset
 
 __all__ = ["COMMANDS", "build_parser", "entry", "main"]
 
@@ -234,6 +235,7 @@ def _run(name: str, argv: list[str]) -> int:
         return 0
     if args["storage_option"]:  # process-wide, carried to the job's workers (salient.urls)
         urls.set_storage_options(urls.parse_storage_options(args["storage_option"]))
+    _check_local_datasets(config)
     run = getattr(importlib.import_module(f"salient.jobs.{command.module}"), command.run)
     with storage_heartbeat(name):  # a line a minute while the job waits on storage
         result = run(config)
@@ -244,6 +246,19 @@ def _run(name: str, argv: list[str]) -> int:
     else:
         print(json.dumps(result, sort_keys=True, default=str))
     return 0
+
+
+def _check_local_datasets(config) -> None:
+    """Read the manifest of each local dataset the job names (fields marked
+    ``settings.DATASET``) before its module loads torch, so a mistyped path answers in a
+    fraction of a second with the job's own message; URLs and the shards are left to the job."""
+    for spec in dataclasses.fields(config):
+        value = getattr(config, spec.name)
+        if spec.metadata.get("dataset") and value is not None and not urls.is_remote(value):
+            try:
+                open_dataset(value, check_files=False)
+            except DatasetError as error:  # which of the job's datasets it is
+                raise DatasetError(f"{flag_name(spec)}: {error}") from None
 
 
 MESSAGE_LIMIT = 300  # characters of an error line (README, Decisions: "One line per error")

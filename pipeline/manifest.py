@@ -428,10 +428,11 @@ def _check_files(dataset: Dataset) -> None:
             )
 
 
-def open_dataset(root: str | os.PathLike) -> Dataset:
+def open_dataset(root: str | os.PathLike, check_files: bool = True) -> Dataset:
     """Open and validate a dataset written by ``salient ingest`` or adopted in place: a local
     directory, or a URL (``s3://``, ``gs://``, ``http(s)://``, ``file://``) holding
-    ``manifest.json``.
+    ``manifest.json``. ``check_files=False`` reads and checks the manifest only (the CLI's
+    check before a job loads), not that every shard is there with its size.
 
     Raises:
         DatasetError: no such directory, no or invalid manifest (:func:`check_manifest`), a
@@ -440,5 +441,6 @@ def open_dataset(root: str | os.PathLike) -> Dataset:
     """
     root = urls.normalise(root)
     dataset = Dataset(root=root, manifest=_read_manifest(root))
-    _check_files(dataset)
+    if check_files:
+        _check_files(dataset)
     return dataset

@@ -24,7 +24,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Range", "check_fields", "field_name", "flag_name", "flag_of", "ranged"]
+__all__ = ["DATASET", "Range", "check_fields", "field_name", "flag_name", "flag_of", "ranged"]
+
+# The metadata of a field naming a dataset the job reads (a path or URL written by ingest or
+# index): the CLI reads a local one's manifest before the job's module (torch) loads, so a
+# mistyped path answers at once (salient.jobs.cli).
+DATASET = {"dataset": True}
 
 
 @dataclass(frozen=True)

@@ -177,6 +177,35 @@ def test_train_print_config_without_strategy_options_loads_no_torch():
     assert done.returncode == 0 and done.stderr.strip() == "[]", done.stderr
 
 
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["refresh", "--data", "{missing}", "--store", "s.zarr", "--teacher", "t.pt"], "--data"),
+        (["train", "--data", "{data}", "--strategy", "random", "--val", "{missing}"], "--val"),
+        (["eval", "--checkpoint", "c.pt", "--data", "{missing}", "--val", "{data}"], "--data"),
+        (
+            ["inspect", "--store", "s.zarr", "--data", "{data}/shard-000000.tar", "--out", "r"],
+            "--data",
+        ),
+        (["compare", "--data", "{data}", "--val", "{missing}"], "--val"),
+    ],
+)
+def test_a_missing_local_dataset_is_one_line_naming_its_flag_before_torch_loads(
+    demo_data, tmp_path, argv, flag
+):
+    argv = [a.format(missing=tmp_path / "nope", data=demo_data) for a in argv]
+    code = (
+        "import sys\nfrom salient.jobs.cli import main\n"
+        f"code = main({argv!r})\n"
+        "print(code, sorted(m for m in ('torch', 'timm', 'ray') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "2 []", done.stdout + done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith(f"salient {argv[0]}: error: {flag}: "), line
+    assert ("does not exist" in line or "holds no manifest.json" in line) and len(line) < 300
+
+
 def test_a_closed_pipe_ends_quietly():
     """`salient … --print-config | head -1`: the reader is gone before the config is printed."""
     argv = [sys.executable, "-m", "salient.jobs.cli", "gc", "--store", "s.zarr", "--print-config"]

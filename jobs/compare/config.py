@@ -14,7 +14,7 @@ from salient import urls
 from salient.errors import SalientError
 from salient.jobs.compare.arms import ArmError, parse_arm
 from salient.pipeline.demo import DEMO_VARIANTS
-from salient.settings import check_fields, ranged
+from salient.settings import DATASET, check_fields, ranged
 from salient.trainer.specs import ENCODER_SIZES
 
 __all__ = ["DEMO_PRESETS", "CompareConfig", "CompareError"]
@@ -65,11 +65,11 @@ DEMO_PRESETS: dict[str, dict] = {
 class CompareConfig:
     """One comparison: the arms, the data they share, and the settings every arm trains with."""
 
-    data: str | None = None
+    data: str | None = field(default=None, metadata=DATASET)
     """Training dataset (path or URL) that salient reads: ingested, or adopted shards. The
     arms train on it; it is the k-NN memory and the linear probe's training set. Omit with
     --demo."""
-    val: str | None = None
+    val: str | None = field(default=None, metadata=DATASET)
     """Held-out dataset with the training set's class list (a demo val split, or a folder
     ingested with --classes-from DATA): what every probe measures."""
     out: str = "compare"

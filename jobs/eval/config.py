@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from salient import urls
 from salient.errors import SalientError
-from salient.settings import check_fields, ranged
+from salient.settings import DATASET, check_fields, ranged
 
 __all__ = ["EVAL_CROP_RATIO", "EvalConfig", "EvalError"]
 
@@ -29,9 +29,9 @@ class EvalConfig:
     checkpoint: str
     """A salient checkpoint file, or timm:NAME with --weights FILE (loaded as refresh loads
     teachers; nothing is downloaded)."""
-    data: str
+    data: str = field(metadata=DATASET)
     """Training dataset (written by ingest): the k-NN memory and the linear probe's train set."""
-    val: str
+    val: str = field(metadata=DATASET)
     """Held-out dataset with the same class list (`salient ingest --demo --split val`, or a
     folder ingested with --classes-from DATA)."""
     out: str = "eval"

@@ -14,7 +14,7 @@ import numpy as np
 from salient import urls
 from salient.errors import SalientError
 from salient.pipeline.strategies import STRATEGY_NAMES, check_ratio_sum
-from salient.settings import check_fields, flag_of, ranged
+from salient.settings import DATASET, check_fields, flag_of, ranged
 
 __all__ = ["InspectConfig", "InspectError"]
 
@@ -31,7 +31,7 @@ class InspectConfig:
 
     store: str
     """Saliency store path or URL."""
-    data: str | None = None
+    data: str | None = field(default=None, metadata=DATASET)
     """Dataset directory (or URL) the store was made for (not needed with --verify)."""
     out: str | None = None
     """Report directory: index.html, stats.json and one PNG panel per sample."""

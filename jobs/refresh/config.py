@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from salient.errors import SalientError
 from salient.jobs.runtime.placement import Ask
-from salient.settings import check_fields, ranged
+from salient.settings import DATASET, check_fields, ranged
 from salient.trainer.specs import KINDS, REDUCES
 
 __all__ = ["RefreshConfig", "RefreshError"]
@@ -27,7 +27,7 @@ class RefreshConfig:
     ``store``. ``data`` and ``store`` are local paths or URLs (``s3://``, ``gs://``; ``data``
     also ``http(s)://``)."""
 
-    data: str
+    data: str = field(metadata=DATASET)
     """Dataset directory (or URL) written by `salient ingest`."""
     store: str
     """Saliency store path or URL; created when missing."""

@@ -28,7 +28,7 @@ from salient.pipeline.strategies import (
     check_ratio_sum,
     resolve_ratios,
 )
-from salient.settings import check_fields, flag_of, ranged
+from salient.settings import DATASET, check_fields, flag_of, ranged
 from salient.trainer.schedules import WarmupCosine
 from salient.trainer.specs import (
     FAMILY_NAMES,
@@ -59,7 +59,7 @@ class TrainConfig:
     Named recipes of the papers' runs: ``salient.jobs.train.recipes``.
     """
 
-    data: str
+    data: str = field(metadata=DATASET)
     """Dataset directory (or URL) written by `salient ingest`."""
     store: str | None = None
     """Saliency store path or URL the strategy reads and the refreshes write (created by the
@@ -258,7 +258,7 @@ class TrainConfig:
     step_delay_s: float = field(default=0.0, metadata=ranged(ge=0, hidden=True))
     """Testing aid: each rank sleeps this long after logging a step, which widens the window a
     test has to kill a rank in the middle of an epoch (a fast step on the CPU can outrun it)."""
-    val: str | None = None
+    val: str | None = field(default=None, metadata=DATASET)
     """Held-out dataset (or URL) with the training set's class list: rank 0 runs the k-NN
     probe on the current encoder (DINO's, k = 20, T = 0.07) and logs it in metrics.jsonl."""
     eval_every: int = field(default=0, metadata=ranged(ge=0))
