@@ -1,40 +1,17 @@
 """The streaming loader: webdataset shards → joint crops of image and map → masks → batches.
 
-Per sample (docs/ARCHITECTURE.md, "Loader"), across the modules in the order a sample meets them:
+``SalientLoader(LoaderConfig)`` yields one rank's batches of an epoch (``loader.epoch(e)``).
+The epoch's generation is bound once, before its first batch: a trainer's choice (it holds
+the lease), or the store's current one, which the loader holds by a reader lease until the
+epoch ends. A sample without a valid map is masked at random and counted
+(``has_saliency = False``; rows of damaged store chunks also as ``corrupt_maps``, one warning
+per chunk); one whose image does not decode is skipped and counted, never replaced by a
+neighbour. Decoding runs in the DataLoader workers (PIL) or on ``device`` (nvjpeg on CUDA),
+the same crop box either way.
 
-- ``epochs.py`` (pure): the ids each (rank, worker) reads this epoch (``epoch_segments``), the
-  batches every rank yields (``batches_per_rank``), the epoch's counts (``EpochStats``).
-- ``stages.py`` (DataLoader workers): read the tar shard (``shards.py``) → join the map row of
-  the bound generation by sample id (one store read per tar segment), both in a prefetch
-  thread → shuffle → decode → **one** RandomResizedCrop box + flip for image and map alike
-  (``crops.py``) → chunks of columns.
-- this module (main process): ``SalientLoader`` binds the store's current generation once per
-  epoch (one published later is used from the next epoch on; a reader lease keeps ``salient
-  gc`` off it while the epoch reads it), slices chunks into batches, normalises
-  images (ImageNet mean/std), turns each image's cropped map into sampling weights in the
-  order its strategy's paper uses (``masking.NORMALIZED_OVER``: the whole image's map for
-  AMT, re-normalised over the crop for AttMask and GPA), plans the masks.
-- ``loader_config.py``: ``LoaderConfig`` checks itself; ``LoaderError``.
-
-A sample without a valid map (no store, no generation yet, ``valid = 0``, a NaN row, a row of
-a store chunk that fails its checksum or does not decode) is masked at random and counted
-(``has_saliency = False``; damaged chunks also in ``stats.corrupt_maps``, with one warning per
-chunk); one whose image does not decode is skipped and counted — never replaced by a
-neighbour, which would misalign ids and map rows. A rank
-left short by corrupt images reads its slice again (a new pass, fresh crops).
-
-Decoding happens where ``LoaderConfig.decode`` says: ``"worker"`` (workers decode with PIL and
-crop; the default off CUDA) or ``"device"`` (workers ship the image bytes, the crop box and the
-cropped map; the main process decodes the batch on ``device`` — nvjpeg on CUDA — and crops
-there; the default on CUDA). Both decode through ``salient.pipeline.shards`` (PIL on the CPU,
-the same pixels the refresh's teacher sees); workers crop with PIL (``crops.crop_pil``), the
-device path with ``crops.crop_image`` (torchvision), the same box either way.
-
-The main process handles runs of samples, not samples: chunks arrive as columns (``_Rows``),
-a batch is a few slices of them, and images are normalised straight from the workers' uint8
-arrays into the batch. Workers are persistent across epochs (``stages.PassPlan``).
-
-Importing this module touches no disk, GPU or Ray.
+The per-sample path and the module that holds each step (``epochs`` → ``stages`` and
+``shards`` → ``crops`` → ``masking``): docs/ARCHITECTURE.md, "Loader". Importing this module
+touches no disk, GPU or Ray.
 """
 
 from __future__ import annotations
