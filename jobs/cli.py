@@ -53,7 +53,7 @@ class Command:
     fit_preset: str | None = None
     render: str | None = None  # "module:NAME" of summary -> text for people; --json skips it
     # what an interrupted run leaves usable, unless the job says (runtime.interrupt)
-    kept: str = "nothing half-done is used"
+    kept: str = "nothing (nothing half-done is used)"
 
 
 COMMANDS: dict[str, Command] = {

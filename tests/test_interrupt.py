@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 SALIENT = str(Path(sys.executable).with_name("salient"))
 _TINY = ["--model", "mae-micro", "--image-size", "32", "--patch-size", "8", "--batch-size", "8"]
 _TINY += ["--strategy", "random", "--loader-workers", "0", "--workers", "1"]
@@ -139,3 +141,48 @@ def test_ctrl_c_in_compare_keeps_its_finished_runs_and_the_same_command_continue
     assert json.loads(first.read_text())["checkpoint"] == kept, again.stderr
     assert Path(kept).stat().st_mtime_ns == trained and "training" not in again.stderr
     assert "warning" not in again.stderr, again.stderr  # the report draws without matplotlib's
+
+
+def test_ctrl_c_in_inspect_links_no_half_written_report_and_names_the_same_command(
+    demo_data, tmp_path
+):
+    """A job with nothing to keep (the report's index.html is written last) says so, and the
+    same command is the one that continues."""
+    from salient.pipeline.manifest import open_dataset
+    from salient.store import SaliencyStore
+    from salient.store.testing import synthetic_teacher
+
+    dataset, url = open_dataset(demo_data), str(tmp_path / "s.zarr")
+    store = SaliencyStore.create(url, dataset, grid=12)
+    writer = store.begin_generation(
+        {**synthetic_teacher(0), "image_size": 96, "patch_size": 8}, "cls_attn", 96, 8
+    )
+    for shard in dataset.shards:
+        rows = shard.stop_id - shard.first_id
+        maps = np.random.default_rng(shard.index).random((rows, 12, 12)).astype(np.float16)
+        writer.write_shard(shard.index, maps + 0.01, np.ones(rows, np.uint8))
+    writer.publish()
+    out = tmp_path / "report"
+    argv = ["inspect", "--store", url, "--data", str(demo_data), "--out", str(out), "--n", "96"]
+    proc = subprocess.Popen(
+        [SALIENT, *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 120
+    while not list(out.glob("**/*.png")):  # part way through its panels
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no panel within 120 s"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines()[-1] == (
+        "salient inspect: interrupted; kept nothing (nothing half-done is used); "
+        f"continue with: {shlex.join(['salient', *argv])}"
+    ), err
+    assert not (out / "index.html").exists() and "Traceback" not in err
+    assert store.readers() == []  # its reader lease went with it
