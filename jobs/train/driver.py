@@ -70,7 +70,7 @@ from salient.jobs.runtime.records import METRICS, read_records
 from salient.jobs.train.config import TrainConfig, resolved
 from salient.jobs.train.console import TrainConsole
 from salient.jobs.train.failure import clear_failure, raise_failure, request_stop
-from salient.jobs.train.worker import train_loop_per_worker
+from salient.jobs.train.worker import RunStopped, train_loop_per_worker
 from salient.pipeline.epochs import batches_per_rank
 from salient.pipeline.loader import SalientLoader, check_gpa_kind
 from salient.pipeline.manifest import open_dataset
@@ -455,10 +455,12 @@ def _worker_main(args: dict) -> None:
         logging.getLogger(context.__file__).setLevel(logging.WARNING)
     try:
         train_loop_per_worker(args)
-    except SalientError:
-        # a user's error (a changed shard, a full disk): the driver prints its one line, and
-        # Ray Train's "Error in training function:" traceback, logged as this raise leaves
-        # the function, would only bury it; a bug's traceback still shows
+    except (SalientError, RunStopped, KeyboardInterrupt):
+        # a user's error (a changed shard, a full disk), or Ctrl-C (the driver's stop request,
+        # or the terminal's SIGINT reaching this worker in its process group): the driver
+        # prints its one line, and Ray Train's "Error in training function:" traceback, logged
+        # as this raise leaves the function, would only bury it (it printed above the Ctrl-C
+        # line when the worker stopped before the driver's line); a bug's traceback still shows
         logging.getLogger("ray.train.v2._internal.util").setLevel(logging.CRITICAL)
         raise
 

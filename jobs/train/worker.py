@@ -69,7 +69,7 @@ from salient.trainer.checkpoint import (
 from salient.trainer.family import FAMILIES
 from salient.trainer.loop import build_optimizer, param_checksum, train_one_epoch
 
-__all__ = ["draw_seed", "refresh_due", "train_loop_per_worker", "uses_warmup_masking"]
+__all__ = ["RunStopped", "draw_seed", "refresh_due", "train_loop_per_worker", "uses_warmup_masking"]
 
 
 def uses_warmup_masking(config: TrainConfig, epoch: int, generation: str | None) -> bool:
