@@ -27,27 +27,37 @@ def _env() -> dict:
     return {**env, "SALIENT_PROGRESS": "1"}  # the terminal's display: one bar, lines above it
 
 
+def _interrupted(argv: list[str], ready, what: str, within: float) -> tuple[int, str, str, float]:
+    """Run ``argv`` in its own process group, the one SIGINT goes to from a terminal; send it
+    SIGINT once ``ready()`` holds. Returns exit code, stdout, stderr and the seconds from the
+    signal to the exit."""
+    proc = subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + within
+    while not ready():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, f"{what} within {within:.0f} s"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    sent = time.monotonic()
+    out, err = proc.communicate(timeout=60)  # a bound, not a measurement: it ends at once
+    return proc.returncode, out, err, time.monotonic() - sent
+
+
 def test_ctrl_c_in_train_exits_130_with_what_it_kept_and_the_command_to_continue(
     demo_data, tmp_path
 ):
     run = tmp_path / "run"
     argv = [SALIENT, "train", "--data", str(demo_data), "--run-dir", str(run), *_TINY]
-    proc = subprocess.Popen(
-        [*argv, "--epochs", "200"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=_env(),
-        start_new_session=True,  # its own process group, which SIGINT goes to, as from a tty
-    )
-    deadline = time.monotonic() + 300
-    while not (run / "checkpoint-00001.pt").exists():
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "no first checkpoint within 300 s"
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGINT)
-    out, err = proc.communicate(timeout=60)  # a bound, not a measurement: it ends at once
-    assert proc.returncode == 130, err
+    first = run / "checkpoint-00001.pt"
+    code, out, err, _ = _interrupted([*argv, "--epochs", "200"], first.exists, "a checkpoint", 300)
+    assert code == 130, err
     last = err.strip().splitlines()[-1]
     kept = Path(last.split("kept ")[1].split(" (epoch")[0])
     config = run / "config.json"
@@ -99,25 +109,9 @@ def test_ctrl_c_in_compare_keeps_its_finished_runs_and_the_same_command_continue
     argv += ["--patch-size", "8", "--epochs", "1", "--batch-size", "8", "--workers", "1"]
     argv += ["--loader-workers", "0", "--probe-every", "0", "--no-final-maps"]
     argv += ["--mask-samples", "8"]
-    proc = subprocess.Popen(
-        [SALIENT, *argv],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=_env(),
-        start_new_session=True,
-    )
     first = out / "runs" / "random" / "seed-0" / "record.json"
-    deadline = time.monotonic() + 300
-    while not first.exists():
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "no finished run within 300 s"
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGINT)
-    sent = time.monotonic()
-    _, err = proc.communicate(timeout=60)
-    took = time.monotonic() - sent
-    assert proc.returncode == 130, err
+    code, _, err, took = _interrupted([SALIENT, *argv], first.exists, "a finished run", 300)
+    assert code == 130, err
     last = err.strip().splitlines()[-1]
     finished = len(list(out.glob("runs/*/seed-*/record.json")))  # 1, or 2 if seed 1 landed
     assert last == (
@@ -164,22 +158,12 @@ def test_ctrl_c_in_inspect_links_no_half_written_report_and_names_the_same_comma
     writer.publish()
     out = tmp_path / "report"
     argv = ["inspect", "--store", url, "--data", str(demo_data), "--out", str(out), "--n", "96"]
-    proc = subprocess.Popen(
-        [SALIENT, *argv],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=_env(),
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 120
-    while not list(out.glob("**/*.png")):  # part way through its panels
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline, "no panel within 120 s"
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
+
+    def panels() -> bool:  # part way through its panels
+        return any(out.glob("**/*.png"))
+
+    code, _, err, _ = _interrupted([SALIENT, *argv], panels, "a panel", 120)
+    assert code == 130, err
     assert err.strip().splitlines()[-1] == (
         "salient inspect: interrupted; kept nothing (nothing half-done is used); "
         f"continue with: {shlex.join(['salient', *argv])}"
