@@ -219,18 +219,13 @@ def generation_stats(store_url: str, data: str, names: list[str] | None = None) 
     return {n: {k: v for k, v in s.items() if k != "histogram"} for n, s in zip(names, stats)}
 
 
-class _Leases:
+class _Leases(contextlib.ExitStack):
     """Reader leases (holder ``salient inspect``) on the generations a report reads, each taken
     once and released when the block ends, so ``salient gc`` keeps them meanwhile."""
 
     def __init__(self, store: SaliencyStore) -> None:
-        self.store, self.held, self._stack = store, set(), contextlib.ExitStack()
-
-    def __enter__(self) -> _Leases:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stack.__exit__(*exc)
+        super().__init__()
+        self.store, self.held = store, set()
 
     def hold(self, name: str, missing_ok: bool = False) -> bool:
         """Hold ``name``; False when ``missing_ok`` and gc removed it since it was listed."""
@@ -243,7 +238,7 @@ class _Leases:
                 raise
             return False
         if lease is not None:
-            self._stack.enter_context(lease)
+            self.enter_context(lease)
         self.held.add(name)
         return True
 
@@ -407,79 +402,79 @@ def run_inspect(config: InspectConfig) -> dict:
     with _Leases(store) as leases:  # gc keeps what the report reads until it is written
         for name in names:
             leases.hold(name)
-        ids = _select_ids(config, dataset)
-        training = _training(config.run_dir) if config.run_dir else None
-        readers = [store.bind(name) for name in names]
-        model = load_generator(config.generator) if config.generator else None
-        if model is not None:
-            _check_generator(model, readers[0], names[0], config.generator)
-        out = _prepare_out(config.out)
-        tally = None if model is None else GeneratorTally(model, config.seed)
-        stats, diff, per_class = _scan_store(readers, dataset, store.grid, tally)
-        stats = [{**s, **d} for s, d in zip(stats, _damage(readers, dataset))]
-        samples = read_samples(dataset, ids)
-        history = [n for n in _history(store) if leases.hold(n, missing_ok=True)]
-        history_maps = (
-            _panel_maps([store.bind(n) for n in history], ids) if len(history) > 1 else []
+        return _report(config, dataset, store, names, leases)
+
+
+def _report(config: InspectConfig, dataset, store: SaliencyStore, names: list, leases) -> dict:
+    """The report of generations ``names`` (held by ``leases``), written into ``config.out``:
+    :func:`run_inspect`'s summary."""
+    ids = _select_ids(config, dataset)
+    training = _training(config.run_dir) if config.run_dir else None
+    readers = [store.bind(name) for name in names]
+    model = load_generator(config.generator) if config.generator else None
+    if model is not None:
+        _check_generator(model, readers[0], names[0], config.generator)
+    out = _prepare_out(config.out)
+    tally = None if model is None else GeneratorTally(model, config.seed)
+    stats, diff, per_class = _scan_store(readers, dataset, store.grid, tally)
+    stats = [{**s, **d} for s, d in zip(stats, _damage(readers, dataset))]
+    samples = read_samples(dataset, ids)
+    history = [n for n in _history(store) if leases.hold(n, missing_ok=True)]
+    history_maps = _panel_maps([store.bind(n) for n in history], ids) if len(history) > 1 else []
+    panels = _render_panels(
+        config,
+        out,
+        names[0],
+        store.grid,
+        samples,
+        _panel_maps(readers[:1], ids)[0],
+        dict(zip(history, history_maps)),
+        dataset.manifest.classes,
+    )
+    generator = None
+    if model is not None:
+        _render_generator_panels(
+            config, out, readers[0], model, samples, panels, dataset.manifest.classes
         )
-        panels = _render_panels(
-            config,
-            out,
-            names[0],
-            store.grid,
-            samples,
-            _panel_maps(readers[:1], ids)[0],
-            dict(zip(history, history_maps)),
-            dataset.manifest.classes,
-        )
-        generator = None
-        if model is not None:
-            _render_generator_panels(
-                config, out, readers[0], model, samples, panels, dataset.manifest.classes
-            )
-            generator = {
-                "checkpoint": config.generator,
-                "grid": model.grid,
-                "stats": tally.summary(),
-            }
-        body = {
-            "store": str(config.store),
-            "dataset": str(dataset.root),
-            "grid": store.grid,
-            "generations": {
-                n: {"info": _generation_info(store, n), "teacher": _teacher(store, n), "stats": s}
-                for n, s in zip(names, stats)
-            },
-            "compare": None if diff is None else {"from": names[0], "to": names[1], **diff},
-            "per_class": per_class,
-            "history": history if len(history) > 1 else [],
-            "training": training,
-            "generator": generator,
-            "ids": ids,
-            "config": asdict(config),
-            "mass": "min-max normalised maps as distributions (see salient.jobs.inspect.stats)",
-        }
-        report.render_histogram(out, {n: s["histogram"] for n, s in zip(names, stats)})
-        if training is not None:
-            report.render_training(out, training)
-        _write_json(out / "stats.json", body)
-        index = report.write_index(out, body, panels)  # last: it links the files above
-        return {
-            "out": str(out),
-            "index": str(index),
-            "generation": names[0],
-            "teacher": body["generations"][names[0]]["teacher"],
-            "compare": names[1] if len(names) == 2 else None,
-            "panels": len(panels),
-            "history": body["history"],
-            "per_class": per_class,
-            "training": None if training is None else training["epochs"],
-            "generator": None if generator is None else generator["stats"],
-            "stats": {
-                n: {k: v for k, v in s.items() if k != "histogram"} for n, s in zip(names, stats)
-            },
-            "diff": diff,
-        }
+        generator = {"checkpoint": config.generator, "grid": model.grid, "stats": tally.summary()}
+    body = {
+        "store": str(config.store),
+        "dataset": str(dataset.root),
+        "grid": store.grid,
+        "generations": {
+            n: {"info": _generation_info(store, n), "teacher": _teacher(store, n), "stats": s}
+            for n, s in zip(names, stats)
+        },
+        "compare": None if diff is None else {"from": names[0], "to": names[1], **diff},
+        "per_class": per_class,
+        "history": history if len(history) > 1 else [],
+        "training": training,
+        "generator": generator,
+        "ids": ids,
+        "config": asdict(config),
+        "mass": "min-max normalised maps as distributions (see salient.jobs.inspect.stats)",
+    }
+    report.render_histogram(out, {n: s["histogram"] for n, s in zip(names, stats)})
+    if training is not None:
+        report.render_training(out, training)
+    _write_json(out / "stats.json", body)
+    index = report.write_index(out, body, panels)  # last: it links the files above
+    return {
+        "out": str(out),
+        "index": str(index),
+        "generation": names[0],
+        "teacher": body["generations"][names[0]]["teacher"],
+        "compare": names[1] if len(names) == 2 else None,
+        "panels": len(panels),
+        "history": body["history"],
+        "per_class": per_class,
+        "training": None if training is None else training["epochs"],
+        "generator": None if generator is None else generator["stats"],
+        "stats": {
+            n: {k: v for k, v in s.items() if k != "histogram"} for n, s in zip(names, stats)
+        },
+        "diff": diff,
+    }
 
 
 # ---------------------------------------------------------------- terminal view
