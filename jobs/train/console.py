@@ -146,9 +146,10 @@ class TrainConsole:
         steps = [r for r in self._steps.records() if r.get("kind", "step") == "step"]
         if self._view is None:
             return
-        # steps of an epoch whose end was already shown (read after its epoch record, which
-        # this look read first) would draw a stale line below it
-        self._window.extend(r for r in steps if r["epoch"] >= self._epochs_done)
+        # only steps of epochs not yet shown done: one read in this look after its epoch's
+        # record (the events are read first) would draw a stale line below it
+        done = self._epochs_done
+        self._window = [r for r in (*self._window, *steps) if r["epoch"] >= done]
         if self._window and not final:
             self._progress()
 
@@ -247,8 +248,7 @@ class TrainConsole:
             self._view.event({"resumed": f"from {Path(event['from']).name}"})
 
     def _on_epoch(self, event: dict) -> None:
-        self._epochs_done = event["epochs_done"]
-        self._window = [r for r in self._window if r["epoch"] >= self._epochs_done]
+        self._epochs_done = event["epochs_done"]  # poll drops the window's steps of it
         self._view.moved(event["step"])
         fields = {
             "epoch": f"{event['epochs_done']}/{self.config.epochs} done",
